@@ -1,0 +1,17 @@
+"""ringflash: exact ring, striped and zigzag attention over sequences sharded across GPUs."""
+
+from .layout import Contiguous, Layout, Striped, Zigzag, get_layout
+from .ops import flash_attention
+from .ring import ring_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ring_attention",
+    "flash_attention",
+    "Layout",
+    "Contiguous",
+    "Striped",
+    "Zigzag",
+    "get_layout",
+]

@@ -1,0 +1,32 @@
+"""Triton flash-attention kernels with position masks: the local kernel of every ring step.
+
+``forward``, ``backward`` and ``backward_delta`` have :mod:`ringflash.reference`'s signatures
+and contract; ``check_inputs`` says what the kernels take before anything is launched.
+
+On the CPU the kernels run under Triton's interpreter: set ``TRITON_INTERPRET=1`` before
+this package is first imported.
+"""
+
+from .attention import (
+    BWD_DKDV_CONFIGS,
+    BWD_DQ_CONFIGS,
+    FWD_CONFIGS,
+    INTERPRETED,
+    KernelConfig,
+    backward,
+    backward_delta,
+    check_inputs,
+    forward,
+)
+
+__all__ = [
+    "forward",
+    "backward",
+    "backward_delta",
+    "check_inputs",
+    "KernelConfig",
+    "FWD_CONFIGS",
+    "BWD_DKDV_CONFIGS",
+    "BWD_DQ_CONFIGS",
+    "INTERPRETED",
+]

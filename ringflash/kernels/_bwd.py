@@ -1,0 +1,275 @@
+"""Backward kernels: ``delta = rowsum(dO * O)``, then dK/dV and dQ of one block pair.
+
+The gradients are recomputed from the *global* LSE and delta (of all key blocks), so the
+same kernels serve a single call and every step of a ring. There are no atomics, so the
+result is bit-for-bit deterministic:
+
+* a dK/dV program owns one key tile of one kv head and loops over the ``G`` query heads
+  that read it (GQA) and over the query tiles that can see it;
+* a separate dQ program owns one query tile of one head and loops over the key tiles it sees.
+
+Both add into float32 accumulators that the caller may carry across blocks.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import LOG2E, _count_tiles, _load_tile
+
+
+@triton.jit
+def _bwd_delta(
+    OUT, DO, DELTA,
+    stride_ob, stride_os, stride_oh,
+    stride_db, stride_ds, stride_dh,
+    H, Sq,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+                   offs_m, True, Sq, offs_d, HEAD_DIM != BLOCK_D, HEAD_DIM)
+    do = _load_tile(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :],
+                    offs_m, True, Sq, offs_d, HEAD_DIM != BLOCK_D, HEAD_DIM)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * Sq + offs_m, delta, mask=offs_m < Sq)
+
+
+@triton.jit
+def _lse2(LSE_row, rows, Sq, MASKED: tl.constexpr):
+    # Base-2 LSE; a row that sees no key anywhere (LSE = -inf) gets +inf so its P is 0.
+    if MASKED:
+        lse = tl.load(LSE_row + rows, mask=rows < Sq, other=float("inf"))
+    else:
+        lse = tl.load(LSE_row + rows)
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+
+
+@triton.jit
+def _dkdv_tile(
+    dk, dv, k, v, kp, cols,
+    q_base, do_base, stride_qs, stride_dos, LSE_row, DELTA_row, QPOS,
+    start_m, Sq, Sk, qk_scale,
+    offs_m, offs_d,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    rows = start_m + offs_m
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    q = _load_tile(q_base + rows[:, None] * stride_qs + offs_d[None, :],
+                   rows, MASKED, Sq, offs_d, not EVEN_D, HEAD_DIM)  # (BLOCK_M, D)
+    lse2 = _lse2(LSE_row, rows, Sq, MASKED)
+    qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+    pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+    if MASKED:
+        visible = (rows < Sq)[None, :] & (cols < Sk)[:, None]
+        if CAUSAL:
+            qp = tl.load(QPOS + rows, mask=rows < Sq, other=0)
+            visible = visible & (qp[None, :] >= kp[:, None])
+        pT = tl.where(visible, pT, 0.0)
+    do = _load_tile(do_base + rows[:, None] * stride_dos + offs_d[None, :],
+                    rows, MASKED, Sq, offs_d, not EVEN_D, HEAD_DIM)
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+    if MASKED:
+        di = tl.load(DELTA_row + rows, mask=rows < Sq, other=0.0)
+    else:
+        di = tl.load(DELTA_row + rows)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+    dsT = pT * (dpT - di[None, :])
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, QPOS, KPOS, DK, DV,
+    sm_scale, qk_scale,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh,
+    H, G, Sq, Sk,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    Hkv = H // G
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    hk = (pid_bh % Hkv).to(tl.int64)
+
+    start_n = pid_n * BLOCK_N
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+
+    k = _load_tile(K + b * stride_kb + hk * stride_kh + cols[:, None] * stride_ks + offs_d[None, :],
+                   cols, True, Sk, offs_d, not EVEN_D, HEAD_DIM)
+    v = _load_tile(V + b * stride_vb + hk * stride_vh + cols[:, None] * stride_vs + offs_d[None, :],
+                   cols, True, Sk, offs_d, not EVEN_D, HEAD_DIM)
+
+    # Query tiles: [lo, mid) boundary, [mid, even_end) fully visible, [even_end, Sq) boundary
+    # (the last, partial tile). Tiles before lo see none of these keys.
+    num_m_even = Sq // BLOCK_M
+    num_m = tl.cdiv(Sq, BLOCK_M)
+    if CAUSAL:
+        last_n = tl.minimum(start_n + BLOCK_N, Sk) - 1
+        k_first = tl.load(KPOS + start_n)
+        k_last = tl.load(KPOS + last_n)
+        kp = tl.load(KPOS + cols, mask=cols < Sk, other=0)
+        lo = _count_tiles(QPOS, Sq, num_m, k_first, BLOCK_M, True, True) * BLOCK_M
+        mid = _count_tiles(QPOS, Sq, num_m, k_last, BLOCK_M, False, True) * BLOCK_M
+    else:
+        kp = cols  # unused
+        lo = 0
+        mid = 0
+    even_end = tl.maximum(mid, num_m_even * BLOCK_M)
+    hi = num_m * BLOCK_M
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(0, G):
+        h = hk * G + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        LSE_row = LSE + (b * H + h) * Sq
+        DELTA_row = DELTA + (b * H + h) * Sq
+        for start_m in range(lo, mid, BLOCK_M):
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, kp, cols, q_base, do_base, stride_qs, stride_dos,
+                LSE_row, DELTA_row, QPOS, start_m, Sq, Sk, qk_scale, offs_m, offs_d,
+                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC,
+            )
+        for start_m in range(mid, even_end, BLOCK_M):
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, kp, cols, q_base, do_base, stride_qs, stride_dos,
+                LSE_row, DELTA_row, QPOS, start_m, Sq, Sk, qk_scale, offs_m, offs_d,
+                HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC,
+            )
+        for start_m in range(even_end, hi, BLOCK_M):
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, kp, cols, q_base, do_base, stride_qs, stride_dos,
+                LSE_row, DELTA_row, QPOS, start_m, Sq, Sk, qk_scale, offs_m, offs_d,
+                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC,
+            )
+
+    dk = dk * sm_scale
+    if EVEN_D:
+        mask = (cols < Sk)[:, None]
+    else:
+        mask = (cols < Sk)[:, None] & (offs_d[None, :] < HEAD_DIM)
+    dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :]
+    dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + cols[:, None] * stride_dvs + offs_d[None, :]
+    tl.store(dk_ptrs, tl.load(dk_ptrs, mask=mask, other=0.0) + dk, mask=mask)
+    tl.store(dv_ptrs, tl.load(dv_ptrs, mask=mask, other=0.0) + dv, mask=mask)
+
+
+@triton.jit
+def _dq_tile(
+    dq, q, do, lse2, di, qp,
+    k_base, v_base, stride_ks, stride_vs, KPOS,
+    start_n, Sk, qk_scale,
+    offs_n, offs_d,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    cols = start_n + offs_n
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    k = _load_tile(k_base + cols[:, None] * stride_ks + offs_d[None, :],
+                   cols, MASKED, Sk, offs_d, not EVEN_D, HEAD_DIM)
+    v = _load_tile(v_base + cols[:, None] * stride_vs + offs_d[None, :],
+                   cols, MASKED, Sk, offs_d, not EVEN_D, HEAD_DIM)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
+    p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+    if MASKED:
+        visible = (cols < Sk)[None, :]
+        if CAUSAL:
+            kp = tl.load(KPOS + cols, mask=cols < Sk, other=0)
+            visible = visible & (qp[:, None] >= kp[None, :])
+        p = tl.where(visible, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - di[:, None])
+    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, QPOS, KPOS, DQ,
+    sm_scale, qk_scale,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    H, G, Sq, Sk,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    num_m = tl.cdiv(Sq, BLOCK_M)
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = num_m - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    hk = (h // G).to(tl.int64)
+    h = h.to(tl.int64)
+
+    start_m = pid_m * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :],
+                   rows, True, Sq, offs_d, not EVEN_D, HEAD_DIM)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dos + offs_d[None, :],
+                    rows, True, Sq, offs_d, not EVEN_D, HEAD_DIM)
+    lse2 = _lse2(LSE + (b * H + h) * Sq, rows, Sq, True)
+    di = tl.load(DELTA + (b * H + h) * Sq + rows, mask=rows < Sq, other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+
+    num_n_even = Sk // BLOCK_N
+    if CAUSAL:
+        last_m = tl.minimum(start_m + BLOCK_M, Sq) - 1
+        q_first = tl.load(QPOS + start_m)
+        q_last = tl.load(QPOS + last_m)
+        qp = tl.load(QPOS + rows, mask=rows < Sq, other=0)
+        full_end = _count_tiles(KPOS, Sk, num_n_even, q_first, BLOCK_N, True, False) * BLOCK_N
+        hi = _count_tiles(KPOS, Sk, tl.cdiv(Sk, BLOCK_N), q_last, BLOCK_N, False, False) * BLOCK_N
+        hi = tl.maximum(hi, full_end)
+    else:
+        qp = rows  # unused
+        full_end = num_n_even * BLOCK_N
+        hi = tl.cdiv(Sk, BLOCK_N) * BLOCK_N
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, full_end, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse2, di, qp, k_base, v_base, stride_ks, stride_vs, KPOS,
+                      start_n, Sk, qk_scale, offs_n, offs_d,
+                      HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC)
+    for start_n in range(full_end, hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse2, di, qp, k_base, v_base, stride_ks, stride_vs, KPOS,
+                      start_n, Sk, qk_scale, offs_n, offs_d,
+                      HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC)
+
+    dq = dq * sm_scale
+    if EVEN_D:
+        mask = (rows < Sq)[:, None]
+    else:
+        mask = (rows < Sq)[:, None] & (offs_d[None, :] < HEAD_DIM)
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :]
+    tl.store(dq_ptrs, tl.load(dq_ptrs, mask=mask, other=0.0) + dq, mask=mask)

@@ -1,0 +1,149 @@
+"""Forward kernel: O and a natural-log LSE of one (query block, key block) pair.
+
+One program owns ``BLOCK_M`` query rows of one (batch, head) and walks the key tiles it can
+see: first the fully visible ones (no mask arithmetic), then the boundary ones (position
+compare and sequence-end mask). Fully masked tiles are never visited. With ``FOLD`` the
+program merges its result into the running float32 ``OUT``/``LSE`` of earlier blocks in
+place, so a ring step needs no separate merge launch and partials never round to bf16.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import LN2, _count_tiles, _load_tile
+
+
+@triton.jit
+def _fwd_tile(
+    acc, l_i, m_i, q, qp,
+    k_base, v_base, stride_ks, stride_vs, KPOS,
+    start_n, Sk, qk_scale,
+    offs_n, offs_d,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    cols = start_n + offs_n
+    k = _load_tile(k_base + cols[:, None] * stride_ks + offs_d[None, :],
+                   cols, MASKED, Sk, offs_d, HEAD_DIM != BLOCK_D, HEAD_DIM)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
+    if MASKED:
+        visible = (cols < Sk)[None, :]
+        if CAUSAL:
+            kp = tl.load(KPOS + cols, mask=cols < Sk, other=0)
+            visible = visible & (qp[:, None] >= kp[None, :])
+        qk = tl.where(visible, qk * qk_scale, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        # A row with nothing visible yet keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.
+        m_use = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+        p = tl.math.exp2(qk - m_use[:, None])
+    else:
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_use = m_ij
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    v = _load_tile(v_base + cols[:, None] * stride_vs + offs_d[None, :],
+                   cols, MASKED, Sk, offs_d, HEAD_DIM != BLOCK_D, HEAD_DIM)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, l_i, m_ij
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, QPOS, KPOS, OUT, LSE,
+    qk_scale,  # softmax_scale * log2(e)
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh, stride_ls,
+    H, G, Sq, Sk,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, FOLD: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    num_m = tl.cdiv(Sq, BLOCK_M)
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        # Later query tiles see more keys: start them first so the tail of the grid is short.
+        pid_m = num_m - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    hk = (h // G).to(tl.int64)
+    h = h.to(tl.int64)
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    q = _load_tile(q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
+                   offs_m, True, Sq, offs_d, not EVEN_D, HEAD_DIM)
+
+    # Key tiles [0, full_end) are visible to every row; [full_end, hi) are boundary tiles.
+    num_n_even = Sk // BLOCK_N
+    if CAUSAL:
+        last_m = tl.minimum(start_m + BLOCK_M, Sq) - 1
+        q_first = tl.load(QPOS + start_m)
+        q_last = tl.load(QPOS + last_m)
+        qp = tl.load(QPOS + offs_m, mask=offs_m < Sq, other=0)
+        full_end = _count_tiles(KPOS, Sk, num_n_even, q_first, BLOCK_N, True, False) * BLOCK_N
+        hi = _count_tiles(KPOS, Sk, tl.cdiv(Sk, BLOCK_N), q_last, BLOCK_N, False, False) * BLOCK_N
+        hi = tl.maximum(hi, full_end)
+    else:
+        qp = offs_m  # unused
+        full_end = num_n_even * BLOCK_N
+        hi = tl.cdiv(Sk, BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(
+            acc, l_i, m_i, q, qp, k_base, v_base, stride_ks, stride_vs, KPOS,
+            start_n, Sk, qk_scale, offs_n, offs_d,
+            HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC,
+        )
+    for start_n in range(full_end, hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(
+            acc, l_i, m_i, q, qp, k_base, v_base, stride_ks, stride_vs, KPOS,
+            start_n, Sk, qk_scale, offs_n, offs_d,
+            HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC,
+        )
+
+    # A row that saw no key: O = 0, LSE = -inf.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+
+    row_ok = offs_m < Sq
+    o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+    l_ptrs = LSE + b * stride_lb + h * stride_lh + offs_m * stride_ls
+    if EVEN_D:
+        o_mask = row_ok[:, None]
+    else:
+        o_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    if FOLD:
+        # Online-softmax merge with the running state of earlier key blocks, in float32.
+        lse_old = tl.load(l_ptrs, mask=row_ok, other=float("-inf"))
+        o_old = tl.load(o_ptrs, mask=o_mask, other=0.0)
+        mx = tl.maximum(lse_old, lse)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        new_lse = mx + tl.log(tl.exp(lse_old - mx) + tl.exp(lse - mx))
+        # Both sides empty: new_lse = -inf; weigh both by exp(-inf - 0) = 0 instead of NaN.
+        ref = tl.where(new_lse == float("-inf"), 0.0, new_lse)
+        w_old = tl.exp(lse_old - ref)
+        w_new = tl.exp(lse - ref)
+        o = o_old * w_old[:, None] + o * w_new[:, None]
+        lse = new_lse
+    tl.store(o_ptrs, o, mask=o_mask)
+    tl.store(l_ptrs, lse, mask=row_ok)

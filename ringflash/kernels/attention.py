@@ -1,0 +1,352 @@
+"""Launchers of the attention kernels: input checks, launch configurations, the grid.
+
+The functions here share :mod:`ringflash.reference`'s signatures and contract (see there for
+the shapes): ``forward`` returns float32 partials and a natural-log LSE and can fold into a
+running ``out``/``lse`` in place; ``backward`` adds one block's gradients into float32
+accumulators from the global LSE and delta; ``backward_delta`` is ``rowsum(dO * O)``.
+
+Launch configurations come from a table per head dimension, not from autotuning: a ring
+calls the kernels with a new key block every step and a model with new sequence lengths,
+and neither should trigger a re-tune. The tables are module-level dicts so a benchmark can
+try other entries.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+
+from ._bwd import _attn_bwd_dkdv, _attn_bwd_dq, _bwd_delta
+from ._common import LOG2E
+from ._fwd import _attn_fwd
+
+__all__ = [
+    "forward",
+    "backward",
+    "backward_delta",
+    "check_inputs",
+    "KernelConfig",
+    "FWD_CONFIGS",
+    "BWD_DKDV_CONFIGS",
+    "BWD_DQ_CONFIGS",
+    "INTERPRETED",
+    "SUPPORTED_DTYPES",
+]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+# The kernels run under Triton's CPU interpreter when TRITON_INTERPRET=1 was set before this
+# module was imported (triton.jit decides at definition time).
+INTERPRETED = type(_attn_fwd).__name__ == "InterpretedFunction"
+
+
+class KernelConfig(NamedTuple):
+    block_m: int  # query rows per tile
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+
+
+# Keyed by the padded head dim (next power of two, at least 16). Backward: dK/dV programs own
+# block_n keys and step over block_m queries; dQ programs own block_m queries and step over
+# block_n keys. Measured on H100/H200 (benchmarks/NOTES_kernels.md).
+FWD_CONFIGS: dict[int, KernelConfig] = {
+    16: KernelConfig(128, 64, 4, 3),
+    32: KernelConfig(128, 64, 4, 3),
+    64: KernelConfig(128, 64, 4, 3),
+    128: KernelConfig(128, 64, 8, 3),
+    256: KernelConfig(64, 32, 4, 2),
+}
+BWD_DKDV_CONFIGS: dict[int, KernelConfig] = {
+    16: KernelConfig(64, 128, 8, 3),
+    32: KernelConfig(64, 128, 8, 3),
+    64: KernelConfig(64, 128, 8, 3),
+    128: KernelConfig(64, 128, 8, 3),
+    256: KernelConfig(32, 64, 8, 2),
+}
+BWD_DQ_CONFIGS: dict[int, KernelConfig] = {
+    16: KernelConfig(128, 64, 8, 3),
+    32: KernelConfig(128, 64, 8, 3),
+    64: KernelConfig(128, 64, 8, 3),
+    128: KernelConfig(128, 64, 8, 3),
+    256: KernelConfig(64, 32, 8, 2),
+}
+# Small tiles under the interpreter: tests then cross many tile boundaries on short inputs.
+_INTERPRET_FWD = KernelConfig(32, 16, 1, 1)
+_INTERPRET_DKDV = KernelConfig(16, 32, 1, 1)
+_INTERPRET_DQ = KernelConfig(32, 16, 1, 1)
+_DELTA_BLOCK_M = 64
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _config(table: dict[int, KernelConfig], interp: KernelConfig, head_dim: int, dtype) -> KernelConfig:
+    if INTERPRETED:
+        return interp
+    cfg = table[_block_d(head_dim)]
+    if dtype == torch.float32:
+        # float32 (a testing dtype) needs twice the shared memory per tile.
+        cfg = KernelConfig(min(cfg.block_m, 64), min(cfg.block_n, 64), cfg.num_warps, min(cfg.num_stages, 2))
+    return cfg
+
+
+def _dot_precision(dtype) -> str:
+    # float32 inputs are for testing: keep them exact instead of letting tf32 round them.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise ``TypeError``/``ValueError`` naming what to change if the kernels cannot take q, k, v."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, seqlen, heads, head_dim); got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"the triton kernels take float16 or bfloat16 (float32 for testing); {name} is {t.dtype}"
+            )
+        if t.stride(-1) != 1 and t.shape[-1] != 1:
+            raise ValueError(
+                f"the triton kernels need the head_dim of {name} to be contiguous (stride 1); "
+                f"got strides {t.stride()}. Call .contiguous() first."
+            )
+        if INTERPRETED:
+            if t.device.type != "cpu":
+                raise ValueError(
+                    f"the triton kernels were loaded under TRITON_INTERPRET=1 and take CPU tensors; "
+                    f"{name} is on {t.device}"
+                )
+        elif t.device.type != "cuda":
+            raise ValueError(
+                f"the triton kernels need CUDA tensors; {name} is on {t.device}. Use the "
+                "reference backend on the CPU, or set TRITON_INTERPRET=1 before importing ringflash"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    if q.shape[0] != k.shape[0] or k.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            f"q (B, Sq, H, D) and k, v (B, Sk, Hkv, D) do not fit: {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    D = q.shape[3]
+    if not (D == k.shape[3] == v.shape[3]):
+        raise ValueError(f"q, k, v must share head_dim; got {D}, {k.shape[3]}, {v.shape[3]}")
+    if D > MAX_HEAD_DIM or D % 8 != 0:
+        raise ValueError(
+            f"the triton kernels support head_dim a multiple of 8 up to {MAX_HEAD_DIM} "
+            f"(64 and 128 fastest; 32, 80, 96, 256 tested); got {D}"
+        )
+    if q.shape[2] % k.shape[2] != 0:
+        raise ValueError(
+            f"the number of query heads ({q.shape[2]}) must be a multiple of the number of "
+            f"key/value heads ({k.shape[2]})"
+        )
+
+
+def _positions(q_pos, k_pos, Sq, Sk, device):
+    """Position tensors for a causal call: the given ones (checked), or the default alignment."""
+    if q_pos is None or k_pos is None:
+        # reference.default_positions: keys 0..Sk-1, queries aligned to the end (bottom-right).
+        k_pos = torch.arange(Sk, device=device)
+        q_pos = torch.arange(Sk - Sq, Sk, device=device)
+        return q_pos, k_pos
+    for name, p, n in (("q_pos", q_pos, Sq), ("k_pos", k_pos, Sk)):
+        if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.shape[0] != n:
+            raise ValueError(f"{name} must be a 1-D tensor of {n} positions; got {getattr(p, 'shape', p)}")
+        if p.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name} must be int64 or int32, got {p.dtype}")
+        if p.device != device:
+            raise ValueError(f"{name} must be on {device}, got {p.device}")
+    return q_pos.contiguous(), k_pos.contiguous()
+
+
+def _check_accumulator(name, t, shape, device):
+    if t.dtype != torch.float32 or tuple(t.shape) != tuple(shape) or t.device != device:
+        raise ValueError(
+            f"{name} must be a float32 tensor of shape {tuple(shape)} on {device}; got "
+            f"{t.dtype} {tuple(t.shape)} on {t.device}"
+        )
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dim; got strides {t.stride()}")
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    q_pos: torch.Tensor | None = None,
+    k_pos: torch.Tensor | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` over ``k, v`` as float32 partials (see :func:`ringflash.reference.forward`).
+
+    q: (B, Sq, H, D); k, v: (B, Sk, Hkv, D); q_pos (Sq,), k_pos (Sk,) strictly increasing
+    int64/int32 positions (with ``causal``; default: bottom-right aligned). Returns
+    ``out`` (B, Sq, H, D) float32 and ``lse`` (B, H, Sq) float32, natural log. If ``out`` and
+    ``lse`` (float32, contiguous) are given, this block is folded into them in place.
+    """
+    check_inputs(q, k, v)
+    B, Sq, H, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    fold = out is not None or lse is not None
+    if fold:
+        if out is None or lse is None:
+            raise ValueError("pass both out and lse to fold into a running result, or neither")
+        _check_accumulator("out", out, (B, Sq, H, D), q.device)
+        _check_accumulator("lse", lse, (B, H, Sq), q.device)
+    else:
+        out = torch.empty((B, Sq, H, D), dtype=torch.float32, device=q.device)
+        lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    if Sq == 0 or B == 0 or H == 0:
+        return out, lse
+    if Sk == 0:
+        if not fold:
+            out.zero_()
+            lse.fill_(-math.inf)
+        return out, lse
+    if causal:
+        q_pos, k_pos = _positions(q_pos, k_pos, Sq, Sk, q.device)
+    else:
+        q_pos = k_pos = lse  # never read
+
+    cfg = _config(FWD_CONFIGS, _INTERPRET_FWD, D, q.dtype)
+    grid = (triton.cdiv(Sq, cfg.block_m), B * H)
+    _attn_fwd[grid](
+        q, k, v, q_pos, k_pos, out, lse,
+        scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        H, H // Hkv, Sq, Sk,
+        HEAD_DIM=D, BLOCK_D=_block_d(D),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        CAUSAL=bool(causal), FOLD=fold, DOT_PREC=_dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse
+
+
+def backward_delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    """``delta = rowsum(dO * O)``: out, dout (B, S, H, D) -> (B, H, S) float32."""
+    if out.shape != dout.shape or out.dim() != 4:
+        raise ValueError(f"out and dout must be (B, S, H, D) of one shape; got {tuple(out.shape)}, {tuple(dout.shape)}")
+    if out.stride(-1) != 1:
+        out = out.contiguous()
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    B, S, H, D = out.shape
+    delta = torch.empty((B, H, S), dtype=torch.float32, device=out.device)
+    if delta.numel() == 0:
+        return delta
+    grid = (triton.cdiv(S, _DELTA_BLOCK_M), B * H)
+    _bwd_delta[grid](
+        out, dout, delta,
+        out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        H, S,
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=_DELTA_BLOCK_M,
+        num_warps=4,
+    )
+    return delta
+
+
+def backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    *,
+    q_pos: torch.Tensor | None = None,
+    k_pos: torch.Tensor | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    dq: torch.Tensor | None = None,
+    dk: torch.Tensor | None = None,
+    dv: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Add one block pair's gradients into float32 accumulators (see :func:`ringflash.reference.backward`).
+
+    dout, q: (B, Sq, H, D); k, v: (B, Sk, Hkv, D); lse, delta: (B, H, Sq) of the whole
+    attention. dq (B, Sq, H, D), dk/dv (B, Sk, Hkv, D) float32 accumulators are allocated
+    as zeros when not given. Deterministic: no atomics.
+    """
+    check_inputs(q, k, v)
+    B, Sq, H, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    if dout.shape != q.shape:
+        raise ValueError(f"dout must have q's shape {tuple(q.shape)}; got {tuple(dout.shape)}")
+    for name, t in (("lse", lse), ("delta", delta)):
+        if tuple(t.shape) != (B, H, Sq):
+            raise ValueError(f"{name} must be (B, H, Sq) = {(B, H, Sq)}; got {tuple(t.shape)}")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    dout = dout.to(q.dtype)
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    lse = lse.to(torch.float32).contiguous()
+    delta = delta.to(torch.float32).contiguous()
+    if dq is None:
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    if dk is None:
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    if dv is None:
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    _check_accumulator("dq", dq, q.shape, q.device)
+    _check_accumulator("dk", dk, k.shape, q.device)
+    _check_accumulator("dv", dv, v.shape, q.device)
+    if Sq == 0 or Sk == 0 or B == 0 or H == 0:
+        return dq, dk, dv
+    if causal:
+        q_pos, k_pos = _positions(q_pos, k_pos, Sq, Sk, q.device)
+    else:
+        q_pos = k_pos = lse  # never read
+
+    block_d = _block_d(D)
+    prec = _dot_precision(q.dtype)
+    common_strides = (
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+    )
+    cfg = _config(BWD_DKDV_CONFIGS, _INTERPRET_DKDV, D, q.dtype)
+    _attn_bwd_dkdv[(triton.cdiv(Sk, cfg.block_n), B * Hkv)](
+        q, k, v, dout, lse, delta, q_pos, k_pos, dk, dv,
+        scale, scale * LOG2E,
+        *common_strides,
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        H, H // Hkv, Sq, Sk,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        CAUSAL=bool(causal), DOT_PREC=prec,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    cfg = _config(BWD_DQ_CONFIGS, _INTERPRET_DQ, D, q.dtype)
+    _attn_bwd_dq[(triton.cdiv(Sq, cfg.block_m), B * H)](
+        q, k, v, dout, lse, delta, q_pos, k_pos, dq,
+        scale, scale * LOG2E,
+        *common_strides,
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        H, H // Hkv, Sq, Sk,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        CAUSAL=bool(causal), DOT_PREC=prec,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dq, dk, dv

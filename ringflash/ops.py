@@ -1,0 +1,151 @@
+"""Single-device attention: backend selection, input checks and the autograd op.
+
+A *backend* is an object with three functions sharing :mod:`ringflash.reference`'s
+signatures and contract:
+
+``forward(q, k, v, *, q_pos, k_pos, causal, softmax_scale, out=None, lse=None)``
+    float32 partial output ``(B, Sq, H, D)`` and LSE ``(B, H, Sq)``, folded into ``out``/``lse``
+    in place when those are given;
+``backward(dout, q, k, v, lse, delta, *, q_pos, k_pos, causal, softmax_scale, dq, dk, dv)``
+    adds one block's gradients into float32 accumulators;
+``backward_delta(out, dout)``
+    ``rowsum(dO * O)`` as ``(B, H, Sq)`` float32.
+
+``"reference"`` is plain PyTorch (any device); ``"triton"`` is :mod:`ringflash.kernels`
+(CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``). The ring uses the same seam.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from types import SimpleNamespace
+
+import torch
+
+from . import reference
+
+__all__ = ["flash_attention", "get_backend", "check_qkv", "BACKENDS"]
+
+BACKENDS = ("triton", "reference")
+
+
+def get_backend(backend: str | None, device: torch.device) -> SimpleNamespace:
+    """The backend called ``backend``, or the default for ``device`` (triton on CUDA)."""
+    if backend is None:
+        backend = "triton" if device.type == "cuda" else "reference"
+    if backend == "reference":
+        return SimpleNamespace(
+            name="reference",
+            forward=reference.forward,
+            backward=reference.backward,
+            backward_delta=reference.backward_delta,
+        )
+    if backend == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (got {device.type}); on the CPU set "
+                "TRITON_INTERPRET=1 before importing ringflash, or use backend='reference'"
+            )
+        from . import kernels
+
+        return SimpleNamespace(
+            name="triton",
+            forward=kernels.forward,
+            backward=kernels.backward,
+            backward_delta=kernels.backward_delta,
+            check=getattr(kernels, "check_inputs", None),
+        )
+    raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS} or None for the default")
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise ``TypeError``/``ValueError`` naming what to change if q, k, v don't fit together."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be 4-D (batch, seqlen, heads, head_dim); got shape {tuple(t.shape)}"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(
+            f"q, k, v must share the batch size; got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}"
+        )
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            f"k and v must have the same (batch, seqlen, heads); got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if not (q.shape[3] == k.shape[3] == v.shape[3]):
+        raise ValueError(
+            f"q, k, v must share head_dim; got {q.shape[3]}, {k.shape[3]}, {v.shape[3]}"
+        )
+    if q.shape[2] % k.shape[2] != 0:
+        raise ValueError(
+            f"the number of query heads ({q.shape[2]}) must be a multiple of the number of "
+            f"key/value heads ({k.shape[2]})"
+        )
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, softmax_scale, backend_name):
+        be = get_backend(backend_name, q.device)
+        out, lse = be.forward(q, k, v, q_pos=None, k_pos=None, causal=causal, softmax_scale=softmax_scale)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.softmax_scale, ctx.backend_name = causal, softmax_scale, backend_name
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        be = get_backend(ctx.backend_name, q.device)
+        dout = dout.contiguous()
+        delta = be.backward_delta(out, dout)
+        dq, dk, dv = be.backward(
+            dout, q, k, v, lse, delta, q_pos=None, k_pos=None,
+            causal=ctx.causal, softmax_scale=ctx.softmax_scale,
+        )
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+):
+    """Exact softmax attention on one device.
+
+    Args:
+        q: (batch_size, seqlen_q, nheads, headdim)
+        k, v: (batch_size, seqlen_k, nheads_kv, headdim); ``nheads % nheads_kv == 0`` (GQA/MQA).
+        causal: query ``i`` sees key ``j`` iff ``i + seqlen_k - seqlen_q >= j`` (aligned to the
+            bottom-right corner, as flash-attn; the usual mask when the lengths are equal).
+        softmax_scale: defaults to ``1 / sqrt(headdim)``.
+        return_lse: also return the float32 log-sum-exp (natural log), (batch_size, nheads, seqlen_q).
+        backend: ``"triton"``, ``"reference"``, or None (triton on CUDA, reference on CPU).
+
+    Returns:
+        out: (batch_size, seqlen_q, nheads, headdim) in q's dtype; and lse if ``return_lse``.
+    """
+    check_qkv(q, k, v)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    be = get_backend(backend, q.device)
+    if getattr(be, "check", None) is not None:
+        be.check(q, k, v)
+    out, lse = _FlashAttention.apply(q, k, v, bool(causal), float(softmax_scale), be.name)
+    return (out, lse) if return_lse else out

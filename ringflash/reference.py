@@ -1,0 +1,243 @@
+"""Attention in plain PyTorch, with the same contract as the Triton kernels.
+
+This module is the CPU backend of every op and the oracle of the tests. It follows the
+kernel contract exactly:
+
+* tensors are ``(batch, seqlen, heads, head_dim)``; K/V may have fewer heads than Q
+  (GQA/MQA: query head ``h`` reads K/V head ``h // (heads_q // heads_kv)``), and the
+  repeat is never materialised;
+* masks come from global token positions: with ``causal=True`` query ``i`` sees key ``j``
+  iff ``q_pos[i] >= k_pos[j]``;
+* the log-sum-exp is float32 (float64 for float64 inputs), natural log, shaped
+  ``(batch, heads, seqlen_q)``; a row that sees no key has O = 0 and LSE = -inf, never NaN;
+* partial results live in float32 accumulators and are folded with :func:`merge_`; nothing
+  is rounded to the input dtype until the caller does it once, at the end;
+* the backward of one block takes the *global* O, LSE and ``delta = rowsum(dO * O)`` and
+  adds its dQ, dK, dV into float32 accumulators.
+
+Work is blockwise over keys, so memory stays ``O(batch * heads * seqlen_q * block)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+
+__all__ = [
+    "attention",
+    "forward",
+    "backward",
+    "backward_delta",
+    "merge_",
+    "default_positions",
+    "accum_dtype",
+]
+
+BLOCK = 512  # keys per block: bounds the (seqlen_q x BLOCK) score matrix
+
+
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64 (the oracle); every other dtype accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def default_positions(seqlen_q: int, seqlen_k: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of a plain (non-sharded) call: keys ``0..Sk-1``, queries aligned to the end.
+
+    With ``seqlen_q == seqlen_k`` this is the usual causal mask; with fewer queries than keys
+    the queries are the *last* ones (flash-attn's bottom-right convention, as with a KV cache).
+    """
+    k_pos = torch.arange(seqlen_k, device=device)
+    q_pos = torch.arange(seqlen_q, device=device) + (seqlen_k - seqlen_q)
+    return q_pos, k_pos
+
+
+def _split_heads(x: torch.Tensor, heads_kv: int) -> torch.Tensor:
+    # (B, S, H, D) -> (B, Hkv, G, S, D)
+    return rearrange(x, "b s (hk g) d -> b hk g s d", hk=heads_kv)
+
+
+def _visible(q_pos, k_pos, causal):
+    if not causal:
+        return None
+    return q_pos[:, None] >= k_pos[None, :]  # (Sq, Sk_block)
+
+
+def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+    """Fold a partial result into a running one, in place, in the accumulators' precision.
+
+    ``out``/``block_out``: ``(B, S, H, D)``; ``lse``/``block_lse``: ``(B, H, S)``. Rows where both
+    sides are empty (LSE = -inf) stay O = 0, LSE = -inf.
+    """
+    new_lse = torch.logaddexp(lse, block_lse)
+    # exp(-inf - -inf) is NaN: an empty row keeps weight 0 on both sides.
+    safe = torch.where(torch.isinf(new_lse), torch.zeros_like(new_lse), new_lse)
+    w_old = torch.exp(lse - safe).nan_to_num_(0.0)
+    w_new = torch.exp(block_lse - safe).nan_to_num_(0.0)
+    w_old = rearrange(w_old, "b h s -> b s h 1")
+    w_new = rearrange(w_new, "b h s -> b s h 1")
+    out.mul_(w_old).add_(block_out.to(out.dtype) * w_new)
+    lse.copy_(new_lse)
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    q_pos: torch.Tensor | None = None,
+    k_pos: torch.Tensor | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    block: int = BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` over ``k, v``, as float32 (or float64) partials.
+
+    q: (B, Sq, H, D); k, v: (B, Sk, Hkv, D); q_pos: (Sq,), k_pos: (Sk,) global positions.
+    Returns ``out`` (B, Sq, H, D) and ``lse`` (B, H, Sq) in the accumulation dtype. If ``out``
+    and ``lse`` are given, this block is folded into them in place and they are returned.
+    """
+    B, Sq, H, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    cd = accum_dtype(q.dtype)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    if causal and (q_pos is None or k_pos is None):
+        q_pos, k_pos = default_positions(Sq, Sk, q.device)
+
+    qh = _split_heads(q.to(cd), Hkv)  # (B, Hkv, G, Sq, D)
+    G = qh.shape[2]
+    m = torch.full((B, Hkv, G, Sq), -math.inf, dtype=cd, device=q.device)
+    denom = torch.zeros((B, Hkv, G, Sq), dtype=cd, device=q.device)
+    acc = torch.zeros((B, Hkv, G, Sq, D), dtype=cd, device=q.device)
+    for start in range(0, Sk, block):
+        stop = min(start + block, Sk)
+        kb = rearrange(k[:, start:stop].to(cd), "b s hk d -> b hk s d")
+        vb = rearrange(v[:, start:stop].to(cd), "b s hk d -> b hk s d")
+        s = torch.einsum("bhgqd,bhkd->bhgqk", qh, kb) * scale
+        vis = _visible(q_pos, k_pos[start:stop] if k_pos is not None else None, causal)
+        if vis is not None:
+            s.masked_fill_(~vis, -math.inf)
+        m_new = torch.maximum(m, s.amax(dim=-1))
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        p = torch.exp(s - m_safe[..., None])
+        alpha = torch.exp(m - m_safe)
+        denom = denom * alpha + p.sum(dim=-1)
+        acc = acc * alpha[..., None] + torch.einsum("bhgqk,bhkd->bhgqd", p, vb)
+        m = m_new
+
+    empty = denom == 0
+    block_out = acc / torch.where(empty, torch.ones_like(denom), denom)[..., None]
+    block_lse = torch.where(empty, torch.full_like(m, -math.inf), m + torch.log(denom))
+    block_out = rearrange(block_out, "b hk g s d -> b s (hk g) d")
+    block_lse = rearrange(block_lse, "b hk g s -> b (hk g) s")
+    if out is None:
+        return block_out.contiguous(), block_lse.contiguous()
+    merge_(out, lse, block_out, block_lse)
+    return out, lse
+
+
+def backward_delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    """``delta = rowsum(dO * O)``, (B, H, S), computed once per layer, not once per block."""
+    cd = accum_dtype(out.dtype)
+    return rearrange((dout.to(cd) * out.to(cd)).sum(-1), "b s h -> b h s").contiguous()
+
+
+def backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    *,
+    q_pos: torch.Tensor | None = None,
+    k_pos: torch.Tensor | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    dq: torch.Tensor | None = None,
+    dk: torch.Tensor | None = None,
+    dv: torch.Tensor | None = None,
+    block: int = BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of one (q block, k/v block) pair from the global LSE and delta.
+
+    dout, q: (B, Sq, H, D); k, v: (B, Sk, Hkv, D); lse, delta: (B, H, Sq) of the *whole*
+    attention (all key blocks). Adds into ``dq`` (B, Sq, H, D), ``dk``/``dv`` (B, Sk, Hkv, D)
+    accumulators (allocated as zeros in the accumulation dtype when not given) and returns them.
+    """
+    B, Sq, H, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    cd = accum_dtype(q.dtype)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    if causal and (q_pos is None or k_pos is None):
+        q_pos, k_pos = default_positions(Sq, Sk, q.device)
+    if dq is None:
+        dq = torch.zeros(q.shape, dtype=cd, device=q.device)
+    if dk is None:
+        dk = torch.zeros(k.shape, dtype=cd, device=k.device)
+    if dv is None:
+        dv = torch.zeros(v.shape, dtype=cd, device=v.device)
+
+    qh = _split_heads(q.to(cd), Hkv)  # (B, Hkv, G, Sq, D)
+    doh = _split_heads(dout.to(cd), Hkv)
+    lse_h = rearrange(lse.to(cd), "b (hk g) s -> b hk g s", hk=Hkv)
+    # A row that sees no key anywhere has LSE = -inf; +inf makes its probabilities 0, not NaN.
+    lse_h = lse_h.masked_fill(torch.isneginf(lse_h), math.inf)
+    delta_h = rearrange(delta.to(cd), "b (hk g) s -> b hk g s", hk=Hkv)
+    dq_h = torch.zeros_like(qh)
+    for start in range(0, Sk, block):
+        stop = min(start + block, Sk)
+        kb = rearrange(k[:, start:stop].to(cd), "b s hk d -> b hk s d")
+        vb = rearrange(v[:, start:stop].to(cd), "b s hk d -> b hk s d")
+        s = torch.einsum("bhgqd,bhkd->bhgqk", qh, kb) * scale
+        vis = _visible(q_pos, k_pos[start:stop] if k_pos is not None else None, causal)
+        if vis is not None:
+            s.masked_fill_(~vis, -math.inf)
+        p = torch.exp(s - lse_h[..., None])
+        dv_b = torch.einsum("bhgqk,bhgqd->bkhd", p, doh)
+        dp = torch.einsum("bhgqd,bhkd->bhgqk", doh, vb)
+        ds = p * (dp - delta_h[..., None])
+        dq_h += torch.einsum("bhgqk,bhkd->bhgqd", ds, kb)
+        dk_b = torch.einsum("bhgqk,bhgqd->bkhd", ds, qh)
+        dk[:, start:stop] += dk_b * scale
+        dv[:, start:stop] += dv_b
+    dq += rearrange(dq_h, "b hk g s d -> b s (hk g) d") * scale
+    return dq, dk, dv
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    q_pos: torch.Tensor | None = None,
+    k_pos: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole-sequence attention, differentiable through autograd (the test oracle).
+
+    Returns ``out`` in ``q.dtype`` and ``lse`` in the accumulation dtype. Unlike
+    :func:`forward` this builds the full score matrix, so keep it to test sizes.
+    """
+    B, Sq, H, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    cd = accum_dtype(q.dtype)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    if causal and (q_pos is None or k_pos is None):
+        q_pos, k_pos = default_positions(Sq, Sk, q.device)
+    qh = _split_heads(q.to(cd), Hkv)
+    kh = rearrange(k.to(cd), "b s hk d -> b hk s d")
+    vh = rearrange(v.to(cd), "b s hk d -> b hk s d")
+    s = torch.einsum("bhgqd,bhkd->bhgqk", qh, kh) * scale
+    if causal:
+        s = s.masked_fill(~_visible(q_pos, k_pos, True), -math.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
+    out = torch.einsum("bhgqk,bhkd->bhgqd", p, vh)
+    out = rearrange(out, "b hk g s d -> b s (hk g) d").to(q.dtype)
+    return out, rearrange(lse, "b hk g s -> b (hk g) s")

@@ -1,0 +1,179 @@
+"""Ring attention over any layout: the autograd Function and ``ring_attention``.
+
+Every rank keeps its queries; K/V shards travel around the ring, one hop per step. On step
+``s`` rank ``r`` holds the K/V of rank ``src = (r - s) mod P`` and runs the local kernel with
+the global positions of its queries and of ``src``'s keys, so the causal mask of any layout
+(contiguous, striped, zigzag) comes out of ``q_pos >= k_pos``. Steps whose block is fully
+masked are skipped.
+
+Forward: partial results are folded into a float32 (O, LSE) state by the backend; the output
+is rounded to the input dtype once, at the end.
+
+Backward: K/V rotate again; each rank adds its block gradients into the float32 dK/dV
+accumulator of the K/V it holds, and the accumulator follows its K/V around the ring, one
+step behind, so the transfer of step ``s`` overlaps the compute of step ``s + 1``. After the
+last step the accumulator makes one more hop and lands on the rank that owns those K/V.
+dQ accumulates locally in float32. Every block uses the *global* O and LSE, and
+``delta = rowsum(dO * O)`` is computed once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .comm import Ring, check_group_device, resolve_group, world_and_rank
+from .layout import Layout, get_layout
+from .ops import check_qkv, get_backend
+
+__all__ = ["ring_attention"]
+
+
+def _positions(layout: Layout, local_seqlen: int, world_size: int, device) -> list[torch.Tensor]:
+    """Global positions of every rank's tokens (host copies decide skips without a device sync)."""
+    return [layout.local_positions(local_seqlen, rank=r, world_size=world_size) for r in range(world_size)]
+
+
+def _visible_any(causal: bool, q_pos: torch.Tensor, k_pos: torch.Tensor) -> bool:
+    # Positions are strictly increasing: a block is empty iff the last query precedes the first key.
+    return (not causal) or int(q_pos[-1]) >= int(k_pos[0])
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, softmax_scale, layout, group, backend_name):
+        ring = Ring(group)
+        P, r = ring.world_size, ring.rank
+        be = get_backend(backend_name, q.device)
+        pos_host = _positions(layout, q.shape[1], P, q.device)
+        pos = [p.to(q.device) for p in pos_host]
+
+        out = lse = None
+        kv = torch.stack([k, v])  # (2, B, S, Hkv, D): K and V travel as one message
+        kv_next = torch.empty_like(kv) if P > 1 else None
+        for step in range(P):
+            src = (r - step) % P
+            pending = ring.exchange([kv], [kv_next]) if step < P - 1 else None
+            if _visible_any(causal, pos_host[r], pos_host[src]):
+                out, lse = be.forward(
+                    q, kv[0], kv[1], q_pos=pos[r], k_pos=pos[src], causal=causal,
+                    softmax_scale=softmax_scale, out=out, lse=lse,
+                )
+            if pending is not None:
+                pending.wait()
+                kv, kv_next = kv_next, kv
+        assert out is not None, "the diagonal block of every layout has visible keys"
+
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.softmax_scale, ctx.layout = causal, softmax_scale, layout
+        ctx.group, ctx.backend_name = group, backend_name
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        ring = Ring(ctx.group)
+        P, r = ring.world_size, ring.rank
+        be = get_backend(ctx.backend_name, q.device)
+        pos_host = _positions(ctx.layout, q.shape[1], P, q.device)
+        pos = [p.to(q.device) for p in pos_host]
+
+        dout = dout.contiguous()
+        delta = be.backward_delta(out, dout)
+        dq = torch.zeros(q.shape, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype, device=q.device)
+        acc_dtype = dq.dtype
+
+        kv = torch.stack([k, v])
+        kv_next = torch.empty_like(kv) if P > 1 else None
+        # dK/dV accumulators (float32): the one we fill this step, the one we sent last step,
+        # and receive buffers; two of each so a buffer is never reused while in flight.
+        local = [torch.empty(kv.shape, dtype=acc_dtype, device=q.device) for _ in range(min(P, 2))]
+        recv = [torch.empty_like(local[0]) for _ in range(2)] if P > 1 else []
+        grads_pending = None
+        for step in range(P):
+            src = (r - step) % P
+            kv_pending = ring.exchange([kv], [kv_next]) if step < P - 1 else None
+            dkv = local[step % 2]
+            dkv.zero_()
+            if _visible_any(ctx.causal, pos_host[r], pos_host[src]):
+                be.backward(
+                    dout, q, kv[0], kv[1], lse, delta, q_pos=pos[r], k_pos=pos[src],
+                    causal=ctx.causal, softmax_scale=ctx.softmax_scale, dq=dq, dk=dkv[0], dv=dkv[1],
+                )
+            if grads_pending is not None:
+                # What the ranks before us added for the same K/V, sent one step ago.
+                grads_pending.wait()
+                dkv += recv[(step - 1) % 2]
+            if P > 1:
+                grads_pending = ring.exchange([dkv], [recv[step % 2]])
+            if kv_pending is not None:
+                kv_pending.wait()
+                kv, kv_next = kv_next, kv
+        if P > 1:
+            # The last hop: the accumulator of our own K/V, complete, from the previous rank.
+            grads_pending.wait()
+            dkv = recv[(P - 1) % 2]
+        else:
+            dkv = local[0]
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    layout: str | Layout = "striped",
+    softmax_scale: float | None = None,
+    group=None,
+    return_lse: bool = False,
+    backend: str | None = None,
+):
+    """Exact attention over a sequence sharded across the ranks of ``group``.
+
+    Every rank passes its own shards, cut from the full sequence by ``layout`` (see
+    :mod:`ringflash.layout`; e.g. ``get_layout("striped").shard(x, rank=r, world_size=P)``).
+    The result on each rank is that rank's shard of ordinary softmax attention over the
+    whole sequence.
+
+    Args:
+        q: (batch_size, local_seqlen, nheads, headdim)
+        k, v: (batch_size, local_seqlen, nheads_kv, headdim); ``nheads % nheads_kv == 0``.
+            Only the K/V heads travel around the ring.
+        causal: global causal mask (token ``i`` sees token ``j`` iff ``i >= j``).
+        layout: ``"contiguous"``, ``"striped"``, ``"zigzag"`` or a :class:`~ringflash.layout.Layout`.
+        softmax_scale: defaults to ``1 / sqrt(headdim)``.
+        group: a ProcessGroup or 1-D DeviceMesh (default: the world); without an initialised
+            process group this is plain single-device attention.
+        return_lse: also return the float32 log-sum-exp (natural log), (batch_size, nheads, local_seqlen).
+        backend: the local kernel, ``"triton"`` or ``"reference"`` (default: triton on CUDA,
+            reference on CPU).
+
+    Returns:
+        out: (batch_size, local_seqlen, nheads, headdim) in q's dtype; and lse if ``return_lse``.
+    """
+    # Every check below is local and raises on every rank before any communication.
+    check_qkv(q, k, v)
+    layout = get_layout(layout)
+    group = resolve_group(group)
+    world_size, _ = world_and_rank(group)
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(
+            f"ring attention needs q and k/v shards of the same tokens; got local lengths "
+            f"{q.shape[1]} (q) and {k.shape[1]} (k, v)"
+        )
+    layout.check_local_seqlen(q.shape[1], world_size)
+    check_group_device(group, q.device)
+    be = get_backend(backend, q.device)
+    if getattr(be, "check", None) is not None:
+        be.check(q, k, v)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    out, lse = _RingAttention.apply(
+        q, k, v, bool(causal), float(softmax_scale), layout, group, be.name
+    )
+    return (out, lse) if return_lse else out

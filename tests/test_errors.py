@@ -1,0 +1,75 @@
+"""Bad input raises a clear error on every rank, before any communication; nothing hangs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from distributed import spawn
+from ringflash import Striped, ring_attention
+
+
+def t(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+# name -> (q, k, v, kwargs, exception type, words the message must contain)
+def bad_cases():
+    ok_q, ok_kv = (2, 8, 4, 16), (2, 8, 2, 16)
+    return {
+        "batch": (t(*ok_q), t(1, 8, 2, 16), t(1, 8, 2, 16), {}, ValueError, "batch"),
+        "head_dim": (t(*ok_q), t(2, 8, 2, 32), t(2, 8, 2, 32), {}, ValueError, "head_dim"),
+        "dtype": (t(*ok_q), t(*ok_kv, dtype=torch.float64), t(*ok_kv, dtype=torch.float64), {}, ValueError, "dtype"),
+        "device": (t(*ok_q), t(*ok_kv, device="meta"), t(*ok_kv, device="meta"), {}, ValueError, "device"),
+        "heads": (t(2, 8, 6, 16), t(2, 8, 4, 16), t(2, 8, 4, 16), {}, ValueError, "multiple of the number of key/value heads"),
+        "rank3": (t(2, 8, 64), t(2, 8, 64), t(2, 8, 64), {}, ValueError, "4-D"),
+        "integer": (torch.ones(*ok_q, dtype=torch.int32),) * 3 + ({}, TypeError, "floating-point"),
+        "k_v_shapes": (t(*ok_q), t(*ok_kv), t(2, 8, 4, 16), {}, ValueError, "k and v"),
+        "local_lengths": (t(*ok_q), t(2, 6, 2, 16), t(2, 6, 2, 16), {}, ValueError, "same tokens"),
+        "zigzag_odd": (t(2, 3, 4, 16), t(2, 3, 2, 16), t(2, 3, 2, 16), {"layout": "zigzag"}, ValueError, "multiple of 2"),
+        "stripe_width": (t(2, 6, 4, 16), t(2, 6, 2, 16), t(2, 6, 2, 16), {"layout": Striped(stripe=4)}, ValueError, "multiple of 4"),
+        "layout_name": (t(*ok_q), t(*ok_kv), t(*ok_kv), {"layout": "spiral"}, ValueError, "unknown layout"),
+        "backend_name": (t(*ok_q), t(*ok_kv), t(*ok_kv), {"backend": "cuda-magic"}, ValueError, "unknown backend"),
+        # Tensors the group's backend cannot move (gloo serves CPU tensors only).
+        "group_device": (t(*ok_q, device="meta"), t(*ok_kv, device="meta"), t(*ok_kv, device="meta"), {}, ValueError, "cannot send meta tensors"),
+    }
+
+
+def _try_all(rank, world_size):
+    results = {}
+    for name, (q, k, v, kwargs, exc, words) in bad_cases().items():
+        try:
+            ring_attention(q, k, v, causal=True, **kwargs)
+            results[name] = "no error"
+        except exc as e:
+            results[name] = "ok" if words in str(e) else f"message without {words!r}: {e}"
+        except Exception as e:  # noqa: BLE001
+            results[name] = f"{type(e).__name__}: {e}"
+    # The group still works afterwards: nothing was half-sent.
+    x = torch.ones(1)
+    dist.all_reduce(x)
+    results["group_alive"] = "ok" if x.item() == world_size else f"all_reduce gave {x.item()}"
+    return results
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_bad_input_raises_on_every_rank(world_size):
+    for rank, res in enumerate(spawn(_try_all, world_size, timeout=120)):
+        bad = {k: v for k, v in res.items() if v != "ok"}
+        assert not bad, f"rank {rank}: {bad}"
+
+
+def test_group_without_distributed():
+    q = t(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="not initialised"):
+        ring_attention(q, q, q, group=object())
+
+
+def test_world_of_one_without_distributed_is_plain_attention():
+    from ringflash import reference
+
+    q, k, v = t(2, 10, 4, 16), t(2, 10, 2, 16), t(2, 10, 2, 16)
+    out = ring_attention(q.double(), k.double(), v.double(), causal=True, layout="zigzag")
+    ref, _ = reference.attention(q.double(), k.double(), v.double(), causal=True)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-12

@@ -1,0 +1,294 @@
+"""The Triton kernels under Triton's CPU interpreter, against the float64 reference.
+
+``TRITON_INTERPRET=1`` must be set before the kernels are defined (``triton.jit`` decides at
+definition time) and stay set while they run (Triton reads it again at launch), so it is set
+here, before ``ringflash.kernels`` is imported, for the rest of the process. That is harmless
+to the other CPU tests: the reference backend never touches Triton. The interpreter computes ``tl.dot`` on bfloat16 wrongly,
+so these tests use float32 and float16; tests/test_kernels_gpu.py covers bfloat16.
+
+Shapes are tiny and the interpreter uses small tiles (16-32 rows), so every test still
+crosses several tile boundaries: fully visible, boundary and skipped tiles, and ragged ends.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+os.environ["TRITON_INTERPRET"] = "1"  # process-wide: Triton also reads it at launch time
+from ringflash import kernels, reference  # noqa: E402
+
+if not kernels.INTERPRETED:
+    pytest.skip(
+        "ringflash.kernels was imported before TRITON_INTERPRET=1 was set (by another test "
+        "module); set TRITON_INTERPRET=1 in the environment to run the interpreter tests",
+        allow_module_level=True,
+    )
+
+# log(0) of a row that stays empty is the intended -inf; numpy warns about it.
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+
+DTYPES = [torch.float32, torch.float16]
+FP32_TOL = 1e-4  # relative error of float32 kernels vs float64
+LOWP_FACTOR = 2.0  # float16 kernels vs float64: within this factor of PyTorch in float16
+
+
+# -- oracles -----------------------------------------------------------------------------
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    den = ref.norm().item()
+    return (x - ref).norm().item() / max(den, 1e-30)
+
+
+def oracle(q, k, v, dout, *, causal, q_pos=None, k_pos=None, dtype=torch.float64):
+    """Out, LSE and gradients by autograd through plain attention in ``dtype``.
+
+    float64: the reference. float16: PyTorch attention in the kernels' dtype (scores,
+    softmax and products in float16), the yardstick for the float16 tolerance.
+    """
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    if dtype == torch.float64:
+        out, lse = reference.attention(q, k, v, causal=causal, q_pos=q_pos, k_pos=k_pos)
+    else:
+        G = q.shape[2] // k.shape[2]
+        kr, vr = k.repeat_interleave(G, dim=2), v.repeat_interleave(G, dim=2)
+        s = torch.einsum("bqhd,bkhd->bhqk", q, kr) / math.sqrt(q.shape[-1])
+        if causal:
+            if q_pos is None:
+                q_pos, k_pos = reference.default_positions(q.shape[1], k.shape[1])
+            s = s.masked_fill(q_pos[:, None] < k_pos[None, :], -math.inf)
+        lse = torch.logsumexp(s.float(), dim=-1)
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+        out = torch.einsum("bhqk,bkhd->bqhd", p, vr)
+    out.backward(dout.to(dtype))
+    return out.detach(), lse.detach(), q.grad, k.grad, v.grad
+
+
+def run_kernels(q, k, v, dout, *, causal, q_pos=None, k_pos=None):
+    out, lse = kernels.forward(q, k, v, causal=causal, q_pos=q_pos, k_pos=k_pos)
+    delta = kernels.backward_delta(out.to(q.dtype), dout)
+    dq, dk, dv = kernels.backward(dout, q, k, v, lse, delta, causal=causal, q_pos=q_pos, k_pos=k_pos)
+    return out, lse, dq, dk, dv
+
+
+def assert_close(got, ref, lowp, name, dtype):
+    err = rel_err(got, ref)
+    if dtype == torch.float32:
+        assert err < FP32_TOL, f"{name}: relative error {err:.2e} >= {FP32_TOL:.0e}"
+    else:
+        base = rel_err(lowp, ref)
+        assert err <= LOWP_FACTOR * base + 1e-6, (
+            f"{name}: relative error {err:.2e} > {LOWP_FACTOR} x PyTorch float16's {base:.2e}"
+        )
+
+
+def assert_lse(got, ref):
+    assert not torch.isnan(got).any(), "LSE has NaN"
+    empty = torch.isneginf(ref)
+    assert torch.equal(torch.isneginf(got), empty), "LSE = -inf exactly on rows that see no key"
+    if (~empty).any():
+        err = (got[~empty].double() - ref[~empty]).abs().max().item()
+        assert err < 1e-3, f"LSE off by {err:.2e}"
+
+
+def check_all(q, k, v, dout, *, causal, q_pos=None, k_pos=None):
+    dtype = q.dtype
+    got = run_kernels(q, k, v, dout, causal=causal, q_pos=q_pos, k_pos=k_pos)
+    ref = oracle(q, k, v, dout, causal=causal, q_pos=q_pos, k_pos=k_pos)
+    lowp = oracle(q, k, v, dout, causal=causal, q_pos=q_pos, k_pos=k_pos, dtype=dtype) if dtype != torch.float32 else [None] * 5
+    for t, name in zip(got, ("out", "lse", "dq", "dk", "dv")):
+        assert t.dtype == torch.float32, f"{name} must be float32, got {t.dtype}"
+        assert not torch.isnan(t).any(), f"{name} has NaN"
+    assert_lse(got[1], ref[1])
+    for i, name in ((0, "out"), (2, "dq"), (3, "dk"), (4, "dv")):
+        assert_close(got[i], ref[i], lowp[i], name, dtype)
+    return got, ref
+
+
+def make_qkv(B, Sq, Sk, H, Hkv, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Sq, H, D, generator=g).to(dtype)
+    k = torch.randn(B, Sk, Hkv, D, generator=g).to(dtype)
+    v = torch.randn(B, Sk, Hkv, D, generator=g).to(dtype)
+    dout = torch.randn(B, Sq, H, D, generator=g).to(dtype)
+    return q, k, v, dout
+
+
+def striped_positions(L, world, rank):
+    """Striped layout (stripe 1): rank r holds global tokens r, r+P, r+2P, ..."""
+    return rank + world * torch.arange(L)
+
+
+def zigzag_positions(L, world, rank):
+    """Zigzag layout: 2P chunks of L/2 tokens; rank r holds chunks r and 2P-1-r."""
+    C = L // 2
+    return torch.cat([rank * C + torch.arange(C), (2 * world - 1 - rank) * C + torch.arange(C)])
+
+
+# -- plain attention: lengths, GQA, head dims ---------------------------------------------
+
+SHAPES = [
+    # (B, Sq, Sk, H, Hkv, D)
+    pytest.param(1, 77, 77, 4, 4, 32, id="S77-mha-d32"),
+    pytest.param(2, 40, 77, 8, 2, 32, id="Sq40-Sk77-gqa4-d32"),
+    pytest.param(1, 77, 50, 2, 1, 80, id="Sq77-Sk50-mqa-d80"),
+    pytest.param(1, 64, 64, 8, 2, 80, id="S64-gqa4-d80"),
+]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,Sq,Sk,H,Hkv,D", SHAPES)
+def test_attention(B, Sq, Sk, H, Hkv, D, dtype, causal):
+    # With causal and Sq > Sk, bottom-right alignment leaves the first Sq - Sk rows empty.
+    q, k, v, dout = make_qkv(B, Sq, Sk, H, Hkv, D, dtype)
+    check_all(q, k, v, dout, causal=causal)
+
+
+# -- ring steps: masks from positions -----------------------------------------------------
+
+STEPS = [
+    # (name, q_pos, k_pos): one step of each layout, as the ring calls the kernels
+    pytest.param(striped_positions(48, 4, 1), striped_positions(48, 4, 0), id="striped-src<r"),
+    pytest.param(striped_positions(48, 4, 1), striped_positions(48, 4, 1), id="striped-src=r"),
+    pytest.param(striped_positions(48, 4, 1), striped_positions(48, 4, 3), id="striped-src>r"),
+    pytest.param(zigzag_positions(48, 2, 0), zigzag_positions(48, 2, 1), id="zigzag-r0-src1"),
+    pytest.param(zigzag_positions(48, 2, 1), zigzag_positions(48, 2, 0), id="zigzag-r1-src0"),
+    pytest.param(torch.arange(40) + 45, torch.arange(45), id="contiguous-earlier-src"),
+    pytest.param(torch.arange(45) + 7, torch.arange(40) + 20, id="offset-diagonal"),
+    pytest.param(torch.arange(40), torch.arange(40, 80).int(), id="contiguous-later-src-int32"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("q_pos,k_pos", STEPS)
+def test_ring_step_positions(q_pos, k_pos, dtype):
+    q, k, v, dout = make_qkv(1, len(q_pos), len(k_pos), 4, 2, 32, dtype, seed=1)
+    got, ref = check_all(q, k, v, dout, causal=True, q_pos=q_pos, k_pos=k_pos)
+    if q_pos[-1] < k_pos[0]:  # every key is in the future: nothing visible at all
+        assert torch.all(got[0] == 0) and torch.all(torch.isneginf(got[1]))
+        assert all(torch.all(g == 0) for g in got[2:])
+
+
+def test_default_positions_are_bottom_right():
+    q, k, v, _ = make_qkv(1, 30, 70, 2, 2, 32, torch.float32, seed=2)
+    qp, kp = reference.default_positions(30, 70)
+    a = kernels.forward(q, k, v, causal=True)
+    b = kernels.forward(q, k, v, causal=True, q_pos=qp, k_pos=kp)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# -- fold mode and accumulate-into --------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_forward_fold_equals_one_call(dtype, causal):
+    """Two calls folding into (out, lse) equal one call over all keys; empty rows stay empty."""
+    Sq, Sk, split = 50, 70, 37
+    q, k, v, dout = make_qkv(2, Sq, Sk, 4, 2, 32, dtype, seed=3)
+    # Queries at positions 10..59: rows 0..9 see keys only in the second half of this order.
+    q_pos = torch.arange(Sq) + 10
+    k_pos = torch.arange(Sk)
+    order = [(slice(split, Sk)), (slice(0, split))]  # later keys first: some rows start empty
+    out = lse = None
+    for sl in order:
+        out, lse = kernels.forward(q, k[:, sl], v[:, sl], causal=causal, q_pos=q_pos, k_pos=k_pos[sl], out=out, lse=lse)
+    ref = oracle(q, k, v, dout, causal=causal, q_pos=q_pos, k_pos=k_pos)
+    one = kernels.forward(q, k, v, causal=causal, q_pos=q_pos, k_pos=k_pos)
+    assert not torch.isnan(out).any()
+    assert_lse(lse, ref[1])
+    if dtype == torch.float32:
+        assert rel_err(out, ref[0]) < FP32_TOL
+    else:
+        assert rel_err(out, ref[0]) <= 1.1 * rel_err(one[0], ref[0]) + 1e-6
+
+
+def test_fold_keeps_empty_rows_empty():
+    """Folding a block that nobody sees into a state that is empty keeps O = 0, LSE = -inf."""
+    q, k, v, _ = make_qkv(1, 20, 20, 2, 1, 32, torch.float32, seed=4)
+    out = torch.zeros(1, 20, 2, 32)
+    lse = torch.full((1, 2, 20), -math.inf)
+    kernels.forward(q, k, v, causal=True, q_pos=torch.arange(20), k_pos=torch.arange(20) + 100, out=out, lse=lse)
+    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+    # And a visible block folded into an empty state is just that block.
+    kernels.forward(q, k, v, causal=True, q_pos=torch.arange(20) + 19, k_pos=torch.arange(20), out=out, lse=lse)
+    one = kernels.forward(q, k, v, causal=True, q_pos=torch.arange(20) + 19, k_pos=torch.arange(20))
+    assert rel_err(out, one[0]) < 1e-6 and rel_err(lse, one[1]) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_accumulates_over_key_blocks(dtype):
+    """Per-block backward from the global LSE/delta adds up to the gradient over all keys."""
+    Sq, Sk, split = 45, 60, 29
+    q, k, v, dout = make_qkv(1, Sq, Sk, 4, 2, 32, dtype, seed=5)
+    q_pos = striped_positions(Sq, 2, 1)
+    k_pos = striped_positions(Sk, 2, 0)
+    out, lse = kernels.forward(q, k, v, causal=True, q_pos=q_pos, k_pos=k_pos)
+    delta = kernels.backward_delta(out, dout)
+    g = torch.Generator().manual_seed(6)
+    dq0 = torch.randn(q.shape, generator=g)
+    dk0, dv0 = torch.randn(k.shape, generator=g), torch.randn(v.shape, generator=g)
+    dq, dk, dv = dq0.clone(), dk0.clone(), dv0.clone()
+    for sl in (slice(0, split), slice(split, Sk)):
+        r = kernels.backward(dout, q, k[:, sl], v[:, sl], lse, delta, causal=True, q_pos=q_pos,
+                             k_pos=k_pos[sl], dq=dq, dk=dk[:, sl], dv=dv[:, sl])
+        assert r[0] is dq
+    ref = oracle(q, k, v, dout, causal=True, q_pos=q_pos, k_pos=k_pos)
+    lowp = oracle(q, k, v, dout, causal=True, q_pos=q_pos, k_pos=k_pos, dtype=dtype) if dtype != torch.float32 else [None] * 5
+    for got, base, i, name in ((dq, dq0, 2, "dq"), (dk, dk0, 3, "dk"), (dv, dv0, 4, "dv")):
+        assert_close(got - base, ref[i], lowp[i], name, dtype)
+
+
+def test_backward_of_empty_rows_is_zero():
+    q, k, v, dout = make_qkv(1, 33, 33, 2, 2, 32, torch.float32, seed=7)
+    q_pos, k_pos = torch.arange(33), torch.arange(33) + 16  # rows 0..15 see nothing
+    out, lse = kernels.forward(q, k, v, causal=True, q_pos=q_pos, k_pos=k_pos)
+    assert torch.all(out[:, :16] == 0) and torch.all(torch.isneginf(lse[:, :, :16]))
+    delta = kernels.backward_delta(out, dout)
+    dq, dk, dv = kernels.backward(dout, q, k, v, lse, delta, causal=True, q_pos=q_pos, k_pos=k_pos)
+    assert not any(torch.isnan(t).any() for t in (dq, dk, dv))
+    assert torch.all(dq[:, :16] == 0)
+
+
+def test_backward_delta():
+    out = torch.randn(2, 37, 3, 80)
+    dout = torch.randn(2, 37, 3, 80)
+    ref = reference.backward_delta(out.double(), dout.double())
+    assert rel_err(kernels.backward_delta(out, dout), ref) < 1e-6
+
+
+def test_strided_inputs():
+    """Any layout whose head_dim is contiguous: here q, k, v are views of one packed qkv."""
+    qkv = torch.randn(1, 50, 3, 4, 32)
+    q, k, v = qkv.unbind(2)
+    dout = torch.randn(1, 50, 4, 32)
+    check_all(q, k, v, dout, causal=True)
+
+
+# -- input checks -------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "make,exc,words",
+    [
+        (lambda: (torch.randn(1, 8, 2, 32, dtype=torch.float64),) * 3, TypeError, "float16"),
+        (lambda: (torch.randn(1, 8, 2, 64)[..., ::2],) * 3, ValueError, "contiguous"),
+        (lambda: (torch.randn(1, 8, 2, 20),) * 3, ValueError, "head_dim"),
+        (lambda: (torch.randn(1, 8, 2, 512),) * 3, ValueError, "head_dim"),
+        (lambda: (torch.randn(1, 8, 3, 32), torch.randn(1, 8, 2, 32), torch.randn(1, 8, 2, 32)), ValueError, "multiple"),
+        (lambda: (torch.randn(8, 2, 32),) * 3, ValueError, "4-D"),
+    ],
+    ids=["float64", "strided-head-dim", "head-dim-20", "head-dim-512", "heads", "rank"],
+)
+def test_check_inputs_rejects(make, exc, words):
+    with pytest.raises(exc, match=words):
+        kernels.check_inputs(*make())
+
+
+def test_positions_must_match_lengths():
+    q, k, v, _ = make_qkv(1, 10, 12, 2, 2, 32, torch.float32)
+    with pytest.raises(ValueError, match="k_pos"):
+        kernels.forward(q, k, v, causal=True, q_pos=torch.arange(10), k_pos=torch.arange(10))

@@ -1,0 +1,62 @@
+"""flash_attention (single device, reference backend) against float64 attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ringflash import flash_attention, reference
+
+
+def rel(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seqlens", [(33, 33), (17, 40)])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (4, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flash_attention_reference_backend(causal, seqlens, heads, dtype):
+    sq, sk = seqlens
+    (h, hkv), d = heads, 32
+    q = torch.randn(2, sq, h, d, dtype=torch.float64)
+    k = torch.randn(2, sk, hkv, d, dtype=torch.float64)
+    v = torch.randn(2, sk, hkv, d, dtype=torch.float64)
+    dout = torch.randn(2, sq, h, d, dtype=torch.float64)
+
+    def run(fn, dt):
+        qq, kk, vv = (x.detach().to(dt).requires_grad_() for x in (q, k, v))
+        out, lse = fn(qq, kk, vv)
+        out.backward(dout.to(dt))
+        return [out, qq.grad, kk.grad, vv.grad], lse
+
+    ref, ref_lse = run(lambda a, b, c: reference.attention(a, b, c, causal=causal), torch.float64)
+    got, lse = run(lambda a, b, c: flash_attention(a, b, c, causal=causal, return_lse=True, backend="reference"), dtype)
+    assert got[0].dtype == dtype and lse.dtype == torch.float32 and lse.shape == (2, h, sq)
+    if dtype == torch.float32:
+        assert all(rel(x, r) < 1e-5 for x, r in zip(got, ref))
+    else:
+        bf16, _ = run(lambda a, b, c: reference.attention(a, b, c, causal=causal), dtype)
+        for x, b, r in zip(got, bf16, ref):
+            assert rel(x, r) <= 2 * rel(b, r)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert rel(lse[finite], ref_lse[finite]) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_rows_that_see_no_key():
+    # Causal with more queries than keys: the first queries see nothing (bottom-right alignment).
+    q, k, v = torch.randn(1, 12, 2, 16), torch.randn(1, 5, 2, 16), torch.randn(1, 5, 2, 16)
+    q.requires_grad_()
+    out, lse = flash_attention(q, k, v, causal=True, return_lse=True, backend="reference")
+    assert torch.isneginf(lse[:, :, :7]).all() and torch.isfinite(lse[:, :, 7:]).all()
+    assert (out[:, :7] == 0).all() and not out.isnan().any()
+    out.sum().backward()
+    assert not q.grad.isnan().any() and (q.grad[:, :7] == 0).all()
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q = torch.randn(1, 4, 2, 16)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        flash_attention(q, q, q, backend="triton")
