@@ -30,9 +30,21 @@ from .ops import check_qkv, get_backend
 __all__ = ["ring_attention"]
 
 
-def _positions(layout: Layout, local_seqlen: int, world_size: int, device) -> list[torch.Tensor]:
-    """Global positions of every rank's tokens (host copies decide skips without a device sync)."""
-    return [layout.local_positions(local_seqlen, rank=r, world_size=world_size) for r in range(world_size)]
+_POSITIONS: dict = {}
+
+
+def _positions(layout: Layout, local_seqlen: int, world_size: int, device) -> tuple[list, list]:
+    """Every rank's global token positions: host copies (to decide skips without a device
+    sync) and device copies (for the kernel's masks), made once per shape and cached."""
+    key = (layout, local_seqlen, world_size, device)
+    if key not in _POSITIONS:
+        if len(_POSITIONS) > 256:
+            _POSITIONS.clear()
+        host = [layout.local_positions(local_seqlen, rank=r, world_size=world_size) for r in range(world_size)]
+        # Built on the device, not copied there: a host-to-device copy would block the host.
+        dev = [layout.local_positions(local_seqlen, rank=r, world_size=world_size, device=device) for r in range(world_size)]
+        _POSITIONS[key] = (host, dev)
+    return _POSITIONS[key]
 
 
 def _visible_any(causal: bool, q_pos: torch.Tensor, k_pos: torch.Tensor) -> bool:
@@ -46,8 +58,7 @@ class _RingAttention(torch.autograd.Function):
         ring = Ring(group)
         P, r = ring.world_size, ring.rank
         be = get_backend(backend_name, q.device)
-        pos_host = _positions(layout, q.shape[1], P, q.device)
-        pos = [p.to(q.device) for p in pos_host]
+        pos_host, pos = _positions(layout, q.shape[1], P, q.device)
 
         out = lse = None
         kv = torch.stack([k, v])  # (2, B, S, Hkv, D): K and V travel as one message
@@ -78,8 +89,7 @@ class _RingAttention(torch.autograd.Function):
         ring = Ring(ctx.group)
         P, r = ring.world_size, ring.rank
         be = get_backend(ctx.backend_name, q.device)
-        pos_host = _positions(ctx.layout, q.shape[1], P, q.device)
-        pos = [p.to(q.device) for p in pos_host]
+        pos_host, pos = _positions(ctx.layout, q.shape[1], P, q.device)
 
         dout = dout.contiguous()
         delta = be.backward_delta(out, dout)

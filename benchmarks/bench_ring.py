@@ -1,0 +1,224 @@
+"""Ring attention across GPUs: per-GPU TFLOP/s and peak memory, beside PyTorch's context parallel.
+
+    torchrun --nproc-per-node 4 benchmarks/bench_ring.py --seqlens 32k 128k \
+        --out benchmarks/results/ring_h200x4.jsonl
+
+For every (S, heads_kv, causal, mode) it times, in the same run:
+  ringflash       ring_attention for each layout (contiguous, striped, zigzag)
+  torch_cp_flash  torch.distributed.tensor.experimental.context_parallel over SDPA (flash)
+  torch_cp_cudnn  the same over SDPA (cuDNN)
+  single_gpu      the ringflash kernel on one GPU at the per-rank size S/P (the efficiency bar)
+
+TFLOP/s per GPU use the FlashAttention convention: fwd = 4 * B * H * S^2 * D (halved when
+causal), fwd+bwd = 3.5 * fwd, divided by the number of GPUs. A time is the median over
+iterations on each rank, then the slowest rank. Peak memory is the largest
+``max_memory_allocated`` over ranks, inputs included. Results: one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from ringflash import flash_attention, get_layout, ring_attention  # noqa: E402
+
+
+def parse_size(s: str) -> int:
+    s = s.lower()
+    mult = {"k": 1024, "m": 1024 * 1024}.get(s[-1], 1)
+    return int(float(s[:-1] if s[-1] in "km" else s) * mult)
+
+
+def flops(S, H, D, causal, mode, B=1):
+    f = 4 * B * H * S * S * D / (2 if causal else 1)
+    return f * (3.5 if mode == "fwdbwd" else 1.0)
+
+
+def time_ms(fn, warmup: int, iters: int) -> float:
+    """Median milliseconds of ``fn`` on this rank (CUDA events), then the max over ranks."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    times = []
+    for _ in range(iters):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    t = torch.tensor(statistics.median(times), device="cuda")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def peak_gib() -> float:
+    m = torch.tensor(float(torch.cuda.max_memory_allocated()), device="cuda")
+    dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    return m.item() / 2**30
+
+
+def step_fn(attn, q, k, v, mode):
+    """One forward (and backward) of ``attn`` on fresh autograd leaves."""
+    if mode == "fwd":
+        def fn():
+            with torch.no_grad():
+                attn(q, k, v)
+        return fn
+    dout = torch.randn_like(q)
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+
+    def fn():
+        out = attn(q, k, v)
+        out.backward(dout)
+        q.grad = k.grad = v.grad = None
+    return fn
+
+
+def bench_ringflash(S, H, Hkv, D, causal, mode, layout, args):
+    P, r = dist.get_world_size(), dist.get_rank()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    L = S // P
+    g = torch.Generator(device="cuda").manual_seed(1234 + r)
+    q = torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    lay = get_layout(layout)
+    fn = step_fn(lambda a, b, c: ring_attention(a, b, c, causal=causal, layout=lay), q, k, v, mode)
+    ms = time_ms(fn, args.warmup, args.iters)
+    return ms, peak_gib()
+
+
+def bench_single(S, H, Hkv, D, causal, mode, args):
+    """The same kernel on one GPU at the per-rank size: every rank runs it alone."""
+    P = dist.get_world_size()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    L = S // P
+    q = torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    fn = step_fn(lambda a, b, c: flash_attention(a, b, c, causal=causal), q, k, v, mode)
+    ms = time_ms(fn, args.warmup, args.iters)
+    return ms, peak_gib()
+
+
+_MESH = None
+
+
+def bench_torch_cp(S, H, Hkv, D, causal, mode, backend, args):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import context_parallel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+
+    P = dist.get_world_size()
+    global _MESH
+    if _MESH is None:
+        _MESH = init_device_mesh("cuda", (P,))
+    mesh = _MESH
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    g = torch.Generator(device="cuda").manual_seed(1234)  # the same full tensors on every rank
+    q = torch.randn(1, H, S, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, Hkv, S, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, Hkv, S, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    dout = torch.randn(1, H, S, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    kernel = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+    gqa = {"enable_gqa": True} if Hkv != H else {}
+    with sdpa_kernel(kernel), context_parallel(mesh, buffers=[q, k, v, dout], buffer_seq_dims=[2, 2, 2, 2]):
+        if mode == "fwd":
+            def fn():
+                with torch.no_grad():
+                    F.scaled_dot_product_attention(q, k, v, is_causal=causal, **gqa)
+        else:
+            for x in (q, k, v):
+                x.requires_grad_()
+
+            def fn():
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, **gqa)
+                out.backward(dout)
+                q.grad = k.grad = v.grad = None
+        ms = time_ms(fn, args.warmup, args.iters)
+    return ms, peak_gib()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seqlens", nargs="+", default=["32k", "128k"])
+    ap.add_argument("--layouts", nargs="+", default=["contiguous", "striped", "zigzag"])
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, nargs="+", default=[32, 8])
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--causal", choices=["both", "causal", "full"], default="both")
+    ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
+    ap.add_argument("--impls", nargs="+", default=["ringflash", "torch_cp_flash", "torch_cp_cudnn", "single_gpu"])
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--out", default=None, help="append JSON lines here (rank 0)")
+    args = ap.parse_args()
+
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    P, rank = dist.get_world_size(), dist.get_rank()
+    gpu = torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "_")
+    causals = {"both": [True, False], "causal": [True], "full": [False]}[args.causal]
+
+    rows = []
+    for S in map(parse_size, args.seqlens):
+        for Hkv in args.kv_heads:
+            for causal in causals:
+                for mode in args.modes:
+                    runs = []
+                    if "ringflash" in args.impls:
+                        runs += [("ringflash", lay, lambda lay=lay: bench_ringflash(S, args.heads, Hkv, args.head_dim, causal, mode, lay, args)) for lay in args.layouts]
+                    for backend in ("flash", "cudnn"):
+                        if f"torch_cp_{backend}" in args.impls:
+                            runs.append((f"torch_cp_{backend}", "zigzag" if causal else "contiguous",
+                                         lambda b=backend: bench_torch_cp(S, args.heads, Hkv, args.head_dim, causal, mode, b, args)))
+                    if "single_gpu" in args.impls:
+                        runs.append(("single_gpu", "-", lambda: bench_single(S, args.heads, Hkv, args.head_dim, causal, mode, args)))
+                    for impl, lay, run in runs:
+                        row = dict(impl=impl, engine="triton" if impl in ("ringflash", "single_gpu") else impl.split("_")[-1],
+                                   gpu=gpu, world=P, layout=lay, S=S, H=args.heads, Hkv=Hkv, D=args.head_dim,
+                                   causal=causal, mode=mode)
+                        try:
+                            ms, mem = run()
+                            if impl == "single_gpu":  # one GPU doing S/P tokens of full attention
+                                tf = flops(S // P, args.heads, args.head_dim, causal, mode) / (ms * 1e-3) / 1e12
+                                row["S_per_gpu"] = S // P
+                            else:
+                                tf = flops(S, args.heads, args.head_dim, causal, mode) / P / (ms * 1e-3) / 1e12
+                            row.update(ms=round(ms, 3), tflops_per_gpu=round(tf, 1), peak_mem_gib=round(mem, 2))
+                        except Exception as e:  # noqa: BLE001 - a failing baseline is a result too
+                            row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                            torch.cuda.synchronize()
+                        rows.append(row)
+                        if rank == 0:
+                            print(json.dumps(row), flush=True)
+                            if args.out:
+                                with open(args.out, "a") as f:
+                                    f.write(json.dumps(row) + "\n")
+
+    if rank == 0:
+        print(f"\n{'impl':16s} {'layout':11s} {'S':>7s} {'Hkv':>4s} {'causal':>6s} {'mode':>7s} {'ms':>9s} {'TFLOP/s/GPU':>11s} {'GiB':>6s}")
+        for r in rows:
+            if "error" in r:
+                print(f"{r['impl']:16s} {r['layout']:11s} {r['S']:7d} {r['Hkv']:4d} {str(r['causal']):>6s} {r['mode']:>7s}  error: {r['error'][:60]}")
+            else:
+                print(f"{r['impl']:16s} {r['layout']:11s} {r['S']:7d} {r['Hkv']:4d} {str(r['causal']):>6s} {r['mode']:>7s} {r['ms']:9.2f} {r['tflops_per_gpu']:11.1f} {r['peak_mem_gib']:6.2f}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
