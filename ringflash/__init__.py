@@ -3,6 +3,8 @@
 from .layout import Contiguous, Layout, Striped, Zigzag, get_layout
 from .ops import flash_attention
 from .ring import ring_attention
+from .nn import MultiheadAttention, RingAttention
+from .batch import shard_batch, sharded_cross_entropy
 
 __version__ = "0.1.0"
 
@@ -14,4 +16,8 @@ __all__ = [
     "Striped",
     "Zigzag",
     "get_layout",
+    "RingAttention",
+    "MultiheadAttention",
+    "shard_batch",
+    "sharded_cross_entropy",
 ]

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .comm import resolve_group
+
 __all__ = ["Layout", "Contiguous", "Striped", "Zigzag", "get_layout", "LAYOUTS"]
 
 
@@ -86,9 +88,11 @@ class Layout:
         return out.index_copy_(dim, perm, stacked)
 
     def unshard(self, x: torch.Tensor, *, group=None, dim: int = 1) -> torch.Tensor:
-        """Gather every rank's shard over ``group`` and return the full tensor on every rank."""
+        """Gather every rank's shard over ``group`` (a ProcessGroup or 1-D DeviceMesh) and return
+        the full tensor on every rank."""
         if not dist.is_available() or not dist.is_initialized():
             return x
+        group = resolve_group(group)
         world_size = dist.get_world_size(group)
         if world_size == 1:
             return x

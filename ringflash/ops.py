@@ -17,6 +17,7 @@ signatures and contract:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from types import SimpleNamespace
@@ -25,7 +26,7 @@ import torch
 
 from . import reference
 
-__all__ = ["flash_attention", "get_backend", "check_qkv", "BACKENDS"]
+__all__ = ["flash_attention", "get_backend", "check_qkv", "no_autocast", "BACKENDS"]
 
 BACKENDS = ("triton", "reference")
 
@@ -57,6 +58,14 @@ def get_backend(backend: str | None, device: torch.device) -> SimpleNamespace:
             check=getattr(kernels, "check_inputs", None),
         )
     raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS} or None for the default")
+
+
+def no_autocast(device: torch.device):
+    """A context that turns autocast off on ``device``: the kernels and the reference choose their
+    own precision (float32 accumulation), which autocast would otherwise lower to bf16/fp16."""
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -108,12 +117,13 @@ class _FlashAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         be = get_backend(ctx.backend_name, q.device)
-        dout = dout.contiguous()
-        delta = be.backward_delta(out, dout)
-        dq, dk, dv = be.backward(
-            dout, q, k, v, lse, delta, q_pos=None, k_pos=None,
-            causal=ctx.causal, softmax_scale=ctx.softmax_scale,
-        )
+        dout = dout.to(q.dtype).contiguous()
+        with no_autocast(q.device):
+            delta = be.backward_delta(out, dout)
+            dq, dk, dv = be.backward(
+                dout, q, k, v, lse, delta, q_pos=None, k_pos=None,
+                causal=ctx.causal, softmax_scale=ctx.softmax_scale,
+            )
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
@@ -147,5 +157,6 @@ def flash_attention(
     be = get_backend(backend, q.device)
     if getattr(be, "check", None) is not None:
         be.check(q, k, v)
-    out, lse = _FlashAttention.apply(q, k, v, bool(causal), float(softmax_scale), be.name)
+    with no_autocast(q.device):
+        out, lse = _FlashAttention.apply(q, k, v, bool(causal), float(softmax_scale), be.name)
     return (out, lse) if return_lse else out

@@ -25,7 +25,7 @@ import torch
 
 from .comm import Ring, check_group_device, resolve_group, world_and_rank
 from .layout import Layout, get_layout
-from .ops import check_qkv, get_backend
+from .ops import check_qkv, get_backend, no_autocast
 
 __all__ = ["ring_attention"]
 
@@ -85,13 +85,18 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
+        with no_autocast(dout.device):
+            return _RingAttention._backward(ctx, dout)
+
+    @staticmethod
+    def _backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         ring = Ring(ctx.group)
         P, r = ring.world_size, ring.rank
         be = get_backend(ctx.backend_name, q.device)
         pos_host, pos = _positions(ctx.layout, q.shape[1], P, q.device)
 
-        dout = dout.contiguous()
+        dout = dout.to(q.dtype).contiguous()
         delta = be.backward_delta(out, dout)
         dq = torch.zeros(q.shape, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype, device=q.device)
         acc_dtype = dq.dtype
@@ -183,7 +188,8 @@ def ring_attention(
         be.check(q, k, v)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    out, lse = _RingAttention.apply(
-        q, k, v, bool(causal), float(softmax_scale), layout, group, be.name
-    )
+    with no_autocast(q.device):
+        out, lse = _RingAttention.apply(
+            q, k, v, bool(causal), float(softmax_scale), layout, group, be.name
+        )
     return (out, lse) if return_lse else out

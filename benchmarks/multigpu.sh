@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One call on a multi-GPU machine: the multi-GPU tests, then the ring benchmark.
+#   OUT=results_dir bash benchmarks/multigpu.sh [seqlens...]
+# Writes ring_errors.jsonl, tests.log, ring_<gpu>x<n>.jsonl and bench.log under $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/ringflash-out}; mkdir -p "$OUT"
+N=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+GPU=$(python3 -c 'import torch; print(torch.cuda.get_device_name().replace("NVIDIA ","").replace(" ","_"))')
+SEQLENS=${*:-32k 128k}
+echo "== $N x $GPU; torch $(python3 -c 'import torch; print(torch.__version__)'), triton $(python3 -c 'import triton; print(triton.__version__)')"
+
+for n in 2 $N; do
+  [ "$n" -le "$N" ] || continue
+  echo "== multi-GPU tests on $n GPUs"
+  RINGFLASH_REPORT=$OUT/ring_errors.jsonl timeout 240 torchrun --standalone --nproc-per-node $n \
+    -m pytest tests/test_ring_gpu.py -m multigpu -q -x -p no:cacheprovider 2>&1 | tail -5 | tee -a $OUT/tests.log
+  [ "$n" -eq "$N" ] && break
+done
+
+echo "== ring benchmark on $N GPUs: $SEQLENS"
+timeout ${BENCH_TIMEOUT:-400} torchrun --standalone --nproc-per-node $N benchmarks/bench_ring.py \
+  --seqlens $SEQLENS --out $OUT/ring_${GPU}x${N}.jsonl ${BENCH_ARGS:-} 2>&1 | tee $OUT/bench.log | grep -v '^{'

@@ -1,0 +1,164 @@
+"""A batch for a sharded sequence: shard ids and labels, compute the loss in sharded order.
+
+A layout only permutes tokens, so a language model never needs its outputs un-permuted to
+be trained: :func:`shard_batch` shifts the labels on the *full* sequence (the target of
+token ``t`` is token ``t + 1`` of the full sequence, wherever the layout puts the two), then
+cuts ids, labels and positions with the same layout; every rank computes the loss of its own
+tokens; :func:`sharded_cross_entropy` turns the local sums into the mean over the whole
+sequence.
+
+Gradients. ``sharded_cross_entropy`` returns the global mean on every rank of the
+context-parallel group; its gradient is scaled so that **averaging** parameter gradients over
+the context-parallel group gives the gradient of that mean. That is what data parallelism
+already does, so: run DDP or FSDP over the flattened data-parallel x context-parallel ranks
+(e.g. the whole world for a ``("dp", "cp")`` mesh), or, with DDP/FSDP over ``dp`` only, call
+:func:`average_gradients` over the context-parallel group after ``backward``.
+
+    input_ids, labels, positions = shard_batch(input_ids, layout="striped", group=cp)
+    logits, loss = model(input_ids, labels)   # loss: global mean over the cp group
+    loss.backward()                           # then average gradients over dp x cp
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .comm import resolve_group, world_and_rank
+from .layout import Layout, get_layout
+
+__all__ = ["shard_batch", "unshard", "sharded_cross_entropy", "average_gradients", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100
+
+
+def shard_batch(
+    input_ids: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    layout: str | Layout = "striped",
+    group=None,
+    shift: bool = True,
+    pad_id: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's shard of a batch of full sequences.
+
+    Args:
+        input_ids: (batch_size, seqlen), the full sequences (the same on every rank of ``group``).
+        labels: (batch_size, seqlen) or None for ``input_ids`` (language modelling). With
+            ``shift=True`` they are aligned with ``input_ids`` and shifted here, on the full
+            sequence: the target of token ``t`` is ``labels[:, t + 1]``, the last token gets
+            ``ignore_index``. With ``shift=False`` they are used as given (already targets).
+        layout: ``"contiguous"``, ``"striped"``, ``"zigzag"`` or a Layout (the model's layout).
+        group: the context-parallel group (ProcessGroup, 1-D DeviceMesh, or None for the
+            default group; without an initialised process group nothing is cut).
+        pad_id: if given, pad the sequences at the end to a length the layout can split
+            (ids with ``pad_id``, labels with ``ignore_index``); causal attention keeps the
+            real tokens unaffected. Without it a length the layout cannot split is a ValueError.
+        ignore_index: the label that the loss ignores.
+
+    Returns:
+        input_ids: (batch_size, local_seqlen); labels: (batch_size, local_seqlen), the targets
+        of these tokens; positions: (local_seqlen,) int64, their global positions.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be 2-D (batch, seqlen); got shape {tuple(input_ids.shape)}")
+    if labels is None:
+        labels = input_ids
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}; got {tuple(labels.shape)}")
+    layout = get_layout(layout)
+    world_size, rank = world_and_rank(resolve_group(group))
+    if shift:
+        fill = torch.full_like(labels[:, :1], ignore_index)
+        labels = torch.cat([labels[:, 1:], fill], dim=1)
+    seqlen = input_ids.shape[1]
+    if pad_id is not None:
+        m = layout.multiple(world_size)
+        pad = -seqlen % m
+        if pad:
+            input_ids = F.pad(input_ids, (0, pad), value=pad_id)
+            labels = F.pad(labels, (0, pad), value=ignore_index)
+            seqlen += pad
+    layout.check_seqlen(seqlen, world_size)
+    positions = layout.positions(seqlen, rank=rank, world_size=world_size, device=input_ids.device)
+    return input_ids.index_select(1, positions), labels.index_select(1, positions), positions
+
+
+def unshard(x: torch.Tensor, *, layout: str | Layout = "striped", group=None, dim: int = 1) -> torch.Tensor:
+    """The full tensor, on every rank, from every rank's shard along ``dim`` (an all-gather).
+
+    Not differentiable; for inspection or evaluation, not for the training loss.
+    """
+    return get_layout(layout).unshard(x, group=resolve_group(group), dim=dim)
+
+
+@torch.compiler.disable
+def _all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
+    t = t.clone()
+    dist.all_reduce(t, group=group)
+    return t
+
+
+def sharded_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    group=None,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Mean cross-entropy over the tokens of every rank of ``group`` (labels == ignore_index skipped).
+
+    Args:
+        logits: (batch_size, local_seqlen, vocab_size), this rank's tokens.
+        labels: (batch_size, local_seqlen), their targets (from :func:`shard_batch`).
+        group: the context-parallel group (ProcessGroup, 1-D DeviceMesh or None).
+
+    Returns:
+        a scalar, float32 (float64 for float64 logits): the same value on every rank, the mean over all non-ignored tokens
+        of the full sequences (0 when there are none). Its gradient on this rank is
+        ``world_size`` times the gradient of this rank's share of the sum, so that the
+        average of the ranks' parameter gradients is the gradient of the mean (see the module
+        docstring); one all-reduce of two numbers in the forward, none in the backward.
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"logits must be (batch, local_seqlen, vocab) and labels (batch, local_seqlen); got "
+            f"{tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    cd = torch.promote_types(logits.dtype, torch.float32)  # the loss of bf16 logits in float32
+    local_sum = F.cross_entropy(
+        logits.flatten(0, 1).to(cd), labels.flatten(), ignore_index=ignore_index, reduction="sum"
+    )
+    local_count = (labels != ignore_index).sum()
+    group = resolve_group(group)
+    world_size, _ = world_and_rank(group)
+    if world_size == 1:
+        return local_sum / local_count.clamp(min=1)
+    # Sum and count in float64: exact counts, and a sum that does not depend on the order of ranks.
+    stats = torch.stack([local_sum.detach().double(), local_count.double()])
+    total_sum, total_count = _all_reduce_sum(stats, group).unbind()
+    total_count = total_count.clamp(min=1)
+    scaled = local_sum * (world_size / total_count).to(cd)
+    # The value is the global mean; the gradient is that of the scaled local term.
+    return scaled + ((total_sum / total_count).to(cd) - scaled).detach()
+
+
+@torch.no_grad()
+def average_gradients(parameters, group=None) -> None:
+    """Average ``.grad`` of ``parameters`` over ``group`` in place (one all-reduce per tensor).
+
+    For models whose data parallelism does not cover the context-parallel ranks: after
+    ``loss.backward()`` with :func:`sharded_cross_entropy`, the average over the
+    context-parallel group is the gradient of the global mean loss.
+    """
+    group = resolve_group(group)
+    world_size, _ = world_and_rank(group)
+    if world_size == 1:
+        return
+    for p in parameters:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
+            p.grad.div_(world_size)

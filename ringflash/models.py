@@ -1,0 +1,171 @@
+"""A small GPT whose attention runs over a sequence sharded across a context-parallel group.
+
+Every rank of the group holds the same weights and its own shard of the tokens, cut by the
+config's layout (:func:`ringflash.batch.shard_batch`). There is no absolute position
+embedding (rotary only, from global positions), so sharding is just a permutation of tokens:
+the logits of a rank are the full-sequence logits at its tokens, and the loss is the mean
+over the whole sequence.
+
+    from ringflash.batch import shard_batch
+    from ringflash.models import GPT, GPTConfig
+
+    model = GPT(GPTConfig(dim=512, n_layers=8, n_heads=8), group=cp_group).cuda()
+    ids, labels, _ = shard_batch(full_ids, layout=model.config.layout, group=cp_group)
+    logits, loss = model(ids.cuda(), labels.cuda())
+    loss.backward()   # then average gradients over data-parallel x context-parallel ranks
+
+Gradients: see :mod:`ringflash.batch`: run DDP/FSDP over the flattened data-parallel x
+context-parallel ranks (or call :func:`ringflash.batch.average_gradients` over the
+context-parallel group). Every rank must start from the same weights: seed identically, or
+let DDP broadcast them.
+
+``torch.compile(model)`` works: ring attention runs outside the graph (see
+:mod:`ringflash.nn`), so the loop over blocks runs eagerly and every block (in two graphs,
+before and after its attention call) and the output head are compiled frame by frame.
+``GPTConfig.checkpoint`` recomputes each block in the backward (``torch.utils.checkpoint``,
+non-reentrant), ring communication included; every rank recomputes the same blocks in the
+same order, so the recomputed ring steps line up.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .batch import IGNORE_INDEX, sharded_cross_entropy
+from .layout import Layout
+from .nn import MultiheadAttention
+
+__all__ = ["GPTConfig", "GPT", "Block", "MLP"]
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256  # tokens; 256 = bytes
+    dim: int = 256  # model width
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 8  # query heads; head_dim = dim // n_heads (even, for rotary)
+    n_kv_heads: int | None = None  # key/value heads (GQA/MQA); None = n_heads
+    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * dim
+    layout: str | Layout = "striped"  # how the sequence is sharded: contiguous, striped, zigzag
+    rope_base: float = 10000.0  # rotary base (theta); raise it for very long contexts
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    bias: bool = False  # biases in the Linear layers
+    tie_embeddings: bool = True  # the output head shares the token embedding's weight
+    checkpoint: bool = False  # activation checkpointing: recompute each block in the backward
+    init_std: float = 0.02  # std of the normal init; output projections get init_std / sqrt(2 * n_layers)
+
+
+class MLP(nn.Module):
+    """x -> Linear -> GELU -> Linear, position-wise."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        hidden = int(config.mlp_ratio * config.dim)
+        self.fc = nn.Linear(config.dim, hidden, bias=config.bias)
+        self.proj = nn.Linear(hidden, config.dim, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: GPTConfig, group=None, backend: str | None = None):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.attn = MultiheadAttention(
+            config.dim, config.n_heads, num_kv_heads=config.n_kv_heads, causal=True, layout=config.layout,
+            rope=True, rope_base=config.rope_base, bias=config.bias, group=group, backend=backend,
+        )
+        self.mlp_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rotary=(cos, sin))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    """A decoder-only transformer over this rank's shard of the sequence.
+
+    Args:
+        config: the model's shape (:class:`GPTConfig`).
+        group: the context-parallel group (ProcessGroup, 1-D DeviceMesh such as ``mesh["cp"]``,
+            or None: the default group, or one process when torch.distributed is not initialised).
+        backend: the local attention kernel (``"triton"``, ``"reference"``; default by device).
+    """
+
+    def __init__(self, config: GPTConfig, group=None, backend: str | None = None):
+        super().__init__()
+        if config.n_layers < 1:
+            raise ValueError(f"n_layers must be at least 1; got {config.n_layers}")
+        self.config = config
+        self.group = group
+        self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
+        self.blocks = nn.ModuleList([Block(config, group, backend) for _ in range(config.n_layers)])
+        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 1:  # norm weights and biases
+                nn.init.ones_(p) if "norm" in name else nn.init.zeros_(p)
+            elif name.endswith(("attn.out.weight", "mlp.proj.weight")):
+                # Residual branches: keep the residual stream's variance independent of depth.
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.config.n_layers))
+            else:
+                nn.init.normal_(p, std=std)
+
+    def forward(self, input_ids_local: torch.Tensor, labels_local: torch.Tensor | None = None):
+        """Logits of this rank's tokens and, with labels, the mean loss over the whole group.
+
+        Args:
+            input_ids_local: (batch_size, local_seqlen) int64, this rank's shard under ``config.layout``.
+            labels_local: (batch_size, local_seqlen) targets of these tokens (shifted on the full
+                sequence, see :func:`ringflash.batch.shard_batch`); ``-100`` is ignored.
+
+        Returns:
+            logits_local: (batch_size, local_seqlen, vocab_size); loss: the mean cross-entropy over
+            every non-ignored token of the context-parallel group (a float32 scalar, float64 for a
+            float64 model; the same on
+            every rank), or None without labels.
+        """
+        if input_ids_local.dim() != 2:
+            raise ValueError(
+                f"input_ids_local must be 2-D (batch, local_seqlen); got shape {tuple(input_ids_local.shape)}"
+            )
+        if labels_local is not None and labels_local.shape != input_ids_local.shape:
+            raise ValueError(
+                f"labels_local must have input_ids_local's shape {tuple(input_ids_local.shape)}; "
+                f"got {tuple(labels_local.shape)}"
+            )
+        x = self.tok_emb(input_ids_local)  # (B, S, dim)
+        # Rotary tables of this rank's global positions, once for every layer (this also
+        # checks the shard length against the layout, before any communication).
+        cos, sin = self.blocks[0].attn.rotary(input_ids_local.shape[1], x.device, x.dtype)
+        for block in self.blocks:
+            if self.config.checkpoint and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
+        return self._output(x, labels_local)
+
+    def _output(self, x: torch.Tensor, labels_local: torch.Tensor | None):
+        # A frame of its own: under torch.compile the loop over blocks above (a graph break per
+        # layer) runs eagerly and this frame, like every block, is compiled by itself.
+        logits = self.head(self.norm(x))  # (B, S, vocab)
+        loss = None
+        if labels_local is not None:
+            loss = sharded_cross_entropy(logits, labels_local, self.group, ignore_index=IGNORE_INDEX)
+        return logits, loss

@@ -1,0 +1,224 @@
+"""nn.Modules over this rank's shard of a sequence: the core ring attention and a multi-head block.
+
+Both modules take the *local* shard of the sequence, cut by a layout (see
+:mod:`ringflash.layout` and :func:`ringflash.batch.shard_batch`), and return the local shard
+of the result. Without an initialised process group, or with a group of one rank, they are
+plain single-device attention: the same model code runs on one GPU or one CPU process.
+
+Rotary embeddings use the layout's *global* positions of this rank's tokens, so striping or
+zigzagging the sequence only permutes tokens: a sharded forward is the full-sequence forward,
+cut into shards.
+
+``torch.compile``: ring attention talks to other ranks and decides which blocks to skip on
+the host, so it runs outside the graph (:func:`torch.compiler.disable`): expect one graph
+break per attention layer, around the attention call. The rotary tables are looked up in a
+host-side cache, also outside the graph; a stack of layers looks them up once
+(:meth:`MultiheadAttention.rotary` and the ``rotary=`` argument of ``forward``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+
+from .comm import resolve_group, world_and_rank
+from .layout import Layout, get_layout
+from .ring import ring_attention
+
+__all__ = ["RingAttention", "MultiheadAttention", "rotary_tables", "apply_rotary"]
+
+
+# Ring attention cannot be traced by dynamo (host-side skip decisions, point-to-point
+# communication inside an autograd Function): compiled models call it across a graph break.
+@torch.compiler.disable
+def _ring_attention(q, k, v, **kwargs):
+    return ring_attention(q, k, v, **kwargs)
+
+
+def _world_and_rank(group) -> tuple[int, int]:
+    """(world size, rank) in ``group``: a ProcessGroup, a 1-D DeviceMesh or None."""
+    return world_and_rank(resolve_group(group))
+
+
+class RingAttention(nn.Module):
+    """Exact softmax attention over a sequence sharded across the ranks of ``group``.
+
+    A module around :func:`ringflash.ring_attention`, with no parameters.
+
+    Args:
+        causal: global causal mask (token ``i`` sees token ``j`` iff ``i >= j``).
+        layout: ``"contiguous"``, ``"striped"``, ``"zigzag"`` or a :class:`~ringflash.layout.Layout`;
+            the layout the shards were cut with.
+        softmax_scale: defaults to ``1 / sqrt(headdim)``.
+        group: the context-parallel group: a ProcessGroup, a 1-D DeviceMesh (e.g. ``mesh["cp"]``),
+            or None for the default group; without an initialised process group this is plain
+            single-device attention.
+        backend: the local kernel, ``"triton"`` or ``"reference"`` (default: triton on CUDA,
+            reference on CPU).
+
+    Shapes:
+        q: (batch_size, local_seqlen, nheads, headdim)
+        k, v: (batch_size, local_seqlen, nheads_kv, headdim); ``nheads % nheads_kv == 0``
+        output: (batch_size, local_seqlen, nheads, headdim)
+    """
+
+    def __init__(self, *, causal: bool = True, layout: str | Layout = "striped", softmax_scale: float | None = None,
+                 group=None, backend: str | None = None):
+        super().__init__()
+        self.causal = bool(causal)
+        self.layout = get_layout(layout)
+        self.softmax_scale = softmax_scale
+        self.group = group
+        self.backend = backend
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return _ring_attention(
+            q, k, v, causal=self.causal, layout=self.layout, softmax_scale=self.softmax_scale,
+            group=self.group, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"causal={self.causal}, layout={self.layout!r}, backend={self.backend!r}"
+
+
+# -- rotary embeddings ----------------------------------------------------------------------
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, base: float = 10000.0, *, device=None,
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles ``position * base**(-2i / head_dim)``, each (seqlen, head_dim // 2).
+
+    The angles are computed in float64 on the host: at positions near a million a float32
+    angle is off by a sizeable fraction of a radian. The tables are stored in ``dtype``
+    (float32, or float64 for float64 models).
+    """
+    if head_dim % 2:
+        raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = positions.detach().to("cpu", torch.float64)[:, None] * inv_freq[None, :]  # (S, D/2)
+    return angles.cos().to(device, dtype), angles.sin().to(device, dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (batch, seqlen, heads, head_dim) by the angles of ``cos``/``sin`` (seqlen, head_dim // 2).
+
+    The half-split ("rotate_half", GPT-NeoX / Llama) convention: dimension ``i`` pairs with
+    dimension ``i + head_dim/2``. Computed in the tables' precision (float32 or better) and
+    returned in ``x``'s dtype.
+    """
+    cd = torch.promote_types(cos.dtype, x.dtype)
+    x1, x2 = x.to(cd).chunk(2, dim=-1)
+    cos = rearrange(cos, "s d -> 1 s 1 d")
+    sin = rearrange(sin, "s d -> 1 s 1 d")
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head self-attention over this rank's shard: QKV projection, rotary, ring attention, output.
+
+    One Linear produces q, k and v (``num_kv_heads`` K/V heads: GQA, or MQA with one).
+    Rotary embeddings use the global positions of this rank's tokens under ``layout``.
+
+    Args:
+        dim: model width; ``dim % num_heads == 0``, head_dim = dim // num_heads.
+        num_heads: query heads.
+        num_kv_heads: key/value heads (default ``num_heads``); ``num_heads % num_kv_heads == 0``.
+        causal: causal mask over the global sequence.
+        layout: the layout the input was sharded with.
+        rope: apply rotary embeddings to q and k (half-split convention, see :func:`apply_rotary`).
+        rope_base: the rotary base (theta).
+        bias: biases in the projections.
+        group: the context-parallel group (ProcessGroup, 1-D DeviceMesh or None), as :class:`RingAttention`.
+        backend: the local attention kernel, as :class:`RingAttention`.
+
+    Shapes:
+        x: (batch_size, local_seqlen, dim) -> (batch_size, local_seqlen, dim)
+    """
+
+    _CACHE_SIZE = 8  # rotary tables kept per module: (seqlen, rank, world, device, dtype) combinations
+
+    def __init__(self, dim: int, num_heads: int, *, num_kv_heads: int | None = None, causal: bool = True,
+                 layout: str | Layout = "striped", rope: bool = True, rope_base: float = 10000.0, bias: bool = False,
+                 group=None, backend: str | None = None):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads <= 0 or num_kv_heads <= 0:
+            raise ValueError(f"num_heads and num_kv_heads must be positive; got {num_heads} and {num_kv_heads}")
+        if dim % num_heads != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
+        head_dim = dim // num_heads
+        if rope and head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head_dim; dim // num_heads = {head_dim}")
+        self.dim, self.num_heads, self.num_kv_heads, self.head_dim = dim, num_heads, num_kv_heads, head_dim
+        self.rope, self.rope_base = bool(rope), float(rope_base)
+        self.layout = get_layout(layout)
+        self.group = group
+        self.qkv = nn.Linear(dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias)
+        self.attn = RingAttention(causal=causal, layout=self.layout, group=group, backend=backend)
+        self.out = nn.Linear(num_heads * head_dim, dim, bias=bias)
+        self._rotary_cache: dict = {}
+
+    @torch.compiler.disable
+    def rotary(self, local_seqlen: int, device, dtype: torch.dtype = torch.float32):
+        """(cos, sin) for this rank's tokens, each (local_seqlen, head_dim // 2), from the global positions.
+
+        Checks that ``local_seqlen`` can come from the layout over this group first, so a shard
+        cut for another layout or group size fails here, on every rank, with a ValueError.
+        Cached per (local_seqlen, rank, world size, device, dtype).
+        """
+        world_size, rank = _world_and_rank(self.group)
+        self.layout.check_local_seqlen(local_seqlen, world_size)
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        key = (local_seqlen, rank, world_size, torch.device(device), dtype)
+        tables = self._rotary_cache.get(key)
+        if tables is None:
+            # Tables built under inference_mode could not be saved for a later backward.
+            with torch.inference_mode(False), torch.no_grad():
+                pos = self.layout.local_positions(local_seqlen, rank=rank, world_size=world_size)
+                tables = rotary_tables(pos, self.head_dim, self.rope_base, device=device, dtype=dtype)
+            if len(self._rotary_cache) >= self._CACHE_SIZE:
+                self._rotary_cache.clear()
+            self._rotary_cache[key] = tables
+        return tables
+
+    def forward(self, x: torch.Tensor, *, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x: (batch_size, local_seqlen, dim), this rank's shard under ``layout``.
+
+        ``rotary``: (cos, sin) from :meth:`rotary`, to look the tables up once for a stack of
+        layers; computed here when None.
+        """
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be 3-D (batch, local_seqlen, dim); got {shape}")
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x must have dim={self.dim} features in its last dimension; got {x.shape[-1]}")
+        S = x.shape[1]
+        if self.rope:
+            cos, sin = self.rotary(S, x.device, x.dtype) if rotary is None else rotary
+            if cos.shape != (S, self.head_dim // 2):
+                raise ValueError(
+                    f"rotary tables must be (local_seqlen, head_dim // 2) = {(S, self.head_dim // 2)}; "
+                    f"got {tuple(cos.shape)}"
+                )
+
+        qkv = self.qkv(x)  # (B, S, (H + 2 Hkv) * D)
+        q, k, v = qkv.split(
+            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
+            dim=-1,
+        )
+        q = rearrange(q, "b s (h d) -> b s h d", d=self.head_dim)
+        k = rearrange(k, "b s (h d) -> b s h d", d=self.head_dim)
+        v = rearrange(v, "b s (h d) -> b s h d", d=self.head_dim)
+        if self.rope:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = self.attn(q, k, v)  # (B, S, H, D)
+        return self.out(rearrange(o, "b s h d -> b s (h d)"))
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+            f"rope={self.rope}, rope_base={self.rope_base}, layout={self.layout!r}"
+        )
