@@ -1,0 +1,186 @@
+"""Submit launch/train.py to Slurm with submitit: one task per GPU, requeued on timeout.
+
+    # 2 nodes x 8 GPUs; everything after "--" goes to launch/train.py
+    python slurm/submit.py --nodes 2 --gpus-per-node 8 --partition gpu --account myproj --time 240 \
+        -- --out runs/512k --cp-size 8 --seq-len 524288 --batch-size 1 --dim 1024 --layers 8 \
+           --heads 16 --kv-heads 4 --steps 2000 --ckpt-every 100
+
+    # the same job on this machine, 2 CPU processes on gloo (submitit's LocalExecutor)
+    python slurm/submit.py --local --tasks 2 -- --out runs/local --steps 50
+
+Each task is one rank: ``submitit.helpers.TorchDistributedEnvironment().export()`` sets
+MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK and shows the task only its own GPU, then
+launch/train.py runs in the task's process. The training always runs with ``--resume``, so a
+requeued job (after a timeout, a preemption or a node failure) continues from
+``OUT/ckpt``; a new run needs a new ``--out``.
+
+Timeouts: Slurm sends SIGUSR2 ``--signal-delay`` seconds before the time limit
+(``#SBATCH --signal=USR2@90``). launch/train.py finishes its step, checkpoints on every rank
+and returns; then submitit's handler on rank 0 calls :meth:`Trainer.checkpoint` (the same job
+with ``--resume``) and requeues the job (``scontrol requeue``), at most ``--max-requeues``
+times. SIGTERM (scancel, preemption) also checkpoints before the process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _import_train():
+    """launch/train.py as a module (it is a script directory, not a package)."""
+    for path in (str(REPO), str(REPO / "launch")):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    import train  # noqa: PLC0415
+
+    return train
+
+
+class Trainer:
+    """The submitted callable: runs launch/train.py in each task with submitit's torch env."""
+
+    def __init__(self, train_args: list[str]):
+        args = list(train_args)
+        if "--resume" not in args:
+            args.append("--resume")  # a requeued or restarted job continues from OUT/ckpt
+        self.train_args = args
+
+    def __call__(self) -> dict:
+        import submitit
+
+        env = submitit.helpers.TorchDistributedEnvironment().export(overwrite=True)
+        train = _import_train()
+        cfg = train.parse_args(self.train_args)
+        # submitit's handler (checkpoint() + requeue) for the time-limit signal, installed
+        # before this call; launch/train.py replaces it while it trains.
+        requeue = signal.getsignal(signal.SIGUSR2)
+        result = train.train(cfg)
+        if result.stop_signal == signal.SIGUSR2 and env.rank == 0 and callable(requeue):
+            # Every rank has checkpointed: now let submitit requeue the job (it exits here).
+            requeue(signal.SIGUSR2, None)
+        return {"rank": env.rank, "world_size": env.world_size, "step": result.step,
+                "finished": result.finished, "loss": result.last_loss}
+
+    def checkpoint(self, *args, **kwargs):
+        """What submitit requeues on a timeout or preemption: this job, resuming from OUT/ckpt."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(Trainer(self.train_args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Submit launch/train.py with submitit (flags after '--' go to launch/train.py).",
+        usage="%(prog)s [options] -- [train.py flags]",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--nodes", type=int, default=1, help="nodes")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node; one task (rank) per GPU")
+    p.add_argument("--partition", default=None, help="Slurm partition")
+    p.add_argument("--account", default=None, help="Slurm account")
+    p.add_argument("--qos", default=None, help="Slurm quality of service")
+    p.add_argument("--constraint", default=None, help="Slurm node constraint (e.g. h100)")
+    p.add_argument("--time", type=int, default=240, help="time limit of one allocation, in minutes")
+    p.add_argument("--cpus-per-task", type=int, default=8, help="CPU cores per task")
+    p.add_argument("--mem-gb", type=int, default=0, help="memory per node in GB (0: the partition's default)")
+    p.add_argument("--job-name", default="ringflash", help="Slurm job name")
+    p.add_argument("--signal-delay", type=int, default=120,
+                   help="seconds before the time limit at which SIGUSR2 asks the job to checkpoint")
+    p.add_argument("--max-requeues", type=int, default=10, help="requeues after a timeout before giving up")
+    p.add_argument("--setup", action="append", default=[],
+                   help="a shell line to run before the tasks start (repeatable), e.g. 'source venv/bin/activate'")
+    p.add_argument("--folder", default=None, help="submitit's logs and pickles (default: OUT/submitit)")
+    p.add_argument("--local", action="store_true",
+                   help="run here through submitit's LocalExecutor (CPU, gloo) instead of Slurm, and wait")
+    p.add_argument("--tasks", type=int, default=2, help="with --local: processes (ranks) to start")
+    return p
+
+
+def _split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1 :]
+    return argv, []
+
+
+def _absolute(train_args: list[str], cfg) -> list[str]:
+    """``--out`` and ``--data`` as absolute paths: the job may start in another directory."""
+    out = ["--out", str(Path(cfg.out).resolve())]
+    if cfg.data:
+        out += ["--data", str(Path(cfg.data).resolve())]
+    return train_args + out  # argparse keeps the last value of a repeated flag
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    own, train_args = _split_argv(argv)
+    args = build_parser().parse_args(own)
+    train = _import_train()
+
+    if args.local:
+        if "--device" not in train_args:
+            train_args = train_args + ["--device", "cpu"]
+        world_size = args.tasks
+    else:
+        world_size = args.nodes * args.gpus_per_node
+    cfg = train.parse_args(train_args)
+    if not args.local and cfg.device == "auto":
+        cfg = dataclasses.replace(cfg, device="cuda")  # what the compute nodes get
+    problems = train.config_problems(cfg.resolved(), world_size, hardware=args.local)
+    if problems:
+        for p in problems:
+            print(f"submit.py: error: {p}", file=sys.stderr)
+        return 2
+    train_args = _absolute(train_args, cfg)
+    folder = Path(args.folder or Path(cfg.out) / "submitit").resolve()
+
+    import submitit
+
+    trainer = Trainer(train_args)
+    if args.local:
+        executor = submitit.LocalExecutor(folder=folder)
+        executor.update_parameters(nodes=1, tasks_per_node=args.tasks, gpus_per_node=0, timeout_min=args.time)
+        job = executor.submit(trainer)
+        print(f"local job {job.job_id}: {args.tasks} tasks, logs in {folder}", file=sys.stderr)
+        try:
+            results = job.results()
+        except Exception as e:  # noqa: BLE001 - show the task's error, not submitit's frames
+            print(f"submit.py: the local job failed:\n{e}", file=sys.stderr)
+            return 1
+        for r in results:
+            print(r)
+        return 0
+
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=args.max_requeues)
+    params = dict(
+        job_name=args.job_name,
+        nodes=args.nodes,
+        ntasks_per_node=args.gpus_per_node,  # one task per GPU
+        gpus_per_node=args.gpus_per_node,
+        cpus_per_task=args.cpus_per_task,
+        time=args.time,
+        signal_delay_s=args.signal_delay,
+        setup=args.setup,
+        # Requeue after a node failure or preemption too; submitit requeues on timeouts itself.
+        additional_parameters={"requeue": True},
+    )
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(args, key):
+            params[key] = getattr(args, key)
+    if args.mem_gb:
+        params["mem"] = f"{args.mem_gb}G"
+    executor.update_parameters(**params)
+    job = executor.submit(trainer)
+    print(f"submitted job {job.job_id}: {args.nodes} node(s) x {args.gpus_per_node} GPUs, "
+          f"training output in {cfg.out and Path(cfg.out).resolve()}, logs in {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""slurm/: the submitit submission (fake sbatch, LocalExecutor) and the sbatch template.
+
+No cluster: ``sbatch``, ``srun`` and ``scontrol`` are small scripts on PATH that record what
+they were asked to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+submitit = pytest.importorskip("submitit")
+
+pytestmark = pytest.mark.timeout(240)  # tests here start processes: a hang must fail, not stall
+
+REPO = Path(__file__).resolve().parent.parent
+SBATCH_TEMPLATE = REPO / "slurm" / "train.sbatch"
+sys.path.insert(0, str(REPO / "launch"))
+sys.path.insert(0, str(REPO / "slurm"))
+
+import submit  # noqa: E402  (slurm/submit.py)
+import train  # noqa: E402  (launch/train.py)
+
+TINY = ["--seq-len", "64", "--batch-size", "2", "--dim", "32", "--layers", "2", "--heads", "2",
+        "--kv-heads", "1", "--recall-pairs", "4", "--log-every", "1", "--ckpt-every", "0", "--no-plot"]
+
+
+def fake_bin(tmp_path: Path, **scripts: str) -> dict:
+    """A bin/ of executable scripts ``name -> body`` and an environment with it first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        path = bin_dir / name
+        path.write_text("#!/bin/bash\n" + body)
+        path.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+
+
+# Records its arguments, one per line, then does nothing.
+RECORD_ARGS = 'printf "%s\\n" "$@" > "{path}"\n'
+
+
+# -- submitit ---------------------------------------------------------------------------------
+
+
+def test_submit_writes_a_requeueable_job_script(tmp_path):
+    record = tmp_path / "sbatch"
+    env = fake_bin(
+        tmp_path,
+        sbatch=f'echo "$@" > {record}.args\ncp "${{@: -1}}" {record}.script\necho "Submitted batch job 123"\n',
+        srun="exit 0\n",
+    )
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "slurm" / "submit.py"), "--nodes", "2", "--gpus-per-node", "4",
+           "--partition", "gpu", "--account", "proj", "--time", "90", "--signal-delay", "120",
+           "--", "--out", str(out), "--cp-size", "4", "--seq-len", "131072"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "submitted job 123" in proc.stdout
+
+    script = (tmp_path / "sbatch.script").read_text()
+    sbatch = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?$", script, flags=re.M))
+    assert sbatch["nodes"] == "2"
+    assert sbatch["ntasks-per-node"] == "4"  # one task (rank) per GPU
+    assert sbatch["gpus-per-node"] == "4"
+    assert sbatch["partition"] == "gpu" and sbatch["account"] == "proj"
+    assert sbatch["time"] == "90"
+    assert "requeue" in sbatch  # node failures and preemptions requeue too
+    assert sbatch["signal"] == "USR2@120"  # the time-limit warning that makes the job checkpoint
+    assert re.search(r"^srun .*submitit", script, flags=re.M)
+
+    # The submitted callable: launch/train.py's flags, always resuming from OUT/ckpt.
+    (pickle,) = (out / "submitit").glob("123_submitted.pkl")
+    trainer = submitit.helpers.DelayedSubmission.load(pickle).function
+    cfg = train.parse_args(trainer.train_args)
+    assert cfg.resume and cfg.cp_size == 4 and cfg.seq_len == 131072 and cfg.out == str(out)
+    requeued = trainer.checkpoint()
+    assert isinstance(requeued, submitit.helpers.DelayedSubmission)
+    assert train.parse_args(requeued.function.train_args).resume
+
+
+def test_submit_refuses_a_bad_config_before_submitting(tmp_path):
+    env = fake_bin(tmp_path, sbatch=f"touch {tmp_path}/called\n", srun="exit 0\n")
+    cmd = [sys.executable, str(REPO / "slurm" / "submit.py"), "--nodes", "1", "--gpus-per-node", "4",
+           "--", "--out", str(tmp_path / "run"), "--cp-size", "3"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--cp-size 3 does not divide the world size 4" in proc.stderr
+    assert not (tmp_path / "called").exists()
+
+
+def test_submitit_local_executor_runs_two_tasks(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "slurm" / "submit.py"), "--local", "--tasks", "2",
+           "--", *TINY, "--steps", "4", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = [eval(line) for line in proc.stdout.splitlines() if line.startswith("{")]  # noqa: S307
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    assert all(r["world_size"] == 2 and r["finished"] and r["step"] == 4 for r in results)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+
+
+# -- the sbatch template ----------------------------------------------------------------------
+
+
+def test_sbatch_template_is_valid_bash():
+    subprocess.run(["bash", "-n", str(SBATCH_TEMPLATE)], check=True, timeout=30)
+
+
+def test_sbatch_template_settings():
+    lines = SBATCH_TEMPLATE.read_text().splitlines()
+    sbatch = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?$", "\n".join(lines), flags=re.M))
+    assert sbatch["ntasks-per-node"] == "1"  # one torchrun per node
+    assert "requeue" in sbatch
+    assert sbatch["signal"].startswith("B:USR2@")  # to the batch script, which forwards it
+
+
+def _run_template(tmp_path, srun_body: str, *train_args: str):
+    env = fake_bin(
+        tmp_path,
+        srun=srun_body,
+        scontrol=(f'if [ "$1" = show ]; then printf "node07\\nnode08\\n"; '
+                  f'else echo "$@" >> {tmp_path}/scontrol.log; fi\n'),
+    )
+    env.update(SLURM_JOB_NODELIST="node[07-08]", SLURM_NNODES="2", SLURM_JOB_ID="4242",
+               SLURM_GPUS_ON_NODE="4")
+    return subprocess.Popen(["bash", str(SBATCH_TEMPLATE), *train_args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sbatch_template_torchrun_line(tmp_path):
+    proc = _run_template(tmp_path, RECORD_ARGS.format(path=tmp_path / "srun.args"),
+                         "--out", "runs/x", "--cp-size", "4", "--seq-len", "131072")
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    argv = (tmp_path / "srun.args").read_text().splitlines()
+    assert argv[0] == "--kill-on-bad-exit=1" and argv[1] == "torchrun"
+
+    from torch.distributed.run import get_args_parser
+
+    args = get_args_parser().parse_args(argv[2:])
+    assert args.nnodes == "2"
+    assert args.nproc_per_node == "4"
+    assert args.rdzv_backend == "c10d"
+    assert args.rdzv_endpoint == "node07:29500"  # the first node of the allocation
+    assert args.rdzv_id == "4242"
+    assert args.training_script == "launch/train.py"
+    cfg = train.parse_args(args.training_script_args)
+    assert cfg.resume and cfg.cp_size == 4 and cfg.seq_len == 131072 and cfg.out == "runs/x"
+    assert train.config_problems(cfg, 8, hardware=False) == []
+
+
+def test_sbatch_template_checkpoints_and_requeues_on_usr2(tmp_path):
+    # srun stands in for the ranks: it waits, and records the SIGTERM the template sends it.
+    started, got = tmp_path / "srun.started", tmp_path / "srun.signal"
+    srun = (f"trap 'echo TERM > {got}; exit 0' TERM\ntouch {started}\n"
+            "for i in $(seq 300); do sleep 0.1; done\n")
+    proc = _run_template(tmp_path, srun, "--out", "runs/x")
+    try:
+        deadline = time.monotonic() + 20
+        while not started.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR2)  # Slurm's warning before the time limit
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert got.read_text().strip() == "TERM"
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+
+
+def test_checkpoint_resubmits_with_resume():
+    trainer = submit.Trainer(["--out", "/tmp/x", "--steps", "10"])
+    assert trainer.train_args.count("--resume") == 1
+    again = trainer.checkpoint().function
+    assert again.train_args == trainer.train_args
+    assert shlex.split(shlex.join(again.train_args)) == again.train_args

@@ -1,0 +1,258 @@
+"""launch/train.py on the CPU: data, config checks, gradients over dp x cp, and whole runs.
+
+Whole runs go through ``torchrun`` with 2 gloo ranks and a tiny model; one uninterrupted run
+is the reference that stopped-and-resumed runs must reproduce bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed import spawn
+
+pytestmark = pytest.mark.timeout(240)  # tests here start processes: a hang must fail, not stall
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "launch"))
+
+import data as train_data  # noqa: E402  (launch/data.py)
+import train  # noqa: E402  (launch/train.py)
+
+STEPS = 30
+TINY = [
+    "--seq-len", "64", "--batch-size", "4", "--dim", "32", "--layers", "2", "--heads", "2",
+    "--kv-heads", "1", "--recall-pairs", "4", "--lr", "1e-2", "--warmup-steps", "3",
+    "--log-every", "1", "--ckpt-every", "0", "--no-plot",
+]
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: float = 90, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(REPO / "launch" / "train.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def losses(out: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(out)]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """An uninterrupted 2-rank run of STEPS steps (with a loss plot)."""
+    out = tmp_path_factory.mktemp("reference")
+    torchrun(*TINY, "--plot", "--steps", str(STEPS), "--out", str(out))
+    return out
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def test_recall_sample_is_deterministic_and_answers_need_the_pairs():
+    ds = train_data.AssociativeRecall(512, n_pairs=12, seed=3)
+    tokens, labels = ds.sample(7)
+    again, labels_again = train_data.AssociativeRecall(512, n_pairs=12, seed=3).sample(7)
+    assert torch.equal(tokens, again) and torch.equal(labels, labels_again)
+    assert not torch.equal(tokens, ds.sample(8)[0])
+    assert tokens.shape == labels.shape == (512,)
+
+    answers = (labels != train_data.IGNORE_INDEX).nonzero().flatten()
+    assert len(answers) == 12
+    pairs = {int(tokens[i]): int(tokens[i + 1]) for i in range(0, 24, 2)}
+    for t in answers.tolist():
+        assert int(tokens[t - 1]) == train_data.QUERY
+        # The label is the next token, and it is the value paired with this key at the start.
+        assert int(labels[t]) == int(tokens[t + 1]) == pairs[int(tokens[t])]
+    assert answers.min() > 400  # queries at the end, pairs at the start
+
+
+def test_byte_text_labels_are_the_next_bytes(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_bytes(bytes(range(256)) * 4)
+    ds = train_data.ByteText(str(path), 32, seed=0)
+    tokens, labels = ds.batch(5, 3)
+    assert tokens.shape == labels.shape == (3, 32)
+    assert torch.equal(labels[:, :-1], tokens[:, 1:])
+    assert torch.equal(labels[:, -1], (tokens[:, -1] + 1) % 256)
+    assert torch.equal(ds.batch(5, 3)[0], tokens)
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+def _problems(argv, world_size):
+    return train.config_problems(train.parse_args(argv).resolved(), world_size)
+
+
+def test_config_checks_say_what_to_change(tmp_path):
+    assert _problems([], 2) == []
+    assert _problems(["--cp-size", "2"], 4) == []
+    (p,) = _problems(["--cp-size", "3"], 4)
+    assert "--cp-size 3 does not divide the world size 4" in p and "[1, 2, 4]" in p
+    (p,) = _problems(["--seq-len", "250", "--layout", "zigzag"], 4)
+    assert "multiple of 8" in p and "248" in p
+    (p,) = _problems(["--heads", "3", "--kv-heads", "3", "--dim", "99"], 1)
+    assert "head dim" in p
+    (p,) = _problems(["--heads", "4", "--kv-heads", "3"], 1)
+    assert "--heads 4 must be a multiple of --kv-heads 3" in p
+    (p,) = _problems(["--data", str(tmp_path / "missing.txt")], 1)
+    assert "no such file" in p
+    (p,) = _problems(["--seq-len", "32", "--recall-pairs", "20"], 1)
+    assert "too short" in p
+    assert len(_problems(["--cp-size", "3", "--lr", "0", "--steps", "0"], 2)) == 3
+
+
+def test_lr_schedule():
+    cfg = train.parse_args(["--lr", "1.0", "--warmup-steps", "10", "--steps", "110", "--min-lr-ratio", "0.1"]).resolved()
+    assert train.lr_at(cfg, 0) == pytest.approx(0.1)
+    assert train.lr_at(cfg, 9) == pytest.approx(1.0)
+    assert train.lr_at(cfg, 60) == pytest.approx(0.55)
+    assert train.lr_at(cfg, 110) == pytest.approx(0.1)
+
+
+def test_stop_signals_only_set_a_flag():
+    before = signal.getsignal(signal.SIGUSR2)
+    with train.StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(0.01)
+        assert stop.received == signal.SIGUSR2
+    assert signal.getsignal(signal.SIGUSR2) is before
+
+
+# -- gradients over dp x cp -------------------------------------------------------------------
+
+GRAD_ARGS = ["--seq-len", "32", "--batch-size", "2", "--dim", "32", "--layers", "2", "--heads", "4",
+             "--kv-heads", "2", "--recall-pairs", "3", "--device", "cpu"]
+
+
+def _grads_dp_cp(rank, world_size, cp_size):
+    cfg = train.parse_args(GRAD_ARGS + ["--cp-size", str(cp_size)]).resolved()
+    d = train.setup_distributed(cfg, rank, world_size, rank)
+    torch.manual_seed(cfg.seed)
+    model = train.build_model(cfg, d.cp_group)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    ds = train_data.make_dataset(data=None, seq_len=cfg.seq_len, seed=cfg.seed, recall_pairs=cfg.recall_pairs)
+    tokens, labels = ds.batch(d.dp_rank * cfg.batch_size, cfg.batch_size)
+    _, _, loss = train.train_step(ddp, tokens, labels, cfg, d, torch.autocast("cpu", enabled=False))
+    # Plain lists: tensors would go back through shared memory that dies with this process.
+    return {n: p.grad.tolist() for n, p in model.named_parameters()}, loss.item()
+
+
+@pytest.mark.parametrize("world_size,cp_size", [(4, 2), (2, 2)])
+def test_gradients_equal_single_process_gradients(world_size, cp_size):
+    """After train_step every rank holds the gradient of the mean over dp replicas of the
+    whole-sequence loss: the same as one process computing it on the full sequences."""
+    results = spawn(_grads_dp_cp, world_size, cp_size, timeout=120)
+
+    cfg = train.parse_args(GRAD_ARGS).resolved()
+    torch.manual_seed(cfg.seed)
+    model = train.build_model(cfg, None)
+    ds = train_data.make_dataset(data=None, seq_len=cfg.seq_len, seed=cfg.seed, recall_pairs=cfg.recall_pairs)
+    dp = world_size // cp_size
+    total = 0.0
+    for i in range(dp):
+        tokens, labels = ds.batch(i * cfg.batch_size, cfg.batch_size)
+        _, loss = model(tokens, labels)
+        total = total + loss / dp
+    total.backward()
+
+    for rank, (grads, _) in enumerate(results):
+        for name, p in model.named_parameters():
+            err = ((torch.tensor(grads[name]) - p.grad).norm() / p.grad.norm()).item()
+            assert err < 1e-5, f"rank {rank} {name}: relative error {err:.2e}"
+    # The loss each rank reports is its dp replica's whole-sequence loss.
+    for rank, (_, loss) in enumerate(results):
+        tokens, labels = ds.batch((rank // cp_size) * cfg.batch_size, cfg.batch_size)
+        assert loss == pytest.approx(model(tokens, labels)[1].item(), rel=1e-5)
+
+
+# -- whole runs -------------------------------------------------------------------------------
+
+
+def test_two_ranks_loss_falls(reference_run):
+    records = read_metrics(reference_run)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert {"step", "loss", "acc", "lr", "tokens_per_s"} <= set(records[0])
+    first, last = records[0]["loss"], sum(r["loss"] for r in records[-5:]) / 5
+    assert last < first - 1.5, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    meta = json.loads((reference_run / "ckpt" / "meta.json").read_text())
+    assert meta["step"] == STEPS and meta["world_size"] == 2
+    assert {p.name for p in (reference_run / "ckpt").iterdir()} == {
+        "meta.json", "state.pt", "rng_rank0.pt", "rng_rank1.pt"}
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (reference_run / "loss.png").stat().st_size > 0
+
+
+def test_resume_after_step_limit_is_bit_identical(reference_run, tmp_path):
+    half = STEPS // 2
+    # The same schedule as the reference: only the stopping point differs.
+    torchrun(*TINY, "--steps", str(half), "--lr-decay-steps", str(STEPS), "--out", str(tmp_path))
+    assert losses(tmp_path) == losses(reference_run)[:half]
+    torchrun(*TINY, "--steps", str(STEPS), "--resume", "--out", str(tmp_path))
+    assert losses(tmp_path) == losses(reference_run)
+
+
+def test_resume_after_sigterm_is_bit_identical(reference_run, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(REPO / "launch" / "train.py"), *TINY, "--steps", str(STEPS), "--out", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        metrics = tmp_path / "metrics.jsonl"
+        deadline = time.monotonic() + 60
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the signal"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGTERM)  # as Slurm does: the launcher and every rank
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "stopped by SIGTERM after checkpointing" in stdout, stderr[-3000:]
+    stopped = json.loads((tmp_path / "ckpt" / "meta.json").read_text())["step"]
+    assert 3 <= stopped < STEPS
+    torchrun(*TINY, "--steps", str(STEPS), "--resume", "--out", str(tmp_path))
+    assert losses(tmp_path) == losses(reference_run)
+
+
+def _killed_by_launcher(stderr: str, rank: int) -> bool:
+    # torchrun stops the other ranks (SIGTERM) as soon as one exits with an error; a rank it
+    # stopped before that rank reached its own check has no message to show.
+    return re.search(rf"rank\s*: {rank} \(local_rank: {rank}\)\s*exitcode\s*: -15", stderr) is not None
+
+
+def test_bad_config_fails_fast_on_every_rank(tmp_path):
+    cases = [
+        (["--cp-size", "3"], "--cp-size 3 does not divide the world size 2"),
+        (["--seq-len", "30", "--layout", "zigzag"],
+         "--seq-len 30 cannot be split by the zigzag layout over 2 context-parallel ranks: it must be a multiple of 4"),
+    ]
+    for args, message in cases:
+        proc = torchrun(*args, "--out", str(tmp_path), check=False, timeout=60)
+        assert proc.returncode != 0
+        printed = [r for r in (0, 1) if f"[rank {r}] train.py: error: {message}" in proc.stderr]
+        assert printed, proc.stderr[-3000:]
+        assert all(r in printed or _killed_by_launcher(proc.stderr, r) for r in (0, 1)), proc.stderr[-3000:]
+        assert 'train.py", line' not in proc.stderr  # a message, not a traceback from the script
+    assert not (tmp_path / "metrics.jsonl").exists()
