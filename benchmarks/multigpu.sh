@@ -19,6 +19,15 @@ for n in 2 $N; do
   [ "$n" -eq "$N" ] && break
 done
 
+echo "== module tests on $N GPUs"
+timeout 240 torchrun --standalone --nproc-per-node $N -m pytest tests/test_nn_gpu.py -m multigpu -q -x -p no:cacheprovider 2>&1 | tail -5 | tee -a $OUT/tests.log
+
+if [ -n "${TRAIN_ARGS:-}" ]; then
+  echo "== training job on $N GPUs: $TRAIN_ARGS"
+  timeout ${TRAIN_TIMEOUT:-200} torchrun --standalone --nproc-per-node $N launch/train.py --out /tmp/train $TRAIN_ARGS 2>&1 | tail -3
+  cp /tmp/train/metrics.jsonl $OUT/train_metrics.jsonl 2>/dev/null
+fi
+
 echo "== ring benchmark on $N GPUs: $SEQLENS"
 timeout ${BENCH_TIMEOUT:-400} torchrun --standalone --nproc-per-node $N benchmarks/bench_ring.py \
   --seqlens $SEQLENS --out $OUT/ring_${GPU}x${N}.jsonl ${BENCH_ARGS:-} 2>&1 | tee $OUT/bench.log | grep -v '^{'

@@ -8,7 +8,8 @@ result is bit-for-bit deterministic:
   that read it (GQA) and over the query tiles that can see it;
 * a separate dQ program owns one query tile of one head and loops over the key tiles it sees.
 
-Both add into float32 accumulators that the caller may carry across blocks.
+Both add into float32 accumulators that the caller may carry across blocks; without
+ACCUMULATE (no accumulator given) they store instead, which saves a zero fill and a read.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def _dkdv_tile(
 
 
 @triton.jit
-def _attn_bwd_dkdv(
+def _dkdv_program(
+    pid_n, pid_bh,
     Q, K, V, DO, LSE, DELTA, QPOS, KPOS, DK, DV,
     sm_scale, qk_scale,
     stride_qb, stride_qs, stride_qh,
@@ -99,11 +101,9 @@ def _attn_bwd_dkdv(
     H, G, Sq, Sk,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
     Hkv = H // G
-    pid_bh = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)
     hk = (pid_bh % Hkv).to(tl.int64)
 
@@ -170,8 +170,11 @@ def _attn_bwd_dkdv(
         mask = (cols < Sk)[:, None] & (offs_d[None, :] < HEAD_DIM)
     dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :]
     dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + cols[:, None] * stride_dvs + offs_d[None, :]
-    tl.store(dk_ptrs, tl.load(dk_ptrs, mask=mask, other=0.0) + dk, mask=mask)
-    tl.store(dv_ptrs, tl.load(dv_ptrs, mask=mask, other=0.0) + dv, mask=mask)
+    if ACCUMULATE:
+        dk += tl.load(dk_ptrs, mask=mask, other=0.0)
+        dv += tl.load(dv_ptrs, mask=mask, other=0.0)
+    tl.store(dk_ptrs, dk, mask=mask)
+    tl.store(dv_ptrs, dv, mask=mask)
 
 
 @triton.jit
@@ -204,7 +207,8 @@ def _dq_tile(
 
 
 @triton.jit
-def _attn_bwd_dq(
+def _dq_program(
+    pid_m, pid_bh,
     Q, K, V, DO, LSE, DELTA, QPOS, KPOS, DQ,
     sm_scale, qk_scale,
     stride_qb, stride_qs, stride_qh,
@@ -215,13 +219,8 @@ def _attn_bwd_dq(
     H, G, Sq, Sk,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    num_m = tl.cdiv(Sq, BLOCK_M)
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = num_m - 1 - pid_m
-    pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     hk = (h // G).to(tl.int64)
@@ -272,4 +271,70 @@ def _attn_bwd_dq(
     else:
         mask = (rows < Sq)[:, None] & (offs_d[None, :] < HEAD_DIM)
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :]
-    tl.store(dq_ptrs, tl.load(dq_ptrs, mask=mask, other=0.0) + dq, mask=mask)
+    if ACCUMULATE:
+        dq += tl.load(dq_ptrs, mask=mask, other=0.0)
+    tl.store(dq_ptrs, dq, mask=mask)
+
+
+# One kernel, launched once per program kind (DO_DKDV / DO_DQ), or once with both kinds in one
+# grid so dQ programs could fill the SMs that the last dK/dV programs leave idle. The fused grid
+# measured slower on H200 (benchmarks/NOTES_kernels.md); attention.BWD_FUSED selects it.
+
+@triton.jit
+def _attn_bwd(
+    Q, K, V, DO, LSE, DELTA, QPOS, KPOS, DQ, DK, DV,
+    sm_scale, qk_scale,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh,
+    B, H, G, Sq, Sk,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
+    BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
+    CAUSAL: tl.constexpr, ACC_DKDV: tl.constexpr, ACC_DQ: tl.constexpr,
+    DOT_PREC: tl.constexpr, DO_DKDV: tl.constexpr, DO_DQ: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(Sk, BLOCK_N1)
+    n_dkdv = 0
+    if DO_DKDV:
+        # Heaviest first: with causal, early key tiles are seen by the most queries.
+        n_dkdv = num_n * B * (H // G)
+        if pid < n_dkdv:
+            _dkdv_program(
+                pid % num_n, pid // num_n,
+                Q, K, V, DO, LSE, DELTA, QPOS, KPOS, DK, DV,
+                sm_scale, qk_scale,
+                stride_qb, stride_qs, stride_qh,
+                stride_kb, stride_ks, stride_kh,
+                stride_vb, stride_vs, stride_vh,
+                stride_dob, stride_dos, stride_doh,
+                stride_dkb, stride_dks, stride_dkh,
+                stride_dvb, stride_dvs, stride_dvh,
+                H, G, Sq, Sk,
+                HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, CAUSAL, ACC_DKDV, DOT_PREC,
+            )
+    if DO_DQ:
+        if pid >= n_dkdv:
+            num_m = tl.cdiv(Sq, BLOCK_M2)
+            p = pid - n_dkdv
+            pid_m = p % num_m
+            if CAUSAL:
+                # Heaviest first: later query tiles see the most keys.
+                pid_m = num_m - 1 - pid_m
+            _dq_program(
+                pid_m, p // num_m,
+                Q, K, V, DO, LSE, DELTA, QPOS, KPOS, DQ,
+                sm_scale, qk_scale,
+                stride_qb, stride_qs, stride_qh,
+                stride_kb, stride_ks, stride_kh,
+                stride_vb, stride_vs, stride_vh,
+                stride_dob, stride_dos, stride_doh,
+                stride_dqb, stride_dqs, stride_dqh,
+                H, G, Sq, Sk,
+                HEAD_DIM, BLOCK_D, BLOCK_M2, BLOCK_N2, CAUSAL, ACC_DQ, DOT_PREC,
+            )

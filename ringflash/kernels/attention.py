@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from ._bwd import _attn_bwd_dkdv, _attn_bwd_dq, _bwd_delta
+from ._bwd import _attn_bwd, _bwd_delta
 from ._common import LOG2E
 from ._fwd import _attn_fwd
 
@@ -51,27 +51,28 @@ class KernelConfig(NamedTuple):
     num_stages: int
 
 
-# Keyed by the padded head dim (next power of two, at least 16). Backward: dK/dV programs own
+# Keyed by the padded head dim (next power of two, at least 16), or by (padded head dim,
+# causal) where the masked and unmasked cases want different tiles. Backward: dK/dV programs own
 # block_n keys and step over block_m queries; dQ programs own block_m queries and step over
 # block_n keys. Measured on H100/H200 (benchmarks/NOTES_kernels.md).
-FWD_CONFIGS: dict[int, KernelConfig] = {
+FWD_CONFIGS: dict = {
     16: KernelConfig(128, 64, 4, 3),
     32: KernelConfig(128, 64, 4, 3),
     64: KernelConfig(128, 64, 4, 3),
-    128: KernelConfig(128, 64, 8, 3),
+    128: KernelConfig(128, 128, 8, 3),
     256: KernelConfig(64, 32, 4, 2),
 }
-BWD_DKDV_CONFIGS: dict[int, KernelConfig] = {
-    16: KernelConfig(64, 128, 8, 3),
-    32: KernelConfig(64, 128, 8, 3),
-    64: KernelConfig(64, 128, 8, 3),
+BWD_DKDV_CONFIGS: dict = {
+    16: KernelConfig(64, 128, 4, 3),
+    32: KernelConfig(64, 128, 4, 3),
+    64: KernelConfig(64, 128, 4, 3),
     128: KernelConfig(64, 128, 8, 3),
-    256: KernelConfig(32, 64, 8, 2),
+    256: KernelConfig(32, 32, 8, 2),
 }
-BWD_DQ_CONFIGS: dict[int, KernelConfig] = {
-    16: KernelConfig(128, 64, 8, 3),
-    32: KernelConfig(128, 64, 8, 3),
-    64: KernelConfig(128, 64, 8, 3),
+BWD_DQ_CONFIGS: dict = {
+    16: KernelConfig(128, 64, 4, 3),
+    32: KernelConfig(128, 64, 4, 3),
+    64: KernelConfig(128, 64, 4, 3),
     128: KernelConfig(128, 64, 8, 3),
     256: KernelConfig(64, 32, 8, 2),
 }
@@ -80,16 +81,20 @@ _INTERPRET_FWD = KernelConfig(32, 16, 1, 1)
 _INTERPRET_DKDV = KernelConfig(16, 32, 1, 1)
 _INTERPRET_DQ = KernelConfig(32, 16, 1, 1)
 _DELTA_BLOCK_M = 64
+# Launch the dK/dV and dQ programs as one grid (when their warps/stages agree) instead of two.
+# Measured 6-7% slower on H200 at S=16k (benchmarks/NOTES_kernels.md), so off by default.
+BWD_FUSED = False
 
 
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _config(table: dict[int, KernelConfig], interp: KernelConfig, head_dim: int, dtype) -> KernelConfig:
+def _config(table: dict, interp: KernelConfig, head_dim: int, dtype, causal: bool) -> KernelConfig:
     if INTERPRETED:
         return interp
-    cfg = table[_block_d(head_dim)]
+    bd = _block_d(head_dim)
+    cfg = table.get((bd, causal)) or table[bd]
     if dtype == torch.float32:
         # float32 (a testing dtype) needs twice the shared memory per tile.
         cfg = KernelConfig(min(cfg.block_m, 64), min(cfg.block_n, 64), cfg.num_warps, min(cfg.num_stages, 2))
@@ -223,7 +228,7 @@ def forward(
     else:
         q_pos = k_pos = lse  # never read
 
-    cfg = _config(FWD_CONFIGS, _INTERPRET_FWD, D, q.dtype)
+    cfg = _config(FWD_CONFIGS, _INTERPRET_FWD, D, q.dtype, bool(causal))
     grid = (triton.cdiv(Sq, cfg.block_m), B * H)
     _attn_fwd[grid](
         q, k, v, q_pos, k_pos, out, lse,
@@ -302,51 +307,57 @@ def backward(
         dout = dout.contiguous()
     lse = lse.to(torch.float32).contiguous()
     delta = delta.to(torch.float32).contiguous()
+    # Without accumulators the kernels store their result: no zero fill, no read of zeros.
+    acc_dq = dq is not None
+    acc_dkdv = dk is not None or dv is not None
     if dq is None:
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     if dk is None:
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dk = (torch.zeros if acc_dkdv else torch.empty)(k.shape, dtype=torch.float32, device=k.device)
     if dv is None:
-        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        dv = (torch.zeros if acc_dkdv else torch.empty)(v.shape, dtype=torch.float32, device=v.device)
     _check_accumulator("dq", dq, q.shape, q.device)
     _check_accumulator("dk", dk, k.shape, q.device)
     _check_accumulator("dv", dv, v.shape, q.device)
     if Sq == 0 or Sk == 0 or B == 0 or H == 0:
+        if not acc_dq:
+            dq.zero_()
+        if not acc_dkdv:
+            dk.zero_()
+            dv.zero_()
         return dq, dk, dv
     if causal:
         q_pos, k_pos = _positions(q_pos, k_pos, Sq, Sk, q.device)
     else:
         q_pos = k_pos = lse  # never read
 
-    block_d = _block_d(D)
-    prec = _dot_precision(q.dtype)
-    common_strides = (
+    c1 = _config(BWD_DKDV_CONFIGS, _INTERPRET_DKDV, D, q.dtype, bool(causal))
+    c2 = _config(BWD_DQ_CONFIGS, _INTERPRET_DQ, D, q.dtype, bool(causal))
+    args = (
+        q, k, v, dout, lse, delta, q_pos, k_pos, dq, dk, dv,
+        scale, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
-    )
-    cfg = _config(BWD_DKDV_CONFIGS, _INTERPRET_DKDV, D, q.dtype)
-    _attn_bwd_dkdv[(triton.cdiv(Sk, cfg.block_n), B * Hkv)](
-        q, k, v, dout, lse, delta, q_pos, k_pos, dk, dv,
-        scale, scale * LOG2E,
-        *common_strides,
+        dq.stride(0), dq.stride(1), dq.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        H, H // Hkv, Sq, Sk,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        CAUSAL=bool(causal), DOT_PREC=prec,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        B, H, H // Hkv, Sq, Sk,
     )
-    cfg = _config(BWD_DQ_CONFIGS, _INTERPRET_DQ, D, q.dtype)
-    _attn_bwd_dq[(triton.cdiv(Sq, cfg.block_m), B * H)](
-        q, k, v, dout, lse, delta, q_pos, k_pos, dq,
-        scale, scale * LOG2E,
-        *common_strides,
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        H, H // Hkv, Sq, Sk,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        CAUSAL=bool(causal), DOT_PREC=prec,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    meta = dict(
+        HEAD_DIM=D, BLOCK_D=_block_d(D),
+        BLOCK_M1=c1.block_m, BLOCK_N1=c1.block_n, BLOCK_M2=c2.block_m, BLOCK_N2=c2.block_n,
+        CAUSAL=bool(causal), ACC_DKDV=acc_dkdv, ACC_DQ=acc_dq, DOT_PREC=_dot_precision(q.dtype),
     )
+    n_dkdv = triton.cdiv(Sk, c1.block_n) * B * Hkv
+    n_dq = triton.cdiv(Sq, c2.block_m) * B * H
+    if BWD_FUSED and (c1.num_warps, c1.num_stages) == (c2.num_warps, c2.num_stages):
+        _attn_bwd[(n_dkdv + n_dq,)](*args, **meta, DO_DKDV=True, DO_DQ=True,
+                                    num_warps=c1.num_warps, num_stages=c1.num_stages)
+    else:
+        _attn_bwd[(n_dkdv,)](*args, **meta, DO_DKDV=True, DO_DQ=False,
+                             num_warps=c1.num_warps, num_stages=c1.num_stages)
+        _attn_bwd[(n_dq,)](*args, **meta, DO_DKDV=False, DO_DQ=True,
+                           num_warps=c2.num_warps, num_stages=c2.num_stages)
     return dq, dk, dv

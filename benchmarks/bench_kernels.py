@@ -1,0 +1,343 @@
+"""Throughput of the ringflash kernels next to PyTorch SDPA (flash and cuDNN backends).
+
+    PYTHONPATH=. python benchmarks/bench_kernels.py                      # full grid, bf16, B=1, H=32
+    PYTHONPATH=. python benchmarks/bench_kernels.py --seqlens 8k 16k --head-dims 128 --modes fwd bwd
+    PYTHONPATH=. python benchmarks/bench_kernels.py --sweep 8k --plot   # tune launch configs first
+
+TFLOP/s by the FlashAttention convention: fwd = 4*B*H*S^2*D, halved when causal;
+bwd = 2.5 x fwd; fwdbwd = 3.5 x fwd. Times are medians of ``triton.testing.do_bench``.
+
+What is timed:
+* ``fwd``: ringflash ``forward`` (float32 O and LSE); SDPA forward on inputs that require
+  grad, so it also writes its LSE.
+* ``bwd``: ringflash ``backward_delta`` + ``backward`` from saved O/LSE, including the
+  zero-fill of its float32 dQ/dK/dV accumulators; SDPA ``autograd.grad`` of a saved output
+  with ``retain_graph`` (its delta preprocess and dQ conversion included).
+* ``fwdbwd``: both, back to back.
+
+Tensors are ``(B, S, H, D)`` for every implementation (SDPA gets transposed views), so all
+read the same memory layout. Results go to ``benchmarks/results/kernels_<gpu>.jsonl`` (one
+JSON object per line) and, with ``--plot``, a PNG next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from ringflash import kernels  # noqa: E402
+
+IMPLS = ("ringflash", "sdpa_flash", "sdpa_cudnn")
+MODES = ("fwd", "bwd", "fwdbwd")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def parse_len(s: str) -> int:
+    s = s.lower()
+    return int(float(s[:-1]) * 1024) if s.endswith("k") else int(s)
+
+
+def gpu_slug() -> str:
+    name = torch.cuda.get_device_name().lower()
+    for tag in ("h200", "h100", "a100", "b200", "l40s", "l4", "a10g"):
+        if tag in name:
+            return tag
+    return name.replace("nvidia", "").strip().replace(" ", "_")
+
+
+def flops(mode: str, B: int, H: int, S: int, D: int, causal: bool) -> float:
+    f = 4.0 * B * H * S * S * D / (2 if causal else 1)
+    return f * {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}[mode]
+
+
+def bench(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def sdpa_backend(impl: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.FLASH_ATTENTION if impl == "sdpa_flash" else SDPBackend.CUDNN_ATTENTION)
+
+
+def make_fns(impl: str, q, k, v, dout, causal: bool):
+    """(fwd, bwd, fwdbwd) callables for one implementation on one set of inputs."""
+    if impl == "ringflash":
+        out, lse = kernels.forward(q, k, v, causal=causal)
+        out_lp = out.to(q.dtype)
+
+        def fwd():
+            return kernels.forward(q, k, v, causal=causal)
+
+        def bwd():
+            delta = kernels.backward_delta(out_lp, dout)
+            return kernels.backward(dout, q, k, v, lse, delta, causal=causal)
+
+        def fwdbwd():
+            o, l = kernels.forward(q, k, v, causal=causal)
+            o = o.to(q.dtype)
+            delta = kernels.backward_delta(o, dout)
+            return kernels.backward(dout, q, k, v, l, delta, causal=causal)
+
+        return fwd, bwd, fwdbwd
+
+    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+
+    def run_fwd():
+        with sdpa_backend(impl):
+            return F.scaled_dot_product_attention(
+                qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2), is_causal=causal
+            )
+
+    saved = run_fwd()
+    dout_t = dout.transpose(1, 2)
+
+    def bwd():
+        with sdpa_backend(impl):
+            return torch.autograd.grad(saved, (qg, kg, vg), dout_t, retain_graph=True)
+
+    def fwdbwd():
+        o = run_fwd()
+        with sdpa_backend(impl):
+            return torch.autograd.grad(o, (qg, kg, vg), dout_t)
+
+    return run_fwd, bwd, fwdbwd
+
+
+def inputs(B, S, H, D, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(B, S, H, D, generator=g, device="cuda", dtype=dtype) for _ in range(4)]
+
+
+# -- launch-config sweep ------------------------------------------------------------------
+
+C = kernels.KernelConfig
+SWEEP_FWD = {
+    128: [C(128, 64, 8, 3), C(128, 128, 8, 3), C(64, 64, 4, 3), C(128, 64, 8, 4)],
+    64: [C(128, 64, 4, 3), C(128, 64, 8, 3)],
+}
+SWEEP_DKDV = {
+    128: [C(64, 128, 8, 3), C(64, 128, 8, 4), C(128, 128, 8, 2)],
+    64: [C(64, 128, 4, 3), C(64, 128, 8, 3), C(64, 128, 4, 4)],
+}
+SWEEP_DQ = {
+    128: [C(128, 64, 8, 3), C(128, 64, 8, 4), C(128, 128, 8, 2)],
+    64: [C(128, 64, 4, 3), C(128, 64, 8, 3), C(128, 128, 8, 3)],
+}
+
+
+def sweep(S: int, head_dims, B: int, H: int, dtype, log) -> None:
+    """Pick the fastest launch config per head dim at length S and install it in the tables."""
+    for D in head_dims:
+        q, k, v, dout = inputs(B, S, H, D, dtype)
+        # The forward table is keyed by (head dim, causal): masked loops favour other tiles.
+        for causal in (True, False):
+            best = None
+            for cfg in SWEEP_FWD.get(D, []):
+                kernels.FWD_CONFIGS[(D, causal)] = cfg
+                try:
+                    ms = bench(lambda: kernels.forward(q, k, v, causal=causal))
+                except Exception as e:  # a config the compiler cannot fit (shared memory)
+                    log({"sweep": "fwd", "D": D, "causal": causal, "config": list(cfg), "error": repr(e)[:200]})
+                    continue
+                tf = flops("fwd", B, H, S, D, causal) / ms * 1e-9
+                log({"sweep": "fwd", "D": D, "S": S, "causal": causal, "config": list(cfg), "tflops": round(tf, 1)})
+                if best is None or tf > best[0]:
+                    best = (tf, cfg)
+            if best:
+                kernels.FWD_CONFIGS[(D, causal)] = best[1]
+        out, lse = kernels.forward(q, k, v, causal=True)
+        delta = kernels.backward_delta(out.to(dtype), dout)
+        bwd_module = sys.modules[kernels.backward.__module__]
+        bwd_module.BWD_FUSED = False  # candidates may differ in warps/stages from the default
+        for table, cands, name in (
+            (kernels.BWD_DKDV_CONFIGS, SWEEP_DKDV, "dkdv"),
+            (kernels.BWD_DQ_CONFIGS, SWEEP_DQ, "dq"),
+        ):
+            for causal in (True, False):
+                best = None
+                for cfg in cands.get(D, []):
+                    table[(D, causal)] = cfg
+                    try:
+                        ms = bench(lambda: kernels.backward(dout, q, k, v, lse, delta, causal=causal))
+                    except Exception as e:
+                        log({"sweep": name, "D": D, "causal": causal, "config": list(cfg), "error": repr(e)[:200]})
+                        continue
+                    tf = flops("bwd", B, H, S, D, causal) / ms * 1e-9
+                    log({"sweep": name, "D": D, "S": S, "causal": causal, "config": list(cfg), "tflops": round(tf, 1)})
+                    if best is None or tf > best[0]:
+                        best = (tf, cfg)
+                if best:
+                    table[(D, causal)] = best[1]
+        # One grid for dK/dV and dQ programs, or two launches.
+        for causal in (True, False):
+            for fused in (False, True):
+                bwd_module.BWD_FUSED = fused
+                ms = bench(lambda: kernels.backward(dout, q, k, v, lse, delta, causal=causal))
+                tf = flops("bwd", B, H, S, D, causal) / ms * 1e-9
+                log({"sweep": "bwd_fused", "D": D, "S": S, "causal": causal, "fused": fused, "tflops": round(tf, 1)})
+        bwd_module.BWD_FUSED = True
+        del q, k, v, dout, out, lse, delta
+        torch.cuda.empty_cache()
+
+
+def ab_fused(S: int, head_dims, B: int, H: int, dtype, log, rounds: int = 3) -> None:
+    """Backward as one fused grid vs two launches, interleaved; keep the faster."""
+    mod = sys.modules[kernels.backward.__module__]
+    total = {False: 0.0, True: 0.0}
+    for D in head_dims:
+        q, k, v, dout = inputs(B, S, H, D, dtype)
+        for causal in (True, False):
+            out, lse = kernels.forward(q, k, v, causal=causal)
+            delta = kernels.backward_delta(out.to(dtype), dout)
+            times = {False: [], True: []}
+            for _ in range(rounds):
+                for fused in (False, True):
+                    mod.BWD_FUSED = fused
+                    times[fused].append(bench(lambda: kernels.backward(dout, q, k, v, lse, delta, causal=causal)))
+            for fused in (False, True):
+                ms = sorted(times[fused])[rounds // 2]
+                total[fused] += ms
+                tf = flops("bwd", B, H, S, D, causal) / ms * 1e-9
+                log({"sweep": "bwd_fused", "D": D, "S": S, "causal": causal, "fused": fused, "tflops": round(tf, 1)})
+            del out, lse, delta
+        del q, k, v, dout
+        torch.cuda.empty_cache()
+    mod.BWD_FUSED = total[True] < total[False]
+    log({"sweep": "bwd_fused", "choice": mod.BWD_FUSED, "ms_total": {str(k): round(v, 3) for k, v in total.items()}})
+
+
+# -- main ---------------------------------------------------------------------------------
+
+def plot(path_jsonl: str, path_png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(l) for l in open(path_jsonl) if l.strip()]
+    rows = [r for r in rows if "tflops" in r and "impl" in r]
+    combos = sorted({(r["D"], r["causal"]) for r in rows})
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    fig, axes = plt.subplots(len(modes), len(combos), figsize=(4 * len(combos), 3.2 * len(modes)), squeeze=False)
+    for i, mode in enumerate(modes):
+        for j, (D, causal) in enumerate(combos):
+            ax = axes[i][j]
+            for impl in IMPLS:
+                pts = sorted((r["S"], r["tflops"]) for r in rows
+                             if r["impl"] == impl and r["mode"] == mode and r["D"] == D and r["causal"] == causal)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{mode}, D={D}, {'causal' if causal else 'full'}", fontsize=9)
+            ax.set_xlabel("sequence length")
+            ax.set_ylabel("TFLOP/s")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    gpu = rows[0]["gpu"] if rows else ""
+    fig.suptitle(f"attention kernels, bf16, B=1, H=32 ({gpu})")
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seqlens", nargs="+", default=["1k", "2k", "4k", "8k", "16k", "32k", "64k"])
+    p.add_argument("--head-dims", nargs="+", type=int, default=[64, 128])
+    p.add_argument("--causal", choices=["both", "true", "false"], default="both")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--sweep", default=None, help="tune launch configs at this length first (e.g. 8k)")
+    p.add_argument("--ab-fused", default=None, help="pick fused/two-launch backward at this length first")
+    p.add_argument("--out", default=None, help="JSON-lines file (default results/kernels_<gpu>.jsonl)")
+    p.add_argument("--plot", action="store_true", help="also write a PNG plot next to the JSON lines")
+    p.add_argument("--plot-only", action="store_true", help="only redraw the plot from --out")
+    p.add_argument("--time-budget", type=float, default=None, help="stop starting new lengths after this many seconds")
+    args = p.parse_args()
+
+    gpu = gpu_slug() if torch.cuda.is_available() else "cpu"
+    out_path = args.out or os.path.join(RESULTS, f"kernels_{gpu}.jsonl")
+    png_path = os.path.splitext(out_path)[0] + ".png"
+    if args.plot_only:
+        plot(out_path, png_path)
+        return
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels.py needs a CUDA GPU")
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    t0 = time.time()
+    dtype = torch.bfloat16
+    B, H = args.batch, args.heads
+    causals = {"both": [False, True], "true": [True], "false": [False]}[args.causal]
+    meta = {"gpu": gpu, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "dtype": "bf16", "B": B, "H": H}
+
+    def log_sweep(rec):
+        print("sweep", json.dumps(rec), flush=True)
+        with open(os.path.splitext(out_path)[0] + "_sweep.jsonl", "a") as f:
+            f.write(json.dumps({**meta, **rec}) + "\n")
+
+    if args.sweep:
+        sweep(parse_len(args.sweep), args.head_dims, B, H, dtype, log_sweep)
+
+    if args.ab_fused:
+        ab_fused(parse_len(args.ab_fused), args.head_dims, B, H, dtype, log_sweep)
+
+    print(f"{'S':>6} {'D':>4} {'mask':>6} {'mode':>7} " + " ".join(f"{i:>11}" for i in args.impls) + "   rf/flash rf/cudnn")
+    with open(out_path, "a") as fout:
+        for S in map(parse_len, args.seqlens):
+            if args.time_budget and time.time() - t0 > args.time_budget:
+                print(f"time budget reached; skipping S >= {S}")
+                break
+            for D in args.head_dims:
+                for causal in causals:
+                    q, k, v, dout = inputs(B, S, H, D, dtype)
+                    res = {m: {} for m in args.modes}
+                    for impl in args.impls:
+                        try:
+                            fns = dict(zip(MODES, make_fns(impl, q, k, v, dout, causal)))
+                        except Exception as e:
+                            print(f"{impl} S={S} D={D}: {e!r}"[:300])
+                            continue
+                        for mode in args.modes:
+                            try:
+                                ms = bench(fns[mode])
+                            except Exception as e:
+                                print(f"{impl} {mode} S={S} D={D}: {e!r}"[:300])
+                                continue
+                            tf = flops(mode, B, H, S, D, causal) / ms * 1e-9
+                            res[mode][impl] = tf
+                            rec = {**meta, "impl": impl, "S": S, "D": D, "causal": causal, "mode": mode,
+                                   "ms": round(ms, 4), "tflops": round(tf, 1)}
+                            fout.write(json.dumps(rec) + "\n")
+                            fout.flush()
+                        del fns
+                        torch.cuda.empty_cache()
+                    for mode in args.modes:
+                        r = res[mode]
+                        cells = " ".join(f"{r[i]:11.1f}" if i in r else f"{'-':>11}" for i in args.impls)
+                        rf = r.get("ringflash")
+                        ratio = lambda other: f"{rf / r[other]:8.2f}" if rf and r.get(other) else f"{'-':>8}"  # noqa: E731
+                        print(f"{S:>6} {D:>4} {'causal' if causal else 'full':>6} {mode:>7} {cells}  {ratio('sdpa_flash')} {ratio('sdpa_cudnn')}", flush=True)
+                    del q, k, v, dout
+                    torch.cuda.empty_cache()
+    print("configs:", {"fwd": kernels.FWD_CONFIGS, "dkdv": kernels.BWD_DKDV_CONFIGS, "dq": kernels.BWD_DQ_CONFIGS,
+                       "bwd_fused": sys.modules[kernels.backward.__module__].BWD_FUSED})
+    if args.plot:
+        plot(out_path, png_path)
+        print("wrote", out_path, png_path)
+
+
+if __name__ == "__main__":
+    main()
