@@ -14,13 +14,13 @@ echo "== $N x $GPU; torch $(python3 -c 'import torch; print(torch.__version__)')
 for n in 2 $N; do
   [ "$n" -le "$N" ] || continue
   echo "== multi-GPU tests on $n GPUs"
-  RINGFLASH_REPORT=$OUT/ring_errors.jsonl timeout 240 torchrun --standalone --nproc-per-node $n \
+  RINGFLASH_REPORT=$OUT/ring_errors.jsonl timeout ${TEST_TIMEOUT:-150} torchrun --standalone --nproc-per-node $n \
     -m pytest tests/test_ring_gpu.py -m multigpu -q -x -p no:cacheprovider 2>&1 | tail -5 | tee -a $OUT/tests.log
   [ "$n" -eq "$N" ] && break
 done
 
 echo "== module tests on $N GPUs"
-timeout 240 torchrun --standalone --nproc-per-node $N -m pytest tests/test_nn_gpu.py -m multigpu -q -x -p no:cacheprovider 2>&1 | tail -5 | tee -a $OUT/tests.log
+timeout ${TEST_TIMEOUT:-150} torchrun --standalone --nproc-per-node $N -m pytest tests/test_nn_gpu.py -m multigpu -q -x -p no:cacheprovider 2>&1 | tail -5 | tee -a $OUT/tests.log
 
 if [ -n "${TRAIN_ARGS:-}" ]; then
   echo "== training job on $N GPUs: $TRAIN_ARGS"
@@ -29,5 +29,5 @@ if [ -n "${TRAIN_ARGS:-}" ]; then
 fi
 
 echo "== ring benchmark on $N GPUs: $SEQLENS"
-timeout ${BENCH_TIMEOUT:-400} torchrun --standalone --nproc-per-node $N benchmarks/bench_ring.py \
+timeout ${BENCH_TIMEOUT:-270} torchrun --standalone --nproc-per-node $N benchmarks/bench_ring.py \
   --seqlens $SEQLENS --out $OUT/ring_${GPU}x${N}.jsonl ${BENCH_ARGS:-} 2>&1 | tee $OUT/bench.log | grep -v '^{'
