@@ -15,12 +15,12 @@ for n in 2 $N; do
   [ "$n" -le "$N" ] || continue
   echo "== multi-GPU tests on $n GPUs"
   RINGFLASH_REPORT=$OUT/ring_errors.jsonl timeout ${TEST_TIMEOUT:-150} torchrun --standalone --nproc-per-node $n \
-    -m pytest tests/test_ring_gpu.py -m multigpu -q -x -p no:cacheprovider 2>&1 | tail -5 | tee -a $OUT/tests.log
+    -m pytest tests/test_ring_gpu.py -m multigpu -q -x -p no:cacheprovider 2>&1 | tee -a $OUT/tests.log | tail -15
   [ "$n" -eq "$N" ] && break
 done
 
 echo "== module tests on $N GPUs"
-timeout ${TEST_TIMEOUT:-150} torchrun --standalone --nproc-per-node $N -m pytest tests/test_nn_gpu.py -m multigpu -q -x -p no:cacheprovider 2>&1 | tail -5 | tee -a $OUT/tests.log
+timeout ${TEST_TIMEOUT:-150} torchrun --standalone --nproc-per-node $N -m pytest tests/test_nn_gpu.py -m multigpu -q -x -p no:cacheprovider 2>&1 | tee -a $OUT/tests.log | tail -15
 
 if [ -n "${TRAIN_ARGS:-}" ]; then
   echo "== training job on $N GPUs: $TRAIN_ARGS"
