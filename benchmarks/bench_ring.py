@@ -135,7 +135,14 @@ def bench_torch_cp(S, H, Hkv, D, causal, mode, backend, args):
     dout = torch.randn(1, H, S, D, device="cuda", dtype=torch.bfloat16, generator=g)
     kernel = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
     gqa = {"enable_gqa": True} if Hkv != H else {}
-    with sdpa_kernel(kernel), context_parallel(mesh, buffers=[q, k, v, dout], buffer_seq_dims=[2, 2, 2, 2]):
+    try:  # head-tail load balancing is torch CP's default, and only valid for causal attention
+        from torch.distributed.tensor.experimental._attention import _cp_options
+        _cp_options.enable_load_balance = causal
+    except ImportError:
+        pass
+    buffers = [q, k, v, dout]
+    with sdpa_kernel(kernel), context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2, 2, 2, 2],
+                                               no_restore_buffers=set(buffers)):
         if mode == "fwd":
             def fn():
                 with torch.no_grad():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 
 import pytest
 import torch
@@ -76,7 +77,8 @@ def _case(seqlen, heads, heads_kv, head_dim, causal, layout, group=None, seed=0)
 @pytest.mark.parametrize("heads,heads_kv", [(8, 8), (8, 2)])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_ring_bf16_matches_float64(layout, causal, heads, heads_kv, head_dim):
-    _case(2048, heads, heads_kv, head_dim, causal, layout, seed=hash((layout, causal, heads_kv, head_dim)) % 1000)
+    # The seed must be the same on every rank (Python's str hash differs between processes).
+    _case(2048, heads, heads_kv, head_dim, causal, layout, seed=zlib.crc32(repr((layout, causal, heads_kv, head_dim)).encode()))
 
 
 @pytest.mark.parametrize("layout", ["striped", "zigzag"])
