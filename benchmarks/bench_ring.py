@@ -83,7 +83,7 @@ def step_fn(attn, q, k, v, mode):
     return fn
 
 
-def bench_ringflash(S, H, Hkv, D, causal, mode, layout, args):
+def bench_ringflash(S, H, Hkv, D, causal, mode, layout, args, engine="triton"):
     P, r = dist.get_world_size(), dist.get_rank()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -93,7 +93,7 @@ def bench_ringflash(S, H, Hkv, D, causal, mode, layout, args):
     k = torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
     lay = get_layout(layout)
-    fn = step_fn(lambda a, b, c: ring_attention(a, b, c, causal=causal, layout=lay), q, k, v, mode)
+    fn = step_fn(lambda a, b, c: ring_attention(a, b, c, causal=causal, layout=lay, backend=engine), q, k, v, mode)
     ms = time_ms(fn, args.warmup, args.iters)
     return ms, peak_gib()
 
@@ -169,6 +169,8 @@ def main():
     ap.add_argument("--causal", choices=["both", "causal", "full"], default="both")
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
     ap.add_argument("--impls", nargs="+", default=["ringflash", "torch_cp_flash", "torch_cp_cudnn", "single_gpu"])
+    ap.add_argument("--engines", nargs="+", default=["triton"], choices=["triton", "cudnn", "sdpa_flash"],
+                    help="local engines of the ringflash rows")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default=None, help="append JSON lines here (rank 0)")
@@ -188,15 +190,16 @@ def main():
                 for mode in args.modes:
                     runs = []
                     if "ringflash" in args.impls:
-                        runs += [("ringflash", lay, lambda lay=lay: bench_ringflash(S, args.heads, Hkv, args.head_dim, causal, mode, lay, args)) for lay in args.layouts]
+                        runs += [("ringflash", lay, eng, lambda lay=lay, eng=eng: bench_ringflash(S, args.heads, Hkv, args.head_dim, causal, mode, lay, args, eng))
+                                 for eng in args.engines for lay in args.layouts]
                     for backend in ("flash", "cudnn"):
                         if f"torch_cp_{backend}" in args.impls:
-                            runs.append((f"torch_cp_{backend}", "zigzag" if causal else "contiguous",
+                            runs.append((f"torch_cp_{backend}", "zigzag" if causal else "contiguous", backend,
                                          lambda b=backend: bench_torch_cp(S, args.heads, Hkv, args.head_dim, causal, mode, b, args)))
                     if "single_gpu" in args.impls:
-                        runs.append(("single_gpu", "-", lambda: bench_single(S, args.heads, Hkv, args.head_dim, causal, mode, args)))
-                    for impl, lay, run in runs:
-                        row = dict(impl=impl, engine="triton" if impl in ("ringflash", "single_gpu") else impl.split("_")[-1],
+                        runs.append(("single_gpu", "-", "triton", lambda: bench_single(S, args.heads, Hkv, args.head_dim, causal, mode, args)))
+                    for impl, lay, engine, run in runs:
+                        row = dict(impl=impl, engine=engine,
                                    gpu=gpu, world=P, layout=lay, S=S, H=args.heads, Hkv=Hkv, D=args.head_dim,
                                    causal=causal, mode=mode)
                         try:
@@ -218,12 +221,12 @@ def main():
                                     f.write(json.dumps(row) + "\n")
 
     if rank == 0:
-        print(f"\n{'impl':16s} {'layout':11s} {'S':>7s} {'Hkv':>4s} {'causal':>6s} {'mode':>7s} {'ms':>9s} {'TFLOP/s/GPU':>11s} {'GiB':>6s}")
+        print(f"\n{'impl':16s} {'engine':7s} {'layout':11s} {'S':>7s} {'Hkv':>4s} {'causal':>6s} {'mode':>7s} {'ms':>9s} {'TFLOP/s/GPU':>11s} {'GiB':>6s}")
         for r in rows:
             if "error" in r:
-                print(f"{r['impl']:16s} {r['layout']:11s} {r['S']:7d} {r['Hkv']:4d} {str(r['causal']):>6s} {r['mode']:>7s}  error: {r['error'][:60]}")
+                print(f"{r['impl']:16s} {r['engine']:7s} {r['layout']:11s} {r['S']:7d} {r['Hkv']:4d} {str(r['causal']):>6s} {r['mode']:>7s}  error: {r['error'][:60]}")
             else:
-                print(f"{r['impl']:16s} {r['layout']:11s} {r['S']:7d} {r['Hkv']:4d} {str(r['causal']):>6s} {r['mode']:>7s} {r['ms']:9.2f} {r['tflops_per_gpu']:11.1f} {r['peak_mem_gib']:6.2f}")
+                print(f"{r['impl']:16s} {r['engine']:7s} {r['layout']:11s} {r['S']:7d} {r['Hkv']:4d} {str(r['causal']):>6s} {r['mode']:>7s} {r['ms']:9.2f} {r['tflops_per_gpu']:11.1f} {r['peak_mem_gib']:6.2f}")
     dist.destroy_process_group()
 
 

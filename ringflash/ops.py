@@ -12,7 +12,9 @@ signatures and contract:
     ``rowsum(dO * O)`` as ``(B, H, Sq)`` float32.
 
 ``"reference"`` is plain PyTorch (any device); ``"triton"`` is :mod:`ringflash.kernels`
-(CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``). The ring uses the same seam.
+(CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``); ``"cudnn"`` and ``"sdpa_flash"``
+are PyTorch's fused SDPA kernels (:mod:`ringflash.sdpa`; they take host positions and the
+global O in backward). The ring uses the same seam.
 """
 
 from __future__ import annotations
@@ -28,11 +30,17 @@ from . import reference
 
 __all__ = ["flash_attention", "get_backend", "check_qkv", "no_autocast", "BACKENDS"]
 
-BACKENDS = ("triton", "reference")
+BACKENDS = ("triton", "reference", "cudnn", "sdpa_flash")
 
 
-def get_backend(backend: str | None, device: torch.device) -> SimpleNamespace:
-    """The backend called ``backend``, or the default for ``device`` (triton on CUDA)."""
+def get_backend(backend, device: torch.device) -> SimpleNamespace:
+    """The backend called ``backend``, or the default for ``device`` (triton on CUDA).
+
+    A backend object (anything with ``forward``, ``backward`` and ``backward_delta``) is
+    returned as it is.
+    """
+    if all(hasattr(backend, f) for f in ("forward", "backward", "backward_delta")):
+        return backend
     if backend is None:
         backend = "triton" if device.type == "cuda" else "reference"
     if backend == "reference":
@@ -57,7 +65,16 @@ def get_backend(backend: str | None, device: torch.device) -> SimpleNamespace:
             backward_delta=kernels.backward_delta,
             check=getattr(kernels, "check_inputs", None),
         )
+    if backend in ("cudnn", "sdpa_flash"):
+        from . import sdpa
+
+        return sdpa.make_engine(backend)
     raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS} or None for the default")
+
+
+def backward_extras(backend, out: torch.Tensor) -> dict:
+    """Engines that compute ``rowsum(dO * O)`` themselves (the SDPA ops) take the global O."""
+    return {"out": out} if getattr(backend, "needs_out", False) else {}
 
 
 def no_autocast(device: torch.device):
@@ -104,25 +121,24 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, backend_name):
-        be = get_backend(backend_name, q.device)
+    def forward(ctx, q, k, v, causal, softmax_scale, be):
         out, lse = be.forward(q, k, v, q_pos=None, k_pos=None, causal=causal, softmax_scale=softmax_scale)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.softmax_scale, ctx.backend_name = causal, softmax_scale, backend_name
+        ctx.causal, ctx.softmax_scale, ctx.backend = causal, softmax_scale, be
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        be = get_backend(ctx.backend_name, q.device)
+        be = ctx.backend
         dout = dout.to(q.dtype).contiguous()
         with no_autocast(q.device):
             delta = be.backward_delta(out, dout)
             dq, dk, dv = be.backward(
                 dout, q, k, v, lse, delta, q_pos=None, k_pos=None,
-                causal=ctx.causal, softmax_scale=ctx.softmax_scale,
+                causal=ctx.causal, softmax_scale=ctx.softmax_scale, **backward_extras(be, out),
             )
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
@@ -146,7 +162,8 @@ def flash_attention(
             bottom-right corner, as flash-attn; the usual mask when the lengths are equal).
         softmax_scale: defaults to ``1 / sqrt(headdim)``.
         return_lse: also return the float32 log-sum-exp (natural log), (batch_size, nheads, seqlen_q).
-        backend: ``"triton"``, ``"reference"``, or None (triton on CUDA, reference on CPU).
+        backend: ``"triton"``, ``"reference"``, ``"cudnn"``, ``"sdpa_flash"``, or None (triton on
+            CUDA, reference on CPU).
 
     Returns:
         out: (batch_size, seqlen_q, nheads, headdim) in q's dtype; and lse if ``return_lse``.
@@ -158,5 +175,5 @@ def flash_attention(
     if getattr(be, "check", None) is not None:
         be.check(q, k, v)
     with no_autocast(q.device):
-        out, lse = _FlashAttention.apply(q, k, v, bool(causal), float(softmax_scale), be.name)
+        out, lse = _FlashAttention.apply(q, k, v, bool(causal), float(softmax_scale), be)
     return (out, lse) if return_lse else out

@@ -25,7 +25,7 @@ import torch
 
 from .comm import Ring, check_group_device, resolve_group, world_and_rank
 from .layout import Layout, get_layout
-from .ops import check_qkv, get_backend, no_autocast
+from .ops import backward_extras, check_qkv, get_backend, no_autocast
 
 __all__ = ["ring_attention"]
 
@@ -54,11 +54,12 @@ def _visible_any(causal: bool, q_pos: torch.Tensor, k_pos: torch.Tensor) -> bool
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, layout, group, backend_name):
+    def forward(ctx, q, k, v, causal, softmax_scale, layout, group, be):
         ring = Ring(group)
         P, r = ring.world_size, ring.rank
-        be = get_backend(backend_name, q.device)
         pos_host, pos = _positions(layout, q.shape[1], P, q.device)
+        if getattr(be, "host_positions", False):
+            pos = pos_host
 
         out = lse = None
         kv = torch.stack([k, v])  # (2, B, S, Hkv, D): K and V travel as one message
@@ -79,7 +80,7 @@ class _RingAttention(torch.autograd.Function):
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal, ctx.softmax_scale, ctx.layout = causal, softmax_scale, layout
-        ctx.group, ctx.backend_name = group, backend_name
+        ctx.group, ctx.backend = group, be
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -93,8 +94,11 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         ring = Ring(ctx.group)
         P, r = ring.world_size, ring.rank
-        be = get_backend(ctx.backend_name, q.device)
+        be = ctx.backend
         pos_host, pos = _positions(ctx.layout, q.shape[1], P, q.device)
+        if getattr(be, "host_positions", False):
+            pos = pos_host
+        extras = backward_extras(be, out)
 
         dout = dout.to(q.dtype).contiguous()
         delta = be.backward_delta(out, dout)
@@ -117,6 +121,7 @@ class _RingAttention(torch.autograd.Function):
                 be.backward(
                     dout, q, kv[0], kv[1], lse, delta, q_pos=pos[r], k_pos=pos[src],
                     causal=ctx.causal, softmax_scale=ctx.softmax_scale, dq=dq, dk=dkv[0], dv=dkv[1],
+                    **extras,
                 )
             if grads_pending is not None:
                 # What the ranks before us added for the same K/V, sent one step ago.
@@ -165,8 +170,9 @@ def ring_attention(
         group: a ProcessGroup or 1-D DeviceMesh (default: the world); without an initialised
             process group this is plain single-device attention.
         return_lse: also return the float32 log-sum-exp (natural log), (batch_size, nheads, local_seqlen).
-        backend: the local kernel, ``"triton"`` or ``"reference"`` (default: triton on CUDA,
-            reference on CPU).
+        backend: the local engine: ``"triton"`` (default on CUDA), ``"reference"`` (default on
+            the CPU), or PyTorch's fused ``"cudnn"`` / ``"sdpa_flash"`` kernels (see
+            :mod:`ringflash.sdpa`).
 
     Returns:
         out: (batch_size, local_seqlen, nheads, headdim) in q's dtype; and lse if ``return_lse``.
@@ -190,6 +196,6 @@ def ring_attention(
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     with no_autocast(q.device):
         out, lse = _RingAttention.apply(
-            q, k, v, bool(causal), float(softmax_scale), layout, group, be.name
+            q, k, v, bool(causal), float(softmax_scale), layout, group, be
         )
     return (out, lse) if return_lse else out

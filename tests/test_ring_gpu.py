@@ -40,7 +40,7 @@ def rel(x, ref):
     return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def _case(seqlen, heads, heads_kv, head_dim, causal, layout, group=None, seed=0):
+def _case(seqlen, heads, heads_kv, head_dim, causal, layout, group=None, seed=0, engine="triton"):
     P, r = dist.get_world_size(group), dist.get_rank(group)
     g = torch.Generator(device="cuda").manual_seed(seed)
     mk = lambda h: torch.randn(1, seqlen, h, head_dim, device="cuda", dtype=torch.float64, generator=g)  # noqa: E731
@@ -53,12 +53,13 @@ def _case(seqlen, heads, heads_kv, head_dim, causal, layout, group=None, seed=0)
         return [out.detach(), qq.grad, kk.grad, vv.grad]
 
     ref = grads(lambda a, b, c: reference.attention(a, b, c, causal=causal)[0], torch.float64)
-    single = grads(lambda a, b, c: flash_attention(a, b, c, causal=causal), torch.bfloat16)
+    # The bar: the same engine on one GPU over the whole sequence.
+    single = grads(lambda a, b, c: flash_attention(a, b, c, causal=causal, backend=engine), torch.bfloat16)
 
     lay = get_layout(layout)
     shard = lambda x: lay.shard(x, rank=r, world_size=P)  # noqa: E731
     ql, kl, vl = (shard(x).to(torch.bfloat16).requires_grad_() for x in (q, k, v))
-    out = ring_attention(ql, kl, vl, causal=causal, layout=lay, group=group)
+    out = ring_attention(ql, kl, vl, causal=causal, layout=lay, group=group, backend=engine)
     out.backward(shard(dout).to(torch.bfloat16))
     ring = [lay.unshard(x, group=group) for x in (out.detach(), ql.grad, kl.grad, vl.grad)]
 
@@ -66,7 +67,7 @@ def _case(seqlen, heads, heads_kv, head_dim, causal, layout, group=None, seed=0)
     report = os.environ.get("RINGFLASH_REPORT")
     if report and dist.get_rank() == 0:
         with open(report, "a") as f:
-            f.write(json.dumps(dict(world=P, seqlen=seqlen, heads=heads, heads_kv=heads_kv, head_dim=head_dim,
+            f.write(json.dumps(dict(engine=engine, world=P, seqlen=seqlen, heads=heads, heads_kv=heads_kv, head_dim=head_dim,
                                     causal=causal, layout=layout, errors={n: {"ring": e[0], "single": e[1]} for n, e in errs.items()})) + "\n")
     for n, (e_ring, e_single) in errs.items():
         assert e_ring <= 2 * e_single, f"{n}: ring {e_ring:.3e} vs single-GPU {e_single:.3e}"
@@ -95,3 +96,12 @@ def test_subgroups():
     groups = [dist.new_group([i, i + 1]) for i in range(0, world, 2)]
     group = groups[dist.get_rank() // 2]
     _case(2048, 8, 2, 128, True, "striped", group=group, seed=dist.get_rank() // 2)
+
+
+@pytest.mark.parametrize("engine", ["cudnn", "sdpa_flash"])
+@pytest.mark.parametrize("layout", ["contiguous", "striped", "zigzag"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads,heads_kv", [(8, 8), (8, 2)])
+def test_sdpa_engines_bf16_match_float64(engine, layout, causal, heads, heads_kv):
+    seed = zlib.crc32(repr((engine, layout, causal, heads_kv)).encode())
+    _case(2048, heads, heads_kv, 128, causal, layout, seed=seed, engine=engine)

@@ -1,0 +1,233 @@
+"""PyTorch's fused SDPA kernels (cuDNN, flash) as local engines of the ring.
+
+These kernels know two masks: none, and causal on a square block. A ring step's mask comes
+from global positions (query ``i`` sees key ``j`` iff ``q_pos[i] >= k_pos[j]``), so
+:func:`decompose` cuts the step into rectangular pieces that are each fully visible or a
+square causal diagonal. With strictly increasing positions, query ``i`` sees a prefix of the
+keys of length ``c_i`` (non-decreasing in ``i``): a run of rows where ``c_i`` is constant is
+one full piece; a run where ``c_i`` grows by one per row is a full piece (the keys every row
+of the run sees) plus a causal square. Every layout's steps come out as at most three pieces:
+
+* contiguous: full (earlier rank), causal square (own block), nothing (later rank);
+* striped (stripe 1): causal square when ``src <= r``; when ``src > r`` the diagonal is
+  excluded: queries ``1..`` over keys ``..-1``, causal, and row 0 sees nothing;
+* zigzag: own block = causal + full + causal; other blocks = one full half-block.
+
+Each piece's output comes back rounded to the input dtype, with a float32 LSE; the pieces and
+steps are merged into float32 accumulators as with the Triton kernels. The backward of a
+piece takes the global O and LSE rows of its queries, and its dQ/dK/dV (input dtype) are
+added into the float32 accumulators. So the SDPA engines round once per piece, where the
+Triton engine rounds once per layer: their bf16 error grows slowly with the number of ranks.
+
+GQA: these ops take as many K/V heads as query heads, so K/V are repeated per piece (a
+transient copy of the block) and dK/dV summed back over the group.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+from einops import rearrange, reduce
+
+from .reference import default_positions, merge_
+
+__all__ = ["Piece", "decompose", "make_engine", "ENGINES", "MAX_PIECES"]
+
+ENGINES = ("cudnn", "sdpa_flash")
+MAX_PIECES = 8  # more pieces than this means a mask these kernels have no good form for
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Queries ``[q0, q1)`` over keys ``[k0, k1)``; ``causal``: a square top-left causal block."""
+
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    causal: bool
+
+
+def decompose(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, *, max_pieces: int = MAX_PIECES) -> list[Piece]:
+    """Cut a (q_pos, k_pos) block into full and square-causal pieces (host tensors, increasing).
+
+    Raises ``ValueError`` if the mask needs more than ``max_pieces`` pieces (e.g. striped
+    layouts with stripes wider than one token).
+    """
+    Sq, Sk = q_pos.numel(), k_pos.numel()
+    if not causal:
+        return [Piece(0, Sq, 0, Sk, False)] if Sq and Sk else []
+    # c[i]: how many keys query i sees (a prefix, since positions increase).
+    c = torch.searchsorted(k_pos.contiguous(), q_pos.contiguous(), right=True).tolist()
+    pieces: list[Piece] = []
+    i = 0
+    while i < Sq:
+        if c[i] == 0:  # a row that sees no key: no piece, O = 0 and LSE = -inf
+            i += 1
+            continue
+        j = i + 1
+        if j < Sq and c[j] == c[i]:
+            while j < Sq and c[j] == c[i]:
+                j += 1
+            pieces.append(Piece(i, j, 0, c[i], False))
+        else:
+            while j < Sq and c[j] == c[j - 1] + 1:
+                j += 1
+            if j - i == 1:
+                pieces.append(Piece(i, j, 0, c[i], False))
+            else:
+                base = c[i] - 1  # keys every row of the run sees
+                if base > 0:
+                    pieces.append(Piece(i, j, 0, base, False))
+                pieces.append(Piece(i, j, base, base + (j - i), True))
+        if len(pieces) > max_pieces:
+            raise ValueError(
+                f"this mask needs more than {max_pieces} full/causal pieces for the SDPA engines "
+                f"(e.g. stripes wider than one token); use backend='triton', which masks by position"
+            )
+        i = j
+    return pieces
+
+
+# -- the fused ops ---------------------------------------------------------------------------
+
+
+def _bhsd(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2)  # (B, S, H, D) -> (B, H, S, D), a view
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    if groups == 1:
+        return x
+    return rearrange(x, "b s h d -> b s h 1 d").expand(-1, -1, -1, groups, -1).reshape(
+        x.shape[0], x.shape[1], x.shape[2] * groups, x.shape[3]
+    )
+
+
+def _sum_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
+    if groups == 1:
+        return x
+    return reduce(x.float(), "b s (h g) d -> b s h d", "sum", g=groups)
+
+
+def _cudnn_fwd(q, k, v, causal, scale):
+    out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        _bhsd(q), _bhsd(k), _bhsd(v), None, True, 0.0, causal, False, scale=scale
+    )
+    return _bhsd(out), lse.reshape(lse.shape[0], lse.shape[1], lse.shape[2])
+
+
+def _cudnn_bwd(dout, q, k, v, out, lse, causal, scale):
+    seed = torch.zeros((), dtype=torch.long, device=q.device)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse.unsqueeze(-1).contiguous(),
+        seed, seed, None, None, None, q.shape[1], k.shape[1], 0.0, causal, scale=scale,
+    )
+    return _bhsd(dq), _bhsd(dk), _bhsd(dv)
+
+
+def _flash_fwd(q, k, v, causal, scale):
+    out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(
+        _bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, False, scale=scale
+    )
+    return _bhsd(out), lse
+
+
+def _flash_bwd(dout, q, k, v, out, lse, causal, scale):
+    seed = torch.empty(2, dtype=torch.uint64, device=q.device)
+    offset = torch.empty((), dtype=torch.uint64, device=q.device)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse.contiguous(),
+        None, None, q.shape[1], k.shape[1], 0.0, causal, seed, offset, scale=scale,
+    )
+    return _bhsd(dq), _bhsd(dk), _bhsd(dv)
+
+
+_OPS = {"cudnn": (_cudnn_fwd, _cudnn_bwd), "sdpa_flash": (_flash_fwd, _flash_bwd)}
+
+
+# -- the engine ------------------------------------------------------------------------------
+
+
+def _pieces(q, k, q_pos, k_pos, causal):
+    if not causal:
+        return [Piece(0, q.shape[1], 0, k.shape[1], False)]
+    if q_pos is None or k_pos is None:
+        q_pos, k_pos = default_positions(q.shape[1], k.shape[1])
+    # The ring passes host copies of the positions (host_positions=True): no device sync here.
+    return decompose(q_pos.cpu(), k_pos.cpu(), True)
+
+
+def make_engine(name: str, *, piece_fwd=None, piece_bwd=None) -> SimpleNamespace:
+    """The backend (ops.py's seam) for SDPA engine ``name``.
+
+    ``piece_fwd(q, k, v, causal, scale) -> (out (B,s,H,D), lse (B,H,s))`` and
+    ``piece_bwd(dout, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)`` run one piece;
+    they default to the fused op of ``name`` (tests substitute plain PyTorch).
+    """
+    fused = piece_fwd is None
+    if fused:
+        if name not in _OPS:
+            raise ValueError(f"unknown SDPA engine {name!r}; use one of {ENGINES}")
+        piece_fwd, piece_bwd = _OPS[name]
+
+    def forward(q, k, v, *, q_pos=None, k_pos=None, causal=False, softmax_scale=None, out=None, lse=None):
+        B, Sq, H, D = q.shape
+        G = H // k.shape[2]
+        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+        if out is None:
+            out = torch.zeros((B, Sq, H, D), dtype=torch.float32, device=q.device)
+            lse = torch.full((B, H, Sq), -math.inf, dtype=torch.float32, device=q.device)
+        for p in _pieces(q, k, q_pos, k_pos, causal):
+            o, l = piece_fwd(
+                q[:, p.q0:p.q1], _repeat_kv(k[:, p.k0:p.k1], G), _repeat_kv(v[:, p.k0:p.k1], G), p.causal, scale
+            )
+            merge_(out[:, p.q0:p.q1], lse[:, :, p.q0:p.q1], o, l.float())
+        return out, lse
+
+    def backward(dout, q, k, v, lse, delta, *, q_pos=None, k_pos=None, causal=False, softmax_scale=None,
+                 dq=None, dk=None, dv=None, out=None):
+        # The fused backward ops compute rowsum(dO * O) themselves from the global O.
+        B, Sq, H, D = q.shape
+        G = H // k.shape[2]
+        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if dq is None else dq
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device) if dk is None else dk
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device) if dv is None else dv
+        for p in _pieces(q, k, q_pos, k_pos, causal):
+            rows = slice(p.q0, p.q1)
+            gq, gk, gv = piece_bwd(
+                dout[:, rows], q[:, rows], _repeat_kv(k[:, p.k0:p.k1], G), _repeat_kv(v[:, p.k0:p.k1], G),
+                out[:, rows], lse[:, :, rows], p.causal, scale,
+            )
+            dq[:, rows] += gq
+            dk[:, p.k0:p.k1] += _sum_groups(gk, G)
+            dv[:, p.k0:p.k1] += _sum_groups(gv, G)
+        return dq, dk, dv
+
+    def check(q, k, v):
+        """What the fused ops take; a request they cannot serve names the engines that can."""
+        if q.device.type != "cuda":
+            raise ValueError(
+                f"the {name} engine needs CUDA tensors; got {q.device}. On the CPU use "
+                "backend='reference' (or 'triton' under TRITON_INTERPRET=1)"
+            )
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(
+                f"the {name} engine takes float16 or bfloat16; got {q.dtype}. backend='triton' or "
+                "'reference' also take float32"
+            )
+        max_d = 128 if name == "cudnn" else 256
+        if q.shape[-1] % 8 or q.shape[-1] > max_d:
+            raise ValueError(
+                f"the {name} engine takes head dims that are multiples of 8 up to {max_d}; got "
+                f"{q.shape[-1]}. backend='triton' takes multiples of 8 up to 256"
+            )
+
+    return SimpleNamespace(
+        name=name, forward=forward, backward=backward, backward_delta=lambda out, dout: None,
+        check=check if fused else None, host_positions=True, needs_out=True,
+    )

@@ -1,0 +1,113 @@
+"""The SDPA engines' mask decomposition, and the engine logic with plain-PyTorch piece kernels.
+
+The fused cuDNN/flash ops need a GPU (tests/test_sdpa_gpu.py); here each piece runs through
+the reference attention, rounded to the input dtype as the fused ops round, so the
+decomposition, the merges and the backward bookkeeping are checked against float64 on the CPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from distributed import spawn
+from ringflash import Striped, get_layout, reference, ring_attention
+from ringflash.sdpa import decompose, make_engine
+
+LAYOUTS = ["contiguous", "striped", "zigzag"]
+
+
+def _mask_from_pieces(pieces, Sq, Sk):
+    covered = torch.zeros(Sq, Sk, dtype=torch.int64)
+    for p in pieces:
+        block = torch.ones(p.q1 - p.q0, p.k1 - p.k0, dtype=torch.int64)
+        if p.causal:
+            assert p.q1 - p.q0 == p.k1 - p.k0, "causal pieces are square"
+            block = torch.tril(block)
+        covered[p.q0:p.q1, p.k0:p.k1] += block
+    return covered
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
+def test_every_ring_step_decomposes_exactly(layout, world_size):
+    lay = get_layout(layout)
+    local = 2 * 6
+    for r, src in itertools.product(range(world_size), repeat=2):
+        q_pos = lay.local_positions(local, rank=r, world_size=world_size)
+        k_pos = lay.local_positions(local, rank=src, world_size=world_size)
+        pieces = decompose(q_pos, k_pos, True)
+        assert len(pieces) <= 3, (layout, r, src, pieces)
+        want = (q_pos[:, None] >= k_pos[None, :]).long()
+        assert torch.equal(_mask_from_pieces(pieces, local, local), want), (layout, r, src, pieces)
+
+
+def test_bottom_right_causal_and_full():
+    q_pos, k_pos = reference.default_positions(5, 9)
+    assert torch.equal(_mask_from_pieces(decompose(q_pos, k_pos, True), 5, 9), (q_pos[:, None] >= k_pos).long())
+    q_pos, k_pos = reference.default_positions(9, 4)  # the first 5 queries see nothing
+    assert torch.equal(_mask_from_pieces(decompose(q_pos, k_pos, True), 9, 4), (q_pos[:, None] >= k_pos).long())
+    assert len(decompose(torch.arange(7), torch.arange(3), False)) == 1
+
+
+def test_wide_stripes_are_refused_with_the_engine_that_can():
+    lay = Striped(stripe=4)
+    q_pos = lay.local_positions(64, rank=1, world_size=2)
+    k_pos = lay.local_positions(64, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="backend='triton'"):
+        decompose(q_pos, k_pos, True)
+
+
+def _piece_fwd(q, k, v, causal, scale):
+    out, lse = reference.forward(q, k, v, causal=causal, softmax_scale=scale)
+    return out.to(q.dtype), lse  # the fused ops return O in the input dtype
+
+
+def _piece_bwd(dout, q, k, v, out, lse, causal, scale):
+    delta = reference.backward_delta(out, dout)
+    return [g.to(q.dtype) for g in reference.backward(dout, q, k, v, lse, delta, causal=causal, softmax_scale=scale)]
+
+
+EMULATED = make_engine("emulated", piece_fwd=_piece_fwd, piece_bwd=_piece_bwd)
+
+
+def rel(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _ring(rank, world_size, seed):
+    results = {}
+    for i, (layout, causal, (h, hkv)) in enumerate(itertools.product(LAYOUTS, [True, False], [(4, 4), (8, 2)])):
+        g = torch.Generator().manual_seed(seed + i)
+        S = 8 * world_size
+        q = torch.randn(2, S, h, 32, generator=g, dtype=torch.float64)
+        k = torch.randn(2, S, hkv, 32, generator=g, dtype=torch.float64)
+        v = torch.randn(2, S, hkv, 32, generator=g, dtype=torch.float64)
+        dout = torch.randn(2, S, h, 32, generator=g, dtype=torch.float64)
+        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+        ref, _ = reference.attention(qq, kk, vv, causal=causal)
+        ref.backward(dout)
+        lay = get_layout(layout)
+        shard = lambda x: lay.shard(x, rank=rank, world_size=world_size)  # noqa: E731
+        ql, kl, vl = (shard(x).float().requires_grad_() for x in (q, k, v))
+        out = ring_attention(ql, kl, vl, causal=causal, layout=lay, backend=EMULATED)
+        out.backward(shard(dout).float())
+        got = [lay.unshard(x) for x in (out.detach(), ql.grad, kl.grad, vl.grad)]
+        results[(layout, causal, hkv)] = [rel(a, b) for a, b in zip(got, (ref, qq.grad, kk.grad, vv.grad))]
+    return results
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_ring_with_the_engine_logic(world_size):
+    for rank, res in enumerate(spawn(_ring, world_size, 4321, timeout=300)):
+        for case, errs in res.items():
+            assert all(e < 1e-5 for e in errs), (rank, case, errs)
+
+
+@pytest.mark.parametrize("backend", ["cudnn", "sdpa_flash"])
+def test_engines_refuse_cpu_tensors_by_name(backend):
+    q = torch.randn(1, 8, 2, 32)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        ring_attention(q, q, q, backend=backend)
