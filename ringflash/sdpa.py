@@ -58,37 +58,55 @@ def decompose(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, *, max_pie
     layouts with stripes wider than one token).
     """
     Sq, Sk = q_pos.numel(), k_pos.numel()
+    if Sq == 0 or Sk == 0:
+        return []
     if not causal:
-        return [Piece(0, Sq, 0, Sk, False)] if Sq and Sk else []
-    # c[i]: how many keys query i sees (a prefix, since positions increase).
-    c = torch.searchsorted(k_pos.contiguous(), q_pos.contiguous(), right=True).tolist()
+        return [Piece(0, Sq, 0, Sk, False)]
+    # c[i]: how many keys query i sees (a prefix, since positions increase). Rows are grouped
+    # by the step of c from one row to the next: 0 (a full piece), 1 (full + causal square),
+    # anything else (rows on their own). Only the few segments are visited in Python.
+    c = torch.searchsorted(k_pos.contiguous(), q_pos.contiguous(), right=True)
+    if Sq == 1:
+        segments = [(0, 0)]  # (last row of the segment, step)
+    else:
+        d = c[1:] - c[:-1]  # d[t] links rows t and t + 1
+        starts = [0] + (torch.nonzero(d[1:] != d[:-1]).flatten() + 1).tolist()
+        segments = list(zip([t - 1 for t in starts[1:]] + [Sq - 2], d[starts].tolist()))
+        segments = [(last + 1, step) for last, step in segments]
+    c = c.tolist()
     pieces: list[Piece] = []
-    i = 0
-    while i < Sq:
-        if c[i] == 0:  # a row that sees no key: no piece, O = 0 and LSE = -inf
-            i += 1
-            continue
-        j = i + 1
-        if j < Sq and c[j] == c[i]:
-            while j < Sq and c[j] == c[i]:
-                j += 1
-            pieces.append(Piece(i, j, 0, c[i], False))
-        else:
-            while j < Sq and c[j] == c[j - 1] + 1:
-                j += 1
-            if j - i == 1:
-                pieces.append(Piece(i, j, 0, c[i], False))
-            else:
-                base = c[i] - 1  # keys every row of the run sees
-                if base > 0:
-                    pieces.append(Piece(i, j, 0, base, False))
-                pieces.append(Piece(i, j, base, base + (j - i), True))
+
+    def add(piece):
+        pieces.append(piece)
         if len(pieces) > max_pieces:
             raise ValueError(
                 f"this mask needs more than {max_pieces} full/causal pieces for the SDPA engines "
                 f"(e.g. stripes wider than one token); use backend='triton', which masks by position"
             )
-        i = j
+
+    row = 0  # the first row not yet in a piece
+    for n, (last, step) in enumerate(segments):
+        if step in (0, 1) or Sq == 1:
+            a, b, row = row, last + 1, last + 1
+        else:  # a jump: the rows before `last` stand alone; `last` opens the next segment
+            a, b = row, (last if n + 1 < len(segments) else last + 1)
+            for i in range(a, b):
+                if c[i] > 0:
+                    add(Piece(i, i + 1, 0, c[i], False))
+            row = b
+            continue
+        if a >= b:
+            continue
+        if step == 0 or b - a == 1:
+            if c[a] > 0:
+                add(Piece(a, b, 0, c[a], False))
+            continue
+        if c[a] == 0:  # a row that sees no key: no piece (O = 0, LSE = -inf)
+            a += 1
+        base = c[a] - 1  # keys that every row of the run sees
+        if base > 0:
+            add(Piece(a, b, 0, base, False))
+        add(Piece(a, b, base, base + (b - a), True))
     return pieces
 
 
@@ -178,14 +196,21 @@ def make_engine(name: str, *, piece_fwd=None, piece_bwd=None) -> SimpleNamespace
         B, Sq, H, D = q.shape
         G = H // k.shape[2]
         scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-        if out is None:
-            out = torch.zeros((B, Sq, H, D), dtype=torch.float32, device=q.device)
-            lse = torch.full((B, H, Sq), -math.inf, dtype=torch.float32, device=q.device)
         for p in _pieces(q, k, q_pos, k_pos, causal):
             o, l = piece_fwd(
                 q[:, p.q0:p.q1], _repeat_kv(k[:, p.k0:p.k1], G), _repeat_kv(v[:, p.k0:p.k1], G), p.causal, scale
             )
+            if out is None and (p.q0, p.q1) == (0, Sq):  # the first piece covers every row: no merge
+                out = o.to(torch.float32, memory_format=torch.contiguous_format)
+                lse = l.to(torch.float32, memory_format=torch.contiguous_format)
+                continue
+            if out is None:
+                out = torch.zeros((B, Sq, H, D), dtype=torch.float32, device=q.device)
+                lse = torch.full((B, H, Sq), -math.inf, dtype=torch.float32, device=q.device)
             merge_(out[:, p.q0:p.q1], lse[:, :, p.q0:p.q1], o, l.float())
+        if out is None:  # no piece: every row sees nothing
+            out = torch.zeros((B, Sq, H, D), dtype=torch.float32, device=q.device)
+            lse = torch.full((B, H, Sq), -math.inf, dtype=torch.float32, device=q.device)
         return out, lse
 
     def backward(dout, q, k, v, lse, delta, *, q_pos=None, k_pos=None, causal=False, softmax_scale=None,

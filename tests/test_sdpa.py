@@ -39,9 +39,19 @@ def test_every_ring_step_decomposes_exactly(layout, world_size):
         q_pos = lay.local_positions(local, rank=r, world_size=world_size)
         k_pos = lay.local_positions(local, rank=src, world_size=world_size)
         pieces = decompose(q_pos, k_pos, True)
-        assert len(pieces) <= 3, (layout, r, src, pieces)
+        assert len(pieces) <= 1, (layout, r, src, pieces)
         want = (q_pos[:, None] >= k_pos[None, :]).long()
         assert torch.equal(_mask_from_pieces(pieces, local, local), want), (layout, r, src, pieces)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_any_increasing_positions_decompose_exactly(seed):
+    g = torch.Generator().manual_seed(seed)
+    Sq, Sk = torch.randint(1, 40, (2,), generator=g).tolist()
+    gaps = [torch.randint(1, 4, (n,), generator=g) for n in (Sq, Sk)]
+    q_pos, k_pos = (x.cumsum(0) + torch.randint(-5, 5, (1,), generator=g) for x in gaps)
+    pieces = decompose(q_pos, k_pos, True, max_pieces=10_000)
+    assert torch.equal(_mask_from_pieces(pieces, Sq, Sk), (q_pos[:, None] >= k_pos[None, :]).long())
 
 
 def test_bottom_right_causal_and_full():
