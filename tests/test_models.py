@@ -10,13 +10,13 @@ group as :mod:`ringflash.batch` says must match to float64 rounding.
 from __future__ import annotations
 
 import dataclasses
-import io
 import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from common import rel, pack, unpack
 from distributed import spawn
 from ringflash.batch import average_gradients, shard_batch, sharded_cross_entropy, unshard
 from ringflash.models import GPT, GPTConfig
@@ -28,19 +28,6 @@ IGNORED = 5  # the first IGNORED labels of every row are -100: the ranks' token 
 TOL = 1e-10
 
 
-def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm()).item()
-
-
-def _pack(obj) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def _unpack(data: bytes):
-    return torch.load(io.BytesIO(data))
 
 
 def _model(seed: int, group=None, **overrides) -> GPT:
@@ -95,7 +82,7 @@ def _gpt_grid(rank, world_size, seed):
         results["unpadded-error"] = str(e)
     ids_p, labels_p, pos = shard_batch(ids, labels, layout="zigzag", pad_id=0)
     results["padded-shapes"] = (tuple(ids_p.shape), tuple(labels_p.shape), pos.tolist())
-    return _pack(results) if rank == 0 else None
+    return pack(results) if rank == 0 else None
 
 
 def _dp_cp(rank, world_size, seed):
@@ -108,7 +95,7 @@ def _dp_cp(rank, world_size, seed):
     model = DDP(_model(seed, group=mesh["cp"], layout="zigzag"))
     ids, labels = _batch(seed + 10 + dp)  # each data-parallel replica has its own batch
     logits, loss, grads = _sharded(model, ids, labels, "zigzag", group=mesh["cp"], average=False)
-    return _pack((dp, logits, loss, grads))
+    return pack((dp, logits, loss, grads))
 
 
 _SEED = random.randrange(1 << 30)  # fresh inputs every run; printed on failure
@@ -117,7 +104,7 @@ _RUNS: dict = {}
 
 def gpt_grid() -> dict:
     if "grid" not in _RUNS:
-        _RUNS["grid"] = _unpack(spawn(_gpt_grid, 2, _SEED, timeout=240)[0])
+        _RUNS["grid"] = unpack(spawn(_gpt_grid, 2, _SEED, timeout=240)[0])
     return _RUNS["grid"]
 
 
@@ -156,7 +143,7 @@ def test_shard_batch_padding():
 
 
 def test_ddp_over_data_and_context_parallel_mesh():
-    runs = [_unpack(r) for r in spawn(_dp_cp, 4, _SEED, timeout=240)]
+    runs = [unpack(r) for r in spawn(_dp_cp, 4, _SEED, timeout=240)]
     refs = [_full(_model(_SEED, layout="zigzag"), *_batch(_SEED + 10 + dp)) for dp in range(2)]
     mean_grads = {n: (refs[0][2][n] + refs[1][2][n]) / 2 for n in refs[0][2]}
     for rank, (dp, logits, loss, grads) in enumerate(runs):

@@ -10,7 +10,6 @@ module run in bfloat16 on the full sequence (both against float64).
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 import random
@@ -19,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from common import rel, pack, unpack
 from distributed import spawn
 from ringflash import MultiheadAttention, RingAttention, get_layout, reference
 from ringflash.nn import apply_rotary, rotary_tables
@@ -33,20 +33,6 @@ CASES = list(itertools.product(LAYOUTS, HEADS, DTYPES))
 NAMES = ["out", "dx"]  # then one entry per parameter
 
 
-def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm()).item()
-
-
-def _pack(obj) -> bytes:
-    # Tensors go back as bytes: a shared-memory handle would not outlive the worker.
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def _unpack(data: bytes):
-    return torch.load(io.BytesIO(data))
 
 
 def _module(case_seed: int, heads: int, heads_kv: int, layout, group=None) -> MultiheadAttention:
@@ -126,7 +112,7 @@ def _grid(rank, world_size, seed):
         except ValueError as e:
             errors[name] = str(e)
     results[("errors",)] = errors
-    return _pack(results) if rank == 0 else None
+    return pack(results) if rank == 0 else None
 
 
 _SEED = random.randrange(1 << 30)  # fresh inputs every run; printed on failure
@@ -135,7 +121,7 @@ _RUNS: dict[int, dict] = {}
 
 def grid(world_size: int) -> dict:
     if world_size not in _RUNS:
-        _RUNS[world_size] = _unpack(spawn(_grid, world_size, _SEED, timeout=240)[0])
+        _RUNS[world_size] = unpack(spawn(_grid, world_size, _SEED, timeout=240)[0])
     return _RUNS[world_size]
 
 

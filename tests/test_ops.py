@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from common import rel
 
 from ringflash import flash_attention, reference
 
-
-def rel(x, ref):
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 @pytest.mark.parametrize("causal", [False, True])

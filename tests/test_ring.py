@@ -14,6 +14,7 @@ import random
 import pytest
 import torch
 
+from common import rel
 from distributed import spawn
 from ringflash import Striped, get_layout, reference, ring_attention
 
@@ -27,11 +28,6 @@ LOCAL_SEQLEN = 6  # per rank; a multiple of 2 so zigzag splits
 GROWTH_SEQLEN = 96  # divisible by 2P for every P in WORLD_SIZES: same data for every world size
 
 CASES = list(itertools.product(LAYOUTS, [False, True], HEADS, HEAD_DIMS, DTYPES))
-
-
-def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm()).item()
 
 
 def _inputs(seed, seqlen, heads, heads_kv, head_dim):

@@ -12,6 +12,7 @@ import itertools
 import pytest
 import torch
 
+from common import rel
 from distributed import spawn
 from ringflash import Striped, get_layout, reference, ring_attention
 from ringflash.sdpa import decompose, make_engine
@@ -82,9 +83,6 @@ def _piece_bwd(dout, q, k, v, out, lse, causal, scale):
 
 EMULATED = make_engine("emulated", piece_fwd=_piece_fwd, piece_bwd=_piece_bwd)
 
-
-def rel(x, ref):
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def _ring(rank, world_size, seed):
