@@ -11,6 +11,10 @@ signatures and contract:
 ``backward_delta(out, dout)``
     ``rowsum(dO * O)`` as ``(B, H, Sq)`` float32.
 
+Optional: ``dkdv_hook`` (``backward`` takes ``after_dkdv``, a callback run between its dK/dV
+and dQ work) and ``backward_blocks`` (returns a block's dK/dV as key-range fragments in the
+input dtype, for the ring to add into the travelling float32 sums in one pass).
+
 ``"reference"`` is plain PyTorch (any device); ``"triton"`` is :mod:`ringflash.kernels`
 (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``); ``"cudnn"`` and ``"sdpa_flash"``
 are PyTorch's fused SDPA kernels (:mod:`ringflash.sdpa`; they take host positions and the
@@ -64,6 +68,7 @@ def get_backend(backend, device: torch.device) -> SimpleNamespace:
             backward=kernels.backward,
             backward_delta=kernels.backward_delta,
             check=getattr(kernels, "check_inputs", None),
+            dkdv_hook=True,
         )
     if backend in ("cudnn", "sdpa_flash"):
         from . import sdpa

@@ -52,6 +52,46 @@ def _visible_any(causal: bool, q_pos: torch.Tensor, k_pos: torch.Tensor) -> bool
     return (not causal) or int(q_pos[-1]) >= int(k_pos[0])
 
 
+def _fold(dst: torch.Tensor, prev: torch.Tensor | None, frags) -> None:
+    """``dst = prev + sum of fragments`` (``prev`` None: zeros) over the key axis of the
+    stacked (2, B, Sk, Hkv, D) ``dst``, touching each element as few times as the fragments
+    allow: a key range's first fragment is added to ``prev`` straight into ``dst`` (one pass
+    instead of a zero fill and two additions), later ones are added in place, and keys no
+    fragment covers get ``prev`` (or zeros)."""
+    done: list[tuple[int, int]] = []  # key ranges of dst already written, disjoint and sorted
+    for k0, k1, gk, gv in frags:
+        cuts = sorted({k0, k1, *(x for a, b in done for x in (a, b) if k0 < x < k1)})
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            written = any(x <= a and b <= y for x, y in done)
+            for i, g in enumerate((gk, gv)):
+                part, out = g[:, a - k0:b - k0], dst[i][:, a:b]
+                if written:
+                    out += part
+                elif prev is None:
+                    out.copy_(part)
+                else:
+                    torch.add(prev[i][:, a:b], part, out=out)
+        done = _union(done + [(k0, k1)])
+    n, start = dst.shape[2], 0
+    for a, b in done + [(n, n)]:
+        if start < a:
+            if prev is None:
+                dst[:, :, start:a].zero_()
+            else:
+                dst[:, :, start:a].copy_(prev[:, :, start:a])
+        start = max(start, b)
+
+
+def _union(ranges):
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, softmax_scale, layout, group, be):
@@ -107,37 +147,67 @@ class _RingAttention(torch.autograd.Function):
 
         kv = torch.stack([k, v])
         kv_next = torch.empty_like(kv) if P > 1 else None
-        # dK/dV accumulators (float32): the one we fill this step, the one we sent last step,
-        # and receive buffers; two of each so a buffer is never reused while in flight.
+        # dK/dV accumulators (float32): the one we fill this step and the one we sent last
+        # step, and two receive buffers, so a buffer is never reused while in flight. The last
+        # hop carries finished sums, so it travels in the input dtype: half the bytes of float32
+        # and the same result, since the sum is rounded to that dtype on arrival anyway.
         local = [torch.empty(kv.shape, dtype=acc_dtype, device=q.device) for _ in range(min(P, 2))]
         recv = [torch.empty_like(local[0]) for _ in range(2)] if P > 1 else []
-        grads_pending = None
+        final = torch.empty_like(kv) if P > 1 else None
+        blocks = getattr(be, "backward_blocks", None)  # engines that return dK/dV fragments
+        hook = getattr(be, "dkdv_hook", False)  # engines that can run a callback before their dQ work
+        state = {"pending": None, "last_sent": None, "passed": None}
+
+        def pass_on(step, frags=None):
+            """Fold what the previous rank sent for the K/V we hold into this step's dK/dV and
+            send the sum on (to the owner of the K/V after the last step)."""
+            dkv = local[step % 2]
+            prev = None
+            if state["pending"] is not None:
+                state["pending"].wait()
+                prev = recv[(step - 1) % 2]
+            if frags is not None:
+                _fold(dkv, prev, frags)
+            elif prev is not None:
+                dkv += prev
+            state["passed"] = step
+            if P == 1:
+                state["last_sent"] = dkv
+            elif step < P - 1:
+                state["pending"] = ring.exchange([dkv], [recv[step % 2]])
+            else:
+                state["last_sent"] = dkv.to(k.dtype)  # kept alive until the transfer is waited on
+                state["pending"] = ring.exchange([state["last_sent"]], [final])
+
         for step in range(P):
             src = (r - step) % P
             kv_pending = ring.exchange([kv], [kv_next]) if step < P - 1 else None
-            dkv = local[step % 2]
-            dkv.zero_()
-            if _visible_any(ctx.causal, pos_host[r], pos_host[src]):
-                be.backward(
-                    dout, q, kv[0], kv[1], lse, delta, q_pos=pos[r], k_pos=pos[src],
-                    causal=ctx.causal, softmax_scale=ctx.softmax_scale, dq=dq, dk=dkv[0], dv=dkv[1],
-                    **extras,
-                )
-            if grads_pending is not None:
-                # What the ranks before us added for the same K/V, sent one step ago.
-                grads_pending.wait()
-                dkv += recv[(step - 1) % 2]
-            if P > 1:
-                grads_pending = ring.exchange([dkv], [recv[step % 2]])
+            visible = _visible_any(ctx.causal, pos_host[r], pos_host[src])
+            kwargs = dict(q_pos=pos[r], k_pos=pos[src], causal=ctx.causal, softmax_scale=ctx.softmax_scale, **extras)
+            if blocks is not None:
+                frags = blocks(dout, q, kv[0], kv[1], lse, delta, dq=dq, **kwargs) if visible else []
+                pass_on(step, frags)
+            else:
+                dkv = local[step % 2]
+                dkv.zero_()
+                if visible and hook:
+                    # The dK/dV work is queued first; the transfer is posted before the dQ work,
+                    # which it then overlaps (after the last step there is nothing else).
+                    be.backward(dout, q, kv[0], kv[1], lse, delta, dq=dq, dk=dkv[0], dv=dkv[1],
+                                after_dkdv=lambda step=step: pass_on(step), **kwargs)
+                elif visible:
+                    be.backward(dout, q, kv[0], kv[1], lse, delta, dq=dq, dk=dkv[0], dv=dkv[1], **kwargs)
+                if state["passed"] != step:
+                    pass_on(step)
             if kv_pending is not None:
                 kv_pending.wait()
                 kv, kv_next = kv_next, kv
         if P > 1:
-            # The last hop: the accumulator of our own K/V, complete, from the previous rank.
-            grads_pending.wait()
-            dkv = recv[(P - 1) % 2]
+            # The last hop: the finished dK/dV of our own K/V, from the previous rank.
+            state["pending"].wait()
+            dkv = final
         else:
-            dkv = local[0]
+            dkv = state["last_sent"]
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
 
 

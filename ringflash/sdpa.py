@@ -19,19 +19,18 @@ piece takes the global O and LSE rows of its queries, and its dQ/dK/dV (input dt
 added into the float32 accumulators. So the SDPA engines round once per piece, where the
 Triton engine rounds once per layer: their bf16 error grows slowly with the number of ranks.
 
-GQA: these ops take as many K/V heads as query heads, so K/V are repeated per piece (a
-transient copy of the block) and dK/dV summed back over the group.
+GQA: the fused ops take fewer K/V heads than query heads (a divisor) and return dK/dV summed
+over each group, so K/V are never repeated.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
-from einops import rearrange, reduce
-
 from .reference import default_positions, merge_
 
 __all__ = ["Piece", "decompose", "make_engine", "ENGINES", "MAX_PIECES"]
@@ -117,20 +116,6 @@ def _bhsd(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2)  # (B, S, H, D) -> (B, H, S, D), a view
 
 
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    if groups == 1:
-        return x
-    return rearrange(x, "b s h d -> b s h 1 d").expand(-1, -1, -1, groups, -1).reshape(
-        x.shape[0], x.shape[1], x.shape[2] * groups, x.shape[3]
-    )
-
-
-def _sum_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
-    if groups == 1:
-        return x
-    return reduce(x.float(), "b s (h g) d -> b s h d", "sum", g=groups)
-
-
 def _cudnn_fwd(q, k, v, causal, scale):
     out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
         _bhsd(q), _bhsd(k), _bhsd(v), None, True, 0.0, causal, False, scale=scale
@@ -170,13 +155,45 @@ _OPS = {"cudnn": (_cudnn_fwd, _cudnn_bwd), "sdpa_flash": (_flash_fwd, _flash_bwd
 # -- the engine ------------------------------------------------------------------------------
 
 
-def _pieces(q, k, q_pos, k_pos, causal):
+_PIECES: dict = {}
+
+
+def _pieces(q, k, q_pos, k_pos, causal) -> list[Piece]:
+    """The pieces of one block, decomposed once per pair of position tensors and cached.
+
+    The ring passes the same cached host position tensors on every call, so after the first
+    call of a shape this is a dictionary lookup: no host work on the critical path. The key
+    holds the tensors themselves (their ids stay theirs) and their version counters (an
+    in-place change is a new key).
+    """
+    Sq, Sk = q.shape[1], k.shape[1]
     if not causal:
-        return [Piece(0, q.shape[1], 0, k.shape[1], False)]
+        return [Piece(0, Sq, 0, Sk, False)] if Sq and Sk else []
     if q_pos is None or k_pos is None:
-        q_pos, k_pos = default_positions(q.shape[1], k.shape[1])
-    # The ring passes host copies of the positions (host_positions=True): no device sync here.
-    return decompose(q_pos.cpu(), k_pos.cpu(), True)
+        key = ("default", Sq, Sk)
+    else:
+        key = (id(q_pos), q_pos._version, id(k_pos), k_pos._version)
+    hit = _PIECES.get(key)
+    if hit is not None:
+        return hit[-1]
+    if q_pos is None or k_pos is None:
+        pieces = decompose(*default_positions(Sq, Sk), True)
+    else:
+        # The ring passes host copies of the positions (host_positions=True): no device sync here.
+        pieces = decompose(q_pos.cpu(), k_pos.cpu(), True)
+    if len(_PIECES) > 1024:
+        _PIECES.clear()
+    _PIECES[key] = (q_pos, k_pos, pieces)
+    return pieces
+
+
+def _merge_fn(device: torch.device):
+    # One fused pass on CUDA (and under the Triton interpreter); plain PyTorch elsewhere.
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        from .kernels.merge import merge_ as fused_merge
+
+        return fused_merge
+    return merge_
 
 
 def make_engine(name: str, *, piece_fwd=None, piece_bwd=None) -> SimpleNamespace:
@@ -194,12 +211,10 @@ def make_engine(name: str, *, piece_fwd=None, piece_bwd=None) -> SimpleNamespace
 
     def forward(q, k, v, *, q_pos=None, k_pos=None, causal=False, softmax_scale=None, out=None, lse=None):
         B, Sq, H, D = q.shape
-        G = H // k.shape[2]
         scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+        merge = _merge_fn(q.device)
         for p in _pieces(q, k, q_pos, k_pos, causal):
-            o, l = piece_fwd(
-                q[:, p.q0:p.q1], _repeat_kv(k[:, p.k0:p.k1], G), _repeat_kv(v[:, p.k0:p.k1], G), p.causal, scale
-            )
+            o, l = piece_fwd(q[:, p.q0:p.q1], k[:, p.k0:p.k1], v[:, p.k0:p.k1], p.causal, scale)
             if out is None and (p.q0, p.q1) == (0, Sq):  # the first piece covers every row: no merge
                 out = o.to(torch.float32, memory_format=torch.contiguous_format)
                 lse = l.to(torch.float32, memory_format=torch.contiguous_format)
@@ -207,30 +222,39 @@ def make_engine(name: str, *, piece_fwd=None, piece_bwd=None) -> SimpleNamespace
             if out is None:
                 out = torch.zeros((B, Sq, H, D), dtype=torch.float32, device=q.device)
                 lse = torch.full((B, H, Sq), -math.inf, dtype=torch.float32, device=q.device)
-            merge_(out[:, p.q0:p.q1], lse[:, :, p.q0:p.q1], o, l.float())
+            merge(out[:, p.q0:p.q1], lse[:, :, p.q0:p.q1], o, l)
         if out is None:  # no piece: every row sees nothing
             out = torch.zeros((B, Sq, H, D), dtype=torch.float32, device=q.device)
             lse = torch.full((B, H, Sq), -math.inf, dtype=torch.float32, device=q.device)
         return out, lse
 
-    def backward(dout, q, k, v, lse, delta, *, q_pos=None, k_pos=None, causal=False, softmax_scale=None,
-                 dq=None, dk=None, dv=None, out=None):
+    def backward_blocks(dout, q, k, v, lse, delta, *, q_pos=None, k_pos=None, causal=False, softmax_scale=None,
+                        dq, out):
+        """Add this block's dQ into the float32 ``dq``; return its dK/dV as fragments
+        ``[(k0, k1, dk, dv)]`` (keys ``k0:k1``, in the input dtype, one per piece), for the
+        caller to add into its accumulators in as few passes as it can (see ring.py)."""
         # The fused backward ops compute rowsum(dO * O) themselves from the global O.
-        B, Sq, H, D = q.shape
-        G = H // k.shape[2]
-        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if dq is None else dq
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device) if dk is None else dk
-        dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device) if dv is None else dv
+        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        frags = []
         for p in _pieces(q, k, q_pos, k_pos, causal):
             rows = slice(p.q0, p.q1)
             gq, gk, gv = piece_bwd(
-                dout[:, rows], q[:, rows], _repeat_kv(k[:, p.k0:p.k1], G), _repeat_kv(v[:, p.k0:p.k1], G),
-                out[:, rows], lse[:, :, rows], p.causal, scale,
+                dout[:, rows], q[:, rows], k[:, p.k0:p.k1], v[:, p.k0:p.k1], out[:, rows], lse[:, :, rows],
+                p.causal, scale,
             )
             dq[:, rows] += gq
-            dk[:, p.k0:p.k1] += _sum_groups(gk, G)
-            dv[:, p.k0:p.k1] += _sum_groups(gv, G)
+            frags.append((p.k0, p.k1, gk, gv))
+        return frags
+
+    def backward(dout, q, k, v, lse, delta, *, q_pos=None, k_pos=None, causal=False, softmax_scale=None,
+                 dq=None, dk=None, dv=None, out=None):
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if dq is None else dq
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device) if dk is None else dk
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device) if dv is None else dv
+        for k0, k1, gk, gv in backward_blocks(dout, q, k, v, lse, delta, q_pos=q_pos, k_pos=k_pos, causal=causal,
+                                              softmax_scale=softmax_scale, dq=dq, out=out):
+            dk[:, k0:k1] += gk
+            dv[:, k0:k1] += gv
         return dq, dk, dv
 
     def check(q, k, v):
@@ -254,5 +278,5 @@ def make_engine(name: str, *, piece_fwd=None, piece_bwd=None) -> SimpleNamespace
 
     return SimpleNamespace(
         name=name, forward=forward, backward=backward, backward_delta=lambda out, dout: None,
-        check=check if fused else None, host_positions=True, needs_out=True,
+        backward_blocks=backward_blocks, check=check if fused else None, host_positions=True, needs_out=True,
     )

@@ -303,3 +303,47 @@ def test_positions_must_match_lengths():
     q, k, v, _ = make_qkv(1, 10, 12, 2, 2, 32, torch.float32)
     with pytest.raises(ValueError, match="k_pos"):
         kernels.forward(q, k, v, causal=True, q_pos=torch.arange(10), k_pos=torch.arange(10))
+
+
+# -- the fused merge of the SDPA engines ------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_dtype", DTYPES)
+@pytest.mark.parametrize("D", [32, 80])
+def test_merge_matches_reference(block_dtype, D):
+    from ringflash.kernels.merge import merge_
+
+    torch.manual_seed(7)
+    B, S, H = 2, 45, 3
+    out = torch.randn(B, S, H, D)
+    lse = torch.randn(B, H, S) * 3
+    # The block's output in (B, H, S, D) memory, seen as (B, S, H, D): the fused SDPA ops'
+    # layout. Some rows are empty on one side or on both.
+    block_out = torch.randn(B, H, S, D).to(block_dtype).transpose(1, 2)
+    block_lse = torch.randn(B, H, S) * 3
+    lse[:, :, :5] = -math.inf
+    out[:, :5] = 0.0
+    block_lse[:, :, 3:9] = -math.inf
+    block_out[:, 3:9] = 0.0
+    want_out, want_lse = out.double(), lse.double()
+    reference.merge_(want_out, want_lse, block_out.double(), block_lse.double())
+
+    got_out, got_lse = out.clone(), lse.clone()
+    # A range of rows, as the engines merge one piece at a time.
+    merge_(got_out[:, 2:], got_lse[:, :, 2:], block_out[:, 2:], block_lse[:, :, 2:])
+    merge_(got_out[:, :2], got_lse[:, :, :2], block_out[:, :2], block_lse[:, :, :2])
+    assert torch.equal(torch.isinf(got_lse), torch.isinf(want_lse))
+    assert torch.equal(got_out[:, 3:5], torch.zeros_like(got_out[:, 3:5]))  # empty on both sides
+    finite = torch.isfinite(want_lse)
+    assert (got_lse.double()[finite] - want_lse[finite]).abs().max() < 1e-5
+    assert rel_err(got_out, want_out) < 1e-6
+
+
+def test_merge_rejects_mismatched_shapes():
+    from ringflash.kernels.merge import merge_
+
+    out, lse = torch.zeros(1, 8, 2, 16), torch.zeros(1, 2, 8)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        merge_(out, lse, torch.zeros(1, 7, 2, 16), torch.zeros(1, 2, 7))
+    with pytest.raises(ValueError, match="float32"):
+        merge_(out.half(), lse, out.half(), lse)

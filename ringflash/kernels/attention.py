@@ -286,12 +286,16 @@ def backward(
     dq: torch.Tensor | None = None,
     dk: torch.Tensor | None = None,
     dv: torch.Tensor | None = None,
+    after_dkdv=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Add one block pair's gradients into float32 accumulators (see :func:`ringflash.reference.backward`).
 
     dout, q: (B, Sq, H, D); k, v: (B, Sk, Hkv, D); lse, delta: (B, H, Sq) of the whole
     attention. dq (B, Sq, H, D), dk/dv (B, Sk, Hkv, D) float32 accumulators are allocated
     as zeros when not given. Deterministic: no atomics.
+
+    ``after_dkdv``: called once, after the dK/dV work is queued and before the dQ work (the
+    ring posts the transfer of dK/dV there, so that it overlaps the dQ kernel).
     """
     check_inputs(q, k, v)
     B, Sq, H, D = q.shape
@@ -325,6 +329,8 @@ def backward(
         if not acc_dkdv:
             dk.zero_()
             dv.zero_()
+        if after_dkdv is not None:
+            after_dkdv()
         return dq, dk, dv
     if causal:
         q_pos, k_pos = _positions(q_pos, k_pos, Sq, Sk, q.device)
@@ -355,9 +361,13 @@ def backward(
     if BWD_FUSED and (c1.num_warps, c1.num_stages) == (c2.num_warps, c2.num_stages):
         _attn_bwd[(n_dkdv + n_dq,)](*args, **meta, DO_DKDV=True, DO_DQ=True,
                                     num_warps=c1.num_warps, num_stages=c1.num_stages)
+        if after_dkdv is not None:
+            after_dkdv()
     else:
         _attn_bwd[(n_dkdv,)](*args, **meta, DO_DKDV=True, DO_DQ=False,
                              num_warps=c1.num_warps, num_stages=c1.num_stages)
+        if after_dkdv is not None:
+            after_dkdv()
         _attn_bwd[(n_dq,)](*args, **meta, DO_DKDV=False, DO_DQ=True,
                            num_warps=c2.num_warps, num_stages=c2.num_stages)
     return dq, dk, dv

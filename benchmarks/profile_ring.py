@@ -1,0 +1,164 @@
+"""Where a ring step's time goes: a CUDA trace of ring attention, reduced to overlap numbers.
+
+    torchrun --nproc-per-node 2 benchmarks/profile_ring.py --seqlen 32k --engines triton cudnn \
+        --out benchmarks/results/profile_h200x2
+
+For each (engine, layout, mode) every rank runs a few warm-up iterations, then rank 0
+records ``--iters`` iterations with ``torch.profiler`` and writes the Chrome trace
+(``trace_<engine>_<layout>_<mode>.json``, open it in Perfetto). From the trace's GPU kernels
+it reports, over the window from the first kernel to the last:
+
+* ``compute_ms``  time in which at least one non-NCCL kernel runs (attention, merges, adds);
+* ``nccl_ms``     time in which an NCCL kernel runs (it spins while it waits for its peer);
+* ``overlap``     the fraction of ``nccl_ms`` during which compute runs too;
+* ``exposed_ms``  NCCL running alone: communication the compute did not hide;
+* ``idle_ms``     no kernel at all (host-bound gaps, launch latency);
+* the kernels that take the most time, by name: what a faster ring would have to shorten.
+
+Results: one JSON object per configuration in ``profile.jsonl``, and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from ringflash import get_layout, ring_attention  # noqa: E402
+from bench_ring import parse_size, step_fn  # noqa: E402
+
+
+def _union(intervals):
+    """Merged, sorted, disjoint intervals."""
+    out = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def _length(intervals) -> float:
+    return sum(b - a for a, b in intervals)
+
+
+def _intersection(xs, ys) -> float:
+    """Total length of the intersection of two merged interval lists."""
+    i = j = 0
+    total = 0.0
+    while i < len(xs) and j < len(ys):
+        a, b = max(xs[i][0], ys[j][0]), min(xs[i][1], ys[j][1])
+        total += max(0.0, b - a)
+        if xs[i][1] < ys[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def summarize(trace_path: str, iters: int, top: int = 8) -> dict:
+    """Overlap numbers (milliseconds per iteration) from the GPU kernels of a Chrome trace."""
+    with open(trace_path) as f:
+        events = json.load(f)["traceEvents"]
+    kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
+    if not kernels:
+        raise RuntimeError(f"no GPU kernels in {trace_path}")
+    is_nccl = [("nccl" in e["name"].lower()) for e in kernels]
+    spans = [(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in kernels]
+    compute = _union([s for s, n in zip(spans, is_nccl) if not n])
+    nccl = _union([s for s, n in zip(spans, is_nccl) if n])
+    window = max(b for _, b in spans) - min(a for a, _ in spans)
+    busy = _length(_union(spans))
+    both = _intersection(compute, nccl)
+    by_name = defaultdict(float)
+    for e in kernels:
+        by_name[e["name"][:90]] += float(e["dur"])
+    ms = 1e-3 / iters  # trace times are microseconds
+    return dict(
+        window_ms=round(window * ms, 3),
+        compute_ms=round(_length(compute) * ms, 3),
+        nccl_ms=round(_length(nccl) * ms, 3),
+        overlap=round(both / _length(nccl), 3) if nccl else None,
+        exposed_ms=round((_length(nccl) - both) * ms, 3),
+        idle_ms=round((window - busy) * ms, 3),
+        top_kernels=[(name, round(t * ms, 3)) for name, t in sorted(by_name.items(), key=lambda x: -x[1])[:top]],
+    )
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seqlen", default="32k")
+    ap.add_argument("--layouts", nargs="+", default=["striped"])
+    ap.add_argument("--engines", nargs="+", default=["triton"], choices=["triton", "cudnn", "sdpa_flash"])
+    ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=32)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--out", required=True, help="directory for traces and profile.jsonl (rank 0)")
+    args = ap.parse_args()
+
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    P, rank = dist.get_world_size(), dist.get_rank()
+    gpu = torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "_")
+    os.makedirs(args.out, exist_ok=True)
+    S = parse_size(args.seqlen)
+    L = S // P
+    H, Hkv, D = args.heads, args.kv_heads, args.head_dim
+    g = torch.Generator(device="cuda").manual_seed(99 + rank)
+    q = torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    rows = []
+    for engine in args.engines:
+        for layout in args.layouts:
+            lay = get_layout(layout)
+            for mode in args.modes:
+                fn = step_fn(lambda a, b, c: ring_attention(a, b, c, causal=args.causal, layout=lay, backend=engine),
+                             q, k, v, mode)
+                for _ in range(args.warmup):
+                    fn()
+                torch.cuda.synchronize()
+                dist.barrier()
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
+                                                        torch.profiler.ProfilerActivity.CPU]) as prof:
+                    for _ in range(args.iters):
+                        fn()
+                    torch.cuda.synchronize()
+                dist.barrier()
+                if rank == 0:
+                    path = os.path.join(args.out, f"trace_{engine}_{layout}_{mode}.json")
+                    prof.export_chrome_trace(path)
+                    row = dict(gpu=gpu, world=P, engine=engine, layout=layout, mode=mode, S=S, H=H, Hkv=Hkv,
+                               D=D, causal=args.causal, iters=args.iters, **summarize(path, args.iters))
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    with open(os.path.join(args.out, "profile.jsonl"), "a") as f:
+                        f.write(json.dumps(row) + "\n")
+    if rank == 0:
+        print(f"\n{'engine':7s} {'layout':10s} {'mode':7s} {'window':>8s} {'compute':>8s} {'nccl':>8s} "
+              f"{'overlap':>8s} {'exposed':>8s} {'idle':>8s}   (ms per iteration, rank 0)")
+        for r in rows:
+            print(f"{r['engine']:7s} {r['layout']:10s} {r['mode']:7s} {r['window_ms']:8.2f} {r['compute_ms']:8.2f} "
+                  f"{r['nccl_ms']:8.2f} {r['overlap'] or 0:8.1%} {r['exposed_ms']:8.2f} {r['idle_ms']:8.2f}")
+        for r in rows:
+            print(f"\n{r['engine']} {r['layout']} {r['mode']}: top kernels (ms per iteration)")
+            for name, t in r["top_kernels"]:
+                print(f"  {t:8.3f}  {name}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Fold a partial attention result into a running float32 one: one pass, one launch.
+
+``merge_(out, lse, block_out, block_lse)`` does what :func:`ringflash.reference.merge_` does
+(online-softmax merge, empty rows stay O = 0 and LSE = -inf), reading the block's output in
+its own dtype and strides (e.g. the bf16 output of a fused SDPA op) and writing ``out`` and
+``lse`` in place. The plain-PyTorch version takes about ten elementwise passes over the
+output; this kernel reads each element once and writes it once. Used by the SDPA engines
+(:mod:`ringflash.sdpa`), whose kernels cannot fold into a running result themselves.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["merge_"]
+
+_BLOCK_S = 32
+
+
+@triton.jit
+def _merge_kernel(
+    O, L, BO, BL,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh, stride_ls,
+    stride_bob, stride_bos, stride_boh, stride_bod,
+    stride_blb, stride_blh, stride_bls,
+    H, S,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < S
+    mask = row_ok[:, None] & (cols[None, :] < HEAD_DIM)
+
+    l_ptrs = L + b * stride_lb + h * stride_lh + rows * stride_ls
+    o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + cols[None, :]
+    bl_ptrs = BL + b * stride_blb + h * stride_blh + rows * stride_bls
+    bo_ptrs = BO + b * stride_bob + h * stride_boh + rows[:, None] * stride_bos + cols[None, :] * stride_bod
+
+    lse_old = tl.load(l_ptrs, mask=row_ok, other=float("-inf"))
+    lse_new = tl.load(bl_ptrs, mask=row_ok, other=float("-inf")).to(tl.float32)
+    o_old = tl.load(o_ptrs, mask=mask, other=0.0)
+    o_new = tl.load(bo_ptrs, mask=mask, other=0.0).to(tl.float32)
+
+    mx = tl.maximum(lse_old, lse_new)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    lse = mx + tl.log(tl.exp(lse_old - mx) + tl.exp(lse_new - mx))
+    # Both sides empty: lse = -inf; weigh both by exp(-inf - 0) = 0 instead of NaN.
+    ref = tl.where(lse == float("-inf"), 0.0, lse)
+    w_old = tl.exp(lse_old - ref)
+    w_new = tl.exp(lse_new - ref)
+    o = o_old * w_old[:, None] + o_new * w_new[:, None]
+    tl.store(o_ptrs, o, mask=mask)
+    tl.store(l_ptrs, lse, mask=row_ok)
+
+
+def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+    """Fold ``(block_out, block_lse)`` into the float32 ``(out, lse)`` in place.
+
+    ``out``: (B, S, H, D) float32 with a contiguous last dim; ``lse``: (B, H, S) float32;
+    ``block_out``: (B, S, H, D) in any float dtype and strides; ``block_lse``: (B, H, S).
+    Views (e.g. a range of rows) are fine.
+    """
+    B, S, H, D = out.shape
+    if block_out.shape != out.shape or lse.shape != (B, H, S) or block_lse.shape != (B, H, S):
+        raise ValueError(
+            f"merge_: shapes do not match: out {tuple(out.shape)}, lse {tuple(lse.shape)}, "
+            f"block_out {tuple(block_out.shape)}, block_lse {tuple(block_lse.shape)}"
+        )
+    if out.dtype != torch.float32 or lse.dtype != torch.float32 or out.stride(-1) != 1:
+        raise ValueError("merge_: out and lse must be float32, out with a contiguous last dim")
+    if out.numel() == 0:
+        return
+    grid = (triton.cdiv(S, _BLOCK_S), B * H)
+    _merge_kernel[grid](
+        out, lse, block_out, block_lse,
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        block_out.stride(0), block_out.stride(1), block_out.stride(2), block_out.stride(3),
+        block_lse.stride(0), block_lse.stride(1), block_lse.stride(2),
+        H, S,
+        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_S=_BLOCK_S,
+        num_warps=4,
+    )
