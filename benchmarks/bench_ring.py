@@ -178,6 +178,7 @@ def main():
 
     local = int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(local)
+    os.environ.setdefault("TORCH_NCCL_HIGH_PRIORITY", "1")  # as launch/train.py; README, "Performance"
     dist.init_process_group("nccl", device_id=torch.device("cuda", local))
     P, rank = dist.get_world_size(), dist.get_rank()
     gpu = torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "_")

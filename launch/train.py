@@ -280,6 +280,9 @@ def setup_distributed(cfg: TrainConfig, rank: int, world_size: int, local_rank: 
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
+        # NCCL kernels on high-priority streams start as soon as SMs free up instead of after
+        # every block of the attention kernel queued before them (README, "Performance").
+        os.environ.setdefault("TORCH_NCCL_HIGH_PRIORITY", "1")
         dist.init_process_group(cfg.dist_backend, timeout=datetime.timedelta(minutes=10))
     cp = cfg.cp_size or world_size
     dp = world_size // cp

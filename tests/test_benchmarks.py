@@ -1,0 +1,55 @@
+"""The benchmark scripts' pure parts: sizes, FLOP counts and the profile's overlap arithmetic."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+from bench_ring import flops, parse_size  # noqa: E402
+from profile_ring import summarize  # noqa: E402
+
+
+def test_parse_size_and_flops():
+    assert parse_size("32k") == 32768 and parse_size("2m") == 2 * 1024 * 1024 and parse_size("1000") == 1000
+    # FlashAttention convention: 4·B·H·S²·D, halved when causal, ×3.5 for fwd+bwd.
+    assert flops(1024, 2, 64, False, "fwd") == 4 * 2 * 1024 * 1024 * 64
+    assert flops(1024, 2, 64, True, "fwdbwd") == 3.5 * 4 * 2 * 1024 * 1024 * 64 / 2
+
+
+def _kernel(name, ts, dur, stream=7):
+    return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}
+
+
+def test_summarize_overlap(tmp_path):
+    # Two iterations, microseconds. Compute on [0, 100) and [150, 300) (two kernels overlapping
+    # each other on [200, 250)); NCCL on [50, 120) and [280, 400); nothing on [120, 150).
+    events = [
+        _kernel("_attn_fwd", 0, 100),
+        _kernel("_attn_bwd", 150, 100),
+        _kernel("_merge_kernel", 200, 100, stream=9),
+        _kernel("ncclDevKernel_SendRecv", 50, 70, stream=17),
+        _kernel("ncclDevKernel_SendRecv", 280, 120, stream=17),
+        {"ph": "X", "cat": "cpu_op", "name": "aten::add", "ts": 0, "dur": 1000},  # not a kernel
+    ]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    s = summarize(str(path), iters=2)
+    ms = 1e-3 / 2
+    assert s["window_ms"] == pytest.approx(400 * ms)
+    assert s["compute_ms"] == pytest.approx(250 * ms)  # [0,100) + [150,300)
+    assert s["nccl_ms"] == pytest.approx(190 * ms)  # [50,120) + [280,400)
+    assert s["overlap"] == pytest.approx(round((50 + 20) / 190, 3))  # [50,100) and [280,300)
+    assert s["exposed_ms"] == pytest.approx(120 * ms)  # [100,120) + [300,400)
+    assert s["idle_ms"] == pytest.approx(30 * ms)  # [120,150)
+    assert s["top_kernels"][0] == ("ncclDevKernel_SendRecv", pytest.approx(190 * ms))
+
+
+def test_summarize_refuses_a_trace_without_kernels(tmp_path):
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": []}))
+    with pytest.raises(RuntimeError, match="no GPU kernels"):
+        summarize(str(path), iters=1)
