@@ -52,12 +52,18 @@ def _visible_any(causal: bool, q_pos: torch.Tensor, k_pos: torch.Tensor) -> bool
     return (not causal) or int(q_pos[-1]) >= int(k_pos[0])
 
 
-def _fold(dst: torch.Tensor, prev: torch.Tensor | None, frags) -> None:
-    """``dst = prev + sum of fragments`` (``prev`` None: zeros) over the key axis of the
-    stacked (2, B, Sk, Hkv, D) ``dst``, touching each element as few times as the fragments
-    allow: a key range's first fragment is added to ``prev`` straight into ``dst`` (one pass
-    instead of a zero fill and two additions), later ones are added in place, and keys no
-    fragment covers get ``prev`` (or zeros)."""
+def _fold(dst: torch.Tensor, frags, *, fresh: bool) -> None:
+    """Add dK/dV fragments ``[(k0, k1, dk, dv)]`` into the stacked (2, B, Sk, Hkv, D) ``dst``.
+
+    ``fresh``: ``dst`` holds nothing yet; the first fragment over a key range is copied in,
+    later ones added, and keys no fragment covers are zeroed, so that no element is written
+    twice where one write will do. Otherwise every fragment is added in place.
+    """
+    if not fresh:
+        for k0, k1, gk, gv in frags:
+            dst[0][:, k0:k1] += gk
+            dst[1][:, k0:k1] += gv
+        return
     done: list[tuple[int, int]] = []  # key ranges of dst already written, disjoint and sorted
     for k0, k1, gk, gv in frags:
         cuts = sorted({k0, k1, *(x for a, b in done for x in (a, b) if k0 < x < k1)})
@@ -67,18 +73,13 @@ def _fold(dst: torch.Tensor, prev: torch.Tensor | None, frags) -> None:
                 part, out = g[:, a - k0:b - k0], dst[i][:, a:b]
                 if written:
                     out += part
-                elif prev is None:
-                    out.copy_(part)
                 else:
-                    torch.add(prev[i][:, a:b], part, out=out)
+                    out.copy_(part)
         done = _union(done + [(k0, k1)])
-    n, start = dst.shape[2], 0
-    for a, b in done + [(n, n)]:
+    start = 0
+    for a, b in done + [(dst.shape[2], dst.shape[2])]:
         if start < a:
-            if prev is None:
-                dst[:, :, start:a].zero_()
-            else:
-                dst[:, :, start:a].copy_(prev[:, :, start:a])
+            dst[:, :, start:a].zero_()
         start = max(start, b)
 
 
@@ -90,7 +91,6 @@ def _union(ranges):
         else:
             out.append((a, b))
     return out
-
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
@@ -147,37 +147,41 @@ class _RingAttention(torch.autograd.Function):
 
         kv = torch.stack([k, v])
         kv_next = torch.empty_like(kv) if P > 1 else None
-        # dK/dV accumulators (float32): the one we fill this step and the one we sent last
-        # step, and two receive buffers, so a buffer is never reused while in flight. The last
-        # hop carries finished sums, so it travels in the input dtype: half the bytes of float32
-        # and the same result, since the sum is rounded to that dtype on arrival anyway.
-        local = [torch.empty(kv.shape, dtype=acc_dtype, device=q.device) for _ in range(min(P, 2))]
-        recv = [torch.empty_like(local[0]) for _ in range(2)] if P > 1 else []
-        final = torch.empty_like(kv) if P > 1 else None
         blocks = getattr(be, "backward_blocks", None)  # engines that return dK/dV fragments
         hook = getattr(be, "dkdv_hook", False)  # engines that can run a callback before their dQ work
-        state = {"pending": None, "last_sent": None, "passed": None}
+        # The float32 dK/dV sum of the K/V we hold travels with them, one step behind: at step
+        # s it arrives in carry[(s - 1) % 2], this rank adds its part in place and sends it on,
+        # while carry[s % 2] receives the next one. Engines that fill an accumulator write
+        # their part into `local` first (the incoming sum is not there yet when they start);
+        # at step 0 there is nothing incoming, and they write into the buffer that is sent.
+        carry = [torch.empty(kv.shape, dtype=acc_dtype, device=q.device) for _ in range(min(P, 2))]
+        local = torch.empty_like(carry[0]) if blocks is None and P > 1 else None
+        state = {"pending": None, "passed": None, "sent": None}
 
         def pass_on(step, frags=None):
-            """Fold what the previous rank sent for the K/V we hold into this step's dK/dV and
-            send the sum on (to the owner of the K/V after the last step)."""
-            dkv = local[step % 2]
-            prev = None
-            if state["pending"] is not None:
-                state["pending"].wait()
-                prev = recv[(step - 1) % 2]
-            if frags is not None:
-                _fold(dkv, prev, frags)
-            elif prev is not None:
-                dkv += prev
+            """Add this rank's part (``frags``, or ``local``) into the sum travelling with the K/V
+            held at ``step`` and send it on: to the next holder, or to the owner after the last
+            step. That last hop carries finished sums, so it travels in the input dtype: half the
+            bytes, and the same result, since the sum is rounded to that dtype on arrival anyway."""
+            acc = carry[(step - 1) % len(carry)]
+            if step == 0:
+                if frags is not None:
+                    _fold(acc, frags, fresh=True)
+            else:
+                state["pending"].wait()  # acc has arrived; carry[step % 2] has been sent
+                if frags is not None:
+                    _fold(acc, frags, fresh=False)
+                else:
+                    acc += local
             state["passed"] = step
             if P == 1:
-                state["last_sent"] = dkv
+                state["sent"] = acc
             elif step < P - 1:
-                state["pending"] = ring.exchange([dkv], [recv[step % 2]])
+                state["pending"] = ring.exchange([acc], [carry[step % 2]])
             else:
-                state["last_sent"] = dkv.to(k.dtype)  # kept alive until the transfer is waited on
-                state["pending"] = ring.exchange([state["last_sent"]], [final])
+                kv_next.copy_(acc)  # free at the last step: no K/V transfer is in flight
+                state["sent"] = torch.empty_like(kv)
+                state["pending"] = ring.exchange([kv_next], [state["sent"]])
 
         for step in range(P):
             src = (r - step) % P
@@ -188,7 +192,7 @@ class _RingAttention(torch.autograd.Function):
                 frags = blocks(dout, q, kv[0], kv[1], lse, delta, dq=dq, **kwargs) if visible else []
                 pass_on(step, frags)
             else:
-                dkv = local[step % 2]
+                dkv = carry[-1] if step == 0 else local
                 dkv.zero_()
                 if visible and hook:
                     # The dK/dV work is queued first; the transfer is posted before the dQ work,
@@ -205,9 +209,7 @@ class _RingAttention(torch.autograd.Function):
         if P > 1:
             # The last hop: the finished dK/dV of our own K/V, from the previous rank.
             state["pending"].wait()
-            dkv = final
-        else:
-            dkv = state["last_sent"]
+        dkv = state["sent"]
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
 
 
