@@ -11,3 +11,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 # process before anything imports ringflash.kernels (the reference backend never reads it).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # The multi-GPU modules share one process group for the whole session (under torchrun);
+    # it is destroyed once, here.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -175,3 +175,77 @@ def test_fully_masked_block():
     delta = kernels.backward_delta(out, dout)
     dq, dk, dv = kernels.backward(dout, q, k, v, lse, delta, causal=True, q_pos=q_pos, k_pos=k_pos)
     assert all(torch.all(t == 0) for t in (dq, dk, dv))
+
+
+# -- the SDPA engines on one GPU ------------------------------------------------------------
+
+
+def run_engine(engine, q, k, v, dout, *, causal, q_pos=None, k_pos=None):
+    """One block through an engine's seam, as a ring step runs it (global O/LSE in backward)."""
+    from ringflash.ops import get_backend
+
+    be = get_backend(engine, q.device)
+    out, lse = be.forward(q, k, v, causal=causal, q_pos=q_pos, k_pos=k_pos)
+    o = out.to(q.dtype)
+    dq, dk, dv = be.backward(dout, q, k, v, lse, be.backward_delta(o, dout), causal=causal,
+                             q_pos=q_pos, k_pos=k_pos, out=o)
+    return out, lse, dq, dk, dv
+
+
+@pytest.mark.parametrize("engine", ["cudnn", "sdpa_flash"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("Hkv", [8, 2])
+def test_sdpa_engines(engine, causal, Hkv):
+    """flash_attention with an SDPA engine, GQA passed through, against float64."""
+    from ringflash import flash_attention
+
+    q, k, v, dout = make_qkv(2, 1000, 1000, 8, Hkv, 128, torch.bfloat16, seed=Hkv + causal)
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    out = flash_attention(qq, kk, vv, causal=causal, backend=engine)
+    out.backward(dout)
+    ref = oracle64(q, k, v, dout, causal=causal)
+    base = sdpa(q, k, v, dout, causal=causal)
+    for name, got, i in (("out", out, 0), ("dq", qq.grad, 2), ("dk", kk.grad, 3), ("dv", vv.grad, 4)):
+        err, err_sdpa = rel_err(got, ref[i]), rel_err(base[i], ref[i])
+        assert err <= SDPA_FACTOR * err_sdpa + 1e-5, f"{engine} {name}: {err:.2e} vs SDPA {err_sdpa:.2e}"
+
+
+@pytest.mark.parametrize("engine", ["cudnn", "sdpa_flash"])
+@pytest.mark.parametrize("layout", ["striped", "zigzag", "contiguous"])
+def test_sdpa_engines_on_ring_steps(engine, layout):
+    """Every (rank, src) step of a 4-rank causal ring through the engine's decomposition into
+    full and square-causal pieces, with the real fused ops, against float64 on that step."""
+    from ringflash import get_layout
+
+    lay = get_layout(layout)
+    S, P = 512, 4
+    for r in range(P):
+        for src in range(P):
+            q_pos = lay.local_positions(S, rank=r, world_size=P)
+            k_pos = lay.local_positions(S, rank=src, world_size=P)
+            if q_pos[-1] < k_pos[0]:
+                continue  # nothing visible: the ring skips the step
+            q, k, v, dout = make_qkv(1, S, S, 8, 2, 128, torch.bfloat16, seed=10 * r + src)
+            got = run_engine(engine, q, k, v, dout, causal=True, q_pos=q_pos, k_pos=k_pos)
+            ref = oracle64(q, k, v, dout, causal=True, q_pos=q_pos.to(DEV), k_pos=k_pos.to(DEV))
+            base = run_kernels(q, k, v, dout, causal=True, q_pos=q_pos.to(DEV), k_pos=k_pos.to(DEV))
+            fin = torch.isfinite(ref[1])
+            assert torch.equal(torch.isneginf(got[1]), ~fin), (r, src)
+            for i, name in ((0, "out"), (2, "dq"), (3, "dk"), (4, "dv")):
+                # Rows that see nothing have zero output and gradients on both sides.
+                err, err_triton = rel_err(got[i], ref[i]), rel_err(base[i], ref[i])
+                assert err <= 2.0 * err_triton + 1e-5, f"{layout} r={r} src={src} {name}: {err:.2e} vs {err_triton:.2e}"
+
+
+def test_merge_kernel_bf16():
+    from ringflash.kernels.merge import merge_
+
+    g = torch.Generator(device=DEV).manual_seed(3)
+    out = torch.randn(2, 300, 4, 128, device=DEV, generator=g)
+    lse = torch.randn(2, 4, 300, device=DEV, generator=g)
+    block_out = torch.randn(2, 4, 300, 128, device=DEV, generator=g).bfloat16().transpose(1, 2)
+    block_lse = torch.randn(2, 4, 300, device=DEV, generator=g)
+    want_out, want_lse = out.double(), lse.double()
+    reference.merge_(want_out, want_lse, block_out.double(), block_lse.double())
+    merge_(out, lse, block_out, block_lse)
+    assert rel_err(out, want_out) < 1e-6 and rel_err(lse, want_lse) < 1e-6

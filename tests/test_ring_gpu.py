@@ -29,11 +29,14 @@ if "WORLD_SIZE" not in os.environ or not torch.cuda.is_available():
 
 @pytest.fixture(scope="module", autouse=True)
 def nccl():
+    # One process group for the whole session (tests/conftest.py destroys it at the end):
+    # re-creating it between modules races with ranks still finishing the previous module.
     local = int(os.environ["LOCAL_RANK"])
     torch.cuda.set_device(local)
-    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
     yield
-    dist.destroy_process_group()
+    dist.barrier()
 
 
 def rel(x, ref):
