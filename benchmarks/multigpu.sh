@@ -2,6 +2,8 @@
 # One call on a multi-GPU machine: the multi-GPU tests, then the ring benchmark.
 #   OUT=results_dir bash benchmarks/multigpu.sh [seqlens...]
 # Writes ring_errors.jsonl, tests.log, ring_<gpu>x<n>.jsonl and bench.log under $OUT.
+# Optional: TRAIN_ARGS="..." runs launch/train.py with those flags on all GPUs; LONG=2m times
+# one causal fwd+bwd at that length (striped, Triton, Hkv 32; ring_<gpu>x<n>_long.jsonl).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -31,3 +33,10 @@ fi
 echo "== ring benchmark on $N GPUs: $SEQLENS"
 timeout ${BENCH_TIMEOUT:-270} torchrun --standalone --nproc-per-node $N benchmarks/bench_ring.py \
   --seqlens $SEQLENS --out $OUT/ring_${GPU}x${N}.jsonl ${BENCH_ARGS:-} 2>&1 | tee $OUT/bench.log | grep -v '^{'
+
+if [ -n "${LONG:-}" ]; then
+  echo "== one causal layer at $LONG tokens on $N GPUs"
+  timeout ${LONG_TIMEOUT:-400} torchrun --standalone --nproc-per-node $N benchmarks/bench_ring.py \
+    --seqlens $LONG --impls ringflash --layouts striped --kv-heads 32 --causal causal --modes fwdbwd \
+    --warmup 1 --iters 1 --out $OUT/ring_${GPU}x${N}_long.jsonl 2>&1 | grep -v '^{' | tail -3
+fi
