@@ -9,11 +9,12 @@ Rotary embeddings use the layout's *global* positions of this rank's tokens, so 
 zigzagging the sequence only permutes tokens: a sharded forward is the full-sequence forward,
 cut into shards.
 
-``torch.compile``: ring attention talks to other ranks and decides which blocks to skip on
-the host, so it runs outside the graph (:func:`torch.compiler.disable`): expect one graph
-break per attention layer, around the attention call. The rotary tables are looked up in a
-host-side cache, also outside the graph; a stack of layers looks them up once
-(:meth:`MultiheadAttention.rotary` and the ``rotary=`` argument of ``forward``).
+``torch.compile``: ring attention is one custom op (``torch.ops.ringflash.ring_attention``,
+with its backward op), so compiled models keep it inside their graphs, without a graph break.
+(A custom :class:`~ringflash.layout.Layout` subclass or a backend object runs eagerly across a
+graph break instead.) The rotary tables are looked up in a host-side cache, outside the graph;
+a stack of layers looks them up once (:meth:`MultiheadAttention.rotary` and the ``rotary=``
+argument of ``forward``).
 """
 
 from __future__ import annotations
@@ -27,13 +28,6 @@ from .layout import Layout, get_layout
 from .ring import ring_attention
 
 __all__ = ["RingAttention", "MultiheadAttention", "rotary_tables", "apply_rotary"]
-
-
-# Ring attention cannot be traced by dynamo (host-side skip decisions, point-to-point
-# communication inside an autograd Function): compiled models call it across a graph break.
-@torch.compiler.disable
-def _ring_attention(q, k, v, **kwargs):
-    return ring_attention(q, k, v, **kwargs)
 
 
 def _world_and_rank(group) -> tuple[int, int]:
@@ -54,8 +48,8 @@ class RingAttention(nn.Module):
         group: the context-parallel group: a ProcessGroup, a 1-D DeviceMesh (e.g. ``mesh["cp"]``),
             or None for the default group; without an initialised process group this is plain
             single-device attention.
-        backend: the local kernel, ``"triton"`` or ``"reference"`` (default: triton on CUDA,
-            reference on CPU).
+        backend: the local kernel, ``"triton"``, ``"reference"``, or PyTorch's fused ``"cudnn"`` /
+            ``"sdpa_flash"`` (default: triton on CUDA, reference on CPU).
 
     Shapes:
         q: (batch_size, local_seqlen, nheads, headdim)
@@ -73,7 +67,7 @@ class RingAttention(nn.Module):
         self.backend = backend
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return _ring_attention(
+        return ring_attention(
             q, k, v, causal=self.causal, layout=self.layout, softmax_scale=self.softmax_scale,
             group=self.group, backend=self.backend,
         )

@@ -32,7 +32,7 @@ import torch
 
 from . import reference
 
-__all__ = ["flash_attention", "get_backend", "check_qkv", "no_autocast", "BACKENDS"]
+__all__ = ["flash_attention", "get_backend", "backend_name", "check_backend_inputs", "check_qkv", "no_autocast", "BACKENDS"]
 
 BACKENDS = ("triton", "reference", "cudnn", "sdpa_flash")
 
@@ -75,6 +75,33 @@ def get_backend(backend, device: torch.device) -> SimpleNamespace:
 
         return sdpa.make_engine(backend)
     raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS} or None for the default")
+
+
+def backend_name(backend, device: torch.device) -> str:
+    """The name of a named backend (``None``: the default for ``device``); ValueError if unknown."""
+    if backend is None:
+        return "triton" if device.type == "cuda" else "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS} or None for the default")
+    return backend
+
+
+def check_backend_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """The checks of named backend ``name`` on q, k, v, without building the backend object: plain
+    Python on tensor metadata, which torch.compile traces without a graph break."""
+    if name == "triton":
+        if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (got {q.device.type}); on the CPU set "
+                "TRITON_INTERPRET=1 before importing ringflash, or use backend='reference'"
+            )
+        from .kernels import check_inputs
+
+        check_inputs(q, k, v)
+    elif name in ("cudnn", "sdpa_flash"):
+        from .sdpa import check_inputs
+
+        check_inputs(name, q, k, v)
 
 
 def backward_extras(backend, out: torch.Tensor) -> dict:

@@ -24,8 +24,8 @@ import math
 import torch
 
 from .comm import Ring, check_group_device, resolve_group, world_and_rank
-from .layout import Layout, get_layout
-from .ops import backward_extras, check_qkv, get_backend, no_autocast
+from .layout import Contiguous, Layout, Striped, Zigzag, get_layout
+from .ops import backend_name, backward_extras, check_backend_inputs, check_qkv, get_backend, no_autocast
 
 __all__ = ["ring_attention"]
 
@@ -92,50 +92,39 @@ def _union(ranges):
             out.append((a, b))
     return out
 
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, layout, group, be):
+
+def _ring_forward(q, k, v, causal: bool, softmax_scale: float, layout: Layout, group, be):
+    """(out in q's dtype, float32 lse) of ring attention; the checks are the caller's."""
+    ring = Ring(group)
+    P, r = ring.world_size, ring.rank
+    pos_host, pos = _positions(layout, q.shape[1], P, q.device)
+    if getattr(be, "host_positions", False):
+        pos = pos_host
+
+    out = lse = None
+    kv = torch.stack([k, v])  # (2, B, S, Hkv, D): K and V travel as one message
+    kv_next = torch.empty_like(kv) if P > 1 else None
+    for step in range(P):
+        src = (r - step) % P
+        pending = ring.exchange([kv], [kv_next]) if step < P - 1 else None
+        if _visible_any(causal, pos_host[r], pos_host[src]):
+            out, lse = be.forward(
+                q, kv[0], kv[1], q_pos=pos[r], k_pos=pos[src], causal=causal,
+                softmax_scale=softmax_scale, out=out, lse=lse,
+            )
+        if pending is not None:
+            pending.wait()
+            kv, kv_next = kv_next, kv
+    assert out is not None, "the diagonal block of every layout has visible keys"
+    return out.to(q.dtype), lse
+
+
+def _ring_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, layout: Layout, group, be):
+    """(dq, dk, dv) in the inputs' dtypes, as separate tensors."""
+    with no_autocast(dout.device):
         ring = Ring(group)
         P, r = ring.world_size, ring.rank
         pos_host, pos = _positions(layout, q.shape[1], P, q.device)
-        if getattr(be, "host_positions", False):
-            pos = pos_host
-
-        out = lse = None
-        kv = torch.stack([k, v])  # (2, B, S, Hkv, D): K and V travel as one message
-        kv_next = torch.empty_like(kv) if P > 1 else None
-        for step in range(P):
-            src = (r - step) % P
-            pending = ring.exchange([kv], [kv_next]) if step < P - 1 else None
-            if _visible_any(causal, pos_host[r], pos_host[src]):
-                out, lse = be.forward(
-                    q, kv[0], kv[1], q_pos=pos[r], k_pos=pos[src], causal=causal,
-                    softmax_scale=softmax_scale, out=out, lse=lse,
-                )
-            if pending is not None:
-                pending.wait()
-                kv, kv_next = kv_next, kv
-        assert out is not None, "the diagonal block of every layout has visible keys"
-
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.softmax_scale, ctx.layout = causal, softmax_scale, layout
-        ctx.group, ctx.backend = group, be
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        with no_autocast(dout.device):
-            return _RingAttention._backward(ctx, dout)
-
-    @staticmethod
-    def _backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        ring = Ring(ctx.group)
-        P, r = ring.world_size, ring.rank
-        be = ctx.backend
-        pos_host, pos = _positions(ctx.layout, q.shape[1], P, q.device)
         if getattr(be, "host_positions", False):
             pos = pos_host
         extras = backward_extras(be, out)
@@ -180,14 +169,14 @@ class _RingAttention(torch.autograd.Function):
                 state["pending"] = ring.exchange([acc], [carry[step % 2]])
             else:
                 kv_next.copy_(acc)  # free at the last step: no K/V transfer is in flight
-                state["sent"] = torch.empty_like(kv)
-                state["pending"] = ring.exchange([kv_next], [state["sent"]])
+                state["sent"] = (torch.empty_like(k), torch.empty_like(v))
+                state["pending"] = ring.exchange([kv_next[0], kv_next[1]], list(state["sent"]))
 
         for step in range(P):
             src = (r - step) % P
             kv_pending = ring.exchange([kv], [kv_next]) if step < P - 1 else None
-            visible = _visible_any(ctx.causal, pos_host[r], pos_host[src])
-            kwargs = dict(q_pos=pos[r], k_pos=pos[src], causal=ctx.causal, softmax_scale=ctx.softmax_scale, **extras)
+            visible = _visible_any(causal, pos_host[r], pos_host[src])
+            kwargs = dict(q_pos=pos[r], k_pos=pos[src], causal=causal, softmax_scale=softmax_scale, **extras)
             if blocks is not None:
                 frags = blocks(dout, q, kv[0], kv[1], lse, delta, dq=dq, **kwargs) if visible else []
                 pass_on(step, frags)
@@ -209,8 +198,105 @@ class _RingAttention(torch.autograd.Function):
         if P > 1:
             # The last hop: the finished dK/dV of our own K/V, from the previous rank.
             state["pending"].wait()
-        dkv = state["sent"]
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
+            dk, dv = state["sent"]
+        else:
+            dk, dv = (state["sent"][i].to(t.dtype, copy=True) for i, t in ((0, k), (1, v)))
+        return dq.to(q.dtype), dk, dv
+
+
+class _RingAttention(torch.autograd.Function):
+    """Ring attention in eager mode, and under torch.compile for what the custom op cannot carry
+    (a Layout subclass, a backend object)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, softmax_scale, layout, group, be):
+        out, lse = _ring_forward(q, k, v, causal, softmax_scale, layout, group, be)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (causal, softmax_scale, layout, group, be)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*_ring_backward(dout, q, k, v, out, lse, *ctx.args), None, None, None, None, None)
+
+
+# -- the custom op: ring attention as one node of a torch.compile graph -----------------------
+#
+# The op takes only what a graph can hold: tensors, and the layout, group and engine by name.
+# torch.compile traces models through it without a graph break. Eager calls take the autograd
+# Function; both run _ring_forward / _ring_backward.
+
+
+def _op_layout(layout: Layout):
+    """(name, stripe) of a built-in layout; None for any other Layout."""
+    if type(layout) in (Contiguous, Zigzag):
+        return layout.name, 1
+    if type(layout) is Striped:
+        return layout.name, layout.stripe
+    return None
+
+
+def _layout_from_op(name: str, stripe: int) -> Layout:
+    return Striped(stripe) if name == "striped" else get_layout(name)
+
+
+def _group_from_op(group_name: str):
+    if not group_name:
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(group_name)
+
+
+@torch.library.custom_op("ringflash::ring_attention", mutates_args=())
+def _ring_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
+    layout: str, stripe: int, group_name: str, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    be = get_backend(backend, q.device)
+    with no_autocast(q.device):
+        return _ring_forward(q, k, v, causal, softmax_scale, _layout_from_op(layout, stripe),
+                             _group_from_op(group_name), be)
+
+
+@_ring_op.register_fake
+def _(q, k, v, causal, softmax_scale, layout, stripe, group_name, backend):
+    B, S, H, _ = q.shape
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # the engines' LSE
+    return q.new_empty(q.shape), q.new_empty((B, H, S), dtype=lse_dtype)
+
+
+@torch.library.custom_op("ringflash::ring_attention_backward", mutates_args=())
+def _ring_bwd_op(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, causal: bool, softmax_scale: float, layout: str, stripe: int, group_name: str,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    be = get_backend(backend, q.device)
+    return _ring_backward(dout, q, k, v, out, lse, causal, softmax_scale, _layout_from_op(layout, stripe),
+                          _group_from_op(group_name), be)
+
+
+@_ring_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, causal, softmax_scale, layout, stripe, group_name, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *args = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.args = args
+
+
+def _op_backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _ring_bwd_op(dout.contiguous(), q, k, v, out, lse, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_ring_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 def ring_attention(
@@ -261,13 +347,31 @@ def ring_attention(
         )
     layout.check_local_seqlen(q.shape[1], world_size)
     check_group_device(group, q.device)
-    be = get_backend(backend, q.device)
-    if getattr(be, "check", None) is not None:
-        be.check(q, k, v)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    with no_autocast(q.device):
-        out, lse = _RingAttention.apply(
-            q, k, v, bool(causal), float(softmax_scale), layout, group, be
-        )
+    spec = _op_layout(layout)
+    if torch.compiler.is_compiling() and spec is not None and (backend is None or isinstance(backend, str)):
+        # Inside torch.compile: the custom op, one node of the graph.
+        name = backend_name(backend, q.device)
+        check_backend_inputs(name, q, k, v)
+        out, lse = _ring_op(q, k, v, bool(causal), float(softmax_scale), *spec, _group_name(group), name)
+        lse = lse.detach()  # as from the autograd Function: no gradient flows through the LSE
+    else:
+        be = get_backend(backend, q.device)
+        if getattr(be, "check", None) is not None:
+            be.check(q, k, v)
+        out, lse = _apply_function(q, k, v, bool(causal), float(softmax_scale), layout, group, be)
     return (out, lse) if return_lse else out
+
+
+# The autograd Function path talks to other ranks from Python: torch.compile runs it eagerly,
+# across a graph break.
+@torch.compiler.disable
+def _apply_function(q, k, v, causal, softmax_scale, layout, group, be):
+    with no_autocast(q.device):
+        return _RingAttention.apply(q, k, v, causal, softmax_scale, layout, group, be)
+
+
+def _group_name(group) -> str:
+    """The name the custom op resolves ``group`` by ("" for the default group or none)."""
+    return "" if group is None else group.group_name

@@ -33,7 +33,7 @@ from types import SimpleNamespace
 import torch
 from .reference import default_positions, merge_
 
-__all__ = ["Piece", "decompose", "make_engine", "ENGINES", "MAX_PIECES"]
+__all__ = ["Piece", "decompose", "make_engine", "check_inputs", "ENGINES", "MAX_PIECES"]
 
 ENGINES = ("cudnn", "sdpa_flash")
 MAX_PIECES = 8  # more pieces than this means a mask these kernels have no good form for
@@ -155,6 +155,26 @@ _OPS = {"cudnn": (_cudnn_fwd, _cudnn_bwd), "sdpa_flash": (_flash_fwd, _flash_bwd
 # -- the engine ------------------------------------------------------------------------------
 
 
+def check_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """What engine ``name``'s fused ops take; a request they cannot serve names the engines that can."""
+    if q.device.type != "cuda":
+        raise ValueError(
+            f"the {name} engine needs CUDA tensors; got {q.device}. On the CPU use "
+            "backend='reference' (or 'triton' under TRITON_INTERPRET=1)"
+        )
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"the {name} engine takes float16 or bfloat16; got {q.dtype}. backend='triton' or "
+            "'reference' also take float32"
+        )
+    max_d = 128 if name == "cudnn" else 256
+    if q.shape[-1] % 8 or q.shape[-1] > max_d:
+        raise ValueError(
+            f"the {name} engine takes head dims that are multiples of 8 up to {max_d}; got "
+            f"{q.shape[-1]}. backend='triton' takes multiples of 8 up to 256"
+        )
+
+
 _PIECES: dict = {}
 
 
@@ -257,26 +277,7 @@ def make_engine(name: str, *, piece_fwd=None, piece_bwd=None) -> SimpleNamespace
             dv[:, k0:k1] += gv
         return dq, dk, dv
 
-    def check(q, k, v):
-        """What the fused ops take; a request they cannot serve names the engines that can."""
-        if q.device.type != "cuda":
-            raise ValueError(
-                f"the {name} engine needs CUDA tensors; got {q.device}. On the CPU use "
-                "backend='reference' (or 'triton' under TRITON_INTERPRET=1)"
-            )
-        if q.dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(
-                f"the {name} engine takes float16 or bfloat16; got {q.dtype}. backend='triton' or "
-                "'reference' also take float32"
-            )
-        max_d = 128 if name == "cudnn" else 256
-        if q.shape[-1] % 8 or q.shape[-1] > max_d:
-            raise ValueError(
-                f"the {name} engine takes head dims that are multiples of 8 up to {max_d}; got "
-                f"{q.shape[-1]}. backend='triton' takes multiples of 8 up to 256"
-            )
-
     return SimpleNamespace(
         name=name, forward=forward, backward=backward, backward_delta=lambda out, dout: None,
-        backward_blocks=backward_blocks, check=check if fused else None, host_positions=True, needs_out=True,
+        backward_blocks=backward_blocks, check=(lambda q, k, v: check_inputs(name, q, k, v)) if fused else None, host_positions=True, needs_out=True,
     )
