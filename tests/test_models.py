@@ -98,6 +98,27 @@ def _dp_cp(rank, world_size, seed):
     return pack((dp, logits, loss, grads))
 
 
+def _fsdp_dp_cp(rank, world_size, seed):
+    """The same mesh with FSDP2 (fully_shard per block and at the root, over all four ranks)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+    world = init_device_mesh("cpu", (4,))
+    dp = mesh["dp"].get_local_rank()
+    model = _model(seed, group=mesh["cp"], layout="zigzag")
+    for block in model.blocks:
+        fully_shard(block, mesh=world)
+    fully_shard(model, mesh=world)
+    ids, labels = _batch(seed + 10 + dp)
+    ids_l, labels_l, _ = shard_batch(ids, labels, layout="zigzag", group=mesh["cp"])
+    logits, loss = model(ids_l, labels_l)
+    loss.backward()
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}  # sharded DTensors
+    logits = unshard(logits.detach(), layout="zigzag", group=mesh["cp"])
+    return pack((dp, logits, loss.detach(), grads))
+
+
 _SEED = random.randrange(1 << 30)  # fresh inputs every run; printed on failure
 _RUNS: dict = {}
 
@@ -142,8 +163,9 @@ def test_shard_batch_padding():
     assert res["padded-shapes"] == ((BATCH, 8), (BATCH, 8), [0, 1, 2, 3, 12, 13, 14, 15])
 
 
-def test_ddp_over_data_and_context_parallel_mesh():
-    runs = [unpack(r) for r in spawn(_dp_cp, 4, _SEED, timeout=240)]
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_data_parallel_over_data_and_context_parallel_mesh(wrapper):
+    runs = [unpack(r) for r in spawn({"ddp": _dp_cp, "fsdp": _fsdp_dp_cp}[wrapper], 4, _SEED, timeout=240)]
     refs = [_full(_model(_SEED, layout="zigzag"), *_batch(_SEED + 10 + dp)) for dp in range(2)]
     mean_grads = {n: (refs[0][2][n] + refs[1][2][n]) / 2 for n in refs[0][2]}
     for rank, (dp, logits, loss, grads) in enumerate(runs):
