@@ -1,4 +1,4 @@
-"""Ring attention over any layout: the autograd Function and ``ring_attention``.
+"""Ring attention over any layout: ``ring_attention``, its autograd Function and custom op.
 
 Every rank keeps its queries; K/V shards travel around the ring, one hop per step. On step
 ``s`` rank ``r`` holds the K/V of rank ``src = (r - s) mod P`` and runs the local kernel with
@@ -10,11 +10,15 @@ Forward: partial results are folded into a float32 (O, LSE) state by the backend
 is rounded to the input dtype once, at the end.
 
 Backward: K/V rotate again; each rank adds its block gradients into the float32 dK/dV
-accumulator of the K/V it holds, and the accumulator follows its K/V around the ring, one
-step behind, so the transfer of step ``s`` overlaps the compute of step ``s + 1``. After the
-last step the accumulator makes one more hop and lands on the rank that owns those K/V.
-dQ accumulates locally in float32. Every block uses the *global* O and LSE, and
+sum of the K/V it holds, and the sum follows its K/V around the ring, one step behind, so the
+transfer of step ``s`` overlaps the compute of step ``s + 1``. After the last step the sum
+makes one more hop, in the input dtype, and lands on the rank that owns those K/V. dQ
+accumulates locally in float32. Every block uses the *global* O and LSE, and
 ``delta = rowsum(dO * O)`` is computed once.
+
+Eager calls run the autograd Function; inside ``torch.compile`` the same forward and backward
+run as the custom ops ``ringflash::ring_attention`` / ``ring_attention_backward``, so compiled
+models keep attention in their graphs.
 """
 
 from __future__ import annotations
