@@ -3,9 +3,11 @@
     python benchmarks/plot_ring.py benchmarks/results/ring_h200x2_run3/ring_H200x2_same_run.jsonl \
         --out benchmarks/results/ring_h200x2
 
-Writes ``<out>_throughput.png`` (per-GPU TFLOP/s against S, one panel per layout, with
-PyTorch's context parallel and the single-GPU kernel at the per-rank size),
-``<out>_striped_vs_contiguous.png`` and prints a markdown table of the causal rows.
+Writes ``<out>_throughput.png`` (per-GPU TFLOP/s against S, causal and full, with PyTorch's
+context parallel and the single-GPU kernel at the per-rank size),
+``<out>_striped_vs_contiguous.png`` (when the file has contiguous rows), ``<out>_engines.png``
+(causal, every engine and layout beside PyTorch's context parallel, one bar group per S and
+Hkv, forward and fwd+bwd) and prints a markdown table of the causal rows.
 """
 
 from __future__ import annotations
@@ -38,13 +40,15 @@ def main():
     import matplotlib.pyplot as plt
 
     world = rows[0]["world"] if rows else "?"
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, causal in zip(axes, (True, False)):
+    causals = [c for c in (True, False) if any(r["causal"] == c for r in rows)] or [True]
+    fig, axes = plt.subplots(1, len(causals), figsize=(5.5 * len(causals), 4), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, causal in zip(axes, causals):
         series = defaultdict(list)
         for r in rows:
             if r["causal"] != causal:
                 continue
-            name = f"ringflash {r['layout']}" if r["impl"] == "ringflash" else r["impl"]
+            name = _label(r)
             series[name].append((r["S"], r["tflops_per_gpu"]))
         for name, pts in sorted(series.items()):
             pts.sort()
@@ -55,14 +59,20 @@ def main():
         ax.set_title(f"{'causal' if causal else 'full'}, {args.mode}, {world} GPUs, Hkv={args.hkv}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("TFLOP/s per GPU")
-    axes[1].legend(fontsize=8)
+    axes[-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(f"{args.out}_throughput.png", dpi=120)
 
+    engines_plot(load(args.files), f"{args.out}_engines.png", plt)
+
     # Striped (and zigzag) over contiguous, causal: the load-balancing gain.
     by = {(r["S"], r["layout"], r["mode"]): r["tflops_per_gpu"] for r in load(args.files)
-          if r["impl"] == "ringflash" and r["causal"] and r["Hkv"] == args.hkv}
-    seqs = sorted({k[0] for k in by})
+          if r["impl"] == "ringflash" and r["causal"] and r["Hkv"] == args.hkv
+          and r.get("engine", "triton") == "triton"}
+    seqs = sorted({k[0] for k in by if (k[0], "contiguous", k[2]) in by})
+    if not seqs:
+        print_table(args)
+        return
     fig, ax = plt.subplots(figsize=(6, 3.5))
     width = 0.2
     for i, (lay, mode) in enumerate([("striped", "fwd"), ("striped", "fwdbwd"), ("zigzag", "fwd"), ("zigzag", "fwdbwd")]):
@@ -76,11 +86,50 @@ def main():
     fig.tight_layout()
     fig.savefig(f"{args.out}_striped_vs_contiguous.png", dpi=120)
 
-    print("| S | mode | impl | layout | TFLOP/s/GPU | peak GiB |")
-    print("|---|---|---|---|---|---|")
-    for r in sorted(load(args.files), key=lambda r: (r["S"], r["Hkv"], not r["causal"], r["mode"], r["impl"], r["layout"])):
-        if r["causal"] and r["Hkv"] == args.hkv:
-            print(f"| {r['S'] // 1024}k | {r['mode']} | {r['impl']} | {r['layout']} | {r['tflops_per_gpu']:.0f} | {r['peak_mem_gib']:.1f} |")
+    print_table(args)
+
+
+def _label(r) -> str:
+    """A series name: ringflash rows by engine and layout, the others by impl."""
+    if r["impl"] != "ringflash":
+        return r["impl"]
+    engine = r.get("engine")  # files from before the engine choice: the Triton kernels
+    return f"ringflash {r['layout']}" if engine is None else f"ringflash {engine} {r['layout']}"
+
+
+def engines_plot(rows, path, plt) -> None:
+    """Causal rows: one bar per series in every (S, Hkv) group, forward and fwd+bwd panels."""
+    rows = [r for r in rows if r["causal"]]
+    modes = [m for m in ("fwd", "fwdbwd") if any(r["mode"] == m for r in rows)]
+    if not modes:
+        return
+    groups = sorted({(r["S"], r["Hkv"]) for r in rows})
+    names = sorted({_label(r) for r in rows})
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4), sharey=True, squeeze=False)
+    width = 0.8 / len(names)
+    for ax, mode in zip(axes[0], modes):
+        val = {(r["S"], r["Hkv"], _label(r)): r["tflops_per_gpu"] for r in rows if r["mode"] == mode}
+        for i, name in enumerate(names):
+            ax.bar([j + i * width for j in range(len(groups))], [val.get((S, h, name), 0) for S, h in groups],
+                   width, label=name)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], [f"{S // 1024}k\nHkv={h}" for S, h in groups])
+        ax.set_title(f"causal, {mode}, {rows[0]['world']} GPUs")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("TFLOP/s per GPU")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def print_table(args) -> None:
+    print("| S | Hkv | mode | impl | engine | layout | TFLOP/s/GPU | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = sorted(load(args.files), key=lambda r: (r["S"], r["Hkv"], not r["causal"], r["mode"], r["impl"],
+                                                   r.get("engine", "triton"), r["layout"]))
+    for r in rows:
+        if r["causal"]:
+            print(f"| {r['S'] // 1024}k | {r['Hkv']} | {r['mode']} | {r['impl']} | {r.get('engine', 'triton')} | "
+                  f"{r['layout']} | {r['tflops_per_gpu']:.0f} | {r['peak_mem_gib']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -53,3 +53,28 @@ def test_summarize_refuses_a_trace_without_kernels(tmp_path):
     path.write_text(json.dumps({"traceEvents": []}))
     with pytest.raises(RuntimeError, match="no GPU kernels"):
         summarize(str(path), iters=1)
+
+
+def test_plot_ring_writes_plots_and_table(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    import plot_ring
+
+    rows = []
+    for S in (32768, 131072):
+        for mode in ("fwd", "fwdbwd"):
+            base = dict(world=2, S=S, H=32, Hkv=8, D=128, causal=True, mode=mode, peak_mem_gib=1.0)
+            rows += [dict(base, impl="ringflash", engine=e, layout=lay, tflops_per_gpu=400.0 + i)
+                     for i, (e, lay) in enumerate([("triton", "contiguous"), ("triton", "striped"), ("cudnn", "zigzag")])]
+            rows.append(dict(base, impl="torch_cp_cudnn", engine="cudnn", layout="zigzag", tflops_per_gpu=450.0))
+            rows.append(dict(base, impl="single_gpu", engine="triton", layout="-", tflops_per_gpu=420.0))
+    path = tmp_path / "ring.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "plot"
+    monkeypatch.setattr(sys, "argv", ["plot_ring.py", str(path), "--out", str(out)])
+    plot_ring.main()
+    for suffix in ("_throughput.png", "_engines.png", "_striped_vs_contiguous.png"):
+        assert (tmp_path / f"plot{suffix}").stat().st_size > 1000
+    table = capsys.readouterr().out
+    assert "| 128k | 8 | fwdbwd | ringflash | cudnn | zigzag | 402 | 1.0 |" in table
+    assert plot_ring._label(rows[2]) == "ringflash cudnn zigzag"
+    assert plot_ring._label({"impl": "ringflash", "layout": "striped"}) == "ringflash striped"
