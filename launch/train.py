@@ -102,6 +102,7 @@ class TrainConfig:
     kv_heads: int = _f(2, "key/value heads (GQA when fewer than --heads)")
     rope_base: float = _f(10000.0, "rotary embedding base (raise it for very long sequences)")
     checkpoint_activations: bool = _f(False, "recompute each block in the backward to save memory")
+    compile: bool = _f(False, "torch.compile the model (ring attention stays in the graph as one custom op)")
     # optimisation
     steps: int = _f(600, "train until this many steps are done (a resumed run continues to it)")
     lr: float = _f(3e-3, "peak learning rate (AdamW)")
@@ -119,7 +120,9 @@ class TrainConfig:
     # hardware
     device: str = _f("auto", "cpu, cuda, or auto (cuda when available)", choices=["auto", "cpu", "cuda"])
     dist_backend: str = _f("auto", "torch.distributed backend (auto: nccl on cuda, gloo on cpu)", choices=["auto", "nccl", "gloo"])
-    backend: str = _f("auto", "local attention kernel (auto: triton on cuda, reference on cpu)", choices=["auto", "triton", "reference"])
+    backend: str = _f("auto", "local attention kernel (auto: triton on cuda, reference on cpu; cudnn and "
+                      "sdpa_flash: PyTorch's fused SDPA kernels, bfloat16 on GPUs)",
+                      choices=["auto", "triton", "reference", "cudnn", "sdpa_flash"])
     dtype: str = _f("auto", "compute dtype via autocast (auto: bfloat16 on cuda, float32 on cpu)", choices=["auto", "float32", "bfloat16"])
 
     def resolved(self) -> "TrainConfig":
@@ -202,6 +205,13 @@ def config_problems(cfg: TrainConfig, world_size: int, *, hardware: bool = True)
                 f"the triton kernels take a head dim (--dim / --heads) that is a multiple of 8 up to "
                 f"256; got {cfg.dim // cfg.heads}"
             )
+        elif cfg.backend in ("cudnn", "sdpa_flash"):
+            max_d = 128 if cfg.backend == "cudnn" else 256
+            if (cfg.dim // cfg.heads) % 8 != 0 or cfg.dim // cfg.heads > max_d:
+                problems.append(
+                    f"--backend {cfg.backend} takes a head dim (--dim / --heads) that is a multiple of 8 "
+                    f"up to {max_d}; got {cfg.dim // cfg.heads} (--backend triton takes up to 256)"
+                )
         if cfg.heads % cfg.kv_heads != 0:
             problems.append(f"--heads {cfg.heads} must be a multiple of --kv-heads {cfg.kv_heads}")
     if cfg.seq_len >= 1:
@@ -214,6 +224,12 @@ def config_problems(cfg: TrainConfig, world_size: int, *, hardware: bool = True)
         problems.append("--dist-backend nccl needs --device cuda; on the CPU use gloo")
     if cfg.device == "cpu" and cfg.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         problems.append("--backend triton needs --device cuda (or TRITON_INTERPRET=1 on the CPU); use --backend reference")
+    if cfg.backend in ("cudnn", "sdpa_flash") and (cfg.device != "cuda" or cfg.dtype != "bfloat16"):
+        problems.append(
+            f"--backend {cfg.backend} runs PyTorch's fused kernels on GPUs in bfloat16: it needs "
+            f"--device cuda and --dtype bfloat16 (got {cfg.device}, {cfg.dtype}); elsewhere use "
+            "--backend triton or reference"
+        )
     if cfg.device == "cpu" and cfg.dtype == "bfloat16":
         problems.append("--dtype bfloat16 is for GPUs; on the CPU use float32")
     if cfg.resume:
@@ -541,8 +557,9 @@ def _train(cfg: TrainConfig, d: Dist, stop: StopSignals) -> TrainResult:
             file=sys.stderr, flush=True,
         )
 
+    # Checkpoints hold the plain model's state; DDP wraps the compiled one (same parameters).
     ddp = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[d.device.index] if d.device.type == "cuda" else None
+        torch.compile(model) if cfg.compile else model, device_ids=[d.device.index] if d.device.type == "cuda" else None
     )
     autocast = torch.autocast(d.device.type, dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
     tokens_per_step = cfg.batch_size * d.dp_size * cfg.seq_len

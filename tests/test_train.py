@@ -117,6 +117,10 @@ def test_config_checks_say_what_to_change(tmp_path):
     (p,) = _problems(["--seq-len", "32", "--recall-pairs", "20"], 1)
     assert "too short" in p
     assert len(_problems(["--cp-size", "3", "--lr", "0", "--steps", "0"], 2)) == 3
+    (p,) = _problems(["--device", "cpu", "--backend", "cudnn"], 1)
+    assert "--backend cudnn" in p and "--device cuda and --dtype bfloat16" in p
+    cfg = train.parse_args(["--backend", "cudnn", "--dim", "1024", "--heads", "4"]).resolved()
+    assert any("multiple of 8 up to 128" in p for p in train.config_problems(cfg, 1, hardware=False))
 
 
 def test_lr_schedule():
@@ -201,6 +205,13 @@ def test_two_ranks_loss_falls(reference_run):
     except ImportError:
         return
     assert (reference_run / "loss.png").stat().st_size > 0
+
+
+def test_compiled_run_matches_eager(reference_run, tmp_path):
+    """--compile (inductor; ring attention as a custom op in the graph): the same losses as eager."""
+    torchrun(*TINY, "--compile", "--steps", "6", "--lr-decay-steps", str(STEPS), "--out", str(tmp_path), timeout=300)
+    for (step, got), (_, want) in zip(losses(tmp_path), losses(reference_run)[:6], strict=True):
+        assert abs(got - want) < 1e-5 * abs(want), (step, got, want)
 
 
 def test_resume_after_step_limit_is_bit_identical(reference_run, tmp_path):
