@@ -159,6 +159,16 @@ def bench_torch_cp(S, H, Hkv, D, causal, mode, backend, args):
     return ms, peak_gib()
 
 
+def init_nccl() -> tuple[int, int, str]:
+    """This rank's GPU and the NCCL process group under torchrun: (world size, rank, GPU name)."""
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local)
+    os.environ.setdefault("TORCH_NCCL_HIGH_PRIORITY", "1")  # as launch/train.py; README, "Performance"
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    gpu = torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "_")
+    return dist.get_world_size(), dist.get_rank(), gpu
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqlens", nargs="+", default=["32k", "128k"])
@@ -176,12 +186,7 @@ def main():
     ap.add_argument("--out", default=None, help="append JSON lines here (rank 0)")
     args = ap.parse_args()
 
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    torch.cuda.set_device(local)
-    os.environ.setdefault("TORCH_NCCL_HIGH_PRIORITY", "1")  # as launch/train.py; README, "Performance"
-    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
-    P, rank = dist.get_world_size(), dist.get_rank()
-    gpu = torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "_")
+    P, rank, gpu = init_nccl()
     causals = {"both": [True, False], "causal": [True], "full": [False]}[args.causal]
 
     rows = []

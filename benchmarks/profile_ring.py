@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ringflash import get_layout, ring_attention  # noqa: E402
-from bench_ring import parse_size, step_fn  # noqa: E402
+from bench_ring import init_nccl, parse_size, step_fn  # noqa: E402
 
 
 def _union(intervals):
@@ -107,12 +107,7 @@ def main():
     ap.add_argument("--out", required=True, help="directory for traces and profile.jsonl (rank 0)")
     args = ap.parse_args()
 
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    torch.cuda.set_device(local)
-    os.environ.setdefault("TORCH_NCCL_HIGH_PRIORITY", "1")  # as launch/train.py; README, "Performance"
-    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
-    P, rank = dist.get_world_size(), dist.get_rank()
-    gpu = torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "_")
+    P, rank, gpu = init_nccl()
     os.makedirs(args.out, exist_ok=True)
     S = parse_size(args.seqlen)
     L = S // P

@@ -71,3 +71,19 @@ def _load_tile(ptrs, rows, ROW_MASK: tl.constexpr, n_rows, cols, COL_MASK: tl.co
         else:
             x = tl.load(ptrs)
     return x
+
+
+@triton.jit
+def _merge_states(o_old, lse_old, o_new, lse_new):
+    """Online-softmax merge of two partial results (float32): the merged (O, LSE).
+
+    Rows empty on both sides (LSE = -inf) stay O = 0 and LSE = -inf, with weights
+    exp(-inf - 0) = 0 instead of NaN.
+    """
+    mx = tl.maximum(lse_old, lse_new)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    lse = mx + tl.log(tl.exp(lse_old - mx) + tl.exp(lse_new - mx))
+    ref = tl.where(lse == float("-inf"), 0.0, lse)
+    w_old = tl.exp(lse_old - ref)
+    w_new = tl.exp(lse_new - ref)
+    return o_old * w_old[:, None] + o_new * w_new[:, None], lse

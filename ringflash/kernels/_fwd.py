@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import LN2, _count_tiles, _load_tile
+from ._common import LN2, _count_tiles, _load_tile, _merge_states
 
 
 @triton.jit
@@ -136,14 +136,6 @@ def _attn_fwd(
         # Online-softmax merge with the running state of earlier key blocks, in float32.
         lse_old = tl.load(l_ptrs, mask=row_ok, other=float("-inf"))
         o_old = tl.load(o_ptrs, mask=o_mask, other=0.0)
-        mx = tl.maximum(lse_old, lse)
-        mx = tl.where(mx == float("-inf"), 0.0, mx)
-        new_lse = mx + tl.log(tl.exp(lse_old - mx) + tl.exp(lse - mx))
-        # Both sides empty: new_lse = -inf; weigh both by exp(-inf - 0) = 0 instead of NaN.
-        ref = tl.where(new_lse == float("-inf"), 0.0, new_lse)
-        w_old = tl.exp(lse_old - ref)
-        w_new = tl.exp(lse - ref)
-        o = o_old * w_old[:, None] + o * w_new[:, None]
-        lse = new_lse
+        o, lse = _merge_states(o_old, lse_old, o, lse)
     tl.store(o_ptrs, o, mask=o_mask)
     tl.store(l_ptrs, lse, mask=row_ok)

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import _merge_states
+
 __all__ = ["merge_"]
 
 _BLOCK_S = 32
@@ -48,14 +50,7 @@ def _merge_kernel(
     o_old = tl.load(o_ptrs, mask=mask, other=0.0)
     o_new = tl.load(bo_ptrs, mask=mask, other=0.0).to(tl.float32)
 
-    mx = tl.maximum(lse_old, lse_new)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)
-    lse = mx + tl.log(tl.exp(lse_old - mx) + tl.exp(lse_new - mx))
-    # Both sides empty: lse = -inf; weigh both by exp(-inf - 0) = 0 instead of NaN.
-    ref = tl.where(lse == float("-inf"), 0.0, lse)
-    w_old = tl.exp(lse_old - ref)
-    w_new = tl.exp(lse_new - ref)
-    o = o_old * w_old[:, None] + o_new * w_new[:, None]
+    o, lse = _merge_states(o_old, lse_old, o_new, lse_new)  # the forward kernel's fold
     tl.store(o_ptrs, o, mask=mask)
     tl.store(l_ptrs, lse, mask=row_ok)
 
