@@ -23,6 +23,7 @@ JSON object per line) and, with ``--plot``, a PNG next to it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -96,7 +97,8 @@ def make_fns(impl: str, q, k, v, dout, causal: bool):
     def run_fwd():
         with sdpa_backend(impl):
             return F.scaled_dot_product_attention(
-                qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2), is_causal=causal
+                qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2), is_causal=causal,
+                enable_gqa=kg.shape[2] != qg.shape[2],
             )
 
     saved = run_fwd()
@@ -114,9 +116,10 @@ def make_fns(impl: str, q, k, v, dout, causal: bool):
     return run_fwd, bwd, fwdbwd
 
 
-def inputs(B, S, H, D, dtype, seed=0):
+def inputs(B, S, H, D, dtype, seed=0, Hkv=None):
+    """q, k, v, dout; k and v with ``Hkv`` heads (GQA) when given."""
     g = torch.Generator(device="cuda").manual_seed(seed)
-    return [torch.randn(B, S, H, D, generator=g, device="cuda", dtype=dtype) for _ in range(4)]
+    return [torch.randn(B, S, h, D, generator=g, device="cuda", dtype=dtype) for h in (H, Hkv or H, Hkv or H, H)]
 
 
 # -- launch-config sweep ------------------------------------------------------------------
@@ -227,19 +230,21 @@ def plot(path_jsonl: str, path_png: str) -> None:
 
     rows = [json.loads(l) for l in open(path_jsonl) if l.strip()]
     rows = [r for r in rows if "tflops" in r and "impl" in r]
-    combos = sorted({(r["D"], r["causal"]) for r in rows})
+    hkv = lambda r: r.get("Hkv", r.get("H"))  # noqa: E731  (older rows: no GQA)
+    combos = sorted({(r["D"], hkv(r), r["causal"]) for r in rows})
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
     fig, axes = plt.subplots(len(modes), len(combos), figsize=(4 * len(combos), 3.2 * len(modes)), squeeze=False)
     for i, mode in enumerate(modes):
-        for j, (D, causal) in enumerate(combos):
+        for j, (D, Hkv, causal) in enumerate(combos):
             ax = axes[i][j]
             for impl in IMPLS:
                 pts = sorted((r["S"], r["tflops"]) for r in rows
-                             if r["impl"] == impl and r["mode"] == mode and r["D"] == D and r["causal"] == causal)
+                             if r["impl"] == impl and r["mode"] == mode and r["D"] == D and hkv(r) == Hkv
+                             and r["causal"] == causal)
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
             ax.set_xscale("log", base=2)
-            ax.set_title(f"{mode}, D={D}, {'causal' if causal else 'full'}", fontsize=9)
+            ax.set_title(f"{mode}, D={D}, Hkv={Hkv}, {'causal' if causal else 'full'}", fontsize=9)
             ax.set_xlabel("sequence length")
             ax.set_ylabel("TFLOP/s")
             ax.grid(alpha=0.3)
@@ -259,6 +264,8 @@ def main() -> None:
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, nargs="+", default=None,
+                   help="key/value heads to run (GQA when fewer than --heads; default: --heads)")
     p.add_argument("--sweep", default=None, help="tune launch configs at this length first (e.g. 8k)")
     p.add_argument("--ab-fused", default=None, help="pick fused/two-launch backward at this length first")
     p.add_argument("--out", default=None, help="JSON-lines file (default results/kernels_<gpu>.jsonl)")
@@ -294,21 +301,21 @@ def main() -> None:
     if args.ab_fused:
         ab_fused(parse_len(args.ab_fused), args.head_dims, B, H, dtype, log_sweep)
 
-    print(f"{'S':>6} {'D':>4} {'mask':>6} {'mode':>7} " + " ".join(f"{i:>11}" for i in args.impls) + "   rf/flash rf/cudnn")
+    print(f"{'S':>6} {'D':>4} {'Hkv':>4} {'mask':>6} {'mode':>7} " + " ".join(f"{i:>11}" for i in args.impls) + "   rf/flash rf/cudnn")
     with open(out_path, "a") as fout:
         for S in map(parse_len, args.seqlens):
             if args.time_budget and time.time() - t0 > args.time_budget:
                 print(f"time budget reached; skipping S >= {S}")
                 break
             for D in args.head_dims:
-                for causal in causals:
-                    q, k, v, dout = inputs(B, S, H, D, dtype)
+                for causal, Hkv in itertools.product(causals, args.kv_heads or [H]):
+                    q, k, v, dout = inputs(B, S, H, D, dtype, Hkv=Hkv)
                     res = {m: {} for m in args.modes}
                     for impl in args.impls:
                         try:
                             fns = dict(zip(MODES, make_fns(impl, q, k, v, dout, causal)))
                         except Exception as e:
-                            print(f"{impl} S={S} D={D}: {e!r}"[:300])
+                            print(f"{impl} S={S} D={D} Hkv={Hkv}: {e!r}"[:300])
                             continue
                         for mode in args.modes:
                             try:
@@ -318,7 +325,7 @@ def main() -> None:
                                 continue
                             tf = flops(mode, B, H, S, D, causal) / ms * 1e-9
                             res[mode][impl] = tf
-                            rec = {**meta, "impl": impl, "S": S, "D": D, "causal": causal, "mode": mode,
+                            rec = {**meta, "impl": impl, "S": S, "D": D, "Hkv": Hkv, "causal": causal, "mode": mode,
                                    "ms": round(ms, 4), "tflops": round(tf, 1)}
                             fout.write(json.dumps(rec) + "\n")
                             fout.flush()
@@ -329,11 +336,13 @@ def main() -> None:
                         cells = " ".join(f"{r[i]:11.1f}" if i in r else f"{'-':>11}" for i in args.impls)
                         rf = r.get("ringflash")
                         ratio = lambda other: f"{rf / r[other]:8.2f}" if rf and r.get(other) else f"{'-':>8}"  # noqa: E731
-                        print(f"{S:>6} {D:>4} {'causal' if causal else 'full':>6} {mode:>7} {cells}  {ratio('sdpa_flash')} {ratio('sdpa_cudnn')}", flush=True)
+                        print(f"{S:>6} {D:>4} {Hkv:>4} {'causal' if causal else 'full':>6} {mode:>7} {cells}  {ratio('sdpa_flash')} {ratio('sdpa_cudnn')}", flush=True)
                     del q, k, v, dout
                     torch.cuda.empty_cache()
-    print("configs:", {"fwd": kernels.FWD_CONFIGS, "dkdv": kernels.BWD_DKDV_CONFIGS, "dq": kernels.BWD_DQ_CONFIGS,
-                       "bwd_fused": sys.modules[kernels.backward.__module__].BWD_FUSED})
+    attn = sys.modules[kernels.backward.__module__]
+    print("configs:", {"fwd": kernels.FWD_CONFIGS, "dkdv": kernels.BWD_DKDV_CONFIGS, "dkdv_grouped": attn.BWD_DKDV_GROUPED_CONFIGS,
+                       "dq": kernels.BWD_DQ_CONFIGS,
+                       "bwd_fused": attn.BWD_FUSED})
     if args.plot:
         plot(out_path, png_path)
         print("wrote", out_path, png_path)

@@ -160,14 +160,14 @@ def _gpt_run(model, ids, *, group, compile=False):
     return {"logits": logits.detach(), "loss": loss.detach()} | {n: p.grad for n, p in model.named_parameters()}
 
 
-def _gpt_errors(seed, *, compile=False):
+def _gpt_errors(seed, *, compile=False, backend=KERNEL):
     device, single = setup()
     g = torch.Generator().manual_seed(seed + 1)
     seqlen = LOCAL_SEQLEN * dist.get_world_size()
     ids = torch.randint(0, GPT_CONFIG.vocab_size, (BATCH, seqlen), generator=g).to(device)
     ref = _gpt_run(_gpt(seed, single, "reference", device, torch.float64), ids, group=single)
-    one = _gpt_run(_gpt(seed, single, KERNEL, device), ids, group=single)
-    got = _gpt_run(_gpt(seed, None, KERNEL, device), ids, group=None, compile=compile)
+    one = _gpt_run(_gpt(seed, single, backend, device), ids, group=single)
+    got = _gpt_run(_gpt(seed, None, backend, device), ids, group=None, compile=compile)
     return {n: rel(got[n], ref[n]) for n in ref}, {n: rel(one[n], ref[n]) for n in ref}
 
 
@@ -182,6 +182,12 @@ def test_gpt_compiled_matches_eager():
     _check(errs, bars, "GPT compiled")
 
 
+def test_gpt_compiled_cudnn_engine():
+    """The compiled GPT on the cuDNN engine: ring attention stays in the graph as the custom op."""
+    errs, bars = _gpt_errors(seed=13, compile=True, backend="cudnn")
+    _check(errs, bars, "GPT compiled, cuDNN engine")
+
+
 # -- script form -------------------------------------------------------------------------------
 
 
@@ -189,7 +195,7 @@ def main() -> int:
     checks = [(f"test_mha_bf16_matches_one_gpu[{l}-{h}q{k}kv]", test_mha_bf16_matches_one_gpu, (l, (h, k)))
               for (h, k) in HEADS for l in LAYOUTS]
     checks += [(f.__name__, f, ()) for f in (test_mha_device_mesh_group, test_gpt_bf16_matches_one_gpu,
-                                              test_gpt_compiled_matches_eager)]
+                                              test_gpt_compiled_matches_eager, test_gpt_compiled_cudnn_engine)]
     setup()
     failed = 0
     for name, fn, args in checks:

@@ -69,6 +69,15 @@ BWD_DKDV_CONFIGS: dict = {
     128: KernelConfig(64, 128, 8, 3),
     256: KernelConfig(32, 32, 8, 2),
 }
+# dK/dV programs with grouped queries (GQA) walk the query tiles once per query head of the
+# group, in a loop around the tile loops. With 4 warps and 64 x 128 tiles that nest ran 4x
+# slower on H200 at D = 64 (87 against 355 TFLOP/s, S = 32k, 16 query heads over 4); 64 x 64
+# tiles run the nest at full speed. Measured: benchmarks/results/kernels_h200_gqa_d64{_sweep,}.jsonl.
+BWD_DKDV_GROUPED_CONFIGS: dict = {
+    16: KernelConfig(64, 64, 4, 3),
+    32: KernelConfig(64, 64, 4, 3),
+    64: KernelConfig(64, 64, 4, 3),
+}
 BWD_DQ_CONFIGS: dict = {
     16: KernelConfig(128, 64, 4, 3),
     32: KernelConfig(128, 64, 4, 3),
@@ -90,11 +99,13 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _config(table: dict, interp: KernelConfig, head_dim: int, dtype, causal: bool) -> KernelConfig:
+def _config(table: dict, interp: KernelConfig, head_dim: int, dtype, causal: bool,
+            grouped: dict | None = None) -> KernelConfig:
+    """The launch config for this head dim; ``grouped``: a table that takes precedence (GQA)."""
     if INTERPRETED:
         return interp
     bd = _block_d(head_dim)
-    cfg = table.get((bd, causal)) or table[bd]
+    cfg = (grouped or {}).get(bd) or table.get((bd, causal)) or table[bd]
     if dtype == torch.float32:
         # float32 (a testing dtype) needs twice the shared memory per tile.
         cfg = KernelConfig(min(cfg.block_m, 64), min(cfg.block_n, 64), cfg.num_warps, min(cfg.num_stages, 2))
@@ -337,7 +348,8 @@ def backward(
     else:
         q_pos = k_pos = lse  # never read
 
-    c1 = _config(BWD_DKDV_CONFIGS, _INTERPRET_DKDV, D, q.dtype, bool(causal))
+    c1 = _config(BWD_DKDV_CONFIGS, _INTERPRET_DKDV, D, q.dtype, bool(causal),
+                 grouped=BWD_DKDV_GROUPED_CONFIGS if Hkv < H else None)
     c2 = _config(BWD_DQ_CONFIGS, _INTERPRET_DQ, D, q.dtype, bool(causal))
     args = (
         q, k, v, dout, lse, delta, q_pos, k_pos, dq, dk, dv,
