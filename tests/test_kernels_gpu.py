@@ -99,6 +99,16 @@ def test_head_dims(D, dtype, causal):
     check_against_sdpa(q, k, v, dout, causal=causal)
 
 
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_float32_head_dims(D):
+    """float32 inputs take smaller tiles (twice the bytes per element); exact products (no tf32)."""
+    q, k, v, dout = make_qkv(2, 777, 1024, 8, 2, D, torch.float32, seed=4)
+    got = run_kernels(q, k, v, dout, causal=True)
+    ref = oracle64(q, k, v, dout, causal=True)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref):
+        assert rel_err(a, b) < 1e-5, f"{name}: {rel_err(a, b):.2e}"
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("Sq,Sk", [(1000, 1000), (77, 77), (333, 1111), (1111, 555), (4097, 4097)])
 def test_odd_lengths(Sq, Sk, causal):

@@ -67,7 +67,7 @@ BWD_DKDV_CONFIGS: dict = {
     32: KernelConfig(64, 128, 4, 3),
     64: KernelConfig(64, 128, 4, 3),
     128: KernelConfig(64, 128, 8, 3),
-    256: KernelConfig(32, 32, 8, 2),
+    256: KernelConfig(64, 64, 8, 2),  # 2.2x the 32 x 32 tiles at S = 16k (kernels_h200_d256_sweep.jsonl)
 }
 # dK/dV programs with grouped queries (GQA) walk the query tiles once per query head of the
 # group, in a loop around the tile loops. With 4 warps and 64 x 128 tiles that nest ran 4x
@@ -83,7 +83,7 @@ BWD_DQ_CONFIGS: dict = {
     32: KernelConfig(128, 64, 4, 3),
     64: KernelConfig(128, 64, 4, 3),
     128: KernelConfig(128, 64, 8, 3),
-    256: KernelConfig(64, 32, 8, 2),
+    256: KernelConfig(128, 32, 8, 2),
 }
 # Small tiles under the interpreter: tests then cross many tile boundaries on short inputs.
 _INTERPRET_FWD = KernelConfig(32, 16, 1, 1)
@@ -108,7 +108,8 @@ def _config(table: dict, interp: KernelConfig, head_dim: int, dtype, causal: boo
     cfg = (grouped or {}).get(bd) or table.get((bd, causal)) or table[bd]
     if dtype == torch.float32:
         # float32 (a testing dtype) needs twice the shared memory per tile.
-        cfg = KernelConfig(min(cfg.block_m, 64), min(cfg.block_n, 64), cfg.num_warps, min(cfg.num_stages, 2))
+        cap = 64 if bd <= 128 else 32
+        cfg = KernelConfig(min(cfg.block_m, cap), min(cfg.block_n, cap), cfg.num_warps, min(cfg.num_stages, 2))
     return cfg
 
 
