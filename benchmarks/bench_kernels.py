@@ -266,6 +266,8 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, nargs="+", default=None,
                    help="key/value heads to run (GQA when fewer than --heads; default: --heads)")
+    p.add_argument("--dkdv-programs-per-sm", type=int, default=None,
+                   help="set kernels.attention.DKDV_PROGRAMS_PER_SM (0: never split a GQA group over programs)")
     p.add_argument("--sweep", default=None, help="tune launch configs at this length first (e.g. 8k)")
     p.add_argument("--ab-fused", default=None, help="pick fused/two-launch backward at this length first")
     p.add_argument("--out", default=None, help="JSON-lines file (default results/kernels_<gpu>.jsonl)")
@@ -284,11 +286,15 @@ def main() -> None:
         sys.exit("bench_kernels.py needs a CUDA GPU")
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     t0 = time.time()
+    attn = sys.modules[kernels.backward.__module__]
+    if args.dkdv_programs_per_sm is not None:
+        attn.DKDV_PROGRAMS_PER_SM = args.dkdv_programs_per_sm
     dtype = torch.bfloat16
     B, H = args.batch, args.heads
     causals = {"both": [False, True], "true": [True], "false": [False]}[args.causal]
     meta = {"gpu": gpu, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": __import__("triton").__version__, "dtype": "bf16", "B": B, "H": H}
+            "triton": __import__("triton").__version__, "dtype": "bf16", "B": B, "H": H,
+            "dkdv_programs_per_sm": attn.DKDV_PROGRAMS_PER_SM}
 
     def log_sweep(rec):
         print("sweep", json.dumps(rec), flush=True)
@@ -339,7 +345,6 @@ def main() -> None:
                         print(f"{S:>6} {D:>4} {Hkv:>4} {'causal' if causal else 'full':>6} {mode:>7} {cells}  {ratio('sdpa_flash')} {ratio('sdpa_cudnn')}", flush=True)
                     del q, k, v, dout
                     torch.cuda.empty_cache()
-    attn = sys.modules[kernels.backward.__module__]
     print("configs:", {"fwd": kernels.FWD_CONFIGS, "dkdv": kernels.BWD_DKDV_CONFIGS, "dkdv_grouped": attn.BWD_DKDV_GROUPED_CONFIGS,
                        "dq": kernels.BWD_DQ_CONFIGS,
                        "bwd_fused": attn.BWD_FUSED})

@@ -277,6 +277,46 @@ def test_grouped_dkdv_launch_config(monkeypatch):
     assert attn.BWD_DKDV_GROUPED_CONFIGS in seen and seen.count(attn.BWD_DKDV_GROUPED_CONFIGS) == 1
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("H,Hkv", [(8, 2), (6, 1)])
+def test_backward_split_group(monkeypatch, H, Hkv, causal):
+    """A dK/dV grid too small for the GPU splits each query-head group over several programs:
+    the same gradients (to float32 rounding of the slab sum), stored or accumulated."""
+    attn = sys.modules[kernels.backward.__module__]
+    q, k, v, dout = make_qkv(2, 50, 61, H, Hkv, 32, torch.float32, seed=10)
+    q_pos, k_pos = striped_positions(50, 2, 1), striped_positions(61, 2, 0)
+    out, lse = kernels.forward(q, k, v, causal=causal, q_pos=q_pos, k_pos=k_pos)
+    delta = kernels.backward_delta(out, dout)
+    ref = oracle(q, k, v, dout, causal=causal, q_pos=q_pos, k_pos=k_pos)
+    g = torch.Generator().manual_seed(11)
+    base = [torch.randn(t.shape, generator=g) for t in (q, k, v)]
+    splits = []
+    real_split = attn._group_split
+    monkeypatch.setattr(attn, "_group_split", lambda *a: splits.append(real_split(*a)) or splits[-1])
+    monkeypatch.setattr(attn, "_min_programs", lambda device: 10**9)  # split as far as the group allows
+    stored = kernels.backward(dout, q, k, v, lse, delta, causal=causal, q_pos=q_pos, k_pos=k_pos)
+    acc = [t.clone() for t in base]
+    kernels.backward(dout, q, k, v, lse, delta, causal=causal, q_pos=q_pos, k_pos=k_pos,
+                     dq=acc[0], dk=acc[1], dv=acc[2])
+    assert splits == [H // Hkv] * 2
+    for i, name in enumerate(("dq", "dk", "dv")):
+        assert_close(stored[i], ref[2 + i], None, name, torch.float32)
+        assert_close(acc[i] - base[i], ref[2 + i], None, name + " (accumulated)", torch.float32)
+
+
+def test_group_split_choice(monkeypatch):
+    attn = sys.modules[kernels.backward.__module__]
+    monkeypatch.setattr(attn, "_min_programs", lambda device: 264)
+    cpu = torch.device("cpu")
+    assert attn._group_split(1024, 4, cpu) == 1  # the grid fills the GPU already
+    assert attn._group_split(256, 4, cpu) == 2
+    assert attn._group_split(64, 32, cpu) == 8  # MQA at 8k keys: 64 programs -> 512
+    assert attn._group_split(10, 6, cpu) == 6  # never more than the group
+    assert attn._group_split(10, 1, cpu) == 1
+    monkeypatch.setattr(attn, "_min_programs", lambda device: 0)
+    assert attn._group_split(1, 8, cpu) == 1
+
+
 def test_backward_of_empty_rows_is_zero():
     q, k, v, dout = make_qkv(1, 33, 33, 2, 2, 32, torch.float32, seed=7)
     q_pos, k_pos = torch.arange(33), torch.arange(33) + 16  # rows 0..15 see nothing

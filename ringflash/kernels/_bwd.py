@@ -5,7 +5,10 @@ same kernels serve a single call and every step of a ring. There are no atomics,
 result is bit-for-bit deterministic:
 
 * a dK/dV program owns one key tile of one kv head and loops over the ``G`` query heads
-  that read it (GQA) and over the query tiles that can see it;
+  that read it (GQA) and over the query tiles that can see it. When that grid is too small
+  to fill the GPU (few kv heads, short blocks), the group is split: ``SPLIT`` programs per key
+  tile each take ``G / SPLIT`` query heads and store their part in their own float32 slab,
+  and the caller sums the slabs in a fixed order;
 * a separate dQ program owns one query tile of one head and loops over the key tiles it sees.
 
 Both add into float32 accumulators that the caller may carry across blocks; without
@@ -89,7 +92,7 @@ def _dkdv_tile(
 
 @triton.jit
 def _dkdv_program(
-    pid_n, pid_bh,
+    pid_n, pid_bh, g_first, g_count,
     Q, K, V, DO, LSE, DELTA, QPOS, KPOS, DK, DV,
     sm_scale, qk_scale,
     stride_qb, stride_qs, stride_qh,
@@ -138,7 +141,7 @@ def _dkdv_program(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for g in range(0, G):
+    for g in range(g_first, g_first + g_count):
         h = hk * G + g
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
@@ -291,7 +294,8 @@ def _attn_bwd(
     stride_dqb, stride_dqs, stride_dqh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
-    B, H, G, Sq, Sk,
+    stride_dk_split, stride_dv_split,
+    B, H, G, SPLIT, Sq, Sk,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
     BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
@@ -303,11 +307,16 @@ def _attn_bwd(
     n_dkdv = 0
     if DO_DKDV:
         # Heaviest first: with causal, early key tiles are seen by the most queries.
-        n_dkdv = num_n * B * (H // G)
+        # With SPLIT > 1, program (key tile, split, b * kv head) takes the split's query heads
+        # of the group and stores into that split's slab of DK/DV (never accumulates).
+        n_dkdv = num_n * B * (H // G) * SPLIT
         if pid < n_dkdv:
+            rest = pid // num_n
+            split = (rest % SPLIT).to(tl.int64)
+            g_count = G // SPLIT
             _dkdv_program(
-                pid % num_n, pid // num_n,
-                Q, K, V, DO, LSE, DELTA, QPOS, KPOS, DK, DV,
+                pid % num_n, rest // SPLIT, split * g_count, g_count,
+                Q, K, V, DO, LSE, DELTA, QPOS, KPOS, DK + split * stride_dk_split, DV + split * stride_dv_split,
                 sm_scale, qk_scale,
                 stride_qb, stride_qs, stride_qh,
                 stride_kb, stride_ks, stride_kh,

@@ -99,6 +99,32 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+# A dK/dV grid smaller than this many programs per SM splits the query heads of each group
+# over several programs (see _bwd.py); each split costs one float32 slab of dK and dV.
+DKDV_PROGRAMS_PER_SM = 2
+_SM_COUNT: dict = {}
+
+
+def _min_programs(device: torch.device) -> int:
+    """dK/dV programs wanted to fill ``device``; 0 under the interpreter (no split)."""
+    if INTERPRETED or device.type != "cuda":
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return DKDV_PROGRAMS_PER_SM * _SM_COUNT[index]
+
+
+def _group_split(n_programs: int, group: int, device: torch.device) -> int:
+    """How many programs share each key tile's query-head group: the smallest divisor of
+    ``group`` that brings the dK/dV grid of ``n_programs`` up to the device's fill."""
+    want = _min_programs(device)
+    for split in range(1, group + 1):
+        if group % split == 0 and (n_programs * split >= want or split == group):
+            return split
+    return 1
+
+
 def _config(table: dict, interp: KernelConfig, head_dim: int, dtype, causal: bool,
             grouped: dict | None = None) -> KernelConfig:
     """The launch config for this head dim; ``grouped``: a table that takes precedence (GQA)."""
@@ -352,33 +378,52 @@ def backward(
     c1 = _config(BWD_DKDV_CONFIGS, _INTERPRET_DKDV, D, q.dtype, bool(causal),
                  grouped=BWD_DKDV_GROUPED_CONFIGS if Hkv < H else None)
     c2 = _config(BWD_DQ_CONFIGS, _INTERPRET_DQ, D, q.dtype, bool(causal))
+    n_dkdv = triton.cdiv(Sk, c1.block_n) * B * Hkv
+    split = _group_split(n_dkdv, H // Hkv, q.device)
+    if split > 1:
+        # Each split stores its part in its own slab; the slabs are summed below, in order.
+        dk_out, dv_out = torch.empty((2, split, *k.shape), dtype=torch.float32, device=k.device)
+    else:
+        dk_out, dv_out = dk[None], dv[None]
     args = (
-        q, k, v, dout, lse, delta, q_pos, k_pos, dq, dk, dv,
+        q, k, v, dout, lse, delta, q_pos, k_pos, dq, dk_out[0], dv_out[0],
         scale, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        B, H, H // Hkv, Sq, Sk,
+        dk_out.stride(1), dk_out.stride(2), dk_out.stride(3),
+        dv_out.stride(1), dv_out.stride(2), dv_out.stride(3),
+        dk_out.stride(0), dv_out.stride(0),
+        B, H, H // Hkv, split, Sq, Sk,
     )
     meta = dict(
         HEAD_DIM=D, BLOCK_D=_block_d(D),
         BLOCK_M1=c1.block_m, BLOCK_N1=c1.block_n, BLOCK_M2=c2.block_m, BLOCK_N2=c2.block_n,
-        CAUSAL=bool(causal), ACC_DKDV=acc_dkdv, ACC_DQ=acc_dq, DOT_PREC=_dot_precision(q.dtype),
+        CAUSAL=bool(causal), ACC_DKDV=acc_dkdv and split == 1, ACC_DQ=acc_dq, DOT_PREC=_dot_precision(q.dtype),
     )
-    n_dkdv = triton.cdiv(Sk, c1.block_n) * B * Hkv
+
+    def sum_splits():
+        if split > 1:
+            for acc, parts in ((dk, dk_out), (dv, dv_out)):
+                if acc_dkdv:
+                    acc += parts.sum(0)
+                else:
+                    torch.sum(parts, 0, out=acc)
+
+    n_dkdv *= split
     n_dq = triton.cdiv(Sq, c2.block_m) * B * H
     if BWD_FUSED and (c1.num_warps, c1.num_stages) == (c2.num_warps, c2.num_stages):
         _attn_bwd[(n_dkdv + n_dq,)](*args, **meta, DO_DKDV=True, DO_DQ=True,
                                     num_warps=c1.num_warps, num_stages=c1.num_stages)
+        sum_splits()
         if after_dkdv is not None:
             after_dkdv()
     else:
         _attn_bwd[(n_dkdv,)](*args, **meta, DO_DKDV=True, DO_DQ=False,
                              num_warps=c1.num_warps, num_stages=c1.num_stages)
+        sum_splits()
         if after_dkdv is not None:
             after_dkdv()
         _attn_bwd[(n_dq,)](*args, **meta, DO_DKDV=False, DO_DQ=True,
