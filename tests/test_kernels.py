@@ -244,13 +244,29 @@ def test_backward_accumulates_over_key_blocks(dtype):
         assert_close(got - base, ref[i], lowp[i], name, dtype)
 
 
-def test_backward_in_two_launches(monkeypatch):
-    """dK/dV and dQ programs launched as two grids give the same result as one fused grid."""
+@pytest.mark.parametrize("group_split", [False, True], ids=["whole-group", "split-group"])
+def test_backward_in_one_grid(monkeypatch, group_split):
+    """dK/dV and dQ programs launched as one fused grid give the two launches' result, bit for bit,
+    with the query-head group whole or split over programs."""
+    attn = sys.modules[kernels.backward.__module__]
+    if group_split:
+        monkeypatch.setattr(attn, "_min_programs", lambda device: 10**9)
     q, k, v, dout = make_qkv(1, 45, 61, 4, 2, 32, torch.float32, seed=8)
-    fused = run_kernels(q, k, v, dout, causal=True)
-    monkeypatch.setattr(sys.modules[kernels.backward.__module__], "BWD_FUSED", False)
-    split = run_kernels(q, k, v, dout, causal=True)
-    for a, b in zip(fused, split):
+    launches = []
+    real_bwd = attn._attn_bwd
+
+    class Recorder:  # counts the grids launched, then launches them
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real_bwd[grid]
+
+    monkeypatch.setattr(attn, "_attn_bwd", Recorder())
+    monkeypatch.setattr(attn, "BWD_FUSED", False)
+    two = run_kernels(q, k, v, dout, causal=True)
+    monkeypatch.setattr(attn, "BWD_FUSED", True)
+    one = run_kernels(q, k, v, dout, causal=True)
+    assert len(launches) == 3  # two launches, then one
+    for a, b in zip(two, one):
         assert torch.equal(a, b)
 
 
