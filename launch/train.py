@@ -102,7 +102,7 @@ class TrainConfig:
     kv_heads: int = _f(2, "key/value heads (GQA when fewer than --heads)")
     rope_base: float = _f(10000.0, "rotary embedding base (raise it for very long sequences)")
     checkpoint_activations: bool = _f(False, "recompute each block in the backward to save memory")
-    compile: bool = _f(False, "torch.compile the model (ring attention stays in the graph as one custom op)")
+    compile: bool = _f(False, "torch.compile the model as one graph (ring attention is a custom op in it)")
     # optimisation
     steps: int = _f(600, "train until this many steps are done (a resumed run continues to it)")
     lr: float = _f(3e-3, "peak learning rate (AdamW)")

@@ -95,8 +95,12 @@ def unshard(x: torch.Tensor, *, layout: str | Layout = "striped", group=None, di
     return get_layout(layout).unshard(x, group=resolve_group(group), dim=dim)
 
 
-@torch.compiler.disable
 def _all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        # A functional collective: torch.compile keeps it in the graph.
+        import torch.distributed._functional_collectives as funcol
+
+        return funcol.all_reduce(t, "sum", group if group is not None else dist.group.WORLD)
     t = t.clone()
     dist.all_reduce(t, group=group)
     return t

@@ -19,9 +19,9 @@ context-parallel ranks (or call :func:`ringflash.batch.average_gradients` over t
 context-parallel group). Every rank must start from the same weights: seed identically, or
 let DDP broadcast them.
 
-``torch.compile(model)`` works: ring attention is a custom op inside the graph (see
-:mod:`ringflash.nn`), so the blocks compile whole; the rotary-table lookup (a host-side cache)
-and the loss's all-reduce run eagerly, across two graph breaks.
+``torch.compile(model, fullgraph=True)`` works: ring attention is a custom op inside the graph
+(see :mod:`ringflash.nn`), the rotary tables are computed in the graph, and the loss's
+all-reduce is a functional collective, so the whole model is one graph.
 ``GPTConfig.checkpoint`` recomputes each block in the backward (``torch.utils.checkpoint``,
 non-reentrant), ring communication included; every rank recomputes the same blocks in the
 same order, so the recomputed ring steps line up.
@@ -162,7 +162,6 @@ class GPT(nn.Module):
         return self._output(x, labels_local)
 
     def _output(self, x: torch.Tensor, labels_local: torch.Tensor | None):
-        # A frame of its own, so that the loss's all-reduce (a graph break) ends the frame.
         logits = self.head(self.norm(x))  # (B, S, vocab)
         loss = None
         if labels_local is not None:

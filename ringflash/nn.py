@@ -12,9 +12,9 @@ cut into shards.
 ``torch.compile``: ring attention is one custom op (``torch.ops.ringflash.ring_attention``,
 with its backward op), so compiled models keep it inside their graphs, without a graph break.
 (A custom :class:`~ringflash.layout.Layout` subclass or a backend object runs eagerly across a
-graph break instead.) The rotary tables are looked up in a host-side cache, outside the graph;
-a stack of layers looks them up once (:meth:`MultiheadAttention.rotary` and the ``rotary=``
-argument of ``forward``).
+graph break instead.) The rotary tables are looked up in a host-side cache in eager mode, and
+computed inside the graph under torch.compile; a stack of layers looks them up once
+(:meth:`MultiheadAttention.rotary` and the ``rotary=`` argument of ``forward``).
 """
 
 from __future__ import annotations
@@ -155,17 +155,21 @@ class MultiheadAttention(nn.Module):
         self.out = nn.Linear(num_heads * head_dim, dim, bias=bias)
         self._rotary_cache: dict = {}
 
-    @torch.compiler.disable
     def rotary(self, local_seqlen: int, device, dtype: torch.dtype = torch.float32):
         """(cos, sin) for this rank's tokens, each (local_seqlen, head_dim // 2), from the global positions.
 
         Checks that ``local_seqlen`` can come from the layout over this group first, so a shard
         cut for another layout or group size fails here, on every rank, with a ValueError.
-        Cached per (local_seqlen, rank, world size, device, dtype).
+        Cached per (local_seqlen, rank, world size, device, dtype); under torch.compile they are
+        computed in the graph instead (a few elementwise ops), so that models compile without a
+        graph break.
         """
         world_size, rank = _world_and_rank(self.group)
         self.layout.check_local_seqlen(local_seqlen, world_size)
         dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        if torch.compiler.is_compiling():
+            pos = self.layout.local_positions(local_seqlen, rank=rank, world_size=world_size)
+            return rotary_tables(pos, self.head_dim, self.rope_base, device=device, dtype=dtype)
         key = (local_seqlen, rank, world_size, torch.device(device), dtype)
         tables = self._rotary_cache.get(key)
         if tables is None:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from common import rel, pack, unpack
 from distributed import spawn
 from ringflash.batch import average_gradients, shard_batch, sharded_cross_entropy, unshard
+from ringflash import models
 from ringflash.models import GPT, GPTConfig
 
 LAYOUTS = ["contiguous", "striped", "zigzag"]
@@ -68,10 +69,11 @@ def _gpt_grid(rank, world_size, seed):
     for i, layout in enumerate(LAYOUTS):
         ids, labels = _batch(seed + i)
         results[layout] = _sharded(_model(seed + i, layout=layout), ids, labels, layout)
-    # Activation checkpointing and torch.compile (graph breaks around the ring and the loss's all-reduce).
+    # Activation checkpointing, and torch.compile of the whole sharded model as one graph
+    # (fullgraph: a graph break raises): ring attention, rotary tables, the loss's all-reduce.
     ids, labels = _batch(seed + 1)
     results["checkpoint"] = _sharded(_model(seed + 1, layout="striped", checkpoint=True), ids, labels, "striped")
-    compiled = torch.compile(_model(seed + 1, layout="striped"), backend="aot_eager")
+    compiled = torch.compile(_model(seed + 1, layout="striped"), backend="aot_eager", fullgraph=True)
     results["compile"] = _sharded(compiled, ids, labels, "striped")
     # A sequence the layout cannot split, padded by shard_batch.
     ids, labels = _batch(seed + 2, seqlen=SEQLEN - 3)
@@ -188,7 +190,9 @@ def test_single_process_loss_is_mean_cross_entropy():
     assert torch.allclose(loss.double(), ref, rtol=1e-6)
     assert model(ids_l)[1] is None
     assert model.head.weight is model.tok_emb.weight
-    assert _model(0, tie_embeddings=False).head.weight is not _model(0).tok_emb.weight
+    untied = _model(0, tie_embeddings=False)
+    assert untied.head.weight is not untied.tok_emb.weight
+    assert not torch.equal(untied.head.weight, untied.tok_emb.weight)
 
 
 def test_all_labels_ignored_gives_zero_loss():
@@ -199,10 +203,14 @@ def test_all_labels_ignored_gives_zero_loss():
     assert (logits.grad == 0).all()
 
 
-def test_checkpoint_single_process():
+def test_checkpoint_single_process(monkeypatch):
     ids, labels = _batch(3)
     a = _full(_model(3), ids, labels)
+    calls = []
+    real = models.checkpoint
+    monkeypatch.setattr(models, "checkpoint", lambda *args, **kw: calls.append(1) or real(*args, **kw))
     b = _full(_model(3, checkpoint=True), ids, labels)
+    assert len(calls) == CONFIG.n_layers  # every block ran under activation checkpointing
     _compare(b, a, "checkpoint")
 
 
@@ -211,7 +219,7 @@ def test_compile_single_process():
     ids, labels = _batch(4)
     ref = _full(_model(4, n_layers=1), ids, labels)
     model = _model(4, n_layers=1)
-    got = _full(torch.compile(model), ids, labels)
+    got = _full(torch.compile(model, fullgraph=True), ids, labels)
     got = (got[0], got[1], {n.removeprefix("_orig_mod."): g for n, g in got[2].items()})
     logits, loss, grads = got
     assert rel(logits, ref[0]) < 1e-12 and abs(loss - ref[1]) < 1e-12

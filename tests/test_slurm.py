@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -189,4 +188,5 @@ def test_checkpoint_resubmits_with_resume():
     assert trainer.train_args.count("--resume") == 1
     again = trainer.checkpoint().function
     assert again.train_args == trainer.train_args
-    assert shlex.split(shlex.join(again.train_args)) == again.train_args
+    resumed = train.parse_args(again.train_args)
+    assert resumed.resume and resumed.out == "/tmp/x" and resumed.steps == 10
