@@ -56,7 +56,12 @@ class Layout:
     def check_local_seqlen(self, local_seqlen: int, world_size: int) -> None:
         """Raise ``ValueError`` if a shard of ``local_seqlen`` tokens cannot come from this layout."""
         per_rank = self.multiple(world_size) // world_size
-        if local_seqlen <= 0 or local_seqlen % per_rank != 0:
+        if local_seqlen <= 0:
+            raise ValueError(
+                f"this rank holds no tokens (local_seqlen {local_seqlen}); layout {self!r} over "
+                f"{world_size} ranks needs a global sequence of at least {self.multiple(world_size)} tokens."
+            )
+        if local_seqlen % per_rank != 0:
             raise ValueError(
                 f"layout {self!r} over {world_size} ranks gives every rank a multiple of "
                 f"{per_rank} tokens; this rank holds {local_seqlen}. Pad the global sequence "

@@ -113,7 +113,7 @@ def _grid(rank, world_size, seed):
         except ValueError as e:
             errors[name] = str(e)
     results[("errors",)] = errors
-    return pack(results) if rank == 0 else None
+    return pack(results if rank == 0 else {("errors",): errors})
 
 
 _SEED = random.randrange(1 << 30)  # fresh inputs every run; printed on failure
@@ -122,7 +122,9 @@ _RUNS: dict[int, dict] = {}
 
 def grid(world_size: int) -> dict:
     if world_size not in _RUNS:
-        _RUNS[world_size] = unpack(spawn(_grid, world_size, _SEED, timeout=240)[0])
+        outs = spawn(_grid, world_size, _SEED, timeout=240)
+        _RUNS[world_size] = unpack(outs[0])
+        _RUNS[world_size][("errors by rank",)] = [unpack(o)[("errors",)] for o in outs]
     return _RUNS[world_size]
 
 
@@ -172,9 +174,11 @@ def test_device_mesh_group(world_size):
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_shard_length_errors_on_every_rank(world_size):
-    errors = grid(world_size)[("errors",)]
-    assert "zigzag" in errors and "multiple of 2" in errors["zigzag"], errors
-    assert "striped" in errors, errors
+    by_rank = grid(world_size)[("errors by rank",)]
+    assert len(by_rank) == world_size
+    for errors in by_rank:
+        assert "zigzag" in errors and "multiple of 2" in errors["zigzag"], errors
+        assert "striped" in errors and "holds no tokens" in errors["striped"], errors
 
 
 # -- one process, no process group -----------------------------------------------------------
