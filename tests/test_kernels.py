@@ -268,6 +268,9 @@ def test_backward_in_one_grid(monkeypatch, group_split):
     assert len(launches) == 3  # two launches, then one
     for a, b in zip(two, one):
         assert torch.equal(a, b)
+    ref = oracle(q, k, v, dout, causal=True)
+    for i, name in ((2, "dq"), (3, "dk"), (4, "dv")):
+        assert_close(one[i], ref[i], None, name, torch.float32)
 
 
 def test_grouped_dkdv_launch_config(monkeypatch):
