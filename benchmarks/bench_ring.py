@@ -7,7 +7,11 @@ For every (S, heads_kv, causal, mode) it times, in the same run:
   ringflash       ring_attention for each layout (contiguous, striped, zigzag)
   torch_cp_flash  torch.distributed.tensor.experimental.context_parallel over SDPA (flash)
   torch_cp_cudnn  the same over SDPA (cuDNN)
-  single_gpu      the ringflash kernel on one GPU at the per-rank size S/P (the efficiency bar)
+  single_gpu      the same local engine on one GPU at the per-rank size S/P (the efficiency bar)
+
+``--engines triton cudnn`` gives ringflash and single-GPU rows for each local engine;
+``--last-hop-parts 1 4`` times the SDPA engines' backward with its last dK/dV hop in one
+message and cut in chunks (``ringflash.ring.LAST_HOP_PARTS``), side by side.
 
 TFLOP/s per GPU use the FlashAttention convention: fwd = 4 * B * H * S^2 * D (halved when
 causal), fwd+bwd = 3.5 * fwd, divided by the number of GPUs. A time is the median over
@@ -28,6 +32,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ringflash import flash_attention, get_layout, ring_attention  # noqa: E402
+import ringflash.ring as ring_mod  # noqa: E402
+
+DEFAULT_LAST_HOP_PARTS = ring_mod.LAST_HOP_PARTS
 
 
 def parse_size(s: str) -> int:
@@ -83,8 +90,9 @@ def step_fn(attn, q, k, v, mode):
     return fn
 
 
-def bench_ringflash(S, H, Hkv, D, causal, mode, layout, args, engine="triton"):
+def bench_ringflash(S, H, Hkv, D, causal, mode, layout, args, engine="triton", last_hop_parts=None):
     P, r = dist.get_world_size(), dist.get_rank()
+    ring_mod.LAST_HOP_PARTS = DEFAULT_LAST_HOP_PARTS if last_hop_parts is None else last_hop_parts
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     L = S // P
@@ -98,7 +106,7 @@ def bench_ringflash(S, H, Hkv, D, causal, mode, layout, args, engine="triton"):
     return ms, peak_gib()
 
 
-def bench_single(S, H, Hkv, D, causal, mode, args):
+def bench_single(S, H, Hkv, D, causal, mode, args, engine="triton"):
     """The same kernel on one GPU at the per-rank size: every rank runs it alone."""
     P = dist.get_world_size()
     torch.cuda.empty_cache()
@@ -107,7 +115,7 @@ def bench_single(S, H, Hkv, D, causal, mode, args):
     q = torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.bfloat16)
-    fn = step_fn(lambda a, b, c: flash_attention(a, b, c, causal=causal), q, k, v, mode)
+    fn = step_fn(lambda a, b, c: flash_attention(a, b, c, causal=causal, backend=engine), q, k, v, mode)
     ms = time_ms(fn, args.warmup, args.iters)
     return ms, peak_gib()
 
@@ -181,6 +189,9 @@ def main():
     ap.add_argument("--impls", nargs="+", default=["ringflash", "torch_cp_flash", "torch_cp_cudnn", "single_gpu"])
     ap.add_argument("--engines", nargs="+", default=["triton"], choices=["triton", "cudnn", "sdpa_flash"],
                     help="local engines of the ringflash rows")
+    ap.add_argument("--last-hop-parts", type=int, nargs="+", default=[DEFAULT_LAST_HOP_PARTS],
+                    help="ringflash.ring.LAST_HOP_PARTS for the SDPA engines' rows (1: the last "
+                         "dK/dV hop in one message); several values give one row each")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default=None, help="append JSON lines here (rank 0)")
@@ -196,18 +207,25 @@ def main():
                 for mode in args.modes:
                     runs = []
                     if "ringflash" in args.impls:
-                        runs += [("ringflash", lay, eng, lambda lay=lay, eng=eng: bench_ringflash(S, args.heads, Hkv, args.head_dim, causal, mode, lay, args, eng))
-                                 for eng in args.engines for lay in args.layouts]
+                        for eng in args.engines:
+                            # the last-hop cut only changes the SDPA engines' backward
+                            parts = args.last_hop_parts if eng != "triton" and mode == "fwdbwd" else [None]
+                            runs += [("ringflash", lay, eng, n, lambda lay=lay, eng=eng, n=n: bench_ringflash(
+                                S, args.heads, Hkv, args.head_dim, causal, mode, lay, args, eng, n))
+                                for lay in args.layouts for n in parts]
                     for backend in ("flash", "cudnn"):
                         if f"torch_cp_{backend}" in args.impls:
-                            runs.append((f"torch_cp_{backend}", "zigzag" if causal else "contiguous", backend,
+                            runs.append((f"torch_cp_{backend}", "zigzag" if causal else "contiguous", backend, None,
                                          lambda b=backend: bench_torch_cp(S, args.heads, Hkv, args.head_dim, causal, mode, b, args)))
                     if "single_gpu" in args.impls:
-                        runs.append(("single_gpu", "-", "triton", lambda: bench_single(S, args.heads, Hkv, args.head_dim, causal, mode, args)))
-                    for impl, lay, engine, run in runs:
+                        runs += [("single_gpu", "-", eng, None, lambda eng=eng: bench_single(
+                            S, args.heads, Hkv, args.head_dim, causal, mode, args, eng)) for eng in args.engines]
+                    for impl, lay, engine, parts, run in runs:
                         row = dict(impl=impl, engine=engine,
                                    gpu=gpu, world=P, layout=lay, S=S, H=args.heads, Hkv=Hkv, D=args.head_dim,
                                    causal=causal, mode=mode)
+                        if parts is not None:
+                            row["last_hop_parts"] = parts
                         try:
                             ms, mem = run()
                             if impl == "single_gpu":  # one GPU doing S/P tokens of full attention
@@ -229,6 +247,8 @@ def main():
     if rank == 0:
         print(f"\n{'impl':16s} {'engine':7s} {'layout':11s} {'S':>7s} {'Hkv':>4s} {'causal':>6s} {'mode':>7s} {'ms':>9s} {'TFLOP/s/GPU':>11s} {'GiB':>6s}")
         for r in rows:
+            if "last_hop_parts" in r:
+                r = dict(r, layout=f"{r['layout']}/{r['last_hop_parts']}")  # layout/last-hop parts
             if "error" in r:
                 print(f"{r['impl']:16s} {r['engine']:7s} {r['layout']:11s} {r['S']:7d} {r['Hkv']:4d} {str(r['causal']):>6s} {r['mode']:>7s}  error: {r['error'][:60]}")
             else:

@@ -14,7 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from collections import defaultdict
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from ringflash.ring import LAST_HOP_PARTS  # noqa: E402  (rows without the field ran with it)
 
 
 def load(paths):
@@ -52,7 +57,7 @@ def main():
             series[name].append((r["S"], r["tflops_per_gpu"]))
         for name, pts in sorted(series.items()):
             pts.sort()
-            style = "--" if name.startswith("torch") else (":" if name == "single_gpu" else "-")
+            style = "--" if name.startswith("torch") else (":" if name.startswith("single_gpu") else "-")
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=name)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length S (all ranks)")
@@ -91,10 +96,14 @@ def main():
 
 def _label(r) -> str:
     """A series name: ringflash rows by engine and layout, the others by impl."""
+    engine = r.get("engine")  # files from before the engine choice: the Triton kernels
+    if r["impl"] == "single_gpu" and engine not in (None, "triton"):
+        return f"single_gpu {engine}"
     if r["impl"] != "ringflash":
         return r["impl"]
-    engine = r.get("engine")  # files from before the engine choice: the Triton kernels
-    return f"ringflash {r['layout']}" if engine is None else f"ringflash {engine} {r['layout']}"
+    name = f"ringflash {r['layout']}" if engine is None else f"ringflash {engine} {r['layout']}"
+    parts = r.get("last_hop_parts", LAST_HOP_PARTS)
+    return name if parts == LAST_HOP_PARTS else f"{name} (last hop in {parts})"
 
 
 def engines_plot(rows, path, plt) -> None:
@@ -129,7 +138,8 @@ def print_table(args) -> None:
     for r in rows:
         if r["causal"]:
             print(f"| {r['S'] // 1024}k | {r['Hkv']} | {r['mode']} | {r['impl']} | {r.get('engine', 'triton')} | "
-                  f"{r['layout']} | {r['tflops_per_gpu']:.0f} | {r['peak_mem_gib']:.1f} |")
+                  f"{r['layout']}{'/%d' % r['last_hop_parts'] if 'last_hop_parts' in r else ''} | "
+                  f"{r['tflops_per_gpu']:.0f} | {r['peak_mem_gib']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ringflash import get_layout, ring_attention  # noqa: E402
+import ringflash.ring as ring_mod  # noqa: E402
 from bench_ring import init_nccl, parse_size, step_fn  # noqa: E402
 
 
@@ -102,6 +103,8 @@ def main():
     ap.add_argument("--kv-heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--last-hop-parts", type=int, nargs="+", default=[ring_mod.LAST_HOP_PARTS],
+                    help="ringflash.ring.LAST_HOP_PARTS values to profile the SDPA engines' backward with")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--out", required=True, help="directory for traces and profile.jsonl (rank 0)")
@@ -121,7 +124,10 @@ def main():
     for engine in args.engines:
         for layout in args.layouts:
             lay = get_layout(layout)
-            for mode in args.modes:
+            for mode, parts in [(m, n) for m in args.modes
+                                for n in (args.last_hop_parts if engine != "triton" and m == "fwdbwd" else [None])]:
+                if parts is not None:
+                    ring_mod.LAST_HOP_PARTS = parts
                 fn = step_fn(lambda a, b, c: ring_attention(a, b, c, causal=args.causal, layout=lay, backend=engine),
                              q, k, v, mode)
                 for _ in range(args.warmup):
@@ -135,10 +141,13 @@ def main():
                     torch.cuda.synchronize()
                 dist.barrier()
                 if rank == 0:
-                    path = os.path.join(args.out, f"trace_{engine}_{layout}_{mode}.json")
+                    tag = "" if parts is None else f"_parts{parts}"
+                    path = os.path.join(args.out, f"trace_{engine}_{layout}_{mode}{tag}.json")
                     prof.export_chrome_trace(path)
                     row = dict(gpu=gpu, world=P, engine=engine, layout=layout, mode=mode, S=S, H=H, Hkv=Hkv,
                                D=D, causal=args.causal, iters=args.iters, **summarize(path, args.iters))
+                    if parts is not None:
+                        row["last_hop_parts"] = parts
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     with open(os.path.join(args.out, "profile.jsonl"), "a") as f:
@@ -147,10 +156,11 @@ def main():
         print(f"\n{'engine':7s} {'layout':10s} {'mode':7s} {'window':>8s} {'compute':>8s} {'nccl':>8s} "
               f"{'overlap':>8s} {'exposed':>8s} {'idle':>8s}   (ms per iteration, rank 0)")
         for r in rows:
-            print(f"{r['engine']:7s} {r['layout']:10s} {r['mode']:7s} {r['window_ms']:8.2f} {r['compute_ms']:8.2f} "
+            mode = r["mode"] + (f"/{r['last_hop_parts']}" if "last_hop_parts" in r else "")
+            print(f"{r['engine']:7s} {r['layout']:10s} {mode:7s} {r['window_ms']:8.2f} {r['compute_ms']:8.2f} "
                   f"{r['nccl_ms']:8.2f} {r['overlap'] or 0:8.1%} {r['exposed_ms']:8.2f} {r['idle_ms']:8.2f}")
         for r in rows:
-            print(f"\n{r['engine']} {r['layout']} {r['mode']}: top kernels (ms per iteration)")
+            print(f"\n{r['engine']} {r['layout']} {r['mode']} {r.get('last_hop_parts', '')}: top kernels (ms per iteration)")
             for name, t in r["top_kernels"]:
                 print(f"  {t:8.3f}  {name}")
     dist.destroy_process_group()

@@ -69,12 +69,12 @@ class Exchange:
     """Pending transfers of one ring step."""
 
     def __init__(self, works):
-        self._works = works
+        self.works = list(works)
 
     def wait(self) -> None:
-        for w in self._works:
+        for w in self.works:
             w.wait()
-        self._works = []
+        self.works = []
 
 
 class Ring:

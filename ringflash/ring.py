@@ -27,8 +27,9 @@ import math
 
 import torch
 
-from .comm import Ring, check_group_device, resolve_group, world_and_rank
+from .comm import Exchange, Ring, check_group_device, resolve_group, world_and_rank
 from .layout import Contiguous, Layout, Striped, Zigzag, get_layout
+from .sdpa import accumulate
 from .ops import backend_name, backward_extras, check_backend_inputs, check_qkv, get_backend, no_autocast
 
 __all__ = ["ring_attention"]
@@ -65,8 +66,8 @@ def _fold(dst: torch.Tensor, frags, *, fresh: bool) -> None:
     """
     if not fresh:
         for k0, k1, gk, gv in frags:
-            dst[0][:, k0:k1] += gk
-            dst[1][:, k0:k1] += gv
+            accumulate(dst[0][:, k0:k1], gk)
+            accumulate(dst[1][:, k0:k1], gv)
         return
     done: list[tuple[int, int]] = []  # key ranges of dst already written, disjoint and sorted
     for k0, k1, gk, gv in frags:
@@ -74,17 +75,49 @@ def _fold(dst: torch.Tensor, frags, *, fresh: bool) -> None:
         for a, b in zip(cuts[:-1], cuts[1:]):
             written = any(x <= a and b <= y for x, y in done)
             for i, g in enumerate((gk, gv)):
-                part, out = g[:, a - k0:b - k0], dst[i][:, a:b]
-                if written:
-                    out += part
-                else:
-                    out.copy_(part)
+                accumulate(dst[i][:, a:b], g[:, a - k0:b - k0], fresh=not written)
         done = _union(done + [(k0, k1)])
     start = 0
     for a, b in done + [(dst.shape[2], dst.shape[2])]:
         if start < a:
             dst[:, :, start:a].zero_()
         start = max(start, b)
+
+
+# The last step's dK/dV with an engine that returns them with its dQ in one call (the SDPA
+# engines) are computed and sent to their owner in two chunks of K/V heads: the first
+# (LAST_HOP_PARTS - 1 parts of the heads) is on its way while the last part is computed, so
+# only the last part's hop is left exposed. Heads, not keys: each head's work is separate,
+# while a cut along the keys would repeat the per-row work of the fused backward. 1 turns it
+# off; a single K/V head (MQA) has nothing to cut.
+LAST_HOP_PARTS = 4
+
+
+def _last_chunks(Hkv: int, parts: int) -> list[tuple[int, int]]:
+    """K/V head ranges of the last step, in the order they are computed and sent."""
+    if parts <= 1 or Hkv < 2:
+        return [(0, Hkv)]
+    m = max(1, Hkv // parts)
+    return [(0, Hkv - m), (Hkv - m, Hkv)]
+
+
+def _kv_buffers(k, v, P):
+    """(what step 0 sends, where it receives). Our own K and V are sent as they are: no copy
+    into a stacked buffer; every step sends K and V as two messages of one launch."""
+    if P == 1:
+        return (k, v), None
+    kv = (k.contiguous(), v.contiguous())
+    return kv, torch.empty((2, *k.shape), dtype=k.dtype, device=k.device)
+
+
+def _rotate(kv, kv_next, *, more: bool):
+    """After a step's transfer: the received K/V are held, and the buffer of the ones held
+    before receives next (our own K/V, step 0's, are not a buffer: a second one is made when
+    another transfer follows; none otherwise)."""
+    free = kv
+    if not isinstance(free, torch.Tensor):
+        free = torch.empty_like(kv_next) if more else None
+    return kv_next, free
 
 
 def _union(ranges):
@@ -106,11 +139,10 @@ def _ring_forward(q, k, v, causal: bool, softmax_scale: float, layout: Layout, g
         pos = pos_host
 
     out = lse = None
-    kv = torch.stack([k, v])  # (2, B, S, Hkv, D): K and V travel as one message
-    kv_next = torch.empty_like(kv) if P > 1 else None
+    kv, kv_next = _kv_buffers(k, v, P)
     for step in range(P):
         src = (r - step) % P
-        pending = ring.exchange([kv], [kv_next]) if step < P - 1 else None
+        pending = ring.exchange([kv[0], kv[1]], [kv_next[0], kv_next[1]]) if step < P - 1 else None
         if _visible_any(causal, pos_host[r], pos_host[src]):
             out, lse = be.forward(
                 q, kv[0], kv[1], q_pos=pos[r], k_pos=pos[src], causal=causal,
@@ -118,7 +150,7 @@ def _ring_forward(q, k, v, causal: bool, softmax_scale: float, layout: Layout, g
             )
         if pending is not None:
             pending.wait()
-            kv, kv_next = kv_next, kv
+            kv, kv_next = _rotate(kv, kv_next, more=step + 1 < P - 1)
     assert out is not None, "the diagonal block of every layout has visible keys"
     return out.to(q.dtype), lse
 
@@ -138,8 +170,7 @@ def _ring_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, 
         dq = torch.zeros(q.shape, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype, device=q.device)
         acc_dtype = dq.dtype
 
-        kv = torch.stack([k, v])
-        kv_next = torch.empty_like(kv) if P > 1 else None
+        kv, kv_next = _kv_buffers(k, v, P)
         blocks = getattr(be, "backward_blocks", None)  # engines that return dK/dV fragments
         hook = getattr(be, "dkdv_hook", False)  # engines that can run a callback before their dQ work
         # The float32 dK/dV sum of the K/V we hold travels with them, one step behind: at step
@@ -147,9 +178,14 @@ def _ring_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, 
         # while carry[s % 2] receives the next one. Engines that fill an accumulator write
         # their part into `local` first (the incoming sum is not there yet when they start);
         # at step 0 there is nothing incoming, and they write into the buffer that is sent.
-        carry = [torch.empty(kv.shape, dtype=acc_dtype, device=q.device) for _ in range(min(P, 2))]
+        carry = [torch.empty((2, *k.shape), dtype=acc_dtype, device=q.device) for _ in range(min(P, 2))]
         local = torch.empty_like(carry[0]) if blocks is None and P > 1 else None
         state = {"pending": None, "passed": None, "sent": None}
+
+        def spare():
+            """A K/V-sized buffer in the input dtype for the last hop: the one no K/V transfer
+            uses any more (from three ranks on), or a new one."""
+            return kv_next if kv_next is not None else torch.empty((2, *k.shape), dtype=k.dtype, device=k.device)
 
         def pass_on(step, frags=None):
             """Add this rank's part (``frags``, or ``local``) into the sum travelling with the K/V
@@ -172,16 +208,51 @@ def _ring_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, 
             elif step < P - 1:
                 state["pending"] = ring.exchange([acc], [carry[step % 2]])
             else:
-                kv_next.copy_(acc)  # free at the last step: no K/V transfer is in flight
-                state["sent"] = (torch.empty_like(k), torch.empty_like(v))
-                state["pending"] = ring.exchange([kv_next[0], kv_next[1]], list(state["sent"]))
+                send = spare()
+                send.copy_(acc)
+                state["sent"] = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
+                state["pending"] = ring.exchange([send[0], send[1]], list(state["sent"]))
+
+        def last_step_in_chunks(visible, chunks):
+            """The last step of a ``blocks`` engine, by chunks of K/V heads: each chunk's
+            finished dK/dV go to their owner as soon as they are computed, while the next
+            chunk runs. Each chunk travels as one contiguous message; the owner copies the
+            chunks into place once they have all arrived."""
+            G = q.shape[2] // k.shape[2]
+            acc = carry[(P - 2) % len(carry)]
+            send_flat = spare().view(-1)
+            recv_flat = torch.empty_like(send_flat)
+            works, recv, offset = [], [], 0
+            for n, (h0, h1) in enumerate(chunks):
+                qh = slice(h0 * G, h1 * G)
+                frags = [] if not visible else blocks(
+                    dout[:, :, qh], q[:, :, qh], kv[0][:, :, h0:h1], kv[1][:, :, h0:h1], lse[:, qh],
+                    delta[:, qh] if delta is not None else None, dq=dq[:, :, qh],
+                    **dict(kwargs, **{name: t[:, :, qh] for name, t in extras.items()}),
+                )
+                if n == 0:
+                    state["pending"].wait()  # acc has arrived
+                part = acc[:, :, :, h0:h1]
+                _fold(part, frags, fresh=False)
+                shape = (2, k.shape[0], k.shape[1], h1 - h0, k.shape[3])
+                size = math.prod(shape)
+                send = send_flat[offset:offset + size].view(shape)
+                accumulate(send.flatten(0, 1), part.flatten(0, 1), fresh=True)  # to the input dtype
+                recv.append((h0, h1, recv_flat[offset:offset + size].view(shape)))
+                works += ring.exchange([send], [recv[-1][2]]).works
+                offset += size
+            state["sent"] = recv
+            state["pending"] = Exchange(works)
 
         for step in range(P):
             src = (r - step) % P
-            kv_pending = ring.exchange([kv], [kv_next]) if step < P - 1 else None
+            kv_pending = ring.exchange([kv[0], kv[1]], [kv_next[0], kv_next[1]]) if step < P - 1 else None
             visible = _visible_any(causal, pos_host[r], pos_host[src])
             kwargs = dict(q_pos=pos[r], k_pos=pos[src], causal=causal, softmax_scale=softmax_scale, **extras)
-            if blocks is not None:
+            chunks = _last_chunks(k.shape[2], LAST_HOP_PARTS) if step == P - 1 > 0 else []
+            if blocks is not None and len(chunks) > 1:  # every rank cuts alike: the messages must match
+                last_step_in_chunks(visible, chunks)
+            elif blocks is not None:
                 frags = blocks(dout, q, kv[0], kv[1], lse, delta, dq=dq, **kwargs) if visible else []
                 pass_on(step, frags)
             else:
@@ -198,11 +269,17 @@ def _ring_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, 
                     pass_on(step)
             if kv_pending is not None:
                 kv_pending.wait()
-                kv, kv_next = kv_next, kv
+                kv, kv_next = _rotate(kv, kv_next, more=step + 1 < P - 1)
         if P > 1:
             # The last hop: the finished dK/dV of our own K/V, from the previous rank.
             state["pending"].wait()
-            dk, dv = state["sent"]
+            if isinstance(state["sent"], list):  # by chunks of heads
+                dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
+                for h0, h1, got in state["sent"]:
+                    accumulate(dk[:, :, h0:h1], got[0], fresh=True)
+                    accumulate(dv[:, :, h0:h1], got[1], fresh=True)
+            else:
+                dk, dv = state["sent"]
         else:
             dk, dv = (state["sent"][i].to(t.dtype, copy=True) for i, t in ((0, k), (1, v)))
         return dq.to(q.dtype), dk, dv

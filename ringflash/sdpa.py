@@ -33,7 +33,7 @@ from types import SimpleNamespace
 import torch
 from .reference import default_positions, merge_
 
-__all__ = ["Piece", "decompose", "make_engine", "check_inputs", "ENGINES", "MAX_PIECES"]
+__all__ = ["Piece", "decompose", "make_engine", "check_inputs", "accumulate", "ENGINES", "MAX_PIECES"]
 
 ENGINES = ("cudnn", "sdpa_flash")
 MAX_PIECES = 8  # more pieces than this means a mask these kernels have no good form for
@@ -207,13 +207,32 @@ def _pieces(q, k, q_pos, k_pos, causal) -> list[Piece]:
     return pieces
 
 
+def _fused(device: torch.device) -> bool:
+    # One fused Triton pass on CUDA (and under the Triton interpreter); plain PyTorch elsewhere.
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _merge_fn(device: torch.device):
-    # One fused pass on CUDA (and under the Triton interpreter); plain PyTorch elsewhere.
-    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if _fused(device):
         from .kernels.merge import merge_ as fused_merge
 
         return fused_merge
     return merge_
+
+
+def accumulate(dst: torch.Tensor, src: torch.Tensor, *, fresh: bool = False) -> None:
+    """``dst += src`` (``fresh``: ``dst = src``) for a (B, S, H, D) float32 accumulator and a
+    block's gradient or output in the input dtype (or, ``fresh``, any float dtypes): one fused
+    pass where Triton runs."""
+    fusable = dst.dtype == torch.float32 or (fresh and dst.dtype in (torch.float16, torch.bfloat16))
+    if fusable and dst.dim() == 4 and _fused(dst.device):
+        from .kernels.merge import accumulate_
+
+        accumulate_(dst, src, fresh=fresh)
+    elif fresh:
+        dst.copy_(src)
+    else:
+        dst += src
 
 
 def make_engine(name: str, *, piece_fwd=None, piece_bwd=None) -> SimpleNamespace:
@@ -236,7 +255,8 @@ def make_engine(name: str, *, piece_fwd=None, piece_bwd=None) -> SimpleNamespace
         for p in _pieces(q, k, q_pos, k_pos, causal):
             o, l = piece_fwd(q[:, p.q0:p.q1], k[:, p.k0:p.k1], v[:, p.k0:p.k1], p.causal, scale)
             if out is None and (p.q0, p.q1) == (0, Sq):  # the first piece covers every row: no merge
-                out = o.to(torch.float32, memory_format=torch.contiguous_format)
+                out = torch.empty((B, Sq, H, D), dtype=torch.float32, device=q.device)
+                accumulate(out, o, fresh=True)
                 lse = l.to(torch.float32, memory_format=torch.contiguous_format)
                 continue
             if out is None:
@@ -262,7 +282,7 @@ def make_engine(name: str, *, piece_fwd=None, piece_bwd=None) -> SimpleNamespace
                 dout[:, rows], q[:, rows], k[:, p.k0:p.k1], v[:, p.k0:p.k1], out[:, rows], lse[:, :, rows],
                 p.causal, scale,
             )
-            dq[:, rows] += gq
+            accumulate(dq[:, rows], gq)
             frags.append((p.k0, p.k1, gk, gv))
         return frags
 
@@ -273,8 +293,8 @@ def make_engine(name: str, *, piece_fwd=None, piece_bwd=None) -> SimpleNamespace
         dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device) if dv is None else dv
         for k0, k1, gk, gv in backward_blocks(dout, q, k, v, lse, delta, q_pos=q_pos, k_pos=k_pos, causal=causal,
                                               softmax_scale=softmax_scale, dq=dq, out=out):
-            dk[:, k0:k1] += gk
-            dv[:, k0:k1] += gv
+            accumulate(dk[:, k0:k1], gk)
+            accumulate(dv[:, k0:k1], gv)
         return dq, dk, dv
 
     return SimpleNamespace(

@@ -78,3 +78,8 @@ def test_plot_ring_writes_plots_and_table(tmp_path, monkeypatch, capsys):
     assert "| 128k | 8 | fwdbwd | ringflash | cudnn | zigzag | 402 | 1.0 |" in table
     assert plot_ring._label(rows[2]) == "ringflash cudnn zigzag"
     assert plot_ring._label({"impl": "ringflash", "layout": "striped"}) == "ringflash striped"
+    # rows timed with the last dK/dV hop whole, and single-GPU rows of another engine
+    whole = dict(rows[2], last_hop_parts=1)
+    assert plot_ring._label(whole) == "ringflash cudnn zigzag (last hop in 1)"
+    assert plot_ring._label(dict(rows[2], last_hop_parts=plot_ring.LAST_HOP_PARTS)) == "ringflash cudnn zigzag"
+    assert plot_ring._label(dict(rows[4], engine="cudnn")) == "single_gpu cudnn"

@@ -421,6 +421,33 @@ def test_merge_matches_reference(block_dtype, D):
     assert rel_err(got_out, want_out) < 1e-6
 
 
+@pytest.mark.parametrize("src_dtype", DTYPES)
+@pytest.mark.parametrize("fresh", [False, True])
+def test_accumulate_into_float32(src_dtype, fresh):
+    """The SDPA engines' gradient accumulation: dst (+)= src for views in any strides (a range
+    of rows of the accumulator; a block in (B, H, S, D) memory seen as (B, S, H, D))."""
+    from ringflash.kernels.merge import accumulate_
+
+    torch.manual_seed(11)
+    B, S, H, D = 2, 45, 3, 80
+    dst = torch.randn(B, S + 7, H, D)
+    src = torch.randn(B, H, S, D).to(src_dtype).transpose(1, 2)
+    want = dst.double().clone()
+    want[:, 7:] = src.double() if fresh else want[:, 7:] + src.double()
+    got = dst.clone()
+    accumulate_(got[:, 7:], src, fresh=fresh)
+    assert torch.equal(got[:, :7], dst[:, :7])  # outside the view: untouched
+    assert rel_err(got, want) < 1e-7
+    if fresh:  # a fresh copy casts to any dtype (the last hop's bf16 messages)
+        half = torch.empty(B, S, H, D, dtype=torch.float16)
+        accumulate_(half, src, fresh=True)
+        assert torch.equal(half, src.to(torch.float16))
+    with pytest.raises(ValueError, match="shapes do not match"):
+        accumulate_(got, src)
+    with pytest.raises(ValueError, match="float32"):
+        accumulate_(got[:, 7:].double(), src)
+
+
 def test_merge_rejects_mismatched_shapes():
     from ringflash.kernels.merge import merge_
 

@@ -247,6 +247,19 @@ def test_sdpa_engines_on_ring_steps(engine, layout):
                 assert err <= 2.0 * err_triton + 1e-5, f"{layout} r={r} src={src} {name}: {err:.2e} vs {err_triton:.2e}"
 
 
+def test_accumulate_kernel_bf16():
+    from ringflash.kernels.merge import accumulate_
+
+    g = torch.Generator(device=DEV).manual_seed(4)
+    dst = torch.randn(2, 300, 4, 128, device=DEV, generator=g)
+    src = torch.randn(2, 4, 300, 128, device=DEV, generator=g).bfloat16().transpose(1, 2)
+    want = dst.double() + src.double()
+    accumulate_(dst, src)
+    assert rel_err(dst, want) < 1e-7
+    accumulate_(dst, src, fresh=True)
+    assert torch.equal(dst, src.float())
+
+
 def test_merge_kernel_bf16():
     from ringflash.kernels.merge import merge_
 

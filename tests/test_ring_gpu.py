@@ -43,10 +43,10 @@ def rel(x, ref):
     return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def _case(seqlen, heads, heads_kv, head_dim, causal, layout, group=None, seed=0, engine="triton"):
+def _case(seqlen, heads, heads_kv, head_dim, causal, layout, group=None, seed=0, engine="triton", batch=1):
     P, r = dist.get_world_size(group), dist.get_rank(group)
     g = torch.Generator(device="cuda").manual_seed(seed)
-    mk = lambda h: torch.randn(1, seqlen, h, head_dim, device="cuda", dtype=torch.float64, generator=g)  # noqa: E731
+    mk = lambda h: torch.randn(batch, seqlen, h, head_dim, device="cuda", dtype=torch.float64, generator=g)  # noqa: E731
     q, k, v, dout = mk(heads), mk(heads_kv), mk(heads_kv), mk(heads)
 
     def grads(fn, dtype):
@@ -70,7 +70,7 @@ def _case(seqlen, heads, heads_kv, head_dim, causal, layout, group=None, seed=0,
     report = os.environ.get("RINGFLASH_REPORT")
     if report and dist.get_rank() == 0:
         with open(report, "a") as f:
-            f.write(json.dumps(dict(engine=engine, world=P, seqlen=seqlen, heads=heads, heads_kv=heads_kv, head_dim=head_dim,
+            f.write(json.dumps(dict(engine=engine, world=P, batch=batch, seqlen=seqlen, heads=heads, heads_kv=heads_kv, head_dim=head_dim,
                                     causal=causal, layout=layout, errors={n: {"ring": e[0], "single": e[1]} for n, e in errs.items()})) + "\n")
     for n, (e_ring, e_single) in errs.items():
         assert e_ring <= 2 * e_single, f"{n}: ring {e_ring:.3e} vs single-GPU {e_single:.3e}"
@@ -108,3 +108,12 @@ def test_subgroups():
 def test_sdpa_engines_bf16_match_float64(engine, layout, causal, heads, heads_kv):
     seed = zlib.crc32(repr((engine, layout, causal, heads_kv)).encode())
     _case(2048, heads, heads_kv, 128, causal, layout, seed=seed, engine=engine)
+
+
+@pytest.mark.parametrize("engine", ["cudnn", "triton"])
+@pytest.mark.parametrize("layout", ["striped", "zigzag"])
+def test_batch_of_three(engine, layout):
+    """B > 1: the SDPA engines send the last step's dK/dV in two messages cut along the batch
+    (a batch of one is cut along the keys, as in every test above)."""
+    seed = zlib.crc32(repr(("batch", engine, layout)).encode())
+    _case(1024, 8, 2, 128, True, layout, seed=seed, engine=engine, batch=3)

@@ -114,6 +114,77 @@ def test_ring_with_the_engine_logic(world_size):
             assert all(e < 1e-5 for e in errs), (rank, case, errs)
 
 
+def test_last_step_chunks():
+    """The last step's cut: K/V heads, the last chunk a quarter of them (at least one);
+    nothing to cut with one K/V head or when turned off."""
+    from ringflash.ring import _last_chunks
+
+    assert _last_chunks(32, 4) == [(0, 24), (24, 32)]
+    assert _last_chunks(8, 4) == [(0, 6), (6, 8)]
+    assert _last_chunks(2, 4) == [(0, 1), (1, 2)]
+    assert _last_chunks(6, 3) == [(0, 4), (4, 6)]
+    assert _last_chunks(1, 4) == [(0, 1)]
+    assert _last_chunks(32, 1) == [(0, 32)]
+
+
+def _last_step_in_chunks(rank, world_size, seed, parts):
+    """Ring fwd+bwd with the emulated SDPA engine, batches of 1 and 3, GQA and MQA: errors
+    against float64, and the (query heads, K/V heads) of every backward call of the engine."""
+    import ringflash.ring as ring_mod
+
+    ring_mod.LAST_HOP_PARTS = parts
+    seen = []
+
+    def blocks(dout, q, k, v, *args, **kwargs):
+        seen.append((q.shape[2], k.shape[2]))
+        return EMULATED.backward_blocks(dout, q, k, v, *args, **kwargs)
+
+    engine = make_engine("emulated", piece_fwd=_piece_fwd, piece_bwd=_piece_bwd)
+    engine.backward_blocks = blocks
+    results = {}
+    cases = itertools.product(LAYOUTS, [True, False], [1, 3], [(8, 4), (4, 1)])
+    for i, (layout, causal, B, (h, hkv)) in enumerate(cases):
+        g = torch.Generator().manual_seed(seed + i)
+        S = 16 * world_size
+        q, dout = (torch.randn(B, S, h, 16, generator=g, dtype=torch.float64) for _ in range(2))
+        k, v = (torch.randn(B, S, hkv, 16, generator=g, dtype=torch.float64) for _ in range(2))
+        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+        ref, _ = reference.attention(qq, kk, vv, causal=causal)
+        ref.backward(dout)
+        lay = get_layout(layout)
+        shard = lambda x: lay.shard(x, rank=rank, world_size=world_size)  # noqa: E731
+        ql, kl, vl = (shard(x).float().requires_grad_() for x in (q, k, v))
+        seen.clear()
+        out = ring_attention(ql, kl, vl, causal=causal, layout=lay, backend=engine)
+        out.backward(shard(dout).float())
+        got = [lay.unshard(x) for x in (out.detach(), ql.grad, kl.grad, vl.grad)]
+        errs = [rel(a, b) for a, b in zip(got, (ref, qq.grad, kk.grad, vv.grad))]
+        results[(layout, causal, B, hkv)] = (errs, list(seen))
+    return results
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("parts", [1, 4])
+def test_last_step_in_chunks(world_size, parts):
+    """With the cut on, the last step runs (and its dK/dV travel) as two chunks of K/V heads
+    (3 then 1 of 4; MQA is not cut), and every output and gradient still matches float64, on
+    every rank, for every layout, batches of 1 and 3."""
+    for rank, res in enumerate(spawn(_last_step_in_chunks, world_size, 77, parts, timeout=300)):
+        for (layout, causal, B, hkv), (errs, seen) in res.items():
+            assert all(e < 1e-5 for e in errs), (rank, layout, causal, B, hkv, errs)
+            whole = (8, 4) if hkv == 4 else (4, 1)
+            if parts == 1 or hkv == 1:
+                assert all(x == whole for x in seen), (rank, layout, causal, B, hkv, seen)
+                continue
+            # Whole steps first (at most P - 1 of them), then the last step's two chunks
+            # (neither runs when this rank sees none of those keys).
+            n = len([x for x in seen if x == whole])
+            assert n <= world_size - 1 and seen[:n] == [whole] * n, (rank, layout, causal, B, seen)
+            assert seen[n:] in ([(6, 3), (2, 1)], []), (rank, layout, causal, B, seen)
+            if not causal:
+                assert seen[n:] == [(6, 3), (2, 1)], (rank, layout, B, seen)
+
+
 @pytest.mark.parametrize("backend", ["cudnn", "sdpa_flash"])
 def test_engines_refuse_cpu_tensors_by_name(backend):
     q = torch.randn(1, 8, 2, 32)
