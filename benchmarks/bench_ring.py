@@ -11,7 +11,8 @@ For every (S, heads_kv, causal, mode) it times, in the same run:
 
 ``--engines triton cudnn`` gives ringflash and single-GPU rows for each local engine;
 ``--last-hop-parts 1 4`` times the SDPA engines' backward with its last dK/dV hop in one
-message and cut in chunks (``ringflash.ring.LAST_HOP_PARTS``), side by side.
+message and cut in chunks (``ringflash.ring.LAST_HOP_PARTS``), side by side; likewise
+``--head-start-us 0 20`` for the head start their transfers get (``ringflash.ring.HEAD_START_US``).
 
 TFLOP/s per GPU use the FlashAttention convention: fwd = 4 * B * H * S^2 * D (halved when
 causal), fwd+bwd = 3.5 * fwd, divided by the number of GPUs. A time is the median over
@@ -35,6 +36,7 @@ from ringflash import flash_attention, get_layout, ring_attention  # noqa: E402
 import ringflash.ring as ring_mod  # noqa: E402
 
 DEFAULT_LAST_HOP_PARTS = ring_mod.LAST_HOP_PARTS
+DEFAULT_HEAD_START_US = ring_mod.HEAD_START_US
 
 
 def parse_size(s: str) -> int:
@@ -90,9 +92,10 @@ def step_fn(attn, q, k, v, mode):
     return fn
 
 
-def bench_ringflash(S, H, Hkv, D, causal, mode, layout, args, engine="triton", last_hop_parts=None):
+def bench_ringflash(S, H, Hkv, D, causal, mode, layout, args, engine="triton", last_hop_parts=None, head_start_us=None):
     P, r = dist.get_world_size(), dist.get_rank()
     ring_mod.LAST_HOP_PARTS = DEFAULT_LAST_HOP_PARTS if last_hop_parts is None else last_hop_parts
+    ring_mod.HEAD_START_US = DEFAULT_HEAD_START_US if head_start_us is None else head_start_us
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     L = S // P
@@ -192,6 +195,9 @@ def main():
     ap.add_argument("--last-hop-parts", type=int, nargs="+", default=[DEFAULT_LAST_HOP_PARTS],
                     help="ringflash.ring.LAST_HOP_PARTS for the SDPA engines' rows (1: the last "
                          "dK/dV hop in one message); several values give one row each")
+    ap.add_argument("--head-start-us", type=float, nargs="+", default=[DEFAULT_HEAD_START_US],
+                    help="ringflash.ring.HEAD_START_US for the SDPA engines' rows (0: no head start "
+                         "for the transfers); several values give one row each")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default=None, help="append JSON lines here (rank 0)")
@@ -210,9 +216,10 @@ def main():
                         for eng in args.engines:
                             # the last-hop cut only changes the SDPA engines' backward
                             parts = args.last_hop_parts if eng != "triton" and mode == "fwdbwd" else [None]
-                            runs += [("ringflash", lay, eng, n, lambda lay=lay, eng=eng, n=n: bench_ringflash(
-                                S, args.heads, Hkv, args.head_dim, causal, mode, lay, args, eng, n))
-                                for lay in args.layouts for n in parts]
+                            starts = args.head_start_us if eng != "triton" else [None]
+                            runs += [("ringflash", lay, eng, (n, us), lambda lay=lay, eng=eng, n=n, us=us: bench_ringflash(
+                                S, args.heads, Hkv, args.head_dim, causal, mode, lay, args, eng, n, us))
+                                for lay in args.layouts for n in parts for us in starts]
                     for backend in ("flash", "cudnn"):
                         if f"torch_cp_{backend}" in args.impls:
                             runs.append((f"torch_cp_{backend}", "zigzag" if causal else "contiguous", backend, None,
@@ -224,8 +231,11 @@ def main():
                         row = dict(impl=impl, engine=engine,
                                    gpu=gpu, world=P, layout=lay, S=S, H=args.heads, Hkv=Hkv, D=args.head_dim,
                                    causal=causal, mode=mode)
-                        if parts is not None:
-                            row["last_hop_parts"] = parts
+                        n, us = parts if parts is not None else (None, None)
+                        if n is not None:
+                            row["last_hop_parts"] = n
+                        if us is not None:
+                            row["head_start_us"] = us
                         try:
                             ms, mem = run()
                             if impl == "single_gpu":  # one GPU doing S/P tokens of full attention
@@ -249,6 +259,8 @@ def main():
         for r in rows:
             if "last_hop_parts" in r:
                 r = dict(r, layout=f"{r['layout']}/{r['last_hop_parts']}")  # layout/last-hop parts
+            if "head_start_us" in r:
+                r = dict(r, layout=f"{r['layout']}+{r['head_start_us']:g}")  # layout+head start (us)
             if "error" in r:
                 print(f"{r['impl']:16s} {r['engine']:7s} {r['layout']:11s} {r['S']:7d} {r['Hkv']:4d} {str(r['causal']):>6s} {r['mode']:>7s}  error: {r['error'][:60]}")
             else:

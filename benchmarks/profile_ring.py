@@ -105,12 +105,15 @@ def main():
     ap.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--last-hop-parts", type=int, nargs="+", default=[ring_mod.LAST_HOP_PARTS],
                     help="ringflash.ring.LAST_HOP_PARTS values to profile the SDPA engines' backward with")
+    ap.add_argument("--head-start-us", type=float, default=ring_mod.HEAD_START_US,
+                    help="ringflash.ring.HEAD_START_US: the SDPA engines' head start for transfers")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--out", required=True, help="directory for traces and profile.jsonl (rank 0)")
     args = ap.parse_args()
 
     P, rank, gpu = init_nccl()
+    ring_mod.HEAD_START_US = args.head_start_us
     os.makedirs(args.out, exist_ok=True)
     S = parse_size(args.seqlen)
     L = S // P
@@ -148,6 +151,8 @@ def main():
                                D=D, causal=args.causal, iters=args.iters, **summarize(path, args.iters))
                     if parts is not None:
                         row["last_hop_parts"] = parts
+                    if engine != "triton":
+                        row["head_start_us"] = args.head_start_us
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     with open(os.path.join(args.out, "profile.jsonl"), "a") as f:

@@ -300,4 +300,5 @@ def make_engine(name: str, *, piece_fwd=None, piece_bwd=None) -> SimpleNamespace
     return SimpleNamespace(
         name=name, forward=forward, backward=backward, backward_delta=lambda out, dout: None,
         backward_blocks=backward_blocks, check=(lambda q, k, v: check_inputs(name, q, k, v)) if fused else None, host_positions=True, needs_out=True,
+        holds_sms=fused,  # see ring.HEAD_START_US
     )
