@@ -37,6 +37,19 @@ import ringflash.ring as ring_mod  # noqa: E402
 
 DEFAULT_LAST_HOP_PARTS = ring_mod.LAST_HOP_PARTS
 DEFAULT_HEAD_START_US = ring_mod.HEAD_START_US
+ENGINES = ["triton", "cudnn", "sdpa_flash", "triton_head_start"]
+
+
+def ring_backend(engine: str):
+    """The backend argument for ``engine``. ``triton_head_start`` is the Triton engine with the
+    transfers' head start that the SDPA engines get (``ringflash.ring.HEAD_START_US``): an A/B."""
+    if engine != "triton_head_start":
+        return engine
+    from ringflash.ops import get_backend
+
+    be = get_backend("triton", torch.device("cuda"))
+    be.holds_sms = True
+    return be
 
 
 def parse_size(s: str) -> int:
@@ -104,7 +117,7 @@ def bench_ringflash(S, H, Hkv, D, causal, mode, layout, args, engine="triton", l
     k = torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
     lay = get_layout(layout)
-    fn = step_fn(lambda a, b, c: ring_attention(a, b, c, causal=causal, layout=lay, backend=engine), q, k, v, mode)
+    fn = step_fn(lambda a, b, c: ring_attention(a, b, c, causal=causal, layout=lay, backend=ring_backend(engine)), q, k, v, mode)
     ms = time_ms(fn, args.warmup, args.iters)
     return ms, peak_gib()
 
@@ -118,7 +131,7 @@ def bench_single(S, H, Hkv, D, causal, mode, args, engine="triton"):
     q = torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.bfloat16)
-    fn = step_fn(lambda a, b, c: flash_attention(a, b, c, causal=causal, backend=engine), q, k, v, mode)
+    fn = step_fn(lambda a, b, c: flash_attention(a, b, c, causal=causal, backend=engine.replace("_head_start", "")), q, k, v, mode)
     ms = time_ms(fn, args.warmup, args.iters)
     return ms, peak_gib()
 
@@ -190,7 +203,7 @@ def main():
     ap.add_argument("--causal", choices=["both", "causal", "full"], default="both")
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
     ap.add_argument("--impls", nargs="+", default=["ringflash", "torch_cp_flash", "torch_cp_cudnn", "single_gpu"])
-    ap.add_argument("--engines", nargs="+", default=["triton"], choices=["triton", "cudnn", "sdpa_flash"],
+    ap.add_argument("--engines", nargs="+", default=["triton"], choices=ENGINES,
                     help="local engines of the ringflash rows")
     ap.add_argument("--last-hop-parts", type=int, nargs="+", default=[DEFAULT_LAST_HOP_PARTS],
                     help="ringflash.ring.LAST_HOP_PARTS for the SDPA engines' rows (1: the last "
@@ -215,7 +228,8 @@ def main():
                     if "ringflash" in args.impls:
                         for eng in args.engines:
                             # the last-hop cut only changes the SDPA engines' backward
-                            parts = args.last_hop_parts if eng != "triton" and mode == "fwdbwd" else [None]
+                            sdpa = eng in ("cudnn", "sdpa_flash")
+                            parts = args.last_hop_parts if sdpa and mode == "fwdbwd" else [None]
                             starts = args.head_start_us if eng != "triton" else [None]
                             runs += [("ringflash", lay, eng, (n, us), lambda lay=lay, eng=eng, n=n, us=us: bench_ringflash(
                                 S, args.heads, Hkv, args.head_dim, causal, mode, lay, args, eng, n, us))
@@ -226,7 +240,8 @@ def main():
                                          lambda b=backend: bench_torch_cp(S, args.heads, Hkv, args.head_dim, causal, mode, b, args)))
                     if "single_gpu" in args.impls:
                         runs += [("single_gpu", "-", eng, None, lambda eng=eng: bench_single(
-                            S, args.heads, Hkv, args.head_dim, causal, mode, args, eng)) for eng in args.engines]
+                            S, args.heads, Hkv, args.head_dim, causal, mode, args, eng))
+                            for eng in args.engines if eng != "triton_head_start"]
                     for impl, lay, engine, parts, run in runs:
                         row = dict(impl=impl, engine=engine,
                                    gpu=gpu, world=P, layout=lay, S=S, H=args.heads, Hkv=Hkv, D=args.head_dim,

@@ -19,7 +19,7 @@ import sys
 from collections import defaultdict
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from ringflash.ring import LAST_HOP_PARTS  # noqa: E402  (rows without the field ran with it)
+from ringflash.ring import HEAD_START_US, LAST_HOP_PARTS  # noqa: E402  (rows without the fields ran with them)
 
 
 def load(paths):
@@ -46,6 +46,9 @@ def main():
 
     world = rows[0]["world"] if rows else "?"
     causals = [c for c in (True, False) if any(r["causal"] == c for r in rows)] or [True]
+    # one color per series across the panels (each panel has its own subset of the series)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {name: cycle[i % len(cycle)] for i, name in enumerate(sorted({_label(r) for r in rows}))}
     fig, axes = plt.subplots(1, len(causals), figsize=(5.5 * len(causals), 4), sharey=True, squeeze=False)
     axes = axes[0]
     for ax, causal in zip(axes, causals):
@@ -58,13 +61,14 @@ def main():
         for name, pts in sorted(series.items()):
             pts.sort()
             style = "--" if name.startswith("torch") else (":" if name.startswith("single_gpu") else "-")
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=name, color=colors[name])
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length S (all ranks)")
         ax.set_title(f"{'causal' if causal else 'full'}, {args.mode}, {world} GPUs, Hkv={args.hkv}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("TFLOP/s per GPU")
-    axes[-1].legend(fontsize=8)
+    for ax in axes:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(f"{args.out}_throughput.png", dpi=120)
 
@@ -103,7 +107,12 @@ def _label(r) -> str:
         return r["impl"]
     name = f"ringflash {r['layout']}" if engine is None else f"ringflash {engine} {r['layout']}"
     parts = r.get("last_hop_parts", LAST_HOP_PARTS)
-    return name if parts == LAST_HOP_PARTS else f"{name} (last hop in {parts})"
+    if parts != LAST_HOP_PARTS:
+        name += f" (last hop in {parts})"
+    start = r.get("head_start_us", HEAD_START_US)
+    if engine not in (None, "triton") and start != HEAD_START_US:
+        name += f" (head start {start:g} us)"
+    return name
 
 
 def engines_plot(rows, path, plt) -> None:
@@ -138,7 +147,8 @@ def print_table(args) -> None:
     for r in rows:
         if r["causal"]:
             print(f"| {r['S'] // 1024}k | {r['Hkv']} | {r['mode']} | {r['impl']} | {r.get('engine', 'triton')} | "
-                  f"{r['layout']}{'/%d' % r['last_hop_parts'] if 'last_hop_parts' in r else ''} | "
+                  f"{r['layout']}{'/%d' % r['last_hop_parts'] if 'last_hop_parts' in r else ''}"
+                  f"{'+%gus' % r['head_start_us'] if 'head_start_us' in r else ''} | "
                   f"{r['tflops_per_gpu']:.0f} | {r['peak_mem_gib']:.1f} |")
 
 

@@ -32,7 +32,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ringflash import get_layout, ring_attention  # noqa: E402
 import ringflash.ring as ring_mod  # noqa: E402
-from bench_ring import init_nccl, parse_size, step_fn  # noqa: E402
+from bench_ring import ENGINES, init_nccl, parse_size, ring_backend, step_fn  # noqa: E402
 
 
 def _union(intervals):
@@ -97,7 +97,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqlen", default="32k")
     ap.add_argument("--layouts", nargs="+", default=["striped"])
-    ap.add_argument("--engines", nargs="+", default=["triton"], choices=["triton", "cudnn", "sdpa_flash"])
+    ap.add_argument("--engines", nargs="+", default=["triton"], choices=ENGINES)
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=32)
@@ -128,10 +128,10 @@ def main():
         for layout in args.layouts:
             lay = get_layout(layout)
             for mode, parts in [(m, n) for m in args.modes
-                                for n in (args.last_hop_parts if engine != "triton" and m == "fwdbwd" else [None])]:
+                                for n in (args.last_hop_parts if engine in ("cudnn", "sdpa_flash") and m == "fwdbwd" else [None])]:
                 if parts is not None:
                     ring_mod.LAST_HOP_PARTS = parts
-                fn = step_fn(lambda a, b, c: ring_attention(a, b, c, causal=args.causal, layout=lay, backend=engine),
+                fn = step_fn(lambda a, b, c: ring_attention(a, b, c, causal=args.causal, layout=lay, backend=ring_backend(engine)),
                              q, k, v, mode)
                 for _ in range(args.warmup):
                     fn()

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-from bench_ring import flops, parse_size  # noqa: E402
+from bench_ring import flops, parse_size, ring_backend  # noqa: E402
 from profile_ring import summarize  # noqa: E402
 
 
@@ -83,3 +83,13 @@ def test_plot_ring_writes_plots_and_table(tmp_path, monkeypatch, capsys):
     assert plot_ring._label(whole) == "ringflash cudnn zigzag (last hop in 1)"
     assert plot_ring._label(dict(rows[2], last_hop_parts=plot_ring.LAST_HOP_PARTS)) == "ringflash cudnn zigzag"
     assert plot_ring._label(dict(rows[4], engine="cudnn")) == "single_gpu cudnn"
+    assert plot_ring._label(dict(rows[2], head_start_us=0.0)) == "ringflash cudnn zigzag (head start 0 us)"
+    assert plot_ring._label(dict(rows[2], head_start_us=plot_ring.HEAD_START_US)) == "ringflash cudnn zigzag"
+
+
+def test_ring_backend_of_the_benchmarks():
+    """``triton_head_start`` is the Triton engine with the SDPA engines' head start (an A/B of
+    ringflash.ring.HEAD_START_US); named engines pass through."""
+    assert ring_backend("cudnn") == "cudnn" and ring_backend("triton") == "triton"
+    be = ring_backend("triton_head_start")
+    assert be.name == "triton" and be.holds_sms and be.dkdv_hook
