@@ -12,8 +12,10 @@ is rounded to the input dtype once, at the end.
 Backward: K/V rotate again; each rank adds its block gradients into the float32 dK/dV
 sum of the K/V it holds, and the sum follows its K/V around the ring, one step behind, so the
 transfer of step ``s`` overlaps the compute of step ``s + 1``. After the last step the sum
-makes one more hop, in the input dtype, and lands on the rank that owns those K/V. dQ
-accumulates locally in float32. Every block uses the *global* O and LSE, and
+makes one more hop, in the input dtype, and lands on the rank that owns those K/V (with the
+SDPA engines, whose fused op returns dQ, dK and dV together, the last step runs in two chunks
+of K/V heads so that the first chunk's hop overlaps the second's compute). dQ accumulates
+locally in float32. Every block uses the *global* O and LSE, and
 ``delta = rowsum(dO * O)`` is computed once.
 
 Eager calls run the autograd Function; inside ``torch.compile`` the same forward and backward
@@ -104,7 +106,7 @@ def _last_chunks(Hkv: int, parts: int) -> list[tuple[int, int]]:
 # A transfer posted just before an attention kernel becomes ready to run at the same moment
 # as that kernel (both wait for the previous step). A fused SDPA kernel that fills every SM
 # with long-lived blocks then keeps NCCL's kernel from starting until it ends, and the
-# transfer runs after the compute instead of under it (measured: 25-40% overlap). For engines
+# transfer runs after the compute instead of under it (measured: 25-35% overlap). For engines
 # that say so (``holds_sms``), the compute stream idles this long after a transfer is posted,
 # so that NCCL's kernel is resident first. 0 turns it off. The Triton kernels' blocks are short:
 # NCCL's kernel gets SMs as their first wave retires.
@@ -279,7 +281,7 @@ def _ring_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, 
             src = (r - step) % P
             kv_pending = ring.exchange([kv[0], kv[1]], [kv_next[0], kv_next[1]]) if step < P - 1 else None
             if kv_pending is not None:
-                _head_start(be, q.device)  # also for the dK/dV sums sent at the end of the last step
+                _head_start(be, q.device)  # also covers the dK/dV sums posted at the end of the previous step
             visible = _visible_any(causal, pos_host[r], pos_host[src])
             kwargs = dict(q_pos=pos[r], k_pos=pos[src], causal=causal, softmax_scale=softmax_scale, **extras)
             chunks = _last_chunks(k.shape[2], LAST_HOP_PARTS) if step == P - 1 > 0 else []

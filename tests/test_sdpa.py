@@ -85,6 +85,20 @@ EMULATED = make_engine("emulated", piece_fwd=_piece_fwd, piece_bwd=_piece_bwd)
 
 
 
+def _ring_errors(rank, world_size, q, k, v, dout, layout, causal, backend):
+    """Ring fwd+bwd in float32 on this rank's shards: errors of out, dq, dk, dv against float64."""
+    qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+    ref, _ = reference.attention(qq, kk, vv, causal=causal)
+    ref.backward(dout)
+    lay = get_layout(layout)
+    shard = lambda x: lay.shard(x, rank=rank, world_size=world_size)  # noqa: E731
+    ql, kl, vl = (shard(x).float().requires_grad_() for x in (q, k, v))
+    out = ring_attention(ql, kl, vl, causal=causal, layout=lay, backend=backend)
+    out.backward(shard(dout).float())
+    got = [lay.unshard(x) for x in (out.detach(), ql.grad, kl.grad, vl.grad)]
+    return [rel(a, b) for a, b in zip(got, (ref, qq.grad, kk.grad, vv.grad))]
+
+
 def _ring(rank, world_size, seed):
     results = {}
     for i, (layout, causal, (h, hkv)) in enumerate(itertools.product(LAYOUTS, [True, False], [(4, 4), (8, 2)])):
@@ -94,16 +108,7 @@ def _ring(rank, world_size, seed):
         k = torch.randn(2, S, hkv, 32, generator=g, dtype=torch.float64)
         v = torch.randn(2, S, hkv, 32, generator=g, dtype=torch.float64)
         dout = torch.randn(2, S, h, 32, generator=g, dtype=torch.float64)
-        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
-        ref, _ = reference.attention(qq, kk, vv, causal=causal)
-        ref.backward(dout)
-        lay = get_layout(layout)
-        shard = lambda x: lay.shard(x, rank=rank, world_size=world_size)  # noqa: E731
-        ql, kl, vl = (shard(x).float().requires_grad_() for x in (q, k, v))
-        out = ring_attention(ql, kl, vl, causal=causal, layout=lay, backend=EMULATED)
-        out.backward(shard(dout).float())
-        got = [lay.unshard(x) for x in (out.detach(), ql.grad, kl.grad, vl.grad)]
-        results[(layout, causal, hkv)] = [rel(a, b) for a, b in zip(got, (ref, qq.grad, kk.grad, vv.grad))]
+        results[(layout, causal, hkv)] = _ring_errors(rank, world_size, q, k, v, dout, layout, causal, EMULATED)
     return results
 
 
@@ -148,17 +153,8 @@ def _last_step_in_chunks(rank, world_size, seed, parts):
         S = 16 * world_size
         q, dout = (torch.randn(B, S, h, 16, generator=g, dtype=torch.float64) for _ in range(2))
         k, v = (torch.randn(B, S, hkv, 16, generator=g, dtype=torch.float64) for _ in range(2))
-        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
-        ref, _ = reference.attention(qq, kk, vv, causal=causal)
-        ref.backward(dout)
-        lay = get_layout(layout)
-        shard = lambda x: lay.shard(x, rank=rank, world_size=world_size)  # noqa: E731
-        ql, kl, vl = (shard(x).float().requires_grad_() for x in (q, k, v))
         seen.clear()
-        out = ring_attention(ql, kl, vl, causal=causal, layout=lay, backend=engine)
-        out.backward(shard(dout).float())
-        got = [lay.unshard(x) for x in (out.detach(), ql.grad, kl.grad, vl.grad)]
-        errs = [rel(a, b) for a, b in zip(got, (ref, qq.grad, kk.grad, vv.grad))]
+        errs = _ring_errors(rank, world_size, q, k, v, dout, layout, causal, engine)
         results[(layout, causal, B, hkv)] = (errs, list(seen))
     return results
 
