@@ -8,6 +8,10 @@ For every (S, heads_kv, causal, mode) it times, in the same run:
   torch_cp_flash  torch.distributed.tensor.experimental.context_parallel over SDPA (flash)
   torch_cp_cudnn  the same over SDPA (cuDNN)
   single_gpu      the same local engine on one GPU at the per-rank size S/P (the efficiency bar)
+  ringflash_local (diagnostic, not run unless asked) the ring's compute on each rank with every
+                  transfer replaced by a copy of the rank's own buffers on a side stream: no
+                  NCCL kernel shares the GPU, so ringflash_local / single_gpu is the cost of the
+                  ring's own work and ringflash / ringflash_local the cost of its transfers
 
 ``--engines triton cudnn`` gives ringflash and single-GPU rows for each local engine;
 ``--last-hop-parts 1 4`` times the SDPA engines' backward with its last dK/dV hop in one
@@ -23,6 +27,7 @@ iterations on each rank, then the slowest rank. Peak memory is the largest
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -34,21 +39,29 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ringflash import flash_attention, get_layout, ring_attention  # noqa: E402
 import ringflash.ring as ring_mod  # noqa: E402
+from ringflash.comm import Exchange, Ring  # noqa: E402
 
 DEFAULT_LAST_HOP_PARTS = ring_mod.LAST_HOP_PARTS
 DEFAULT_HEAD_START_US = ring_mod.HEAD_START_US
-ENGINES = ["triton", "cudnn", "sdpa_flash", "triton_head_start"]
+ENGINES = ["triton", "cudnn", "sdpa_flash", "triton_head_start", "triton_zero_fill"]
+# A/B variants of the Triton engine, for the ringflash rows only (their single-GPU rows are "triton").
+TRITON_VARIANTS = ("triton_head_start", "triton_zero_fill")
 
 
 def ring_backend(engine: str):
-    """The backend argument for ``engine``. ``triton_head_start`` is the Triton engine with the
-    transfers' head start that the SDPA engines get (``ringflash.ring.HEAD_START_US``): an A/B."""
-    if engine != "triton_head_start":
+    """The backend argument for ``engine``. The Triton engine's A/B variants:
+    ``triton_head_start`` gets the transfers' head start that the SDPA engines get
+    (``ringflash.ring.HEAD_START_US``); ``triton_zero_fill`` zero-fills its dK/dV buffer and
+    adds into it at every ring step, instead of having the kernel overwrite it."""
+    if engine not in TRITON_VARIANTS:
         return engine
     from ringflash.ops import get_backend
 
     be = get_backend("triton", torch.device("cuda"))
-    be.holds_sms = True
+    if engine == "triton_head_start":
+        be.holds_sms = True
+    else:
+        be.dkdv_store = False
     return be
 
 
@@ -105,7 +118,49 @@ def step_fn(attn, q, k, v, mode):
     return fn
 
 
-def bench_ringflash(S, H, Hkv, D, causal, mode, layout, args, engine="triton", last_hop_parts=None, head_start_us=None):
+class _LocalWork:
+    """A side-stream copy standing in for a transfer: ``wait`` makes the current stream wait."""
+
+    def __init__(self, event):
+        self.event = event
+
+    def wait(self):
+        torch.cuda.current_stream().wait_event(self.event)
+
+
+@contextlib.contextmanager
+def local_transfers():
+    """Within: every ``Ring.exchange`` copies ``send[i]`` into ``recv[i]`` on a side stream of
+    this GPU instead of sending it. The ring's kernels, buffers and stream order stay; its
+    results are not those of the ring (each rank sees its own K/V at every step)."""
+    side = torch.cuda.Stream()
+
+    def exchange(self, send, recv):
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for s, r in zip(send, recv, strict=True):
+                r.copy_(s)
+                s.record_stream(side)
+                r.record_stream(side)
+        done = torch.cuda.Event()
+        done.record(side)
+        return Exchange([_LocalWork(done)])
+
+    real = Ring.exchange
+    Ring.exchange = exchange
+    try:
+        yield
+    finally:
+        Ring.exchange = real
+
+
+def nccl_env() -> dict:
+    """The NCCL_* and TORCH_NCCL_* variables this process runs with (the rows' provenance)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(("NCCL_", "TORCH_NCCL_"))}
+
+
+def bench_ringflash(S, H, Hkv, D, causal, mode, layout, args, engine="triton", last_hop_parts=None, head_start_us=None,
+                    local=False):
     P, r = dist.get_world_size(), dist.get_rank()
     ring_mod.LAST_HOP_PARTS = DEFAULT_LAST_HOP_PARTS if last_hop_parts is None else last_hop_parts
     ring_mod.HEAD_START_US = DEFAULT_HEAD_START_US if head_start_us is None else head_start_us
@@ -118,7 +173,8 @@ def bench_ringflash(S, H, Hkv, D, causal, mode, layout, args, engine="triton", l
     v = torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
     lay = get_layout(layout)
     fn = step_fn(lambda a, b, c: ring_attention(a, b, c, causal=causal, layout=lay, backend=ring_backend(engine)), q, k, v, mode)
-    ms = time_ms(fn, args.warmup, args.iters)
+    with local_transfers() if local else contextlib.nullcontext():
+        ms = time_ms(fn, args.warmup, args.iters)
     return ms, peak_gib()
 
 
@@ -131,7 +187,7 @@ def bench_single(S, H, Hkv, D, causal, mode, args, engine="triton"):
     q = torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.bfloat16)
-    fn = step_fn(lambda a, b, c: flash_attention(a, b, c, causal=causal, backend=engine.replace("_head_start", "")), q, k, v, mode)
+    fn = step_fn(lambda a, b, c: flash_attention(a, b, c, causal=causal, backend=engine), q, k, v, mode)
     ms = time_ms(fn, args.warmup, args.iters)
     return ms, peak_gib()
 
@@ -202,7 +258,8 @@ def main():
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--causal", choices=["both", "causal", "full"], default="both")
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
-    ap.add_argument("--impls", nargs="+", default=["ringflash", "torch_cp_flash", "torch_cp_cudnn", "single_gpu"])
+    ap.add_argument("--impls", nargs="+", default=["ringflash", "torch_cp_flash", "torch_cp_cudnn", "single_gpu"],
+                    choices=["ringflash", "ringflash_local", "torch_cp_flash", "torch_cp_cudnn", "single_gpu"])
     ap.add_argument("--engines", nargs="+", default=["triton"], choices=ENGINES,
                     help="local engines of the ringflash rows")
     ap.add_argument("--last-hop-parts", type=int, nargs="+", default=[DEFAULT_LAST_HOP_PARTS],
@@ -217,6 +274,7 @@ def main():
     args = ap.parse_args()
 
     P, rank, gpu = init_nccl()
+    env = nccl_env()
     causals = {"both": [True, False], "causal": [True], "full": [False]}[args.causal]
 
     rows = []
@@ -225,14 +283,17 @@ def main():
             for causal in causals:
                 for mode in args.modes:
                     runs = []
-                    if "ringflash" in args.impls:
+                    for impl in ("ringflash", "ringflash_local"):
+                        if impl not in args.impls:
+                            continue
                         for eng in args.engines:
                             # the last-hop cut only changes the SDPA engines' backward
                             sdpa = eng in ("cudnn", "sdpa_flash")
                             parts = args.last_hop_parts if sdpa and mode == "fwdbwd" else [None]
-                            starts = args.head_start_us if eng != "triton" else [None]
-                            runs += [("ringflash", lay, eng, (n, us), lambda lay=lay, eng=eng, n=n, us=us: bench_ringflash(
-                                S, args.heads, Hkv, args.head_dim, causal, mode, lay, args, eng, n, us))
+                            starts = args.head_start_us if eng in ("cudnn", "sdpa_flash", "triton_head_start") else [None]
+                            runs += [(impl, lay, eng, (n, us), lambda lay=lay, eng=eng, n=n, us=us, impl=impl: bench_ringflash(
+                                S, args.heads, Hkv, args.head_dim, causal, mode, lay, args, eng, n, us,
+                                local=impl == "ringflash_local"))
                                 for lay in args.layouts for n in parts for us in starts]
                     for backend in ("flash", "cudnn"):
                         if f"torch_cp_{backend}" in args.impls:
@@ -241,11 +302,13 @@ def main():
                     if "single_gpu" in args.impls:
                         runs += [("single_gpu", "-", eng, None, lambda eng=eng: bench_single(
                             S, args.heads, Hkv, args.head_dim, causal, mode, args, eng))
-                            for eng in args.engines if eng != "triton_head_start"]
+                            for eng in args.engines if eng not in TRITON_VARIANTS]
                     for impl, lay, engine, parts, run in runs:
                         row = dict(impl=impl, engine=engine,
                                    gpu=gpu, world=P, layout=lay, S=S, H=args.heads, Hkv=Hkv, D=args.head_dim,
                                    causal=causal, mode=mode)
+                        if env:
+                            row["nccl_env"] = env
                         n, us = parts if parts is not None else (None, None)
                         if n is not None:
                             row["last_hop_parts"] = n

@@ -139,17 +139,35 @@ def engines_plot(rows, path, plt) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _varying_env(rows) -> set:
+    """The NCCL variables whose value is not the same in every row (the A/B ones)."""
+    names = {k for r in rows for k in r.get("nccl_env", {})}
+    return {k for k in names if len({r.get("nccl_env", {}).get(k) for r in rows}) > 1}
+
+
 def print_table(args) -> None:
-    print("| S | Hkv | mode | impl | engine | layout | TFLOP/s/GPU | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    """Causal rows, with the ratio to the single-GPU row of the same shape, mode and engine,
+    and a column for the NCCL variables that differ between rows, if any do."""
     rows = sorted(load(args.files), key=lambda r: (r["S"], r["Hkv"], not r["causal"], r["mode"], r["impl"],
-                                                   r.get("engine", "triton"), r["layout"]))
+                                                   r.get("engine", "triton"), r["layout"],
+                                                   sorted(r.get("nccl_env", {}).items())))
+    varying = sorted(_varying_env(rows))
+    single = {(r["S"], r["Hkv"], r["causal"], r["mode"], r.get("engine", "triton")): r["tflops_per_gpu"]
+              for r in rows if r["impl"] == "single_gpu"}
+    env_col = " NCCL |" if varying else ""
+    print(f"| S | Hkv | mode | impl | engine | layout | TFLOP/s/GPU | vs single GPU | peak GiB |{env_col}")
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if varying else ""))
     for r in rows:
         if r["causal"]:
+            engine = r.get("engine", "triton")
+            engine = "triton" if engine.startswith("triton") else engine  # the A/B variants
+            base = single.get((r["S"], r["Hkv"], r["causal"], r["mode"], engine))
+            env = ", ".join(f"{k}={r['nccl_env'][k]}" for k in varying if k in r.get("nccl_env", {}))
             print(f"| {r['S'] // 1024}k | {r['Hkv']} | {r['mode']} | {r['impl']} | {r.get('engine', 'triton')} | "
                   f"{r['layout']}{'/%d' % r['last_hop_parts'] if 'last_hop_parts' in r else ''}"
                   f"{'+%gus' % r['head_start_us'] if 'head_start_us' in r else ''} | "
-                  f"{r['tflops_per_gpu']:.0f} | {r['peak_mem_gib']:.1f} |")
+                  f"{r['tflops_per_gpu']:.0f} | {'%.3f' % (r['tflops_per_gpu'] / base) if base else '-'} | "
+                  f"{r['peak_mem_gib']:.1f} |" + (f" {env or '-'} |" if varying else ""))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ signatures and contract:
     ``rowsum(dO * O)`` as ``(B, H, Sq)`` float32.
 
 Optional: ``dkdv_hook`` (``backward`` takes ``after_dkdv``, a callback run between its dK/dV
-and dQ work) and ``backward_blocks`` (returns a block's dK/dV as key-range fragments in the
+and dQ work), ``dkdv_store`` (``backward`` takes ``store_dkdv=True``: overwrite ``dk``/``dv``
+instead of adding into them) and ``backward_blocks`` (returns a block's dK/dV as key-range fragments in the
 input dtype, for the ring to add into the travelling float32 sums in one pass).
 
 ``"reference"`` is plain PyTorch (any device); ``"triton"`` is :mod:`ringflash.kernels`
@@ -69,6 +70,7 @@ def get_backend(backend, device: torch.device) -> SimpleNamespace:
             backward_delta=kernels.backward_delta,
             check=getattr(kernels, "check_inputs", None),
             dkdv_hook=True,
+            dkdv_store=True,
         )
     if backend in ("cudnn", "sdpa_flash"):
         from . import sdpa

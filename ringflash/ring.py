@@ -290,15 +290,20 @@ def _ring_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, 
             elif blocks is not None:
                 frags = blocks(dout, q, kv[0], kv[1], lse, delta, dq=dq, **kwargs) if visible else []
                 pass_on(step, frags)
+            elif not visible:
+                pass_on(step, [])  # nothing to add (never at step 0: the diagonal block is visible)
             else:
                 dkv = carry[-1] if step == 0 else local
-                dkv.zero_()
-                if visible and hook:
+                if getattr(be, "dkdv_store", False):
+                    kwargs["store_dkdv"] = True  # the kernel overwrites dkv: no zero fill
+                else:
+                    dkv.zero_()
+                if hook:
                     # The dK/dV work is queued first; the transfer is posted before the dQ work,
                     # which it then overlaps (after the last step there is nothing else).
                     be.backward(dout, q, kv[0], kv[1], lse, delta, dq=dq, dk=dkv[0], dv=dkv[1],
                                 after_dkdv=lambda step=step: pass_on(step), **kwargs)
-                elif visible:
+                else:
                     be.backward(dout, q, kv[0], kv[1], lse, delta, dq=dq, dk=dkv[0], dv=dkv[1], **kwargs)
                 if state["passed"] != step:
                     pass_on(step)

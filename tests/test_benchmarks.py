@@ -75,7 +75,17 @@ def test_plot_ring_writes_plots_and_table(tmp_path, monkeypatch, capsys):
     for suffix in ("_throughput.png", "_engines.png", "_striped_vs_contiguous.png"):
         assert (tmp_path / f"plot{suffix}").stat().st_size > 1000
     table = capsys.readouterr().out
-    assert "| 128k | 8 | fwdbwd | ringflash | cudnn | zigzag | 402 | 1.0 |" in table
+    assert "| 128k | 8 | fwdbwd | ringflash | cudnn | zigzag | 402 | - | 1.0 |" in table  # no cuDNN single-GPU row
+    assert "| 128k | 8 | fwdbwd | ringflash | triton | striped | 401 | 0.955 | 1.0 |" in table
+    assert "NCCL" not in table.splitlines()[0]
+    # rows run under different NCCL variables get a column naming them
+    rows.append(dict(rows[-4], engine="triton_zero_fill", nccl_env={"NCCL_MAX_P2P_NCHANNELS": "8"}))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plot_ring.print_table(plot_ring.argparse.Namespace(files=[str(path)]))
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].endswith("| NCCL |")
+    assert "| 128k | 8 | fwdbwd | ringflash | triton_zero_fill | striped | 401 | 0.955 | 1.0 | NCCL_MAX_P2P_NCHANNELS=8 |" in table
+    assert "| 128k | 8 | fwdbwd | ringflash | triton | striped | 401 | 0.955 | 1.0 | - |" in table
     assert plot_ring._label(rows[2]) == "ringflash cudnn zigzag"
     assert plot_ring._label({"impl": "ringflash", "layout": "striped"}) == "ringflash striped"
     # rows timed with the last dK/dV hop whole, and single-GPU rows of another engine
@@ -89,7 +99,22 @@ def test_plot_ring_writes_plots_and_table(tmp_path, monkeypatch, capsys):
 
 def test_ring_backend_of_the_benchmarks():
     """``triton_head_start`` is the Triton engine with the SDPA engines' head start (an A/B of
-    ringflash.ring.HEAD_START_US); named engines pass through."""
+    ringflash.ring.HEAD_START_US), ``triton_zero_fill`` without the dK/dV store; named engines
+    pass through."""
     assert ring_backend("cudnn") == "cudnn" and ring_backend("triton") == "triton"
     be = ring_backend("triton_head_start")
-    assert be.name == "triton" and be.holds_sms and be.dkdv_hook
+    assert be.name == "triton" and be.holds_sms and be.dkdv_hook and be.dkdv_store
+    be = ring_backend("triton_zero_fill")
+    assert be.name == "triton" and not be.dkdv_store and not getattr(be, "holds_sms", False)
+
+
+def test_nccl_env_of_the_rows(monkeypatch):
+    """The rows record the NCCL variables the run had, and only those."""
+    from bench_ring import nccl_env
+
+    for name in [n for n in os.environ if n.startswith(("NCCL_", "TORCH_NCCL_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("NCCL_MAX_P2P_NCHANNELS", "8")
+    monkeypatch.setenv("TORCH_NCCL_HIGH_PRIORITY", "1")
+    monkeypatch.setenv("NOT_NCCL_X", "1")
+    assert nccl_env() == {"NCCL_MAX_P2P_NCHANNELS": "8", "TORCH_NCCL_HIGH_PRIORITY": "1"}

@@ -323,6 +323,29 @@ def test_backward_split_group(monkeypatch, H, Hkv, causal):
         assert_close(acc[i] - base[i], ref[2 + i], None, name + " (accumulated)", torch.float32)
 
 
+@pytest.mark.parametrize("group_split", [False, True], ids=["whole-group", "split-group"])
+def test_backward_store_dkdv(monkeypatch, group_split):
+    """``store_dkdv``: the given dK/dV buffers (holding garbage here) are overwritten with the
+    block's gradients, while dQ still adds into its accumulator."""
+    attn = sys.modules[kernels.backward.__module__]
+    if group_split:
+        monkeypatch.setattr(attn, "_min_programs", lambda device: 10**9)
+    q, k, v, dout = make_qkv(1, 45, 61, 4, 2, 32, torch.float32, seed=12)
+    q_pos, k_pos = striped_positions(45, 2, 1), striped_positions(61, 2, 0)
+    out, lse = kernels.forward(q, k, v, causal=True, q_pos=q_pos, k_pos=k_pos)
+    delta = kernels.backward_delta(out, dout)
+    g = torch.Generator().manual_seed(13)
+    dq0 = torch.randn(q.shape, generator=g)
+    dq, dk, dv = dq0.clone(), torch.randn(k.shape, generator=g), torch.randn(v.shape, generator=g)
+    got = kernels.backward(dout, q, k, v, lse, delta, causal=True, q_pos=q_pos, k_pos=k_pos,
+                           dq=dq, dk=dk, dv=dv, store_dkdv=True)
+    assert got[1] is dk and got[2] is dv
+    ref = oracle(q, k, v, dout, causal=True, q_pos=q_pos, k_pos=k_pos)
+    assert_close(dq - dq0, ref[2], None, "dq", torch.float32)
+    assert_close(dk, ref[3], None, "dk", torch.float32)
+    assert_close(dv, ref[4], None, "dv", torch.float32)
+
+
 def test_group_split_choice(monkeypatch):
     attn = sys.modules[kernels.backward.__module__]
     monkeypatch.setattr(attn, "_min_programs", lambda device: 264)

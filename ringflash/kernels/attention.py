@@ -325,6 +325,7 @@ def backward(
     dk: torch.Tensor | None = None,
     dv: torch.Tensor | None = None,
     after_dkdv=None,
+    store_dkdv: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Add one block pair's gradients into float32 accumulators (see :func:`ringflash.reference.backward`).
 
@@ -334,6 +335,9 @@ def backward(
 
     ``after_dkdv``: called once, after the dK/dV work is queued and before the dQ work (the
     ring posts the transfer of dK/dV there, so that it overlaps the dQ kernel).
+
+    ``store_dkdv``: the given ``dk``/``dv`` are overwritten with this block's gradients instead
+    of added into, so a buffer reused across blocks needs no zero fill and is not read.
     """
     check_inputs(q, k, v)
     B, Sq, H, D = q.shape
@@ -351,7 +355,7 @@ def backward(
     delta = delta.to(torch.float32).contiguous()
     # Without accumulators the kernels store their result: no zero fill, no read of zeros.
     acc_dq = dq is not None
-    acc_dkdv = dk is not None or dv is not None
+    acc_dkdv = (dk is not None or dv is not None) and not store_dkdv
     if dq is None:
         dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     if dk is None:
