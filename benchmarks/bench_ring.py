@@ -16,7 +16,8 @@ For every (S, heads_kv, causal, mode) it times, in the same run:
 ``--engines triton cudnn`` gives ringflash and single-GPU rows for each local engine;
 ``--last-hop-parts 1 4`` times the SDPA engines' backward with its last dK/dV hop in one
 message and cut in chunks (``ringflash.ring.LAST_HOP_PARTS``), side by side; likewise
-``--head-start-us 0 20`` for the head start their transfers get (``ringflash.ring.HEAD_START_US``).
+``--head-start-us 0 20`` for the head start their transfers get (``ringflash.ring.HEAD_START_US``;
+with several values it applies on any number of ranks, which the library's default does not).
 
 TFLOP/s per GPU use the FlashAttention convention: fwd = 4 * B * H * S^2 * D (halved when
 causal), fwd+bwd = 3.5 * fwd, divided by the number of GPUs. A time is the median over
@@ -267,13 +268,16 @@ def main():
                          "dK/dV hop in one message); several values give one row each")
     ap.add_argument("--head-start-us", type=float, nargs="+", default=[DEFAULT_HEAD_START_US],
                     help="ringflash.ring.HEAD_START_US for the SDPA engines' rows (0: no head start "
-                         "for the transfers); several values give one row each")
+                         "for the transfers); several values give one row each, and then apply on "
+                         "any number of ranks (the library's default starts at HEAD_START_MIN_RANKS)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default=None, help="append JSON lines here (rank 0)")
     args = ap.parse_args()
 
     P, rank, gpu = init_nccl()
+    if len(args.head_start_us) > 1:  # an A/B of the head start: on this many ranks too
+        ring_mod.HEAD_START_MIN_RANKS = 1
     env = nccl_env()
     causals = {"both": [True, False], "causal": [True], "full": [False]}[args.causal]
 
@@ -312,8 +316,8 @@ def main():
                         n, us = parts if parts is not None else (None, None)
                         if n is not None:
                             row["last_hop_parts"] = n
-                        if us is not None:
-                            row["head_start_us"] = us
+                        if us is not None:  # what the ring applied
+                            row["head_start_us"] = us if P >= ring_mod.HEAD_START_MIN_RANKS else 0.0
                         try:
                             ms, mem = run()
                             if impl == "single_gpu":  # one GPU doing S/P tokens of full attention

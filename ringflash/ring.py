@@ -110,11 +110,16 @@ def _last_chunks(Hkv: int, parts: int) -> list[tuple[int, int]]:
 # that say so (``holds_sms``), the compute stream idles this long after a transfer is posted,
 # so that NCCL's kernel is resident first. 0 turns it off. The Triton kernels' blocks are short:
 # NCCL's kernel gets SMs as their first wave retires.
+# Only from HEAD_START_MIN_RANKS ranks: on 2 x H200 (one transfer in the forward, one peer)
+# it cost the cuDNN forward 3-5% at 32k and left fwd+bwd unchanged, while on 4 x H200 it
+# took the forward at 32k from 352 to 468 TFLOP/s per GPU.
 HEAD_START_US = 20.0
+HEAD_START_MIN_RANKS = 3
 
 
-def _head_start(be, device) -> None:
-    if HEAD_START_US > 0 and device.type == "cuda" and getattr(be, "holds_sms", False):
+def _head_start(be, device, world_size: int) -> None:
+    if (HEAD_START_US > 0 and world_size >= HEAD_START_MIN_RANKS and device.type == "cuda"
+            and getattr(be, "holds_sms", False)):
         torch.cuda._sleep(int(HEAD_START_US * _cycles_per_us(device)))
 
 
@@ -173,7 +178,7 @@ def _ring_forward(q, k, v, causal: bool, softmax_scale: float, layout: Layout, g
         src = (r - step) % P
         pending = ring.exchange([kv[0], kv[1]], [kv_next[0], kv_next[1]]) if step < P - 1 else None
         if pending is not None:
-            _head_start(be, q.device)
+            _head_start(be, q.device, P)
         if _visible_any(causal, pos_host[r], pos_host[src]):
             out, lse = be.forward(
                 q, kv[0], kv[1], q_pos=pos[r], k_pos=pos[src], causal=causal,
@@ -272,7 +277,7 @@ def _ring_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, 
                 recv.append((h0, h1, recv_flat[offset:offset + size].view(shape)))
                 works += ring.exchange([send], [recv[-1][2]]).works
                 if n + 1 < len(chunks):
-                    _head_start(be, q.device)
+                    _head_start(be, q.device, P)
                 offset += size
             state["sent"] = recv
             state["pending"] = Exchange(works)
@@ -281,7 +286,7 @@ def _ring_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, 
             src = (r - step) % P
             kv_pending = ring.exchange([kv[0], kv[1]], [kv_next[0], kv_next[1]]) if step < P - 1 else None
             if kv_pending is not None:
-                _head_start(be, q.device)  # also covers the dK/dV sums posted at the end of the previous step
+                _head_start(be, q.device, P)  # also covers the dK/dV sums posted at the end of the previous step
             visible = _visible_any(causal, pos_host[r], pos_host[src])
             kwargs = dict(q_pos=pos[r], k_pos=pos[src], causal=causal, softmax_scale=softmax_scale, **extras)
             chunks = _last_chunks(k.shape[2], LAST_HOP_PARTS) if step == P - 1 > 0 else []

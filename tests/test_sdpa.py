@@ -183,8 +183,8 @@ def test_last_step_in_chunks(world_size, parts):
 
 def test_head_start_only_for_engines_that_hold_the_sms(monkeypatch):
     """The spin kernel that gives a posted transfer its head start: launched on CUDA for the
-    fused SDPA engines only, for HEAD_START_US microseconds; never with the Triton or
-    reference engines, on the CPU, or when turned off."""
+    fused SDPA engines only, for HEAD_START_US microseconds, from HEAD_START_MIN_RANKS ranks;
+    never with the Triton or reference engines, on the CPU, on two ranks, or when turned off."""
     import ringflash.ring as ring_mod
     from ringflash.ops import get_backend
 
@@ -192,17 +192,20 @@ def test_head_start_only_for_engines_that_hold_the_sms(monkeypatch):
     monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: calls.append(cycles))
     monkeypatch.setattr(ring_mod, "_cycles_per_us", lambda device: 1500.0)
     monkeypatch.setattr(ring_mod, "HEAD_START_US", 20.0)
+    assert ring_mod.HEAD_START_MIN_RANKS == 3
     cuda = torch.device("cuda", 0)
     for name in ("cudnn", "sdpa_flash"):
-        ring_mod._head_start(make_engine(name), cuda)
-    assert calls == [30000, 30000]
-    ring_mod._head_start(get_backend("triton", cuda), cuda)
-    ring_mod._head_start(get_backend("reference", cuda), cuda)
-    ring_mod._head_start(EMULATED, cuda)  # plain-PyTorch pieces: not the fused kernels
-    ring_mod._head_start(make_engine("cudnn"), torch.device("cpu"))
+        ring_mod._head_start(make_engine(name), cuda, 4)
+    ring_mod._head_start(make_engine("cudnn"), cuda, 3)
+    assert calls == [30000, 30000, 30000]
+    ring_mod._head_start(make_engine("cudnn"), cuda, 2)
+    ring_mod._head_start(get_backend("triton", cuda), cuda, 4)
+    ring_mod._head_start(get_backend("reference", cuda), cuda, 4)
+    ring_mod._head_start(EMULATED, cuda, 4)  # plain-PyTorch pieces: not the fused kernels
+    ring_mod._head_start(make_engine("cudnn"), torch.device("cpu"), 4)
     monkeypatch.setattr(ring_mod, "HEAD_START_US", 0.0)
-    ring_mod._head_start(make_engine("cudnn"), cuda)
-    assert calls == [30000, 30000]
+    ring_mod._head_start(make_engine("cudnn"), cuda, 4)
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("backend", ["cudnn", "sdpa_flash"])
