@@ -187,6 +187,28 @@ def test_fully_masked_block():
     assert all(torch.all(t == 0) for t in (dq, dk, dv))
 
 
+@pytest.mark.parametrize("positions", ["causal", "masked-block"])
+def test_backward_store_dkdv(positions):
+    """``store_dkdv`` into buffers of NaN: bit for bit the stored (no accumulator) result, with
+    key tiles that no query sees written as zeros, and dQ still added into its accumulator."""
+    q, k, v, dout = make_qkv(1, 1500, 2000, 8, 2, 128, torch.bfloat16, seed=6)
+    if positions == "causal":
+        q_pos, k_pos = torch.arange(1500, device=DEV) * 2 + 1, torch.arange(2000, device=DEV) * 2
+    else:  # the last 800 keys come after every query
+        q_pos, k_pos = torch.arange(1500, device=DEV) + 1000, torch.arange(2000, device=DEV) + 1300
+    out, lse = kernels.forward(q, k, v, causal=True, q_pos=q_pos, k_pos=k_pos)
+    delta = kernels.backward_delta(out.to(q.dtype), dout)
+    fresh = kernels.backward(dout, q, k, v, lse, delta, causal=True, q_pos=q_pos, k_pos=k_pos)
+    dq = torch.ones_like(fresh[0])
+    dk, dv = torch.full_like(fresh[1], float("nan")), torch.full_like(fresh[2], float("nan"))
+    kernels.backward(dout, q, k, v, lse, delta, causal=True, q_pos=q_pos, k_pos=k_pos,
+                     dq=dq, dk=dk, dv=dv, store_dkdv=True)
+    assert torch.equal(dk, fresh[1]) and torch.equal(dv, fresh[2])
+    assert torch.allclose(dq - 1, fresh[0], atol=1e-5, rtol=1e-4)
+    if positions == "masked-block":
+        assert torch.all(dk[:, 1200:] == 0) and torch.all(dv[:, 1200:] == 0)
+
+
 # -- the SDPA engines on one GPU ------------------------------------------------------------
 
 
