@@ -214,6 +214,7 @@ def _ring_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, 
         # while carry[s % 2] receives the next one. Engines that fill an accumulator write
         # their part into `local` first (the incoming sum is not there yet when they start);
         # at step 0 there is nothing incoming, and they write into the buffer that is sent.
+        # Engines with ``dkdv_store`` overwrite that buffer; others get it zero-filled.
         carry = [torch.empty((2, *k.shape), dtype=acc_dtype, device=q.device) for _ in range(min(P, 2))]
         local = torch.empty_like(carry[0]) if blocks is None and P > 1 else None
         state = {"pending": None, "passed": None, "sent": None}
