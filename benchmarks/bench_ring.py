@@ -47,6 +47,8 @@ DEFAULT_HEAD_START_US = ring_mod.HEAD_START_US
 ENGINES = ["triton", "cudnn", "sdpa_flash", "triton_head_start", "triton_zero_fill"]
 # A/B variants of the Triton engine, for the ringflash rows only (their single-GPU rows are "triton").
 TRITON_VARIANTS = ("triton_head_start", "triton_zero_fill")
+# The engines whose transfers get the head start (``holds_sms``).
+HEAD_START_ENGINES = ("cudnn", "sdpa_flash", "triton_head_start")
 
 
 def ring_backend(engine: str):
@@ -294,7 +296,7 @@ def main():
                             # the last-hop cut only changes the SDPA engines' backward
                             sdpa = eng in ("cudnn", "sdpa_flash")
                             parts = args.last_hop_parts if sdpa and mode == "fwdbwd" else [None]
-                            starts = args.head_start_us if eng in ("cudnn", "sdpa_flash", "triton_head_start") else [None]
+                            starts = args.head_start_us if eng in HEAD_START_ENGINES else [None]
                             runs += [(impl, lay, eng, (n, us), lambda lay=lay, eng=eng, n=n, us=us, impl=impl: bench_ringflash(
                                 S, args.heads, Hkv, args.head_dim, causal, mode, lay, args, eng, n, us,
                                 local=impl == "ringflash_local"))

@@ -32,7 +32,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ringflash import get_layout, ring_attention  # noqa: E402
 import ringflash.ring as ring_mod  # noqa: E402
-from bench_ring import ENGINES, init_nccl, parse_size, ring_backend, step_fn  # noqa: E402
+from bench_ring import ENGINES, HEAD_START_ENGINES, init_nccl, parse_size, ring_backend, step_fn  # noqa: E402
 
 
 def _union(intervals):
@@ -151,8 +151,8 @@ def main():
                                D=D, causal=args.causal, iters=args.iters, **summarize(path, args.iters))
                     if parts is not None:
                         row["last_hop_parts"] = parts
-                    if engine != "triton":
-                        row["head_start_us"] = args.head_start_us
+                    if engine in HEAD_START_ENGINES:  # what the ring applied
+                        row["head_start_us"] = args.head_start_us if P >= ring_mod.HEAD_START_MIN_RANKS else 0.0
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     with open(os.path.join(args.out, "profile.jsonl"), "a") as f:
