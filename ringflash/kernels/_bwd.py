@@ -122,7 +122,9 @@ def _dkdv_program(
                    cols, True, Sk, offs_d, not EVEN_D, HEAD_DIM)
 
     # Query tiles: [lo, mid) boundary, [mid, even_end) fully visible, [even_end, Sq) boundary
-    # (the last, partial tile). Tiles before lo see none of these keys.
+    # (the last, partial tile). Tiles before lo see none of these keys. The masked loops run
+    # first: with a loop after the unmasked one (even one that runs no iteration), Triton 3.6
+    # compiled the unmasked loop about 12% slower on H100 (benchmarks/results/kernels_h100_tma/).
     num_m_even = Sq // BLOCK_M
     num_m = tl.cdiv(Sq, BLOCK_M)
     if CAUSAL:
@@ -147,6 +149,12 @@ def _dkdv_program(
         do_base = DO + b * stride_dob + h * stride_doh
         LSE_row = LSE + (b * H + h) * Sq
         DELTA_row = DELTA + (b * H + h) * Sq
+        for start_m in range(even_end, hi, BLOCK_M):
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, kp, cols, q_base, do_base, stride_qs, stride_dos,
+                LSE_row, DELTA_row, QPOS, start_m, Sq, Sk, qk_scale, offs_m, offs_d,
+                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC,
+            )
         for start_m in range(lo, mid, BLOCK_M):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, kp, cols, q_base, do_base, stride_qs, stride_dos,
@@ -158,12 +166,6 @@ def _dkdv_program(
                 dk, dv, k, v, kp, cols, q_base, do_base, stride_qs, stride_dos,
                 LSE_row, DELTA_row, QPOS, start_m, Sq, Sk, qk_scale, offs_m, offs_d,
                 HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC,
-            )
-        for start_m in range(even_end, hi, BLOCK_M):
-            dk, dv = _dkdv_tile(
-                dk, dv, k, v, kp, cols, q_base, do_base, stride_qs, stride_dos,
-                LSE_row, DELTA_row, QPOS, start_m, Sq, Sk, qk_scale, offs_m, offs_d,
-                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC,
             )
 
     dk = dk * sm_scale
@@ -259,14 +261,15 @@ def _dq_program(
         hi = tl.cdiv(Sk, BLOCK_N) * BLOCK_N
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, full_end, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse2, di, qp, k_base, v_base, stride_ks, stride_vs, KPOS,
-                      start_n, Sk, qk_scale, offs_n, offs_d,
-                      HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC)
+    # Boundary tiles first, then the unmasked ones (see the dK/dV loops).
     for start_n in range(full_end, hi, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, di, qp, k_base, v_base, stride_ks, stride_vs, KPOS,
                       start_n, Sk, qk_scale, offs_n, offs_d,
                       HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC)
+    for start_n in range(0, full_end, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse2, di, qp, k_base, v_base, stride_ks, stride_vs, KPOS,
+                      start_n, Sk, qk_scale, offs_n, offs_d,
+                      HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC)
 
     dq = dq * sm_scale
     if EVEN_D:

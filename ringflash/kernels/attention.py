@@ -63,9 +63,11 @@ FWD_CONFIGS: dict = {
     256: KernelConfig(64, 32, 4, 2),
 }
 BWD_DKDV_CONFIGS: dict = {
-    16: KernelConfig(64, 128, 4, 3),
-    32: KernelConfig(64, 128, 4, 3),
-    64: KernelConfig(64, 128, 4, 3),
+    # 64 x 64 since the masked loops run first: with them first, 64 x 128 tiles ran the D = 64
+    # backward at 95 against 330-370 TFLOP/s (benchmarks/results/kernels_h100_loop_order/).
+    16: KernelConfig(64, 64, 4, 3),
+    32: KernelConfig(64, 64, 4, 3),
+    64: KernelConfig(64, 64, 4, 3),
     128: KernelConfig(64, 128, 8, 3),
     256: KernelConfig(64, 64, 8, 2),  # 2.2x the 32 x 32 tiles at S = 16k (kernels_h200_d256_sweep.jsonl)
 }
