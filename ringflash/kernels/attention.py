@@ -75,6 +75,8 @@ BWD_DKDV_CONFIGS: dict = {
 # group, in a loop around the tile loops. With 4 warps and 64 x 128 tiles that nest ran 4x
 # slower on H200 at D = 64 (87 against 355 TFLOP/s, S = 32k, 16 query heads over 4); 64 x 64
 # tiles run the nest at full speed. Measured: benchmarks/results/kernels_h200_gqa_d64{_sweep,}.jsonl.
+# (The MHA table has used the same tiles up to D = 64 since the masked loops run first; this
+# table keeps GQA on them whatever the MHA entries become.)
 BWD_DKDV_GROUPED_CONFIGS: dict = {
     16: KernelConfig(64, 64, 4, 3),
     32: KernelConfig(64, 64, 4, 3),
