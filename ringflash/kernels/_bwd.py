@@ -124,7 +124,7 @@ def _dkdv_program(
     # Query tiles: [lo, mid) boundary, [mid, even_end) fully visible, [even_end, Sq) boundary
     # (the last, partial tile). Tiles before lo see none of these keys. The masked loops run
     # first: with a loop after the unmasked one (even one that runs no iteration), Triton 3.6
-    # compiled the unmasked loop about 12% slower on H100 (benchmarks/results/kernels_h100_tma/).
+    # compiled the unmasked loop 10-14% slower on H100 (benchmarks/results/kernels_h100_tma/).
     num_m_even = Sq // BLOCK_M
     num_m = tl.cdiv(Sq, BLOCK_M)
     if CAUSAL:
