@@ -275,7 +275,7 @@ def test_backward_in_one_grid(monkeypatch, group_split):
 
 def test_grouped_dkdv_launch_config(monkeypatch):
     """GQA dK/dV at head dims to 64 takes its own table (64 x 128 tiles ran its head loop 4x
-    slower on H200; the MHA table now uses the same 64 x 64 tiles, for its own reason)."""
+    slower on H200 at D = 64; at D = 16 and 32 it runs 128 query rows over 64 keys)."""
     attn = sys.modules[kernels.backward.__module__]
     monkeypatch.setattr(attn, "INTERPRETED", False)  # the GPU tables, not the interpreter's tiles
     bf16 = torch.bfloat16
@@ -295,6 +295,22 @@ def test_grouped_dkdv_launch_config(monkeypatch):
         q, k, v, dout = make_qkv(1, 16, 16, 4, Hkv, 16, torch.float32, seed=9)
         run_kernels(q, k, v, dout, causal=True)
     assert attn.BWD_DKDV_GROUPED_CONFIGS in seen and seen.count(attn.BWD_DKDV_GROUPED_CONFIGS) == 1
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "striped", "zigzag"])
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 2)])
+def test_backward_query_tiles_taller_than_key_tiles(monkeypatch, H, Hkv, layout):
+    """dK/dV programs whose query tiles are taller than their key tiles (the grouped table's
+    128 x 64 at D <= 32): causal boundary tiles, partial tiles and ring-step positions."""
+    attn = sys.modules[kernels.backward.__module__]
+    monkeypatch.setattr(attn, "_INTERPRET_DKDV", attn.KernelConfig(32, 16, 1, 1))
+    q, k, v, dout = make_qkv(1, 74, 82, H, Hkv, 16, torch.float32, seed=14)
+    if layout == "contiguous":
+        q_pos = k_pos = None
+    else:
+        pos = striped_positions if layout == "striped" else zigzag_positions
+        q_pos, k_pos = pos(74, 3, 2), pos(82, 3, 0)
+    check_all(q, k, v, dout, causal=True, q_pos=q_pos, k_pos=k_pos)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

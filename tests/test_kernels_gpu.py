@@ -99,6 +99,19 @@ def test_head_dims(D, dtype, causal):
     check_against_sdpa(q, k, v, dout, causal=causal)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("Hkv", [8, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("D", [16, 32])
+def test_small_head_dims(D, Hkv, causal):
+    """Head dims 16 and 32 run their own dK/dV tiles with and without grouped queries (64 x 128
+    and 128 x 64): odd lengths, so both partial tiles are taken, and ring-step positions."""
+    q, k, v, dout = make_qkv(1, 1111, 1111, 8, Hkv, D, torch.bfloat16, seed=3)
+    check_against_sdpa(q, k, v, dout, causal=causal)
+    if causal:
+        q, k, v, dout = make_qkv(1, 2048, 2048, 8, Hkv, D, torch.bfloat16, seed=4)
+        check_against_sdpa(q, k, v, dout, causal=True, q_pos=zigzag(2048, 4, 2), k_pos=zigzag(2048, 4, 1))
+
+
 @pytest.mark.parametrize("D", [64, 128, 256])
 def test_float32_head_dims(D):
     """float32 inputs take smaller tiles (twice the bytes per element); exact products (no tf32)."""

@@ -63,10 +63,11 @@ FWD_CONFIGS: dict = {
     256: KernelConfig(64, 32, 4, 2),
 }
 BWD_DKDV_CONFIGS: dict = {
-    # 64 x 64 since the masked loops run first: with them first, 64 x 128 tiles ran the D = 64
-    # backward at 95 against 330-370 TFLOP/s (benchmarks/results/kernels_h100_loop_order/).
-    16: KernelConfig(64, 64, 4, 3),
-    32: KernelConfig(64, 64, 4, 3),
+    # With the masked loops first, 64 x 128 tiles ran the D = 64 backward at 95 against
+    # 330-370 TFLOP/s for 64 x 64 (benchmarks/results/kernels_h100_loop_order/); at D = 16
+    # and 32 they stay the faster tiles: 1.07-1.13x 64 x 64 on H100 (tiles_small_d.jsonl there).
+    16: KernelConfig(64, 128, 4, 3),
+    32: KernelConfig(64, 128, 4, 3),
     64: KernelConfig(64, 64, 4, 3),
     128: KernelConfig(64, 128, 8, 3),
     256: KernelConfig(64, 64, 8, 2),  # 2.2x the 32 x 32 tiles at S = 16k (kernels_h200_d256_sweep.jsonl)
@@ -75,11 +76,11 @@ BWD_DKDV_CONFIGS: dict = {
 # group, in a loop around the tile loops. With 4 warps and 64 x 128 tiles that nest ran 4x
 # slower on H200 at D = 64 (87 against 355 TFLOP/s, S = 32k, 16 query heads over 4); 64 x 64
 # tiles run the nest at full speed. Measured: benchmarks/results/kernels_h200_gqa_d64{_sweep,}.jsonl.
-# (The MHA table has used the same tiles up to D = 64 since the masked loops run first; this
-# table keeps GQA on them whatever the MHA entries become.)
+# At D = 16 and 32, 128 query rows per tile over 64 keys ran grouped queries 1.17-1.21x
+# faster than 64 x 64 on H100 (S = 16k, 32 query heads over 8; tiles_small_d.jsonl above).
 BWD_DKDV_GROUPED_CONFIGS: dict = {
-    16: KernelConfig(64, 64, 4, 3),
-    32: KernelConfig(64, 64, 4, 3),
+    16: KernelConfig(128, 64, 4, 3),
+    32: KernelConfig(128, 64, 4, 3),
     64: KernelConfig(64, 64, 4, 3),
 }
 BWD_DQ_CONFIGS: dict = {
