@@ -14,7 +14,9 @@ For every (S, heads_kv, causal, mode) it times, in the same run:
                   ring's own work and ringflash / ringflash_local the cost of its transfers
 
 ``--engines triton cudnn`` gives ringflash and single-GPU rows for each local engine;
-``--last-hop-parts 1 4`` times the SDPA engines' backward with its last dK/dV hop in one
+``--transports nccl copy_engine`` times the ringflash rows over each transport
+(``ringflash.comm.TRANSPORT``; the copy-engine rows also record the size of their
+receive workspace, ``workspace_gib``); ``--last-hop-parts 1 4`` times the SDPA engines' backward with its last dK/dV hop in one
 message and cut in chunks (``ringflash.ring.LAST_HOP_PARTS``), side by side; likewise
 ``--head-start-us 0 20`` for the head start their transfers get (``ringflash.ring.HEAD_START_US``;
 with several values it applies on any number of ranks, which the library's default does not).
@@ -40,6 +42,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ringflash import flash_attention, get_layout, ring_attention  # noqa: E402
 import ringflash.ring as ring_mod  # noqa: E402
+from ringflash import comm  # noqa: E402
 from ringflash.comm import Exchange, Ring  # noqa: E402
 
 DEFAULT_LAST_HOP_PARTS = ring_mod.LAST_HOP_PARTS
@@ -163,10 +166,12 @@ def nccl_env() -> dict:
 
 
 def bench_ringflash(S, H, Hkv, D, causal, mode, layout, args, engine="triton", last_hop_parts=None, head_start_us=None,
-                    local=False):
+                    local=False, transport="nccl"):
     P, r = dist.get_world_size(), dist.get_rank()
     ring_mod.LAST_HOP_PARTS = DEFAULT_LAST_HOP_PARTS if last_hop_parts is None else last_hop_parts
     ring_mod.HEAD_START_US = DEFAULT_HEAD_START_US if head_start_us is None else head_start_us
+    comm.TRANSPORT = transport
+    comm.free_workspaces()  # each row's peak counts its own workspace
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     L = S // P
@@ -178,7 +183,14 @@ def bench_ringflash(S, H, Hkv, D, causal, mode, layout, args, engine="triton", l
     fn = step_fn(lambda a, b, c: ring_attention(a, b, c, causal=causal, layout=lay, backend=ring_backend(engine)), q, k, v, mode)
     with local_transfers() if local else contextlib.nullcontext():
         ms = time_ms(fn, args.warmup, args.iters)
+    # The copy-engine transport's receive workspace (symmetric memory, kept between calls):
+    # reported beside the peak, since it may come from outside PyTorch's caching allocator.
+    _WORKSPACE_GIB[0] = sum(buf.numel() for buf, _ in comm._WORKSPACES.values()) / 2**30
+    comm.TRANSPORT = "nccl"
     return ms, peak_gib()
+
+
+_WORKSPACE_GIB = [0.0]
 
 
 def bench_single(S, H, Hkv, D, causal, mode, args, engine="triton"):
@@ -272,6 +284,8 @@ def main():
                     help="ringflash.ring.HEAD_START_US for the SDPA engines' rows (0: no head start "
                          "for the transfers); several values give one row each, and then apply on "
                          "any number of ranks (the library's default starts at HEAD_START_MIN_RANKS)")
+    ap.add_argument("--transports", nargs="+", default=["nccl"], choices=list(comm.TRANSPORTS),
+                    help="ringflash.comm.TRANSPORT of the ringflash rows; several values give one row each")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default=None, help="append JSON lines here (rank 0)")
@@ -297,10 +311,11 @@ def main():
                             sdpa = eng in ("cudnn", "sdpa_flash")
                             parts = args.last_hop_parts if sdpa and mode == "fwdbwd" else [None]
                             starts = args.head_start_us if eng in HEAD_START_ENGINES else [None]
-                            runs += [(impl, lay, eng, (n, us), lambda lay=lay, eng=eng, n=n, us=us, impl=impl: bench_ringflash(
+                            transports = args.transports if impl == "ringflash" else ["nccl"]
+                            runs += [(impl, lay, eng, (n, us, tr), lambda lay=lay, eng=eng, n=n, us=us, impl=impl, tr=tr: bench_ringflash(
                                 S, args.heads, Hkv, args.head_dim, causal, mode, lay, args, eng, n, us,
-                                local=impl == "ringflash_local"))
-                                for lay in args.layouts for n in parts for us in starts]
+                                local=impl == "ringflash_local", transport=tr))
+                                for lay in args.layouts for n in parts for us in starts for tr in transports]
                     for backend in ("flash", "cudnn"):
                         if f"torch_cp_{backend}" in args.impls:
                             runs.append((f"torch_cp_{backend}", "zigzag" if causal else "contiguous", backend, None,
@@ -315,7 +330,10 @@ def main():
                                    causal=causal, mode=mode)
                         if env:
                             row["nccl_env"] = env
-                        n, us = parts if parts is not None else (None, None)
+                        n, us, tr = parts if parts is not None else (None, None, None)
+                        if tr is not None and args.transports != ["nccl"]:
+                            row["transport"] = tr
+                        _WORKSPACE_GIB[0] = 0.0
                         if n is not None:
                             row["last_hop_parts"] = n
                         if us is not None:  # what the ring applied
@@ -328,6 +346,8 @@ def main():
                             else:
                                 tf = flops(S, args.heads, args.head_dim, causal, mode) / P / (ms * 1e-3) / 1e12
                             row.update(ms=round(ms, 3), tflops_per_gpu=round(tf, 1), peak_mem_gib=round(mem, 2))
+                            if _WORKSPACE_GIB[0]:
+                                row["workspace_gib"] = round(_WORKSPACE_GIB[0], 2)
                         except Exception as e:  # noqa: BLE001 - a failing baseline is a result too
                             row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
                             torch.cuda.synchronize()
@@ -345,6 +365,8 @@ def main():
                 r = dict(r, layout=f"{r['layout']}/{r['last_hop_parts']}")  # layout/last-hop parts
             if "head_start_us" in r:
                 r = dict(r, layout=f"{r['layout']}+{r['head_start_us']:g}")  # layout+head start (us)
+            if r.get("transport") == "copy_engine":
+                r = dict(r, layout=f"{r['layout']}@ce")  # layout@ce: the copy-engine transport
             if "error" in r:
                 print(f"{r['impl']:16s} {r['engine']:7s} {r['layout']:11s} {r['S']:7d} {r['Hkv']:4d} {str(r['causal']):>6s} {r['mode']:>7s}  error: {r['error'][:60]}")
             else:

@@ -124,6 +124,9 @@ class TrainConfig:
                       "sdpa_flash: PyTorch's fused SDPA kernels, bfloat16 on GPUs)",
                       choices=["auto", "triton", "reference", "cudnn", "sdpa_flash"])
     dtype: str = _f("auto", "compute dtype via autocast (auto: bfloat16 on cuda, float32 on cpu)", choices=["auto", "float32", "bfloat16"])
+    transport: str = _f("nccl", "how ring transfers move: nccl, or copy_engine (GPUs of one node, "
+                        "no SM spent on transfers, a kept receive workspace; ringflash.comm)",
+                        choices=["nccl", "copy_engine"])
 
     def resolved(self) -> "TrainConfig":
         """A copy with every ``auto`` replaced by what this machine gets."""
@@ -222,6 +225,8 @@ def config_problems(cfg: TrainConfig, world_size: int, *, hardware: bool = True)
         problems.append("--device cuda, but torch sees no GPU; use --device cpu (gloo, reference attention)")
     if cfg.device == "cpu" and cfg.dist_backend == "nccl":
         problems.append("--dist-backend nccl needs --device cuda; on the CPU use gloo")
+    if cfg.transport == "copy_engine" and cfg.device != "cuda":
+        problems.append("--transport copy_engine moves CUDA tensors between GPUs of one node; on the CPU keep --transport nccl (the process group's point-to-point transfers, gloo there)")
     if cfg.device == "cpu" and cfg.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         problems.append("--backend triton needs --device cuda (or TRITON_INTERPRET=1 on the CPU); use --backend reference")
     if cfg.backend in ("cudnn", "sdpa_flash") and (cfg.device != "cuda" or cfg.dtype != "bfloat16"):
@@ -316,6 +321,9 @@ def setup_distributed(cfg: TrainConfig, rank: int, world_size: int, local_rank: 
 
 
 def build_model(cfg: TrainConfig, group) -> torch.nn.Module:
+    from ringflash import comm
+
+    comm.TRANSPORT = cfg.transport
     model_cfg = GPTConfig(
         vocab_size=256,
         dim=cfg.dim,

@@ -1,18 +1,38 @@
 """The ring: send to rank+1 and receive from rank-1 of a process group, asynchronously.
 
-Transfers use ``torch.distributed.batch_isend_irecv``, so on NCCL the send and the receive
-of a step are one grouped launch on NCCL's stream and the compute stream waits only where
-the received data is used (``Exchange.wait`` makes the current stream wait, it does not
-block the host). A world of one rank needs no transfer: the short-circuit returns the
-tensor it was given.
+Two transports, chosen by :data:`TRANSPORT` (or the ``RINGFLASH_TRANSPORT`` environment variable):
+
+``"nccl"`` (default)
+    ``torch.distributed.batch_isend_irecv``: on NCCL the send and the receive of a step are one
+    grouped launch on NCCL's stream, and the compute stream waits only where the received data
+    is used (``Exchange.wait`` makes the current stream wait, it does not block the host). Works
+    with any backend and across nodes. NCCL's kernels take SMs from the attention kernels they
+    run beside.
+
+``"copy_engine"``
+    GPUs of one node only (NVLink or PCIe peer access). Each rank writes its message straight
+    into the next rank's receive buffer with the GPU's copy engine (``cudaMemcpyAsync`` through
+    PyTorch's symmetric memory), so no SM is spent moving bytes; one-thread signal kernels say
+    when a receive buffer is free and when a message has landed. Receive buffers live in a
+    per-group workspace that is allocated once, grown to the largest call, and kept: it costs
+    that much GPU memory for the life of the process (``free_workspaces()`` releases it).
+
+A world of one rank needs no transfer.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
-__all__ = ["Ring", "Exchange", "resolve_group", "check_group_device"]
+__all__ = ["Ring", "CopyEngineRing", "Exchange", "make_ring", "resolve_group", "check_group_device",
+           "TRANSPORTS", "free_workspaces"]
+
+TRANSPORTS = ("nccl", "copy_engine")
+# How ring transfers move (see the module docstring); read at every ring call.
+TRANSPORT = os.environ.get("RINGFLASH_TRANSPORT", "nccl")
 
 
 def resolve_group(group):
@@ -91,13 +111,161 @@ class Ring:
                 self.next = dist.get_global_rank(self.group, nxt)
                 self.prev = dist.get_global_rank(self.group, prv)
 
+    def empty(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A buffer that ``exchange`` may receive into."""
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    def owns(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is one of the ring's own buffers (reused by the next call)."""
+        return False
+
     def exchange(self, send: list[torch.Tensor], recv: list[torch.Tensor]) -> Exchange:
         """Post sends of ``send`` to the next rank and receives into ``recv`` from the previous one.
 
         The tensors in ``send`` must not be written, nor those in ``recv`` read, before
-        ``wait()`` on the returned handle.
+        ``wait()`` on the returned handle. Every rank makes the same calls in the same order,
+        with the same shapes.
         """
         assert self.world_size > 1, "no ring exchange in a world of one rank"
         ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in send]
         ops += [dist.P2POp(dist.irecv, t, self.prev, self.group) for t in recv]
         return Exchange(dist.batch_isend_irecv(ops))
+
+
+def check_transport(transport: str, group, device: torch.device) -> None:
+    """Raise ``ValueError`` if ``transport`` cannot serve ``group`` on ``device`` (local checks)."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"unknown ring transport {transport!r}; choose one of {TRANSPORTS}")
+    if transport == "copy_engine" and _distributed() and dist.get_world_size(group) > 1:
+        if device.type != "cuda":
+            raise ValueError(
+                f"the copy_engine transport moves CUDA tensors between GPUs of one node; got "
+                f"{device.type} tensors (use the nccl transport, ringflash.comm.TRANSPORT = 'nccl')"
+            )
+        world = dist.get_world_size(group)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if world > local or world > torch.cuda.device_count():
+            raise ValueError(
+                f"the copy_engine transport needs every rank of the group on one node; the group "
+                f"has {world} ranks, this node runs {local} with {torch.cuda.device_count()} GPUs "
+                f"(use the nccl transport across nodes)"
+            )
+
+
+def make_ring(group, device: torch.device, recv_bytes: int = 0) -> Ring:
+    """The ring of ``group`` over the transport :data:`TRANSPORT`; ``recv_bytes``: an upper
+    bound on the bytes of receive buffers (``Ring.empty``) this call will hold at once."""
+    ring = Ring(group)
+    if TRANSPORT == "copy_engine" and ring.world_size > 1:
+        return CopyEngineRing(group, device, recv_bytes)
+    return ring
+
+
+# -- copy-engine transport -------------------------------------------------------------------
+
+_ALIGN = 256  # bytes; every receive buffer starts on this boundary
+_WORKSPACES: dict = {}  # (group name, device index) -> (uint8 workspace, symmetric-memory handle)
+_COPY_STREAMS: dict = {}  # device index -> side stream of the copies
+
+
+def free_workspaces() -> None:
+    """Release the copy-engine transport's receive workspaces (they are made again on demand).
+    Call it on every rank, with no ring call in flight."""
+    if _WORKSPACES:
+        torch.cuda.synchronize()
+    _WORKSPACES.clear()
+
+
+def _workspace(group, device: torch.device, nbytes: int):
+    import torch.distributed._symmetric_memory as symm_mem
+
+    group = group if group is not None else dist.group.WORLD
+    key = (group.group_name, device.index)
+    have = _WORKSPACES.get(key)
+    if have is None or have[0].numel() < nbytes:
+        # Every rank of the group reaches this point with the same sizes: a collective.
+        if have is not None:
+            torch.cuda.synchronize(device)  # nothing queued may still use the old buffers
+            del _WORKSPACES[key]
+        size = max(nbytes, 2 * have[0].numel() if have is not None else 0)
+        buf = symm_mem.empty(size, dtype=torch.uint8, device=device)
+        _WORKSPACES[key] = (buf, symm_mem.rendezvous(buf, group))
+    return _WORKSPACES[key]
+
+
+class _CopyWork:
+    """One message in flight: ``wait`` makes the current stream wait for its arrival signal
+    (and for the copy's end, which frees the sent tensor)."""
+
+    def __init__(self, handle, src_rank: int, channel: int, done: torch.cuda.Event):
+        self.handle, self.src_rank, self.channel, self.done = handle, src_rank, channel, done
+
+    def wait(self) -> None:
+        self.handle.wait_signal(self.src_rank, self.channel)
+        torch.cuda.current_stream().wait_event(self.done)
+
+
+class CopyEngineRing(Ring):
+    """The ring over the copy-engine transport (module docstring). Receive buffers come from
+    :meth:`empty`, a bump allocator over the group's workspace: every rank allocates the same
+    sizes in the same order, so a buffer sits at the same offset on every rank, and a sender
+    writes into ``workspace[next] + offset``."""
+
+    def __init__(self, group, device: torch.device, recv_bytes: int):
+        super().__init__(group)
+        self.device = device
+        self.workspace, self.handle = _workspace(self.group, device, recv_bytes + 16 * _ALIGN)
+        self.offset = 0
+        me = self.handle.rank
+        self.next_rank, self.prev_rank = (me + 1) % self.world_size, (me - 1) % self.world_size
+        # Two signal channels per message (buffer free, message landed), channel 0 left to barriers.
+        channels = int(self.handle.signal_pad_size) // (4 * self.world_size)
+        self.pairs = (channels - 1) // 2
+        assert self.pairs >= 4, f"symmetric-memory signal pad too small ({channels} channels)"
+        self.count = 0
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _COPY_STREAMS:
+            _COPY_STREAMS[index] = torch.cuda.Stream(device=device)
+        self.stream = _COPY_STREAMS[index]
+
+    def empty(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = 1
+        for n in shape:
+            numel *= int(n)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        start = -(-self.offset // _ALIGN) * _ALIGN
+        end = start + numel * itemsize
+        assert end <= self.workspace.numel(), "ring receive buffers exceed the reserved workspace"
+        self.offset = end
+        return self.workspace[start:end].view(dtype).view(tuple(shape))
+
+    def owns(self, t: torch.Tensor) -> bool:
+        base = self.workspace.data_ptr()
+        return base <= t.data_ptr() < base + self.workspace.numel()
+
+    def _peer_view(self, t: torch.Tensor) -> torch.Tensor:
+        assert self.owns(t) and t.is_contiguous(), "copy_engine receive buffers come from Ring.empty"
+        offset = t.data_ptr() - self.workspace.data_ptr()
+        assert offset % t.element_size() == 0
+        return self.handle.get_buffer(self.next_rank, tuple(t.shape), t.dtype, offset // t.element_size())
+
+    def exchange(self, send: list[torch.Tensor], recv: list[torch.Tensor]) -> Exchange:
+        assert len(send) == len(recv)
+        c = 1 + 2 * (self.count % self.pairs)
+        self.count += 1
+        free, landed = c, c + 1
+        # Our receive buffers are free once the work queued so far is done: tell the sender.
+        self.handle.put_signal(self.prev_rank, free)
+        self.stream.wait_stream(torch.cuda.current_stream())  # the sent tensors are ready
+        with torch.cuda.stream(self.stream):
+            self.handle.wait_signal(self.next_rank, free)  # the next rank's buffers are free
+            for s, r in zip(send, recv):
+                assert s.shape == r.shape and s.dtype == r.dtype
+                self._peer_view(r).copy_(s)  # our recv buffer's twin on the next rank
+            self.handle.put_signal(self.next_rank, landed)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        for s in send:
+            if not self.owns(s):  # workspace memory is not the caching allocator's
+                s.record_stream(self.stream)
+        return Exchange([_CopyWork(self.handle, self.prev_rank, landed, done)])

@@ -29,7 +29,8 @@ import math
 
 import torch
 
-from .comm import Exchange, Ring, check_group_device, resolve_group, world_and_rank
+from . import comm
+from .comm import Exchange, check_group_device, check_transport, make_ring, resolve_group, world_and_rank
 from .layout import Contiguous, Layout, Striped, Zigzag, get_layout
 from .sdpa import accumulate
 from .ops import backend_name, backward_extras, check_backend_inputs, check_qkv, get_backend, no_autocast
@@ -135,23 +136,27 @@ def _cycles_per_us(device) -> float:
     return _CLOCKS[index]
 
 
-def _kv_buffers(k, v, P):
+def _kv_buffers(ring, k, v, P):
     """(what step 0 sends, where it receives). Our own K and V are sent as they are: no copy
     into a stacked buffer; every step sends K and V as two messages of one launch."""
     if P == 1:
         return (k, v), None
     kv = (k.contiguous(), v.contiguous())
-    return kv, torch.empty((2, *k.shape), dtype=k.dtype, device=k.device)
+    return kv, ring.empty((2, *k.shape), k.dtype, k.device)
 
 
-def _rotate(kv, kv_next, *, more: bool):
+def _rotate(ring, kv, kv_next, *, more: bool):
     """After a step's transfer: the received K/V are held, and the buffer of the ones held
     before receives next (our own K/V, step 0's, are not a buffer: a second one is made when
     another transfer follows; none otherwise)."""
     free = kv
     if not isinstance(free, torch.Tensor):
-        free = torch.empty_like(kv_next) if more else None
+        free = ring.empty(kv_next.shape, kv_next.dtype, kv_next.device) if more else None
     return kv_next, free
+
+
+def _kv_bytes(k) -> int:
+    return 2 * k.numel() * k.element_size()
 
 
 def _union(ranges):
@@ -166,14 +171,14 @@ def _union(ranges):
 
 def _ring_forward(q, k, v, causal: bool, softmax_scale: float, layout: Layout, group, be):
     """(out in q's dtype, float32 lse) of ring attention; the checks are the caller's."""
-    ring = Ring(group)
+    ring = make_ring(group, q.device, recv_bytes=2 * _kv_bytes(k))
     P, r = ring.world_size, ring.rank
     pos_host, pos = _positions(layout, q.shape[1], P, q.device)
     if getattr(be, "host_positions", False):
         pos = pos_host
 
     out = lse = None
-    kv, kv_next = _kv_buffers(k, v, P)
+    kv, kv_next = _kv_buffers(ring, k, v, P)
     for step in range(P):
         src = (r - step) % P
         pending = ring.exchange([kv[0], kv[1]], [kv_next[0], kv_next[1]]) if step < P - 1 else None
@@ -186,7 +191,7 @@ def _ring_forward(q, k, v, causal: bool, softmax_scale: float, layout: Layout, g
             )
         if pending is not None:
             pending.wait()
-            kv, kv_next = _rotate(kv, kv_next, more=step + 1 < P - 1)
+            kv, kv_next = _rotate(ring, kv, kv_next, more=step + 1 < P - 1)
     assert out is not None, "the diagonal block of every layout has visible keys"
     return out.to(q.dtype), lse
 
@@ -194,7 +199,10 @@ def _ring_forward(q, k, v, causal: bool, softmax_scale: float, layout: Layout, g
 def _ring_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, layout: Layout, group, be):
     """(dq, dk, dv) in the inputs' dtypes, as separate tensors."""
     with no_autocast(dout.device):
-        ring = Ring(group)
+        acc_dtype = torch.float32 if q.dtype != torch.float64 else q.dtype
+        acc_size = torch.empty((), dtype=acc_dtype).element_size()
+        # Receive buffers held at once: two K/V, two float32 dK/dV sums, the last hop.
+        ring = make_ring(group, q.device, recv_bytes=3 * _kv_bytes(k) + 2 * (_kv_bytes(k) // k.element_size()) * acc_size)
         P, r = ring.world_size, ring.rank
         pos_host, pos = _positions(layout, q.shape[1], P, q.device)
         if getattr(be, "host_positions", False):
@@ -203,10 +211,9 @@ def _ring_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, 
 
         dout = dout.to(q.dtype).contiguous()
         delta = be.backward_delta(out, dout)
-        dq = torch.zeros(q.shape, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype, device=q.device)
-        acc_dtype = dq.dtype
+        dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
 
-        kv, kv_next = _kv_buffers(k, v, P)
+        kv, kv_next = _kv_buffers(ring, k, v, P)
         blocks = getattr(be, "backward_blocks", None)  # engines that return dK/dV fragments
         hook = getattr(be, "dkdv_hook", False)  # engines that can run a callback before their dQ work
         # The float32 dK/dV sum of the K/V we hold travels with them, one step behind: at step
@@ -215,7 +222,7 @@ def _ring_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, 
         # their part into `local` first (the incoming sum is not there yet when they start);
         # at step 0 there is nothing incoming, and they write into the buffer that is sent.
         # Engines with ``dkdv_store`` overwrite that buffer; others get it zero-filled.
-        carry = [torch.empty((2, *k.shape), dtype=acc_dtype, device=q.device) for _ in range(min(P, 2))]
+        carry = [ring.empty((2, *k.shape), acc_dtype, q.device) for _ in range(min(P, 2))]
         local = torch.empty_like(carry[0]) if blocks is None and P > 1 else None
         state = {"pending": None, "passed": None, "sent": None}
 
@@ -247,7 +254,7 @@ def _ring_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, 
             else:
                 send = spare()
                 send.copy_(acc)
-                state["sent"] = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
+                state["sent"] = tuple(ring.empty(t.shape, t.dtype, t.device) for t in (k, v))
                 state["pending"] = ring.exchange([send[0], send[1]], list(state["sent"]))
 
         def last_step_in_chunks(visible, chunks):
@@ -258,7 +265,7 @@ def _ring_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, 
             G = q.shape[2] // k.shape[2]
             acc = carry[(P - 2) % len(carry)]
             send_flat = spare().view(-1)
-            recv_flat = torch.empty_like(send_flat)
+            recv_flat = ring.empty(send_flat.shape, send_flat.dtype, send_flat.device)
             works, recv, offset = [], [], 0
             for n, (h0, h1) in enumerate(chunks):
                 qh = slice(h0 * G, h1 * G)
@@ -315,7 +322,7 @@ def _ring_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, 
                     pass_on(step)
             if kv_pending is not None:
                 kv_pending.wait()
-                kv, kv_next = _rotate(kv, kv_next, more=step + 1 < P - 1)
+                kv, kv_next = _rotate(ring, kv, kv_next, more=step + 1 < P - 1)
         if P > 1:
             # The last hop: the finished dK/dV of our own K/V, from the previous rank.
             state["pending"].wait()
@@ -325,7 +332,8 @@ def _ring_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, 
                     accumulate(dk[:, :, h0:h1], got[0], fresh=True)
                     accumulate(dv[:, :, h0:h1], got[1], fresh=True)
             else:
-                dk, dv = state["sent"]
+                # The ring's own buffers are reused by its next call: hand out copies.
+                dk, dv = (t.clone() if ring.owns(t) else t for t in state["sent"])
         else:
             dk, dv = (state["sent"][i].to(t.dtype, copy=True) for i, t in ((0, k), (1, v)))
         return dq.to(q.dtype), dk, dv
@@ -474,6 +482,7 @@ def ring_attention(
         )
     layout.check_local_seqlen(q.shape[1], world_size)
     check_group_device(group, q.device)
+    check_transport(comm.TRANSPORT, group, q.device)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     spec = _op_layout(layout)

@@ -46,6 +46,19 @@ def _try_all(rank, world_size):
             results[name] = "ok" if words in str(e) else f"message without {words!r}: {e}"
         except Exception as e:  # noqa: BLE001
             results[name] = f"{type(e).__name__}: {e}"
+    # Ring transports (ringflash.comm.TRANSPORT) that cannot serve this group.
+    from ringflash import comm
+
+    q, k = t(2, 8, 4, 16), t(2, 8, 2, 16)
+    for transport, words in (("copy_engine", "moves CUDA tensors"), ("pigeon", "unknown ring transport")):
+        comm.TRANSPORT = transport
+        try:
+            ring_attention(q, k, k, causal=True)
+            results[f"transport_{transport}"] = "no error"
+        except ValueError as e:
+            results[f"transport_{transport}"] = "ok" if words in str(e) else f"message without {words!r}: {e}"
+        finally:
+            comm.TRANSPORT = "nccl"
     # The group still works afterwards: nothing was half-sent.
     x = torch.ones(1)
     dist.all_reduce(x)

@@ -119,6 +119,8 @@ def test_config_checks_say_what_to_change(tmp_path):
     assert len(_problems(["--cp-size", "3", "--lr", "0", "--steps", "0"], 2)) == 3
     (p,) = _problems(["--device", "cpu", "--backend", "cudnn"], 1)
     assert "--backend cudnn" in p and "--device cuda and --dtype bfloat16" in p
+    (p,) = _problems(["--device", "cpu", "--transport", "copy_engine"], 2)
+    assert "--transport copy_engine" in p and "GPUs of one node" in p
     cfg = train.parse_args(["--backend", "cudnn", "--dim", "1024", "--heads", "4"]).resolved()
     assert any("multiple of 8 up to 128" in p for p in train.config_problems(cfg, 1, hardware=False))
 
