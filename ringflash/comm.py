@@ -137,18 +137,20 @@ def check_transport(transport: str, group, device: torch.device) -> None:
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown ring transport {transport!r}; choose one of {TRANSPORTS}")
     if transport == "copy_engine" and _distributed() and dist.get_world_size(group) > 1:
+        # Launchers (torchrun, Slurm) number the ranks of a node consecutively.
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+        nodes = sorted({g // per_node for g in ranks})
+        if len(nodes) > 1:
+            raise ValueError(
+                f"the copy_engine transport needs every rank of the group on one node; global ranks "
+                f"{ranks} span {len(nodes)} nodes of {per_node} ranks (LOCAL_WORLD_SIZE); use the "
+                f"nccl transport across nodes (ringflash.comm.TRANSPORT = 'nccl')"
+            )
         if device.type != "cuda":
             raise ValueError(
                 f"the copy_engine transport moves CUDA tensors between GPUs of one node; got "
                 f"{device.type} tensors (use the nccl transport, ringflash.comm.TRANSPORT = 'nccl')"
-            )
-        world = dist.get_world_size(group)
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        if world > local or world > torch.cuda.device_count():
-            raise ValueError(
-                f"the copy_engine transport needs every rank of the group on one node; the group "
-                f"has {world} ranks, this node runs {local} with {torch.cuda.device_count()} GPUs "
-                f"(use the nccl transport across nodes)"
             )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -59,6 +61,21 @@ def _try_all(rank, world_size):
             results[f"transport_{transport}"] = "ok" if words in str(e) else f"message without {words!r}: {e}"
         finally:
             comm.TRANSPORT = "nccl"
+    # A group spread over nodes (one rank per node here): the copy engine cannot reach.
+    saved = os.environ.get("LOCAL_WORLD_SIZE")
+    os.environ["LOCAL_WORLD_SIZE"] = "1"
+    comm.TRANSPORT = "copy_engine"
+    try:
+        ring_attention(q, k, k, causal=True)
+        results["transport_nodes"] = "no error"
+    except ValueError as e:
+        results["transport_nodes"] = "ok" if "on one node" in str(e) else f"message without 'on one node': {e}"
+    finally:
+        comm.TRANSPORT = "nccl"
+        if saved is None:
+            del os.environ["LOCAL_WORLD_SIZE"]
+        else:
+            os.environ["LOCAL_WORLD_SIZE"] = saved
     # The group still works afterwards: nothing was half-sent.
     x = torch.ones(1)
     dist.all_reduce(x)
