@@ -7,7 +7,8 @@ Writes ``<out>_throughput.png`` (per-GPU TFLOP/s against S, causal and full, wit
 context parallel and the single-GPU kernel at the per-rank size),
 ``<out>_striped_vs_contiguous.png`` (when the file has contiguous rows), ``<out>_engines.png``
 (causal, every engine and layout beside PyTorch's context parallel, one bar group per S and
-Hkv, forward and fwd+bwd) and prints a markdown table of the causal rows.
+Hkv, forward and fwd+bwd) and prints a markdown table of the causal rows (peak memory there
+includes the copy-engine transport's receive workspace, ``workspace_gib``).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def main():
     # Striped (and zigzag) over contiguous, causal: the load-balancing gain.
     by = {(r["S"], r["layout"], r["mode"]): r["tflops_per_gpu"] for r in load(args.files)
           if r["impl"] == "ringflash" and r["causal"] and r["Hkv"] == args.hkv
-          and r.get("engine", "triton") == "triton"}
+          and r.get("engine", "triton") == "triton" and r.get("transport", "nccl") == "nccl"}
     seqs = sorted({k[0] for k in by if (k[0], "contiguous", k[2]) in by})
     if not seqs:
         print_table(args)
@@ -112,6 +113,8 @@ def _label(r) -> str:
     start = r.get("head_start_us", HEAD_START_US)
     if engine not in (None, "triton") and start != HEAD_START_US:
         name += f" (head start {start:g} us)"
+    if r.get("transport", "nccl") != "nccl":
+        name += f" ({r['transport'].replace('_', ' ')})"
     return name
 
 
@@ -149,7 +152,7 @@ def print_table(args) -> None:
     """Causal rows, with the ratio to the single-GPU row of the same shape, mode and engine,
     and a column for the NCCL variables that differ between rows, if any do."""
     rows = sorted(load(args.files), key=lambda r: (r["S"], r["Hkv"], not r["causal"], r["mode"], r["impl"],
-                                                   r.get("engine", "triton"), r["layout"],
+                                                   r.get("engine", "triton"), r["layout"], r.get("transport", "nccl"),
                                                    sorted(r.get("nccl_env", {}).items())))
     varying = sorted(_varying_env(rows))
     single = {(r["S"], r["Hkv"], r["causal"], r["mode"], r.get("engine", "triton")): r["tflops_per_gpu"]
@@ -165,9 +168,11 @@ def print_table(args) -> None:
             env = ", ".join(f"{k}={r['nccl_env'][k]}" for k in varying if k in r.get("nccl_env", {}))
             print(f"| {r['S'] // 1024}k | {r['Hkv']} | {r['mode']} | {r['impl']} | {r.get('engine', 'triton')} | "
                   f"{r['layout']}{'/%d' % r['last_hop_parts'] if 'last_hop_parts' in r else ''}"
-                  f"{'+%gus' % r['head_start_us'] if 'head_start_us' in r else ''} | "
+                  f"{'+%gus' % r['head_start_us'] if 'head_start_us' in r else ''}"
+                  f"{' (copy engine)' if r.get('transport') == 'copy_engine' else ''} | "
                   f"{r['tflops_per_gpu']:.0f} | {'%.3f' % (r['tflops_per_gpu'] / base) if base else '-'} | "
-                  f"{r['peak_mem_gib']:.1f} |" + (f" {env or '-'} |" if varying else ""))
+                  # the copy-engine transport's receive workspace is outside the allocator's peak
+                  f"{r['peak_mem_gib'] + r.get('workspace_gib', 0):.1f} |" + (f" {env or '-'} |" if varying else ""))
 
 
 if __name__ == "__main__":
