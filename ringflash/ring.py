@@ -461,7 +461,9 @@ def ring_attention(
         layout: ``"contiguous"``, ``"striped"``, ``"zigzag"`` or a :class:`~ringflash.layout.Layout`.
         softmax_scale: defaults to ``1 / sqrt(headdim)``.
         group: a ProcessGroup or 1-D DeviceMesh (default: the world); without an initialised
-            process group this is plain single-device attention.
+            process group this is plain single-device attention. Transfers go through the
+            group's point-to-point operations, or through the copy engine when
+            ``ringflash.comm.TRANSPORT = "copy_engine"`` (GPUs of one node; :mod:`ringflash.comm`).
         return_lse: also return the float32 log-sum-exp (natural log), (batch_size, nheads, local_seqlen).
         backend: the local engine: ``"triton"`` (default on CUDA), ``"reference"`` (default on
             the CPU), or PyTorch's fused ``"cudnn"`` / ``"sdpa_flash"`` kernels (see
