@@ -95,6 +95,12 @@ def test_plot_ring_writes_plots_and_table(tmp_path, monkeypatch, capsys):
     assert plot_ring._label(dict(rows[4], engine="cudnn")) == "single_gpu cudnn"
     assert plot_ring._label(dict(rows[2], head_start_us=0.0)) == "ringflash cudnn zigzag (head start 0 us)"
     assert plot_ring._label(dict(rows[2], head_start_us=plot_ring.HEAD_START_US)) == "ringflash cudnn zigzag"
+    # copy-engine rows: their own series, their receive workspace added to the table's peak
+    ce = dict(rows[1], transport="copy_engine", workspace_gib=0.5)
+    assert plot_ring._label(ce) == "ringflash triton striped (copy engine)"
+    path.write_text(json.dumps(ce) + "\n" + json.dumps(rows[4]) + "\n")
+    plot_ring.print_table(plot_ring.argparse.Namespace(files=[str(path)]))
+    assert "| 32k | 8 | fwd | ringflash | triton | striped (copy engine) | 401 | 0.955 | 1.5 |" in capsys.readouterr().out
 
 
 def test_ring_backend_of_the_benchmarks():
