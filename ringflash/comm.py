@@ -33,6 +33,10 @@ __all__ = ["Ring", "CopyEngineRing", "Exchange", "make_ring", "resolve_group", "
 TRANSPORTS = ("nccl", "copy_engine")
 # How ring transfers move (see the module docstring); read at every ring call.
 TRANSPORT = os.environ.get("RINGFLASH_TRANSPORT", "nccl")
+# The copy-engine transport's signal kernels stop the process with a device-side error after
+# waiting this long for a peer (one that died, or that never reached the same ring call),
+# instead of hanging; raise it for jobs in which ranks stall longer (a slow checkpoint).
+COPY_ENGINE_TIMEOUT_S = float(os.environ.get("RINGFLASH_COPY_ENGINE_TIMEOUT_S", 1800))
 
 
 def resolve_group(group):
@@ -195,6 +199,10 @@ def _workspace(group, device: torch.device, nbytes: int):
     return _WORKSPACES[key]
 
 
+def _timeout_ms() -> int:
+    return max(1, int(COPY_ENGINE_TIMEOUT_S * 1000))
+
+
 class _CopyWork:
     """One message in flight: ``wait`` makes the current stream wait for its arrival signal
     (and for the copy's end, which frees the sent tensor)."""
@@ -203,7 +211,7 @@ class _CopyWork:
         self.handle, self.src_rank, self.channel, self.done = handle, src_rank, channel, done
 
     def wait(self) -> None:
-        self.handle.wait_signal(self.src_rank, self.channel)
+        self.handle.wait_signal(self.src_rank, self.channel, _timeout_ms())
         torch.cuda.current_stream().wait_event(self.done)
 
 
@@ -257,14 +265,14 @@ class CopyEngineRing(Ring):
         self.count += 1
         free, landed = c, c + 1
         # Our receive buffers are free once the work queued so far is done: tell the sender.
-        self.handle.put_signal(self.prev_rank, free)
+        self.handle.put_signal(self.prev_rank, free, _timeout_ms())
         self.stream.wait_stream(torch.cuda.current_stream())  # the sent tensors are ready
         with torch.cuda.stream(self.stream):
-            self.handle.wait_signal(self.next_rank, free)  # the next rank's buffers are free
+            self.handle.wait_signal(self.next_rank, free, _timeout_ms())  # the next rank's buffers are free
             for s, r in zip(send, recv):
                 assert s.shape == r.shape and s.dtype == r.dtype
                 self._peer_view(r).copy_(s)  # our recv buffer's twin on the next rank
-            self.handle.put_signal(self.next_rank, landed)
+            self.handle.put_signal(self.next_rank, landed, _timeout_ms())
             done = torch.cuda.Event()
             done.record(self.stream)
         for s in send:
