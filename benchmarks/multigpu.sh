@@ -4,7 +4,8 @@
 # Writes ring_errors.jsonl, tests.log, ring_<gpu>x<n>.jsonl and bench.log under $OUT.
 # Optional: TRAIN_ARGS="..." runs launch/train.py with those flags on all GPUs; LONG=2m times
 # one causal fwd+bwd at that length (striped, Triton, Hkv 32; ring_<gpu>x<n>_long.jsonl).
-# TESTS=0 skips the tests (a benchmark-only call when device time is short).
+# TESTS=0 skips the tests (a benchmark-only call when device time is short). BENCH_ARGS="..." adds
+# flags to the ring benchmark, e.g. "--engines triton cudnn --transports nccl copy_engine".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -17,14 +18,14 @@ echo "== $N x $GPU; torch $(python3 -c 'import torch; print(torch.__version__)')
 for n in 2 $N; do
   [ "${TESTS:-1}" = 1 ] && [ "$n" -le "$N" ] || continue
   echo "== multi-GPU tests on $n GPUs"
-  RINGFLASH_REPORT=$OUT/ring_errors.jsonl timeout ${TEST_TIMEOUT:-150} torchrun --standalone --nproc-per-node $n \
+  RINGFLASH_REPORT=$OUT/ring_errors.jsonl timeout ${TEST_TIMEOUT:-240} torchrun --standalone --nproc-per-node $n \
     -m pytest tests/test_ring_gpu.py -m multigpu -q -x -p no:cacheprovider 2>&1 | tee -a $OUT/tests.log | tail -15
   [ "$n" -eq "$N" ] && break
 done
 
 if [ "${TESTS:-1}" = 1 ]; then
   echo "== module tests on $N GPUs"
-  timeout ${TEST_TIMEOUT:-150} torchrun --standalone --nproc-per-node $N -m pytest tests/test_nn_gpu.py -m multigpu -q -x -p no:cacheprovider 2>&1 | tee -a $OUT/tests.log | tail -15
+  timeout ${TEST_TIMEOUT:-240} torchrun --standalone --nproc-per-node $N -m pytest tests/test_nn_gpu.py -m multigpu -q -x -p no:cacheprovider 2>&1 | tee -a $OUT/tests.log | tail -15
 fi
 
 if [ -n "${TRAIN_ARGS:-}" ]; then
