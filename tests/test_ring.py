@@ -9,6 +9,7 @@ the bar is the same reference attention run in bfloat16 on one process.
 from __future__ import annotations
 
 import itertools
+import math
 import random
 
 import pytest
@@ -192,3 +193,34 @@ def test_ring_with_triton_kernels_interpreted(world_size):
             else:
                 for e, s in zip(entry["ring"], entry["single"]):
                     assert e <= 2 * s, (rank, case, entry, _SEED)
+
+
+def test_copy_engine_receive_buffers_sit_at_the_same_offset_on_every_rank():
+    """The copy-engine ring's bump allocator: aligned buffers in allocation order, and a
+    sender's view of the next rank's buffer at the same offset (here over CPU stand-ins for
+    the symmetric workspaces of two ranks)."""
+    from ringflash import comm
+
+    workspaces = [torch.zeros(4096, dtype=torch.uint8) for _ in range(2)]
+
+    class Handle:  # the part of PyTorch's symmetric-memory handle the allocator uses
+        def get_buffer(self, rank, shape, dtype, storage_offset):
+            return workspaces[rank].view(dtype)[storage_offset:storage_offset + math.prod(shape)].view(shape)
+
+    ring = comm.CopyEngineRing.__new__(comm.CopyEngineRing)
+    ring.workspace, ring.handle, ring.offset, ring.next_rank = workspaces[0], Handle(), 0, 1
+    a = ring.empty((2, 3, 5), torch.bfloat16, "cpu")
+    b = ring.empty((7,), torch.float32, "cpu")
+    c = ring.empty((1, 4), torch.float64, "cpu")
+    offsets = [t.data_ptr() - workspaces[0].data_ptr() for t in (a, b, c)]
+    assert offsets == [0, 256, 512] and all(ring.owns(t) for t in (a, b, c))
+    assert not ring.owns(torch.empty(3))
+    for t in (a, b, c):
+        t.copy_(torch.randn(t.shape))
+        peer = ring._peer_view(t)
+        assert peer.shape == t.shape and peer.dtype == t.dtype
+        assert peer.data_ptr() - workspaces[1].data_ptr() == t.data_ptr() - workspaces[0].data_ptr()
+        peer.copy_(t)
+    assert torch.equal(workspaces[0][:544], workspaces[1][:544])
+    with pytest.raises(AssertionError, match="exceed"):
+        ring.empty((4096,), torch.uint8, "cpu")
