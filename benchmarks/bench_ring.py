@@ -183,14 +183,14 @@ def bench_ringflash(S, H, Hkv, D, causal, mode, layout, args, engine="triton", l
     fn = step_fn(lambda a, b, c: ring_attention(a, b, c, causal=causal, layout=lay, backend=ring_backend(engine)), q, k, v, mode)
     with local_transfers() if local else contextlib.nullcontext():
         ms = time_ms(fn, args.warmup, args.iters)
-    # The copy-engine transport's receive workspace (symmetric memory, kept between calls):
-    # reported beside the peak, since it may come from outside PyTorch's caching allocator.
-    _WORKSPACE_GIB[0] = sum(buf.numel() for buf, _ in comm._WORKSPACES.values()) / 2**30
     comm.TRANSPORT = "nccl"
     return ms, peak_gib()
 
 
-_WORKSPACE_GIB = [0.0]
+def workspace_gib() -> float:
+    """The copy-engine transport's receive workspaces (symmetric memory, kept between calls,
+    outside the caching allocator's peak): reported beside the peak of its rows."""
+    return sum(buf.numel() for buf, _ in comm._WORKSPACES.values()) / 2**30
 
 
 def bench_single(S, H, Hkv, D, causal, mode, args, engine="triton"):
@@ -333,7 +333,6 @@ def main():
                         n, us, tr = parts if parts is not None else (None, None, None)
                         if tr is not None and args.transports != ["nccl"]:
                             row["transport"] = tr
-                        _WORKSPACE_GIB[0] = 0.0
                         if n is not None:
                             row["last_hop_parts"] = n
                         if us is not None:  # what the ring applied
@@ -346,8 +345,8 @@ def main():
                             else:
                                 tf = flops(S, args.heads, args.head_dim, causal, mode) / P / (ms * 1e-3) / 1e12
                             row.update(ms=round(ms, 3), tflops_per_gpu=round(tf, 1), peak_mem_gib=round(mem, 2))
-                            if _WORKSPACE_GIB[0]:
-                                row["workspace_gib"] = round(_WORKSPACE_GIB[0], 2)
+                            if tr == "copy_engine":
+                                row["workspace_gib"] = round(workspace_gib(), 2)
                         except Exception as e:  # noqa: BLE001 - a failing baseline is a result too
                             row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
                             torch.cuda.synchronize()

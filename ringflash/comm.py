@@ -161,10 +161,9 @@ def check_transport(transport: str, group, device: torch.device) -> None:
 def make_ring(group, device: torch.device, recv_bytes: int = 0) -> Ring:
     """The ring of ``group`` over the transport :data:`TRANSPORT`; ``recv_bytes``: an upper
     bound on the bytes of receive buffers (``Ring.empty``) this call will hold at once."""
-    ring = Ring(group)
-    if TRANSPORT == "copy_engine" and ring.world_size > 1:
+    if TRANSPORT == "copy_engine" and world_and_rank(resolve_group(group))[0] > 1:
         return CopyEngineRing(group, device, recv_bytes)
-    return ring
+    return Ring(group)
 
 
 # -- copy-engine transport -------------------------------------------------------------------
@@ -223,7 +222,6 @@ class CopyEngineRing(Ring):
 
     def __init__(self, group, device: torch.device, recv_bytes: int):
         super().__init__(group)
-        self.device = device
         self.workspace, self.handle = _workspace(self.group, device, recv_bytes + 16 * _ALIGN)
         self.offset = 0
         me = self.handle.rank

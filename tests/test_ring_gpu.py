@@ -159,6 +159,8 @@ def test_copy_engine_transport_matches_nccl(transport, engine, layout, causal):
                 assert torch.equal(a, b), f"{name} differs between transports (S={seqlen}, Hkv={heads_kv})"
             else:  # wrong or stale bytes would be O(1) off
                 assert rel(a, b) < 1e-2, f"{name}: {rel(a, b):.2e} between transports (S={seqlen}, Hkv={heads_kv})"
+    # and against float64, as every NCCL case above
+    _case(2048 * dist.get_world_size(), 8, 2, 128, causal, layout, seed=seed, engine=engine)
     dist.barrier()
 
 
