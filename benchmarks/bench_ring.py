@@ -16,7 +16,9 @@ For every (S, heads_kv, causal, mode) it times, in the same run:
 ``--engines triton cudnn`` gives ringflash and single-GPU rows for each local engine;
 ``--transports nccl copy_engine`` times the ringflash rows over each transport
 (``ringflash.comm.TRANSPORT``; the copy-engine rows also record the size of their
-receive workspace, ``workspace_gib``); ``--last-hop-parts 1 4`` times the SDPA engines' backward with its last dK/dV hop in one
+receive workspace, ``workspace_gib``; ``--ce-signals kernel stream`` gives one copy-engine row
+per way of signalling, ``ringflash.comm.COPY_ENGINE_SIGNALS``, recorded as ``ce_signals``);
+``--last-hop-parts 1 4`` times the SDPA engines' backward with its last dK/dV hop in one
 message and cut in chunks (``ringflash.ring.LAST_HOP_PARTS``), side by side; likewise
 ``--head-start-us 0 20`` for the head start their transfers get (``ringflash.ring.HEAD_START_US``;
 with several values it applies on any number of ranks, which the library's default does not).
@@ -47,6 +49,7 @@ from ringflash.comm import Exchange, Ring  # noqa: E402
 
 DEFAULT_LAST_HOP_PARTS = ring_mod.LAST_HOP_PARTS
 DEFAULT_HEAD_START_US = ring_mod.HEAD_START_US
+DEFAULT_CE_SIGNALS = comm.COPY_ENGINE_SIGNALS
 ENGINES = ["triton", "cudnn", "sdpa_flash", "triton_head_start", "triton_zero_fill"]
 # A/B variants of the Triton engine, for the ringflash rows only (their single-GPU rows are "triton").
 TRITON_VARIANTS = ("triton_head_start", "triton_zero_fill")
@@ -166,11 +169,12 @@ def nccl_env() -> dict:
 
 
 def bench_ringflash(S, H, Hkv, D, causal, mode, layout, args, engine="triton", last_hop_parts=None, head_start_us=None,
-                    local=False, transport="nccl"):
+                    local=False, transport="nccl", ce_signals=None):
     P, r = dist.get_world_size(), dist.get_rank()
     ring_mod.LAST_HOP_PARTS = DEFAULT_LAST_HOP_PARTS if last_hop_parts is None else last_hop_parts
     ring_mod.HEAD_START_US = DEFAULT_HEAD_START_US if head_start_us is None else head_start_us
     comm.TRANSPORT = transport
+    comm.COPY_ENGINE_SIGNALS = DEFAULT_CE_SIGNALS if ce_signals is None else ce_signals
     comm.free_workspaces()  # each row's peak counts its own workspace
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -183,14 +187,14 @@ def bench_ringflash(S, H, Hkv, D, causal, mode, layout, args, engine="triton", l
     fn = step_fn(lambda a, b, c: ring_attention(a, b, c, causal=causal, layout=lay, backend=ring_backend(engine)), q, k, v, mode)
     with local_transfers() if local else contextlib.nullcontext():
         ms = time_ms(fn, args.warmup, args.iters)
-    comm.TRANSPORT = "nccl"
+    comm.TRANSPORT, comm.COPY_ENGINE_SIGNALS = "nccl", DEFAULT_CE_SIGNALS
     return ms, peak_gib()
 
 
 def workspace_gib() -> float:
     """The copy-engine transport's receive workspaces (symmetric memory, kept between calls,
     outside the caching allocator's peak): reported beside the peak of its rows."""
-    return sum(buf.numel() for buf, _ in comm._WORKSPACES.values()) / 2**30
+    return sum(w.buf.numel() for w in comm._WORKSPACES.values()) / 2**30
 
 
 def bench_single(S, H, Hkv, D, causal, mode, args, engine="triton"):
@@ -286,6 +290,9 @@ def main():
                          "any number of ranks (the library's default starts at HEAD_START_MIN_RANKS)")
     ap.add_argument("--transports", nargs="+", default=["nccl"], choices=list(comm.TRANSPORTS),
                     help="ringflash.comm.TRANSPORT of the ringflash rows; several values give one row each")
+    ap.add_argument("--ce-signals", nargs="+", default=[DEFAULT_CE_SIGNALS], choices=["stream", "kernel"],
+                    help="ringflash.comm.COPY_ENGINE_SIGNALS of the copy-engine rows; several values "
+                         "give one row each")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default=None, help="append JSON lines here (rank 0)")
@@ -311,11 +318,12 @@ def main():
                             sdpa = eng in ("cudnn", "sdpa_flash")
                             parts = args.last_hop_parts if sdpa and mode == "fwdbwd" else [None]
                             starts = args.head_start_us if eng in HEAD_START_ENGINES else [None]
-                            transports = args.transports if impl == "ringflash" else ["nccl"]
-                            runs += [(impl, lay, eng, (n, us, tr), lambda lay=lay, eng=eng, n=n, us=us, impl=impl, tr=tr: bench_ringflash(
+                            transports = [(tr, sig) for tr in (args.transports if impl == "ringflash" else ["nccl"])
+                                          for sig in (args.ce_signals if tr == "copy_engine" else [None])]
+                            runs += [(impl, lay, eng, (n, us, tr, sig), lambda lay=lay, eng=eng, n=n, us=us, impl=impl, tr=tr, sig=sig: bench_ringflash(
                                 S, args.heads, Hkv, args.head_dim, causal, mode, lay, args, eng, n, us,
-                                local=impl == "ringflash_local", transport=tr))
-                                for lay in args.layouts for n in parts for us in starts for tr in transports]
+                                local=impl == "ringflash_local", transport=tr, ce_signals=sig))
+                                for lay in args.layouts for n in parts for us in starts for tr, sig in transports]
                     for backend in ("flash", "cudnn"):
                         if f"torch_cp_{backend}" in args.impls:
                             runs.append((f"torch_cp_{backend}", "zigzag" if causal else "contiguous", backend, None,
@@ -330,9 +338,11 @@ def main():
                                    causal=causal, mode=mode)
                         if env:
                             row["nccl_env"] = env
-                        n, us, tr = parts if parts is not None else (None, None, None)
+                        n, us, tr, sig = parts if parts is not None else (None, None, None, None)
                         if tr is not None and args.transports != ["nccl"]:
                             row["transport"] = tr
+                        if sig is not None:
+                            row["ce_signals"] = sig
                         if n is not None:
                             row["last_hop_parts"] = n
                         if us is not None:  # what the ring applied
@@ -364,8 +374,8 @@ def main():
                 r = dict(r, layout=f"{r['layout']}/{r['last_hop_parts']}")  # layout/last-hop parts
             if "head_start_us" in r:
                 r = dict(r, layout=f"{r['layout']}+{r['head_start_us']:g}")  # layout+head start (us)
-            if r.get("transport") == "copy_engine":
-                r = dict(r, layout=f"{r['layout']}@ce")  # layout@ce: the copy-engine transport
+            if r.get("transport") == "copy_engine":  # layout@ce: the copy-engine transport (/signals)
+                r = dict(r, layout=f"{r['layout']}@ce" + (f"/{r['ce_signals'][0]}" if "ce_signals" in r else ""))
             if "error" in r:
                 print(f"{r['impl']:16s} {r['engine']:7s} {r['layout']:11s} {r['S']:7d} {r['Hkv']:4d} {str(r['causal']):>6s} {r['mode']:>7s}  error: {r['error'][:60]}")
             else:

@@ -227,6 +227,14 @@ def config_problems(cfg: TrainConfig, world_size: int, *, hardware: bool = True)
         problems.append("--dist-backend nccl needs --device cuda; on the CPU use gloo")
     if cfg.transport == "copy_engine" and cfg.device != "cuda":
         problems.append("--transport copy_engine moves CUDA tensors between GPUs of one node; on the CPU keep --transport nccl (the process group's point-to-point transfers, gloo there)")
+    elif hardware and cfg.transport == "copy_engine" and torch.cuda.is_available():
+        cp = cfg.cp_size or world_size
+        if torch.cuda.device_count() < cp:
+            problems.append(
+                f"--transport copy_engine needs every process to see all GPUs of its context-parallel "
+                f"group: this process sees {torch.cuda.device_count()} for --cp-size {cp} (a launcher "
+                f"that shows each process only its own GPU, as the Slurm launcher does); use --transport nccl"
+            )
     if cfg.device == "cpu" and cfg.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         problems.append("--backend triton needs --device cuda (or TRITON_INTERPRET=1 on the CPU); use --backend reference")
     if cfg.backend in ("cudnn", "sdpa_flash") and (cfg.device != "cuda" or cfg.dtype != "bfloat16"):

@@ -12,8 +12,9 @@ Two transports, chosen by :data:`TRANSPORT` (or the ``RINGFLASH_TRANSPORT`` envi
 ``"copy_engine"``
     GPUs of one node only (NVLink or PCIe peer access). Each rank writes its message straight
     into the next rank's receive buffer with the GPU's copy engine (``cudaMemcpyAsync`` through
-    PyTorch's symmetric memory), so no SM is spent moving bytes; one-thread signal kernels say
-    when a receive buffer is free and when a message has landed. Receive buffers live in a
+    PyTorch's symmetric memory), so no SM is spent moving bytes. Flags in the symmetric signal
+    pads say when a receive buffer is free and when a message has landed (see
+    :data:`COPY_ENGINE_SIGNALS` for how they are written and awaited). Receive buffers live in a
     per-group workspace that is allocated once, grown to the largest call, and kept: it costs
     that much GPU memory for the life of the process (``free_workspaces()`` releases it).
 
@@ -37,6 +38,12 @@ TRANSPORT = os.environ.get("RINGFLASH_TRANSPORT", "nccl")
 # waiting this long for a peer (one that died, or that never reached the same ring call),
 # instead of hanging; raise it for jobs in which ranks stall longer (a slow checkpoint).
 COPY_ENGINE_TIMEOUT_S = float(os.environ.get("RINGFLASH_COPY_ENGINE_TIMEOUT_S", 1800))
+# How the copy-engine transport's sender waits for "buffer free" and says "message landed":
+# "stream": CUDA stream memory operations (cuStreamWaitValue32 / cuStreamWriteValue32), which
+#   take no SM, so a transfer starts on time even beside kernels that fill every SM;
+# "kernel": one-thread signal kernels, which need an SM slot to start.
+# Either way the receiver waits for "landed" with a signal kernel that times out (above).
+COPY_ENGINE_SIGNALS = os.environ.get("RINGFLASH_COPY_ENGINE_SIGNALS", "kernel")
 
 
 def resolve_group(group):
@@ -140,6 +147,11 @@ def check_transport(transport: str, group, device: torch.device) -> None:
     """Raise ``ValueError`` if ``transport`` cannot serve ``group`` on ``device`` (local checks)."""
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown ring transport {transport!r}; choose one of {TRANSPORTS}")
+    if transport == "copy_engine" and COPY_ENGINE_SIGNALS not in ("stream", "kernel"):
+        raise ValueError(
+            f"ringflash.comm.COPY_ENGINE_SIGNALS (RINGFLASH_COPY_ENGINE_SIGNALS) must be 'stream' or "
+            f"'kernel'; got {COPY_ENGINE_SIGNALS!r}"
+        )
     if transport == "copy_engine" and _distributed() and dist.get_world_size(group) > 1:
         # Launchers (torchrun, Slurm) number the ranks of a node consecutively.
         ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
@@ -156,6 +168,18 @@ def check_transport(transport: str, group, device: torch.device) -> None:
                 f"the copy_engine transport moves CUDA tensors between GPUs of one node; got "
                 f"{device.type} tensors (use the nccl transport, ringflash.comm.TRANSPORT = 'nccl')"
             )
+        # Symmetric memory maps every rank's GPU into every process of the group by device
+        # index: a process that sees fewer GPUs than the group has ranks (CUDA_VISIBLE_DEVICES
+        # set per process, as Slurm's GPU binding and the Slurm launcher do) cannot map them.
+        visible = torch.cuda.device_count()
+        if visible < len(ranks):
+            raise ValueError(
+                f"the copy_engine transport needs every process to see all GPUs of its group: this "
+                f"process sees {visible} GPU(s) for a group of {len(ranks)} ranks (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); launch with all of the node's GPUs "
+                f"visible to each process (torchrun does) or use the nccl transport "
+                f"(ringflash.comm.TRANSPORT = 'nccl')"
+            )
 
 
 def make_ring(group, device: torch.device, recv_bytes: int = 0) -> Ring:
@@ -169,7 +193,7 @@ def make_ring(group, device: torch.device, recv_bytes: int = 0) -> Ring:
 # -- copy-engine transport -------------------------------------------------------------------
 
 _ALIGN = 256  # bytes; every receive buffer starts on this boundary
-_WORKSPACES: dict = {}  # (group name, device index) -> (uint8 workspace, symmetric-memory handle)
+_WORKSPACES: dict = {}  # (group name, device index) -> _Workspace
 _COPY_STREAMS: dict = {}  # device index -> side stream of the copies
 
 
@@ -181,21 +205,52 @@ def free_workspaces() -> None:
     _WORKSPACES.clear()
 
 
-def _workspace(group, device: torch.device, nbytes: int):
+class _Workspace:
+    """A group's receive workspace, its symmetric-memory handle (whose signal pads start at
+    zero), and how many "buffer free" counts this rank has sent through those pads."""
+
+    def __init__(self, buf: torch.Tensor, handle):
+        self.buf, self.handle, self.frees = buf, handle, 0
+
+
+def _workspace(group, device: torch.device, nbytes: int) -> _Workspace:
     import torch.distributed._symmetric_memory as symm_mem
 
     group = group if group is not None else dist.group.WORLD
     key = (group.group_name, device.index)
     have = _WORKSPACES.get(key)
-    if have is None or have[0].numel() < nbytes:
+    if have is None or have.buf.numel() < nbytes:
         # Every rank of the group reaches this point with the same sizes: a collective.
         if have is not None:
             torch.cuda.synchronize(device)  # nothing queued may still use the old buffers
             del _WORKSPACES[key]
-        size = max(nbytes, 2 * have[0].numel() if have is not None else 0)
+        size = max(nbytes, 2 * have.buf.numel() if have is not None else 0)
         buf = symm_mem.empty(size, dtype=torch.uint8, device=device)
-        _WORKSPACES[key] = (buf, symm_mem.rendezvous(buf, group))
+        _WORKSPACES[key] = _Workspace(buf, symm_mem.rendezvous(buf, group))
     return _WORKSPACES[key]
+
+
+_CU_STREAM_WAIT_VALUE_GEQ = 0  # cyclic: (int32)(*addr - value) >= 0
+_DRIVER: dict = {}
+
+
+def _driver_fn(name: str):
+    """A CUDA driver stream memory operation (``cuStreamWaitValue32``, ``cuStreamWriteValue32``)."""
+    if name not in _DRIVER:
+        import ctypes
+
+        lib = ctypes.CDLL("libcuda.so.1")
+        fn = getattr(lib, name + "_v2", None) or getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        _DRIVER[name] = fn
+    return _DRIVER[name]
+
+
+def _stream_op(name: str, stream: torch.cuda.Stream, addr: int, value: int, flags: int = 0) -> None:
+    rc = _driver_fn(name)(stream.cuda_stream, addr, value & 0xFFFFFFFF, flags)
+    if rc != 0:
+        raise RuntimeError(f"{name} failed (CUresult {rc}); set ringflash.comm.COPY_ENGINE_SIGNALS = 'kernel'")
 
 
 def _timeout_ms() -> int:
@@ -222,13 +277,18 @@ class CopyEngineRing(Ring):
 
     def __init__(self, group, device: torch.device, recv_bytes: int):
         super().__init__(group)
-        self.workspace, self.handle = _workspace(self.group, device, recv_bytes + 16 * _ALIGN)
+        self.space = _workspace(self.group, device, recv_bytes + 16 * _ALIGN)
+        self.workspace, self.handle = self.space.buf, self.space.handle
         self.offset = 0
         me = self.handle.rank
         self.next_rank, self.prev_rank = (me + 1) % self.world_size, (me - 1) % self.world_size
-        # Two signal channels per message (buffer free, message landed), channel 0 left to barriers.
+        # A signal pad holds `channels` uint32 slots per source rank. Channel 0 is left to
+        # barriers; with kernel signals each message takes a pair (buffer free, message
+        # landed); with stream signals "landed" takes one channel of the pairs and "buffer
+        # free" is a running count in the pad's last channel.
         channels = int(self.handle.signal_pad_size) // (4 * self.world_size)
-        self.pairs = (channels - 1) // 2
+        self.pairs = (channels - 2) // 2
+        self.free_channel = channels - 1
         assert self.pairs >= 4, f"symmetric-memory signal pad too small ({channels} channels)"
         self.count = 0
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -257,20 +317,40 @@ class CopyEngineRing(Ring):
         assert offset % t.element_size() == 0
         return self.handle.get_buffer(self.next_rank, tuple(t.shape), t.dtype, offset // t.element_size())
 
+    def _slot(self, owner: int, channel: int, src: int) -> int:
+        """Device address of ``owner``'s signal-pad slot for ``channel`` from ``src`` (PyTorch's
+        layout: ``pad[owner][channel * world + src]``, uint32)."""
+        return int(self.handle.signal_pad_ptrs[owner]) + 4 * (channel * self.world_size + src)
+
     def exchange(self, send: list[torch.Tensor], recv: list[torch.Tensor]) -> Exchange:
         assert len(send) == len(recv)
         c = 1 + 2 * (self.count % self.pairs)
         self.count += 1
         free, landed = c, c + 1
+        me, compute = self.handle.rank, torch.cuda.current_stream()
+        self.stream.wait_stream(compute)  # the sent tensors are ready
+        stream_signals = COPY_ENGINE_SIGNALS == "stream"
         # Our receive buffers are free once the work queued so far is done: tell the sender.
-        self.handle.put_signal(self.prev_rank, free, _timeout_ms())
-        self.stream.wait_stream(torch.cuda.current_stream())  # the sent tensors are ready
+        if stream_signals:
+            self.space.frees += 1
+            n = self.space.frees  # every rank of the group counts the same exchanges
+            _stream_op("cuStreamWriteValue32", compute, self._slot(self.prev_rank, self.free_channel, me), n)
+        else:
+            self.handle.put_signal(self.prev_rank, free, _timeout_ms())
         with torch.cuda.stream(self.stream):
-            self.handle.wait_signal(self.next_rank, free, _timeout_ms())  # the next rank's buffers are free
+            # Wait until the next rank's buffers are free, write into them, say so.
+            if stream_signals:
+                _stream_op("cuStreamWaitValue32", self.stream, self._slot(me, self.free_channel, self.next_rank), n,
+                           _CU_STREAM_WAIT_VALUE_GEQ)
+            else:
+                self.handle.wait_signal(self.next_rank, free, _timeout_ms())
             for s, r in zip(send, recv):
                 assert s.shape == r.shape and s.dtype == r.dtype
                 self._peer_view(r).copy_(s)  # our recv buffer's twin on the next rank
-            self.handle.put_signal(self.next_rank, landed, _timeout_ms())
+            if stream_signals:  # a system-scope fence orders it after the copies
+                _stream_op("cuStreamWriteValue32", self.stream, self._slot(self.next_rank, landed, me), 1)
+            else:
+                self.handle.put_signal(self.next_rank, landed, _timeout_ms())
             done = torch.cuda.Event()
             done.record(self.stream)
         for s in send:

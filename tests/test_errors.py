@@ -48,34 +48,39 @@ def _try_all(rank, world_size):
             results[name] = "ok" if words in str(e) else f"message without {words!r}: {e}"
         except Exception as e:  # noqa: BLE001
             results[name] = f"{type(e).__name__}: {e}"
-    # Ring transports (ringflash.comm.TRANSPORT) that cannot serve this group.
+    # Ring transports (ringflash.comm.TRANSPORT) and settings that cannot serve this group.
     from ringflash import comm
 
     q, k = t(2, 8, 4, 16), t(2, 8, 2, 16)
-    for transport, words in (("copy_engine", "moves CUDA tensors"), ("pigeon", "unknown ring transport")):
-        comm.TRANSPORT = transport
+
+    def refused(name, words, call, transport="copy_engine", signals="kernel", local_world=None):
+        saved_env = os.environ.get("LOCAL_WORLD_SIZE")
+        comm.TRANSPORT, comm.COPY_ENGINE_SIGNALS = transport, signals
+        if local_world is not None:
+            os.environ["LOCAL_WORLD_SIZE"] = local_world
         try:
-            ring_attention(q, k, k, causal=True)
-            results[f"transport_{transport}"] = "no error"
+            call()
+            results[name] = "no error"
         except ValueError as e:
-            results[f"transport_{transport}"] = "ok" if words in str(e) else f"message without {words!r}: {e}"
+            results[name] = "ok" if words in str(e) else f"message without {words!r}: {e}"
         finally:
-            comm.TRANSPORT = "nccl"
+            comm.TRANSPORT, comm.COPY_ENGINE_SIGNALS = "nccl", "kernel"
+            if saved_env is None:
+                os.environ.pop("LOCAL_WORLD_SIZE", None)
+            else:
+                os.environ["LOCAL_WORLD_SIZE"] = saved_env
+
+    ring = lambda: ring_attention(q, k, k, causal=True)  # noqa: E731
+    refused("transport_cpu", "moves CUDA tensors", ring)
+    refused("transport_unknown", "unknown ring transport", ring, transport="pigeon")
+    # An unknown way of signalling over the copy engine.
+    refused("transport_signals", "COPY_ENGINE_SIGNALS", ring, signals="semaphore")
     # A group spread over nodes (one rank per node here): the copy engine cannot reach.
-    saved = os.environ.get("LOCAL_WORLD_SIZE")
-    os.environ["LOCAL_WORLD_SIZE"] = "1"
-    comm.TRANSPORT = "copy_engine"
-    try:
-        ring_attention(q, k, k, causal=True)
-        results["transport_nodes"] = "no error"
-    except ValueError as e:
-        results["transport_nodes"] = "ok" if "on one node" in str(e) else f"message without 'on one node': {e}"
-    finally:
-        comm.TRANSPORT = "nccl"
-        if saved is None:
-            del os.environ["LOCAL_WORLD_SIZE"]
-        else:
-            os.environ["LOCAL_WORLD_SIZE"] = saved
+    refused("transport_nodes", "on one node", ring, local_world="1")
+    # A process that sees fewer GPUs than the group has ranks (one GPU per process under
+    # Slurm's binding; none here) cannot map its peers' memory.
+    refused("transport_visible_gpus", "see all GPUs of its group",
+            lambda: comm.check_transport("copy_engine", None, torch.device("cuda", 0)))
     # The group still works afterwards: nothing was half-sent.
     x = torch.ones(1)
     dist.all_reduce(x)

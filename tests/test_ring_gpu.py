@@ -135,20 +135,22 @@ def _ring_grads(seqlen, heads, heads_kv, causal, layout, group=None, engine="tri
 def transport():
     from ringflash import comm
 
-    saved = comm.TRANSPORT
+    saved = comm.TRANSPORT, comm.COPY_ENGINE_SIGNALS
     yield comm
-    comm.TRANSPORT = saved
+    comm.TRANSPORT, comm.COPY_ENGINE_SIGNALS = saved
 
 
+@pytest.mark.parametrize("signals", ["kernel", "stream"])
 @pytest.mark.parametrize("engine", ["triton", "cudnn"])
 @pytest.mark.parametrize("layout", ["contiguous", "striped", "zigzag"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_copy_engine_transport_matches_nccl(transport, engine, layout, causal):
+def test_copy_engine_transport_matches_nccl(transport, engine, layout, causal, signals):
     """The copy-engine transport moves the same bytes: outputs and gradients are bitwise those
     of the NCCL transport with the (deterministic) Triton engine, and within the cuDNN
     backward's own run-to-run noise with the cuDNN engine; over calls of different sizes (the
-    workspace grows, then is reused)."""
-    seed = zlib.crc32(repr(("ce", engine, layout, causal)).encode())
+    workspace grows, then is reused); with either way of signalling."""
+    transport.COPY_ENGINE_SIGNALS = signals
+    seed = zlib.crc32(repr(("ce", engine, layout, causal, signals)).encode())
     for seqlen, heads_kv in ((1024 * dist.get_world_size(), 2), (2048 * dist.get_world_size(), 8), (1024 * dist.get_world_size(), 8)):
         transport.TRANSPORT = "nccl"
         want = _ring_grads(seqlen, 8, heads_kv, causal, layout, engine=engine, seed=seed)
@@ -164,12 +166,13 @@ def test_copy_engine_transport_matches_nccl(transport, engine, layout, causal):
     dist.barrier()
 
 
-def test_copy_engine_transport_subgroups_and_float64_bar(transport):
+@pytest.mark.parametrize("signals", ["kernel", "stream"])
+def test_copy_engine_transport_subgroups_and_float64_bar(transport, signals):
     """Context-parallel groups of 2 over the copy-engine transport, against float64."""
     world = dist.get_world_size()
     if world % 2:
         pytest.skip("needs an even number of GPUs")
-    transport.TRANSPORT = "copy_engine"
+    transport.TRANSPORT, transport.COPY_ENGINE_SIGNALS = "copy_engine", signals
     groups = [dist.new_group([i, i + 1]) for i in range(0, world, 2)]
     group = groups[dist.get_rank() // 2]
     _case(2048, 8, 2, 128, True, "striped", group=group, seed=dist.get_rank() // 2)

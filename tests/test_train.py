@@ -125,6 +125,19 @@ def test_config_checks_say_what_to_change(tmp_path):
     assert any("multiple of 8 up to 128" in p for p in train.config_problems(cfg, 1, hardware=False))
 
 
+def test_copy_engine_needs_every_gpu_of_the_group_visible(monkeypatch):
+    """Under a launcher that shows each process only its own GPU, --transport copy_engine is
+    refused before the process group exists (symmetric memory could not map the peers)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    argv = ["--device", "cuda", "--dtype", "float32", "--backend", "triton", "--transport", "copy_engine"]
+    (p,) = _problems(argv, 2)
+    assert "sees 1 for --cp-size 2" in p and "--transport nccl" in p
+    assert _problems(argv + ["--cp-size", "1"], 2) == []  # a group of one rank sends nothing
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert _problems(argv, 2) == []
+
+
 def test_lr_schedule():
     cfg = train.parse_args(["--lr", "1.0", "--warmup-steps", "10", "--steps", "110", "--min-lr-ratio", "0.1"]).resolved()
     assert train.lr_at(cfg, 0) == pytest.approx(0.1)
