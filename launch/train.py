@@ -233,7 +233,7 @@ def config_problems(cfg: TrainConfig, world_size: int, *, hardware: bool = True)
             problems.append(
                 f"--transport copy_engine needs every process to see all GPUs of its context-parallel "
                 f"group: this process sees {torch.cuda.device_count()} for --cp-size {cp} (a launcher "
-                f"that shows each process only its own GPU, as the Slurm launcher does); use --transport nccl"
+                f"or Slurm's per-task GPU binding shows each process only its own GPU); use --transport nccl"
             )
     if cfg.device == "cpu" and cfg.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         problems.append("--backend triton needs --device cuda (or TRITON_INTERPRET=1 on the CPU); use --backend reference")
@@ -303,7 +303,8 @@ def setup_distributed(cfg: TrainConfig, rank: int, world_size: int, local_rank: 
     from torch.distributed.device_mesh import init_device_mesh
 
     if cfg.device == "cuda":
-        # One GPU per rank; a launcher that shows each task only its own GPU (submitit) leaves one.
+        # One GPU per rank: GPU local_rank of those this process sees, or its only one where the
+        # launcher or Slurm's per-task binding shows each process just its own.
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:

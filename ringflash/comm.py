@@ -170,7 +170,7 @@ def check_transport(transport: str, group, device: torch.device) -> None:
             )
         # Symmetric memory maps every rank's GPU into every process of the group by device
         # index: a process that sees fewer GPUs than the group has ranks (CUDA_VISIBLE_DEVICES
-        # set per process, as Slurm's GPU binding and the Slurm launcher do) cannot map them.
+        # set per process, as Slurm's per-task GPU binding does) cannot map them.
         visible = torch.cuda.device_count()
         if visible < len(ranks):
             raise ValueError(

@@ -9,8 +9,9 @@
     python slurm/submit.py --local --tasks 2 -- --out runs/local --steps 50
 
 Each task is one rank: ``submitit.helpers.TorchDistributedEnvironment().export()`` sets
-MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK and shows the task only its own GPU, then
-launch/train.py runs in the task's process. The training always runs with ``--resume``, so a
+MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE (leaving the GPUs that
+Slurm shows the task as they are), then launch/train.py runs in the task's process on GPU
+``LOCAL_RANK`` of those it sees (or its only one, where Slurm binds a GPU per task). The training always runs with ``--resume``, so a
 requeued job (after a timeout, a preemption or a node failure) continues from
 ``OUT/ckpt``; a new run needs a new ``--out``.
 
@@ -54,7 +55,12 @@ class Trainer:
     def __call__(self) -> dict:
         import submitit
 
-        env = submitit.helpers.TorchDistributedEnvironment().export(overwrite=True)
+        # Keep the GPUs that Slurm shows the task (submitit would set CUDA_VISIBLE_DEVICES to the
+        # local rank: the wrong GPU where Slurm numbers the job's GPUs physically, e.g. 4,5,6,7 on a
+        # shared node, and no peers for the copy-engine transport to map). launch/train.py takes
+        # GPU local_rank % device_count, right both where each task sees all of the node's GPUs of
+        # the job and where Slurm binds one GPU per task.
+        env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         train = _import_train()
         cfg = train.parse_args(self.train_args)
         # submitit's handler (checkpoint() + requeue) for the time-limit signal, installed

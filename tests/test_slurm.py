@@ -112,6 +112,32 @@ def test_submitit_local_executor_runs_two_tasks(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
 
 
+def test_tasks_keep_the_gpus_slurm_shows_them(monkeypatch):
+    """A task keeps the CUDA_VISIBLE_DEVICES Slurm gave it (submitit's default would replace it
+    with the local rank: the wrong GPU where the job's GPUs are numbered physically)."""
+    from types import SimpleNamespace
+
+    asked = {}
+
+    class FakeEnvironment:  # submitit.helpers.TorchDistributedEnvironment, as submitit's export acts
+        rank, world_size, local_rank = 0, 1, 2
+
+        def export(self, set_cuda_visible_devices=True, overwrite=False):
+            asked.update(set_cuda_visible_devices=set_cuda_visible_devices, overwrite=overwrite)
+            if set_cuda_visible_devices:
+                os.environ["CUDA_VISIBLE_DEVICES"] = str(self.local_rank)
+            return self
+
+    trained = []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    monkeypatch.setattr(submitit.helpers, "TorchDistributedEnvironment", FakeEnvironment)
+    monkeypatch.setattr(submit._import_train(), "train", lambda cfg: trained.append(
+        os.environ["CUDA_VISIBLE_DEVICES"]) or SimpleNamespace(stop_signal=None, step=0, finished=True, last_loss=None))
+    result = submit.Trainer(["--out", "/tmp/x", "--steps", "1"])()
+    assert trained == ["4,5,6,7"] and asked == {"set_cuda_visible_devices": False, "overwrite": True}
+    assert result["rank"] == 0 and result["finished"]
+
+
 # -- the sbatch template ----------------------------------------------------------------------
 
 
