@@ -41,11 +41,38 @@ def test_summarize_overlap(tmp_path):
     ms = 1e-3 / 2
     assert s["window_ms"] == pytest.approx(400 * ms)
     assert s["compute_ms"] == pytest.approx(250 * ms)  # [0,100) + [150,300)
-    assert s["nccl_ms"] == pytest.approx(190 * ms)  # [50,120) + [280,400)
+    assert s["nccl_ms"] == pytest.approx(190 * ms) and s["copy_ms"] == 0  # [50,120) + [280,400)
     assert s["overlap"] == pytest.approx(round((50 + 20) / 190, 3))  # [50,100) and [280,300)
     assert s["exposed_ms"] == pytest.approx(120 * ms)  # [100,120) + [300,400)
     assert s["idle_ms"] == pytest.approx(30 * ms)  # [120,150)
     assert s["top_kernels"][0] == ("ncclDevKernel_SendRecv", pytest.approx(190 * ms))
+
+
+def _copy(name, ts, dur, stream):
+    return {"ph": "X", "cat": "gpu_memcpy", "name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}
+
+
+def test_summarize_counts_the_copy_engine_transfers(tmp_path):
+    # Compute on [0, 200). The copy-engine transport's stream 21: a wait kernel [150, 160), its
+    # copy [160, 260), a put kernel [260, 262); the compute stream's wait for the next message
+    # [300, 310). A local copy on the compute stream [200, 250) is neither compute (a kernel)
+    # nor a transfer.
+    events = [
+        _kernel("_attn_fwd", 0, 200),
+        _kernel("c10d::symmetric_memory::wait_signal_kernel(unsigned int**, int)", 150, 10, stream=21),
+        _copy("Memcpy PtoP (Device -> Device)", 160, 100, stream=21),
+        _kernel("c10d::symmetric_memory::put_signal_kernel(unsigned int**, int)", 260, 2, stream=21),
+        _kernel("c10d::symmetric_memory::wait_signal_kernel(unsigned int**, int)", 300, 10),
+        _copy("Memcpy DtoD (Device -> Device)", 200, 50, stream=7),
+    ]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    s = summarize(str(path), iters=1)
+    ms = 1e-3
+    assert s["nccl_ms"] == 0 and s["copy_ms"] == pytest.approx(122 * ms)  # [150,262) + [300,310)
+    assert s["overlap"] == pytest.approx(round(50 / 122, 3))  # [150,200)
+    assert s["exposed_ms"] == pytest.approx(72 * ms)
+    assert s["window_ms"] == pytest.approx(310 * ms) and s["idle_ms"] == pytest.approx(38 * ms)  # [262,300)
 
 
 def test_summarize_refuses_a_trace_without_kernels(tmp_path):

@@ -52,3 +52,33 @@ python /tmp/iso_check.py
 python launch/train.py --transport copy_engine --steps 1 --out /tmp/iso_run 2>&1 | tail -4
 SH
 timeout 150 torchrun --standalone --nproc-per-node 2 --no-python bash /tmp/iso.sh 2>&1 | grep -v "^W1\|\*\*\*\*" | tee $OUT/ce_isolated_after_check.log
+
+# --- profiles (dev_prof.sh)
+# profile_ring.py over NCCL and the copy-engine transport (both signalling modes), 2 x H200.
+export PYTHONPATH=.
+A="--seqlen 32k --kv-heads 32 --layouts striped --engines triton cudnn --modes fwd fwdbwd"
+timeout 240 torchrun --standalone --nproc-per-node 2 benchmarks/profile_ring.py $A --transports nccl copy_engine --out $OUT/prof_kernel > $OUT/profile_kernel_signals.log 2>&1; echo "rc=$?"
+timeout 150 torchrun --standalone --nproc-per-node 2 benchmarks/profile_ring.py $A --transports copy_engine --ce-signals stream --out $OUT/prof_stream > $OUT/profile_stream_signals.log 2>&1; echo "rc=$?"
+python - <<PY > $OUT/trace_event_names.txt
+import json, glob, collections
+for f in sorted(glob.glob("$OUT/prof_*/trace_*.json")):
+    ev = json.load(open(f))["traceEvents"]
+    c = collections.Counter((e.get("cat"), e["name"][:80], (e.get("args") or {}).get("stream")) for e in ev
+                            if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and ("signal" in e["name"].lower() or e.get("cat") != "kernel" or "nccl" in e["name"].lower()))
+    print(f.split("/")[-1])
+    for k, v in c.most_common(14):
+        print("   ", v, k)
+PY
+cat $OUT/trace_event_names.txt | head -80
+grep -A12 "ms per iteration, rank 0" $OUT/profile_kernel_signals.log $OUT/profile_stream_signals.log
+rm -f $OUT/prof_*/trace_*.json
+
+# --- longer A/B and the timeout in both modes (dev_ab.sh)
+# Copy-engine signals, kernel against stream memops: a longer A/B, and the timeout in stream mode.
+export PYTHONPATH=.
+for s in stream kernel; do
+  t=$(date +%s); SIGNALS=$s timeout 90 torchrun --standalone --nproc-per-node 2 ce_timeout_signals.py > $OUT/ce_timeout_$s.log 2>&1; echo "timeout test $s: rc=$? after $(( $(date +%s) - t )) s"
+  grep -v "^W1\|\*\*\*\*" $OUT/ce_timeout_$s.log | grep "rank\|FATAL" | head -6
+done
+timeout 400 torchrun --standalone --nproc-per-node 2 benchmarks/bench_ring.py --seqlens 32k 128k --causal causal --kv-heads 32 8 --layouts striped --impls ringflash --engines cudnn triton --transports copy_engine --ce-signals kernel stream --warmup 3 --iters 20 --out $OUT/ring_ce_signals_long.jsonl > $OUT/bench_long.log 2>&1; echo "bench rc=$?"
+tail -36 $OUT/bench_long.log
