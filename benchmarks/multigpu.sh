@@ -18,14 +18,14 @@ echo "== $N x $GPU; torch $(python3 -c 'import torch; print(torch.__version__)')
 for n in 2 $N; do
   [ "${TESTS:-1}" = 1 ] && [ "$n" -le "$N" ] || continue
   echo "== multi-GPU tests on $n GPUs"
-  RINGFLASH_REPORT=$OUT/ring_errors.jsonl timeout ${TEST_TIMEOUT:-240} torchrun --standalone --nproc-per-node $n \
+  RINGFLASH_REPORT=$OUT/ring_errors.jsonl timeout ${TEST_TIMEOUT:-300} torchrun --standalone --nproc-per-node $n \
     -m pytest tests/test_ring_gpu.py -m multigpu -q -x -p no:cacheprovider 2>&1 | tee -a $OUT/tests.log | tail -15
   [ "$n" -eq "$N" ] && break
 done
 
 if [ "${TESTS:-1}" = 1 ]; then
   echo "== module tests on $N GPUs"
-  timeout ${TEST_TIMEOUT:-240} torchrun --standalone --nproc-per-node $N -m pytest tests/test_nn_gpu.py -m multigpu -q -x -p no:cacheprovider 2>&1 | tee -a $OUT/tests.log | tail -15
+  timeout ${TEST_TIMEOUT:-300} torchrun --standalone --nproc-per-node $N -m pytest tests/test_nn_gpu.py -m multigpu -q -x -p no:cacheprovider 2>&1 | tee -a $OUT/tests.log | tail -15
 fi
 
 if [ -n "${TRAIN_ARGS:-}" ]; then
