@@ -114,7 +114,8 @@ def _label(r) -> str:
     if engine not in (None, "triton") and start != HEAD_START_US:
         name += f" (head start {start:g} us)"
     if r.get("transport", "nccl") != "nccl":
-        name += f" ({r['transport'].replace('_', ' ')})"
+        signals = f", {r['ce_signals']} signals" if "ce_signals" in r else ""
+        name += f" ({r['transport'].replace('_', ' ')}{signals})"
     return name
 
 
@@ -153,7 +154,7 @@ def print_table(args) -> None:
     and a column for the NCCL variables that differ between rows, if any do."""
     rows = sorted(load(args.files), key=lambda r: (r["S"], r["Hkv"], not r["causal"], r["mode"], r["impl"],
                                                    r.get("engine", "triton"), r["layout"], r.get("transport", "nccl"),
-                                                   sorted(r.get("nccl_env", {}).items())))
+                                                   r.get("ce_signals", ""), sorted(r.get("nccl_env", {}).items())))
     varying = sorted(_varying_env(rows))
     single = {(r["S"], r["Hkv"], r["causal"], r["mode"], r.get("engine", "triton")): r["tflops_per_gpu"]
               for r in rows if r["impl"] == "single_gpu"}
@@ -169,7 +170,7 @@ def print_table(args) -> None:
             print(f"| {r['S'] // 1024}k | {r['Hkv']} | {r['mode']} | {r['impl']} | {r.get('engine', 'triton')} | "
                   f"{r['layout']}{'/%d' % r['last_hop_parts'] if 'last_hop_parts' in r else ''}"
                   f"{'+%gus' % r['head_start_us'] if 'head_start_us' in r else ''}"
-                  f"{' (copy engine)' if r.get('transport') == 'copy_engine' else ''} | "
+                  f"{' (copy engine' + (', %s signals' % r['ce_signals'] if 'ce_signals' in r else '') + ')' if r.get('transport') == 'copy_engine' else ''} | "
                   f"{r['tflops_per_gpu']:.0f} | {'%.3f' % (r['tflops_per_gpu'] / base) if base else '-'} | "
                   # the copy-engine transport's receive workspace is outside the allocator's peak
                   f"{r['peak_mem_gib'] + r.get('workspace_gib', 0):.1f} |" + (f" {env or '-'} |" if varying else ""))

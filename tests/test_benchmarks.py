@@ -128,6 +128,14 @@ def test_plot_ring_writes_plots_and_table(tmp_path, monkeypatch, capsys):
     path.write_text(json.dumps(ce) + "\n" + json.dumps(rows[4]) + "\n")
     plot_ring.print_table(plot_ring.argparse.Namespace(files=[str(path)]))
     assert "| 32k | 8 | fwd | ringflash | triton | striped (copy engine) | 401 | 0.955 | 1.5 |" in capsys.readouterr().out
+    # an A/B of the copy engine's signalling: one series and one table row per mode
+    kernel, stream = (dict(ce, ce_signals=m, tflops_per_gpu=t) for m, t in (("kernel", 401.0), ("stream", 405.0)))
+    assert plot_ring._label(stream) == "ringflash triton striped (copy engine, stream signals)"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (stream, kernel, rows[4])))
+    plot_ring.print_table(plot_ring.argparse.Namespace(files=[str(path)]))
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split(" | ")[5:7] for line in table[2:4]] == [
+        ["striped (copy engine, kernel signals)", "401"], ["striped (copy engine, stream signals)", "405"]]
 
 
 def test_ring_backend_of_the_benchmarks():
