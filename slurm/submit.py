@@ -11,9 +11,9 @@
 Each task is one rank: ``submitit.helpers.TorchDistributedEnvironment().export()`` sets
 MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE (leaving the GPUs that
 Slurm shows the task as they are), then launch/train.py runs in the task's process on GPU
-``LOCAL_RANK`` of those it sees (or its only one, where Slurm binds a GPU per task). The training always runs with ``--resume``, so a
-requeued job (after a timeout, a preemption or a node failure) continues from
-``OUT/ckpt``; a new run needs a new ``--out``.
+``LOCAL_RANK`` of those it sees (or its only one, where Slurm binds a GPU per task). The
+training always runs with ``--resume``, so a requeued job (after a timeout, a preemption or a
+node failure) continues from ``OUT/ckpt``; a new run needs a new ``--out``.
 
 Timeouts: Slurm sends SIGUSR2 ``--signal-delay`` seconds before the time limit
 (``#SBATCH --signal=USR2@90``). launch/train.py finishes its step, checkpoints on every rank
