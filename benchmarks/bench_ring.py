@@ -194,7 +194,7 @@ def bench_ringflash(S, H, Hkv, D, causal, mode, layout, args, engine="triton", l
 def workspace_gib() -> float:
     """The copy-engine transport's receive workspaces (symmetric memory, kept between calls,
     outside the caching allocator's peak): reported beside the peak of its rows."""
-    return sum(w.buf.numel() for w in comm._WORKSPACES.values()) / 2**30
+    return comm.workspace_bytes() / 2**30
 
 
 def bench_single(S, H, Hkv, D, causal, mode, args, engine="triton"):

@@ -67,6 +67,7 @@ if __package__ in (None, ""):  # run as a script (torchrun launch/train.py): mak
 else:
     from .data import IGNORE_INDEX, dataset_problem, make_dataset
 
+from ringflash import comm
 from ringflash.batch import shard_batch
 from ringflash.layout import LAYOUTS, get_layout
 from ringflash.models import GPT, GPTConfig
@@ -330,8 +331,6 @@ def setup_distributed(cfg: TrainConfig, rank: int, world_size: int, local_rank: 
 
 
 def build_model(cfg: TrainConfig, group) -> torch.nn.Module:
-    from ringflash import comm
-
     comm.TRANSPORT = cfg.transport
     model_cfg = GPTConfig(
         vocab_size=256,
@@ -619,8 +618,9 @@ def _train(cfg: TrainConfig, d: Dist, stop: StopSignals) -> TrainResult:
                     correct = (logits_local.argmax(-1)[mask] == labels_local[mask]).sum()
                     stats = torch.stack([loss.detach().float(), correct.float(), mask.sum().float()])
                 dist.all_reduce(stats)  # loss: the same on every cp rank, so the world mean is the dp mean
-                mem = torch.tensor([torch.cuda.max_memory_allocated(d.device) / 2**30 if d.device.type == "cuda" else 0.0],
-                                   device=d.device)
+                # the copy-engine transport's workspace is outside the caching allocator's peak
+                mem = torch.tensor([(torch.cuda.max_memory_allocated(d.device) + comm.workspace_bytes(d.device)) / 2**30
+                                    if d.device.type == "cuda" else 0.0], device=d.device)
                 dist.all_reduce(mem, op=dist.ReduceOp.MAX)
                 elapsed = time.perf_counter() - t_interval
                 last_loss = stats[0].item() / d.world_size

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["Ring", "CopyEngineRing", "Exchange", "make_ring", "resolve_group", "check_group_device",
-           "TRANSPORTS", "free_workspaces"]
+           "TRANSPORTS", "free_workspaces", "workspace_bytes"]
 
 TRANSPORTS = ("nccl", "copy_engine")
 # How ring transfers move (see the module docstring); read at every ring call.
@@ -203,6 +203,14 @@ def free_workspaces() -> None:
     if _WORKSPACES:
         torch.cuda.synchronize()
     _WORKSPACES.clear()
+
+
+def workspace_bytes(device: torch.device | int | None = None) -> int:
+    """Bytes held by this process's copy-engine receive workspaces (on ``device``, or on every
+    device). PyTorch's symmetric memory is outside the caching allocator: add this to
+    ``torch.cuda.max_memory_allocated`` for the peak memory of a run over that transport."""
+    index = torch.device(device).index if isinstance(device, (str, torch.device)) else device
+    return sum(w.buf.numel() for (_, dev), w in _WORKSPACES.items() if index is None or dev == index)
 
 
 class _Workspace:

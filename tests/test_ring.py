@@ -195,6 +195,20 @@ def test_ring_with_triton_kernels_interpreted(world_size):
                     assert e <= 2 * s, (rank, case, entry, _SEED)
 
 
+def test_workspace_bytes_counts_the_copy_engine_workspaces(monkeypatch):
+    """What ``max_memory_allocated`` leaves out: the symmetric workspaces, per device or all."""
+    from ringflash import comm
+
+    class Space:
+        def __init__(self, n):
+            self.buf = torch.empty(n, dtype=torch.uint8)
+
+    monkeypatch.setattr(comm, "_WORKSPACES", {("g0", 0): Space(1000), ("g1", 0): Space(24), ("g0", 1): Space(500)})
+    assert comm.workspace_bytes() == 1524
+    assert comm.workspace_bytes(0) == 1024 and comm.workspace_bytes(torch.device("cuda", 1)) == 500
+    assert comm.workspace_bytes("cuda:2") == 0
+
+
 def test_copy_engine_receive_buffers_sit_at_the_same_offset_on_every_rank():
     """The copy-engine ring's bump allocator: aligned buffers in allocation order, and a
     sender's view of the next rank's buffer at the same offset (here over CPU stand-ins for
