@@ -26,7 +26,9 @@ with several values it applies on any number of ranks, which the library's defau
 TFLOP/s per GPU use the FlashAttention convention: fwd = 4 * B * H * S^2 * D (halved when
 causal), fwd+bwd = 3.5 * fwd, divided by the number of GPUs. A time is the median over
 iterations on each rank, then the slowest rank. Peak memory is the largest
-``max_memory_allocated`` over ranks, inputs included. Results: one JSON object per line.
+``max_memory_allocated`` over ranks, inputs included; the copy-engine workspace is outside it
+(``workspace_gib``), and the printed table's GiB column adds the two. Results: one JSON object
+per line.
 """
 
 from __future__ import annotations
@@ -379,7 +381,7 @@ def main():
             if "error" in r:
                 print(f"{r['impl']:16s} {r['engine']:7s} {r['layout']:11s} {r['S']:7d} {r['Hkv']:4d} {str(r['causal']):>6s} {r['mode']:>7s}  error: {r['error'][:60]}")
             else:
-                print(f"{r['impl']:16s} {r['engine']:7s} {r['layout']:11s} {r['S']:7d} {r['Hkv']:4d} {str(r['causal']):>6s} {r['mode']:>7s} {r['ms']:9.2f} {r['tflops_per_gpu']:11.1f} {r['peak_mem_gib']:6.2f}")
+                print(f"{r['impl']:16s} {r['engine']:7s} {r['layout']:11s} {r['S']:7d} {r['Hkv']:4d} {str(r['causal']):>6s} {r['mode']:>7s} {r['ms']:9.2f} {r['tflops_per_gpu']:11.1f} {r['peak_mem_gib'] + r.get('workspace_gib', 0):6.2f}")
     dist.destroy_process_group()
 
 
