@@ -13,10 +13,14 @@ layouts below share one implementation and differ only in :meth:`Layout.position
   PyTorch context parallel).
 
 Positions on every rank are strictly increasing, which the kernels rely on to classify
-tiles as fully visible, fully masked or on the causal boundary.
+tiles as fully visible, fully masked or on the causal boundary. On one rank every layout is the
+identity (strictly increasing positions of all tokens leave no other order), so a group of one
+takes any sequence length.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.distributed as dist
@@ -24,6 +28,17 @@ import torch.distributed as dist
 from .comm import resolve_group
 
 __all__ = ["Layout", "Contiguous", "Striped", "Zigzag", "get_layout", "LAYOUTS"]
+
+
+def _is_int(x) -> bool:
+    """An integer that is not a bool (Python and NumPy integers, 0-d integer tensors)."""
+    if isinstance(x, bool):
+        return False
+    try:
+        operator.index(x)
+    except TypeError:
+        return False
+    return True
 
 
 class Layout:
@@ -44,9 +59,21 @@ class Layout:
 
     # -- derived ---------------------------------------------------------------------------
 
+    @staticmethod
+    def check_rank(rank: int, world_size: int) -> None:
+        """Raise ``ValueError`` unless ``0 <= rank < world_size`` (e.g. a global rank passed where
+        the rank within the context-parallel group was meant)."""
+        if not _is_int(world_size) or world_size < 1:
+            raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+        if not _is_int(rank) or not 0 <= rank < world_size:
+            raise ValueError(
+                f"rank must be an int in [0, {world_size}), got {rank!r}; pass the rank within the "
+                f"group that shares the sequence (e.g. dist.get_rank(cp_group)), not the global rank"
+            )
+
     def check_seqlen(self, seqlen: int, world_size: int) -> None:
         """Raise ``ValueError`` if ``seqlen`` tokens cannot be split over ``world_size`` ranks."""
-        m = self.multiple(world_size)
+        m = self.multiple(world_size) if world_size > 1 else 1
         if seqlen <= 0 or seqlen % m != 0:
             raise ValueError(
                 f"layout {self!r} over {world_size} ranks needs a sequence length that is a "
@@ -55,11 +82,11 @@ class Layout:
 
     def check_local_seqlen(self, local_seqlen: int, world_size: int) -> None:
         """Raise ``ValueError`` if a shard of ``local_seqlen`` tokens cannot come from this layout."""
-        per_rank = self.multiple(world_size) // world_size
+        per_rank = self.multiple(world_size) // world_size if world_size > 1 else 1
         if local_seqlen <= 0:
             raise ValueError(
                 f"this rank holds no tokens (local_seqlen {local_seqlen}); layout {self!r} over "
-                f"{world_size} ranks needs a global sequence of at least {self.multiple(world_size)} tokens."
+                f"{world_size} ranks needs a global sequence of at least {per_rank * world_size} tokens."
             )
         if local_seqlen % per_rank != 0:
             raise ValueError(
@@ -70,11 +97,17 @@ class Layout:
 
     def local_positions(self, local_seqlen: int, *, rank: int, world_size: int, device=None) -> torch.Tensor:
         """Global positions of this rank's tokens, from the local length."""
+        self.check_rank(rank, world_size)
+        if world_size == 1:
+            return torch.arange(local_seqlen, device=device)
         return self.positions(local_seqlen * world_size, rank=rank, world_size=world_size, device=device)
 
     def shard(self, x: torch.Tensor, *, rank: int, world_size: int, dim: int = 1) -> torch.Tensor:
         """This rank's shard of the full tensor ``x`` along ``dim`` (a new contiguous tensor)."""
+        self.check_rank(rank, world_size)
         self.check_seqlen(x.shape[dim], world_size)
+        if world_size == 1:
+            return x.clone(memory_format=torch.contiguous_format)
         pos = self.positions(x.shape[dim], rank=rank, world_size=world_size, device=x.device)
         return x.index_select(dim, pos)
 
@@ -84,6 +117,8 @@ class Layout:
         local = shards[0].shape[dim]
         if any(s.shape[dim] != local for s in shards):
             raise ValueError("all shards must have the same length along the sequence dim")
+        if world_size == 1:
+            return shards[0].clone(memory_format=torch.contiguous_format)
         seqlen = local * world_size
         stacked = torch.cat(shards, dim=dim)
         perm = torch.cat(
@@ -122,7 +157,10 @@ class Contiguous(Layout):
         return world_size
 
     def positions(self, seqlen: int, *, rank: int, world_size: int, device=None) -> torch.Tensor:
+        self.check_rank(rank, world_size)
         self.check_seqlen(seqlen, world_size)
+        if world_size == 1:
+            return torch.arange(seqlen, device=device)
         local = seqlen // world_size
         return torch.arange(rank * local, (rank + 1) * local, device=device)
 
@@ -141,7 +179,10 @@ class Striped(Layout):
         return world_size * self.stripe
 
     def positions(self, seqlen: int, *, rank: int, world_size: int, device=None) -> torch.Tensor:
+        self.check_rank(rank, world_size)
         self.check_seqlen(seqlen, world_size)
+        if world_size == 1:
+            return torch.arange(seqlen, device=device)
         n_stripes = seqlen // (world_size * self.stripe)  # stripes per rank
         starts = (torch.arange(n_stripes, device=device) * world_size + rank) * self.stripe
         return (starts[:, None] + torch.arange(self.stripe, device=device)[None, :]).reshape(-1)
@@ -159,7 +200,10 @@ class Zigzag(Layout):
         return 2 * world_size
 
     def positions(self, seqlen: int, *, rank: int, world_size: int, device=None) -> torch.Tensor:
+        self.check_rank(rank, world_size)
         self.check_seqlen(seqlen, world_size)
+        if world_size == 1:
+            return torch.arange(seqlen, device=device)
         chunk = seqlen // (2 * world_size)
         head = torch.arange(rank * chunk, (rank + 1) * chunk, device=device)
         tail_start = (2 * world_size - 1 - rank) * chunk

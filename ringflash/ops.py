@@ -146,6 +146,8 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(
             f"q, k, v must share head_dim; got {q.shape[3]}, {k.shape[3]}, {v.shape[3]}"
         )
+    if k.shape[2] == 0:
+        raise ValueError(f"k and v need at least one head; got shape {tuple(k.shape)}")
     if q.shape[2] % k.shape[2] != 0:
         raise ValueError(
             f"the number of query heads ({q.shape[2]}) must be a multiple of the number of "
@@ -195,7 +197,8 @@ def flash_attention(
         causal: query ``i`` sees key ``j`` iff ``i + seqlen_k - seqlen_q >= j`` (aligned to the
             bottom-right corner, as flash-attn; the usual mask when the lengths are equal).
         softmax_scale: defaults to ``1 / sqrt(headdim)``.
-        return_lse: also return the float32 log-sum-exp (natural log), (batch_size, nheads, seqlen_q).
+        return_lse: also return the log-sum-exp (natural log), (batch_size, nheads, seqlen_q), in
+            float32 (float64 for float64 inputs).
         backend: ``"triton"``, ``"reference"``, ``"cudnn"``, ``"sdpa_flash"``, or None (triton on
             CUDA, reference on CPU).
 

@@ -26,8 +26,11 @@ models keep attention in their graphs.
 from __future__ import annotations
 
 import math
+import os
+import zlib
 
 import torch
+import torch.distributed as dist
 
 from . import comm
 from .comm import Exchange, check_group_device, check_transport, make_ring, resolve_group, world_and_rank
@@ -169,8 +172,61 @@ def _union(ranges):
     return out
 
 
+CHECK_CONSISTENCY = os.environ.get("RINGFLASH_CHECK_CONSISTENCY", "0") not in ("", "0")
+"""Compare every rank's call before the first transfer of each ring forward (one all-gather of a
+few integers and a host sync per call; off by default). Ranks that disagree, e.g. on the local
+length, otherwise exchange buffers of different sizes: an error on some ranks and a hang or a
+wrong result on others. With the check on, every rank raises a ``ValueError`` naming what
+differs. ``RINGFLASH_CHECK_CONSISTENCY=1`` turns it on at import."""
+
+
+def _call_signature(q, k, causal, softmax_scale, layout, be) -> dict:
+    """What every rank of a ring must pass alike."""
+    return {
+        "batch": q.shape[0], "local_seqlen": q.shape[1], "heads": q.shape[2], "kv_heads": k.shape[2],
+        "head_dim": q.shape[3], "dtype": str(q.dtype), "causal": bool(causal),
+        "softmax_scale": float(softmax_scale), "layout": repr(layout),
+        "engine": getattr(be, "name", type(be).__name__), "transport": comm.TRANSPORT,
+    }
+
+
+def _check_consistency(signature: dict, group, world_size: int, device) -> None:
+    """Raise ``ValueError`` on every rank if the ranks' call signatures differ."""
+    codes = torch.tensor([zlib.crc32(f"{k}={v!r}".encode()) for k, v in signature.items()],
+                         dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(codes) for _ in range(world_size)]
+    dist.all_gather(gathered, codes, group=group)
+    if all(torch.equal(g, gathered[0]) for g in gathered[1:]):
+        return
+    # Every rank saw the same codes, so every rank is here: gather the readable signatures.
+    signatures = [None] * world_size
+    dist.all_gather_object(signatures, signature, group=group)
+    differ = [f for f in signature if len({repr(s[f]) for s in signatures}) > 1]
+    detail = "; ".join(f"{f}: " + ", ".join(f"rank {i} {s[f]!r}" for i, s in enumerate(signatures)) for f in differ)
+    raise ValueError(
+        f"ring attention was called differently on the ranks of its group ({detail}). Every rank "
+        "must pass shards of the same shapes and dtype and the same causal, softmax_scale, layout, "
+        "backend and transport"
+    )
+
+
+def _preflight(q, k, causal: bool, softmax_scale: float, layout: Layout, group, be) -> None:
+    """The checks that need the resolved engine, before any communication of a ring forward
+    (eager and compiled calls alike): the ranks' agreement (:data:`CHECK_CONSISTENCY`), then
+    whether the engine can cut every step's mask (the SDPA engines)."""
+    world_size, _ = world_and_rank(group)
+    if world_size == 1:
+        return
+    if CHECK_CONSISTENCY:
+        _check_consistency(_call_signature(q, k, causal, softmax_scale, layout, be), group, world_size, q.device)
+    check_layout = getattr(be, "check_layout", None)
+    if check_layout is not None:
+        check_layout(layout, q.shape[1], world_size, causal)
+
+
 def _ring_forward(q, k, v, causal: bool, softmax_scale: float, layout: Layout, group, be):
-    """(out in q's dtype, float32 lse) of ring attention; the checks are the caller's."""
+    """(out in q's dtype, float32 lse) of ring attention; the input checks are the caller's."""
+    _preflight(q, k, causal, softmax_scale, layout, group, be)
     ring = make_ring(group, q.device, recv_bytes=2 * _kv_bytes(k))
     P, r = ring.world_size, ring.rank
     pos_host, pos = _positions(layout, q.shape[1], P, q.device)
@@ -464,7 +520,8 @@ def ring_attention(
             process group this is plain single-device attention. Transfers go through the
             group's point-to-point operations, or through the copy engine when
             ``ringflash.comm.TRANSPORT = "copy_engine"`` (GPUs of one node; :mod:`ringflash.comm`).
-        return_lse: also return the float32 log-sum-exp (natural log), (batch_size, nheads, local_seqlen).
+        return_lse: also return the log-sum-exp (natural log), (batch_size, nheads, local_seqlen),
+            in float32 (float64 for float64 inputs).
         backend: the local engine: ``"triton"`` (default on CUDA), ``"reference"`` (default on
             the CPU), or PyTorch's fused ``"cudnn"`` / ``"sdpa_flash"`` kernels (see
             :mod:`ringflash.sdpa`).

@@ -6,12 +6,18 @@ from global positions (query ``i`` sees key ``j`` iff ``q_pos[i] >= k_pos[j]``),
 square causal diagonal. With strictly increasing positions, query ``i`` sees a prefix of the
 keys of length ``c_i`` (non-decreasing in ``i``): a run of rows where ``c_i`` is constant is
 one full piece; a run where ``c_i`` grows by one per row is a full piece (the keys every row
-of the run sees) plus a causal square. Every layout's steps come out as at most three pieces:
+of the run sees) plus a causal square. The built-in layouts' steps come out as at most one
+piece each:
 
 * contiguous: full (earlier rank), causal square (own block), nothing (later rank);
 * striped (stripe 1): causal square when ``src <= r``; when ``src > r`` the diagonal is
   excluded: queries ``1..`` over keys ``..-1``, causal, and row 0 sees nothing;
-* zigzag: own block = causal + full + causal; other blocks = one full half-block.
+* zigzag: own block = one causal square; other blocks = one full half-block (queries or
+  keys), or nothing.
+
+Other layouts (``Striped(stripe > 1)``, a ``Layout`` of your own) can need more pieces than the
+kernels should be called for (:data:`MAX_PIECES`); :func:`check_layout` finds that out from the
+positions alone, for every step of the ring, before the ring sends anything.
 
 Each piece's output comes back rounded to the input dtype, with a float32 LSE; the pieces and
 steps are merged into float32 accumulators as with the Triton kernels. The backward of a
@@ -33,7 +39,7 @@ from types import SimpleNamespace
 import torch
 from .reference import default_positions, merge_
 
-__all__ = ["Piece", "decompose", "make_engine", "check_inputs", "accumulate", "ENGINES", "MAX_PIECES"]
+__all__ = ["Piece", "decompose", "make_engine", "check_inputs", "check_layout", "accumulate", "ENGINES", "MAX_PIECES"]
 
 ENGINES = ("cudnn", "sdpa_flash")
 MAX_PIECES = 8  # more pieces than this means a mask these kernels have no good form for
@@ -175,6 +181,48 @@ def check_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
         )
 
 
+_LAYOUTS_CHECKED: set = set()
+
+
+def check_layout(name: str, layout, local_seqlen: int, world_size: int, causal: bool) -> None:
+    """Raise ``ValueError`` if some step of a causal ring over ``layout`` needs more pieces than
+    engine ``name`` runs (:func:`decompose`).
+
+    Positions depend only on the layout, the local length and the number of ranks, so every
+    rank reaches the same verdict, before any transfer. The built-in layouts (contiguous,
+    striped with stripes of one token, zigzag) need at most one piece per step and are not
+    cut here; any other layout is cut for all ``world_size ** 2`` (rank, source) pairs once per
+    shape.
+    """
+    from .layout import Contiguous, Striped, Zigzag
+
+    if not causal or world_size == 1:
+        return
+    if type(layout) in (Contiguous, Zigzag) or (type(layout) is Striped and layout.stripe == 1):
+        return
+    try:
+        key = (layout, local_seqlen, world_size)
+        if key in _LAYOUTS_CHECKED:
+            return
+    except TypeError:  # a Layout with unhashable attributes: checked on every call
+        key = None
+    pos = [layout.local_positions(local_seqlen, rank=r, world_size=world_size) for r in range(world_size)]
+    for r in range(world_size):
+        for src in range(world_size):
+            try:
+                decompose(pos[r], pos[src], True)
+            except ValueError as e:
+                raise ValueError(
+                    f"the {name} engine cannot run causal ring attention over layout {layout!r} on "
+                    f"{world_size} ranks with {local_seqlen} tokens per rank: at the step where rank {r} "
+                    f"holds the keys of rank {src}, {e}"
+                ) from None
+    if key is not None:
+        if len(_LAYOUTS_CHECKED) > 256:
+            _LAYOUTS_CHECKED.clear()
+        _LAYOUTS_CHECKED.add(key)
+
+
 _PIECES: dict = {}
 
 
@@ -299,6 +347,9 @@ def make_engine(name: str, *, piece_fwd=None, piece_bwd=None) -> SimpleNamespace
 
     return SimpleNamespace(
         name=name, forward=forward, backward=backward, backward_delta=lambda out, dout: None,
-        backward_blocks=backward_blocks, check=(lambda q, k, v: check_inputs(name, q, k, v)) if fused else None, host_positions=True, needs_out=True,
+        backward_blocks=backward_blocks, check=(lambda q, k, v: check_inputs(name, q, k, v)) if fused else None,
+        check_layout=lambda layout, local_seqlen, world_size, causal: check_layout(
+            name, layout, local_seqlen, world_size, causal),
+        host_positions=True, needs_out=True,
         holds_sms=fused,  # see ring.HEAD_START_US
     )

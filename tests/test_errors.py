@@ -25,6 +25,7 @@ def bad_cases():
         "dtype": (t(*ok_q), t(*ok_kv, dtype=torch.float64), t(*ok_kv, dtype=torch.float64), {}, ValueError, "dtype"),
         "device": (t(*ok_q), t(*ok_kv, device="meta"), t(*ok_kv, device="meta"), {}, ValueError, "device"),
         "heads": (t(2, 8, 6, 16), t(2, 8, 4, 16), t(2, 8, 4, 16), {}, ValueError, "multiple of the number of key/value heads"),
+        "no_kv_heads": (t(*ok_q), t(2, 8, 0, 16), t(2, 8, 0, 16), {}, ValueError, "at least one head"),
         "rank3": (t(2, 8, 64), t(2, 8, 64), t(2, 8, 64), {}, ValueError, "4-D"),
         "integer": (torch.ones(*ok_q, dtype=torch.int32),) * 3 + ({}, TypeError, "floating-point"),
         "k_v_shapes": (t(*ok_q), t(*ok_kv), t(2, 8, 4, 16), {}, ValueError, "k and v"),
@@ -81,6 +82,16 @@ def _try_all(rank, world_size):
     # Slurm's binding; none here) cannot map its peers' memory.
     refused("transport_visible_gpus", "see all GPUs of its group",
             lambda: comm.check_transport("copy_engine", None, torch.device("cuda", 0)))
+    # A mask the SDPA engines cannot cut (stripes of 2 tokens): the verdict comes from the
+    # positions of every step, so every rank raises, even those whose own steps would cut.
+    from test_sdpa import EMULATED
+
+    q2, k2 = t(2, 18, 4, 16), t(2, 18, 2, 16)
+    try:
+        ring_attention(q2, k2, k2, causal=True, layout=Striped(stripe=2), backend=EMULATED)
+        results["sdpa_layout"] = "no error"
+    except ValueError as e:
+        results["sdpa_layout"] = "ok" if "cannot run causal ring attention over layout Striped(stripe=2)" in str(e) else str(e)
     # The group still works afterwards: nothing was half-sent.
     x = torch.ones(1)
     dist.all_reduce(x)
@@ -108,3 +119,54 @@ def test_world_of_one_without_distributed_is_plain_attention():
     out = ring_attention(q.double(), k.double(), v.double(), causal=True, layout="zigzag")
     ref, _ = reference.attention(q.double(), k.double(), v.double(), causal=True)
     assert ((out - ref).norm() / ref.norm()).item() < 1e-12
+
+
+def _mismatched_calls(rank, world_size, case):
+    """Calls that differ between ranks, with the consistency check on: a ValueError on every rank
+    naming what differs; then the same group runs a matching call."""
+    from ringflash import ring as ring_mod
+
+    ring_mod.CHECK_CONSISTENCY = True
+    L = 8
+    kwargs = {}
+    if case == "length":
+        L = 8 if rank == 0 else 16
+    elif case == "causal":
+        kwargs["causal"] = rank != 1
+    elif case == "layout":
+        kwargs["layout"] = "zigzag" if rank == world_size - 1 else "striped"
+    dtype = torch.float64 if case == "dtype" and rank != 0 else torch.float32
+    q, k = t(1, L, 4, 8, dtype=dtype), t(1, L, 2, 8, dtype=dtype)
+    try:
+        ring_attention(q, k, k, **{"causal": True, **kwargs})
+        verdict = "no error"
+    except ValueError as e:
+        field = {"length": "local_seqlen", "dtype": "dtype", "causal": "causal", "layout": "layout"}[case]
+        verdict = "ok" if f"{field}: rank 0" in str(e) and "called differently" in str(e) else str(e)
+    q, k = t(1, 8, 4, 8), t(1, 8, 2, 8)
+    ring_attention(q, k, k, causal=True)  # the group is usable afterwards
+    ring_mod.CHECK_CONSISTENCY = False
+    return verdict
+
+
+@pytest.mark.parametrize("case", ["length", "dtype", "causal", "layout"])
+def test_consistency_check_names_the_difference_on_every_rank(case):
+    assert spawn(_mismatched_calls, 3, case, timeout=120) == ["ok"] * 3
+
+
+def _matching_calls_with_check(rank, world_size):
+    from ringflash import reference
+    from ringflash import ring as ring_mod
+    from ringflash.layout import get_layout
+
+    ring_mod.CHECK_CONSISTENCY = True
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 12, h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    lay = get_layout("zigzag")
+    out = ring_attention(*(lay.shard(x, rank=rank, world_size=world_size) for x in (q, k, v)), causal=True, layout=lay)
+    ref, _ = reference.attention(q, k, v, causal=True)
+    return ((out - lay.shard(ref, rank=rank, world_size=world_size)).norm() / ref.norm()).item()
+
+
+def test_consistency_check_passes_matching_calls():
+    assert max(spawn(_matching_calls_with_check, 2, timeout=120)) < 1e-12

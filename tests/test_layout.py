@@ -82,6 +82,44 @@ def test_unsplittable_lengths_say_the_multiple(layout, world_size, seqlen, multi
         layout.check_seqlen(seqlen, world_size)
 
 
+@pytest.mark.parametrize("layout", [Contiguous(), Striped(), Striped(stripe=2), Zigzag()], ids=repr)
+@pytest.mark.parametrize("rank,world_size", [(2, 2), (-1, 2), (4, 4), (0, 0), (1.0, 2), (True, 2)])
+def test_rank_outside_the_group_is_refused(layout, rank, world_size):
+    """A global rank passed where the rank within the group was meant, or no ranks at all."""
+    x = torch.arange(16)[None]
+    with pytest.raises(ValueError, match="rank must be|world_size must be"):
+        layout.shard(x, rank=rank, world_size=world_size)
+    with pytest.raises(ValueError, match="rank must be|world_size must be"):
+        layout.positions(16, rank=rank, world_size=world_size)
+    with pytest.raises(ValueError, match="rank must be|world_size must be"):
+        layout.local_positions(8, rank=rank, world_size=world_size)
+
+
+@pytest.mark.parametrize("layout", [Contiguous(), Striped(), Striped(stripe=4), Zigzag()], ids=repr)
+@pytest.mark.parametrize("seqlen", [1, 7, 13])
+def test_one_rank_takes_any_length(layout, seqlen):
+    """On one rank every layout is the identity, whatever multiple it needs on several."""
+    x = torch.randn(2, seqlen, 3)
+    layout.check_seqlen(seqlen, 1)
+    layout.check_local_seqlen(seqlen, 1)
+    assert torch.equal(layout.positions(seqlen, rank=0, world_size=1), torch.arange(seqlen))
+    assert torch.equal(layout.local_positions(seqlen, rank=0, world_size=1), torch.arange(seqlen))
+    assert torch.equal(layout.shard(x, rank=0, world_size=1), x)
+    assert torch.equal(layout.assemble([x]), x)
+
+
+def test_one_rank_odd_length_attention():
+    """Without a process group, ring attention over any layout is plain attention at any length."""
+    from ringflash import reference, ring_attention
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 7, h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    ref, _ = reference.attention(q, k, v, causal=True)
+    for layout in ("zigzag", Striped(stripe=4)):
+        out = ring_attention(q, k, v, causal=True, layout=layout)
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-12
+
+
 def _unshard(rank, world_size, seed):
     torch.manual_seed(seed)
     out = {}
