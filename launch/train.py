@@ -43,6 +43,7 @@ losses an uninterrupted run would have had (bit-identical on the CPU).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -146,7 +147,8 @@ class TrainConfig:
 
 
 # Fields that must not change when a run resumes: they decide the weights' shapes or the data.
-_RESUME_FIXED = ("dim", "layers", "heads", "kv_heads", "data", "recall_pairs", "seed")
+# (--seq-len decides the samples and, with --recall-pairs 0, how many pairs each one holds.)
+_RESUME_FIXED = ("dim", "layers", "heads", "kv_heads", "data", "seq_len", "recall_pairs", "seed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -512,6 +514,36 @@ def plot_loss(metrics: Path, png: Path) -> Path | None:
     return png
 
 
+class StepTimer:
+    """Steps and seconds of training since the last log record (tokens/s, step_s).
+
+    Time spent in :meth:`paused` (a checkpoint) is left out by moving the interval's start
+    forward by it: the steps before the pause still count, with the time they took.
+    """
+
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
+        self.start, self.steps = clock(), 0
+
+    def step(self) -> None:
+        self.steps += 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = self.clock()
+        try:
+            yield
+        finally:
+            self.start += self.clock() - t0
+
+    def interval(self) -> tuple[int, float]:
+        """(steps, seconds) since the last :meth:`restart`."""
+        return self.steps, self.clock() - self.start
+
+    def restart(self) -> None:
+        self.start, self.steps = self.clock(), 0
+
+
 # -- training ---------------------------------------------------------------------------------
 
 
@@ -593,7 +625,7 @@ def _train(cfg: TrainConfig, d: Dist, stop: StopSignals) -> TrainResult:
             pbar.write(f"step {step}: checkpoint {path}")
 
     last_loss = None
-    t_interval, steps_interval = time.perf_counter(), 0
+    timer = StepTimer()
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(d.device)
     try:
@@ -610,7 +642,7 @@ def _train(cfg: TrainConfig, d: Dist, stop: StopSignals) -> TrainResult:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             data_position += cfg.batch_size * d.dp_size
-            steps_interval += 1
+            timer.step()
 
             if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
                 with torch.no_grad():
@@ -622,7 +654,7 @@ def _train(cfg: TrainConfig, d: Dist, stop: StopSignals) -> TrainResult:
                 mem = torch.tensor([(torch.cuda.max_memory_allocated(d.device) + comm.workspace_bytes(d.device)) / 2**30
                                     if d.device.type == "cuda" else 0.0], device=d.device)
                 dist.all_reduce(mem, op=dist.ReduceOp.MAX)
-                elapsed = time.perf_counter() - t_interval
+                steps_interval, elapsed = timer.interval()
                 last_loss = stats[0].item() / d.world_size
                 record = {
                     "step": step,
@@ -643,7 +675,7 @@ def _train(cfg: TrainConfig, d: Dist, stop: StopSignals) -> TrainResult:
                         f"{record['tokens_per_s']:,.0f} tok/s"
                         + (f" peak {record['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in record else "")
                     )
-                t_interval, steps_interval = time.perf_counter(), 0
+                timer.restart()
             if pbar is not None:
                 pbar.update(1)
                 if last_loss is not None:
@@ -659,8 +691,8 @@ def _train(cfg: TrainConfig, d: Dist, stop: StopSignals) -> TrainResult:
                     pbar.write(f"step {step}: stopped by {signum.name} after checkpointing; continue with --resume")
                 return TrainResult(step, step >= cfg.steps, signum, last_loss)
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
-                checkpoint()
-                t_interval = time.perf_counter()  # tokens/s measures training, not saving
+                with timer.paused():  # tokens/s measures training, not saving
+                    checkpoint()
         checkpoint()
         return TrainResult(step, True, None, last_loss)
     finally:

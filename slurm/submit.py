@@ -138,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = train.parse_args(train_args)
     if not args.local and cfg.device == "auto":
         cfg = dataclasses.replace(cfg, device="cuda")  # what the compute nodes get
-    problems = train.config_problems(cfg.resolved(), world_size, hardware=args.local)
+    # The job always runs with --resume (Trainer), so check the config with it: a changed --dim
+    # or --seq-len for an existing --out fails here, not once the job starts on the cluster.
+    resumed = dataclasses.replace(cfg.resolved(), resume=True)
+    problems = train.config_problems(resumed, world_size, hardware=args.local)
     if problems:
         for p in problems:
             print(f"submit.py: error: {p}", file=sys.stderr)
@@ -173,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         time=args.time,
         signal_delay_s=args.signal_delay,
         setup=args.setup,
+        # Slurm 22.05-23.02's srun does not take the job's --cpus-per-task: pass it to the srun
+        # that starts the tasks, or each task gets one core.
+        srun_args=["--cpus-per-task", str(args.cpus_per_task)],
         # Requeue after a node failure or preemption too; submitit requeues on timeouts itself.
         additional_parameters={"requeue": True},
     )

@@ -6,9 +6,11 @@ they were asked to do.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -61,7 +63,7 @@ def test_submit_writes_a_requeueable_job_script(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "slurm" / "submit.py"), "--nodes", "2", "--gpus-per-node", "4",
            "--partition", "gpu", "--account", "proj", "--time", "90", "--signal-delay", "120",
-           "--", "--out", str(out), "--cp-size", "4", "--seq-len", "131072"]
+           "--cpus-per-task", "12", "--", "--out", str(out), "--cp-size", "4", "--seq-len", "131072"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "submitted job 123" in proc.stdout
@@ -75,7 +77,11 @@ def test_submit_writes_a_requeueable_job_script(tmp_path):
     assert sbatch["time"] == "90"
     assert "requeue" in sbatch  # node failures and preemptions requeue too
     assert sbatch["signal"] == "USR2@120"  # the time-limit warning that makes the job checkpoint
-    assert re.search(r"^srun .*submitit", script, flags=re.M)
+    assert sbatch["cpus-per-task"] == "12"
+    (srun,) = re.findall(r"^srun .*submitit.*$", script, flags=re.M)
+    # and to srun itself: Slurm 22.05-23.02's srun does not take the job's --cpus-per-task
+    srun_argv = shlex.split(srun)
+    assert srun_argv[srun_argv.index("--cpus-per-task") + 1] == "12"
 
     # The submitted callable: launch/train.py's flags, always resuming from OUT/ckpt.
     (pickle,) = (out / "submitit").glob("123_submitted.pkl")
@@ -95,6 +101,27 @@ def test_submit_refuses_a_bad_config_before_submitting(tmp_path):
     assert proc.returncode == 2
     assert "--cp-size 3 does not divide the world size 4" in proc.stderr
     assert not (tmp_path / "called").exists()
+
+
+def test_submit_refuses_a_resume_conflict_before_submitting(tmp_path):
+    """The job always resumes: settings that clash with OUT/ckpt fail the submission, not the job."""
+    out = tmp_path / "run"
+    (out / "ckpt").mkdir(parents=True)
+    saved = train.parse_args(["--out", str(out), "--dim", "128"])
+    (out / "ckpt" / "meta.json").write_text(json.dumps({"step": 100, "config": dataclasses.asdict(saved)}))
+    env = fake_bin(tmp_path, sbatch=f'touch {tmp_path}/called\necho "Submitted batch job 7"\n', srun="exit 0\n")
+    submit_py = [sys.executable, str(REPO / "slurm" / "submit.py"), "--nodes", "1", "--gpus-per-node", "2"]
+    proc = subprocess.run([*submit_py, "--", "--out", str(out), "--dim", "256"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert f"submit.py: error: --resume from {out / 'ckpt'}" in proc.stderr
+    assert "--dim 128 -> 256" in proc.stderr and "another --out" in proc.stderr
+    assert not (tmp_path / "called").exists()
+    # The checkpoint's own settings (a resubmitted run) go through.
+    proc = subprocess.run([*submit_py, "--", "--out", str(out), "--dim", "128"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "called").exists()
 
 
 def test_submitit_local_executor_runs_two_tasks(tmp_path):
@@ -153,24 +180,32 @@ def test_sbatch_template_settings():
     assert sbatch["signal"].startswith("B:USR2@")  # to the batch script, which forwards it
 
 
-def _run_template(tmp_path, srun_body: str, *train_args: str):
+def _run_template(tmp_path, srun_body: str, *train_args: str, **slurm_env: str):
     env = fake_bin(
         tmp_path,
         srun=srun_body,
         scontrol=(f'if [ "$1" = show ]; then printf "node07\\nnode08\\n"; '
                   f'else echo "$@" >> {tmp_path}/scontrol.log; fi\n'),
     )
+    for name in ("SLURM_CPUS_PER_TASK", "SRUN_CPUS_PER_TASK"):
+        env.pop(name, None)
     env.update(SLURM_JOB_NODELIST="node[07-08]", SLURM_NNODES="2", SLURM_JOB_ID="4242",
-               SLURM_GPUS_ON_NODE="4")
+               SLURM_GPUS_ON_NODE="4", **slurm_env)
     return subprocess.Popen(["bash", str(SBATCH_TEMPLATE), *train_args], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+# Records its arguments, and the SRUN_CPUS_PER_TASK it was started with.
+RECORD_ARGS_AND_CPUS = RECORD_ARGS + 'echo "${{SRUN_CPUS_PER_TASK-unset}}" > "{path}.cpus"\n'
+
+
 def test_sbatch_template_torchrun_line(tmp_path):
-    proc = _run_template(tmp_path, RECORD_ARGS.format(path=tmp_path / "srun.args"),
-                         "--out", "runs/x", "--cp-size", "4", "--seq-len", "131072")
+    proc = _run_template(tmp_path, RECORD_ARGS_AND_CPUS.format(path=tmp_path / "srun.args"),
+                         "--out", "runs/x", "--cp-size", "4", "--seq-len", "131072", SLURM_CPUS_PER_TASK="64")
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
+    # Slurm 22.05-23.02's srun takes the job's --cpus-per-task only from SRUN_CPUS_PER_TASK.
+    assert (tmp_path / "srun.args.cpus").read_text().strip() == "64"
     argv = (tmp_path / "srun.args").read_text().splitlines()
     assert argv[0] == "--kill-on-bad-exit=1" and argv[1] == "torchrun"
 
@@ -186,6 +221,14 @@ def test_sbatch_template_torchrun_line(tmp_path):
     cfg = train.parse_args(args.training_script_args)
     assert cfg.resume and cfg.cp_size == 4 and cfg.seq_len == 131072 and cfg.out == "runs/x"
     assert train.config_problems(cfg, 8, hardware=False) == []
+
+
+def test_sbatch_template_without_cpus_per_task(tmp_path):
+    """A job without --cpus-per-task (SLURM_CPUS_PER_TASK unset) leaves srun's default alone."""
+    proc = _run_template(tmp_path, RECORD_ARGS_AND_CPUS.format(path=tmp_path / "srun.args"), "--out", "runs/x")
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr  # set -u: the unset variable is not an error
+    assert (tmp_path / "srun.args.cpus").read_text().strip() == "unset"
 
 
 def test_sbatch_template_checkpoints_and_requeues_on_usr2(tmp_path):

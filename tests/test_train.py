@@ -6,6 +6,7 @@ is the reference that stopped-and-resumed runs must reproduce bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -138,6 +139,22 @@ def test_copy_engine_needs_every_gpu_of_the_group_visible(monkeypatch):
     assert _problems(argv, 2) == []
 
 
+def test_resume_refuses_a_changed_model_or_data(tmp_path):
+    """--resume onto a checkpoint refuses settings that decide the weights' shapes or the data
+    (--seq-len among them: it decides the samples and, by default, their number of pairs)."""
+    argv = ["--out", str(tmp_path), "--resume"]
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "meta.json").write_text(json.dumps(
+        {"step": 5, "config": dataclasses.asdict(train.parse_args(argv).resolved())}))
+    assert _problems(argv, 2) == []
+    assert _problems(argv + ["--steps", "900", "--lr", "1e-3"], 2) == []  # the schedule may change
+    (p,) = _problems(argv + ["--seq-len", "256"], 2)
+    assert "--resume from" in p and "--seq-len 128 -> 256" in p and "another --out" in p
+    (p,) = _problems(argv + ["--dim", "256", "--seq-len", "256"], 2)
+    assert "--dim 128 -> 256" in p and "--seq-len 128 -> 256" in p
+    assert _problems(["--out", str(tmp_path), "--seq-len", "256"], 2) == []  # a fresh run ignores it
+
+
 def test_lr_schedule():
     cfg = train.parse_args(["--lr", "1.0", "--warmup-steps", "10", "--steps", "110", "--min-lr-ratio", "0.1"]).resolved()
     assert train.lr_at(cfg, 0) == pytest.approx(0.1)
@@ -153,6 +170,55 @@ def test_stop_signals_only_set_a_flag():
         time.sleep(0.01)
         assert stop.received == signal.SIGUSR2
     assert signal.getsignal(signal.SIGUSR2) is before
+
+
+def test_step_timer_leaves_pauses_out():
+    now = [0.0]
+    timer = train.StepTimer(clock=lambda: now[0])
+    for _ in range(3):
+        now[0] += 2.0
+        timer.step()
+    with timer.paused():
+        now[0] += 100.0  # a checkpoint
+    now[0] += 2.0
+    timer.step()
+    assert timer.interval() == (4, 8.0)  # the steps before the pause count, the pause does not
+    timer.restart()
+    assert timer.interval() == (0, 0.0)
+
+
+def _run_on_a_fake_clock(rank, world_size, out):
+    """launch/train.py's loop on a clock that each step moves 1 s and each checkpoint 100 s."""
+    now = [0.0]
+    step_timer, train_step, save_checkpoint = train.StepTimer, train.train_step, train.save_checkpoint
+
+    def timed_step(*args, **kwargs):
+        now[0] += 1.0
+        return train_step(*args, **kwargs)
+
+    def timed_save(*args, **kwargs):
+        now[0] += 100.0
+        return save_checkpoint(*args, **kwargs)
+
+    train.StepTimer = lambda: step_timer(clock=lambda: now[0])
+    train.train_step, train.save_checkpoint = timed_step, timed_save
+    argv = [*TINY, "--steps", "20", "--log-every", "10", "--ckpt-every", "5", "--device", "cpu", "--out", out]
+    cfg = train.parse_args(argv).resolved()
+    d = train.setup_distributed(cfg, rank, world_size, rank)
+    with train.StopSignals() as stop:
+        train._train(cfg, d, stop)
+    return read_metrics(Path(out)) if rank == 0 else None
+
+
+def test_throughput_leaves_checkpoints_out(tmp_path):
+    """Checkpoints between two log records (--ckpt-every 5, --log-every 10) neither count in the
+    interval's time nor drop the steps before them from it: step_s is each step's 1 s."""
+    records = spawn(_run_on_a_fake_clock, 2, str(tmp_path), timeout=120)[0]
+    assert [r["step"] for r in records] == [1, 10, 20]
+    tokens_per_step = 4 * 64  # --batch-size 4, --seq-len 64, one dp replica of 2 cp ranks
+    for r in records:
+        assert r["step_s"] == 1.0, r
+        assert r["tokens_per_s"] == tokens_per_step and r["tokens_per_s_per_rank"] == tokens_per_step / 2, r
 
 
 # -- gradients over dp x cp -------------------------------------------------------------------
