@@ -76,7 +76,7 @@ def shard_batch(
         labels = torch.cat([labels[:, 1:], fill], dim=1)
     seqlen = input_ids.shape[1]
     if pad_id is not None:
-        m = layout.multiple(world_size)
+        m = layout.multiple(world_size) if world_size > 1 else 1  # one rank: any length
         pad = -seqlen % m
         if pad:
             input_ids = F.pad(input_ids, (0, pad), value=pad_id)

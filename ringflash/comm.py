@@ -47,7 +47,10 @@ COPY_ENGINE_SIGNALS = os.environ.get("RINGFLASH_COPY_ENGINE_SIGNALS", "kernel")
 
 
 def resolve_group(group):
-    """A ProcessGroup (or None for the default group) from a ProcessGroup or a 1-D DeviceMesh."""
+    """A ProcessGroup (or None for the default group) from a ProcessGroup or a 1-D DeviceMesh.
+
+    Raises ``ValueError`` if this rank is not a member of the group (see :func:`_check_member`).
+    """
     try:
         from torch.distributed.device_mesh import DeviceMesh
     except ImportError:  # pragma: no cover - very old torch
@@ -58,8 +61,27 @@ def resolve_group(group):
                 f"a DeviceMesh given as the context-parallel group must be 1-D; got a "
                 f"{group.ndim}-D mesh {group.mesh_dim_names}: pass mesh['cp'] (one dimension)"
             )
-        return group.get_group()
+        group = group.get_group()
+    _check_member(group)
     return group
+
+
+def _check_member(group) -> None:
+    """Raise ``ValueError`` if this rank is not a member of ``group`` (a resolved ProcessGroup or None).
+
+    ``torch.distributed.new_group`` must be called on every rank, and hands the ranks outside
+    its ``ranks`` a placeholder (``GroupMember.NON_GROUP_MEMBER``) instead of a group: such a
+    rank has no place in the group's ring or all-reduce. Local: no communication.
+    """
+    if group is None or not _distributed():
+        return
+    if dist.get_rank(group) < 0:  # -1 for a non-member, from the local group table
+        raise ValueError(
+            f"this rank (global rank {dist.get_rank()}) is not a member of the process group passed "
+            f"as group= (torch.distributed.new_group(ranks) gives ranks outside `ranks` a placeholder "
+            f"instead of a group); pass the group this rank belongs to, e.g. the cp sub-group of its "
+            f"mesh (mesh['cp'])"
+        )
 
 
 def _distributed() -> bool:
@@ -67,11 +89,15 @@ def _distributed() -> bool:
 
 
 def world_and_rank(group) -> tuple[int, int]:
-    """(world size, rank) within ``group``; (1, 0) when torch.distributed is not initialised."""
+    """(world size, rank) within ``group``; (1, 0) when torch.distributed is not initialised.
+
+    Raises ``ValueError`` if this rank is not a member of ``group`` (see :func:`_check_member`).
+    """
     if not _distributed():
         if group is not None:
             raise ValueError("a process group was given but torch.distributed is not initialised")
         return 1, 0
+    _check_member(group)
     return dist.get_world_size(group), dist.get_rank(group)
 
 

@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .batch import IGNORE_INDEX, sharded_cross_entropy
 from .layout import Layout
-from .nn import MultiheadAttention
+from .nn import MultiheadAttention, _SharesGroup
 
 __all__ = ["GPTConfig", "GPT", "Block", "MLP"]
 
@@ -92,14 +92,20 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class GPT(nn.Module):
+class GPT(_SharesGroup, nn.Module):
     """A decoder-only transformer over this rank's shard of the sequence.
 
     Args:
         config: the model's shape (:class:`GPTConfig`).
         group: the context-parallel group (ProcessGroup, 1-D DeviceMesh such as ``mesh["cp"]``,
             or None: the default group, or one process when torch.distributed is not initialised).
+            This rank must be a member of the group (``ValueError`` otherwise).
         backend: the local attention kernel (``"triton"``, ``"reference"``; default by device).
+
+    ``copy.deepcopy(model)`` (``AveragedModel``, EMA copies) shares the group with the copy and
+    copies the parameters. ``torch.save(model)`` of a model built with a ProcessGroup raises
+    ``TypeError``, since a process group cannot be pickled: save ``model.state_dict()`` and build
+    the model with its group where it is loaded.
     """
 
     def __init__(self, config: GPTConfig, group=None, backend: str | None = None):

@@ -15,11 +15,20 @@ with its backward op), so compiled models keep it inside their graphs, without a
 graph break instead.) The rotary tables are looked up in a host-side cache in eager mode, and
 computed inside the graph under torch.compile; a stack of layers looks them up once
 (:meth:`MultiheadAttention.rotary` and the ``rotary=`` argument of ``forward``).
+
+Copies and checkpoints: the modules keep their group as an attribute. ``copy.deepcopy`` (and so
+``torch.optim.swa_utils.AveragedModel``, EMA copies) shares the group with the copy and copies
+everything else. A ProcessGroup cannot be pickled, so ``torch.save(module)`` of a module built
+with one raises ``TypeError``: save ``module.state_dict()`` and build the module with its group
+in the process that loads it.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from einops import rearrange
 
@@ -35,7 +44,36 @@ def _world_and_rank(group) -> tuple[int, int]:
     return world_and_rank(resolve_group(group))
 
 
-class RingAttention(nn.Module):
+class _SharesGroup:
+    """For modules that keep their context-parallel group as ``self.group`` (mixed in before nn.Module).
+
+    ``copy.deepcopy`` shares the group (a communicator, not model state) with the copy and
+    deep-copies everything else: parameters, buffers and caches are the copy's own.
+    Pickling (``torch.save(module)``) refuses a ProcessGroup with a ``TypeError`` that says to
+    save the state dict instead.
+    """
+
+    def __deepcopy__(self, memo):
+        group = self.__dict__.get("group")
+        if group is not None:
+            memo.setdefault(id(group), group)  # every reference to the group, in any submodule, is kept
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(super().__getstate__(), memo))
+        return new
+
+    def __getstate__(self):
+        group = self.__dict__.get("group")
+        if dist.is_available() and isinstance(group, dist.ProcessGroup):
+            raise TypeError(
+                f"a {type(self).__name__} built with a ProcessGroup (group=) cannot be pickled, e.g. by "
+                f"torch.save(model): a process group does not outlive its processes. Save "
+                f"model.state_dict() instead, and build the model with its group where it is loaded"
+            )
+        return super().__getstate__()
+
+
+class RingAttention(_SharesGroup, nn.Module):
     """Exact softmax attention over a sequence sharded across the ranks of ``group``.
 
     A module around :func:`ringflash.ring_attention`, with no parameters.
@@ -47,7 +85,9 @@ class RingAttention(nn.Module):
         softmax_scale: defaults to ``1 / sqrt(headdim)``.
         group: the context-parallel group: a ProcessGroup, a 1-D DeviceMesh (e.g. ``mesh["cp"]``),
             or None for the default group; without an initialised process group this is plain
-            single-device attention.
+            single-device attention. This rank must be a member of the group (``ValueError``
+            otherwise). ``copy.deepcopy`` shares the group with the copy; ``torch.save`` of a module
+            holding a ProcessGroup raises ``TypeError`` (save the ``state_dict``).
         backend: the local kernel, ``"triton"``, ``"reference"``, or PyTorch's fused ``"cudnn"`` /
             ``"sdpa_flash"`` (default: triton on CUDA, reference on CPU).
 
@@ -63,6 +103,7 @@ class RingAttention(nn.Module):
         self.causal = bool(causal)
         self.layout = get_layout(layout)
         self.softmax_scale = softmax_scale
+        resolve_group(group)  # a 2-D mesh, or a group without this rank, fails here
         self.group = group
         self.backend = backend
 
@@ -108,7 +149,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-class MultiheadAttention(nn.Module):
+class MultiheadAttention(_SharesGroup, nn.Module):
     """Multi-head self-attention over this rank's shard: QKV projection, rotary, ring attention, output.
 
     One Linear produces q, k and v (``num_kv_heads`` K/V heads: GQA, or MQA with one).
@@ -149,6 +190,7 @@ class MultiheadAttention(nn.Module):
         self.dim, self.num_heads, self.num_kv_heads, self.head_dim = dim, num_heads, num_kv_heads, head_dim
         self.rope, self.rope_base = bool(rope), float(rope_base)
         self.layout = get_layout(layout)
+        resolve_group(group)  # a 2-D mesh, or a group without this rank, fails here
         self.group = group
         self.qkv = nn.Linear(dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias)
         self.attn = RingAttention(causal=causal, layout=self.layout, group=group, backend=backend)

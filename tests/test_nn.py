@@ -293,8 +293,7 @@ def test_forward_errors():
         mha(torch.randn(1, 1, 8, DIM))
     with pytest.raises(ValueError, match="dim=32"):
         mha(torch.randn(1, 8, 16))
-    with pytest.raises(ValueError, match="multiple of 2"):
-        mha(torch.randn(1, 7, DIM))  # zigzag needs an even shard, even on one process
+    assert mha(torch.randn(1, 7, DIM)).shape == (1, 7, DIM)  # one process: any length, any layout
     with pytest.raises(ValueError, match="rotary tables"):
         mha(torch.randn(1, 8, DIM), rotary=mha.rotary(6, "cpu"))
     with pytest.raises(ValueError, match="not initialised"):
