@@ -496,3 +496,31 @@ def test_merge_rejects_mismatched_shapes():
         merge_(out, lse, torch.zeros(1, 7, 2, 16), torch.zeros(1, 2, 7))
     with pytest.raises(ValueError, match="float32"):
         merge_(out.half(), lse, out.half(), lse)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_wide_offsets_give_the_same_results(monkeypatch, causal):
+    """The 64-bit tile offsets (``WIDE``, chosen for tensors past 2**31 elements) compute what
+    the 32-bit ones do: forced on for small strided tensors here; the GPU test runs a real
+    > 2**31-element call (tests/test_kernels_gpu.py::test_offsets_past_int32)."""
+    from ringflash.kernels import attention as attn_mod
+
+    g = torch.Generator().manual_seed(9)
+    q, dout = torch.randn(1, 50, 6, 32, generator=g), torch.randn(1, 50, 6, 32, generator=g)
+    kv = torch.randn(1, 50, 4, 32, generator=g)
+    k, v = kv[:, :, :2], kv[:, :, 2:]  # strided views
+    q_pos, k_pos = striped_positions(50, 2, 1), striped_positions(50, 2, 0)
+    kw = dict(causal=causal, q_pos=q_pos if causal else None, k_pos=k_pos if causal else None)
+
+    def run():
+        out, lse = kernels.forward(q, k, v, **kw)
+        delta = kernels.backward_delta(out, dout)
+        return (out, lse, *kernels.backward(dout, q, k, v, lse, delta, **kw))
+
+    assert not attn_mod._wide(q, k, v, dout)
+    narrow = run()
+    monkeypatch.setattr(attn_mod, "_INT32_SPAN", 1)
+    assert attn_mod._wide(q)
+    wide = run()
+    for a, b in zip(narrow, wide):
+        assert torch.equal(a, b)

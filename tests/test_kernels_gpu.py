@@ -312,3 +312,47 @@ def test_merge_kernel_bf16():
     reference.merge_(want_out, want_lse, block_out.double(), block_lse.double())
     merge_(out, lse, block_out, block_lse)
     assert rel_err(out, want_out) < 1e-6 and rel_err(lse, want_lse) < 1e-6
+
+
+# -- offsets past 2**31 elements ------------------------------------------------------------
+
+
+def test_offsets_past_int32():
+    """seqlen * heads * head_dim > 2**31: every kernel's tile offsets must be 64-bit. Heads are
+    independent, so the first and last heads of a large call must equal the same two heads
+    called alone (whose offsets are small, and whose results the tests above check)."""
+    S, H, D = 67584, 256, 128  # S * H * D = 2.21e9 elements per tensor
+    if torch.cuda.get_device_properties(0).total_memory < 70 * 2**30:
+        pytest.skip("needs a GPU with 70 GiB")
+    assert S * H * D > 2**31
+    q, k, v, dout = make_qkv(1, S, S, H, H, D, torch.bfloat16, seed=7)
+    out, lse = kernels.forward(q, k, v, causal=True)
+    delta = kernels.backward_delta(out.to(q.dtype), dout)
+    dq, dk, dv = kernels.backward(dout, q, k, v, lse, delta, causal=True)
+    heads = [0, H - 1]
+    big = [t[:, :, heads].float() for t in (out, dq, dk, dv)] + [lse[:, heads].float()]
+    del out, lse, delta, dq, dk, dv
+    small_in = [t[:, :, heads].contiguous() for t in (q, k, v, dout)]
+    del q, k, v, dout
+    torch.cuda.empty_cache()
+    out, lse = kernels.forward(*small_in[:3], causal=True)
+    delta = kernels.backward_delta(out.to(small_in[0].dtype), small_in[3])
+    small = [out, *kernels.backward(small_in[3], *small_in[:3], lse, delta, causal=True), lse]
+    for name, a, b in zip(("out", "dq", "dk", "dv", "lse"), big, small):
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, b.float()) < 1e-3, (name, rel_err(a, b.float()))
+    del big, small, small_in, out, lse, delta
+    torch.cuda.empty_cache()
+
+    # The SDPA engines' merge pass over a (B, S, H, D) float32 state of as many elements.
+    from ringflash.kernels.merge import merge_
+
+    g = torch.Generator(device=DEV).manual_seed(8)
+    o = torch.randn(1, S, H, D, generator=g, device=DEV)
+    l = torch.randn(1, H, S, generator=g, device=DEV)
+    bo = torch.randn(1, S, H, D, generator=g, device=DEV).bfloat16()
+    bl = torch.randn(1, H, S, generator=g, device=DEV)
+    want_o, want_l = o[:, :, heads].contiguous(), l[:, heads].contiguous()
+    merge_(want_o, want_l, bo[:, :, heads].contiguous(), bl[:, heads].contiguous())
+    merge_(o, l, bo, bl)
+    assert torch.equal(o[:, :, heads], want_o) and torch.equal(l[:, heads], want_l)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, _count_tiles, _load_tile
+from ._common import LOG2E, _count_tiles, _load_tile, _rows_ptr
 
 
 @triton.jit
@@ -29,17 +29,18 @@ def _bwd_delta(
     stride_ob, stride_os, stride_oh,
     stride_db, stride_ds, stride_dh,
     H, Sq,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, WIDE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tile_m = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tile_m
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_tile(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+    o = _load_tile(_rows_ptr(OUT + b * stride_ob + h * stride_oh, pid_m * BLOCK_M, tile_m, stride_os, WIDE) + offs_d[None, :],
                    offs_m, True, Sq, offs_d, HEAD_DIM != BLOCK_D, HEAD_DIM)
-    do = _load_tile(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :],
+    do = _load_tile(_rows_ptr(DO + b * stride_db + h * stride_dh, pid_m * BLOCK_M, tile_m, stride_ds, WIDE) + offs_d[None, :],
                     offs_m, True, Sq, offs_d, HEAD_DIM != BLOCK_D, HEAD_DIM)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + pid_bh.to(tl.int64) * Sq + offs_m, delta, mask=offs_m < Sq)
@@ -62,11 +63,11 @@ def _dkdv_tile(
     start_m, Sq, Sk, qk_scale,
     offs_m, offs_d,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
 ):
     rows = start_m + offs_m
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    q = _load_tile(q_base + rows[:, None] * stride_qs + offs_d[None, :],
+    q = _load_tile(_rows_ptr(q_base, start_m, offs_m, stride_qs, WIDE) + offs_d[None, :],
                    rows, MASKED, Sq, offs_d, not EVEN_D, HEAD_DIM)  # (BLOCK_M, D)
     lse2 = _lse2(LSE_row, rows, Sq, MASKED)
     qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
@@ -77,7 +78,7 @@ def _dkdv_tile(
             qp = tl.load(QPOS + rows, mask=rows < Sq, other=0)
             visible = visible & (qp[None, :] >= kp[:, None])
         pT = tl.where(visible, pT, 0.0)
-    do = _load_tile(do_base + rows[:, None] * stride_dos + offs_d[None, :],
+    do = _load_tile(_rows_ptr(do_base, start_m, offs_m, stride_dos, WIDE) + offs_d[None, :],
                     rows, MASKED, Sq, offs_d, not EVEN_D, HEAD_DIM)
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
     if MASKED:
@@ -104,21 +105,22 @@ def _dkdv_program(
     H, G, Sq, Sk,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
 ):
     Hkv = H // G
     b = (pid_bh // Hkv).to(tl.int64)
     hk = (pid_bh % Hkv).to(tl.int64)
 
     start_n = pid_n * BLOCK_N
-    cols = start_n + tl.arange(0, BLOCK_N)
+    tile_n = tl.arange(0, BLOCK_N)
+    cols = start_n + tile_n
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
 
-    k = _load_tile(K + b * stride_kb + hk * stride_kh + cols[:, None] * stride_ks + offs_d[None, :],
+    k = _load_tile(_rows_ptr(K + b * stride_kb + hk * stride_kh, start_n, tile_n, stride_ks, WIDE) + offs_d[None, :],
                    cols, True, Sk, offs_d, not EVEN_D, HEAD_DIM)
-    v = _load_tile(V + b * stride_vb + hk * stride_vh + cols[:, None] * stride_vs + offs_d[None, :],
+    v = _load_tile(_rows_ptr(V + b * stride_vb + hk * stride_vh, start_n, tile_n, stride_vs, WIDE) + offs_d[None, :],
                    cols, True, Sk, offs_d, not EVEN_D, HEAD_DIM)
 
     # Query tiles: [lo, mid) boundary, [mid, even_end) fully visible, [even_end, Sq) boundary
@@ -153,19 +155,19 @@ def _dkdv_program(
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, kp, cols, q_base, do_base, stride_qs, stride_dos,
                 LSE_row, DELTA_row, QPOS, start_m, Sq, Sk, qk_scale, offs_m, offs_d,
-                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC,
+                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE,
             )
         for start_m in range(lo, mid, BLOCK_M):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, kp, cols, q_base, do_base, stride_qs, stride_dos,
                 LSE_row, DELTA_row, QPOS, start_m, Sq, Sk, qk_scale, offs_m, offs_d,
-                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC,
+                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE,
             )
         for start_m in range(mid, even_end, BLOCK_M):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, kp, cols, q_base, do_base, stride_qs, stride_dos,
                 LSE_row, DELTA_row, QPOS, start_m, Sq, Sk, qk_scale, offs_m, offs_d,
-                HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC,
+                HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE,
             )
 
     dk = dk * sm_scale
@@ -173,8 +175,8 @@ def _dkdv_program(
         mask = (cols < Sk)[:, None]
     else:
         mask = (cols < Sk)[:, None] & (offs_d[None, :] < HEAD_DIM)
-    dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :]
-    dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + cols[:, None] * stride_dvs + offs_d[None, :]
+    dk_ptrs = _rows_ptr(DK + b * stride_dkb + hk * stride_dkh, start_n, tile_n, stride_dks, WIDE) + offs_d[None, :]
+    dv_ptrs = _rows_ptr(DV + b * stride_dvb + hk * stride_dvh, start_n, tile_n, stride_dvs, WIDE) + offs_d[None, :]
     if ACCUMULATE:
         dk += tl.load(dk_ptrs, mask=mask, other=0.0)
         dv += tl.load(dv_ptrs, mask=mask, other=0.0)
@@ -189,13 +191,13 @@ def _dq_tile(
     start_n, Sk, qk_scale,
     offs_n, offs_d,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
 ):
     cols = start_n + offs_n
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    k = _load_tile(k_base + cols[:, None] * stride_ks + offs_d[None, :],
+    k = _load_tile(_rows_ptr(k_base, start_n, offs_n, stride_ks, WIDE) + offs_d[None, :],
                    cols, MASKED, Sk, offs_d, not EVEN_D, HEAD_DIM)
-    v = _load_tile(v_base + cols[:, None] * stride_vs + offs_d[None, :],
+    v = _load_tile(_rows_ptr(v_base, start_n, offs_n, stride_vs, WIDE) + offs_d[None, :],
                    cols, MASKED, Sk, offs_d, not EVEN_D, HEAD_DIM)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
     p = tl.math.exp2(qk * qk_scale - lse2[:, None])
@@ -224,7 +226,7 @@ def _dq_program(
     H, G, Sq, Sk,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
 ):
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
@@ -232,14 +234,15 @@ def _dq_program(
     h = h.to(tl.int64)
 
     start_m = pid_m * BLOCK_M
-    rows = start_m + tl.arange(0, BLOCK_M)
+    tile_m = tl.arange(0, BLOCK_M)
+    rows = start_m + tile_m
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
 
-    q = _load_tile(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :],
+    q = _load_tile(_rows_ptr(Q + b * stride_qb + h * stride_qh, start_m, tile_m, stride_qs, WIDE) + offs_d[None, :],
                    rows, True, Sq, offs_d, not EVEN_D, HEAD_DIM)
-    do = _load_tile(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dos + offs_d[None, :],
+    do = _load_tile(_rows_ptr(DO + b * stride_dob + h * stride_doh, start_m, tile_m, stride_dos, WIDE) + offs_d[None, :],
                     rows, True, Sq, offs_d, not EVEN_D, HEAD_DIM)
     lse2 = _lse2(LSE + (b * H + h) * Sq, rows, Sq, True)
     di = tl.load(DELTA + (b * H + h) * Sq + rows, mask=rows < Sq, other=0.0)
@@ -265,18 +268,18 @@ def _dq_program(
     for start_n in range(full_end, hi, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, di, qp, k_base, v_base, stride_ks, stride_vs, KPOS,
                       start_n, Sk, qk_scale, offs_n, offs_d,
-                      HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC)
+                      HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE)
     for start_n in range(0, full_end, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, di, qp, k_base, v_base, stride_ks, stride_vs, KPOS,
                       start_n, Sk, qk_scale, offs_n, offs_d,
-                      HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC)
+                      HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE)
 
     dq = dq * sm_scale
     if EVEN_D:
         mask = (rows < Sq)[:, None]
     else:
         mask = (rows < Sq)[:, None] & (offs_d[None, :] < HEAD_DIM)
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :]
+    dq_ptrs = _rows_ptr(DQ + b * stride_dqb + h * stride_dqh, start_m, tile_m, stride_dqs, WIDE) + offs_d[None, :]
     if ACCUMULATE:
         dq += tl.load(dq_ptrs, mask=mask, other=0.0)
     tl.store(dq_ptrs, dq, mask=mask)
@@ -303,7 +306,7 @@ def _attn_bwd(
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
     BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     CAUSAL: tl.constexpr, ACC_DKDV: tl.constexpr, ACC_DQ: tl.constexpr,
-    DOT_PREC: tl.constexpr, DO_DKDV: tl.constexpr, DO_DQ: tl.constexpr,
+    DOT_PREC: tl.constexpr, DO_DKDV: tl.constexpr, DO_DQ: tl.constexpr, WIDE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_n = tl.cdiv(Sk, BLOCK_N1)
@@ -328,7 +331,7 @@ def _attn_bwd(
                 stride_dkb, stride_dks, stride_dkh,
                 stride_dvb, stride_dvs, stride_dvh,
                 H, G, Sq, Sk,
-                HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, CAUSAL, ACC_DKDV, DOT_PREC,
+                HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, CAUSAL, ACC_DKDV, DOT_PREC, WIDE,
             )
     if DO_DQ:
         if pid >= n_dkdv:
@@ -348,5 +351,5 @@ def _attn_bwd(
                 stride_dob, stride_dos, stride_doh,
                 stride_dqb, stride_dqs, stride_dqh,
                 H, G, Sq, Sk,
-                HEAD_DIM, BLOCK_D, BLOCK_M2, BLOCK_N2, CAUSAL, ACC_DQ, DOT_PREC,
+                HEAD_DIM, BLOCK_D, BLOCK_M2, BLOCK_N2, CAUSAL, ACC_DQ, DOT_PREC, WIDE,
             )

@@ -58,6 +58,20 @@ def _count_tiles(
 
 
 @triton.jit
+def _rows_ptr(base, start, offs, stride, WIDE: tl.constexpr):
+    """``base + (start + offs)[:, None] * stride``: pointers to a tile's rows.
+
+    With ``WIDE`` (a tensor spans 2**31 elements or more, e.g. seqlen * heads * head_dim past
+    it) the tile's first row is taken in 64 bits and only the rows within the tile in 32.
+    Otherwise all 32-bit: the 64-bit form cost the forward 7-10% on H100.
+    """
+    if WIDE:
+        return base + tl.cast(start, tl.int64) * stride + offs[:, None] * stride
+    else:
+        return base + (start + offs)[:, None] * stride
+
+
+@triton.jit
 def _load_tile(ptrs, rows, ROW_MASK: tl.constexpr, n_rows, cols, COL_MASK: tl.constexpr, n_cols):
     """Load a 2-D tile, masking rows (axis 0) and/or columns (axis 1) only where asked."""
     if ROW_MASK:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import LN2, _count_tiles, _load_tile, _merge_states
+from ._common import LN2, _count_tiles, _load_tile, _merge_states, _rows_ptr
 
 
 @triton.jit
@@ -22,10 +22,10 @@ def _fwd_tile(
     start_n, Sk, qk_scale,
     offs_n, offs_d,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
 ):
     cols = start_n + offs_n
-    k = _load_tile(k_base + cols[:, None] * stride_ks + offs_d[None, :],
+    k = _load_tile(_rows_ptr(k_base, start_n, offs_n, stride_ks, WIDE) + offs_d[None, :],
                    cols, MASKED, Sk, offs_d, HEAD_DIM != BLOCK_D, HEAD_DIM)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
     if MASKED:
@@ -45,7 +45,7 @@ def _fwd_tile(
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    v = _load_tile(v_base + cols[:, None] * stride_vs + offs_d[None, :],
+    v = _load_tile(_rows_ptr(v_base, start_n, offs_n, stride_vs, WIDE) + offs_d[None, :],
                    cols, MASKED, Sk, offs_d, HEAD_DIM != BLOCK_D, HEAD_DIM)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
     return acc, l_i, m_ij
@@ -63,7 +63,7 @@ def _attn_fwd(
     H, G, Sq, Sk,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, FOLD: tl.constexpr, DOT_PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, FOLD: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
 ):
     num_m = tl.cdiv(Sq, BLOCK_M)
     pid_m = tl.program_id(0)
@@ -77,7 +77,8 @@ def _attn_fwd(
     h = h.to(tl.int64)
 
     start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    tile_m = tl.arange(0, BLOCK_M)
+    offs_m = start_m + tile_m
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -85,7 +86,7 @@ def _attn_fwd(
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    q = _load_tile(q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
+    q = _load_tile(_rows_ptr(q_base, start_m, tile_m, stride_qs, WIDE) + offs_d[None, :],
                    offs_m, True, Sq, offs_d, not EVEN_D, HEAD_DIM)
 
     # Key tiles [0, full_end) are visible to every row; [full_end, hi) are boundary tiles.
@@ -110,13 +111,13 @@ def _attn_fwd(
         acc, l_i, m_i = _fwd_tile(
             acc, l_i, m_i, q, qp, k_base, v_base, stride_ks, stride_vs, KPOS,
             start_n, Sk, qk_scale, offs_n, offs_d,
-            HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC,
+            HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE,
         )
     for start_n in range(full_end, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(
             acc, l_i, m_i, q, qp, k_base, v_base, stride_ks, stride_vs, KPOS,
             start_n, Sk, qk_scale, offs_n, offs_d,
-            HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC,
+            HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE,
         )
 
     # A row that saw no key: O = 0, LSE = -inf.
@@ -126,7 +127,7 @@ def _attn_fwd(
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
 
     row_ok = offs_m < Sq
-    o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+    o_ptrs = _rows_ptr(OUT + b * stride_ob + h * stride_oh, start_m, tile_m, stride_os, WIDE) + offs_d[None, :]
     l_ptrs = LSE + b * stride_lb + h * stride_lh + offs_m * stride_ls
     if EVEN_D:
         o_mask = row_ok[:, None]

@@ -100,6 +100,16 @@ _DELTA_BLOCK_M = 64
 BWD_FUSED = False
 
 
+_INT32_SPAN = 2**31
+
+
+def _wide(*tensors: torch.Tensor) -> bool:
+    """Whether some tensor spans 2**31 elements or more (from its first to its last element),
+    so that the kernels must take their tile offsets in 64 bits (``WIDE``; a separate compile)."""
+    return any(1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) >= _INT32_SPAN
+               for t in tensors if t.numel())
+
+
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
@@ -284,7 +294,7 @@ def forward(
         H, H // Hkv, Sq, Sk,
         HEAD_DIM=D, BLOCK_D=_block_d(D),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        CAUSAL=bool(causal), FOLD=fold, DOT_PREC=_dot_precision(q.dtype),
+        CAUSAL=bool(causal), FOLD=fold, DOT_PREC=_dot_precision(q.dtype), WIDE=_wide(q, k, v, out),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
@@ -308,7 +318,7 @@ def backward_delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
         out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
         H, S,
-        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=_DELTA_BLOCK_M,
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=_DELTA_BLOCK_M, WIDE=_wide(out, dout),
         num_warps=4,
     )
     return delta
@@ -411,6 +421,7 @@ def backward(
         HEAD_DIM=D, BLOCK_D=_block_d(D),
         BLOCK_M1=c1.block_m, BLOCK_N1=c1.block_n, BLOCK_M2=c2.block_m, BLOCK_N2=c2.block_n,
         CAUSAL=bool(causal), ACC_DKDV=acc_dkdv and split == 1, ACC_DQ=acc_dq, DOT_PREC=_dot_precision(q.dtype),
+        WIDE=_wide(q, k, v, dout, dq, dk_out[0], dv_out[0]),
     )
 
     def sum_splits():

@@ -41,7 +41,7 @@ def _merge_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    rows = (pid_s * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)  # S * H * D may pass 2**31
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < S
     mask = row_ok[:, None] & (cols[None, :] < HEAD_DIM)
