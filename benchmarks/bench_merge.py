@@ -24,6 +24,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ringflash.kernels import merge as merge_mod  # noqa: E402
 
 
+def _median_ms(fn) -> float:
+    """The median (``do_bench`` returns the mean unless asked)."""
+    return triton.testing.do_bench(fn, return_mode="median")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqlen", type=int, default=16384)
@@ -48,17 +53,17 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    record("copy_fp32", "-", triton.testing.do_bench(lambda: dst.clone()), 8 * n)
+    record("copy_fp32", "-", _median_ms(lambda: dst.clone()), 8 * n)
     for layout, s in src.items():
-        record("torch_add", layout, triton.testing.do_bench(lambda: dst.add_(s)), 10 * n)
-        record("torch_copy", layout, triton.testing.do_bench(lambda: dst.copy_(s)), 6 * n)
+        record("torch_add", layout, _median_ms(lambda: dst.add_(s)), 10 * n)
+        record("torch_copy", layout, _median_ms(lambda: dst.copy_(s)), 6 * n)
         for bs, w in itertools.product(args.block_s, args.warps):
             merge_mod.BLOCK_S, merge_mod.NUM_WARPS = bs, w
             cfg = dict(block_s=bs, warps=w)
-            record("accumulate", layout, triton.testing.do_bench(lambda: merge_mod.accumulate_(dst, s)), 10 * n, **cfg)
-            record("accumulate_fresh", layout, triton.testing.do_bench(
+            record("accumulate", layout, _median_ms(lambda: merge_mod.accumulate_(dst, s)), 10 * n, **cfg)
+            record("accumulate_fresh", layout, _median_ms(
                 lambda: merge_mod.accumulate_(dst, s, fresh=True)), 6 * n, **cfg)
-            record("merge", layout, triton.testing.do_bench(lambda: merge_mod.merge_(dst, lse, s, lse)), 10 * n, **cfg)
+            record("merge", layout, _median_ms(lambda: merge_mod.merge_(dst, lse, s, lse)), 10 * n, **cfg)
     if args.out:
         with open(args.out, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

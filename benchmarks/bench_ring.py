@@ -25,8 +25,13 @@ with several values it applies on any number of ranks, which the library's defau
 
 TFLOP/s per GPU use the FlashAttention convention: fwd = 4 * B * H * S^2 * D (halved when
 causal), fwd+bwd = 3.5 * fwd, divided by the number of GPUs. A time is the median over
-iterations on each rank, then the slowest rank. Peak memory is the largest
-``max_memory_allocated`` over ranks, inputs included; the copy-engine workspace is outside it
+iterations on each rank, then the slowest rank; before each timed call the GPU spins for
+``--host-lead-us`` so that the host queues the call ahead (``host_lead_us`` in the rows; rows
+without it were timed from an idle GPU, Python before the first launch included). torch CP
+rows record their K/V exchange (``cp_rotate``, ``--cp-rotate``). Peak memory is the largest
+``max_memory_allocated`` over ranks, inputs included; for torch CP, counted from inside its
+context and less the full-length storage that its in-place sharding keeps (rows with
+``host_lead_us``; earlier torch CP rows counted the full-length q, k, v and dout); the copy-engine workspace is outside it
 (``workspace_gib``), and the printed table's GiB column adds the two. Results: one JSON object
 per line.
 """
@@ -87,15 +92,26 @@ def flops(S, H, D, causal, mode, B=1):
     return f * (3.5 if mode == "fwdbwd" else 1.0)
 
 
+DEFAULT_HOST_LEAD_US = 2000.0
+HOST_LEAD_US = DEFAULT_HOST_LEAD_US
+
+
 def time_ms(fn, warmup: int, iters: int) -> float:
-    """Median milliseconds of ``fn`` on this rank (CUDA events), then the max over ranks."""
+    """Median milliseconds of ``fn`` on this rank (CUDA events), then the max over ranks.
+
+    Before each timed call the GPU spins for ``HOST_LEAD_US`` (outside the events), so the host
+    queues the call's first kernels before the start event fires: the time is the GPU's, not
+    the Python before the first launch, as in a training loop where the host runs ahead."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     dist.barrier()
+    lead = int(HOST_LEAD_US * ring_mod._cycles_per_us(torch.device("cuda", torch.cuda.current_device())))
     times = []
     for _ in range(iters):
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if lead:
+            torch.cuda._sleep(lead)
         start.record()
         fn()
         stop.record()
@@ -106,8 +122,8 @@ def time_ms(fn, warmup: int, iters: int) -> float:
     return t.item()
 
 
-def peak_gib() -> float:
-    m = torch.tensor(float(torch.cuda.max_memory_allocated()), device="cuda")
+def peak_gib(less_bytes: int = 0) -> float:
+    m = torch.tensor(float(torch.cuda.max_memory_allocated() - less_bytes), device="cuda")
     dist.all_reduce(m, op=dist.ReduceOp.MAX)
     return m.item() / 2**30
 
@@ -236,14 +252,19 @@ def bench_torch_cp(S, H, Hkv, D, causal, mode, backend, args):
     dout = torch.randn(1, H, S, D, device="cuda", dtype=torch.bfloat16, generator=g)
     kernel = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
     gqa = {"enable_gqa": True} if Hkv != H else {}
-    try:  # head-tail load balancing is torch CP's default, and only valid for causal attention
-        from torch.distributed.tensor.experimental._attention import _cp_options
-        _cp_options.enable_load_balance = causal
-    except ImportError:
-        pass
-    buffers = [q, k, v, dout]
-    with sdpa_kernel(kernel), context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2, 2, 2, 2],
+    from torch.distributed.tensor.experimental._attention import _cp_options, set_rotate_method
+
+    # Head-tail load balancing is torch CP's default, and only valid for causal attention.
+    _cp_options.enable_load_balance = causal
+    set_rotate_method(args.cp_rotate)
+    buffers = [q, k, v] + ([dout] if mode == "fwdbwd" else [])
+    with sdpa_kernel(kernel), context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2] * len(buffers),
                                                no_restore_buffers=set(buffers)):
+        # context_parallel shards the buffers in place with resize_(), which keeps each full-length
+        # storage: a program that built its shards directly would not hold that excess. The peak
+        # counts from here, less the excess.
+        excess = sum(b.untyped_storage().nbytes() - b.numel() * b.element_size() for b in buffers)
+        torch.cuda.reset_peak_memory_stats()
         if mode == "fwd":
             def fn():
                 with torch.no_grad():
@@ -257,7 +278,7 @@ def bench_torch_cp(S, H, Hkv, D, causal, mode, backend, args):
                 out.backward(dout)
                 q.grad = k.grad = v.grad = None
         ms = time_ms(fn, args.warmup, args.iters)
-    return ms, peak_gib()
+    return ms, peak_gib(excess)
 
 
 def init_nccl() -> tuple[int, int, str]:
@@ -295,10 +316,16 @@ def main():
     ap.add_argument("--ce-signals", nargs="+", default=[DEFAULT_CE_SIGNALS], choices=["stream", "kernel"],
                     help="ringflash.comm.COPY_ENGINE_SIGNALS of the copy-engine rows; several values "
                          "give one row each")
+    ap.add_argument("--cp-rotate", default="allgather", choices=["allgather", "alltoall"],
+                    help="torch CP's K/V exchange (set_rotate_method; torch's default: allgather)")
+    ap.add_argument("--host-lead-us", type=float, default=DEFAULT_HOST_LEAD_US,
+                    help="GPU spin before each timed call so the host queues ahead (0: off)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default=None, help="append JSON lines here (rank 0)")
     args = ap.parse_args()
+    global HOST_LEAD_US
+    HOST_LEAD_US = args.host_lead_us
 
     P, rank, gpu = init_nccl()
     if len(args.head_start_us) > 1:  # an A/B of the head start: on this many ranks too
@@ -340,6 +367,9 @@ def main():
                                    causal=causal, mode=mode)
                         if env:
                             row["nccl_env"] = env
+                        row["host_lead_us"] = HOST_LEAD_US
+                        if impl.startswith("torch_cp"):
+                            row["cp_rotate"] = args.cp_rotate
                         n, us, tr, sig = parts if parts is not None else (None, None, None, None)
                         if tr is not None and args.transports != ["nccl"]:
                             row["transport"] = tr

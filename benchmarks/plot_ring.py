@@ -24,11 +24,23 @@ from ringflash.ring import HEAD_START_US, LAST_HOP_PARTS  # noqa: E402  (rows wi
 
 
 def load(paths):
+    """The timed rows of ``paths``. Each row also gets ``_file`` (the index of its file: one
+    run, whose single-GPU rows are its baseline) and ``_tag`` (what tells it from rows of the
+    same series in other runs: the NCCL variables that differ between rows, and the number of
+    GPUs when the files mix them)."""
     rows = []
-    for p in paths:
+    for i, p in enumerate(paths):
         with open(p) as f:
-            rows += [json.loads(line) for line in f if line.strip()]
-    return [r for r in rows if "tflops_per_gpu" in r]
+            rows += [dict(json.loads(line), _file=i) for line in f if line.strip()]
+    rows = [r for r in rows if "tflops_per_gpu" in r]
+    varying = sorted(_varying_env(rows))
+    worlds = {r["world"] for r in rows}
+    for r in rows:
+        tag = [f"{k}={r['nccl_env'][k]}" for k in varying if k in r.get("nccl_env", {})]
+        if len(worlds) > 1:
+            tag.append(f"{r['world']} GPUs")
+        r["_tag"] = ", ".join(tag)
+    return rows
 
 
 def main():
@@ -100,13 +112,19 @@ def main():
 
 
 def _label(r) -> str:
-    """A series name: ringflash rows by engine and layout, the others by impl."""
+    """A series name: ringflash rows by engine and layout, the others by impl; then what tells
+    the row from the same series in other runs (``_tag``, see :func:`load`)."""
+    name = _series(r)
+    return f"{name} [{r['_tag']}]" if r.get("_tag") else name
+
+
+def _series(r) -> str:
     engine = r.get("engine")  # files from before the engine choice: the Triton kernels
     if r["impl"] == "single_gpu" and engine not in (None, "triton"):
         return f"single_gpu {engine}"
-    if r["impl"] != "ringflash":
+    if r["impl"] not in ("ringflash", "ringflash_local"):
         return r["impl"]
-    name = f"ringflash {r['layout']}" if engine is None else f"ringflash {engine} {r['layout']}"
+    name = f"{r['impl']} {r['layout']}" if engine is None else f"{r['impl']} {engine} {r['layout']}"
     parts = r.get("last_hop_parts", LAST_HOP_PARTS)
     if parts != LAST_HOP_PARTS:
         name += f" (last hop in {parts})"
@@ -150,14 +168,17 @@ def _varying_env(rows) -> set:
 
 
 def print_table(args) -> None:
-    """Causal rows, with the ratio to the single-GPU row of the same shape, mode and engine,
-    and a column for the NCCL variables that differ between rows, if any do."""
+    """Causal rows, with the ratio to the single-GPU row of the same run (file), GPUs, NCCL
+    environment, shape, mode and engine, and a column for the NCCL variables that differ between
+    rows, if any do."""
     rows = sorted(load(args.files), key=lambda r: (r["S"], r["Hkv"], not r["causal"], r["mode"], r["impl"],
                                                    r.get("engine", "triton"), r["layout"], r.get("transport", "nccl"),
                                                    r.get("ce_signals", ""), sorted(r.get("nccl_env", {}).items())))
     varying = sorted(_varying_env(rows))
-    single = {(r["S"], r["Hkv"], r["causal"], r["mode"], r.get("engine", "triton")): r["tflops_per_gpu"]
-              for r in rows if r["impl"] == "single_gpu"}
+    def key(r, engine):  # a single-GPU baseline from the same run, GPUs, shape and environment
+        return (r["_file"], r["_tag"], r["world"], r["S"], r["H"], r["Hkv"], r["D"], r["causal"], r["mode"], engine)
+
+    single = {key(r, r.get("engine", "triton")): r["tflops_per_gpu"] for r in rows if r["impl"] == "single_gpu"}
     env_col = " NCCL |" if varying else ""
     print(f"| S | Hkv | mode | impl | engine | layout | TFLOP/s/GPU | vs single GPU | peak GiB |{env_col}")
     print("|---|---|---|---|---|---|---|---|---|" + ("---|" if varying else ""))
@@ -165,7 +186,7 @@ def print_table(args) -> None:
         if r["causal"]:
             engine = r.get("engine", "triton")
             engine = "triton" if engine.startswith("triton") else engine  # the A/B variants
-            base = single.get((r["S"], r["Hkv"], r["causal"], r["mode"], engine))
+            base = single.get(key(r, engine))
             env = ", ".join(f"{k}={r['nccl_env'][k]}" for k in varying if k in r.get("nccl_env", {}))
             print(f"| {r['S'] // 1024}k | {r['Hkv']} | {r['mode']} | {r['impl']} | {r.get('engine', 'triton')} | "
                   f"{r['layout']}{'/%d' % r['last_hop_parts'] if 'last_hop_parts' in r else ''}"

@@ -111,8 +111,25 @@ def test_plot_ring_writes_plots_and_table(tmp_path, monkeypatch, capsys):
     plot_ring.print_table(plot_ring.argparse.Namespace(files=[str(path)]))
     table = capsys.readouterr().out
     assert table.splitlines()[0].endswith("| NCCL |")
-    assert "| 128k | 8 | fwdbwd | ringflash | triton_zero_fill | striped | 401 | 0.955 | 1.0 | NCCL_MAX_P2P_NCHANNELS=8 |" in table
+    # another environment is another run: no single-GPU row of its own, no ratio
+    assert "| 128k | 8 | fwdbwd | ringflash | triton_zero_fill | striped | 401 | - | 1.0 | NCCL_MAX_P2P_NCHANNELS=8 |" in table
     assert "| 128k | 8 | fwdbwd | ringflash | triton | striped | 401 | 0.955 | 1.0 | - |" in table
+    rows.append(dict(rows[-2], nccl_env={"NCCL_MAX_P2P_NCHANNELS": "8"}, tflops_per_gpu=410.0))  # its single GPU
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plot_ring.print_table(plot_ring.argparse.Namespace(files=[str(path)]))
+    assert "| 128k | 8 | fwdbwd | ringflash | triton_zero_fill | striped | 401 | 0.978 | 1.0 | NCCL_MAX_P2P_NCHANNELS=8 |" in capsys.readouterr().out
+    rows = rows[:-2]
+    # a file per run: a 4-GPU row takes its baseline from its own file, never from the 2-GPU run's
+    four = tmp_path / "ring4.jsonl"
+    four.write_text("".join(json.dumps(dict(r, world=4)) + "\n" for r in rows if r["impl"] == "ringflash"))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plot_ring.print_table(plot_ring.argparse.Namespace(files=[str(path), str(four)]))
+    table = capsys.readouterr().out
+    assert "| 128k | 8 | fwdbwd | ringflash | triton | striped | 401 | 0.955 | 1.0 |" in table
+    assert "| 128k | 8 | fwdbwd | ringflash | triton | striped | 401 | - | 1.0 |" in table
+    assert plot_ring._label(plot_ring.load([str(four)])[0]) == "ringflash triton contiguous"
+    assert plot_ring._label([r for r in plot_ring.load([str(path), str(four)]) if r["world"] == 4][0]) == \
+        "ringflash triton contiguous [4 GPUs]"
     assert plot_ring._label(rows[2]) == "ringflash cudnn zigzag"
     assert plot_ring._label({"impl": "ringflash", "layout": "striped"}) == "ringflash striped"
     # rows timed with the last dK/dV hop whole, and single-GPU rows of another engine
