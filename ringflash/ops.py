@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from types import SimpleNamespace
 
 import torch
@@ -36,6 +35,20 @@ from . import reference
 __all__ = ["flash_attention", "get_backend", "backend_name", "check_backend_inputs", "check_qkv", "no_autocast", "BACKENDS"]
 
 BACKENDS = ("triton", "reference", "cudnn", "sdpa_flash")
+
+
+def _check_triton_device(device: torch.device) -> None:
+    """The Triton kernels take CUDA tensors, or CPU tensors where Triton's interpreter runs them
+    (``TRITON_INTERPRET`` set, in any form Triton accepts, before ringflash was imported)."""
+    if device.type == "cuda":
+        return
+    from . import kernels
+
+    if not kernels.INTERPRETED:
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got {device.type}); on the CPU set "
+            "TRITON_INTERPRET=1 before importing ringflash, or use backend='reference'"
+        )
 
 
 def get_backend(backend, device: torch.device) -> SimpleNamespace:
@@ -56,11 +69,7 @@ def get_backend(backend, device: torch.device) -> SimpleNamespace:
             backward_delta=reference.backward_delta,
         )
     if backend == "triton":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                f"backend='triton' needs CUDA tensors (got {device.type}); on the CPU set "
-                "TRITON_INTERPRET=1 before importing ringflash, or use backend='reference'"
-            )
+        _check_triton_device(device)
         from . import kernels
 
         return SimpleNamespace(
@@ -92,11 +101,7 @@ def check_backend_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.T
     """The checks of named backend ``name`` on q, k, v, without building the backend object: plain
     Python on tensor metadata, which torch.compile traces without a graph break."""
     if name == "triton":
-        if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                f"backend='triton' needs CUDA tensors (got {q.device.type}); on the CPU set "
-                "TRITON_INTERPRET=1 before importing ringflash, or use backend='reference'"
-            )
+        _check_triton_device(q.device)
         from .kernels import check_inputs
 
         check_inputs(q, k, v)
@@ -148,11 +153,24 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
     if k.shape[2] == 0:
         raise ValueError(f"k and v need at least one head; got shape {tuple(k.shape)}")
+    if q.shape[3] == 0:
+        raise ValueError(f"head_dim must be at least 1; got shape {tuple(q.shape)}")
     if q.shape[2] % k.shape[2] != 0:
         raise ValueError(
             f"the number of query heads ({q.shape[2]}) must be a multiple of the number of "
             f"key/value heads ({k.shape[2]})"
         )
+
+
+def resolve_scale(softmax_scale, head_dim: int) -> float:
+    """``softmax_scale``, or ``1 / sqrt(head_dim)``; ``ValueError`` unless finite and positive
+    (the kernels take each tile's row maximum before scaling)."""
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    scale = float(softmax_scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"softmax_scale must be a finite positive number; got {softmax_scale!r}")
+    return scale
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -166,6 +184,7 @@ class _FlashAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a gradient of the gradient is refused, not wrong
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         be = ctx.backend
@@ -206,8 +225,7 @@ def flash_attention(
         out: (batch_size, seqlen_q, nheads, headdim) in q's dtype; and lse if ``return_lse``.
     """
     check_qkv(q, k, v)
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    softmax_scale = resolve_scale(softmax_scale, q.shape[-1])
     be = get_backend(backend, q.device)
     if getattr(be, "check", None) is not None:
         be.check(q, k, v)

@@ -43,6 +43,11 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _both_or_neither(q_pos, k_pos) -> None:
+    if (q_pos is None) != (k_pos is None):
+        raise ValueError("pass both q_pos and k_pos, or neither (the default alignment)")
+
+
 def default_positions(seqlen_q: int, seqlen_k: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions of a plain (non-sharded) call: keys ``0..Sk-1``, queries aligned to the end.
 
@@ -106,6 +111,7 @@ def forward(
     cd = accum_dtype(q.dtype)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     if causal and (q_pos is None or k_pos is None):
+        _both_or_neither(q_pos, k_pos)
         q_pos, k_pos = default_positions(Sq, Sk, q.device)
 
     qh = _split_heads(q.to(cd), Hkv)  # (B, Hkv, G, Sq, D)
@@ -174,6 +180,7 @@ def backward(
     cd = accum_dtype(q.dtype)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     if causal and (q_pos is None or k_pos is None):
+        _both_or_neither(q_pos, k_pos)
         q_pos, k_pos = default_positions(Sq, Sk, q.device)
     if dq is None:
         dq = torch.zeros(q.shape, dtype=cd, device=q.device)
@@ -229,6 +236,7 @@ def attention(
     cd = accum_dtype(q.dtype)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     if causal and (q_pos is None or k_pos is None):
+        _both_or_neither(q_pos, k_pos)
         q_pos, k_pos = default_positions(Sq, Sk, q.device)
     qh = _split_heads(q.to(cd), Hkv)
     kh = rearrange(k.to(cd), "b s hk d -> b hk s d")

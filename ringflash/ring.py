@@ -36,7 +36,7 @@ from . import comm
 from .comm import Exchange, check_group_device, check_transport, make_ring, resolve_group, world_and_rank
 from .layout import Contiguous, Layout, Striped, Zigzag, get_layout
 from .sdpa import accumulate
-from .ops import backend_name, backward_extras, check_backend_inputs, check_qkv, get_backend, no_autocast
+from .ops import backend_name, backward_extras, check_backend_inputs, check_qkv, get_backend, no_autocast, resolve_scale
 
 __all__ = ["ring_attention"]
 
@@ -408,6 +408,7 @@ class _RingAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a gradient of the gradient is refused, not wrong
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         return (*_ring_backward(dout, q, k, v, out, lse, *ctx.args), None, None, None, None, None)
@@ -542,8 +543,7 @@ def ring_attention(
     layout.check_local_seqlen(q.shape[1], world_size)
     check_group_device(group, q.device)
     check_transport(comm.TRANSPORT, group, q.device)
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    softmax_scale = resolve_scale(softmax_scale, q.shape[-1])
     spec = _op_layout(layout)
     if torch.compiler.is_compiling() and spec is not None and (backend is None or isinstance(backend, str)):
         # Inside torch.compile: the custom op, one node of the graph.

@@ -170,3 +170,45 @@ def _matching_calls_with_check(rank, world_size):
 
 def test_consistency_check_passes_matching_calls():
     assert max(spawn(_matching_calls_with_check, 2, timeout=120)) < 1e-12
+
+
+@pytest.mark.parametrize("scale", [-0.25, 0.0, float("nan"), float("inf")])
+def test_softmax_scale_must_be_finite_positive(scale):
+    """A negative scale would turn each tile's row maximum into its minimum (NaN from exp2)."""
+    from ringflash import flash_attention
+
+    q = t(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="softmax_scale"):
+        flash_attention(q, q, q, softmax_scale=scale)
+    with pytest.raises(ValueError, match="softmax_scale"):
+        ring_attention(q, q, q, softmax_scale=scale)
+
+
+def test_head_dim_zero_is_refused():
+    from ringflash import flash_attention
+
+    q = t(1, 8, 2, 0)
+    with pytest.raises(ValueError, match="head_dim must be at least 1"):
+        flash_attention(q, q, q)
+
+
+@pytest.mark.parametrize("backend", ["reference", "ring"])
+def test_second_order_gradients_are_refused(backend):
+    """The backward is not itself differentiable: asking for a gradient of the gradient raises
+    instead of returning a wrong one."""
+    from ringflash import flash_attention
+
+    q, k, v = (t(1, 8, 2, 16, dtype=torch.float64).requires_grad_() for _ in range(3))
+    attn = flash_attention if backend == "reference" else ring_attention
+    out = attn(q, k, v, causal=True)
+    (gq,) = torch.autograd.grad((out ** 2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gq.square().sum().backward()
+
+
+def test_half_given_positions_are_refused():
+    from ringflash import reference
+
+    q = t(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="both q_pos and k_pos"):
+        reference.forward(q, q, q, q_pos=torch.arange(8) + 4, causal=True)

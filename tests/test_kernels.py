@@ -524,3 +524,15 @@ def test_wide_offsets_give_the_same_results(monkeypatch, causal):
     wide = run()
     for a, b in zip(narrow, wide):
         assert torch.equal(a, b)
+
+
+def test_interpreter_refuses_bfloat16_and_half_positions():
+    """bf16 tl.dot is wrong in Triton's interpreter: refused rather than computed; one position
+    tensor without the other is refused rather than replaced by the default alignment."""
+    q = torch.randn(1, 16, 2, 32)
+    with pytest.raises(TypeError, match="interpreter"):
+        kernels.forward(q.bfloat16(), q.bfloat16(), q.bfloat16())
+    with pytest.raises(ValueError, match="both q_pos and k_pos"):
+        kernels.forward(q, q, q, causal=True, q_pos=torch.arange(16) + 3)
+    with pytest.raises(ValueError, match="head_dim"):
+        kernels.check_inputs(q[..., :0], q[..., :0], q[..., :0])

@@ -176,6 +176,11 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
                 f"got strides {t.stride()}. Call .contiguous() first."
             )
         if INTERPRETED:
+            if t.dtype == torch.bfloat16:
+                raise TypeError(
+                    f"{name} is bfloat16, which Triton's interpreter (TRITON_INTERPRET) computes wrongly "
+                    "in tl.dot; under the interpreter use float16 or float32, or backend='reference'"
+                )
             if t.device.type != "cpu":
                 raise ValueError(
                     f"the triton kernels were loaded under TRITON_INTERPRET=1 and take CPU tensors; "
@@ -198,21 +203,26 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     D = q.shape[3]
     if not (D == k.shape[3] == v.shape[3]):
         raise ValueError(f"q, k, v must share head_dim; got {D}, {k.shape[3]}, {v.shape[3]}")
-    if D > MAX_HEAD_DIM or D % 8 != 0:
+    if D > MAX_HEAD_DIM or D % 8 != 0 or D == 0:
         raise ValueError(
             f"the triton kernels support head_dim a multiple of 8 up to {MAX_HEAD_DIM} "
             f"(64 and 128 fastest; 32, 80, 96, 256 tested); got {D}"
         )
-    if q.shape[2] % k.shape[2] != 0:
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
         raise ValueError(
             f"the number of query heads ({q.shape[2]}) must be a multiple of the number of "
-            f"key/value heads ({k.shape[2]})"
+            f"key/value heads ({k.shape[2]}, at least one)"
         )
 
 
 def _positions(q_pos, k_pos, Sq, Sk, device):
-    """Position tensors for a causal call: the given ones (checked), or the default alignment."""
-    if q_pos is None or k_pos is None:
+    """Position tensors for a causal call: the given ones (checked), or the default alignment.
+
+    Each must be strictly increasing (every layout's are); that is not checked, since it would
+    cost a device synchronisation, and other orders give wrong results."""
+    if (q_pos is None) != (k_pos is None):
+        raise ValueError("pass both q_pos and k_pos, or neither (the default alignment)")
+    if q_pos is None:
         # reference.default_positions: keys 0..Sk-1, queries aligned to the end (bottom-right).
         k_pos = torch.arange(Sk, device=device)
         q_pos = torch.arange(Sk - Sq, Sk, device=device)
