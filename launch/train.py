@@ -626,6 +626,7 @@ def _train(cfg: TrainConfig, d: Dist, stop: StopSignals) -> TrainResult:
 
     last_loss = None
     timer = StepTimer()
+    compiled_said = False
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(d.device)
     try:
@@ -643,6 +644,17 @@ def _train(cfg: TrainConfig, d: Dist, stop: StopSignals) -> TrainResult:
             step += 1
             data_position += cfg.batch_size * d.dp_size
             timer.step()
+            if cfg.compile and not compiled_said and d.rank == 0:
+                # The graphs torch.compile built, once, after the first step: a model that does not
+                # compile (a graph break left it eager) says so here.
+                from torch._dynamo.utils import counters
+
+                said = f"compiled: {counters['stats']['unique_graphs']} graph(s)"
+                if pbar is not None:
+                    pbar.write(said)
+                else:
+                    print(said, file=sys.stderr, flush=True)
+                compiled_said = True
 
             if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
                 with torch.no_grad():

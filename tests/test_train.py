@@ -290,7 +290,9 @@ def test_two_ranks_loss_falls(reference_run):
 
 def test_compiled_run_matches_eager(reference_run, tmp_path):
     """--compile (inductor; ring attention as a custom op in the graph): the same losses as eager."""
-    torchrun(*TINY, "--compile", "--steps", "6", "--lr-decay-steps", str(STEPS), "--out", str(tmp_path), timeout=300)
+    proc = torchrun(*TINY, "--compile", "--steps", "6", "--lr-decay-steps", str(STEPS), "--out", str(tmp_path), timeout=300)
+    said = re.search(r"compiled: (\d+) graph", proc.stdout + proc.stderr)
+    assert said and int(said.group(1)) >= 1, proc.stderr[-3000:]  # the model really compiled
     for (step, got), (_, want) in zip(losses(tmp_path), losses(reference_run)[:6], strict=True):
         assert abs(got - want) < 1e-5 * abs(want), (step, got, want)
 
@@ -300,7 +302,8 @@ def test_resume_after_step_limit_is_bit_identical(reference_run, tmp_path):
     # The same schedule as the reference: only the stopping point differs.
     torchrun(*TINY, "--steps", str(half), "--lr-decay-steps", str(STEPS), "--out", str(tmp_path))
     assert losses(tmp_path) == losses(reference_run)[:half]
-    torchrun(*TINY, "--steps", str(STEPS), "--resume", "--out", str(tmp_path))
+    proc = torchrun(*TINY, "--steps", str(STEPS), "--resume", "--out", str(tmp_path))
+    assert f"resuming at step {half}:" in proc.stderr, proc.stderr[-3000:]  # not a fresh run
     assert losses(tmp_path) == losses(reference_run)
 
 
@@ -324,7 +327,8 @@ def test_resume_after_sigterm_is_bit_identical(reference_run, tmp_path):
     assert "stopped by SIGTERM after checkpointing" in stdout, stderr[-3000:]
     stopped = json.loads((tmp_path / "ckpt" / "meta.json").read_text())["step"]
     assert 3 <= stopped < STEPS
-    torchrun(*TINY, "--steps", str(STEPS), "--resume", "--out", str(tmp_path))
+    proc = torchrun(*TINY, "--steps", str(STEPS), "--resume", "--out", str(tmp_path))
+    assert f"resuming at step {stopped}:" in proc.stderr, proc.stderr[-3000:]  # not a fresh run
     assert losses(tmp_path) == losses(reference_run)
 
 
