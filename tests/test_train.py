@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import signal
@@ -286,6 +287,22 @@ def test_two_ranks_loss_falls(reference_run):
     except ImportError:
         return
     assert (reference_run / "loss.png").stat().st_size > 0
+
+
+def test_two_ranks_learn_to_recall(tmp_path):
+    """Training must teach attention to carry information across the sequence and the ring.
+
+    With one key-value pair, the answer is the value at token 1, read from the query at the end.
+    A model whose attention carries nothing can only learn the value marginal: ln(10) ~ 2.30
+    nats per answer. The run has to end clearly below that floor.
+    """
+    args = ["--seq-len", "32", "--batch-size", "16", "--dim", "64", "--layers", "2", "--heads", "4",
+            "--kv-heads", "2", "--recall-pairs", "1", "--lr", "3e-3", "--warmup-steps", "10",
+            "--steps", "150", "--log-every", "1", "--ckpt-every", "0", "--no-plot", "--seed", "0"]
+    torchrun(*args, "--out", str(tmp_path))
+    last = sum(r["loss"] for r in read_metrics(tmp_path)[-10:]) / 10
+    floor = math.log(10)
+    assert last < floor - 0.7, f"no recall: loss {last:.3f} at the end vs the no-attention floor {floor:.3f}"
 
 
 def test_compiled_run_matches_eager(reference_run, tmp_path):
