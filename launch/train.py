@@ -185,6 +185,12 @@ def config_problems(cfg: TrainConfig, world_size: int, *, hardware: bool = True)
         problems.append("--ckpt-every, --cp-size, --warmup-steps and --lr-decay-steps cannot be negative")
     if cfg.lr <= 0:
         problems.append(f"--lr must be positive; got {cfg.lr}")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        problems.append(f"--min-lr-ratio must be between 0 and 1; got {cfg.min_lr_ratio}")
+    if cfg.weight_decay < 0 or cfg.grad_clip < 0:
+        problems.append(f"--weight-decay and --grad-clip cannot be negative; got {cfg.weight_decay} and {cfg.grad_clip}")
+    if not (math.isfinite(cfg.rope_base) and cfg.rope_base > 0):
+        problems.append(f"--rope-base must be positive; got {cfg.rope_base}")
     cp = cfg.cp_size or world_size
     if cp >= 1 and world_size % cp != 0:
         problems.append(
@@ -194,7 +200,7 @@ def config_problems(cfg: TrainConfig, world_size: int, *, hardware: bool = True)
         )
     elif cp >= 1 and cfg.seq_len >= 1:
         layout = get_layout(cfg.layout)
-        m = layout.multiple(cp)
+        m = layout.multiple(cp) if cp > 1 else 1  # one rank holds the whole sequence: any length
         if cfg.seq_len % m != 0:
             lower, upper = cfg.seq_len // m * m, (cfg.seq_len // m + 1) * m
             problems.append(
@@ -220,6 +226,8 @@ def config_problems(cfg: TrainConfig, world_size: int, *, hardware: bool = True)
                 )
         if cfg.heads % cfg.kv_heads != 0:
             problems.append(f"--heads {cfg.heads} must be a multiple of --kv-heads {cfg.kv_heads}")
+    if cfg.data and cfg.recall_pairs:
+        problems.append("--recall-pairs sets up the recall task; with --data the model trains on the file: drop one")
     if cfg.seq_len >= 1:
         problem = dataset_problem(data=cfg.data, seq_len=cfg.seq_len, recall_pairs=cfg.recall_pairs)
         if problem:
@@ -261,11 +269,12 @@ def _resume_problems(cfg: TrainConfig) -> list[str]:
         saved = json.loads((ckpt / META_FILE).read_text())["config"]
     except (OSError, ValueError, KeyError) as e:
         return [f"cannot read the checkpoint in {ckpt} ({e}); remove it or drop --resume"]
-    changed = [
-        f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(cfg, k)!r}"
-        for k in _RESUME_FIXED
-        if saved.get(k) != getattr(cfg, k)
-    ]
+    def same(k):
+        if k == "data" and saved.get(k) and cfg.data:  # one file, however its path is written
+            return Path(saved[k]).resolve() == Path(cfg.data).resolve()
+        return saved.get(k) == getattr(cfg, k)
+
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in _RESUME_FIXED if not same(k)]
     if changed:
         return [f"--resume from {ckpt} with settings that changed the model or the data: "
                 f"{', '.join(changed)}; use the checkpoint's settings or another --out"]

@@ -26,6 +26,7 @@ in the process that loads it.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.distributed as dist
@@ -114,7 +115,8 @@ class RingAttention(_SharesGroup, nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"causal={self.causal}, layout={self.layout!r}, backend={self.backend!r}"
+        scale = "" if self.softmax_scale is None else f", softmax_scale={self.softmax_scale}"
+        return f"causal={self.causal}, layout={self.layout!r}{scale}, backend={self.backend!r}"
 
 
 # -- rotary embeddings ----------------------------------------------------------------------
@@ -178,6 +180,8 @@ class MultiheadAttention(_SharesGroup, nn.Module):
                  group=None, backend: str | None = None):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if dim <= 0:
+            raise ValueError(f"dim must be positive; got {dim}")
         if num_heads <= 0 or num_kv_heads <= 0:
             raise ValueError(f"num_heads and num_kv_heads must be positive; got {num_heads} and {num_kv_heads}")
         if dim % num_heads != 0:
@@ -187,6 +191,8 @@ class MultiheadAttention(_SharesGroup, nn.Module):
         head_dim = dim // num_heads
         if rope and head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head_dim; dim // num_heads = {head_dim}")
+        if rope and not (math.isfinite(rope_base) and rope_base > 0):
+            raise ValueError(f"rope_base must be a finite positive number; got {rope_base}")
         self.dim, self.num_heads, self.num_kv_heads, self.head_dim = dim, num_heads, num_kv_heads, head_dim
         self.rope, self.rope_base = bool(rope), float(rope_base)
         self.layout = get_layout(layout)

@@ -108,6 +108,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def own_problems(args: argparse.Namespace) -> list[str]:
+    """What is wrong with submit.py's own flags (messages), before anything is submitted."""
+    if args.local:
+        return [] if args.tasks >= 1 else [f"--tasks must be at least 1; got {args.tasks}"]
+    problems = [
+        f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}"
+        for name in ("nodes", "gpus_per_node", "cpus_per_task", "signal_delay")
+        if getattr(args, name) < 1
+    ]
+    problems += [
+        f"--{name.replace('_', '-')} cannot be negative; got {getattr(args, name)}"
+        for name in ("time", "mem_gb", "max_requeues")
+        if getattr(args, name) < 0
+    ]
+    if args.time > 0 and args.signal_delay >= args.time * 60:
+        problems.append(
+            f"--signal-delay {args.signal_delay} s does not fit in a --time {args.time} min allocation: "
+            f"the signal would come at its start, and every allocation would checkpoint and requeue at "
+            f"once; lower --signal-delay or raise --time"
+        )
+    return problems
+
+
 def _split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     if "--" in argv:
         i = argv.index("--")
@@ -127,10 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     own, train_args = _split_argv(argv)
     args = build_parser().parse_args(own)
+    problems = own_problems(args)
+    if problems:
+        for p in problems:
+            print(f"submit.py: error: {p}", file=sys.stderr)
+        return 2
     train = _import_train()
 
     if args.local:
-        if "--device" not in train_args:
+        if train.parse_args(train_args).device == "auto":  # a --device of the user's, in any spelling, stays
             train_args = train_args + ["--device", "cpu"]
         world_size = args.tasks
     else:

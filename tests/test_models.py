@@ -230,6 +230,7 @@ def test_compile_single_process():
     (dict(dim=30), "divisible by num_heads"),
     (dict(n_kv_heads=3), "divisible by num_kv_heads"),
     (dict(n_layers=0), "n_layers"),
+    (dict(rope_base=0.0), "rope_base"),  # gave a NaN loss
 ])
 def test_config_errors(overrides, match):
     with pytest.raises(ValueError, match=match):

@@ -279,10 +279,22 @@ def test_no_rope_and_bias():
     (dict(dim=12, num_heads=4), "even head_dim"),
     (dict(dim=32, num_heads=0), "positive"),
     (dict(dim=32, num_heads=4, layout="diagonal"), "unknown layout"),
+    (dict(dim=0, num_heads=4), "dim must be positive"),
+    (dict(dim=-32, num_heads=4), "dim must be positive"),
+    # base**(-2i/D) of a base <= 0 made every output NaN
+    (dict(dim=32, num_heads=4, rope_base=0.0), "rope_base"),
+    (dict(dim=32, num_heads=4, rope_base=-10000.0), "rope_base"),
 ])
 def test_constructor_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MultiheadAttention(**kwargs)
+
+
+def test_extra_repr_shows_the_settings():
+    assert "softmax_scale=0.3" in repr(RingAttention(causal=False, softmax_scale=0.3))
+    assert "softmax_scale" not in repr(RingAttention())
+    text = repr(MultiheadAttention(DIM, 4, num_kv_heads=2, rope_base=500.0, layout="zigzag"))
+    assert "num_kv_heads=2" in text and "rope_base=500.0" in text and "Zigzag()" in text
 
 
 def test_forward_errors():

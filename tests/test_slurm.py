@@ -124,6 +124,66 @@ def test_submit_refuses_a_resume_conflict_before_submitting(tmp_path):
     assert (tmp_path / "called").exists()
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--nodes", "0"], "--nodes must be at least 1"),  # was a traceback, after sbatch had run
+    (["--gpus-per-node", "0"], "--gpus-per-node must be at least 1"),  # was a job of no tasks
+    (["--max-requeues", "-1"], "--max-requeues cannot be negative"),
+    (["--time", "2", "--signal-delay", "120"], "--signal-delay 120 s does not fit in a --time 2 min"),
+    (["--local", "--tasks", "0"], "--tasks must be at least 1"),
+])
+def test_submit_refuses_bad_own_flags_before_submitting(tmp_path, monkeypatch, capsys, flags, message):
+    """A job that cannot run, or one whose time-limit signal would come at its start (it would
+    checkpoint and requeue at once, every allocation), is refused before anything is submitted."""
+    env = fake_bin(tmp_path, sbatch=f'touch {tmp_path}/called\necho "Submitted batch job 7"\n', srun="exit 0\n")
+    monkeypatch.setenv("PATH", env["PATH"])
+    assert submit.main([*flags, "--", "--out", str(tmp_path / "run"), "--steps", "1"]) == 2
+    assert f"submit.py: error: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "called").exists()
+
+
+def test_resubmitting_with_a_relative_data_path_resumes(tmp_path, monkeypatch):
+    """The job gets --data as an absolute path; the same command submitted again (a relative
+    path) must resume from its checkpoint, not be refused as a change of data."""
+    env = fake_bin(tmp_path, sbatch='echo "Submitted batch job 7"\n', srun="exit 0\n")
+    monkeypatch.setenv("PATH", env["PATH"])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "text.txt").write_bytes(bytes(range(256)) * 2)
+    argv = ["--nodes", "1", "--gpus-per-node", "2", "--", "--out", "run", "--data", "text.txt"]
+    assert submit.main(argv) == 0
+    # The checkpoint that job writes: its config, as launch/train.py saves it.
+    trainer = submitit.helpers.DelayedSubmission.load(tmp_path / "run" / "submitit" / "7_submitted.pkl").function
+    saved = train.parse_args(trainer.train_args).resolved()
+    assert saved.data == str(tmp_path / "text.txt")
+    (tmp_path / "run" / "ckpt").mkdir()
+    (tmp_path / "run" / "ckpt" / "meta.json").write_text(json.dumps({"step": 5, "config": dataclasses.asdict(saved)}))
+    assert submit.main(argv) == 0
+
+
+def test_local_keeps_the_users_device(tmp_path, monkeypatch):
+    """--local adds --device cpu only where the flags do not choose a device (--device=cuda too)."""
+    from types import SimpleNamespace
+
+    submitted = []
+
+    class FakeExecutor:  # submitit.LocalExecutor, without starting the job
+        def __init__(self, folder):
+            pass
+
+        def update_parameters(self, **kwargs):
+            pass
+
+        def submit(self, fn):
+            submitted.append(fn)
+            return SimpleNamespace(job_id="1", results=lambda: [])
+
+    monkeypatch.setattr(submitit, "LocalExecutor", FakeExecutor)
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(train.torch.cuda, "device_count", lambda: 2)
+    for flags, device in (([], "cpu"), (["--device=cuda"], "cuda"), (["--device", "cuda"], "cuda")):
+        assert submit.main(["--local", "--", *flags, "--out", str(tmp_path)]) == 0
+        assert train.parse_args(submitted.pop().train_args).device == device, flags
+
+
 def test_submitit_local_executor_runs_two_tasks(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "slurm" / "submit.py"), "--local", "--tasks", "2",

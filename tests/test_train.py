@@ -125,6 +125,22 @@ def test_config_checks_say_what_to_change(tmp_path):
     assert "--transport copy_engine" in p and "GPUs of one node" in p
     cfg = train.parse_args(["--backend", "cudnn", "--dim", "1024", "--heads", "4"]).resolved()
     assert any("multiple of 8 up to 128" in p for p in train.config_problems(cfg, 1, hardware=False))
+    # One context-parallel rank holds the whole sequence: any length, whatever the layout.
+    assert _problems(["--seq-len", "63", "--layout", "zigzag"], 1) == []
+    assert _problems(["--seq-len", "63", "--layout", "zigzag", "--cp-size", "1"], 2) == []
+    # Values that trained on anyway: a negative learning rate at the end of the schedule, NaN losses.
+    (p,) = _problems(["--min-lr-ratio", "-1"], 1)
+    assert "--min-lr-ratio" in p
+    (p,) = _problems(["--grad-clip", "-1"], 1)
+    assert "--grad-clip" in p
+    (p,) = _problems(["--rope-base", "0"], 1)
+    assert "--rope-base" in p
+    # --recall-pairs does nothing with --data: refused rather than ignored.
+    text = tmp_path / "text.txt"
+    text.write_bytes(bytes(range(256)))
+    assert _problems(["--data", str(text)], 1) == []
+    (p,) = _problems(["--data", str(text), "--recall-pairs", "4"], 1)
+    assert "--recall-pairs" in p and "--data" in p
 
 
 def test_copy_engine_needs_every_gpu_of_the_group_visible(monkeypatch):
@@ -154,6 +170,23 @@ def test_resume_refuses_a_changed_model_or_data(tmp_path):
     (p,) = _problems(argv + ["--dim", "256", "--seq-len", "256"], 2)
     assert "--dim 128 -> 256" in p and "--seq-len 128 -> 256" in p
     assert _problems(["--out", str(tmp_path), "--seq-len", "256"], 2) == []  # a fresh run ignores it
+
+
+def test_resume_takes_the_same_data_file_under_another_path(tmp_path, monkeypatch):
+    """--data is compared as a file, not as a string: the Slurm launcher hands the job an absolute
+    path, and resubmitting the same command (a relative path) must not be refused."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "text.txt").write_bytes(bytes(range(256)) * 2)
+    (tmp_path / "other.txt").write_bytes(bytes(range(256)) * 2)
+    (tmp_path / "ckpt").mkdir()
+    saved = train.parse_args(["--out", str(tmp_path), "--data", str(tmp_path / "text.txt")]).resolved()
+    (tmp_path / "ckpt" / "meta.json").write_text(json.dumps({"step": 5, "config": dataclasses.asdict(saved)}))
+    for path in ("text.txt", "./text.txt", str(tmp_path / "text.txt")):
+        assert _problems(["--out", str(tmp_path), "--resume", "--data", path], 2) == [], path
+    (p,) = _problems(["--out", str(tmp_path), "--resume", "--data", "other.txt"], 2)
+    assert "--data" in p and "another --out" in p
+    (p,) = _problems(["--out", str(tmp_path), "--resume"], 2)  # the recall task instead of the file
+    assert "--data" in p
 
 
 def test_lr_schedule():
