@@ -48,14 +48,26 @@ def _positions(layout: Layout, local_seqlen: int, world_size: int, device) -> tu
     """Every rank's global token positions: host copies (to decide skips without a device
     sync) and device copies (for the kernel's masks), made once per shape and cached."""
     key = (layout, local_seqlen, world_size, device)
-    if key not in _POSITIONS:
-        if len(_POSITIONS) > 256:
-            _POSITIONS.clear()
-        host = [layout.local_positions(local_seqlen, rank=r, world_size=world_size) for r in range(world_size)]
-        # Built on the device, not copied there: a host-to-device copy would block the host.
-        dev = [layout.local_positions(local_seqlen, rank=r, world_size=world_size, device=device) for r in range(world_size)]
-        _POSITIONS[key] = (host, dev)
-    return _POSITIONS[key]
+    try:
+        hit = _POSITIONS.get(key)
+    except TypeError:  # a Layout with unhashable attributes: made on every call
+        key, hit = None, None
+    if hit is None:
+        # Normal tensors even inside torch.inference_mode: they outlive the call, and inference
+        # tensors have no version counter (which the SDPA engines' cache of pieces reads).
+        with torch.inference_mode(False):
+            # On the host whatever the default device is (torch.set_default_device, `with torch.device(...)`).
+            host = [layout.local_positions(local_seqlen, rank=r, world_size=world_size, device="cpu")
+                    for r in range(world_size)]
+            # Built on the device, not copied there: a host-to-device copy would block the host.
+            dev = [layout.local_positions(local_seqlen, rank=r, world_size=world_size, device=device)
+                   for r in range(world_size)]
+        hit = (host, dev)
+        if key is not None:
+            if len(_POSITIONS) > 256:
+                _POSITIONS.clear()
+            _POSITIONS[key] = hit
+    return hit
 
 
 def _visible_any(causal: bool, q_pos: torch.Tensor, k_pos: torch.Tensor) -> bool:

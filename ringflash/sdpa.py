@@ -239,9 +239,11 @@ def _pieces(q, k, q_pos, k_pos, causal) -> list[Piece]:
         return [Piece(0, Sq, 0, Sk, False)] if Sq and Sk else []
     if q_pos is None or k_pos is None:
         key = ("default", Sq, Sk)
+    elif q_pos.is_inference() or k_pos.is_inference():
+        key = None  # no version counter to tell an in-place change: decomposed on every call
     else:
         key = (id(q_pos), q_pos._version, id(k_pos), k_pos._version)
-    hit = _PIECES.get(key)
+    hit = _PIECES.get(key) if key is not None else None
     if hit is not None:
         return hit[-1]
     if q_pos is None or k_pos is None:
@@ -249,9 +251,10 @@ def _pieces(q, k, q_pos, k_pos, causal) -> list[Piece]:
     else:
         # The ring passes host copies of the positions (host_positions=True): no device sync here.
         pieces = decompose(q_pos.cpu(), k_pos.cpu(), True)
-    if len(_PIECES) > 1024:
-        _PIECES.clear()
-    _PIECES[key] = (q_pos, k_pos, pieces)
+    if key is not None:
+        if len(_PIECES) > 1024:
+            _PIECES.clear()
+        _PIECES[key] = (q_pos, k_pos, pieces)
     return pieces
 
 
