@@ -6,8 +6,9 @@ kernel contract exactly:
 * tensors are ``(batch, seqlen, heads, head_dim)``; K/V may have fewer heads than Q
   (GQA/MQA: query head ``h`` reads K/V head ``h // (heads_q // heads_kv)``), and the
   repeat is never materialised;
-* masks come from global token positions: with ``causal=True`` query ``i`` sees key ``j``
-  iff ``q_pos[i] >= k_pos[j]``;
+* masks come from global token positions (and document ids): with ``causal=True`` query ``i``
+  sees key ``j`` iff ``q_pos[i] >= k_pos[j]``; ``window=(left, right)`` and documents
+  (``q_doc``/``k_doc``) add the rules of :mod:`ringflash.mask`;
 * the log-sum-exp is float32 (float64 for float64 inputs), natural log, shaped
   ``(batch, heads, seqlen_q)``; a row that sees no key has O = 0 and LSE = -inf, never NaN;
 * partial results live in float32 accumulators and are folded with :func:`merge_`; nothing
@@ -24,6 +25,8 @@ import math
 
 import torch
 from einops import rearrange
+
+from . import mask as _mask
 
 __all__ = [
     "attention",
@@ -64,10 +67,19 @@ def _split_heads(x: torch.Tensor, heads_kv: int) -> torch.Tensor:
     return rearrange(x, "b s (hk g) d -> b hk g s d", hk=heads_kv)
 
 
-def _visible(q_pos, k_pos, causal):
-    if not causal:
-        return None
-    return q_pos[:, None] >= k_pos[None, :]  # (Sq, Sk_block)
+def _resolve(Sq, Sk, device, q_pos, k_pos, causal, window, q_doc, k_doc):
+    """Positions (default: bottom-right aligned) where a rule needs them; doc ids both or neither."""
+    if (q_doc is None) != (k_doc is None):
+        raise ValueError("pass both q_doc and k_doc, or neither")
+    if (causal or window is not None) and (q_pos is None or k_pos is None):
+        _both_or_neither(q_pos, k_pos)
+        q_pos, k_pos = default_positions(Sq, Sk, device)
+    return q_pos, k_pos
+
+
+def _visible(q_pos, k_pos, causal, window=None, q_doc=None, k_doc=None):
+    """(Sq, Sk_block) visibility, or None when every pair is visible."""
+    return _mask.visible(q_pos, k_pos, causal=causal, window=window, q_doc=q_doc, k_doc=k_doc)
 
 
 def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
@@ -98,11 +110,15 @@ def forward(
     softmax_scale: float | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
     block: int = BLOCK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over ``k, v``, as float32 (or float64) partials.
 
-    q: (B, Sq, H, D); k, v: (B, Sk, Hkv, D); q_pos: (Sq,), k_pos: (Sk,) global positions.
+    q: (B, Sq, H, D); k, v: (B, Sk, Hkv, D); q_pos: (Sq,), k_pos: (Sk,) global positions;
+    ``window``: (left, right), -1 unbounded; q_doc: (Sq,), k_doc: (Sk,) document ids.
     Returns ``out`` (B, Sq, H, D) and ``lse`` (B, H, Sq) in the accumulation dtype. If ``out``
     and ``lse`` are given, this block is folded into them in place and they are returned.
     """
@@ -110,9 +126,7 @@ def forward(
     Sk, Hkv = k.shape[1], k.shape[2]
     cd = accum_dtype(q.dtype)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    if causal and (q_pos is None or k_pos is None):
-        _both_or_neither(q_pos, k_pos)
-        q_pos, k_pos = default_positions(Sq, Sk, q.device)
+    q_pos, k_pos = _resolve(Sq, Sk, q.device, q_pos, k_pos, causal, window, q_doc, k_doc)
 
     qh = _split_heads(q.to(cd), Hkv)  # (B, Hkv, G, Sq, D)
     G = qh.shape[2]
@@ -124,7 +138,8 @@ def forward(
         kb = rearrange(k[:, start:stop].to(cd), "b s hk d -> b hk s d")
         vb = rearrange(v[:, start:stop].to(cd), "b s hk d -> b hk s d")
         s = torch.einsum("bhgqd,bhkd->bhgqk", qh, kb) * scale
-        vis = _visible(q_pos, k_pos[start:stop] if k_pos is not None else None, causal)
+        vis = _visible(q_pos, k_pos[start:stop] if k_pos is not None else None, causal, window,
+                       q_doc, k_doc[start:stop] if k_doc is not None else None)
         if vis is not None:
             s.masked_fill_(~vis, -math.inf)
         m_new = torch.maximum(m, s.amax(dim=-1))
@@ -167,6 +182,9 @@ def backward(
     dq: torch.Tensor | None = None,
     dk: torch.Tensor | None = None,
     dv: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
     block: int = BLOCK,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one (q block, k/v block) pair from the global LSE and delta.
@@ -179,9 +197,7 @@ def backward(
     Sk, Hkv = k.shape[1], k.shape[2]
     cd = accum_dtype(q.dtype)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    if causal and (q_pos is None or k_pos is None):
-        _both_or_neither(q_pos, k_pos)
-        q_pos, k_pos = default_positions(Sq, Sk, q.device)
+    q_pos, k_pos = _resolve(Sq, Sk, q.device, q_pos, k_pos, causal, window, q_doc, k_doc)
     if dq is None:
         dq = torch.zeros(q.shape, dtype=cd, device=q.device)
     if dk is None:
@@ -201,7 +217,8 @@ def backward(
         kb = rearrange(k[:, start:stop].to(cd), "b s hk d -> b hk s d")
         vb = rearrange(v[:, start:stop].to(cd), "b s hk d -> b hk s d")
         s = torch.einsum("bhgqd,bhkd->bhgqk", qh, kb) * scale
-        vis = _visible(q_pos, k_pos[start:stop] if k_pos is not None else None, causal)
+        vis = _visible(q_pos, k_pos[start:stop] if k_pos is not None else None, causal, window,
+                       q_doc, k_doc[start:stop] if k_doc is not None else None)
         if vis is not None:
             s.masked_fill_(~vis, -math.inf)
         p = torch.exp(s - lse_h[..., None])
@@ -225,25 +242,36 @@ def attention(
     softmax_scale: float | None = None,
     q_pos: torch.Tensor | None = None,
     k_pos: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
+    cu_seqlens=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole-sequence attention, differentiable through autograd (the test oracle).
 
-    Returns ``out`` in ``q.dtype`` and ``lse`` in the accumulation dtype. Unlike
-    :func:`forward` this builds the full score matrix, so keep it to test sizes.
+    ``window`` and ``cu_seqlens`` (document boundaries over the positions) as
+    :func:`ringflash.ring_attention`. Returns ``out`` in ``q.dtype`` and ``lse`` in the
+    accumulation dtype. Unlike :func:`forward` this builds the full score matrix, so keep it to
+    test sizes.
     """
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     cd = accum_dtype(q.dtype)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    if causal and (q_pos is None or k_pos is None):
+    window = _mask.check_window(window)
+    cu = _mask.check_cu_seqlens(cu_seqlens)
+    if cu is not None and (q_pos is None or k_pos is None):
         _both_or_neither(q_pos, k_pos)
         q_pos, k_pos = default_positions(Sq, Sk, q.device)
+    q_pos, k_pos = _resolve(Sq, Sk, q.device, q_pos, k_pos, causal, window, None, None)
+    q_doc = k_doc = None
+    if cu is not None:
+        q_doc, k_doc = _mask.doc_ids(cu, q_pos), _mask.doc_ids(cu, k_pos)
     qh = _split_heads(q.to(cd), Hkv)
     kh = rearrange(k.to(cd), "b s hk d -> b hk s d")
     vh = rearrange(v.to(cd), "b s hk d -> b hk s d")
     s = torch.einsum("bhgqd,bhkd->bhgqk", qh, kh) * scale
-    if causal:
-        s = s.masked_fill(~_visible(q_pos, k_pos, True), -math.inf)
+    vis = _visible(q_pos, k_pos, causal, window, q_doc, k_doc)
+    if vis is not None:
+        s = s.masked_fill(~vis, -math.inf)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
     out = torch.einsum("bhgqk,bhkd->bhgqd", p, vh)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, _count_tiles, _load_tile, _rows_ptr
+from ._common import LOG2E, _count_tiles, _key_ranges, _load_tile, _query_ranges, _rows_ptr, _rule
 
 
 @triton.jit
@@ -58,12 +58,13 @@ def _lse2(LSE_row, rows, Sq, MASKED: tl.constexpr):
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, k, v, kp, cols,
-    q_base, do_base, stride_qs, stride_dos, LSE_row, DELTA_row, QPOS,
-    start_m, Sq, Sk, qk_scale,
+    dk, dv, k, v, kp, kd, cols,
+    q_base, do_base, stride_qs, stride_dos, LSE_row, DELTA_row, QPOS, QDOC,
+    start_m, Sq, Sk, qk_scale, wl, wr,
     offs_m, offs_d,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
+    WINDOW: tl.constexpr, DOCS: tl.constexpr,
 ):
     rows = start_m + offs_m
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -74,7 +75,16 @@ def _dkdv_tile(
     pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
     if MASKED:
         visible = (rows < Sq)[None, :] & (cols < Sk)[:, None]
-        if CAUSAL:
+        if WINDOW or DOCS:
+            qp = rows
+            qd = rows
+            if CAUSAL or WINDOW:
+                qp = tl.load(QPOS + rows, mask=rows < Sq, other=0)
+            if DOCS:
+                qd = tl.load(QDOC + rows, mask=rows < Sq, other=-2)
+            visible = visible & _rule(qp[None, :], kp[:, None], qd[None, :], kd[:, None], wl, wr,
+                                      CAUSAL, WINDOW, DOCS)
+        elif CAUSAL:
             qp = tl.load(QPOS + rows, mask=rows < Sq, other=0)
             visible = visible & (qp[None, :] >= kp[:, None])
         pT = tl.where(visible, pT, 0.0)
@@ -94,8 +104,8 @@ def _dkdv_tile(
 @triton.jit
 def _dkdv_program(
     pid_n, pid_bh, g_first, g_count,
-    Q, K, V, DO, LSE, DELTA, QPOS, KPOS, DK, DV,
-    sm_scale, qk_scale,
+    Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, DK, DV,
+    sm_scale, qk_scale, wl, wr,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -106,6 +116,7 @@ def _dkdv_program(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
+    WINDOW: tl.constexpr, DOCS: tl.constexpr,
 ):
     Hkv = H // G
     b = (pid_bh // Hkv).to(tl.int64)
@@ -129,7 +140,17 @@ def _dkdv_program(
     # compiled the unmasked loop 10-14% slower on H100 (benchmarks/results/kernels_h100_tma/).
     num_m_even = Sq // BLOCK_M
     num_m = tl.cdiv(Sq, BLOCK_M)
-    if CAUSAL:
+    kd = cols  # unused without DOCS
+    if WINDOW or DOCS:
+        # Windows and documents: the same three loops over the ranges of every rule.
+        lo, mid, even_end, hi = _query_ranges(
+            QPOS, QDOC, KPOS, KDOC, start_n, Sq, Sk, wl, wr, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, DOCS)
+        kp = cols
+        if CAUSAL or WINDOW:
+            kp = tl.load(KPOS + cols, mask=cols < Sk, other=0)
+        if DOCS:
+            kd = tl.load(KDOC + cols, mask=cols < Sk, other=-1)
+    elif CAUSAL:
         last_n = tl.minimum(start_n + BLOCK_N, Sk) - 1
         k_first = tl.load(KPOS + start_n)
         k_last = tl.load(KPOS + last_n)
@@ -140,8 +161,9 @@ def _dkdv_program(
         kp = cols  # unused
         lo = 0
         mid = 0
-    even_end = tl.maximum(mid, num_m_even * BLOCK_M)
-    hi = num_m * BLOCK_M
+    if not (WINDOW or DOCS):
+        even_end = tl.maximum(mid, num_m_even * BLOCK_M)
+        hi = num_m * BLOCK_M
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -153,21 +175,21 @@ def _dkdv_program(
         DELTA_row = DELTA + (b * H + h) * Sq
         for start_m in range(even_end, hi, BLOCK_M):
             dk, dv = _dkdv_tile(
-                dk, dv, k, v, kp, cols, q_base, do_base, stride_qs, stride_dos,
-                LSE_row, DELTA_row, QPOS, start_m, Sq, Sk, qk_scale, offs_m, offs_d,
-                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE,
+                dk, dv, k, v, kp, kd, cols, q_base, do_base, stride_qs, stride_dos,
+                LSE_row, DELTA_row, QPOS, QDOC, start_m, Sq, Sk, qk_scale, wl, wr, offs_m, offs_d,
+                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS,
             )
         for start_m in range(lo, mid, BLOCK_M):
             dk, dv = _dkdv_tile(
-                dk, dv, k, v, kp, cols, q_base, do_base, stride_qs, stride_dos,
-                LSE_row, DELTA_row, QPOS, start_m, Sq, Sk, qk_scale, offs_m, offs_d,
-                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE,
+                dk, dv, k, v, kp, kd, cols, q_base, do_base, stride_qs, stride_dos,
+                LSE_row, DELTA_row, QPOS, QDOC, start_m, Sq, Sk, qk_scale, wl, wr, offs_m, offs_d,
+                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS,
             )
         for start_m in range(mid, even_end, BLOCK_M):
             dk, dv = _dkdv_tile(
-                dk, dv, k, v, kp, cols, q_base, do_base, stride_qs, stride_dos,
-                LSE_row, DELTA_row, QPOS, start_m, Sq, Sk, qk_scale, offs_m, offs_d,
-                HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE,
+                dk, dv, k, v, kp, kd, cols, q_base, do_base, stride_qs, stride_dos,
+                LSE_row, DELTA_row, QPOS, QDOC, start_m, Sq, Sk, qk_scale, wl, wr, offs_m, offs_d,
+                HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS,
             )
 
     dk = dk * sm_scale
@@ -186,12 +208,13 @@ def _dkdv_program(
 
 @triton.jit
 def _dq_tile(
-    dq, q, do, lse2, di, qp,
-    k_base, v_base, stride_ks, stride_vs, KPOS,
-    start_n, Sk, qk_scale,
+    dq, q, do, lse2, di, qp, qd,
+    k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
+    start_n, Sk, qk_scale, wl, wr,
     offs_n, offs_d,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
+    WINDOW: tl.constexpr, DOCS: tl.constexpr,
 ):
     cols = start_n + offs_n
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -203,7 +226,16 @@ def _dq_tile(
     p = tl.math.exp2(qk * qk_scale - lse2[:, None])
     if MASKED:
         visible = (cols < Sk)[None, :]
-        if CAUSAL:
+        if WINDOW or DOCS:
+            kp = cols
+            kd = cols
+            if CAUSAL or WINDOW:
+                kp = tl.load(KPOS + cols, mask=cols < Sk, other=0)
+            if DOCS:
+                kd = tl.load(KDOC + cols, mask=cols < Sk, other=-1)
+            visible = visible & _rule(qp[:, None], kp[None, :], qd[:, None], kd[None, :], wl, wr,
+                                      CAUSAL, WINDOW, DOCS)
+        elif CAUSAL:
             kp = tl.load(KPOS + cols, mask=cols < Sk, other=0)
             visible = visible & (qp[:, None] >= kp[None, :])
         p = tl.where(visible, p, 0.0)
@@ -216,8 +248,8 @@ def _dq_tile(
 @triton.jit
 def _dq_program(
     pid_m, pid_bh,
-    Q, K, V, DO, LSE, DELTA, QPOS, KPOS, DQ,
-    sm_scale, qk_scale,
+    Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, DQ,
+    sm_scale, qk_scale, wl, wr,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -227,6 +259,7 @@ def _dq_program(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
+    WINDOW: tl.constexpr, DOCS: tl.constexpr,
 ):
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
@@ -250,7 +283,16 @@ def _dq_program(
     v_base = V + b * stride_vb + hk * stride_vh
 
     num_n_even = Sk // BLOCK_N
-    if CAUSAL:
+    qd = rows  # unused without DOCS
+    if WINDOW or DOCS:
+        lo, full_start, full_end, hi = _key_ranges(
+            QPOS, QDOC, KPOS, KDOC, start_m, Sq, Sk, wl, wr, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, DOCS)
+        qp = rows
+        if CAUSAL or WINDOW:
+            qp = tl.load(QPOS + rows, mask=rows < Sq, other=0)
+        if DOCS:
+            qd = tl.load(QDOC + rows, mask=rows < Sq, other=-2)
+    elif CAUSAL:
         last_m = tl.minimum(start_m + BLOCK_M, Sq) - 1
         q_first = tl.load(QPOS + start_m)
         q_last = tl.load(QPOS + last_m)
@@ -266,13 +308,23 @@ def _dq_program(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # Boundary tiles first, then the unmasked ones (see the dK/dV loops).
     for start_n in range(full_end, hi, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse2, di, qp, k_base, v_base, stride_ks, stride_vs, KPOS,
-                      start_n, Sk, qk_scale, offs_n, offs_d,
-                      HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE)
-    for start_n in range(0, full_end, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse2, di, qp, k_base, v_base, stride_ks, stride_vs, KPOS,
-                      start_n, Sk, qk_scale, offs_n, offs_d,
-                      HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE)
+        dq = _dq_tile(dq, q, do, lse2, di, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
+                      start_n, Sk, qk_scale, wl, wr, offs_n, offs_d,
+                      HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS)
+    if WINDOW or DOCS:
+        for start_n in range(lo, full_start, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse2, di, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
+                          start_n, Sk, qk_scale, wl, wr, offs_n, offs_d,
+                          HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS)
+        for start_n in range(full_start, full_end, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse2, di, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
+                          start_n, Sk, qk_scale, wl, wr, offs_n, offs_d,
+                          HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS)
+    else:
+        for start_n in range(0, full_end, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse2, di, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
+                          start_n, Sk, qk_scale, wl, wr, offs_n, offs_d,
+                          HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS)
 
     dq = dq * sm_scale
     if EVEN_D:
@@ -291,8 +343,8 @@ def _dq_program(
 
 @triton.jit
 def _attn_bwd(
-    Q, K, V, DO, LSE, DELTA, QPOS, KPOS, DQ, DK, DV,
-    sm_scale, qk_scale,
+    Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, DQ, DK, DV,
+    sm_scale, qk_scale, wl, wr,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -307,6 +359,7 @@ def _attn_bwd(
     BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     CAUSAL: tl.constexpr, ACC_DKDV: tl.constexpr, ACC_DQ: tl.constexpr,
     DOT_PREC: tl.constexpr, DO_DKDV: tl.constexpr, DO_DQ: tl.constexpr, WIDE: tl.constexpr,
+    WINDOW: tl.constexpr, DOCS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_n = tl.cdiv(Sk, BLOCK_N1)
@@ -322,8 +375,8 @@ def _attn_bwd(
             g_count = G // SPLIT
             _dkdv_program(
                 pid % num_n, rest // SPLIT, split * g_count, g_count,
-                Q, K, V, DO, LSE, DELTA, QPOS, KPOS, DK + split * stride_dk_split, DV + split * stride_dv_split,
-                sm_scale, qk_scale,
+                Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, DK + split * stride_dk_split, DV + split * stride_dv_split,
+                sm_scale, qk_scale, wl, wr,
                 stride_qb, stride_qs, stride_qh,
                 stride_kb, stride_ks, stride_kh,
                 stride_vb, stride_vs, stride_vh,
@@ -331,7 +384,7 @@ def _attn_bwd(
                 stride_dkb, stride_dks, stride_dkh,
                 stride_dvb, stride_dvs, stride_dvh,
                 H, G, Sq, Sk,
-                HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, CAUSAL, ACC_DKDV, DOT_PREC, WIDE,
+                HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, CAUSAL, ACC_DKDV, DOT_PREC, WIDE, WINDOW, DOCS,
             )
     if DO_DQ:
         if pid >= n_dkdv:
@@ -343,13 +396,13 @@ def _attn_bwd(
                 pid_m = num_m - 1 - pid_m
             _dq_program(
                 pid_m, p // num_m,
-                Q, K, V, DO, LSE, DELTA, QPOS, KPOS, DQ,
-                sm_scale, qk_scale,
+                Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, DQ,
+                sm_scale, qk_scale, wl, wr,
                 stride_qb, stride_qs, stride_qh,
                 stride_kb, stride_ks, stride_kh,
                 stride_vb, stride_vs, stride_vh,
                 stride_dob, stride_dos, stride_doh,
                 stride_dqb, stride_dqs, stride_dqh,
                 H, G, Sq, Sk,
-                HEAD_DIM, BLOCK_D, BLOCK_M2, BLOCK_N2, CAUSAL, ACC_DQ, DOT_PREC, WIDE,
+                HEAD_DIM, BLOCK_D, BLOCK_M2, BLOCK_N2, CAUSAL, ACC_DQ, DOT_PREC, WIDE, WINDOW, DOCS,
             )

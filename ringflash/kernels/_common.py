@@ -101,3 +101,115 @@ def _merge_states(o_old, lse_old, o_new, lse_new):
     w_old = tl.exp(lse_old - ref)
     w_new = tl.exp(lse_new - ref)
     return o_old * w_old[:, None] + o_new * w_new[:, None], lse
+
+
+# -- masks beyond causal: sliding windows and packed documents ----------------------------------
+#
+# Positions increase and document ids never decrease along every layout's local order, so each
+# rule keeps the tiles that can see each other to one contiguous range per tile, and the tiles
+# fully inside every rule to a sub-range of it. Each bound below is a count of tiles whose first
+# or last attribute passes a monotone test (_count_tiles). Unbounded window sides arrive as a
+# huge value and never cut anything.
+
+
+@triton.jit
+def _clip_ranges(lo, flo, fhi, hi):
+    """[lo, flo) boundary, [flo, fhi) fully visible, [fhi, hi) boundary: every tile of [lo, hi)
+    in exactly one of them, whatever the rules' bounds were."""
+    flo = tl.minimum(tl.maximum(flo, lo), hi)
+    fhi = tl.minimum(tl.maximum(fhi, flo), hi)
+    return flo, fhi
+
+
+@triton.jit
+def _key_ranges(
+    QPOS, QDOC, KPOS, KDOC, start_m, Sq, Sk, wl, wr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOCS: tl.constexpr,
+):
+    """Key ranges (in keys, multiples of BLOCK_N) for the query tile at ``start_m``:
+    ``[lo, flo)`` and ``[fhi, hi)`` boundary tiles, ``[flo, fhi)`` fully visible tiles."""
+    num_n = tl.cdiv(Sk, BLOCK_N)
+    num_n_even = Sk // BLOCK_N
+    last_m = tl.minimum(start_m + BLOCK_M, Sq) - 1
+    lo = num_n * 0
+    hi = num_n
+    flo = lo
+    fhi = num_n_even
+    if CAUSAL or WINDOW:
+        q_first = tl.load(QPOS + start_m).to(tl.int64)
+        q_last = tl.load(QPOS + last_m).to(tl.int64)
+        if CAUSAL:
+            hi = tl.minimum(hi, _count_tiles(KPOS, Sk, num_n, q_last, BLOCK_N, False, False))
+            fhi = tl.minimum(fhi, _count_tiles(KPOS, Sk, num_n_even, q_first, BLOCK_N, True, False))
+        if WINDOW:
+            # visible: q - wl <= k <= q + wr
+            lo = tl.maximum(lo, _count_tiles(KPOS, Sk, num_n, q_first - wl, BLOCK_N, True, True))
+            hi = tl.minimum(hi, _count_tiles(KPOS, Sk, num_n, q_last + wr, BLOCK_N, False, False))
+            flo = tl.maximum(flo, _count_tiles(KPOS, Sk, num_n, q_last - wl, BLOCK_N, False, True))
+            fhi = tl.minimum(fhi, _count_tiles(KPOS, Sk, num_n_even, q_first + wr, BLOCK_N, True, False))
+    if DOCS:
+        d_first = tl.load(QDOC + start_m)
+        d_last = tl.load(QDOC + last_m)
+        lo = tl.maximum(lo, _count_tiles(KDOC, Sk, num_n, d_first, BLOCK_N, True, True))
+        hi = tl.minimum(hi, _count_tiles(KDOC, Sk, num_n, d_last, BLOCK_N, False, False))
+        # Fully visible only for a query tile inside one document, over key tiles inside it.
+        one_doc = d_first == d_last
+        flo = tl.maximum(flo, tl.where(one_doc, _count_tiles(KDOC, Sk, num_n, d_first, BLOCK_N, False, True), num_n))
+        fhi = tl.minimum(fhi, _count_tiles(KDOC, Sk, num_n_even, d_last, BLOCK_N, True, False))
+    flo, fhi = _clip_ranges(lo, flo, fhi, hi)
+    return lo * BLOCK_N, flo * BLOCK_N, fhi * BLOCK_N, hi * BLOCK_N
+
+
+@triton.jit
+def _query_ranges(
+    QPOS, QDOC, KPOS, KDOC, start_n, Sq, Sk, wl, wr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOCS: tl.constexpr,
+):
+    """Query ranges (in queries, multiples of BLOCK_M) for the key tile at ``start_n``:
+    ``[lo, flo)`` and ``[fhi, hi)`` boundary tiles, ``[flo, fhi)`` fully visible tiles."""
+    num_m = tl.cdiv(Sq, BLOCK_M)
+    num_m_even = Sq // BLOCK_M
+    last_n = tl.minimum(start_n + BLOCK_N, Sk) - 1
+    lo = num_m * 0
+    hi = num_m
+    flo = lo
+    fhi = num_m_even
+    if CAUSAL or WINDOW:
+        k_first = tl.load(KPOS + start_n).to(tl.int64)
+        k_last = tl.load(KPOS + last_n).to(tl.int64)
+        if CAUSAL:
+            lo = tl.maximum(lo, _count_tiles(QPOS, Sq, num_m, k_first, BLOCK_M, True, True))
+            flo = tl.maximum(flo, _count_tiles(QPOS, Sq, num_m, k_last, BLOCK_M, False, True))
+        if WINDOW:
+            # visible: k - wr <= q <= k + wl
+            lo = tl.maximum(lo, _count_tiles(QPOS, Sq, num_m, k_first - wr, BLOCK_M, True, True))
+            hi = tl.minimum(hi, _count_tiles(QPOS, Sq, num_m, k_last + wl, BLOCK_M, False, False))
+            flo = tl.maximum(flo, _count_tiles(QPOS, Sq, num_m, k_last - wr, BLOCK_M, False, True))
+            fhi = tl.minimum(fhi, _count_tiles(QPOS, Sq, num_m_even, k_first + wl, BLOCK_M, True, False))
+    if DOCS:
+        d_first = tl.load(KDOC + start_n)
+        d_last = tl.load(KDOC + last_n)
+        lo = tl.maximum(lo, _count_tiles(QDOC, Sq, num_m, d_first, BLOCK_M, True, True))
+        hi = tl.minimum(hi, _count_tiles(QDOC, Sq, num_m, d_last, BLOCK_M, False, False))
+        one_doc = d_first == d_last
+        flo = tl.maximum(flo, tl.where(one_doc, _count_tiles(QDOC, Sq, num_m, d_first, BLOCK_M, False, True), num_m))
+        fhi = tl.minimum(fhi, _count_tiles(QDOC, Sq, num_m_even, d_last, BLOCK_M, True, False))
+    flo, fhi = _clip_ranges(lo, flo, fhi, hi)
+    return lo * BLOCK_M, flo * BLOCK_M, fhi * BLOCK_M, hi * BLOCK_M
+
+
+@triton.jit
+def _rule(qp, kp, qd, kd, wl, wr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOCS: tl.constexpr):
+    """The visibility rule of a boundary tile; ``qp``/``qd`` and ``kp``/``kd`` already broadcast
+    against each other (rows and columns, either orientation)."""
+    if DOCS:
+        ok = qd == kd
+    else:
+        ok = qp == qp
+    if CAUSAL:
+        ok = ok & (qp >= kp)
+    if WINDOW:
+        ok = ok & (kp >= qp - wl) & (kp <= qp + wr)
+    return ok

@@ -1,8 +1,10 @@
 """Forward kernel: O and a natural-log LSE of one (query block, key block) pair.
 
 One program owns ``BLOCK_M`` query rows of one (batch, head) and walks the key tiles it can
-see: first the fully visible ones (no mask arithmetic), then the boundary ones (position
-compare and sequence-end mask). Fully masked tiles are never visited. With ``FOLD`` the
+see: first the fully visible ones (no mask arithmetic), then the boundary ones (the mask rule
+and the sequence-end mask). Fully masked tiles are never visited. Windows and documents
+(``WINDOW``, ``DOCS``) add boundary tiles on the left of the visible range too; without them the
+code is the causal/full kernel's, unchanged. With ``FOLD`` the
 program merges its result into the running float32 ``OUT``/``LSE`` of earlier blocks in
 place, so a ring step needs no separate merge launch and partials never round to bf16.
 """
@@ -12,17 +14,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import LN2, _count_tiles, _load_tile, _merge_states, _rows_ptr
+from ._common import LN2, _count_tiles, _key_ranges, _load_tile, _merge_states, _rows_ptr, _rule
 
 
 @triton.jit
 def _fwd_tile(
-    acc, l_i, m_i, q, qp,
-    k_base, v_base, stride_ks, stride_vs, KPOS,
-    start_n, Sk, qk_scale,
+    acc, l_i, m_i, q, qp, qd,
+    k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
+    start_n, Sk, qk_scale, wl, wr,
     offs_n, offs_d,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
+    WINDOW: tl.constexpr, DOCS: tl.constexpr,
 ):
     cols = start_n + offs_n
     k = _load_tile(_rows_ptr(k_base, start_n, offs_n, stride_ks, WIDE) + offs_d[None, :],
@@ -30,7 +33,16 @@ def _fwd_tile(
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
     if MASKED:
         visible = (cols < Sk)[None, :]
-        if CAUSAL:
+        if WINDOW or DOCS:
+            kp = cols
+            kd = cols
+            if CAUSAL or WINDOW:
+                kp = tl.load(KPOS + cols, mask=cols < Sk, other=0)
+            if DOCS:
+                kd = tl.load(KDOC + cols, mask=cols < Sk, other=-1)
+            visible = visible & _rule(qp[:, None], kp[None, :], qd[:, None], kd[None, :], wl, wr,
+                                      CAUSAL, WINDOW, DOCS)
+        elif CAUSAL:
             kp = tl.load(KPOS + cols, mask=cols < Sk, other=0)
             visible = visible & (qp[:, None] >= kp[None, :])
         qk = tl.where(visible, qk * qk_scale, float("-inf"))
@@ -53,8 +65,9 @@ def _fwd_tile(
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, QPOS, KPOS, OUT, LSE,
+    Q, K, V, QPOS, KPOS, QDOC, KDOC, OUT, LSE,
     qk_scale,  # softmax_scale * log2(e)
+    wl, wr,  # window sides (huge where unbounded); read only with WINDOW
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -64,6 +77,7 @@ def _attn_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, FOLD: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
+    WINDOW: tl.constexpr, DOCS: tl.constexpr,
 ):
     num_m = tl.cdiv(Sq, BLOCK_M)
     pid_m = tl.program_id(0)
@@ -91,7 +105,17 @@ def _attn_fwd(
 
     # Key tiles [0, full_end) are visible to every row; [full_end, hi) are boundary tiles.
     num_n_even = Sk // BLOCK_N
-    if CAUSAL:
+    lo = 0
+    qd = offs_m  # unused without DOCS
+    if WINDOW or DOCS:
+        lo, full_start, full_end, hi = _key_ranges(
+            QPOS, QDOC, KPOS, KDOC, start_m, Sq, Sk, wl, wr, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, DOCS)
+        qp = offs_m
+        if CAUSAL or WINDOW:
+            qp = tl.load(QPOS + offs_m, mask=offs_m < Sq, other=0)
+        if DOCS:
+            qd = tl.load(QDOC + offs_m, mask=offs_m < Sq, other=-2)
+    elif CAUSAL:
         last_m = tl.minimum(start_m + BLOCK_M, Sq) - 1
         q_first = tl.load(QPOS + start_m)
         q_last = tl.load(QPOS + last_m)
@@ -107,18 +131,38 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, qp, k_base, v_base, stride_ks, stride_vs, KPOS,
-            start_n, Sk, qk_scale, offs_n, offs_d,
-            HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE,
-        )
-    for start_n in range(full_end, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, qp, k_base, v_base, stride_ks, stride_vs, KPOS,
-            start_n, Sk, qk_scale, offs_n, offs_d,
-            HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE,
-        )
+    if WINDOW or DOCS:
+        for start_n in range(full_start, full_end, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
+                start_n, Sk, qk_scale, wl, wr, offs_n, offs_d,
+                HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS,
+            )
+        for start_n in range(full_end, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
+                start_n, Sk, qk_scale, wl, wr, offs_n, offs_d,
+                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS,
+            )
+        for start_n in range(lo, full_start, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
+                start_n, Sk, qk_scale, wl, wr, offs_n, offs_d,
+                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS,
+            )
+    else:
+        for start_n in range(0, full_end, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
+                start_n, Sk, qk_scale, wl, wr, offs_n, offs_d,
+                HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS,
+            )
+        for start_n in range(full_end, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
+                start_n, Sk, qk_scale, wl, wr, offs_n, offs_d,
+                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS,
+            )
 
     # A row that saw no key: O = 0, LSE = -inf.
     empty = l_i == 0.0

@@ -237,6 +237,39 @@ def _positions(q_pos, k_pos, Sq, Sk, device):
     return q_pos.contiguous(), k_pos.contiguous()
 
 
+_UNBOUNDED = 2**40  # a window side of -1: farther than any position
+
+
+def _mask_args(q_pos, k_pos, causal, window, q_doc, k_doc, Sq, Sk, device):
+    """What the kernels take for a call's mask: (q_pos, k_pos, q_doc, k_doc, wl, wr, WINDOW, DOCS).
+
+    Positions where causal or a window reads them (default: bottom-right aligned), document ids
+    (int32, one per token) where given; unused pointers are any tensor (never read)."""
+    if window is not None:
+        left, right = window
+        wl = _UNBOUNDED if left < 0 else int(left)
+        wr = _UNBOUNDED if right < 0 else int(right)
+        if left < 0 and right < 0:
+            window = None
+    else:
+        wl = wr = _UNBOUNDED
+    if (q_doc is None) != (k_doc is None):
+        raise ValueError("pass both q_doc and k_doc (document ids), or neither")
+    if causal or window is not None:
+        q_pos, k_pos = _positions(q_pos, k_pos, Sq, Sk, device)
+    else:
+        q_pos = k_pos = None
+    docs = q_doc is not None
+    if docs:
+        for name, d, n in (("q_doc", q_doc, Sq), ("k_doc", k_doc, Sk)):
+            if not isinstance(d, torch.Tensor) or d.dim() != 1 or d.shape[0] != n:
+                raise ValueError(f"{name} must be a 1-D tensor of {n} document ids; got {getattr(d, 'shape', d)}")
+            if d.dtype not in (torch.int32, torch.int64) or d.device != device:
+                raise ValueError(f"{name} must be an int32/int64 tensor on {device}; got {d.dtype} on {d.device}")
+        q_doc, k_doc = q_doc.contiguous(), k_doc.contiguous()
+    return q_pos, k_pos, q_doc, k_doc, wl, wr, window is not None, docs
+
+
 def _check_accumulator(name, t, shape, device):
     if t.dtype != torch.float32 or tuple(t.shape) != tuple(shape) or t.device != device:
         raise ValueError(
@@ -258,11 +291,16 @@ def forward(
     softmax_scale: float | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over ``k, v`` as float32 partials (see :func:`ringflash.reference.forward`).
 
     q: (B, Sq, H, D); k, v: (B, Sk, Hkv, D); q_pos (Sq,), k_pos (Sk,) strictly increasing
-    int64/int32 positions (with ``causal``; default: bottom-right aligned). Returns
+    int64/int32 positions (with ``causal`` or a window; default: bottom-right aligned);
+    ``window``: (left, right), -1 unbounded; q_doc (Sq,), k_doc (Sk,) non-decreasing document
+    ids (int32; a query sees only keys of its own document). Returns
     ``out`` (B, Sq, H, D) float32 and ``lse`` (B, H, Sq) float32, natural log. If ``out`` and
     ``lse`` (float32, contiguous) are given, this block is folded into them in place.
     """
@@ -286,16 +324,16 @@ def forward(
             out.zero_()
             lse.fill_(-math.inf)
         return out, lse
-    if causal:
-        q_pos, k_pos = _positions(q_pos, k_pos, Sq, Sk, q.device)
-    else:
-        q_pos = k_pos = lse  # never read
+    q_pos, k_pos, q_doc, k_doc, wl, wr, has_window, docs = _mask_args(
+        q_pos, k_pos, causal, window, q_doc, k_doc, Sq, Sk, q.device)
+    q_pos, k_pos = (lse, lse) if q_pos is None else (q_pos, k_pos)  # None: never read
+    q_doc, k_doc = (lse, lse) if q_doc is None else (q_doc, k_doc)
 
     cfg = _config(FWD_CONFIGS, _INTERPRET_FWD, D, q.dtype, bool(causal))
     grid = (triton.cdiv(Sq, cfg.block_m), B * H)
     _attn_fwd[grid](
-        q, k, v, q_pos, k_pos, out, lse,
-        scale * LOG2E,
+        q, k, v, q_pos, k_pos, q_doc, k_doc, out, lse,
+        scale * LOG2E, wl, wr,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -305,6 +343,7 @@ def forward(
         HEAD_DIM=D, BLOCK_D=_block_d(D),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=bool(causal), FOLD=fold, DOT_PREC=_dot_precision(q.dtype), WIDE=_wide(q, k, v, out),
+        WINDOW=has_window, DOCS=docs,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
@@ -351,6 +390,9 @@ def backward(
     dv: torch.Tensor | None = None,
     after_dkdv=None,
     store_dkdv: bool = False,
+    window: tuple[int, int] | None = None,
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Add one block pair's gradients into float32 accumulators (see :func:`ringflash.reference.backward`).
 
@@ -399,10 +441,10 @@ def backward(
         if after_dkdv is not None:
             after_dkdv()
         return dq, dk, dv
-    if causal:
-        q_pos, k_pos = _positions(q_pos, k_pos, Sq, Sk, q.device)
-    else:
-        q_pos = k_pos = lse  # never read
+    q_pos, k_pos, q_doc, k_doc, wl, wr, has_window, docs = _mask_args(
+        q_pos, k_pos, causal, window, q_doc, k_doc, Sq, Sk, q.device)
+    q_pos, k_pos = (lse, lse) if q_pos is None else (q_pos, k_pos)  # None: never read
+    q_doc, k_doc = (lse, lse) if q_doc is None else (q_doc, k_doc)
 
     c1 = _config(BWD_DKDV_CONFIGS, _INTERPRET_DKDV, D, q.dtype, bool(causal),
                  grouped=BWD_DKDV_GROUPED_CONFIGS if Hkv < H else None)
@@ -415,8 +457,8 @@ def backward(
     else:
         dk_out, dv_out = dk[None], dv[None]
     args = (
-        q, k, v, dout, lse, delta, q_pos, k_pos, dq, dk_out[0], dv_out[0],
-        scale, scale * LOG2E,
+        q, k, v, dout, lse, delta, q_pos, k_pos, q_doc, k_doc, dq, dk_out[0], dv_out[0],
+        scale, scale * LOG2E, wl, wr,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -432,6 +474,7 @@ def backward(
         BLOCK_M1=c1.block_m, BLOCK_N1=c1.block_n, BLOCK_M2=c2.block_m, BLOCK_N2=c2.block_n,
         CAUSAL=bool(causal), ACC_DKDV=acc_dkdv and split == 1, ACC_DQ=acc_dq, DOT_PREC=_dot_precision(q.dtype),
         WIDE=_wide(q, k, v, dout, dq, dk_out[0], dv_out[0]),
+        WINDOW=has_window, DOCS=docs,
     )
 
     def sum_splits():
