@@ -43,7 +43,16 @@ def shard_batch(
     pad_id: int | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This rank's shard of a batch of full sequences.
+    """This rank's shard of a batch of full sequences: ids, their targets, their global positions.
+
+    Local (no communication). The labels are shifted on the *full* sequence before it is cut,
+    so the target of every token is the next token of the full sequence, wherever the layout
+    puts it; no rank needs its neighbour's tokens.
+
+    Cross-rank contract: every rank of ``group`` must call it with the same full ``input_ids``
+    (and ``labels``), the same ``layout`` (the one the model's attention uses) and the same
+    ``shift`` / ``pad_id`` / ``ignore_index``. Nothing checks this: other data, or another
+    layout, gives every rank a valid-looking shard and a silently wrong model input or loss.
 
     Args:
         input_ids: (batch_size, seqlen), the full sequences (the same on every rank of ``group``).
@@ -51,17 +60,28 @@ def shard_batch(
             ``shift=True`` they are aligned with ``input_ids`` and shifted here, on the full
             sequence: the target of token ``t`` is ``labels[:, t + 1]``, the last token gets
             ``ignore_index``. With ``shift=False`` they are used as given (already targets).
+        shift: shift the labels by one on the full sequence (default True), see ``labels``.
         layout: ``"contiguous"``, ``"striped"``, ``"zigzag"`` or a Layout (the model's layout).
         group: the context-parallel group (ProcessGroup, 1-D DeviceMesh, or None for the
             default group; without an initialised process group nothing is cut).
         pad_id: if given, pad the sequences at the end to a length the layout can split
             (ids with ``pad_id``, labels with ``ignore_index``); causal attention keeps the
             real tokens unaffected. Without it a length the layout cannot split is a ValueError.
-        ignore_index: the label that the loss ignores.
+        ignore_index: the label that the loss ignores (default ``IGNORE_INDEX = -100``); it fills
+            the last target and the padding.
 
     Returns:
         input_ids: (batch_size, local_seqlen); labels: (batch_size, local_seqlen), the targets
-        of these tokens; positions: (local_seqlen,) int64, their global positions.
+        of these tokens; positions: (local_seqlen,) int64, their global positions (the layout's
+        :meth:`~ringflash.layout.Layout.positions`), on ``input_ids``' device.
+        ``local_seqlen = seqlen / world_size`` (after padding).
+
+    Raises:
+        ValueError: ``input_ids`` is not 2-D; ``labels`` has another shape; an unknown
+            ``layout``; ``group`` is a DeviceMesh of more than one dimension, a group this rank
+            is not a member of, or a group given while torch.distributed is not initialised;
+            without ``pad_id``, a sequence length the layout cannot split over the group (a
+            multiple of ``layout.multiple(world_size)`` is needed).
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be 2-D (batch, seqlen); got shape {tuple(input_ids.shape)}")
@@ -90,7 +110,25 @@ def shard_batch(
 def unshard(x: torch.Tensor, *, layout: str | Layout = "striped", group=None, dim: int = 1) -> torch.Tensor:
     """The full tensor, on every rank, from every rank's shard along ``dim`` (an all-gather).
 
-    Not differentiable; for inspection or evaluation, not for the training loss.
+    Not differentiable (``torch.distributed.all_gather`` is not tracked by autograd: the result
+    does not require grad); for inspection or evaluation, not for the training loss. A
+    collective: every rank of ``group`` must call it with a shard of the same shape and dtype,
+    cut by ``layout``; otherwise it may fail, hang or return a wrong tensor (not checked).
+    See :meth:`ringflash.layout.Layout.unshard`.
+
+    Args:
+        x: this rank's shard, e.g. logits (batch_size, local_seqlen, vocab_size).
+        layout: the layout the shards were cut with.
+        group: the context-parallel group (ProcessGroup, 1-D DeviceMesh or None); without an
+            initialised process group, or in a group of one, ``x`` is returned as it is.
+        dim: the sequence dimension.
+
+    Returns:
+        The full tensor, ``world_size`` times longer along ``dim``, in global token order.
+
+    Raises:
+        ValueError: an unknown ``layout``; a bad ``group`` (a mesh of more than one dimension,
+            or a group this rank is not a member of); a global length the layout cannot split.
     """
     return get_layout(layout).unshard(x, group=resolve_group(group), dim=dim)
 
@@ -115,17 +153,39 @@ def sharded_cross_entropy(
 ) -> torch.Tensor:
     """Mean cross-entropy over the tokens of every rank of ``group`` (labels == ignore_index skipped).
 
+    The labels must already be the targets of this rank's tokens, shifted on the full sequence
+    (:func:`shard_batch` does it); nothing is shifted here.
+
+    Gradient scaling for data x context parallelism: the gradient on each rank is that of
+    ``world_size / total_count`` times its local sum (``world_size`` of ``group``), so the
+    *average* of the parameter gradients over the context-parallel ranks is the gradient of the
+    global mean. Average (do not sum) gradients over the flattened dp x cp ranks (DDP/FSDP over
+    both, the default averaging), or over dp with DDP/FSDP and over cp with
+    :func:`average_gradients`: the result is the gradient of the mean over dp of each
+    sequence group's mean loss.
+
+    Cross-rank contract: with more than one rank, a collective (one all-reduce): every rank of
+    ``group`` must call it, with the same ``group`` and ``ignore_index``. A rank that skips it
+    hangs the others; this is not checked (``RINGFLASH_CHECK_CONSISTENCY`` covers ring attention
+    only).
+
     Args:
         logits: (batch_size, local_seqlen, vocab_size), this rank's tokens.
         labels: (batch_size, local_seqlen), their targets (from :func:`shard_batch`).
         group: the context-parallel group (ProcessGroup, 1-D DeviceMesh or None).
+        ignore_index: the label whose tokens are left out of the sum and the count.
 
     Returns:
-        a scalar, float32 (float64 for float64 logits): the same value on every rank, the mean over all non-ignored tokens
-        of the full sequences (0 when there are none). Its gradient on this rank is
+        a scalar, float32 (float64 for float64 logits): the same value on every rank, the mean
+        over all non-ignored tokens of the full sequences (0 when there are none). Its gradient on this rank is
         ``world_size`` times the gradient of this rank's share of the sum, so that the
         average of the ranks' parameter gradients is the gradient of the mean (see the module
         docstring); one all-reduce of two numbers in the forward, none in the backward.
+
+    Raises:
+        ValueError: ``logits`` is not 3-D or ``labels`` is not ``logits.shape[:2]``; ``group`` is
+            a DeviceMesh of more than one dimension, a group this rank is not a member of, or a
+            group given while torch.distributed is not initialised.
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(
@@ -157,6 +217,19 @@ def average_gradients(parameters, group=None) -> None:
     For models whose data parallelism does not cover the context-parallel ranks: after
     ``loss.backward()`` with :func:`sharded_cross_entropy`, the average over the
     context-parallel group is the gradient of the global mean loss.
+
+    A collective: every rank of ``group`` must call it with the same parameters in the same
+    order, each with a ``.grad`` on every rank or on none (not checked; a mismatch hangs or
+    mixes gradients of different tensors).
+
+    Args:
+        parameters: an iterable of tensors (e.g. ``model.parameters()``); those without
+            ``.grad`` are skipped.
+        group: the context-parallel group (ProcessGroup, 1-D DeviceMesh or None); a no-op in a
+            group of one or without torch.distributed.
+
+    Raises:
+        ValueError: a bad ``group``, as :func:`sharded_cross_entropy`.
     """
     group = resolve_group(group)
     world_size, _ = world_and_rank(group)

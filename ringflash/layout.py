@@ -42,18 +42,57 @@ def _is_int(x) -> bool:
 
 
 class Layout:
-    """Base class: subclasses define :meth:`multiple` and :meth:`positions`."""
+    """Which global tokens each rank of a context-parallel group holds (base class).
+
+    A layout maps (rank, local index) to a global token position; subclasses define
+    :meth:`multiple` and :meth:`positions`, and everything else (:meth:`shard`,
+    :meth:`assemble`, :meth:`unshard`, :meth:`local_positions`) follows from them. With
+    ``P`` ranks and a global length ``S``, every rank holds ``S / P`` tokens, at strictly
+    increasing global positions. On one rank every layout is the identity.
+
+    Layouts compare equal when they are of the same class with the same attributes (so
+    ``Striped(1) == get_layout("striped")``) and are hashable.
+
+    Cross-rank contract: the shards that every rank passes to ring attention (and to the
+    modules of :mod:`ringflash.nn`) must be cut by the layout that the call names, on every
+    rank, with the same ``world_size`` as the group. A shard cut by another layout with the
+    same local length is not detected, not even by ``RINGFLASH_CHECK_CONSISTENCY=1`` (which
+    compares what the ranks *pass*, not how their data was cut): the result is silently wrong.
+    """
 
     name: str = "layout"
 
     def multiple(self, world_size: int) -> int:
-        """The global sequence length must be a multiple of this."""
+        """The number that the global sequence length must be a multiple of.
+
+        Args:
+            world_size: the number of ranks ``P`` the sequence is split over (more than one;
+                a group of one takes any length).
+
+        Returns:
+            ``P`` for :class:`Contiguous`, ``P * stripe`` for :class:`Striped`, ``2 * P`` for
+            :class:`Zigzag`.
+        """
         raise NotImplementedError
 
     def positions(self, seqlen: int, *, rank: int, world_size: int, device=None) -> torch.Tensor:
-        """Global positions (int64, strictly increasing) of the tokens that ``rank`` holds.
+        """Global positions of the tokens that ``rank`` holds, in the order the shard holds them.
 
-        ``seqlen`` is the *global* sequence length.
+        Args:
+            seqlen: the *global* sequence length ``S``.
+            rank: the rank within the context-parallel group, ``0 <= rank < world_size`` (not the
+                global rank).
+            world_size: the number of ranks ``P`` of that group.
+            device: where the result is made (default: the current default device).
+
+        Returns:
+            (S // P,) int64, strictly increasing. ``shard(x, rank=r, world_size=P)`` is
+            ``x.index_select(dim, positions(S, rank=r, world_size=P))``.
+
+        Raises:
+            ValueError: ``world_size`` is not a positive int; ``rank`` is not an int in
+                ``[0, world_size)`` (bools are refused); ``seqlen`` is not positive, or (for
+                ``world_size > 1``) not a multiple of :meth:`multiple`.
         """
         raise NotImplementedError
 
@@ -61,8 +100,13 @@ class Layout:
 
     @staticmethod
     def check_rank(rank: int, world_size: int) -> None:
-        """Raise ``ValueError`` unless ``0 <= rank < world_size`` (e.g. a global rank passed where
-        the rank within the context-parallel group was meant)."""
+        """Check that ``rank`` is a rank of a group of ``world_size`` ranks.
+
+        Raises:
+            ValueError: ``world_size`` is not a positive int, or ``rank`` is not an int with
+                ``0 <= rank < world_size`` (e.g. a global rank passed where the rank within the
+                context-parallel group was meant). Bools count as neither.
+        """
         if not _is_int(world_size) or world_size < 1:
             raise ValueError(f"world_size must be a positive int, got {world_size!r}")
         if not _is_int(rank) or not 0 <= rank < world_size:
@@ -72,7 +116,12 @@ class Layout:
             )
 
     def check_seqlen(self, seqlen: int, world_size: int) -> None:
-        """Raise ``ValueError`` if ``seqlen`` tokens cannot be split over ``world_size`` ranks."""
+        """Check that a global sequence of ``seqlen`` tokens can be split over ``world_size`` ranks.
+
+        Raises:
+            ValueError: ``seqlen <= 0``, or (for ``world_size > 1``) ``seqlen`` is not a multiple
+                of :meth:`multiple`; the message says what to pad to.
+        """
         m = self.multiple(world_size) if world_size > 1 else 1
         if seqlen <= 0 or seqlen % m != 0:
             raise ValueError(
@@ -81,7 +130,15 @@ class Layout:
             )
 
     def check_local_seqlen(self, local_seqlen: int, world_size: int) -> None:
-        """Raise ``ValueError`` if a shard of ``local_seqlen`` tokens cannot come from this layout."""
+        """Check that a shard of ``local_seqlen`` tokens can come from this layout over ``world_size`` ranks.
+
+        A purely local check: it cannot tell whether the shard was really cut by this layout.
+
+        Raises:
+            ValueError: ``local_seqlen <= 0``, or ``local_seqlen`` is not a multiple of
+                ``multiple(world_size) // world_size`` (e.g. an odd shard under :class:`Zigzag`,
+                which gives every rank two equal chunks).
+        """
         per_rank = self.multiple(world_size) // world_size if world_size > 1 else 1
         if local_seqlen <= 0:
             raise ValueError(
@@ -96,14 +153,53 @@ class Layout:
             )
 
     def local_positions(self, local_seqlen: int, *, rank: int, world_size: int, device=None) -> torch.Tensor:
-        """Global positions of this rank's tokens, from the local length."""
+        """Global positions of this rank's tokens, from the *local* length.
+
+        Args:
+            local_seqlen: the length of this rank's shard; the global length is
+                ``local_seqlen * world_size``.
+            rank: the rank within the context-parallel group.
+            world_size: the number of ranks of that group.
+            device: where the result is made.
+
+        Returns:
+            (local_seqlen,) int64, strictly increasing: ``positions(local_seqlen * world_size,
+            rank=rank, world_size=world_size)``; ``arange(local_seqlen)`` when ``world_size == 1``.
+            These are the positions rotary embeddings and the causal mask use.
+
+        Raises:
+            ValueError: a bad ``rank`` / ``world_size`` (as :meth:`check_rank`), or a global length
+                ``local_seqlen * world_size`` that the layout cannot split (as :meth:`positions`).
+        """
         self.check_rank(rank, world_size)
         if world_size == 1:
             return torch.arange(local_seqlen, device=device)
         return self.positions(local_seqlen * world_size, rank=rank, world_size=world_size, device=device)
 
     def shard(self, x: torch.Tensor, *, rank: int, world_size: int, dim: int = 1) -> torch.Tensor:
-        """This rank's shard of the full tensor ``x`` along ``dim`` (a new contiguous tensor)."""
+        """This rank's shard of the full tensor ``x`` along ``dim``.
+
+        Purely local (no communication): every rank calls it on the same full tensor with its
+        own ``rank``. Differentiable (an ``index_select``; a ``clone`` on one rank).
+
+        Args:
+            x: the full tensor, e.g. q (batch_size, seqlen, nheads, headdim) or input_ids
+                (batch_size, seqlen), with the global sequence along ``dim``.
+            rank: the rank within the context-parallel group (e.g. ``dist.get_rank(cp_group)``),
+                not the global rank.
+            world_size: the number of ranks of that group.
+            dim: the sequence dimension (1 for the flash-attn layout).
+
+        Returns:
+            A new tensor of ``x``'s shape with ``x.shape[dim] // world_size`` along ``dim``: the
+            tokens at :meth:`positions`, in that order (e.g. q (batch_size, local_seqlen, nheads,
+            headdim)).
+
+        Raises:
+            ValueError: ``world_size`` is not a positive int; ``rank`` is not an int in
+                ``[0, world_size)``; ``x.shape[dim]`` is 0, or (for ``world_size > 1``) not a
+                multiple of :meth:`multiple` (pad it first, e.g. ``shard_batch(..., pad_id=)``).
+        """
         self.check_rank(rank, world_size)
         self.check_seqlen(x.shape[dim], world_size)
         if world_size == 1:
@@ -112,7 +208,22 @@ class Layout:
         return x.index_select(dim, pos)
 
     def assemble(self, shards: list[torch.Tensor], *, dim: int = 1) -> torch.Tensor:
-        """Inverse of :meth:`shard`: the full tensor from every rank's shard, in rank order."""
+        """Inverse of :meth:`shard`: the full tensor from the list of every rank's shard.
+
+        Local (no communication); differentiable (an ``index_copy`` into a new tensor).
+
+        Args:
+            shards: ``[shard of rank 0, ..., shard of rank P-1]``, all of the same shape, each
+                cut by this layout with ``world_size = len(shards)``.
+            dim: the sequence dimension.
+
+        Returns:
+            The full tensor, ``len(shards)`` times longer along ``dim``, tokens in global order.
+
+        Raises:
+            ValueError: the shards differ in length along ``dim``, or ``len(shards) * local``
+                is not a length this layout can split over ``len(shards)`` ranks.
+        """
         world_size = len(shards)
         local = shards[0].shape[dim]
         if any(s.shape[dim] != local for s in shards):
@@ -128,8 +239,32 @@ class Layout:
         return out.index_copy_(dim, perm, stacked)
 
     def unshard(self, x: torch.Tensor, *, group=None, dim: int = 1) -> torch.Tensor:
-        """Gather every rank's shard over ``group`` (a ProcessGroup or 1-D DeviceMesh) and return
-        the full tensor on every rank."""
+        """The full tensor on every rank, from each rank's own shard (an all-gather, then :meth:`assemble`).
+
+        A collective: every rank of ``group`` must call it, with its own shard of the same shape,
+        dtype and device, cut by this layout. Otherwise the all-gather may fail, hang, or
+        assemble a wrong tensor; this is not checked (``RINGFLASH_CHECK_CONSISTENCY`` covers ring
+        attention only).
+
+        **Not differentiable** across ranks: ``torch.distributed.all_gather`` is not tracked by
+        autograd, so the result does not require grad even when ``x`` does (use it for inspection
+        or evaluation, not for a training loss). Without an initialised process group, or in a
+        group of one, ``x`` itself is returned.
+
+        Args:
+            x: this rank's shard (not a list of shards, not an already gathered tensor; for a
+                list use :meth:`assemble`), e.g. (batch_size, local_seqlen, nheads, headdim).
+            group: the context-parallel group: a ProcessGroup, a 1-D DeviceMesh, or None for the
+                default group.
+            dim: the sequence dimension.
+
+        Returns:
+            The full tensor, ``world_size`` times longer along ``dim``, the same on every rank.
+
+        Raises:
+            ValueError: ``group`` is a DeviceMesh of more than one dimension, or this rank is not
+                a member of it; ``local_seqlen * world_size`` is not a length this layout can split.
+        """
         if not dist.is_available() or not dist.is_initialized():
             return x
         group = resolve_group(group)
@@ -151,6 +286,13 @@ class Layout:
 
 
 class Contiguous(Layout):
+    """One contiguous block per rank: rank ``r`` holds tokens ``[r*L, (r+1)*L)``, ``L = S / P``.
+
+    The global length must be a multiple of ``P``. Example, ``S = 8``, ``P = 2``: rank 0 holds
+    ``[0, 1, 2, 3]``, rank 1 holds ``[4, 5, 6, 7]``. Under a causal mask the work is unbalanced
+    (the last rank sees every key, the first only its own).
+    """
+
     name = "contiguous"
 
     def multiple(self, world_size: int) -> int:
@@ -166,7 +308,21 @@ class Contiguous(Layout):
 
 
 class Striped(Layout):
-    """Stripes of ``stripe`` tokens dealt out round-robin: stripe ``s`` goes to rank ``s % P``."""
+    """Stripes of ``stripe`` tokens dealt out round-robin: stripe ``s`` goes to rank ``s % P``.
+
+    Rank ``r`` holds tokens ``t`` with ``(t // stripe) % P == r``; with ``stripe = 1``, tokens
+    ``r, r+P, r+2P, ...`` (Brandon et al., 2023). The global length must be a multiple of
+    ``P * stripe``. Example, ``S = 8``, ``P = 2``: ``Striped()`` gives rank 0 ``[0, 2, 4, 6]``
+    and rank 1 ``[1, 3, 5, 7]``; ``Striped(2)`` gives rank 0 ``[0, 1, 4, 5]`` and rank 1
+    ``[2, 3, 6, 7]``. Balances causal work across ranks. ``get_layout("striped")`` is
+    ``Striped(1)``.
+
+    Args:
+        stripe: tokens per stripe, a positive int (default 1).
+
+    Raises:
+        ValueError: ``stripe`` is not an int or is less than 1.
+    """
 
     name = "striped"
 
@@ -192,7 +348,13 @@ class Striped(Layout):
 
 
 class Zigzag(Layout):
-    """``2P`` chunks; rank ``r`` holds chunk ``r`` then chunk ``2P-1-r``."""
+    """``2P`` equal chunks; rank ``r`` holds chunk ``r`` then chunk ``2P-1-r``.
+
+    The "head-tail" layout of ring-flash-attention, Megatron and PyTorch context parallel; it
+    balances causal work across ranks. The global length must be a multiple of ``2P`` (a shard
+    has an even length). Example, ``S = 8``, ``P = 2`` (chunks of 2): rank 0 holds
+    ``[0, 1, 6, 7]``, rank 1 holds ``[2, 3, 4, 5]``.
+    """
 
     name = "zigzag"
 
@@ -215,7 +377,18 @@ LAYOUTS = {"contiguous": Contiguous, "striped": Striped, "zigzag": Zigzag}
 
 
 def get_layout(layout: str | Layout) -> Layout:
-    """A layout object from its name (``"contiguous"``, ``"striped"``, ``"zigzag"``) or itself."""
+    """A layout object from its name, or the layout itself.
+
+    Args:
+        layout: ``"contiguous"``, ``"striped"`` (stripe 1), ``"zigzag"``, or a :class:`Layout`
+            (returned as it is).
+
+    Returns:
+        A :class:`Layout`.
+
+    Raises:
+        ValueError: an unknown name, or anything that is neither a name nor a Layout.
+    """
     if isinstance(layout, Layout):
         return layout
     if isinstance(layout, str) and layout in LAYOUTS:

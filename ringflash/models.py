@@ -46,6 +46,8 @@ __all__ = ["GPTConfig", "GPT", "Block", "MLP"]
 
 @dataclass
 class GPTConfig:
+    """The shape of a :class:`GPT`; every rank of the context-parallel group must use the same one."""
+
     vocab_size: int = 256  # tokens; 256 = bytes
     dim: int = 256  # model width
     n_layers: int = 4  # transformer blocks
@@ -106,6 +108,24 @@ class GPT(_SharesGroup, nn.Module):
     copies the parameters. ``torch.save(model)`` of a model built with a ProcessGroup raises
     ``TypeError``, since a process group cannot be pickled: save ``model.state_dict()`` and build
     the model with its group where it is loaded.
+
+    Raises:
+        ValueError: ``config.n_layers < 1``; the checks of
+            :class:`~ringflash.nn.MultiheadAttention` on the config: ``dim``, ``n_heads`` or
+            ``n_kv_heads`` not positive, ``dim`` not a multiple of ``n_heads``, ``n_heads`` not a
+            multiple of ``n_kv_heads``, an odd head_dim, a ``rope_base`` that is not finite and
+            positive, an unknown ``layout``; ``group`` is a DeviceMesh of more than one dimension,
+            a group this rank is not a member of, or a group given while torch.distributed is not
+            initialised.
+
+    Cross-rank contract: every rank of ``group`` must build the model from the same config and
+    weights and call ``forward`` identically (same shapes, dtype, ``backend``, ``config.layout``,
+    with labels on every rank or on none), on shards cut by ``config.layout``
+    (:func:`~ringflash.batch.shard_batch`). Otherwise the ring exchanges buffers of different
+    sizes or the loss's all-reduce is missing on some ranks: an error, a hang, or a wrong result.
+    This is not detected by default; ``RINGFLASH_CHECK_CONSISTENCY=1`` makes every ring attention
+    call compare the ranks' shapes, dtype, causal, softmax_scale, layout and backend first and
+    raise ``ValueError`` naming what differs.
     """
 
     def __init__(self, config: GPTConfig, group=None, backend: str | None = None):
@@ -123,6 +143,9 @@ class GPT(_SharesGroup, nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Normal(0, ``init_std``) weights, ``init_std / sqrt(2 * n_layers)`` for the residual
+        output projections, ones for norm weights, zeros for biases. Seeded identically on every
+        rank, it gives every rank the same weights."""
         std = self.config.init_std
         for name, p in self.named_parameters():
             if p.dim() == 1:  # norm weights and biases
@@ -146,6 +169,13 @@ class GPT(_SharesGroup, nn.Module):
             every non-ignored token of the context-parallel group (a float32 scalar, float64 for a
             float64 model; the same on
             every rank), or None without labels.
+
+        Raises:
+            ValueError: ``input_ids_local`` is not 2-D; ``labels_local`` has another shape; a local
+                length the layout cannot give over the group (e.g. odd under zigzag), checked on
+                every rank before any communication; the input checks of
+                :meth:`~ringflash.nn.RingAttention.forward` (e.g. an unknown ``backend``, or
+                ``"triton"`` on the CPU without ``TRITON_INTERPRET=1``).
         """
         if input_ids_local.dim() != 2:
             raise ValueError(

@@ -96,6 +96,22 @@ class RingAttention(_SharesGroup, nn.Module):
         q: (batch_size, local_seqlen, nheads, headdim)
         k, v: (batch_size, local_seqlen, nheads_kv, headdim); ``nheads % nheads_kv == 0``
         output: (batch_size, local_seqlen, nheads, headdim)
+
+    Raises:
+        ValueError: an unknown ``layout`` name; ``group`` is a DeviceMesh of more than one
+            dimension, a group this rank is not a member of, or a group given while
+            torch.distributed is not initialised. ``backend``, ``softmax_scale`` and the
+            shapes are checked by :meth:`forward`.
+
+    Cross-rank contract: every rank of ``group`` must call ``forward`` identically, with the
+    same shapes (batch_size, local_seqlen, heads, headdim), dtype, ``causal``, ``softmax_scale``,
+    ``layout`` and ``backend``, and with shards cut by that same layout (rank ``r`` of the group
+    holding ``layout.positions(S, rank=r, world_size=P)``). Otherwise ranks exchange buffers of
+    different sizes or mask with different rules: an error on some ranks and a hang or a wrong
+    result on others. This is not detected by default; with ``RINGFLASH_CHECK_CONSISTENCY=1`` in
+    the environment before import, every rank compares its call with the others' before the first
+    transfer and raises ``ValueError`` naming what differs (a shard cut by another layout of the
+    same length stays undetected).
     """
 
     def __init__(self, *, causal: bool = True, layout: str | Layout = "striped", softmax_scale: float | None = None,
@@ -109,6 +125,30 @@ class RingAttention(_SharesGroup, nn.Module):
         self.backend = backend
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of this rank's queries over the keys of every rank.
+
+        A collective over ``group``: see the cross-rank contract in the class docstring.
+
+        Args:
+            q: (batch_size, local_seqlen, nheads, headdim), this rank's shard under ``layout``.
+            k, v: (batch_size, local_seqlen, nheads_kv, headdim), the same tokens;
+                ``nheads % nheads_kv == 0``. Same dtype (floating point) and device as q.
+
+        Returns:
+            (batch_size, local_seqlen, nheads, headdim) in q's dtype: this rank's shard of
+            softmax attention over the whole sequence. Differentiable in q, k and v.
+
+        Raises:
+            TypeError: q, k or v is not a tensor, or not floating point.
+            ValueError: checked locally on every rank before any communication: a tensor that
+                is not 4-D; mismatched dtype, device, batch size, head_dim, or k/v shapes; no K/V
+                heads or ``nheads`` not a multiple of ``nheads_kv``; q and k/v of different local
+                lengths; a local length the layout cannot give over this group (e.g. odd under
+                zigzag); a process-group backend that cannot send tensors of this device; an
+                unknown ``backend`` or one that cannot take these inputs (e.g. ``"triton"`` on the
+                CPU without ``TRITON_INTERPRET=1``); a ``softmax_scale`` that is not finite and
+                positive. With ``RINGFLASH_CHECK_CONSISTENCY=1``, also ranks that call differently.
+        """
         return ring_attention(
             q, k, v, causal=self.causal, layout=self.layout, softmax_scale=self.softmax_scale,
             group=self.group, backend=self.backend,
@@ -171,6 +211,22 @@ class MultiheadAttention(_SharesGroup, nn.Module):
 
     Shapes:
         x: (batch_size, local_seqlen, dim) -> (batch_size, local_seqlen, dim)
+
+    Raises:
+        ValueError: ``dim``, ``num_heads`` or ``num_kv_heads`` not positive; ``dim`` not a multiple
+            of ``num_heads``; ``num_heads`` not a multiple of ``num_kv_heads``; with ``rope``, an
+            odd head_dim or a ``rope_base`` that is not finite and positive; an unknown
+            ``layout`` name; a bad ``group`` (as :class:`RingAttention`).
+
+    Cross-rank contract: every rank of ``group`` must call ``forward`` identically, with the
+    same shapes (batch_size, local_seqlen, dim), dtype, ``causal``, ``layout``, ``backend`` and
+    weights, and with shards cut by that same layout (rank ``r`` of the group holding
+    ``layout.positions(S, rank=r, world_size=P)``). Otherwise ranks exchange buffers of
+    different sizes or mask with different rules: an error on some ranks and a hang or a wrong
+    result on others. This is not detected by default; with ``RINGFLASH_CHECK_CONSISTENCY=1`` in
+    the environment before import, every rank compares its call with the others' before the first
+    transfer and raises ``ValueError`` naming what differs (a shard cut by another layout of the
+    same length stays undetected).
     """
 
     _CACHE_SIZE = 8  # rotary tables kept per module: (seqlen, rank, world, device, dtype) combinations
@@ -207,8 +263,10 @@ class MultiheadAttention(_SharesGroup, nn.Module):
         """(cos, sin) for this rank's tokens, each (local_seqlen, head_dim // 2), from the global positions.
 
         Checks that ``local_seqlen`` can come from the layout over this group first, so a shard
-        cut for another layout or group size fails here, on every rank, with a ValueError.
-        Cached per (local_seqlen, rank, world size, device, dtype); under torch.compile they are
+        whose length does not fit the layout or group size fails here, on every rank, with a
+        ``ValueError`` (a shard of the right length cut by another layout is not detected).
+        The tables are float64 for a float64 ``dtype``, float32 otherwise. Cached per
+        (local_seqlen, rank, world size, device, dtype); under torch.compile they are
         computed in the graph instead (a few elementwise ops), so that models compile without a
         graph break.
         """
@@ -231,10 +289,24 @@ class MultiheadAttention(_SharesGroup, nn.Module):
         return tables
 
     def forward(self, x: torch.Tensor, *, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """x: (batch_size, local_seqlen, dim), this rank's shard under ``layout``.
+        """Self-attention of this rank's tokens over the whole sequence.
 
-        ``rotary``: (cos, sin) from :meth:`rotary`, to look the tables up once for a stack of
-        layers; computed here when None.
+        A collective over ``group``: see the cross-rank contract in the class docstring.
+
+        Args:
+            x: (batch_size, local_seqlen, dim), this rank's shard under ``layout``.
+            rotary: (cos, sin), each (local_seqlen, head_dim // 2), from :meth:`rotary`, to look
+                the tables up once for a stack of layers; computed here when None. Ignored
+                without ``rope``.
+
+        Returns:
+            (batch_size, local_seqlen, dim) in x's dtype, this rank's shard of the output.
+
+        Raises:
+            ValueError: ``x`` is not a 3-D tensor or its last dimension is not ``dim``; with
+                ``rope``, a local length the layout cannot give over this group (from
+                :meth:`rotary`) or ``rotary`` tables of the wrong shape; and the checks of
+                :meth:`RingAttention.forward` (e.g. an unknown ``backend``).
         """
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
