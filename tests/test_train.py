@@ -1,4 +1,4 @@
-"""launch/train.py on the CPU: data, config checks, gradients over dp x cp, and whole runs.
+"""The training job (launch/) on the CPU: data, config checks, gradients over dp x cp, whole runs.
 
 Whole runs go through ``torchrun`` with 2 gloo ranks and a tiny model; one uninterrupted run
 is the reference that stopped-and-resumed runs must reproduce bit for bit.
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "launch"))
 
 import data as train_data  # noqa: E402  (launch/data.py)
-import train  # noqa: E402  (launch/train.py)
+import train  # noqa: E402  (launch/train.py: the entry point, and every name the loop uses)
 
 STEPS = 30
 TINY = [
@@ -386,6 +386,30 @@ def _killed_by_launcher(stderr: str, rank: int) -> bool:
     # torchrun stops the other ranks (SIGTERM) as soon as one exits with an error; a rank it
     # stopped before that rank reached its own check has no message to show.
     return re.search(rf"rank\s*: {rank} \(local_rank: {rank}\)\s*exitcode\s*: -15", stderr) is not None
+
+
+def test_plain_python_is_a_one_rank_run(tmp_path):
+    """``python launch/train.py`` without torchrun: a world of one rank, started from another
+    directory (the script finds its sibling modules in launch/ and ringflash in the checkout)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "launch" / "train.py"), *TINY, "--steps", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world 1 = dp 1 x cp 1" in proc.stderr
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    assert "step 2: checkpoint" in proc.stdout
+
+
+def test_runs_as_a_module_of_the_package_launch():
+    """``python -m launch.train``: the same flags, with the siblings imported relative to launch."""
+    proc = subprocess.run([sys.executable, "-m", "launch.train", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    script = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    flags = lambda text: text[text.index("options:"):]  # noqa: E731  (the usage line names the program)
+    assert flags(proc.stdout) == flags(script.stdout)
+    assert "--seq-len" in proc.stdout and "--no-plot" in proc.stdout
 
 
 def test_bad_config_fails_fast_on_every_rank(tmp_path):

@@ -1,0 +1,53 @@
+"""What the training job trains and how: the GPT of a config, its optimizer, the learning rate.
+
+The model is ``ringflash.models.GPT`` over bytes (vocabulary 256) with ring attention over the
+context-parallel group; AdamW decays the matrices only; the learning rate warms up linearly,
+then follows a cosine down to ``min_lr_ratio * lr``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from ringflash import comm
+from ringflash.models import GPT, GPTConfig
+
+if TYPE_CHECKING:  # annotations only (launch/ on sys.path)
+    from config import TrainConfig
+
+__all__ = ["build_model", "build_optimizer", "lr_at"]
+
+
+def build_model(cfg: TrainConfig, group) -> torch.nn.Module:
+    """The GPT of ``cfg``; ``group``: the context-parallel process group (None: one process)."""
+    comm.TRANSPORT = cfg.transport
+    model_cfg = GPTConfig(
+        vocab_size=256,
+        dim=cfg.dim,
+        n_layers=cfg.layers,
+        n_heads=cfg.heads,
+        n_kv_heads=cfg.kv_heads,
+        layout=cfg.layout,
+        rope_base=cfg.rope_base,
+        checkpoint=cfg.checkpoint_activations,
+    )
+    return GPT(model_cfg, group=group, backend=cfg.backend)
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup, then cosine decay to ``min_lr_ratio * lr`` at ``lr_decay_steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.lr_decay_steps - cfg.warmup_steps)
+    t = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
