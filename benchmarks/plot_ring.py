@@ -1,6 +1,6 @@
 """Plots and a markdown table from the ring benchmark's JSON lines.
 
-    python benchmarks/plot_ring.py benchmarks/results/ring_h200x2_run3/ring_H200x2_same_run.jsonl \
+    python benchmarks/plot_ring.py benchmarks/results/ring_h200x2_matrix/ring_H200x2_32k.jsonl \
         --out benchmarks/results/ring_h200x2
 
 Writes ``<out>_throughput.png`` (per-GPU TFLOP/s against S, causal and full, with PyTorch's

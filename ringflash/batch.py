@@ -21,12 +21,15 @@ already does, so: run DDP or FSDP over the flattened data-parallel x context-par
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from .comm import resolve_group, world_and_rank
 from .layout import Layout, get_layout
+from .mask import check_cu_seqlens, doc_positions
 
 __all__ = ["shard_batch", "unshard", "sharded_cross_entropy", "average_gradients", "IGNORE_INDEX"]
 
@@ -42,7 +45,9 @@ def shard_batch(
     shift: bool = True,
     pad_id: int | None = None,
     ignore_index: int = IGNORE_INDEX,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    cu_seqlens=None,
+    check: bool = True,
+) -> tuple[torch.Tensor, ...]:
     """This rank's shard of a batch of full sequences: ids, their targets, their global positions.
 
     Local (no communication). The labels are shifted on the *full* sequence before it is cut,
@@ -69,19 +74,34 @@ def shard_batch(
             real tokens unaffected. Without it a length the layout cannot split is a ValueError.
         ignore_index: the label that the loss ignores (default ``IGNORE_INDEX = -100``); it fills
             the last target and the padding.
+        cu_seqlens: document boundaries of the packed full sequences, ``[0, end_0, ..., seqlen]``
+            (flash-attn's convention; the same for every row; a list or a 1-D integer tensor).
+            With ``shift``, the last token of each document gets ``ignore_index`` as its target
+            (the next document's first token is not its continuation). With ``pad_id``, the
+            padding becomes one more document, so the real tokens never see it.
+        check: with more than one rank, compare every rank's sequence length and
+            ``cu_seqlens`` (one all-gather of three integers, on ``input_ids``' device) and
+            raise ``ValueError`` on every rank if they differ: a silent mismatch would give wrong
+            attention. A collective when on: every rank of the group must call it.
 
     Returns:
         input_ids: (batch_size, local_seqlen); labels: (batch_size, local_seqlen), the targets
         of these tokens; positions: (local_seqlen,) int64, their global positions (the layout's
         :meth:`~ringflash.layout.Layout.positions`), on ``input_ids``' device.
         ``local_seqlen = seqlen / world_size`` (after padding).
+        With ``cu_seqlens`` a fourth tensor: doc_positions (local_seqlen,) int64, each token's
+        position inside its document (what rotary embeddings restart from), and the boundaries
+        to pass on are the padded ones when ``pad_id`` added a document (``cu_seqlens`` of the
+        padded length, ``list(cu_seqlens) + [padded_seqlen]``).
 
     Raises:
         ValueError: ``input_ids`` is not 2-D; ``labels`` has another shape; an unknown
             ``layout``; ``group`` is a DeviceMesh of more than one dimension, a group this rank
             is not a member of, or a group given while torch.distributed is not initialised;
             without ``pad_id``, a sequence length the layout cannot split over the group (a
-            multiple of ``layout.multiple(world_size)`` is needed).
+            multiple of ``layout.multiple(world_size)`` is needed); a bad ``cu_seqlens`` (not
+            starting at 0, not ending at the sequence length, not strictly increasing, float or
+            not 1-D); with ``check``, ranks holding different lengths or boundaries.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be 2-D (batch, seqlen); got shape {tuple(input_ids.shape)}")
@@ -90,11 +110,19 @@ def shard_batch(
     if labels.shape != input_ids.shape:
         raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}; got {tuple(labels.shape)}")
     layout = get_layout(layout)
-    world_size, rank = world_and_rank(resolve_group(group))
+    group = resolve_group(group)
+    world_size, rank = world_and_rank(group)
+    seqlen = input_ids.shape[1]
+    cu = check_cu_seqlens(cu_seqlens, seqlen) if cu_seqlens is not None else None
+    if check and world_size > 1:
+        _check_same_batch(seqlen, cu, group, world_size, input_ids.device)
     if shift:
         fill = torch.full_like(labels[:, :1], ignore_index)
         labels = torch.cat([labels[:, 1:], fill], dim=1)
-    seqlen = input_ids.shape[1]
+        if cu is not None:
+            # The last token of a document has no next token of its own document to predict.
+            ends = torch.tensor(cu[1:-1], dtype=torch.int64, device=labels.device) - 1
+            labels = labels.index_fill(1, ends, ignore_index)
     if pad_id is not None:
         m = layout.multiple(world_size) if world_size > 1 else 1  # one rank: any length
         pad = -seqlen % m
@@ -102,9 +130,30 @@ def shard_batch(
             input_ids = F.pad(input_ids, (0, pad), value=pad_id)
             labels = F.pad(labels, (0, pad), value=ignore_index)
             seqlen += pad
+            if cu is not None:
+                cu = (*cu, seqlen)
     layout.check_seqlen(seqlen, world_size)
     positions = layout.positions(seqlen, rank=rank, world_size=world_size, device=input_ids.device)
-    return input_ids.index_select(1, positions), labels.index_select(1, positions), positions
+    out = (input_ids.index_select(1, positions), labels.index_select(1, positions), positions)
+    if cu_seqlens is not None:
+        out += (positions if cu is None else doc_positions(cu, positions),)
+    return out
+
+
+def _check_same_batch(seqlen: int, cu, group, world_size: int, device) -> None:
+    """Raise ``ValueError`` on every rank unless every rank holds the same length and boundaries."""
+    digest = zlib.crc32(repr(cu).encode())
+    mine = torch.tensor([seqlen, 0 if cu is None else len(cu), digest], dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(every, mine, group=group)
+    rows = [tuple(t.tolist()) for t in every]
+    if len(set(rows)) > 1:
+        detail = ", ".join(f"rank {r}: seqlen {n}, {max(c - 1, 0)} documents" for r, (n, c, _) in enumerate(rows))
+        raise ValueError(
+            f"shard_batch was given different batches on the ranks of its group ({detail}; boundaries "
+            f"{'equal' if len({row[2] for row in rows}) == 1 else 'differ'}). Every rank of the "
+            f"context-parallel group must pass the same full sequences and the same cu_seqlens"
+        )
 
 
 def unshard(x: torch.Tensor, *, layout: str | Layout = "striped", group=None, dim: int = 1) -> torch.Tensor:

@@ -156,17 +156,29 @@ class Ring:
         """Whether ``t`` is one of the ring's own buffers (reused by the next call)."""
         return False
 
-    def exchange(self, send: list[torch.Tensor], recv: list[torch.Tensor]) -> Exchange:
-        """Post sends of ``send`` to the next rank and receives into ``recv`` from the previous one.
+    # Whether exchange() takes hops > 1 (a message straight to a rank further along the ring).
+    any_hop = True
+
+    def exchange(self, send: list[torch.Tensor], recv: list[torch.Tensor], hops: int = 1) -> Exchange:
+        """Post sends of ``send`` to the next rank and receives into ``recv`` from the previous one
+        (with ``hops``: to rank ``+ hops`` and from rank ``- hops``, modulo the world size).
 
         The tensors in ``send`` must not be written, nor those in ``recv`` read, before
         ``wait()`` on the returned handle. Every rank makes the same calls in the same order,
         with the same shapes.
         """
         assert self.world_size > 1, "no ring exchange in a world of one rank"
-        ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in send]
-        ops += [dist.P2POp(dist.irecv, t, self.prev, self.group) for t in recv]
+        dst, src = self.next, self.prev
+        if hops % self.world_size != 1:
+            dst, src = self._peer(self.rank + hops), self._peer(self.rank - hops)
+        ops = [dist.P2POp(dist.isend, t, dst, self.group) for t in send]
+        ops += [dist.P2POp(dist.irecv, t, src, self.group) for t in recv]
         return Exchange(dist.batch_isend_irecv(ops))
+
+    def _peer(self, group_rank: int) -> int:
+        """The rank to address for ``group_rank`` (modulo the world size) of this ring's group."""
+        group_rank %= self.world_size
+        return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
 
 
 def check_transport(transport: str, group, device: torch.device) -> None:
@@ -356,7 +368,11 @@ class CopyEngineRing(Ring):
         layout: ``pad[owner][channel * world + src]``, uint32)."""
         return int(self.handle.signal_pad_ptrs[owner]) + 4 * (channel * self.world_size + src)
 
-    def exchange(self, send: list[torch.Tensor], recv: list[torch.Tensor]) -> Exchange:
+    # Signals and peer buffers pair each rank with its ring neighbours only.
+    any_hop = False
+
+    def exchange(self, send: list[torch.Tensor], recv: list[torch.Tensor], hops: int = 1) -> Exchange:
+        assert hops % self.world_size == 1, "the copy-engine ring moves messages one hop at a time"
         assert len(send) == len(recv)
         c = 1 + 2 * (self.count % self.pairs)
         self.count += 1

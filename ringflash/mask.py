@@ -26,7 +26,8 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Mask", "make_mask", "check_window", "check_cu_seqlens", "doc_ids", "visible", "block_visible"]
+__all__ = ["Mask", "make_mask", "check_window", "check_cu_seqlens", "doc_ids", "doc_positions", "visible",
+           "block_visible"]
 
 
 def _is_int(x) -> bool:
@@ -147,8 +148,15 @@ def make_mask(causal: bool, window=None, cu_seqlens=None, seqlen: int | None = N
 def doc_ids(cu_seqlens, positions: torch.Tensor) -> torch.Tensor:
     """The document of every position (int32, on ``positions``' device): ``d`` with
     ``cu[d] <= p < cu[d + 1]``."""
-    bounds = torch.as_tensor(cu_seqlens[1:-1], dtype=torch.int64, device=positions.device)
+    bounds = torch.as_tensor(cu_seqlens, dtype=torch.int64, device=positions.device)[1:-1]
     return torch.bucketize(positions.to(torch.int64), bounds, right=True).to(torch.int32)
+
+
+def doc_positions(cu_seqlens, positions: torch.Tensor) -> torch.Tensor:
+    """Each position's offset inside its document, ``p - cu[doc(p)]`` (int64, on ``positions``'
+    device): the positions rotary embeddings restart from at every document."""
+    starts = torch.as_tensor(cu_seqlens, dtype=torch.int64, device=positions.device)
+    return positions.to(torch.int64) - starts[doc_ids(starts, positions).long()]
 
 
 def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, *, causal: bool, window=None,

@@ -39,7 +39,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .batch import IGNORE_INDEX, sharded_cross_entropy
 from .layout import Layout
-from .nn import MultiheadAttention, _SharesGroup
+from .mask import check_cu_seqlens
+from .nn import MultiheadAttention, _SharesGroup, _world_and_rank
 
 __all__ = ["GPTConfig", "GPT", "Block", "MLP"]
 
@@ -60,6 +61,7 @@ class GPTConfig:
     bias: bool = False  # biases in the Linear layers
     tie_embeddings: bool = True  # the output head shares the token embedding's weight
     checkpoint: bool = False  # activation checkpointing: recompute each block in the backward
+    window: int | None = None  # sliding-window attention: each token sees itself and `window` tokens before it
     init_std: float = 0.02  # std of the normal init; output projections get init_std / sqrt(2 * n_layers)
 
 
@@ -83,14 +85,15 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.attn = MultiheadAttention(
-            config.dim, config.n_heads, num_kv_heads=config.n_kv_heads, causal=True, layout=config.layout,
+            config.dim, config.n_heads, num_kv_heads=config.n_kv_heads, causal=True,
+            window=None if config.window is None else (config.window, 0), layout=config.layout,
             rope=True, rope_base=config.rope_base, bias=config.bias, group=group, backend=backend,
         )
         self.mlp_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rotary=(cos, sin))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rotary=(cos, sin), cu_seqlens=cu_seqlens)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -132,6 +135,9 @@ class GPT(_SharesGroup, nn.Module):
         super().__init__()
         if config.n_layers < 1:
             raise ValueError(f"n_layers must be at least 1; got {config.n_layers}")
+        if config.window is not None and (isinstance(config.window, bool) or not isinstance(config.window, int)
+                                          or config.window < 0):
+            raise ValueError(f"window must be None or an int >= 0 (keys before each token); got {config.window!r}")
         self.config = config
         self.group = group
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
@@ -156,13 +162,18 @@ class GPT(_SharesGroup, nn.Module):
             else:
                 nn.init.normal_(p, std=std)
 
-    def forward(self, input_ids_local: torch.Tensor, labels_local: torch.Tensor | None = None):
+    def forward(self, input_ids_local: torch.Tensor, labels_local: torch.Tensor | None = None, *,
+                cu_seqlens=None):
         """Logits of this rank's tokens and, with labels, the mean loss over the whole group.
 
         Args:
             input_ids_local: (batch_size, local_seqlen) int64, this rank's shard under ``config.layout``.
             labels_local: (batch_size, local_seqlen) targets of these tokens (shifted on the full
                 sequence, see :func:`ringflash.batch.shard_batch`); ``-100`` is ignored.
+            cu_seqlens: document boundaries of the whole packed sequence, ``[0, end_0, ..., seqlen]``
+                (a list or a CPU tensor; the same on every rank): tokens attend only inside their
+                own document and rotary positions restart at each document. Decided once per
+                call for every layer.
 
         Returns:
             logits_local: (batch_size, local_seqlen, vocab_size); loss: the mean cross-entropy over
@@ -189,12 +200,16 @@ class GPT(_SharesGroup, nn.Module):
         x = self.tok_emb(input_ids_local)  # (B, S, dim)
         # Rotary tables of this rank's global positions, once for every layer (this also
         # checks the shard length against the layout, before any communication).
-        cos, sin = self.blocks[0].attn.rotary(input_ids_local.shape[1], x.device, x.dtype)
+        if cu_seqlens is not None and not torch.compiler.is_compiling():
+            # Checked and made host ints once, for every layer (a CUDA tensor: one sync here).
+            world_size, _ = _world_and_rank(self.group)
+            cu_seqlens = check_cu_seqlens(cu_seqlens, input_ids_local.shape[1] * world_size)
+        cos, sin = self.blocks[0].attn.rotary(input_ids_local.shape[1], x.device, x.dtype, cu_seqlens=cu_seqlens)
         for block in self.blocks:
             if self.config.checkpoint and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, cu_seqlens, use_reentrant=False)
             else:
-                x = block(x, cos, sin)
+                x = block(x, cos, sin, cu_seqlens)
         return self._output(x, labels_local)
 
     def _output(self, x: torch.Tensor, labels_local: torch.Tensor | None):

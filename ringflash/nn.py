@@ -35,7 +35,10 @@ from einops import rearrange
 
 from .comm import resolve_group, world_and_rank
 from .layout import Layout, get_layout
+from .mask import check_cu_seqlens, check_window, doc_positions
 from .ring import ring_attention
+
+_MODULE = object()  # forward(window=...) not given: the module's own window
 
 __all__ = ["RingAttention", "MultiheadAttention", "rotary_tables", "apply_rotary"]
 
@@ -81,6 +84,8 @@ class RingAttention(_SharesGroup, nn.Module):
 
     Args:
         causal: global causal mask (token ``i`` sees token ``j`` iff ``i >= j``).
+        window: ``(left, right)`` sliding window on global positions (flash-attn's
+            ``window_size``, -1 unbounded on a side), or None; ``forward(window=...)`` overrides it.
         layout: ``"contiguous"``, ``"striped"``, ``"zigzag"`` or a :class:`~ringflash.layout.Layout`;
             the layout the shards were cut with.
         softmax_scale: defaults to ``1 / sqrt(headdim)``.
@@ -114,17 +119,20 @@ class RingAttention(_SharesGroup, nn.Module):
     same length stays undetected).
     """
 
-    def __init__(self, *, causal: bool = True, layout: str | Layout = "striped", softmax_scale: float | None = None,
+    def __init__(self, *, causal: bool = True, window: tuple[int, int] | None = None,
+                 layout: str | Layout = "striped", softmax_scale: float | None = None,
                  group=None, backend: str | None = None):
         super().__init__()
         self.causal = bool(causal)
+        self.window = check_window(window)
         self.layout = get_layout(layout)
         self.softmax_scale = softmax_scale
         resolve_group(group)  # a 2-D mesh, or a group without this rank, fails here
         self.group = group
         self.backend = backend
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens=None,
+                window=_MODULE) -> torch.Tensor:
         """Attention of this rank's queries over the keys of every rank.
 
         A collective over ``group``: see the cross-rank contract in the class docstring.
@@ -133,6 +141,9 @@ class RingAttention(_SharesGroup, nn.Module):
             q: (batch_size, local_seqlen, nheads, headdim), this rank's shard under ``layout``.
             k, v: (batch_size, local_seqlen, nheads_kv, headdim), the same tokens;
                 ``nheads % nheads_kv == 0``. Same dtype (floating point) and device as q.
+            cu_seqlens: document boundaries of the whole packed sequence (see
+                :func:`ringflash.ring_attention`); a query sees only keys of its own document.
+            window: ``(left, right)`` for this call instead of the module's ``window``.
 
         Returns:
             (batch_size, local_seqlen, nheads, headdim) in q's dtype: this rank's shard of
@@ -147,16 +158,19 @@ class RingAttention(_SharesGroup, nn.Module):
                 zigzag); a process-group backend that cannot send tensors of this device; an
                 unknown ``backend`` or one that cannot take these inputs (e.g. ``"triton"`` on the
                 CPU without ``TRITON_INTERPRET=1``); a ``softmax_scale`` that is not finite and
-                positive. With ``RINGFLASH_CHECK_CONSISTENCY=1``, also ranks that call differently.
+                positive; a bad ``window`` or ``cu_seqlens``, or one the backend cannot serve. With
+                ``RINGFLASH_CHECK_CONSISTENCY=1``, also ranks that call differently.
         """
         return ring_attention(
-            q, k, v, causal=self.causal, layout=self.layout, softmax_scale=self.softmax_scale,
+            q, k, v, causal=self.causal, window=self.window if window is _MODULE else window,
+            cu_seqlens=cu_seqlens, layout=self.layout, softmax_scale=self.softmax_scale,
             group=self.group, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
         scale = "" if self.softmax_scale is None else f", softmax_scale={self.softmax_scale}"
-        return f"causal={self.causal}, layout={self.layout!r}{scale}, backend={self.backend!r}"
+        window = "" if self.window is None else f", window={self.window}"
+        return f"causal={self.causal}{window}, layout={self.layout!r}{scale}, backend={self.backend!r}"
 
 
 # -- rotary embeddings ----------------------------------------------------------------------
@@ -202,6 +216,9 @@ class MultiheadAttention(_SharesGroup, nn.Module):
         num_heads: query heads.
         num_kv_heads: key/value heads (default ``num_heads``); ``num_heads % num_kv_heads == 0``.
         causal: causal mask over the global sequence.
+        window: ``(left, right)`` sliding window on global positions, -1 unbounded on a side
+            (e.g. ``(4096, 0)`` with ``causal``: each token sees itself and the 4096 before it);
+            None: no window.
         layout: the layout the input was sharded with.
         rope: apply rotary embeddings to q and k (half-split convention, see :func:`apply_rotary`).
         rope_base: the rotary base (theta).
@@ -232,6 +249,7 @@ class MultiheadAttention(_SharesGroup, nn.Module):
     _CACHE_SIZE = 8  # rotary tables kept per module: (seqlen, rank, world, device, dtype) combinations
 
     def __init__(self, dim: int, num_heads: int, *, num_kv_heads: int | None = None, causal: bool = True,
+                 window: tuple[int, int] | None = None,
                  layout: str | Layout = "striped", rope: bool = True, rope_base: float = 10000.0, bias: bool = False,
                  group=None, backend: str | None = None):
         super().__init__()
@@ -255,12 +273,15 @@ class MultiheadAttention(_SharesGroup, nn.Module):
         resolve_group(group)  # a 2-D mesh, or a group without this rank, fails here
         self.group = group
         self.qkv = nn.Linear(dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias)
-        self.attn = RingAttention(causal=causal, layout=self.layout, group=group, backend=backend)
+        self.attn = RingAttention(causal=causal, window=window, layout=self.layout, group=group, backend=backend)
         self.out = nn.Linear(num_heads * head_dim, dim, bias=bias)
         self._rotary_cache: dict = {}
 
-    def rotary(self, local_seqlen: int, device, dtype: torch.dtype = torch.float32):
+    def rotary(self, local_seqlen: int, device, dtype: torch.dtype = torch.float32, *, cu_seqlens=None):
         """(cos, sin) for this rank's tokens, each (local_seqlen, head_dim // 2), from the global positions.
+
+        With ``cu_seqlens`` (packed documents), from each token's position inside its document:
+        rotary embeddings restart at every document.
 
         Checks that ``local_seqlen`` can come from the layout over this group first, so a shard
         whose length does not fit the layout or group size fails here, on every rank, with a
@@ -275,20 +296,26 @@ class MultiheadAttention(_SharesGroup, nn.Module):
         dtype = torch.float64 if dtype == torch.float64 else torch.float32
         if torch.compiler.is_compiling():
             pos = self.layout.local_positions(local_seqlen, rank=rank, world_size=world_size)
+            if cu_seqlens is not None:
+                pos = doc_positions(cu_seqlens, pos)
             return rotary_tables(pos, self.head_dim, self.rope_base, device=device, dtype=dtype)
-        key = (local_seqlen, rank, world_size, torch.device(device), dtype)
+        cu = check_cu_seqlens(cu_seqlens, local_seqlen * world_size)
+        key = (local_seqlen, rank, world_size, torch.device(device), dtype, cu)
         tables = self._rotary_cache.get(key)
         if tables is None:
             # Tables built under inference_mode could not be saved for a later backward.
             with torch.inference_mode(False), torch.no_grad():
                 pos = self.layout.local_positions(local_seqlen, rank=rank, world_size=world_size)
+                if cu is not None:
+                    pos = doc_positions(cu, pos)
                 tables = rotary_tables(pos, self.head_dim, self.rope_base, device=device, dtype=dtype)
             if len(self._rotary_cache) >= self._CACHE_SIZE:
                 self._rotary_cache.clear()
             self._rotary_cache[key] = tables
         return tables
 
-    def forward(self, x: torch.Tensor, *, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cu_seqlens=None, window=_MODULE) -> torch.Tensor:
         """Self-attention of this rank's tokens over the whole sequence.
 
         A collective over ``group``: see the cross-rank contract in the class docstring.
@@ -298,6 +325,10 @@ class MultiheadAttention(_SharesGroup, nn.Module):
             rotary: (cos, sin), each (local_seqlen, head_dim // 2), from :meth:`rotary`, to look
                 the tables up once for a stack of layers; computed here when None. Ignored
                 without ``rope``.
+            cu_seqlens: document boundaries of the whole packed sequence,
+                ``[0, end_0, ..., seqlen]`` (see :func:`ringflash.ring_attention`): a token attends
+                only inside its document, and rotary positions restart at every document.
+            window: ``(left, right)`` for this call instead of the module's ``window``.
 
         Returns:
             (batch_size, local_seqlen, dim) in x's dtype, this rank's shard of the output.
@@ -315,7 +346,7 @@ class MultiheadAttention(_SharesGroup, nn.Module):
             raise ValueError(f"x must have dim={self.dim} features in its last dimension; got {x.shape[-1]}")
         S = x.shape[1]
         if self.rope:
-            cos, sin = self.rotary(S, x.device, x.dtype) if rotary is None else rotary
+            cos, sin = self.rotary(S, x.device, x.dtype, cu_seqlens=cu_seqlens) if rotary is None else rotary
             if cos.shape != (S, self.head_dim // 2):
                 raise ValueError(
                     f"rotary tables must be (local_seqlen, head_dim // 2) = {(S, self.head_dim // 2)}; "
@@ -332,11 +363,12 @@ class MultiheadAttention(_SharesGroup, nn.Module):
         v = rearrange(v, "b s (h d) -> b s h d", d=self.head_dim)
         if self.rope:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        o = self.attn(q, k, v)  # (B, S, H, D)
+        o = self.attn(q, k, v, cu_seqlens=cu_seqlens, window=window)  # (B, S, H, D)
         return self.out(rearrange(o, "b s h d -> b s (h d)"))
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
             f"rope={self.rope}, rope_base={self.rope_base}, layout={self.layout!r}"
+            + ("" if self.attn.window is None else f", window={self.attn.window}")
         )

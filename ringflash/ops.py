@@ -16,6 +16,11 @@ and dQ work), ``dkdv_store`` (``backward`` takes ``store_dkdv=True``: overwrite 
 instead of adding into them) and ``backward_blocks`` (returns a block's dK/dV as key-range fragments in the
 input dtype, for the ring to add into the travelling float32 sums in one pass).
 
+Masks beyond causal (sliding windows, packed documents; :mod:`ringflash.mask`) reach the
+engines that say so (``serves_masks``: reference and triton) as ``window=(left, right)`` and
+per-token document ids ``q_doc``/``k_doc``; the others are refused with a ``ValueError`` before
+anything runs (:func:`check_mask_backend`).
+
 ``"reference"`` is plain PyTorch (any device); ``"triton"`` is :mod:`ringflash.kernels`
 (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``); ``"cudnn"`` and ``"sdpa_flash"``
 are PyTorch's fused SDPA kernels (:mod:`ringflash.sdpa`; they take host positions and the
@@ -31,8 +36,10 @@ from types import SimpleNamespace
 import torch
 
 from . import reference
+from .mask import Mask, doc_ids, make_mask
 
-__all__ = ["flash_attention", "get_backend", "backend_name", "check_backend_inputs", "check_qkv", "no_autocast", "BACKENDS"]
+__all__ = ["flash_attention", "get_backend", "backend_name", "check_backend_inputs", "check_mask_backend",
+           "mask_kwargs", "check_qkv", "no_autocast", "BACKENDS"]
 
 BACKENDS = ("triton", "reference", "cudnn", "sdpa_flash")
 
@@ -67,6 +74,7 @@ def get_backend(backend, device: torch.device) -> SimpleNamespace:
             forward=reference.forward,
             backward=reference.backward,
             backward_delta=reference.backward_delta,
+            serves_masks=True,
         )
     if backend == "triton":
         _check_triton_device(device)
@@ -80,6 +88,7 @@ def get_backend(backend, device: torch.device) -> SimpleNamespace:
             check=getattr(kernels, "check_inputs", None),
             dkdv_hook=True,
             dkdv_store=True,
+            serves_masks=True,
         )
     if backend in ("cudnn", "sdpa_flash"):
         from . import sdpa
@@ -109,6 +118,38 @@ def check_backend_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.T
         from .sdpa import check_inputs
 
         check_inputs(name, q, k, v)
+
+
+def check_mask_backend(backend, mask: Mask) -> None:
+    """Raise ``ValueError`` if ``backend`` (a name or an engine object) cannot serve ``mask``.
+
+    Every engine serves causal and full attention; windows and documents need an engine with
+    ``serves_masks`` (triton, reference). PyTorch's fused SDPA kernels take no such masks.
+    """
+    if mask.dense:
+        return
+    if isinstance(backend, str) or backend is None:
+        ok = backend in (None, "triton", "reference")
+        name = backend
+    else:
+        ok = bool(getattr(backend, "serves_masks", False))
+        name = getattr(backend, "name", type(backend).__name__)
+    if not ok:
+        raise ValueError(
+            f"backend={name!r} serves causal and full attention only; this call's mask ({mask.describe()}) "
+            f"needs backend='triton' (CUDA) or backend='reference'"
+        )
+
+
+def mask_kwargs(mask: Mask, q_doc=None, k_doc=None) -> dict:
+    """The keyword arguments an engine takes for ``mask`` beyond ``causal`` (none for a dense mask,
+    so engines that serve only dense masks are called as they always were)."""
+    kw = {}
+    if mask.window is not None:
+        kw["window"] = mask.window
+    if mask.cu_seqlens is not None:
+        kw["q_doc"], kw["k_doc"] = q_doc, k_doc
+    return kw
 
 
 def backward_extras(backend, out: torch.Tensor) -> dict:
@@ -175,11 +216,11 @@ def resolve_scale(softmax_scale, head_dim: int) -> float:
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, be):
-        out, lse = be.forward(q, k, v, q_pos=None, k_pos=None, causal=causal, softmax_scale=softmax_scale)
+    def forward(ctx, q, k, v, causal, softmax_scale, be, masks):
+        out, lse = be.forward(q, k, v, q_pos=None, k_pos=None, causal=causal, softmax_scale=softmax_scale, **masks)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.softmax_scale, ctx.backend = causal, softmax_scale, be
+        ctx.causal, ctx.softmax_scale, ctx.backend, ctx.masks = causal, softmax_scale, be, masks
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -193,9 +234,9 @@ class _FlashAttention(torch.autograd.Function):
             delta = be.backward_delta(out, dout)
             dq, dk, dv = be.backward(
                 dout, q, k, v, lse, delta, q_pos=None, k_pos=None,
-                causal=ctx.causal, softmax_scale=ctx.softmax_scale, **backward_extras(be, out),
+                causal=ctx.causal, softmax_scale=ctx.softmax_scale, **ctx.masks, **backward_extras(be, out),
             )
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def flash_attention(
@@ -204,31 +245,61 @@ def flash_attention(
     v: torch.Tensor,
     *,
     causal: bool = False,
+    window: tuple[int, int] | None = None,
+    cu_seqlens=None,
     softmax_scale: float | None = None,
     return_lse: bool = False,
     backend: str | None = None,
 ):
     """Exact softmax attention on one device.
 
+    Query ``i`` sits at position ``i + seqlen_k - seqlen_q`` and key ``j`` at ``j`` (aligned to
+    the bottom-right corner, as flash-attn); the mask rules below read those positions.
+
     Args:
         q: (batch_size, seqlen_q, nheads, headdim)
         k, v: (batch_size, seqlen_k, nheads_kv, headdim); ``nheads % nheads_kv == 0`` (GQA/MQA).
-        causal: query ``i`` sees key ``j`` iff ``i + seqlen_k - seqlen_q >= j`` (aligned to the
-            bottom-right corner, as flash-attn; the usual mask when the lengths are equal).
+        causal: a query sees the keys at or before its position.
+        window: ``(left, right)``: the query at position p sees keys in ``[p - left, p + right]``;
+            -1 leaves a side unbounded (flash-attn's ``window_size``). Combines with ``causal``.
+        cu_seqlens: document boundaries of a packed sequence, ``[0, end_0, ..., seqlen]`` (a list
+            or a 1-D integer tensor; a CUDA tensor costs one device synchronisation): a query sees
+            only keys of its own document. Needs ``seqlen_q == seqlen_k``; the same boundaries
+            apply to every row of the batch.
         softmax_scale: defaults to ``1 / sqrt(headdim)``.
         return_lse: also return the log-sum-exp (natural log), (batch_size, nheads, seqlen_q), in
-            float32 (float64 for float64 inputs).
+            float32 (float64 for float64 inputs). A row that sees no key has O = 0, LSE = -inf.
         backend: ``"triton"``, ``"reference"``, ``"cudnn"``, ``"sdpa_flash"``, or None (triton on
-            CUDA, reference on CPU).
+            CUDA, reference on CPU). Windows and documents need triton or reference.
 
     Returns:
         out: (batch_size, seqlen_q, nheads, headdim) in q's dtype; and lse if ``return_lse``.
+
+    Raises:
+        TypeError: q, k, v are not floating-point tensors (or a dtype the engine does not take).
+        ValueError: shapes that do not fit together, a non-positive ``softmax_scale``, a bad
+            ``window`` or ``cu_seqlens`` (see :mod:`ringflash.mask`), ``cu_seqlens`` with
+            ``seqlen_q != seqlen_k``, a mask the engine cannot serve, or tensors on a device the
+            engine cannot run on.
     """
     check_qkv(q, k, v)
     softmax_scale = resolve_scale(softmax_scale, q.shape[-1])
+    if cu_seqlens is not None and q.shape[1] != k.shape[1]:
+        raise ValueError(
+            f"cu_seqlens needs queries and keys of one packed sequence (seqlen_q == seqlen_k); got "
+            f"{q.shape[1]} and {k.shape[1]}"
+        )
+    mask = make_mask(causal, window, cu_seqlens, k.shape[1])
+    check_mask_backend(backend, mask)
     be = get_backend(backend, q.device)
+    check_mask_backend(be, mask)
     if getattr(be, "check", None) is not None:
         be.check(q, k, v)
+    q_doc = k_doc = None
+    if mask.cu_seqlens is not None:
+        k_doc = doc_ids(mask.cu_seqlens, torch.arange(k.shape[1], device=q.device))
+        q_doc = k_doc
     with no_autocast(q.device):
-        out, lse = _FlashAttention.apply(q, k, v, bool(causal), float(softmax_scale), be)
+        out, lse = _FlashAttention.apply(q, k, v, mask.causal, float(softmax_scale), be,
+                                         mask_kwargs(mask, q_doc, k_doc))
     return (out, lse) if return_lse else out

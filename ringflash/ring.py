@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import zlib
+from collections import OrderedDict
 
 import torch
 import torch.distributed as dist
@@ -35,8 +36,10 @@ import torch.distributed as dist
 from . import comm
 from .comm import Exchange, check_group_device, check_transport, make_ring, resolve_group, world_and_rank
 from .layout import Contiguous, Layout, Striped, Zigzag, get_layout
+from .mask import Mask, block_visible, check_cu_seqlens, check_window, doc_ids, make_mask
 from .sdpa import accumulate
-from .ops import backend_name, backward_extras, check_backend_inputs, check_qkv, get_backend, no_autocast, resolve_scale
+from .ops import (backend_name, backward_extras, check_backend_inputs, check_mask_backend, check_qkv, get_backend,
+                  mask_kwargs, no_autocast, resolve_scale)
 
 __all__ = ["ring_attention"]
 
@@ -70,9 +73,63 @@ def _positions(layout: Layout, local_seqlen: int, world_size: int, device) -> tu
     return hit
 
 
-def _visible_any(causal: bool, q_pos: torch.Tensor, k_pos: torch.Tensor) -> bool:
-    # Positions are strictly increasing: a block is empty iff the last query precedes the first key.
-    return (not causal) or int(q_pos[-1]) >= int(k_pos[0])
+class _Plan:
+    """What one rank's ring does for a mask, decided on the host once per batch shape and mask
+    (every rank decides alike, from every rank's positions):
+
+    * ``need[r][src]``: whether the queries of rank ``r`` see any key of rank ``src``; steps
+      without are skipped;
+    * ``steps``: how many steps the ring runs: one past the last step that any rank needs, so a
+      window that reaches only the previous ranks of a contiguous layout moves only those hops;
+    * ``docs``: every rank's per-token document ids on the device (packed documents), or None.
+    """
+
+    def __init__(self, mask: Mask, pos_host: list, pos: list, device):
+        P = len(pos_host)
+        self.mask = mask
+        self.pos_host, self.pos = pos_host, pos
+        self.need = [[block_visible(mask, pos_host[r], pos_host[src]) for src in range(P)] for r in range(P)]
+        needed = [s for s in range(P) if any(self.need[r][(r - s) % P] for r in range(P))]
+        self.steps = max(needed) + 1
+        self.docs = None
+        if mask.cu_seqlens is not None:
+            bounds = torch.tensor(mask.cu_seqlens, dtype=torch.int64)
+            if torch.device(device).type == "cuda":
+                # Pinned and asynchronous: the host does not wait for the device.
+                bounds = bounds.pin_memory().to(device, non_blocking=True)
+            self.docs = [doc_ids(bounds, p) for p in pos]
+
+    def kwargs(self, r: int, src: int) -> dict:
+        """The mask arguments of an engine call for rank ``r``'s queries and ``src``'s keys."""
+        docs = (self.docs[r], self.docs[src]) if self.docs is not None else (None, None)
+        return dict(q_pos=self.pos[r], k_pos=self.pos[src], causal=self.mask.causal,
+                    **mask_kwargs(self.mask, *docs))
+
+
+_PLANS: OrderedDict = OrderedDict()
+_PLANS_KEPT = 16  # plans with documents hold every rank's document ids on the device
+
+
+def _plan(layout: Layout, mask: Mask, local_seqlen: int, world_size: int, device, host_positions: bool) -> _Plan:
+    """The cached :class:`_Plan` of a ring call (made once per layout, shape, device and mask)."""
+    pos_host, pos = _positions(layout, local_seqlen, world_size, device)
+    if host_positions:
+        pos = pos_host
+    key = (layout, mask, local_seqlen, world_size, device, host_positions)
+    try:
+        hit = _PLANS.get(key)
+    except TypeError:  # a Layout with unhashable attributes
+        key, hit = None, None
+    if hit is None:
+        with torch.inference_mode(False):
+            hit = _Plan(mask, pos_host, pos, device)
+        if key is not None:
+            _PLANS[key] = hit
+            while len(_PLANS) > _PLANS_KEPT:
+                _PLANS.popitem(last=False)
+    elif key is not None:
+        _PLANS.move_to_end(key)
+    return hit
 
 
 def _fold(dst: torch.Tensor, frags, *, fresh: bool) -> None:
@@ -151,10 +208,10 @@ def _cycles_per_us(device) -> float:
     return _CLOCKS[index]
 
 
-def _kv_buffers(ring, k, v, P):
+def _kv_buffers(ring, k, v, steps):
     """(what step 0 sends, where it receives). Our own K and V are sent as they are: no copy
     into a stacked buffer; every step sends K and V as two messages of one launch."""
-    if P == 1:
+    if steps == 1:
         return (k, v), None
     kv = (k.contiguous(), v.contiguous())
     return kv, ring.empty((2, *k.shape), k.dtype, k.device)
@@ -192,11 +249,12 @@ wrong result on others. With the check on, every rank raises a ``ValueError`` na
 differs. ``RINGFLASH_CHECK_CONSISTENCY=1`` turns it on at import."""
 
 
-def _call_signature(q, k, causal, softmax_scale, layout, be) -> dict:
+def _call_signature(q, k, mask: Mask, softmax_scale, layout, be) -> dict:
     """What every rank of a ring must pass alike."""
     return {
         "batch": q.shape[0], "local_seqlen": q.shape[1], "heads": q.shape[2], "kv_heads": k.shape[2],
-        "head_dim": q.shape[3], "dtype": str(q.dtype), "causal": bool(causal),
+        "head_dim": q.shape[3], "dtype": str(q.dtype), "causal": mask.causal, "window": mask.window,
+        "cu_seqlens": zlib.crc32(repr(mask.cu_seqlens).encode()),
         "softmax_scale": float(softmax_scale), "layout": repr(layout),
         "engine": getattr(be, "name", type(be).__name__), "transport": comm.TRANSPORT,
     }
@@ -217,12 +275,12 @@ def _check_consistency(signature: dict, group, world_size: int, device) -> None:
     detail = "; ".join(f"{f}: " + ", ".join(f"rank {i} {s[f]!r}" for i, s in enumerate(signatures)) for f in differ)
     raise ValueError(
         f"ring attention was called differently on the ranks of its group ({detail}). Every rank "
-        "must pass shards of the same shapes and dtype and the same causal, softmax_scale, layout, "
-        "backend and transport"
+        "must pass shards of the same shapes and dtype and the same causal, window, cu_seqlens, "
+        "softmax_scale, layout, backend and transport"
     )
 
 
-def _preflight(q, k, causal: bool, softmax_scale: float, layout: Layout, group, be) -> None:
+def _preflight(q, k, mask: Mask, softmax_scale: float, layout: Layout, group, be) -> None:
     """The checks that need the resolved engine, before any communication of a ring forward
     (eager and compiled calls alike): the ranks' agreement (:data:`CHECK_CONSISTENCY`), then
     whether the engine can cut every step's mask (the SDPA engines)."""
@@ -230,41 +288,38 @@ def _preflight(q, k, causal: bool, softmax_scale: float, layout: Layout, group, 
     if world_size == 1:
         return
     if CHECK_CONSISTENCY:
-        _check_consistency(_call_signature(q, k, causal, softmax_scale, layout, be), group, world_size, q.device)
+        _check_consistency(_call_signature(q, k, mask, softmax_scale, layout, be), group, world_size, q.device)
     check_layout = getattr(be, "check_layout", None)
     if check_layout is not None:
-        check_layout(layout, q.shape[1], world_size, causal)
+        check_layout(layout, q.shape[1], world_size, mask.causal)
 
 
-def _ring_forward(q, k, v, causal: bool, softmax_scale: float, layout: Layout, group, be):
+def _ring_forward(q, k, v, mask: Mask, softmax_scale: float, layout: Layout, group, be):
     """(out in q's dtype, float32 lse) of ring attention; the input checks are the caller's."""
-    _preflight(q, k, causal, softmax_scale, layout, group, be)
+    _preflight(q, k, mask, softmax_scale, layout, group, be)
     ring = make_ring(group, q.device, recv_bytes=2 * _kv_bytes(k))
     P, r = ring.world_size, ring.rank
-    pos_host, pos = _positions(layout, q.shape[1], P, q.device)
-    if getattr(be, "host_positions", False):
-        pos = pos_host
+    plan = _plan(layout, mask, q.shape[1], P, q.device, getattr(be, "host_positions", False))
+    n = plan.steps  # the forward moves K/V one hop at a time: any transport stops early
 
     out = lse = None
-    kv, kv_next = _kv_buffers(ring, k, v, P)
-    for step in range(P):
+    kv, kv_next = _kv_buffers(ring, k, v, n)
+    for step in range(n):
         src = (r - step) % P
-        pending = ring.exchange([kv[0], kv[1]], [kv_next[0], kv_next[1]]) if step < P - 1 else None
+        pending = ring.exchange([kv[0], kv[1]], [kv_next[0], kv_next[1]]) if step < n - 1 else None
         if pending is not None:
             _head_start(be, q.device, P)
-        if _visible_any(causal, pos_host[r], pos_host[src]):
-            out, lse = be.forward(
-                q, kv[0], kv[1], q_pos=pos[r], k_pos=pos[src], causal=causal,
-                softmax_scale=softmax_scale, out=out, lse=lse,
-            )
+        if plan.need[r][src]:
+            out, lse = be.forward(q, kv[0], kv[1], softmax_scale=softmax_scale, out=out, lse=lse,
+                                  **plan.kwargs(r, src))
         if pending is not None:
             pending.wait()
-            kv, kv_next = _rotate(ring, kv, kv_next, more=step + 1 < P - 1)
-    assert out is not None, "the diagonal block of every layout has visible keys"
+            kv, kv_next = _rotate(ring, kv, kv_next, more=step + 1 < n - 1)
+    assert out is not None, "every query sees itself: the diagonal block is always computed"
     return out.to(q.dtype), lse
 
 
-def _ring_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, layout: Layout, group, be):
+def _ring_backward(dout, q, k, v, out, lse, mask: Mask, softmax_scale: float, layout: Layout, group, be):
     """(dq, dk, dv) in the inputs' dtypes, as separate tensors."""
     with no_autocast(dout.device):
         acc_dtype = torch.float32 if q.dtype != torch.float64 else q.dtype
@@ -272,16 +327,18 @@ def _ring_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, 
         # Receive buffers held at once: two K/V, two float32 dK/dV sums, the last hop.
         ring = make_ring(group, q.device, recv_bytes=3 * _kv_bytes(k) + 2 * (_kv_bytes(k) // k.element_size()) * acc_size)
         P, r = ring.world_size, ring.rank
-        pos_host, pos = _positions(layout, q.shape[1], P, q.device)
-        if getattr(be, "host_positions", False):
-            pos = pos_host
+        plan = _plan(layout, mask, q.shape[1], P, q.device, getattr(be, "host_positions", False))
+        # A ring cut short returns the finished dK/dV sums to their owners in one message of
+        # several hops, which only a transport with any-hop messages sends; others run every step
+        # (skipping the compute of those no rank needs).
+        n = plan.steps if getattr(ring, "any_hop", False) else P
         extras = backward_extras(be, out)
 
         dout = dout.to(q.dtype).contiguous()
         delta = be.backward_delta(out, dout)
         dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
 
-        kv, kv_next = _kv_buffers(ring, k, v, P)
+        kv, kv_next = _kv_buffers(ring, k, v, n)
         blocks = getattr(be, "backward_blocks", None)  # engines that return dK/dV fragments
         hook = getattr(be, "dkdv_hook", False)  # engines that can run a callback before their dQ work
         # The float32 dK/dV sum of the K/V we hold travels with them, one step behind: at step
@@ -290,8 +347,8 @@ def _ring_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, 
         # their part into `local` first (the incoming sum is not there yet when they start);
         # at step 0 there is nothing incoming, and they write into the buffer that is sent.
         # Engines with ``dkdv_store`` overwrite that buffer; others get it zero-filled.
-        carry = [ring.empty((2, *k.shape), acc_dtype, q.device) for _ in range(min(P, 2))]
-        local = torch.empty_like(carry[0]) if blocks is None and P > 1 else None
+        carry = [ring.empty((2, *k.shape), acc_dtype, q.device) for _ in range(min(n, 2))]
+        local = torch.empty_like(carry[0]) if blocks is None and n > 1 else None
         state = {"pending": None, "passed": None, "sent": None}
 
         def spare():
@@ -303,7 +360,9 @@ def _ring_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, 
             """Add this rank's part (``frags``, or ``local``) into the sum travelling with the K/V
             held at ``step`` and send it on: to the next holder, or to the owner after the last
             step. That last hop carries finished sums, so it travels in the input dtype: half the
-            bytes, and the same result, since the sum is rounded to that dtype on arrival anyway."""
+            bytes, and the same result, since the sum is rounded to that dtype on arrival anyway.
+            After a full ring the owner is the next rank; after ``n < P`` steps it is ``n - 1``
+            ranks back, and the message goes there directly."""
             acc = carry[(step - 1) % len(carry)]
             if step == 0:
                 if frags is not None:
@@ -315,15 +374,15 @@ def _ring_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, 
                 else:
                     acc += local
             state["passed"] = step
-            if P == 1:
+            if n == 1:
                 state["sent"] = acc
-            elif step < P - 1:
+            elif step < n - 1:
                 state["pending"] = ring.exchange([acc], [carry[step % 2]])
             else:
                 send = spare()
                 send.copy_(acc)
                 state["sent"] = tuple(ring.empty(t.shape, t.dtype, t.device) for t in (k, v))
-                state["pending"] = ring.exchange([send[0], send[1]], list(state["sent"]))
+                state["pending"] = ring.exchange([send[0], send[1]], list(state["sent"]), hops=P - n + 1)
 
         def last_step_in_chunks(visible, chunks):
             """The last step of a ``blocks`` engine, by chunks of K/V heads: each chunk's
@@ -331,7 +390,7 @@ def _ring_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, 
             chunk runs. Each chunk travels as one contiguous message; the owner copies the
             chunks into place once they have all arrived."""
             G = q.shape[2] // k.shape[2]
-            acc = carry[(P - 2) % len(carry)]
+            acc = carry[(n - 2) % len(carry)]
             send_flat = spare().view(-1)
             recv_flat = ring.empty(send_flat.shape, send_flat.dtype, send_flat.device)
             works, recv, offset = [], [], 0
@@ -351,21 +410,21 @@ def _ring_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, 
                 send = send_flat[offset:offset + size].view(shape)
                 accumulate(send.flatten(0, 1), part.flatten(0, 1), fresh=True)  # to the input dtype
                 recv.append((h0, h1, recv_flat[offset:offset + size].view(shape)))
-                works += ring.exchange([send], [recv[-1][2]]).works
+                works += ring.exchange([send], [recv[-1][2]], hops=P - n + 1).works
                 if n + 1 < len(chunks):
                     _head_start(be, q.device, P)
                 offset += size
             state["sent"] = recv
             state["pending"] = Exchange(works)
 
-        for step in range(P):
+        for step in range(n):
             src = (r - step) % P
-            kv_pending = ring.exchange([kv[0], kv[1]], [kv_next[0], kv_next[1]]) if step < P - 1 else None
+            kv_pending = ring.exchange([kv[0], kv[1]], [kv_next[0], kv_next[1]]) if step < n - 1 else None
             if kv_pending is not None:
                 _head_start(be, q.device, P)  # also covers the dK/dV sums posted at the end of the previous step
-            visible = _visible_any(causal, pos_host[r], pos_host[src])
-            kwargs = dict(q_pos=pos[r], k_pos=pos[src], causal=causal, softmax_scale=softmax_scale, **extras)
-            chunks = _last_chunks(k.shape[2], LAST_HOP_PARTS) if step == P - 1 > 0 else []
+            visible = plan.need[r][src]
+            kwargs = dict(softmax_scale=softmax_scale, **plan.kwargs(r, src), **extras)
+            chunks = _last_chunks(k.shape[2], LAST_HOP_PARTS) if step == n - 1 > 0 else []
             if blocks is not None and len(chunks) > 1:  # every rank cuts alike: the messages must match
                 last_step_in_chunks(visible, chunks)
             elif blocks is not None:
@@ -390,8 +449,8 @@ def _ring_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, 
                     pass_on(step)
             if kv_pending is not None:
                 kv_pending.wait()
-                kv, kv_next = _rotate(ring, kv, kv_next, more=step + 1 < P - 1)
-        if P > 1:
+                kv, kv_next = _rotate(ring, kv, kv_next, more=step + 1 < n - 1)
+        if n > 1:
             # The last hop: the finished dK/dV of our own K/V, from the previous rank.
             state["pending"].wait()
             if isinstance(state["sent"], list):  # by chunks of heads
@@ -412,10 +471,10 @@ class _RingAttention(torch.autograd.Function):
     (a Layout subclass, a backend object)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, layout, group, be):
-        out, lse = _ring_forward(q, k, v, causal, softmax_scale, layout, group, be)
+    def forward(ctx, q, k, v, mask, softmax_scale, layout, group, be):
+        out, lse = _ring_forward(q, k, v, mask, softmax_scale, layout, group, be)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (causal, softmax_scale, layout, group, be)
+        ctx.args = (mask, softmax_scale, layout, group, be)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -454,19 +513,26 @@ def _group_from_op(group_name: str):
     return _resolve_process_group(group_name)
 
 
+def _mask_from_op(causal: bool, window_left: int, window_right: int, cu_seqlens, seqlen: int) -> Mask:
+    """The op's mask arguments (a window of (-1, -1) is none; ``cu_seqlens`` a host tensor or None),
+    checked as eager calls check them: on every rank, before any communication."""
+    return make_mask(causal, (window_left, window_right), cu_seqlens, seqlen)
+
+
 @torch.library.custom_op("ringflash::ring_attention", mutates_args=())
 def _ring_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
-    layout: str, stripe: int, group_name: str, backend: str,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window_left: int, window_right: int,
+    cu_seqlens: torch.Tensor | None, softmax_scale: float, layout: str, stripe: int, group_name: str, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     be = get_backend(backend, q.device)
+    group = _group_from_op(group_name)
+    mask = _mask_from_op(causal, window_left, window_right, cu_seqlens, q.shape[1] * world_and_rank(group)[0])
     with no_autocast(q.device):
-        return _ring_forward(q, k, v, causal, softmax_scale, _layout_from_op(layout, stripe),
-                             _group_from_op(group_name), be)
+        return _ring_forward(q, k, v, mask, softmax_scale, _layout_from_op(layout, stripe), group, be)
 
 
 @_ring_op.register_fake
-def _(q, k, v, causal, softmax_scale, layout, stripe, group_name, backend):
+def _(q, k, v, causal, window_left, window_right, cu_seqlens, softmax_scale, layout, stripe, group_name, backend):
     B, S, H, _ = q.shape
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # the engines' LSE
     return q.new_empty(q.shape), q.new_empty((B, H, S), dtype=lse_dtype)
@@ -475,16 +541,18 @@ def _(q, k, v, causal, softmax_scale, layout, stripe, group_name, backend):
 @torch.library.custom_op("ringflash::ring_attention_backward", mutates_args=())
 def _ring_bwd_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, causal: bool, softmax_scale: float, layout: str, stripe: int, group_name: str,
-    backend: str,
+    lse: torch.Tensor, causal: bool, window_left: int, window_right: int, cu_seqlens: torch.Tensor | None,
+    softmax_scale: float, layout: str, stripe: int, group_name: str, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     be = get_backend(backend, q.device)
-    return _ring_backward(dout, q, k, v, out, lse, causal, softmax_scale, _layout_from_op(layout, stripe),
-                          _group_from_op(group_name), be)
+    group = _group_from_op(group_name)
+    mask = _mask_from_op(causal, window_left, window_right, cu_seqlens, q.shape[1] * world_and_rank(group)[0])
+    return _ring_backward(dout, q, k, v, out, lse, mask, softmax_scale, _layout_from_op(layout, stripe), group, be)
 
 
 @_ring_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, causal, softmax_scale, layout, stripe, group_name, backend):
+def _(dout, q, k, v, out, lse, causal, window_left, window_right, cu_seqlens, softmax_scale, layout, stripe,
+      group_name, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -497,7 +565,7 @@ def _setup_context(ctx, inputs, output):
 def _op_backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = _ring_bwd_op(dout.contiguous(), q, k, v, out, lse, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 _ring_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -509,6 +577,8 @@ def ring_attention(
     v: torch.Tensor,
     *,
     causal: bool = False,
+    window: tuple[int, int] | None = None,
+    cu_seqlens=None,
     layout: str | Layout = "striped",
     softmax_scale: float | None = None,
     group=None,
@@ -522,11 +592,28 @@ def ring_attention(
     The result on each rank is that rank's shard of ordinary softmax attention over the
     whole sequence.
 
+    Every rank of the group must make the same calls, in the same order, with shards of the
+    same shapes and dtype cut by the layout the call names, and the same ``causal``, ``window``,
+    ``cu_seqlens``, ``softmax_scale``, ``backend`` and transport. A call that differs between
+    ranks is not detected by default and may hang or return wrong results;
+    ``RINGFLASH_CHECK_CONSISTENCY=1`` compares the ranks' calls first (one small all-gather) and
+    raises ``ValueError`` on every rank naming what differs.
+
     Args:
         q: (batch_size, local_seqlen, nheads, headdim)
         k, v: (batch_size, local_seqlen, nheads_kv, headdim); ``nheads % nheads_kv == 0``.
             Only the K/V heads travel around the ring.
-        causal: global causal mask (token ``i`` sees token ``j`` iff ``i >= j``).
+        causal: global causal mask (token at position ``i`` sees token ``j`` iff ``i >= j``).
+        window: ``(left, right)`` sliding window on global positions: the query at ``p`` sees
+            keys in ``[p - left, p + right]``, -1 leaving a side unbounded (flash-attn's
+            ``window_size``); combines with ``causal`` and documents. Steps with no key in reach
+            are skipped, and the ring stops after the last step any rank needs (a causal window
+            no longer than a contiguous shard moves one hop, not P - 1).
+        cu_seqlens: document boundaries of the whole packed sequence, ``[0, end_0, ..., S]``
+            with ``S = local_seqlen * P``, strictly increasing, the same on every rank (a list
+            or a CPU tensor costs nothing; a CUDA tensor costs a device synchronisation per
+            call; under ``torch.compile`` pass a CPU tensor). A query sees only keys of its own
+            document. Any document lengths; the same boundaries apply to every row of the batch.
         layout: ``"contiguous"``, ``"striped"``, ``"zigzag"`` or a :class:`~ringflash.layout.Layout`.
         softmax_scale: defaults to ``1 / sqrt(headdim)``.
         group: a ProcessGroup or 1-D DeviceMesh (default: the world); without an initialised
@@ -541,6 +628,21 @@ def ring_attention(
 
     Returns:
         out: (batch_size, local_seqlen, nheads, headdim) in q's dtype; and lse if ``return_lse``.
+        A query that sees no key (possible only with a window that excludes the query's own
+        position) gets O = 0 and LSE = -inf.
+
+    Raises:
+        TypeError: q, k, v are not floating-point tensors, or of a dtype the engine does not take.
+        ValueError: raised on every rank before any communication, naming what to change, for:
+            shapes that do not fit together (batch, heads, head_dim, q and k/v local lengths);
+            a local length the layout cannot give over this group; tensors on a device the
+            group's backend cannot move or the engine cannot run on; a rank outside ``group``;
+            a non-positive ``softmax_scale``; a ``window`` other than a pair of ints >= -1;
+            ``cu_seqlens`` not starting at 0, not ending at the global length, not strictly
+            increasing, of a float dtype or not 1-D; windows or documents with an engine that
+            cannot serve them (only ``backend="triton"`` and ``"reference"`` do); a transport
+            that cannot serve the group; with ``RINGFLASH_CHECK_CONSISTENCY``, ranks whose
+            calls differ.
     """
     # Every check below is local and raises on every rank before any communication.
     check_qkv(q, k, v)
@@ -558,25 +660,44 @@ def ring_attention(
     softmax_scale = resolve_scale(softmax_scale, q.shape[-1])
     spec = _op_layout(layout)
     if torch.compiler.is_compiling() and spec is not None and (backend is None or isinstance(backend, str)):
-        # Inside torch.compile: the custom op, one node of the graph.
+        # Inside torch.compile: the custom op, one node of the graph. The boundaries' values are
+        # checked inside the op (reading them here would specialise the graph on them).
         name = backend_name(backend, q.device)
         check_backend_inputs(name, q, k, v)
-        out, lse = _ring_op(q, k, v, bool(causal), float(softmax_scale), *spec, _group_name(group), name)
+        win = check_window(window) or (-1, -1)
+        cu = _op_cu_seqlens(cu_seqlens)
+        check_mask_backend(name, Mask(bool(causal), check_window(window), () if cu is not None else None))
+        out, lse = _ring_op(q, k, v, bool(causal), *win, cu, float(softmax_scale), *spec, _group_name(group), name)
         lse = lse.detach()  # as from the autograd Function: no gradient flows through the LSE
     else:
+        mask = make_mask(causal, window, cu_seqlens, q.shape[1] * world_size)
+        check_mask_backend(backend, mask)
         be = get_backend(backend, q.device)
+        check_mask_backend(be, mask)
         if getattr(be, "check", None) is not None:
             be.check(q, k, v)
-        out, lse = _apply_function(q, k, v, bool(causal), float(softmax_scale), layout, group, be)
+        out, lse = _apply_function(q, k, v, mask, float(softmax_scale), layout, group, be)
     return (out, lse) if return_lse else out
+
+
+def _op_cu_seqlens(cu_seqlens):
+    """``cu_seqlens`` as the custom op takes it: None, or a 1-D integer tensor on the host."""
+    if cu_seqlens is None:
+        return None
+    if not isinstance(cu_seqlens, torch.Tensor):
+        cu = check_cu_seqlens(cu_seqlens)
+        return None if cu is None else torch.tensor(cu, dtype=torch.int64)
+    elif cu_seqlens.is_floating_point() or cu_seqlens.dim() != 1:
+        check_cu_seqlens(cu_seqlens)  # raises the eager call's ValueError
+    return cu_seqlens.to("cpu", torch.int64)
 
 
 # The autograd Function path talks to other ranks from Python: torch.compile runs it eagerly,
 # across a graph break.
 @torch.compiler.disable
-def _apply_function(q, k, v, causal, softmax_scale, layout, group, be):
+def _apply_function(q, k, v, mask, softmax_scale, layout, group, be):
     with no_autocast(q.device):
-        return _RingAttention.apply(q, k, v, causal, softmax_scale, layout, group, be)
+        return _RingAttention.apply(q, k, v, mask, softmax_scale, layout, group, be)
 
 
 def _group_name(group) -> str:

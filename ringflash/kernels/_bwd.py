@@ -137,7 +137,7 @@ def _dkdv_program(
     # Query tiles: [lo, mid) boundary, [mid, even_end) fully visible, [even_end, Sq) boundary
     # (the last, partial tile). Tiles before lo see none of these keys. The masked loops run
     # first: with a loop after the unmasked one (even one that runs no iteration), Triton 3.6
-    # compiled the unmasked loop 10-14% slower on H100 (benchmarks/results/kernels_h100_tma/).
+    # compiled the unmasked loop 10-14% slower on H100 (docs/performance.md, "Tried and not adopted": TMA loads).
     num_m_even = Sq // BLOCK_M
     num_m = tl.cdiv(Sq, BLOCK_M)
     kd = cols  # unused without DOCS
@@ -339,7 +339,7 @@ def _dq_program(
 
 # One kernel, launched once per program kind (DO_DKDV / DO_DQ), or once with both kinds in one
 # grid so dQ programs could fill the SMs that the last dK/dV programs leave idle. The fused grid
-# measured slower on H200 (benchmarks/NOTES_kernels.md); attention.BWD_FUSED selects it.
+# measured slower on H200 (docs/performance.md); attention.BWD_FUSED selects it.
 
 @triton.jit
 def _attn_bwd(

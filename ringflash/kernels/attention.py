@@ -54,7 +54,7 @@ class KernelConfig(NamedTuple):
 # Keyed by the padded head dim (next power of two, at least 16), or by (padded head dim,
 # causal) where the masked and unmasked cases want different tiles. Backward: dK/dV programs own
 # block_n keys and step over block_m queries; dQ programs own block_m queries and step over
-# block_n keys. Measured on H100/H200 (benchmarks/NOTES_kernels.md).
+# block_n keys. Measured on H100/H200 (docs/design.md, docs/performance.md).
 FWD_CONFIGS: dict = {
     16: KernelConfig(128, 64, 4, 3),
     32: KernelConfig(128, 64, 4, 3),
@@ -70,12 +70,12 @@ BWD_DKDV_CONFIGS: dict = {
     32: KernelConfig(64, 128, 4, 3),
     64: KernelConfig(64, 64, 4, 3),
     128: KernelConfig(64, 128, 8, 3),
-    256: KernelConfig(64, 64, 8, 2),  # 2.2x the 32 x 32 tiles at S = 16k (kernels_h200_d256_sweep.jsonl)
+    256: KernelConfig(64, 64, 8, 2),  # 2.2x the 32 x 32 tiles at S = 16k (benchmarks/results/kernels_h200_headdims/)
 }
 # dK/dV programs with grouped queries (GQA) walk the query tiles once per query head of the
 # group, in a loop around the tile loops. With 4 warps and 64 x 128 tiles that nest ran 4x
 # slower on H200 at D = 64 (87 against 355 TFLOP/s, S = 32k, 16 query heads over 4); 64 x 64
-# tiles run the nest at full speed. Measured: benchmarks/results/kernels_h200_gqa_d64{_sweep,}.jsonl.
+# tiles run the nest at full speed. Measured: benchmarks/results/kernels_h200_gqa_d64/.
 # At D = 16 and 32, 128 query rows per tile over 64 keys ran grouped queries 1.17-1.21x
 # faster than 64 x 64 on H100 (S = 16k, 32 query heads over 8; tiles_small_d.jsonl above).
 BWD_DKDV_GROUPED_CONFIGS: dict = {
@@ -96,7 +96,7 @@ _INTERPRET_DKDV = KernelConfig(16, 32, 1, 1)
 _INTERPRET_DQ = KernelConfig(32, 16, 1, 1)
 _DELTA_BLOCK_M = 64
 # Launch the dK/dV and dQ programs as one grid (when their warps/stages agree) instead of two.
-# Measured 6-7% slower on H200 at S=16k (benchmarks/NOTES_kernels.md), so off by default.
+# Measured 6-7% slower on H200 at S=16k (docs/performance.md), so off by default.
 BWD_FUSED = False
 
 
