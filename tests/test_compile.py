@@ -29,10 +29,24 @@ def test_op_registration(layout, stripe, causal, dtype):
     q = torch.randn(2, 16, 4, 32, generator=g, dtype=dtype, requires_grad=True)
     k = torch.randn(2, 16, 2, 32, generator=g, dtype=dtype, requires_grad=True)
     v = torch.randn(2, 16, 2, 32, generator=g, dtype=dtype, requires_grad=True)
-    args = (causal, 0.25, layout, stripe, "", "reference")
+    args = (causal, -1, -1, None, 0.25, layout, stripe, "", "reference")
     torch.library.opcheck(torch.ops.ringflash.ring_attention.default, (q, k, v, *args))
     out, lse = torch.ops.ringflash.ring_attention(q, k, v, *args)
     dout = torch.randn(out.shape, generator=g, dtype=dtype)
+    detached = [t.detach() for t in (q, k, v, out, lse)]
+    torch.library.opcheck(torch.ops.ringflash.ring_attention_backward.default, (dout, *detached, *args))
+
+
+def test_op_registration_masks():
+    """The op with a window and document boundaries (a host tensor) passes the same checks."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 16, h, 32, generator=g, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
+    args = (True, 5, -1, torch.tensor([0, 3, 4, 16]), 0.25, "striped", 1, "", "reference")
+    torch.library.opcheck(torch.ops.ringflash.ring_attention.default, (q, k, v, *args))
+    out, lse = torch.ops.ringflash.ring_attention(q, k, v, *args)
+    ref, _ = reference.attention(q, k, v, causal=True, softmax_scale=0.25, window=(5, -1), cu_seqlens=[0, 3, 4, 16])
+    assert torch.allclose(out, ref, atol=1e-12)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
     detached = [t.detach() for t in (q, k, v, out, lse)]
     torch.library.opcheck(torch.ops.ringflash.ring_attention_backward.default, (dout, *detached, *args))
 
