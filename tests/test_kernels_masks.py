@@ -1,0 +1,347 @@
+"""The Triton kernels with sliding windows and packed documents, under Triton's CPU interpreter.
+
+Every case runs the forward (out, LSE) and the backward (dq, dk, dv) of one block pair, as the
+ring and ``flash_attention`` call them, against ``reference.forward`` / ``reference.backward`` in
+float64 with the same rule; that oracle is itself checked, per case, against softmax attention
+under a mask built here from the rule as the feature states it. As in tests/test_kernels.py
+(which says how the interpreter is set up) the dtypes are float32 and float16: the interpreter
+computes ``tl.dot`` on bfloat16 wrongly. float16 must come within 2x of PyTorch attention run in
+float16 with the same mask.
+
+Lengths are not multiples of the interpreter's tiles (32 x 16 and 16 x 32), so every case
+crosses fully visible, boundary and skipped tiles and ragged ends; windows narrow enough to hide
+whole tiles, 1-token documents, blocks in which some rows (or all) see no key.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import pytest
+import torch
+
+os.environ["TRITON_INTERPRET"] = "1"  # process-wide: Triton also reads it at launch time
+from ringflash import flash_attention, kernels, reference  # noqa: E402
+from ringflash import mask as mask_mod  # noqa: E402
+
+if not kernels.INTERPRETED:
+    pytest.skip(
+        "ringflash.kernels was imported before TRITON_INTERPRET=1 was set (by another test "
+        "module); set TRITON_INTERPRET=1 in the environment to run the interpreter tests",
+        allow_module_level=True,
+    )
+
+# log(0) of a row that stays empty is the intended -inf; numpy warns about it.
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+
+DTYPES = [torch.float32, torch.float16]
+FP32_TOL = 1e-5  # relative error of float32 kernels vs float64
+LOWP_FACTOR = 2.0  # float16 kernels vs float64: within this factor of PyTorch in float16
+ZERO_ABS = 1e-5  # where float64 gives 0 (dQ, dK under a (0, 0) window): an absolute bound
+NAMES = ("out", "lse", "dq", "dk", "dv")
+
+
+# -- the rule, the oracles ----------------------------------------------------------------
+
+
+def rule(q_pos, k_pos, causal, window, cu):
+    """(Sq, Sk) visibility as the feature states it: causal ``k <= q``; window ``q - left <= k
+    <= q + right`` (-1: unbounded); documents ``cu[d] <= p < cu[d + 1]`` alike for q and k."""
+    qp, kp = q_pos[:, None].long(), k_pos[None, :].long()
+    vis = torch.ones(len(q_pos), len(k_pos), dtype=torch.bool)
+    if causal:
+        vis &= kp <= qp
+    if window is not None:
+        left, right = window
+        if left != -1:
+            vis &= kp >= qp - left
+        if right != -1:
+            vis &= kp <= qp + right
+    if cu is not None:
+        ends = torch.tensor(cu[1:], dtype=torch.long)
+        doc = lambda p: (p[..., None] >= ends).sum(-1)  # noqa: E731 - documents ending at or before p
+        vis &= doc(qp) == doc(kp)
+    return vis
+
+
+def softmax_attention(q, k, v, dout, vis):
+    """Softmax attention under ``vis`` in q's dtype (scores, softmax, products), by autograd.
+    Rows that see no key: O = 0, LSE = -inf, no gradient."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    G = q.shape[2] // k.shape[2]
+    kr, vr = k.repeat_interleave(G, dim=2), v.repeat_interleave(G, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, kr) / math.sqrt(q.shape[-1])
+    has = vis.any(-1)[:, None]
+    s = s.masked_fill(~vis, -math.inf)
+    lse = torch.logsumexp(s.float(), dim=-1)
+    p = torch.softmax(s.masked_fill(~has, 0.0), dim=-1) * has
+    out = torch.einsum("bhqk,bkhd->bqhd", p, vr)
+    out.backward(dout.to(q.dtype))
+    return out.detach(), lse.detach(), q.grad, k.grad, v.grad
+
+
+def reference64(q, k, v, dout, **mask):
+    """reference.forward / backward in float64 (the ring's own per-block oracle)."""
+    q, k, v, dout = (t.double() for t in (q, k, v, dout))
+    out, lse = reference.forward(q, k, v, **mask)
+    delta = reference.backward_delta(out, dout)
+    dq, dk, dv = reference.backward(dout, q, k, v, lse, delta, **mask)
+    return out, lse, dq, dk, dv
+
+
+def rel_err(x, ref):
+    x, ref = x.double(), ref.double()
+    return ((x - ref).norm() / ref.norm()).item()
+
+
+def assert_close(got, ref, lowp, name, dtype):
+    assert not torch.isnan(got).any(), f"{name} has NaN"
+    if ref.norm() < 1e-9:  # zero up to float64 rounding: nothing to be relative to
+        err = (got.double() - ref).abs().max().item()
+        assert err < ZERO_ABS, f"{name}: |x| up to {err:.2e} where float64 gives 0"
+        return
+    err = rel_err(got, ref)
+    if dtype == torch.float32:
+        assert err < FP32_TOL, f"{name}: relative error {err:.2e} >= {FP32_TOL:.0e}"
+    else:
+        base = rel_err(lowp, ref)
+        assert err <= LOWP_FACTOR * base + 1e-6, (
+            f"{name}: relative error {err:.2e} > {LOWP_FACTOR} x PyTorch float16's {base:.2e}"
+        )
+
+
+def assert_lse(got, ref):
+    assert not torch.isnan(got).any(), "LSE has NaN"
+    empty = torch.isneginf(ref)
+    assert torch.equal(torch.isneginf(got), empty), "LSE = -inf exactly on rows that see no key"
+    if (~empty).any():
+        err = (got[~empty].double() - ref[~empty]).abs().max().item()
+        assert err < 1e-5, f"LSE off by {err:.2e}"
+
+
+def make_qkv(B, Sq, Sk, H, Hkv, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Sq, H, D, generator=g).to(dtype)
+    k = torch.randn(B, Sk, Hkv, D, generator=g).to(dtype)
+    v = torch.randn(B, Sk, Hkv, D, generator=g).to(dtype)
+    dout = torch.randn(B, Sq, H, D, generator=g).to(dtype)
+    return q, k, v, dout
+
+
+def striped(L, world, rank):
+    """Striped layout (stripe 1): rank r holds global tokens r, r+P, r+2P, ..."""
+    return rank + world * torch.arange(L)
+
+
+def zigzag(L, world, rank):
+    """Zigzag layout: 2P chunks of L/2 tokens; rank r holds chunks r and 2P-1-r."""
+    C = L // 2
+    return torch.cat([rank * C + torch.arange(C), (2 * world - 1 - rank) * C + torch.arange(C)])
+
+
+def random_docs(seqlen, seed):
+    """Random document boundaries over [0, seqlen): lengths from 1 up, at least one 1-token document."""
+    g = random.Random(seed)
+    cuts = set(g.sample(range(1, seqlen), k=max(1, seqlen // 9)))
+    c = g.randrange(1, seqlen - 1)
+    cuts |= {c, c + 1}
+    return [0, *sorted(cuts), seqlen]
+
+
+def run_kernels(q, k, v, dout, *, q_pos, k_pos, causal, window, q_doc, k_doc):
+    kw = dict(q_pos=q_pos, k_pos=k_pos, causal=causal, window=window, q_doc=q_doc, k_doc=k_doc)
+    out, lse = kernels.forward(q, k, v, **kw)
+    delta = kernels.backward_delta(out.to(q.dtype), dout)
+    dq, dk, dv = kernels.backward(dout, q, k, v, lse, delta, **kw)
+    return out, lse, dq, dk, dv
+
+
+def check_case(q, k, v, dout, *, causal, window=None, cu=None, q_pos=None, k_pos=None):
+    """Kernels vs float64 for one block pair; ``q_pos``/``k_pos`` None: the kernels' default
+    (bottom-right) alignment. Returns (kernel results, float64 results, the mask)."""
+    dtype = q.dtype
+    Sq, Sk = q.shape[1], k.shape[1]
+    given = q_pos is not None
+    if not given:
+        q_pos, k_pos = reference.default_positions(Sq, Sk)
+    q_doc = k_doc = None
+    if cu is not None:
+        q_doc, k_doc = mask_mod.doc_ids(cu, q_pos), mask_mod.doc_ids(cu, k_pos)
+    got = run_kernels(q, k, v, dout, q_pos=q_pos if given else None, k_pos=k_pos if given else None,
+                      causal=causal, window=window, q_doc=q_doc, k_doc=k_doc)
+    ref = reference64(q, k, v, dout, q_pos=q_pos, k_pos=k_pos, causal=causal, window=window,
+                      q_doc=q_doc, k_doc=k_doc)
+    vis = rule(q_pos, k_pos, causal, window, cu)
+    # The oracle is the rule of the feature.
+    naive = softmax_attention(*(t.double() for t in (q, k, v, dout)), vis)
+    for r, n, name in zip(ref, naive, NAMES):
+        if name == "lse":
+            assert torch.equal(torch.isneginf(r), torch.isneginf(n))
+        else:
+            assert (r - n).abs().max() < 1e-10, f"reference.{name} disagrees with the rule"
+    lowp = softmax_attention(q, k, v, dout, vis) if dtype != torch.float32 else [None] * 5
+    for t, name in zip(got, NAMES):
+        assert t.dtype == torch.float32, f"{name} must be float32, got {t.dtype}"
+    assert_lse(got[1], ref[1])
+    for i in (0, 2, 3, 4):
+        assert_close(got[i], ref[i], lowp[i], NAMES[i], dtype)
+    # Rows that see no key: O = 0 and no gradient, exactly.
+    empty = ~vis.any(-1)
+    assert torch.all(got[0][:, empty] == 0) and torch.all(got[2][:, empty] == 0)
+    return got, ref, vis
+
+
+# -- one block pair, every rule -------------------------------------------------------------
+
+# (B, Sq, Sk, H, Hkv, D, causal, window, documents, positions). Documents: None, "random" (over
+# every position the block holds, 1-token documents included) or a list. Positions: "default"
+# (bottom-right, not passed to the kernels), or (q_pos, k_pos) of a ring step.
+P4 = 4
+CASES = [
+    pytest.param(1, 77, 77, 2, 1, 16, False, (20, 0), None, "default", id="left-window"),
+    pytest.param(1, 77, 77, 2, 2, 16, False, (-1, 9), None, "default", id="right-window"),
+    pytest.param(1, 77, 77, 4, 2, 16, True, (9, 13), None, "default", id="causal-two-sided"),
+    pytest.param(1, 61, 61, 4, 2, 32, False, (7, 19), None, "default", id="two-sided-gqa-d32"),
+    pytest.param(1, 50, 50, 2, 1, 16, False, (0, 0), None, "default", id="window-0-0"),
+    pytest.param(1, 50, 50, 2, 1, 16, True, (0, 0), None, "default", id="causal-window-0-0"),
+    pytest.param(1, 130, 130, 2, 1, 16, False, (3, 2), None, "default", id="window-hides-tiles"),
+    pytest.param(1, 100, 100, 2, 1, 16, True, (40, -1), None, "default", id="causal-wide-window"),
+    pytest.param(1, 77, 77, 2, 1, 16, False, None, "random", "default", id="docs"),
+    pytest.param(2, 77, 77, 2, 1, 16, True, None, "random", "default", id="causal-docs-batch2"),
+    pytest.param(1, 100, 100, 2, 1, 16, True, None, [0, 1, 2, 50, 51, 100], "default", id="causal-long-docs"),
+    pytest.param(1, 100, 100, 2, 1, 16, False, None, [0, 48, 49, 100], "default", id="long-docs"),
+    pytest.param(1, 77, 77, 4, 1, 16, False, (6, 4), "random", "default", id="docs-window-mqa"),
+    pytest.param(1, 90, 90, 2, 2, 16, True, (25, 0), "random", "default", id="causal-docs-window"),
+    pytest.param(1, 40, 77, 4, 2, 16, True, (10, 3), None, "default", id="Sq<Sk-causal-window"),
+    pytest.param(1, 40, 77, 2, 1, 16, False, (12, 5), "random", "default", id="Sq<Sk-docs-window"),
+    # Sq > Sk: the first queries sit before key 0 and see nothing through the window.
+    pytest.param(1, 77, 50, 2, 1, 16, False, (-1, 4), None, "default", id="Sq>Sk-empty-rows"),
+    # Ring steps: q and k of different ranks of a layout.
+    pytest.param(1, 45, 45, 4, 2, 16, True, (30, 0), "random", (striped(45, P4, 3), striped(45, P4, 1)),
+                 id="striped-src<r-causal"),
+    pytest.param(1, 45, 45, 4, 2, 16, False, (13, 9), "random", (striped(45, P4, 1), striped(45, P4, 3)),
+                 id="striped-src>r-full"),
+    pytest.param(1, 48, 48, 2, 1, 16, True, (20, 0), "random", (zigzag(48, 2, 1), zigzag(48, 2, 0)),
+                 id="zigzag-r1-src0"),
+    pytest.param(1, 48, 48, 2, 1, 16, False, (-1, 30), "random", (zigzag(48, 2, 0), zigzag(48, 2, 1)),
+                 id="zigzag-r0-src1"),
+    pytest.param(1, 40, 45, 2, 1, 16, True, (10, 0), None, (torch.arange(40) + 45, torch.arange(45)),
+                 id="contiguous-previous-rank"),
+    pytest.param(1, 40, 45, 2, 1, 16, False, (50, 3), [0, 44, 45, 85],
+                 (torch.arange(40, dtype=torch.int32) + 45, torch.arange(45, dtype=torch.int32)),
+                 id="int32-positions"),
+    # Some rows see no key of this block.
+    pytest.param(1, 45, 45, 2, 1, 16, False, (-1, 5), None, (torch.arange(45), torch.arange(45) + 40),
+                 id="some-rows-empty-window"),
+    pytest.param(1, 45, 40, 2, 1, 16, False, None, [0, 20, 35, 40, 90], (torch.arange(45), torch.arange(40) + 30),
+                 id="some-rows-empty-docs"),
+    # No row sees any key of this block.
+    pytest.param(1, 48, 48, 2, 1, 16, False, (0, 0), None, (striped(48, P4, 0), striped(48, P4, 2)),
+                 id="all-empty-window"),
+    pytest.param(1, 40, 40, 2, 1, 16, True, None, [0, 40, 80], (torch.arange(40) + 40, torch.arange(40)),
+                 id="all-empty-docs"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,Sq,Sk,H,Hkv,D,causal,window,docs,pos", CASES)
+def test_masked_block(B, Sq, Sk, H, Hkv, D, causal, window, docs, pos, dtype):
+    q, k, v, dout = make_qkv(B, Sq, Sk, H, Hkv, D, dtype, seed=Sq * 1000 + Sk)
+    q_pos, k_pos = (None, None) if pos == "default" else pos
+    if docs == "random":
+        top = int(max(k_pos.max(), q_pos.max())) + 1 if q_pos is not None else Sk
+        docs = random_docs(top, seed=Sq + Sk)
+    got, ref, vis = check_case(q, k, v, dout, causal=causal, window=window, cu=docs, q_pos=q_pos, k_pos=k_pos)
+    if not vis.any():  # nothing visible at all: O = 0, LSE = -inf, no gradient anywhere
+        assert torch.all(got[0] == 0) and torch.all(torch.isneginf(got[1]))
+        assert all(torch.all(g == 0) for g in got[2:])
+
+
+@pytest.mark.quick
+def test_masked_block_quick():
+    """A fast sample: documents and a two-sided window over ragged tiles, float32."""
+    q, k, v, dout = make_qkv(1, 37, 37, 2, 1, 16, torch.float32, seed=5)
+    check_case(q, k, v, dout, causal=True, window=(9, 3), cu=[0, 1, 13, 14, 37])
+
+
+# -- fold into a running result, accumulate over key blocks ---------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_forward_fold_with_masks(dtype, causal):
+    """Two calls folding into (out, lse) equal one call over all keys, with a window and
+    documents; rows still empty after the first block keep O = 0, LSE = -inf until one sees a key."""
+    Sq, Sk, split = 50, 70, 37
+    q, k, v, dout = make_qkv(1, Sq, Sk, 2, 1, 16, dtype, seed=3)
+    q_pos, k_pos = torch.arange(Sq) + 10, torch.arange(Sk)
+    cu = [0, 5, 6, 30, 31, 55, 70]
+    window = (12, 2)
+    q_doc, k_doc = mask_mod.doc_ids(cu, q_pos), mask_mod.doc_ids(cu, k_pos)
+    out = lse = None
+    for sl in (slice(split, Sk), slice(0, split)):  # later keys first: some rows start empty
+        out, lse = kernels.forward(q, k[:, sl], v[:, sl], q_pos=q_pos, k_pos=k_pos[sl], causal=causal,
+                                   window=window, q_doc=q_doc, k_doc=k_doc[sl], out=out, lse=lse)
+        if sl.start == split:
+            first_empty = ~rule(q_pos, k_pos[sl], causal, window, cu).any(-1)
+            assert first_empty.any() and torch.all(out[:, first_empty] == 0)
+            assert torch.all(torch.isneginf(lse[:, :, first_empty]))
+    ref = reference64(q, k, v, dout, q_pos=q_pos, k_pos=k_pos, causal=causal, window=window, q_doc=q_doc, k_doc=k_doc)
+    one = kernels.forward(q, k, v, q_pos=q_pos, k_pos=k_pos, causal=causal, window=window, q_doc=q_doc, k_doc=k_doc)
+    assert not torch.isnan(out).any()
+    assert_lse(lse, ref[1])
+    if dtype == torch.float32:
+        assert rel_err(out, ref[0]) < FP32_TOL
+    else:
+        assert rel_err(out, ref[0]) <= 1.1 * rel_err(one[0], ref[0]) + 1e-6
+
+
+def test_backward_accumulates_over_key_blocks_with_masks():
+    """Per-block backward from the global LSE/delta adds up to the gradient over all keys, with
+    a window and documents, on striped positions, into accumulators that already hold values."""
+    Sq, Sk, split = 45, 60, 29
+    q, k, v, dout = make_qkv(1, Sq, Sk, 4, 2, 16, torch.float32, seed=5)
+    q_pos, k_pos = striped(Sq, 2, 1), striped(Sk, 2, 0)
+    cu = random_docs(120, seed=9)
+    kw = dict(causal=True, window=(17, 0), q_doc=mask_mod.doc_ids(cu, q_pos))
+    out, lse = kernels.forward(q, k, v, q_pos=q_pos, k_pos=k_pos, k_doc=mask_mod.doc_ids(cu, k_pos), **kw)
+    delta = kernels.backward_delta(out, dout)
+    g = torch.Generator().manual_seed(6)
+    base = [torch.randn(t.shape, generator=g) for t in (q, k, v)]
+    dq, dk, dv = (t.clone() for t in base)
+    for sl in (slice(0, split), slice(split, Sk)):
+        kernels.backward(dout, q, k[:, sl], v[:, sl], lse, delta, q_pos=q_pos, k_pos=k_pos[sl],
+                         k_doc=mask_mod.doc_ids(cu, k_pos[sl]), dq=dq, dk=dk[:, sl], dv=dv[:, sl], **kw)
+    ref = reference64(q, k, v, dout, q_pos=q_pos, k_pos=k_pos, k_doc=mask_mod.doc_ids(cu, k_pos), **kw)
+    for got, b, r, name in zip((dq, dk, dv), base, ref[2:], ("dq", "dk", "dv")):
+        assert_close(got - b, r, None, name, torch.float32)
+
+
+# -- flash_attention with the Triton backend -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "Sq,Sk,causal,window,cu",
+    [
+        pytest.param(45, 45, True, (7, 0), [0, 1, 20, 21, 45], id="causal-window-docs"),
+        pytest.param(45, 45, False, None, torch.tensor([0, 9, 10, 45], dtype=torch.int32), id="docs-tensor"),
+        pytest.param(30, 61, False, (5, 8), None, id="Sq<Sk-window"),
+    ],
+)
+def test_flash_attention_triton_with_masks(Sq, Sk, causal, window, cu):
+    g = torch.Generator().manual_seed(Sq + Sk)
+    q, dout = (torch.randn(1, Sq, 4, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(1, Sk, 2, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
+    out, lse = flash_attention(q32, k32, v32, causal=causal, window=window, cu_seqlens=cu,
+                               backend="triton", return_lse=True)
+    out.backward(dout.float())
+    q64, k64, v64 = (t.clone().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = reference.attention(q64, k64, v64, causal=causal, window=window, cu_seqlens=cu)
+    ref.backward(dout)
+    for name, a, b in (("out", out, ref), ("dq", q32.grad, q64.grad), ("dk", k32.grad, k64.grad),
+                       ("dv", v32.grad, v64.grad)):
+        assert_close(a.detach(), b.detach(), None, name, torch.float32)
+    assert_lse(lse, ref_lse)
