@@ -394,14 +394,14 @@ def _ring_backward(dout, q, k, v, out, lse, mask: Mask, softmax_scale: float, la
             send_flat = spare().view(-1)
             recv_flat = ring.empty(send_flat.shape, send_flat.dtype, send_flat.device)
             works, recv, offset = [], [], 0
-            for n, (h0, h1) in enumerate(chunks):
+            for chunk, (h0, h1) in enumerate(chunks):
                 qh = slice(h0 * G, h1 * G)
                 frags = [] if not visible else blocks(
                     dout[:, :, qh], q[:, :, qh], kv[0][:, :, h0:h1], kv[1][:, :, h0:h1], lse[:, qh],
                     delta[:, qh] if delta is not None else None, dq=dq[:, :, qh],
                     **dict(kwargs, **{name: t[:, :, qh] for name, t in extras.items()}),
                 )
-                if n == 0:
+                if chunk == 0:
                     state["pending"].wait()  # acc has arrived
                 part = acc[:, :, :, h0:h1]
                 _fold(part, frags, fresh=False)
@@ -411,7 +411,7 @@ def _ring_backward(dout, q, k, v, out, lse, mask: Mask, softmax_scale: float, la
                 accumulate(send.flatten(0, 1), part.flatten(0, 1), fresh=True)  # to the input dtype
                 recv.append((h0, h1, recv_flat[offset:offset + size].view(shape)))
                 works += ring.exchange([send], [recv[-1][2]], hops=P - n + 1).works
-                if n + 1 < len(chunks):
+                if chunk + 1 < len(chunks):
                     _head_start(be, q.device, P)
                 offset += size
             state["sent"] = recv
