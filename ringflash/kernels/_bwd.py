@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, _count_tiles, _key_ranges, _load_tile, _query_ranges, _rows_ptr, _rule
+from ._common import LOG2E, _count_tiles, _load_ranges, _load_tile, _rows_ptr, _rule
 
 
 @triton.jit
@@ -104,7 +104,7 @@ def _dkdv_tile(
 @triton.jit
 def _dkdv_program(
     pid_n, pid_bh, g_first, g_count,
-    Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, DK, DV,
+    Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES_KV, DK, DV,
     sm_scale, qk_scale, wl, wr,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -143,8 +143,7 @@ def _dkdv_program(
     kd = cols  # unused without DOCS
     if WINDOW or DOCS:
         # Windows and documents: the same three loops over the ranges of every rule.
-        lo, mid, even_end, hi = _query_ranges(
-            QPOS, QDOC, KPOS, KDOC, start_n, Sq, Sk, wl, wr, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, DOCS)
+        lo, mid, even_end, hi = _load_ranges(RANGES_KV, pid_n)
         kp = cols
         if CAUSAL or WINDOW:
             kp = tl.load(KPOS + cols, mask=cols < Sk, other=0)
@@ -248,7 +247,7 @@ def _dq_tile(
 @triton.jit
 def _dq_program(
     pid_m, pid_bh,
-    Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, DQ,
+    Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES_Q, DQ,
     sm_scale, qk_scale, wl, wr,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -285,8 +284,7 @@ def _dq_program(
     num_n_even = Sk // BLOCK_N
     qd = rows  # unused without DOCS
     if WINDOW or DOCS:
-        lo, full_start, full_end, hi = _key_ranges(
-            QPOS, QDOC, KPOS, KDOC, start_m, Sq, Sk, wl, wr, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, DOCS)
+        lo, full_start, full_end, hi = _load_ranges(RANGES_Q, pid_m)
         qp = rows
         if CAUSAL or WINDOW:
             qp = tl.load(QPOS + rows, mask=rows < Sq, other=0)
@@ -343,7 +341,7 @@ def _dq_program(
 
 @triton.jit
 def _attn_bwd(
-    Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, DQ, DK, DV,
+    Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES_KV, RANGES_Q, DQ, DK, DV,
     sm_scale, qk_scale, wl, wr,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -375,7 +373,8 @@ def _attn_bwd(
             g_count = G // SPLIT
             _dkdv_program(
                 pid % num_n, rest // SPLIT, split * g_count, g_count,
-                Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, DK + split * stride_dk_split, DV + split * stride_dv_split,
+                Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES_KV,
+                DK + split * stride_dk_split, DV + split * stride_dv_split,
                 sm_scale, qk_scale, wl, wr,
                 stride_qb, stride_qs, stride_qh,
                 stride_kb, stride_ks, stride_kh,
@@ -396,7 +395,7 @@ def _attn_bwd(
                 pid_m = num_m - 1 - pid_m
             _dq_program(
                 pid_m, p // num_m,
-                Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, DQ,
+                Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES_Q, DQ,
                 sm_scale, qk_scale, wl, wr,
                 stride_qb, stride_qs, stride_qh,
                 stride_kb, stride_ks, stride_kh,

@@ -108,8 +108,10 @@ def _merge_states(o_old, lse_old, o_new, lse_new):
 # Positions increase and document ids never decrease along every layout's local order, so each
 # rule keeps the tiles that can see each other to one contiguous range per tile, and the tiles
 # fully inside every rule to a sub-range of it. Each bound below is a count of tiles whose first
-# or last attribute passes a monotone test (_count_tiles). Unbounded window sides arrive as a
-# huge value and never cut anything.
+# or last attribute passes a monotone test (_count_tiles). ``WINDOW`` is a bit set: 1 the left
+# side is bounded, 2 the right side; an unbounded side costs nothing. The ranges depend on the
+# tiles' positions only, not on batch or head, so :func:`_ranges_kernel` computes them once per
+# call for every tile, and the attention programs read four integers.
 
 
 @triton.jit
@@ -142,11 +144,12 @@ def _key_ranges(
         if CAUSAL:
             hi = tl.minimum(hi, _count_tiles(KPOS, Sk, num_n, q_last, BLOCK_N, False, False))
             fhi = tl.minimum(fhi, _count_tiles(KPOS, Sk, num_n_even, q_first, BLOCK_N, True, False))
-        if WINDOW:
-            # visible: q - wl <= k <= q + wr
+        # visible: q - wl <= k <= q + wr
+        if WINDOW % 2 == 1:
             lo = tl.maximum(lo, _count_tiles(KPOS, Sk, num_n, q_first - wl, BLOCK_N, True, True))
-            hi = tl.minimum(hi, _count_tiles(KPOS, Sk, num_n, q_last + wr, BLOCK_N, False, False))
             flo = tl.maximum(flo, _count_tiles(KPOS, Sk, num_n, q_last - wl, BLOCK_N, False, True))
+        if WINDOW >= 2:
+            hi = tl.minimum(hi, _count_tiles(KPOS, Sk, num_n, q_last + wr, BLOCK_N, False, False))
             fhi = tl.minimum(fhi, _count_tiles(KPOS, Sk, num_n_even, q_first + wr, BLOCK_N, True, False))
     if DOCS:
         d_first = tl.load(QDOC + start_m)
@@ -182,11 +185,12 @@ def _query_ranges(
         if CAUSAL:
             lo = tl.maximum(lo, _count_tiles(QPOS, Sq, num_m, k_first, BLOCK_M, True, True))
             flo = tl.maximum(flo, _count_tiles(QPOS, Sq, num_m, k_last, BLOCK_M, False, True))
-        if WINDOW:
-            # visible: k - wr <= q <= k + wl
+        # visible: k - wr <= q <= k + wl
+        if WINDOW >= 2:
             lo = tl.maximum(lo, _count_tiles(QPOS, Sq, num_m, k_first - wr, BLOCK_M, True, True))
-            hi = tl.minimum(hi, _count_tiles(QPOS, Sq, num_m, k_last + wl, BLOCK_M, False, False))
             flo = tl.maximum(flo, _count_tiles(QPOS, Sq, num_m, k_last - wr, BLOCK_M, False, True))
+        if WINDOW % 2 == 1:
+            hi = tl.minimum(hi, _count_tiles(QPOS, Sq, num_m, k_last + wl, BLOCK_M, False, False))
             fhi = tl.minimum(fhi, _count_tiles(QPOS, Sq, num_m_even, k_first + wl, BLOCK_M, True, False))
     if DOCS:
         d_first = tl.load(KDOC + start_n)
@@ -210,6 +214,35 @@ def _rule(qp, kp, qd, kd, wl, wr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DO
         ok = qp == qp
     if CAUSAL:
         ok = ok & (qp >= kp)
-    if WINDOW:
-        ok = ok & (kp >= qp - wl) & (kp <= qp + wr)
+    if WINDOW % 2 == 1:
+        ok = ok & (kp >= qp - wl)
+    if WINDOW >= 2:
+        ok = ok & (kp <= qp + wr)
     return ok
+
+
+@triton.jit
+def _ranges_kernel(
+    QPOS, QDOC, KPOS, KDOC, RANGES, Sq, Sk, wl, wr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOCS: tl.constexpr, BY_KEYS: tl.constexpr,
+):
+    """RANGES[t] = (lo, flo, fhi, hi) of query tile t (of key tile t with BY_KEYS), int32."""
+    t = tl.program_id(0)
+    if BY_KEYS:
+        lo, flo, fhi, hi = _query_ranges(QPOS, QDOC, KPOS, KDOC, t * BLOCK_N, Sq, Sk, wl, wr,
+                                         BLOCK_M, BLOCK_N, CAUSAL, WINDOW, DOCS)
+    else:
+        lo, flo, fhi, hi = _key_ranges(QPOS, QDOC, KPOS, KDOC, t * BLOCK_M, Sq, Sk, wl, wr,
+                                       BLOCK_M, BLOCK_N, CAUSAL, WINDOW, DOCS)
+    base = RANGES + t * 4
+    tl.store(base, lo.to(tl.int32))
+    tl.store(base + 1, flo.to(tl.int32))
+    tl.store(base + 2, fhi.to(tl.int32))
+    tl.store(base + 3, hi.to(tl.int32))
+
+
+@triton.jit
+def _load_ranges(RANGES, t):
+    base = RANGES + t * 4
+    return tl.load(base), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3)

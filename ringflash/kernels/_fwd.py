@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import LN2, _count_tiles, _key_ranges, _load_tile, _merge_states, _rows_ptr, _rule
+from ._common import LN2, _count_tiles, _load_ranges, _load_tile, _merge_states, _rows_ptr, _rule
 
 
 @triton.jit
@@ -65,9 +65,9 @@ def _fwd_tile(
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, QPOS, KPOS, QDOC, KDOC, OUT, LSE,
+    Q, K, V, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
     qk_scale,  # softmax_scale * log2(e)
-    wl, wr,  # window sides (huge where unbounded); read only with WINDOW
+    wl, wr,  # window sides; read only where WINDOW says the side is bounded
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -108,8 +108,7 @@ def _attn_fwd(
     lo = 0
     qd = offs_m  # unused without DOCS
     if WINDOW or DOCS:
-        lo, full_start, full_end, hi = _key_ranges(
-            QPOS, QDOC, KPOS, KDOC, start_m, Sq, Sk, wl, wr, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, DOCS)
+        lo, full_start, full_end, hi = _load_ranges(RANGES, pid_m)  # _ranges_kernel's
         qp = offs_m
         if CAUSAL or WINDOW:
             qp = tl.load(QPOS + offs_m, mask=offs_m < Sq, other=0)

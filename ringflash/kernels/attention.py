@@ -20,7 +20,7 @@ import torch
 import triton
 
 from ._bwd import _attn_bwd, _bwd_delta
-from ._common import LOG2E
+from ._common import LOG2E, _ranges_kernel
 from ._fwd import _attn_fwd
 
 __all__ = [
@@ -237,25 +237,22 @@ def _positions(q_pos, k_pos, Sq, Sk, device):
     return q_pos.contiguous(), k_pos.contiguous()
 
 
-_UNBOUNDED = 2**40  # a window side of -1: farther than any position
-
-
 def _mask_args(q_pos, k_pos, causal, window, q_doc, k_doc, Sq, Sk, device):
     """What the kernels take for a call's mask: (q_pos, k_pos, q_doc, k_doc, wl, wr, WINDOW, DOCS).
 
     Positions where causal or a window reads them (default: bottom-right aligned), document ids
     (int32, one per token) where given; unused pointers are any tensor (never read)."""
+    # WINDOW: 1 the left side bounds the keys, 2 the right side (with causal it never does).
+    flags, wl, wr = 0, 0, 0
     if window is not None:
         left, right = window
-        wl = _UNBOUNDED if left < 0 else int(left)
-        wr = _UNBOUNDED if right < 0 else int(right)
-        if left < 0 and right < 0:
-            window = None
-    else:
-        wl = wr = _UNBOUNDED
+        if left >= 0:
+            flags, wl = flags | 1, int(left)
+        if right >= 0 and not causal:
+            flags, wr = flags | 2, int(right)
     if (q_doc is None) != (k_doc is None):
         raise ValueError("pass both q_doc and k_doc (document ids), or neither")
-    if causal or window is not None:
+    if causal or flags:
         q_pos, k_pos = _positions(q_pos, k_pos, Sq, Sk, device)
     else:
         q_pos = k_pos = None
@@ -267,7 +264,21 @@ def _mask_args(q_pos, k_pos, causal, window, q_doc, k_doc, Sq, Sk, device):
             if d.dtype not in (torch.int32, torch.int64) or d.device != device:
                 raise ValueError(f"{name} must be an int32/int64 tensor on {device}; got {d.dtype} on {d.device}")
         q_doc, k_doc = q_doc.contiguous(), k_doc.contiguous()
-    return q_pos, k_pos, q_doc, k_doc, wl, wr, window is not None, docs
+    return q_pos, k_pos, q_doc, k_doc, wl, wr, flags, docs
+
+
+def _tile_ranges(q_pos, k_pos, q_doc, k_doc, wl, wr, window, docs, causal, Sq, Sk, block_m, block_n,
+                 *, by_keys: bool, device) -> torch.Tensor:
+    """(tiles, 4) int32 ranges of every query tile (key tile with ``by_keys``) for the mask: one
+    small launch, shared by every batch row and head of the attention launch that reads it."""
+    tiles = triton.cdiv(Sk if by_keys else Sq, block_n if by_keys else block_m)
+    ranges = torch.empty((tiles, 4), dtype=torch.int32, device=device)
+    _ranges_kernel[(tiles,)](
+        q_pos, q_doc, k_pos, k_doc, ranges, Sq, Sk, wl, wr,
+        BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), WINDOW=window, DOCS=docs, BY_KEYS=by_keys,
+        num_warps=4,
+    )
+    return ranges
 
 
 def _check_accumulator(name, t, shape, device):
@@ -330,9 +341,13 @@ def forward(
     q_doc, k_doc = (lse, lse) if q_doc is None else (q_doc, k_doc)
 
     cfg = _config(FWD_CONFIGS, _INTERPRET_FWD, D, q.dtype, bool(causal))
+    ranges = lse
+    if has_window or docs:
+        ranges = _tile_ranges(q_pos, k_pos, q_doc, k_doc, wl, wr, has_window, docs, causal, Sq, Sk,
+                              cfg.block_m, cfg.block_n, by_keys=False, device=q.device)
     grid = (triton.cdiv(Sq, cfg.block_m), B * H)
     _attn_fwd[grid](
-        q, k, v, q_pos, k_pos, q_doc, k_doc, out, lse,
+        q, k, v, q_pos, k_pos, q_doc, k_doc, ranges, out, lse,
         scale * LOG2E, wl, wr,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -449,6 +464,12 @@ def backward(
     c1 = _config(BWD_DKDV_CONFIGS, _INTERPRET_DKDV, D, q.dtype, bool(causal),
                  grouped=BWD_DKDV_GROUPED_CONFIGS if Hkv < H else None)
     c2 = _config(BWD_DQ_CONFIGS, _INTERPRET_DQ, D, q.dtype, bool(causal))
+    ranges_kv = ranges_q = lse
+    if has_window or docs:
+        ranges_kv = _tile_ranges(q_pos, k_pos, q_doc, k_doc, wl, wr, has_window, docs, causal, Sq, Sk,
+                                 c1.block_m, c1.block_n, by_keys=True, device=q.device)
+        ranges_q = _tile_ranges(q_pos, k_pos, q_doc, k_doc, wl, wr, has_window, docs, causal, Sq, Sk,
+                                c2.block_m, c2.block_n, by_keys=False, device=q.device)
     n_dkdv = triton.cdiv(Sk, c1.block_n) * B * Hkv
     split = _group_split(n_dkdv, H // Hkv, q.device)
     if split > 1:
@@ -457,7 +478,7 @@ def backward(
     else:
         dk_out, dv_out = dk[None], dv[None]
     args = (
-        q, k, v, dout, lse, delta, q_pos, k_pos, q_doc, k_doc, dq, dk_out[0], dv_out[0],
+        q, k, v, dout, lse, delta, q_pos, k_pos, q_doc, k_doc, ranges_kv, ranges_q, dq, dk_out[0], dv_out[0],
         scale, scale * LOG2E, wl, wr,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
