@@ -51,10 +51,10 @@ def test_op_registration_masks():
     torch.library.opcheck(torch.ops.ringflash.ring_attention_backward.default, (dout, *detached, *args))
 
 
-def _oracle(full, layout, rank, world_size, causal=True):
+def _oracle(full, layout, rank, world_size, causal=True, **mask):
     """Float64 attention over the whole sequence: this rank's shard of O, dQ, dK, dV."""
     q, k, v, dout = (x.clone().requires_grad_(i < 3) for i, x in enumerate(full))
-    out, _ = reference.attention(q, k, v, causal=causal)
+    out, _ = reference.attention(q, k, v, causal=causal, **mask)
     out.backward(dout)
     return [layout.shard(t, rank=rank, world_size=world_size) for t in (out.detach(), q.grad, k.grad, v.grad)]
 
@@ -85,6 +85,22 @@ def _ranks(rank, world_size, seed):
         got = [out.detach()] + [x.grad for x in leaves]
         results[layout] = [rel(a, b) for a, b in zip(got, _oracle(full, lay, rank, world_size))]
 
+    # A window and packed documents (boundaries as a host tensor: a graph input, not a constant).
+    lay = get_layout("striped")
+    S = 8 * world_size
+    cu = torch.tensor([0, 1, 5, S - 3, S])
+    full = [torch.randn(1, S, h, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2, 4)]
+    q, k, v, dout = (lay.shard(x, rank=rank, world_size=world_size) for x in full)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    attn = torch.compile(lambda q, k, v, cu: ring_attention(q, k, v, causal=True, window=(6, -1), cu_seqlens=cu,
+                                                            layout=lay, backend="reference"),
+                         backend="aot_eager", fullgraph=True)
+    out = attn(*leaves, cu)
+    out.backward(dout)
+    got = [out.detach()] + [x.grad for x in leaves]
+    want = _oracle(full, lay, rank, world_size, window=(6, -1), cu_seqlens=cu.tolist())
+    results["masked"] = [rel(a, b) for a, b in zip(got, want)]
+
     # A multi-head layer (projections, rotary from global positions, the ring) as one graph; the
     # parent runs the same layer on the whole sequence in one process.
     mha = _mha(seed)
@@ -114,7 +130,7 @@ def test_compiled_ring_matches_float64_without_graph_breaks():
         mha_ref = _mha(seed)(_mha_input(seed, world_size))  # one process, the whole sequence
     for rank, data in enumerate(spawn(_ranks, world_size, seed, timeout=600)):
         results = unpack(data)
-        for name in ("striped", "zigzag", "subclass"):
+        for name in ("striped", "zigzag", "subclass", "masked"):
             assert all(e < 1e-12 for e in results[name]), (rank, name, results[name])
         want = get_layout("striped").shard(mha_ref, rank=rank, world_size=world_size)
         assert rel(results["mha"], want) < 1e-12, rank
