@@ -327,7 +327,7 @@ class Striped(Layout):
     name = "striped"
 
     def __init__(self, stripe: int = 1):
-        if not isinstance(stripe, int) or stripe < 1:
+        if isinstance(stripe, bool) or not isinstance(stripe, int) or stripe < 1:
             raise ValueError(f"stripe must be a positive int, got {stripe!r}")
         self.stripe = stripe
 
