@@ -30,10 +30,10 @@ import torch
 
 if __package__:  # imported as launch.config
     from .checkpoint import META_FILE, find_checkpoint
-    from .data import dataset_problem
+    from .data import TASKS, dataset_problem
 else:  # launch/ is on sys.path (launch/train.py run as a script, the tests)
     from checkpoint import META_FILE, find_checkpoint
-    from data import dataset_problem
+    from data import TASKS, dataset_problem
 
 from ringflash.layout import LAYOUTS, get_layout
 
@@ -50,8 +50,14 @@ class TrainConfig:
     # output
     out: str = _f("runs/train", "directory for metrics.jsonl, loss.png and the checkpoint (ckpt/)")
     # data
-    data: str = _f("", "train on this text file (bytes as tokens, vocabulary 256) instead of the recall task")
-    recall_pairs: int = _f(0, "key-value pairs per recall sample (0: seq_len // 32, at most 52)")
+    data: str = _f("", "train on the documents of this file instead of a synthetic task (bytes as tokens, "
+                   "vocabulary 256): documents separated by blank lines, or a .jsonl file with a \"text\" "
+                   "field per line; packed into sequences of --seq-len with their boundaries")
+    task: str = _f("recall", "the synthetic task without --data: recall (pairs, then queries, across the whole "
+                   "sequence) or packed-recall (short recall documents packed into each sequence, the same "
+                   "keys bound to other values in every document)", choices=list(TASKS))
+    recall_pairs: int = _f(0, "key-value pairs per recall sample (0: seq_len // 32, at most 52), or per "
+                           "document of packed-recall (0: 2, at most 9)")
     seq_len: int = _f(128, "tokens per sequence, the whole sequence (split over the cp ranks)")
     batch_size: int = _f(16, "sequences per step per data-parallel replica")
     # parallelism
@@ -63,6 +69,10 @@ class TrainConfig:
     heads: int = _f(4, "query heads")
     kv_heads: int = _f(2, "key/value heads (GQA when fewer than --heads)")
     rope_base: float = _f(10000.0, "rotary embedding base (raise it for very long sequences)")
+    window: int = _f(0, "sliding-window attention: each token sees itself and the N tokens before it (0: no window)")
+    doc_mask: bool = _f(True, "with packed documents (--data, --task packed-recall), attend only inside each "
+                        "document, rotary positions restarting at each; --no-doc-mask: causal attention over "
+                        "the whole packed sequence (the same targets), to compare")
     checkpoint_activations: bool = _f(False, "recompute each block in the backward to save memory")
     compile: bool = _f(False, "torch.compile the model as one graph (ring attention is a custom op in it)")
     # optimisation
@@ -105,10 +115,24 @@ class TrainConfig:
             c.lr_decay_steps = c.steps
         return c
 
+    @property
+    def packed(self) -> bool:
+        """Whether the sequences are packed documents (with boundaries): --data or packed-recall."""
+        return bool(self.data) or self.task == "packed-recall"
+
+    @property
+    def mask(self) -> str:
+        """The attention mask, as the metrics and the loss plot name it: ``causal``,
+        ``causal+documents``, ``causal+window=N``, ``causal+documents+window=N``."""
+        return "causal" + ("+documents" if self.packed and self.doc_mask else "") + (
+            f"+window={self.window}" if self.window else "")
+
 
 # Fields that must not change when a run resumes: they decide the weights' shapes or the data.
-# (--seq-len decides the samples and, with --recall-pairs 0, how many pairs each one holds.)
-RESUME_FIXED = ("dim", "layers", "heads", "kv_heads", "data", "seq_len", "recall_pairs", "seed")
+# (--seq-len decides the samples and, with --recall-pairs 0, how many pairs each one holds.
+# --window and --doc-mask change what attention sees, not the weights or the samples: a run
+# may resume under another mask.)
+RESUME_FIXED = ("dim", "layers", "heads", "kv_heads", "data", "task", "seq_len", "recall_pairs", "seed")
 
 
 # -- flags ------------------------------------------------------------------------------------
@@ -149,6 +173,7 @@ def config_problems(cfg: TrainConfig, world_size: int, *, hardware: bool = True)
         + _parallel_problems(cfg, world_size)
         + _head_problems(cfg)
         + _data_problems(cfg)
+        + _mask_problems(cfg)
         + _hardware_problems(cfg, world_size, hardware=hardware)
     )
     if cfg.resume:
@@ -227,10 +252,28 @@ def _data_problems(cfg: TrainConfig) -> list[str]:
     problems = []
     if cfg.data and cfg.recall_pairs:
         problems.append("--recall-pairs sets up the recall task; with --data the model trains on the file: drop one")
+    if cfg.data and cfg.task != "recall":
+        problems.append(f"--task {cfg.task} is a synthetic task; with --data the model trains on the file: drop one")
     if cfg.seq_len >= 1:
-        problem = dataset_problem(data=cfg.data, seq_len=cfg.seq_len, recall_pairs=cfg.recall_pairs)
+        problem = dataset_problem(data=cfg.data, seq_len=cfg.seq_len, recall_pairs=cfg.recall_pairs, task=cfg.task)
         if problem:
             problems.append(problem)
+    return problems
+
+
+def _mask_problems(cfg: TrainConfig) -> list[str]:
+    """The attention mask: the window, document masking, and the kernels that can serve them."""
+    problems = []
+    if cfg.window < 0:
+        problems.append(f"--window cannot be negative; got {cfg.window} (0: no window; N: each token sees "
+                        "itself and the N tokens before it)")
+    if not cfg.doc_mask and not cfg.packed:
+        problems.append(f"--no-doc-mask compares training without document masking on packed documents; "
+                        f"--task {cfg.task} has none: use it with --data or --task packed-recall, or drop it")
+    if cfg.backend in ("cudnn", "sdpa_flash") and cfg.mask != "causal":
+        problems.append(f"--backend {cfg.backend} serves causal attention only; the mask {cfg.mask} needs "
+                        "--backend triton (or reference)"
+                        + (" or --no-doc-mask" if cfg.packed and cfg.doc_mask and not cfg.window else ""))
     return problems
 
 
@@ -274,10 +317,13 @@ def _resume_problems(cfg: TrainConfig) -> list[str]:
     except (OSError, ValueError, KeyError) as e:
         return [f"cannot read the checkpoint in {ckpt} ({e}); remove it or drop --resume"]
 
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
     def same(k):
         if k == "data" and saved.get(k) and cfg.data:  # one file, however its path is written
             return Path(saved[k]).resolve() == Path(cfg.data).resolve()
-        return saved.get(k) == getattr(cfg, k)
+        # A checkpoint from before a flag existed ran with the flag's default (--task recall).
+        return saved.get(k, defaults[k]) == getattr(cfg, k)
 
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_FIXED if not same(k)]
     if changed:

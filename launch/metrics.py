@@ -5,7 +5,8 @@ accuracy, learning rate, throughput, peak GPU memory) and rank 0 appends the rec
 ``OUT/metrics.jsonl`` and prints a line (:class:`RunLog`). The records are the run's outputs
 that tests and plots read: one JSON object per line, keyed by ``step``; a resumed run first
 drops the records after its checkpoint's step (:func:`trim_metrics`) and logs those steps again.
-At the end rank 0 draws ``OUT/loss.png`` from them (:func:`plot_loss`).
+At the end rank 0 draws ``OUT/loss.png`` from them (:func:`plot_loss`), the attention mask in
+its title.
 
 Lines go to stdout above the bar (``tqdm.write``); the bar and the start-up line go to stderr.
 """
@@ -32,7 +33,7 @@ from ringflash import comm
 if TYPE_CHECKING:  # annotations only
     from mesh import Dist
 
-__all__ = ["RunLog", "StepTimer", "log_record", "plot_loss", "trim_metrics"]
+__all__ = ["RunLog", "StepTimer", "log_record", "plot_loss", "plot_title", "trim_metrics"]
 
 
 class StepTimer:
@@ -66,16 +67,20 @@ class StepTimer:
 
 
 def log_record(*, step: int, lr: float, loss: torch.Tensor, logits_local: torch.Tensor,
-               labels_local: torch.Tensor, d: Dist, timer: StepTimer, tokens_per_step: int) -> dict:
+               labels_local: torch.Tensor, d: Dist, timer: StepTimer, tokens_per_step: int,
+               mask: str = "causal") -> dict:
     """The metrics record of ``step``, the same on every rank; every rank calls it (all-reduces).
 
     ``logits_local`` ``(B, S / cp, 256)`` and ``labels_local`` ``(B, S / cp)`` are this rank's
-    shard of the step's batch; ``loss`` its whole-sequence loss (the same on every cp rank).
+    shard of the step's batch; ``loss`` its whole-sequence loss (the same on every cp rank);
+    ``mask`` the attention mask's name (``TrainConfig.mask``: ``causal``, ``causal+documents``,
+    ``causal+window=N``, ...), kept in every record so that runs under different masks can be
+    told apart and compared.
     """
     with torch.no_grad():
-        mask = labels_local != IGNORE_INDEX
-        correct = (logits_local.argmax(-1)[mask] == labels_local[mask]).sum()
-        stats = torch.stack([loss.detach().float(), correct.float(), mask.sum().float()])
+        targets = labels_local != IGNORE_INDEX
+        correct = (logits_local.argmax(-1)[targets] == labels_local[targets]).sum()
+        stats = torch.stack([loss.detach().float(), correct.float(), targets.sum().float()])
     dist.all_reduce(stats)  # loss: the same on every cp rank, so the world mean is the dp mean
     # the copy-engine transport's workspace is outside the caching allocator's peak
     mem = torch.tensor([(torch.cuda.max_memory_allocated(d.device) + comm.workspace_bytes(d.device)) / 2**30
@@ -90,6 +95,7 @@ def log_record(*, step: int, lr: float, loss: torch.Tensor, logits_local: torch.
         "tokens_per_s": tokens_per_step * steps_interval / elapsed,
         "tokens_per_s_per_rank": tokens_per_step * steps_interval / elapsed / d.world_size,
         "step_s": elapsed / steps_interval,
+        "mask": mask,
     }
     if d.device.type == "cuda":
         record["peak_mem_gib"] = mem.item()
@@ -154,6 +160,13 @@ def trim_metrics(path: Path, last_step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
+def plot_title(name: str, records: list[dict]) -> str:
+    """The loss plot's title: the run's name and its attention mask(s) (a resumed run may change
+    it; records from before the ``mask`` field were causal)."""
+    masks = list(dict.fromkeys(r.get("mask", "causal") for r in records))
+    return f"{name}: training loss ({', '.join(masks)})"
+
+
 def plot_loss(metrics: Path, png: Path) -> Path | None:
     """Loss against step from ``metrics.jsonl``; None (with a warning) without matplotlib."""
     try:
@@ -171,7 +184,7 @@ def plot_loss(metrics: Path, png: Path) -> Path | None:
     ax.plot([r["step"] for r in records], [r["loss"] for r in records])
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per label)")
-    ax.set_title(f"{png.parent.name}: training loss")
+    ax.set_title(plot_title(png.parent.name, records))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=120)

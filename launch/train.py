@@ -4,6 +4,16 @@ On a machine without GPUs (gloo, reference attention), about a minute and a half
 
     torchrun --standalone --nproc-per-node 2 launch/train.py --out runs/cpu
 
+Packed documents: a corpus (documents separated by blank lines, or a .jsonl file with a "text"
+field per line) packed into sequences with their boundaries, each token attending only inside
+its document; ``--no-doc-mask`` trains on the same sequences and targets without it, to compare.
+``--task packed-recall`` is a synthetic corpus whose answers need the document mask:
+
+    torchrun --standalone --nproc-per-node 2 launch/train.py --out runs/docs \
+        --data corpus.jsonl --seq-len 1024 --batch-size 8 --steps 300
+    torchrun --standalone --nproc-per-node 2 launch/train.py --out runs/packed \
+        --task packed-recall --seq-len 64 --dim 64 --steps 240   # ~0.01; --no-doc-mask: ~2.1
+
 One node with 4 GPUs (NCCL, Triton kernels, bf16): one sequence of 128k tokens striped over
 4 GPUs, 32k tokens per GPU:
 
@@ -33,6 +43,18 @@ its tokens' share of the gradient times cp, and ring attention carries dK/dV bac
 ranks that own them. The training objective is the mean over dp replicas of those losses, so
 DDP over the whole world -- the average over all dp x cp ranks -- gives exactly its gradient.
 
+Masks. Attention is causal; ``--window N`` restricts each token to itself and the N tokens
+before it (GPTConfig.window). Packed documents (``--data``, ``--task packed-recall``) come with
+each row's boundaries (``cu_seqlens``), and with document masking (the default) tokens attend
+only inside their document and rotary positions restart at each one. ringflash takes one set of
+boundaries per call, the same for every row of the batch, so a batch whose rows differ runs as
+micro-steps: one forward and backward per group of rows that share boundaries, each group's
+loss weighted by its share of the batch's targets (``train_step``). The loss is still the mean
+over every target of the batch and the gradient exactly its gradient. A corpus's rows rarely
+share boundaries (a row each); packed-recall's rows share them in blocks of 8. The targets do
+not depend on the mask: the last token of every document has none. Every metrics record, and
+the loss plot's title, names the mask (``causal``, ``causal+documents``, ``causal+window=N``...).
+
 Checkpoints (model, optimizer, every rank's RNG states, data position, step) go to
 ``OUT/ckpt`` every ``--ckpt-every`` steps and when SIGTERM or SIGUSR2 arrives: the handler
 only sets a flag, all ranks agree on it at the next step boundary, save, and exit cleanly.
@@ -43,7 +65,7 @@ The job's other files, one job each (this one is the entry point, one step and t
 
     config.py      the flags (TrainConfig) and their checks
     mesh.py        process group, device, the dp x cp mesh
-    data.py        full-length training sequences, deterministic from (seed, index)
+    data.py        full-length training sequences (and document boundaries), deterministic from (seed, index)
     model.py       the GPT, its optimizer and learning-rate schedule
     checkpoint.py  save and resume, and the stop signals
     metrics.py     metrics.jsonl, the progress bar, loss.png
@@ -51,6 +73,7 @@ The job's other files, one job each (this one is the entry point, one step and t
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,14 +86,14 @@ if __package__ in (None, ""):  # run as a script (torchrun launch/train.py): mak
     sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
     from checkpoint import StopSignals, find_checkpoint, load_checkpoint, save_checkpoint
     from config import TrainConfig, config_problems, parse_args
-    from data import make_dataset
+    from data import IGNORE_INDEX, make_dataset
     from mesh import Dist, setup_distributed, world_from_env
     from metrics import RunLog, StepTimer, log_record, trim_metrics
     from model import build_model, build_optimizer, lr_at
 else:
     from .checkpoint import StopSignals, find_checkpoint, load_checkpoint, save_checkpoint
     from .config import TrainConfig, config_problems, parse_args
-    from .data import make_dataset
+    from .data import IGNORE_INDEX, make_dataset
     from .mesh import Dist, setup_distributed, world_from_env
     from .metrics import RunLog, StepTimer, log_record, trim_metrics
     from .model import build_model, build_optimizer, lr_at
@@ -80,27 +103,75 @@ from ringflash.batch import shard_batch
 # -- one step ---------------------------------------------------------------------------------
 
 
-def shard(tokens: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, d: Dist):
-    """This rank's shard of full sequences ``(B, S)`` -> ``(B, S / cp)``, ids and labels alike.
+def shard(tokens: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, d: Dist, cu_seqlens=None, *,
+          check: bool = False):
+    """This rank's shard of full sequences ``(B, S)`` -> ``(B, S / cp)``, ids and labels alike, on its device.
 
-    The labels are already the next-token targets of the full sequences (launch/data.py).
+    The labels are already the targets of the full sequences (launch/data.py). ``cu_seqlens``:
+    the rows' common document boundaries, or None. With ``check`` the cp ranks first compare
+    their sequence length and boundaries (one all-gather, on the device so that NCCL carries it).
     """
-    ids_local, labels_local, _ = shard_batch(tokens, labels, layout=cfg.layout, group=d.cp_group, shift=False)
+    ids_local, labels_local, *_ = shard_batch(
+        tokens.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True), layout=cfg.layout,
+        group=d.cp_group, shift=False, cu_seqlens=cu_seqlens, check=check,
+    )
     return ids_local, labels_local
 
 
-def train_step(ddp, tokens: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, d: Dist, autocast):
+def row_groups(cu_seqlens: list[tuple[int, ...]] | None, batch_size: int) -> list[tuple[list[int], tuple | None]]:
+    """The rows of a batch that share document boundaries, ``[(rows, cu_seqlens)]`` in order of
+    first appearance; one group of every row (boundaries None) without them."""
+    if cu_seqlens is None:
+        return [(list(range(batch_size)), None)]
+    groups: dict[tuple, list[int]] = {}
+    for row, cu in enumerate(cu_seqlens):
+        groups.setdefault(tuple(cu), []).append(row)
+    return [(rows, cu) for cu, rows in groups.items()]
+
+
+def train_step(ddp, tokens: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, d: Dist, autocast,
+               cu_seqlens: list[tuple[int, ...]] | None = None, *, check: bool = False):
     """Forward and backward of this rank's shard of full sequences ``(B, S)``; gradients averaged.
 
-    Returns this rank's logits ``(B, S / cp, 256)``, labels ``(B, S / cp)`` and the loss (the mean
-    over the cp group's sequences). After it, every rank's ``.grad`` is the gradient of the mean
-    loss over the dp replicas (module docstring).
+    ``cu_seqlens``: each row's document boundaries (packed documents), or None. ringflash takes
+    one set of boundaries per call, the same for every row, so with document masking the rows
+    run in groups that share their boundaries, one forward and backward per group (micro-steps:
+    a row each when every row differs; DDP all-reduces after the last). Group ``g``'s loss is
+    the mean over its ``n_g`` targets; weighted by ``n_g / N``, the groups' losses add up to the
+    mean over all ``N`` targets of the batch and their accumulated gradients to its gradient:
+    what one forward of the whole batch would give. Without document masking (``--no-doc-mask``,
+    or a source without documents) the batch is one group, one call, as before.
+    ``check``: the cp ranks compare their batches' lengths and boundaries first (the first step).
+
+    Returns this rank's logits ``(B, S / cp, 256)``, labels ``(B, S / cp)`` (rows in group order)
+    and the loss (the mean over the cp group's sequences). After it, every rank's ``.grad`` is the
+    gradient of the mean loss over the dp replicas (module docstring).
     """
-    ids_local, labels_local = (t.to(d.device, non_blocking=True) for t in shard(tokens, labels, cfg, d))
-    with autocast:
-        logits_local, loss = ddp(ids_local, labels_local)  # (B, S/cp, 256), scalar
-    loss.backward()  # DDP averages over all dp x cp ranks
-    return logits_local, labels_local, loss
+    groups = row_groups(cu_seqlens if cfg.doc_mask else None, tokens.shape[0])
+    counts = (labels != IGNORE_INDEX).sum(dim=1).tolist()  # targets per row, whole sequences
+    total = max(1, sum(counts))
+    logits_parts, labels_parts, losses = [], [], []
+    for i, (rows, cu) in enumerate(groups):
+        if len(groups) > 1:
+            index = torch.tensor(rows)
+            ids_local, labels_local = shard(tokens[index], labels[index], cfg, d, cu, check=check)
+        else:
+            ids_local, labels_local = shard(tokens, labels, cfg, d, cu, check=check)
+        # Under torch.compile boundaries as a tensor: as Python ints they would specialise the graph.
+        kw = {} if cu is None else {"cu_seqlens": torch.tensor(cu) if cfg.compile else cu}
+        last = i == len(groups) - 1
+        with contextlib.nullcontext() if last else ddp.no_sync():  # DDP all-reduces once, after the last
+            with autocast:
+                logits_local, loss = ddp(ids_local, labels_local, **kw)  # (B_g, S/cp, 256), scalar
+            if len(groups) > 1:
+                loss = loss * (sum(counts[r] for r in rows) / total)
+            loss.backward()
+        logits_parts.append(logits_local.detach())
+        labels_parts.append(labels_local)
+        losses.append(loss.detach())
+    if len(groups) == 1:
+        return logits_local, labels_local, loss
+    return torch.cat(logits_parts), torch.cat(labels_parts), torch.stack(losses).sum()
 
 
 # -- training ---------------------------------------------------------------------------------
@@ -127,23 +198,30 @@ def train(cfg: TrainConfig) -> TrainResult:
     problems = config_problems(cfg, world_size)
     if problems:
         fail(rank, world_size, problems)
+    try:  # every rank reads the same file: the same verdict, before any communication
+        dataset = make_dataset(data=cfg.data or None, seq_len=cfg.seq_len, seed=cfg.seed,
+                               recall_pairs=cfg.recall_pairs, task=cfg.task)
+    except ValueError as e:
+        fail(rank, world_size, [str(e)])
 
     d = setup_distributed(cfg, rank, world_size, local_rank)
     try:
         with StopSignals() as stop:
-            return _train(cfg, d, stop)
+            return _train(cfg, d, stop, dataset)
     finally:
         dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, d: Dist, stop: StopSignals) -> TrainResult:
+def _train(cfg: TrainConfig, d: Dist, stop: StopSignals, dataset=None) -> TrainResult:
     out = Path(cfg.out)
     metrics_path = out / "metrics.jsonl"
     if d.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    dataset = make_dataset(data=cfg.data or None, seq_len=cfg.seq_len, seed=cfg.seed, recall_pairs=cfg.recall_pairs)
+    if dataset is None:
+        dataset = make_dataset(data=cfg.data or None, seq_len=cfg.seq_len, seed=cfg.seed,
+                               recall_pairs=cfg.recall_pairs, task=cfg.task)
     model = build_model(cfg, d.cp_group).to(d.device)
     optimizer = build_optimizer(cfg, model)
 
@@ -160,7 +238,7 @@ def _train(cfg: TrainConfig, d: Dist, stop: StopSignals) -> TrainResult:
             f"{'resuming at step ' + str(step) if ckpt else 'training'}: {n_params / 1e6:.2f}M parameters, "
             f"world {d.world_size} = dp {d.dp_size} x cp {d.cp_size} ({cfg.layout}), {cfg.seq_len} tokens "
             f"per sequence ({cfg.seq_len // d.cp_size} per rank), {cfg.batch_size * d.dp_size} sequences "
-            f"per step, {d.device.type}/{cfg.dist_backend}/{cfg.backend}/{cfg.dtype}",
+            f"per step, {d.device.type}/{cfg.dist_backend}/{cfg.backend}/{cfg.dtype}, attention {cfg.mask}",
             file=sys.stderr, flush=True,
         )
 
@@ -177,6 +255,7 @@ def _train(cfg: TrainConfig, d: Dist, stop: StopSignals) -> TrainResult:
         log.say(f"step {step}: checkpoint {path}")
 
     last_loss = None
+    first_step = step
     timer = StepTimer()
     compiled_said = False
     if d.device.type == "cuda":
@@ -186,9 +265,12 @@ def _train(cfg: TrainConfig, d: Dist, stop: StopSignals) -> TrainResult:
             lr = lr_at(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # Sequences data_position + dp_rank*B ... : full length, labels shifted, then sharded.
-            tokens, labels = dataset.batch(data_position + d.dp_rank * cfg.batch_size, cfg.batch_size)
-            logits_local, labels_local, loss = train_step(ddp, tokens, labels, cfg, d, autocast)
+            # Sequences data_position + dp_rank*B ... : full length, targets in place, then sharded.
+            tokens, labels, cu_seqlens = dataset.batch(data_position + d.dp_rank * cfg.batch_size, cfg.batch_size)
+            # The cp ranks compare their batches once (lengths, boundaries): a data file that
+            # differs between nodes would otherwise give silently wrong attention.
+            logits_local, labels_local, loss = train_step(ddp, tokens, labels, cfg, d, autocast, cu_seqlens,
+                                                          check=step == first_step)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -206,7 +288,7 @@ def _train(cfg: TrainConfig, d: Dist, stop: StopSignals) -> TrainResult:
 
             if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
                 record = log_record(step=step, lr=lr, loss=loss, logits_local=logits_local, labels_local=labels_local,
-                                    d=d, timer=timer, tokens_per_step=tokens_per_step)
+                                    d=d, timer=timer, tokens_per_step=tokens_per_step, mask=cfg.mask)
                 last_loss = record["loss"]
                 log.write(record)
                 timer.restart()

@@ -85,14 +85,19 @@ def test_recall_sample_is_deterministic_and_answers_need_the_pairs():
     assert answers.min() > 400  # queries at the end, pairs at the start
 
 
-def test_byte_text_labels_are_the_next_bytes(tmp_path):
+def test_data_file_labels_are_the_next_bytes(tmp_path):
+    """--data: a file without blank lines is one document, whose pieces of --seq-len bytes are the
+    samples; the targets are the next bytes, across a piece's end too (tests/test_train_docs.py
+    covers documents, JSON lines and packing)."""
     path = tmp_path / "text.txt"
     path.write_bytes(bytes(range(256)) * 4)
-    ds = train_data.ByteText(str(path), 32, seed=0)
-    tokens, labels = ds.batch(5, 3)
-    assert tokens.shape == labels.shape == (3, 32)
+    ds = train_data.make_dataset(data=str(path), seq_len=32, seed=0)
+    tokens, labels, cu_seqlens = ds.batch(5, 3)
+    assert tokens.shape == labels.shape == (3, 32) and len(cu_seqlens) == 3
+    assert all(cu == (0, 32) for cu in cu_seqlens)  # 1024 bytes: 32 whole pieces
     assert torch.equal(labels[:, :-1], tokens[:, 1:])
-    assert torch.equal(labels[:, -1], (tokens[:, -1] + 1) % 256)
+    kept = labels[:, -1] != train_data.IGNORE_INDEX  # the file's last byte has no next byte
+    assert torch.equal(labels[kept, -1], (tokens[kept, -1] + 1) % 256)
     assert torch.equal(ds.batch(5, 3)[0], tokens)
 
 
@@ -268,7 +273,7 @@ def _grads_dp_cp(rank, world_size, cp_size):
     model = train.build_model(cfg, d.cp_group)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     ds = train_data.make_dataset(data=None, seq_len=cfg.seq_len, seed=cfg.seed, recall_pairs=cfg.recall_pairs)
-    tokens, labels = ds.batch(d.dp_rank * cfg.batch_size, cfg.batch_size)
+    tokens, labels, _ = ds.batch(d.dp_rank * cfg.batch_size, cfg.batch_size)
     _, _, loss = train.train_step(ddp, tokens, labels, cfg, d, torch.autocast("cpu", enabled=False))
     # Plain lists: tensors would go back through shared memory that dies with this process.
     return {n: p.grad.tolist() for n, p in model.named_parameters()}, loss.item()
@@ -287,7 +292,7 @@ def test_gradients_equal_single_process_gradients(world_size, cp_size):
     dp = world_size // cp_size
     total = 0.0
     for i in range(dp):
-        tokens, labels = ds.batch(i * cfg.batch_size, cfg.batch_size)
+        tokens, labels, _ = ds.batch(i * cfg.batch_size, cfg.batch_size)
         _, loss = model(tokens, labels)
         total = total + loss / dp
     total.backward()
@@ -298,7 +303,7 @@ def test_gradients_equal_single_process_gradients(world_size, cp_size):
             assert err < 1e-5, f"rank {rank} {name}: relative error {err:.2e}"
     # The loss each rank reports is its dp replica's whole-sequence loss.
     for rank, (_, loss) in enumerate(results):
-        tokens, labels = ds.batch((rank // cp_size) * cfg.batch_size, cfg.batch_size)
+        tokens, labels, _ = ds.batch((rank // cp_size) * cfg.batch_size, cfg.batch_size)
         assert loss == pytest.approx(model(tokens, labels)[1].item(), rel=1e-5)
 
 
