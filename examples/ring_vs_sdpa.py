@@ -1,7 +1,7 @@
 """Ring attention over a sharded sequence equals SDPA over the whole sequence, gradients included.
 
     torchrun --nproc-per-node 2 examples/ring_vs_sdpa.py                  # CPU (gloo) or GPUs (nccl)
-    torchrun --nproc-per-node 4 examples/ring_vs_sdpa.py --seqlen 8192
+    torchrun --nproc-per-node 4 examples/ring_vs_sdpa.py --seqlen 4096
 
 Every rank draws the same seeded q, k, v (the full sequence), keeps its striped shard, runs
 causal ring attention and its backward, then gathers the shards back. Each rank compares them
