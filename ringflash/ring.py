@@ -3,8 +3,10 @@
 Every rank keeps its queries; K/V shards travel around the ring, one hop per step. On step
 ``s`` rank ``r`` holds the K/V of rank ``src = (r - s) mod P`` and runs the local kernel with
 the global positions of its queries and of ``src``'s keys, so the causal mask of any layout
-(contiguous, striped, zigzag) comes out of ``q_pos >= k_pos``. Steps whose block is fully
-masked are skipped.
+(contiguous, striped, zigzag) comes out of ``q_pos >= k_pos``; windows and packed documents
+add rules on the same global positions (:mod:`ringflash.mask`). Steps whose block is fully
+masked are skipped, and the ring stops after the last step any rank needs (a plan made once per
+batch shape and mask, on the host, from every rank's positions).
 
 Forward: partial results are folded into a float32 (O, LSE) state by the backend; the output
 is rounded to the input dtype once, at the end.
