@@ -80,7 +80,8 @@ def shard_batch(
             (the next document's first token is not its continuation). With ``pad_id``, the
             padding becomes one more document, so the real tokens never see it.
         check: with more than one rank, compare every rank's sequence length and
-            ``cu_seqlens`` (one all-gather of three integers, on ``input_ids``' device) and
+            ``cu_seqlens`` (one all-gather of three integers, on ``input_ids``' device, or on
+            this rank's GPU for CPU ids in an NCCL group) and
             raise ``ValueError`` on every rank if they differ: a silent mismatch would give wrong
             attention. A collective when on: every rank of the group must call it.
 
@@ -143,6 +144,9 @@ def shard_batch(
 def _check_same_batch(seqlen: int, cu, group, world_size: int, device) -> None:
     """Raise ``ValueError`` on every rank unless every rank holds the same length and boundaries."""
     digest = zlib.crc32(repr(cu).encode())
+    if torch.device(device).type == "cpu" and "gloo" not in str(dist.get_backend(group)).lower() \
+            and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())  # an NCCL group moves CUDA tensors only
     mine = torch.tensor([seqlen, 0 if cu is None else len(cu), digest], dtype=torch.int64, device=device)
     every = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(every, mine, group=group)
