@@ -79,3 +79,12 @@ def test_dp_cp_mesh_loss_falls():
     loss = losses(out)
     assert len(loss) == 3, out
     assert loss[-1] < loss[0], out
+
+
+def test_packed_documents():
+    out = run_example("packed_documents.py", "--seqlen", "256", "--window", "40")
+    err = re.search(r"relative error (\S+)$", out, flags=re.M)
+    assert err and float(err.group(1)) < 1e-5, out  # float32 on the CPU: rounding only
+    assert re.search(r"^OK$", out, flags=re.M), out
+    steps = losses(out)
+    assert len(steps) == 5 and steps[-1] < steps[0], out
