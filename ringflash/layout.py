@@ -20,25 +20,13 @@ takes any sequence length.
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.distributed as dist
 
 from .comm import resolve_group
+from .mask import _is_int
 
 __all__ = ["Layout", "Contiguous", "Striped", "Zigzag", "get_layout", "LAYOUTS"]
-
-
-def _is_int(x) -> bool:
-    """An integer that is not a bool (Python and NumPy integers, 0-d integer tensors)."""
-    if isinstance(x, bool):
-        return False
-    try:
-        operator.index(x)
-    except TypeError:
-        return False
-    return True
 
 
 class Layout:

@@ -31,6 +31,7 @@ __all__ = ["Mask", "make_mask", "check_window", "check_cu_seqlens", "doc_ids", "
 
 
 def _is_int(x) -> bool:
+    """An integer that is not a bool (Python and NumPy integers, 0-d integer tensors)."""
     if isinstance(x, bool):
         return False
     try:
