@@ -15,7 +15,6 @@ import os
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ringflash import MultiheadAttention, shard_batch, sharded_cross_entropy
 from ringflash.batch import average_gradients

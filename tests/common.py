@@ -23,3 +23,24 @@ def pack(obj) -> bytes:
 
 def unpack(data: bytes):
     return torch.load(io.BytesIO(data))
+
+
+def make_qkv(B, Sq, Sk, H, Hkv, D, dtype, seed=0):
+    """Fresh random q, k, v and dout (B, S, heads, D) in ``dtype``, from a seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Sq, H, D, generator=g).to(dtype)
+    k = torch.randn(B, Sk, Hkv, D, generator=g).to(dtype)
+    v = torch.randn(B, Sk, Hkv, D, generator=g).to(dtype)
+    dout = torch.randn(B, Sq, H, D, generator=g).to(dtype)
+    return q, k, v, dout
+
+
+def striped_positions(L, world, rank):
+    """Striped layout (stripe 1): rank r holds global tokens r, r+P, r+2P, ..."""
+    return rank + world * torch.arange(L)
+
+
+def zigzag_positions(L, world, rank):
+    """Zigzag layout: 2P chunks of L/2 tokens; rank r holds chunks r and 2P-1-r."""
+    C = L // 2
+    return torch.cat([rank * C + torch.arange(C), (2 * world - 1 - rank) * C + torch.arange(C)])

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 os.environ["TRITON_INTERPRET"] = "1"  # process-wide: Triton also reads it at launch time
+from common import make_qkv, striped_positions, zigzag_positions  # noqa: E402
 from ringflash import kernels, reference  # noqa: E402
 
 if not kernels.INTERPRETED:
@@ -110,24 +111,10 @@ def check_all(q, k, v, dout, *, causal, q_pos=None, k_pos=None):
     return got, ref
 
 
-def make_qkv(B, Sq, Sk, H, Hkv, D, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Sq, H, D, generator=g).to(dtype)
-    k = torch.randn(B, Sk, Hkv, D, generator=g).to(dtype)
-    v = torch.randn(B, Sk, Hkv, D, generator=g).to(dtype)
-    dout = torch.randn(B, Sq, H, D, generator=g).to(dtype)
-    return q, k, v, dout
 
 
-def striped_positions(L, world, rank):
-    """Striped layout (stripe 1): rank r holds global tokens r, r+P, r+2P, ..."""
-    return rank + world * torch.arange(L)
 
 
-def zigzag_positions(L, world, rank):
-    """Zigzag layout: 2P chunks of L/2 tokens; rank r holds chunks r and 2P-1-r."""
-    C = L // 2
-    return torch.cat([rank * C + torch.arange(C), (2 * world - 1 - rank) * C + torch.arange(C)])
 
 
 # -- plain attention: lengths, GQA, head dims ---------------------------------------------

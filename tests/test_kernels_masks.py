@@ -23,6 +23,9 @@ import pytest
 import torch
 
 os.environ["TRITON_INTERPRET"] = "1"  # process-wide: Triton also reads it at launch time
+from common import make_qkv  # noqa: E402
+from common import striped_positions as striped  # noqa: E402
+from common import zigzag_positions as zigzag  # noqa: E402
 from ringflash import flash_attention, kernels, reference  # noqa: E402
 from ringflash import mask as mask_mod  # noqa: E402
 
@@ -121,24 +124,10 @@ def assert_lse(got, ref):
         assert err < 1e-5, f"LSE off by {err:.2e}"
 
 
-def make_qkv(B, Sq, Sk, H, Hkv, D, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Sq, H, D, generator=g).to(dtype)
-    k = torch.randn(B, Sk, Hkv, D, generator=g).to(dtype)
-    v = torch.randn(B, Sk, Hkv, D, generator=g).to(dtype)
-    dout = torch.randn(B, Sq, H, D, generator=g).to(dtype)
-    return q, k, v, dout
 
 
-def striped(L, world, rank):
-    """Striped layout (stripe 1): rank r holds global tokens r, r+P, r+2P, ..."""
-    return rank + world * torch.arange(L)
 
 
-def zigzag(L, world, rank):
-    """Zigzag layout: 2P chunks of L/2 tokens; rank r holds chunks r and 2P-1-r."""
-    C = L // 2
-    return torch.cat([rank * C + torch.arange(C), (2 * world - 1 - rank) * C + torch.arange(C)])
 
 
 def random_docs(seqlen, seed):

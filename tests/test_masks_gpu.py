@@ -18,16 +18,12 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
+from common import rel as rel_err  # noqa: E402
 from ringflash import flash_attention, kernels, reference  # noqa: E402
 from ringflash.mask import doc_ids, visible  # noqa: E402
 
 SDPA_FACTOR = 1.5
 DEV = "cuda"
-
-
-def rel_err(x, ref):
-    x, ref = x.double(), ref.double()
-    return (x - ref).norm().item() / max(ref.norm().item(), 1e-30)
 
 
 MASKS = {
