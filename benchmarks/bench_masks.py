@@ -20,7 +20,7 @@ masked call costs exactly its share of a causal one).
 What is timed: ``fwd`` is ringflash ``forward`` and the cast of O to bf16 (Flex: its forward on
 inputs that require grad); ``fwdbwd`` adds ``backward_delta`` + ``backward`` and the casts of
 dQ/dK/dV (Flex: ``autograd.grad`` of a fresh forward). Medians of ``triton.testing.do_bench``.
-Each result is one JSON line (``--out``) with impl, gpu, S, H, D, mask, mode, ms, tflops_visible.
+Each result is one JSON line (``--out``, default ``benchmarks/results/masks_<gpu>/masks.jsonl``: one folder per run) with impl, gpu, S, H, D, mask, mode, ms, tflops_visible.
 
 ``--prev DIR``: a copy of another tree's ``ringflash/kernels`` package (e.g. the commit before
 masks: ``git archive <rev> ringflash/kernels | tar -x -C /tmp/x`` then ``--prev
@@ -152,7 +152,7 @@ def main() -> None:
     args = ap.parse_args()
 
     gpu = gpu_slug()
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"masks_{gpu}.jsonl")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"masks_{gpu}", "masks.jsonl")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     prev = load_prev(args.prev) if args.prev else None
     B, H, D, dtype = 1, args.heads, args.head_dim, torch.bfloat16
