@@ -5,6 +5,10 @@
         -- --out runs/512k --cp-size 8 --seq-len 524288 --batch-size 1 --dim 1024 --layers 8 \
            --heads 16 --kv-heads 4 --steps 2000 --ckpt-every 100
 
+    # CPU nodes: 2 tasks (ranks) per node on gloo with the reference attention, one core each
+    python slurm/submit.py --gpus-per-node 0 --tasks-per-node 2 --cpus-per-task 1 --time 10 \
+        --signal-delay 60 -- --out runs/cpu --steps 200
+
     # the same job on this machine, 2 CPU processes on gloo (submitit's LocalExecutor)
     python slurm/submit.py --local --tasks 2 -- --out runs/local --steps 50
 
@@ -13,19 +17,26 @@ MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE (leaving the
 Slurm shows the task as they are), then launch/train.py runs in the task's process on GPU
 ``LOCAL_RANK`` of those it sees (or its only one, where Slurm binds a GPU per task). The
 training always runs with ``--resume``, so a requeued job (after a timeout, a preemption or a
-node failure) continues from ``OUT/ckpt``; a new run needs a new ``--out``.
+node failure) continues from ``OUT/ckpt``; a new run needs a new ``--out``. Each rank runs
+``SLURM_CPUS_PER_TASK`` threads (``--cpus-per-task``) unless OMP_NUM_THREADS is set.
+
+``--gpus-per-node 0`` submits to CPU nodes: ``--tasks-per-node`` ranks per node, no GPU asked
+for, and ``--device cpu`` (gloo, the reference attention) unless the training flags name a device.
 
 Timeouts: Slurm sends SIGUSR2 ``--signal-delay`` seconds before the time limit
 (``#SBATCH --signal=USR2@90``). launch/train.py finishes its step, checkpoints on every rank
 and returns; then submitit's handler on rank 0 calls :meth:`Trainer.checkpoint` (the same job
 with ``--resume``) and requeues the job (``scontrol requeue``), at most ``--max-requeues``
-times. SIGTERM (scancel, preemption) also checkpoints before the process exits.
+times: after that the job ends failed, its checkpoint kept (submit the same command again to
+go on). SIGTERM (scancel, ``scontrol requeue``, preemption) also checkpoints before the
+process exits; Slurm requeues a preempted job itself (``#SBATCH --requeue``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import signal
 import sys
 from pathlib import Path
@@ -61,15 +72,30 @@ class Trainer:
         # GPU local_rank % device_count, right both where each task sees all of the node's GPUs of
         # the job and where Slurm binds one GPU per task.
         env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        # The CPUs Slurm gave the task, as the rank's threads (torch would take every core of the
+        # node, as many times as there are ranks on it).
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        threads = int(cpus) if cpus and cpus.isdigit() and "OMP_NUM_THREADS" not in os.environ else 0
+        if threads:
+            os.environ["OMP_NUM_THREADS"] = str(threads)
         train = _import_train()
+        if threads:
+            train.torch.set_num_threads(threads)
         cfg = train.parse_args(self.train_args)
         # submitit's handler (checkpoint() + requeue) for the time-limit signal, installed
         # before this call; launch/train.py replaces it while it trains.
         requeue = signal.getsignal(signal.SIGUSR2)
         result = train.train(cfg)
         if result.stop_signal == signal.SIGUSR2 and env.rank == 0 and callable(requeue):
-            # Every rank has checkpointed: now let submitit requeue the job (it exits here).
-            requeue(signal.SIGUSR2, None)
+            # Every rank has checkpointed: now let submitit requeue the job (it exits here), or,
+            # after --max-requeues requeues, end it failed.
+            try:
+                requeue(signal.SIGUSR2, None)
+            except submitit.core.utils.UncompletedJobError as e:
+                print(f"submit.py: job not requeued: the time limit came again after --max-requeues "
+                      f"requeues ({e}); the checkpoint of step {result.step} is in {cfg.out}/ckpt: "
+                      f"submit the same command again to continue", file=sys.stderr, flush=True)
+                raise
         return {"rank": env.rank, "world_size": env.world_size, "step": result.step,
                 "finished": result.finished, "loss": result.last_loss}
 
@@ -87,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--nodes", type=int, default=1, help="nodes")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node; one task (rank) per GPU")
+    p.add_argument("--gpus-per-node", type=int, default=8,
+                   help="GPUs per node, one task (rank) per GPU; 0: CPU nodes (gloo, reference attention), "
+                        "--tasks-per-node ranks per node")
+    p.add_argument("--tasks-per-node", type=int, default=0,
+                   help="tasks (ranks) per node; 0: one per GPU, or 1 with --gpus-per-node 0")
     p.add_argument("--partition", default=None, help="Slurm partition")
     p.add_argument("--account", default=None, help="Slurm account")
     p.add_argument("--qos", default=None, help="Slurm quality of service")
@@ -114,14 +144,21 @@ def own_problems(args: argparse.Namespace) -> list[str]:
         return [] if args.tasks >= 1 else [f"--tasks must be at least 1; got {args.tasks}"]
     problems = [
         f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}"
-        for name in ("nodes", "gpus_per_node", "cpus_per_task", "signal_delay")
+        for name in ("nodes", "cpus_per_task", "signal_delay")
         if getattr(args, name) < 1
     ]
     problems += [
         f"--{name.replace('_', '-')} cannot be negative; got {getattr(args, name)}"
-        for name in ("time", "mem_gb", "max_requeues")
+        for name in ("gpus_per_node", "time", "mem_gb", "max_requeues")
         if getattr(args, name) < 0
     ]
+    if args.tasks_per_node < 0:
+        problems.append(f"--tasks-per-node cannot be negative; got {args.tasks_per_node}")
+    elif args.tasks_per_node and args.gpus_per_node > 0 and args.tasks_per_node != args.gpus_per_node:
+        problems.append(
+            f"--tasks-per-node {args.tasks_per_node} with --gpus-per-node {args.gpus_per_node}: with GPUs "
+            f"each task is the rank of one GPU; drop --tasks-per-node (or use --gpus-per-node 0 for CPU ranks)"
+        )
     if args.time > 0 and args.signal_delay >= args.time * 60:
         problems.append(
             f"--signal-delay {args.signal_delay} s does not fit in a --time {args.time} min allocation: "
@@ -129,6 +166,13 @@ def own_problems(args: argparse.Namespace) -> list[str]:
             f"once; lower --signal-delay or raise --time"
         )
     return problems
+
+
+def tasks_per_node(args: argparse.Namespace) -> int:
+    """Ranks per node: one per GPU, or --tasks-per-node (0: 1) on CPU nodes."""
+    if args.gpus_per_node > 0:
+        return args.gpus_per_node
+    return args.tasks_per_node or 1
 
 
 def _split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -157,12 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     train = _import_train()
 
-    if args.local:
-        if train.parse_args(train_args).device == "auto":  # a --device of the user's, in any spelling, stays
-            train_args = train_args + ["--device", "cpu"]
-        world_size = args.tasks
-    else:
-        world_size = args.nodes * args.gpus_per_node
+    cpu_job = args.local or args.gpus_per_node == 0
+    if cpu_job and train.parse_args(train_args).device == "auto":  # a --device of the user's, in any spelling, stays
+        train_args = train_args + ["--device", "cpu"]
+    world_size = args.tasks if args.local else args.nodes * tasks_per_node(args)
     cfg = train.parse_args(train_args)
     if not args.local and cfg.device == "auto":
         cfg = dataclasses.replace(cfg, device="cuda")  # what the compute nodes get
@@ -198,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     params = dict(
         job_name=args.job_name,
         nodes=args.nodes,
-        ntasks_per_node=args.gpus_per_node,  # one task per GPU
-        gpus_per_node=args.gpus_per_node,
+        ntasks_per_node=tasks_per_node(args),  # one task per GPU, or --tasks-per-node on CPU nodes
         cpus_per_task=args.cpus_per_task,
         time=args.time,
         signal_delay_s=args.signal_delay,
@@ -210,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         # Requeue after a node failure or preemption too; submitit requeues on timeouts itself.
         additional_parameters={"requeue": True},
     )
+    if args.gpus_per_node > 0:
+        params["gpus_per_node"] = args.gpus_per_node
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(args, key):
             params[key] = getattr(args, key)
@@ -217,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         params["mem"] = f"{args.mem_gb}G"
     executor.update_parameters(**params)
     job = executor.submit(trainer)
-    print(f"submitted job {job.job_id}: {args.nodes} node(s) x {args.gpus_per_node} GPUs, "
+    per_node = f"{args.gpus_per_node} GPUs" if args.gpus_per_node else f"{tasks_per_node(args)} CPU tasks"
+    print(f"submitted job {job.job_id}: {args.nodes} node(s) x {per_node}, "
           f"training output in {cfg.out and Path(cfg.out).resolve()}, logs in {folder}")
     return 0
 
