@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         params["mem"] = f"{args.mem_gb}G"
     executor.update_parameters(**params)
     job = executor.submit(trainer)
-    per_node = f"{args.gpus_per_node} GPUs" if args.gpus_per_node else f"{tasks_per_node(args)} CPU tasks"
+    n = tasks_per_node(args)
+    per_node = f"{args.gpus_per_node} GPUs" if args.gpus_per_node else f"{n} CPU task{'s' * (n != 1)}"
     print(f"submitted job {job.job_id}: {args.nodes} node(s) x {per_node}, "
           f"training output in {cfg.out and Path(cfg.out).resolve()}, logs in {folder}")
     return 0

@@ -93,6 +93,31 @@ def test_submit_writes_a_requeueable_job_script(tmp_path):
     assert train.parse_args(requeued.function.train_args).resume
 
 
+def test_submit_cpu_nodes(tmp_path):
+    """--gpus-per-node 0: --tasks-per-node ranks per node, no GPU asked for, the training on the
+    CPU; the config is checked for the job's world of nodes x tasks."""
+    record = tmp_path / "sbatch"
+    env = fake_bin(tmp_path, sbatch=f'cp "${{@: -1}}" {record}.script\necho "Submitted batch job 77"\n', srun="exit 0\n")
+    out = tmp_path / "run"
+    submit_py = [sys.executable, str(REPO / "slurm" / "submit.py"), "--nodes", "2", "--gpus-per-node", "0",
+                 "--tasks-per-node", "3", "--cpus-per-task", "2"]
+    proc = subprocess.run([*submit_py, "--", "--out", str(out), "--cp-size", "4"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--cp-size 4 does not divide the world size 6" in proc.stderr, proc.stderr
+    proc = subprocess.run([*submit_py, "--", "--out", str(out), "--cp-size", "3", "--seq-len", "96"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "submitted job 77: 2 node(s) x 3 CPU tasks" in proc.stdout
+    script = (tmp_path / "sbatch.script").read_text()
+    sbatch = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?$", script, flags=re.M))
+    assert sbatch["nodes"] == "2" and sbatch["ntasks-per-node"] == "3" and sbatch["cpus-per-task"] == "2"
+    assert not any("gpu" in key for key in sbatch) and "gres" not in sbatch
+    trainer = submitit.helpers.DelayedSubmission.load(out / "submitit" / "77_submitted.pkl").function
+    cfg = train.parse_args(trainer.train_args)
+    assert cfg.device == "cpu" and cfg.resume and cfg.cp_size == 3
+    assert train.config_problems(cfg, 6) == []  # gloo and the reference attention, resolved
+
+
 def test_submit_refuses_a_bad_config_before_submitting(tmp_path):
     env = fake_bin(tmp_path, sbatch=f"touch {tmp_path}/called\n", srun="exit 0\n")
     cmd = [sys.executable, str(REPO / "slurm" / "submit.py"), "--nodes", "1", "--gpus-per-node", "4",
@@ -126,7 +151,9 @@ def test_submit_refuses_a_resume_conflict_before_submitting(tmp_path):
 
 @pytest.mark.parametrize("flags,message", [
     (["--nodes", "0"], "--nodes must be at least 1"),  # was a traceback, after sbatch had run
-    (["--gpus-per-node", "0"], "--gpus-per-node must be at least 1"),  # was a job of no tasks
+    (["--gpus-per-node", "-1"], "--gpus-per-node cannot be negative"),
+    (["--tasks-per-node", "2"], "--tasks-per-node 2 with --gpus-per-node 8: with GPUs each task is the rank of one GPU"),
+    (["--gpus-per-node", "0", "--tasks-per-node", "-1"], "--tasks-per-node cannot be negative"),
     (["--max-requeues", "-1"], "--max-requeues cannot be negative"),
     (["--time", "2", "--signal-delay", "120"], "--signal-delay 120 s does not fit in a --time 2 min"),
     (["--local", "--tasks", "0"], "--tasks must be at least 1"),
@@ -225,6 +252,63 @@ def test_tasks_keep_the_gpus_slurm_shows_them(monkeypatch):
     assert result["rank"] == 0 and result["finished"]
 
 
+def _fake_task_env(monkeypatch, rank=0):
+    """submitit's torch environment, as submitit's export sets it, without a job."""
+
+    class FakeEnvironment:
+        world_size, local_rank = 2, rank
+
+        def __init__(self):
+            self.rank = rank
+
+        def export(self, set_cuda_visible_devices=True, overwrite=False):
+            return self
+
+    monkeypatch.setattr(submitit.helpers, "TorchDistributedEnvironment", FakeEnvironment)
+
+
+def test_tasks_train_with_the_cpus_slurm_gave_them(monkeypatch):
+    """A task runs SLURM_CPUS_PER_TASK threads unless OMP_NUM_THREADS is set."""
+    from types import SimpleNamespace
+
+    _fake_task_env(monkeypatch)
+    train_module = submit._import_train()
+    monkeypatch.setattr(train_module, "train", lambda cfg: SimpleNamespace(
+        stop_signal=None, step=1, finished=True, last_loss=None))
+    threads = []
+    monkeypatch.setattr(train_module.torch, "set_num_threads", threads.append)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    submit.Trainer(["--out", "/tmp/x", "--steps", "1"])()
+    assert threads == [3] and os.environ["OMP_NUM_THREADS"] == "3"
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    submit.Trainer(["--out", "/tmp/x", "--steps", "1"])()
+    assert threads == [3] and os.environ["OMP_NUM_THREADS"] == "5"
+
+
+def test_a_time_limit_past_max_requeues_fails_the_job_with_a_message(monkeypatch, capsys):
+    """After --max-requeues, submitit's handler refuses to requeue: rank 0 says so (the
+    checkpoint is kept) and the job fails."""
+    from types import SimpleNamespace
+
+    _fake_task_env(monkeypatch)
+    monkeypatch.setattr(submit._import_train(), "train", lambda cfg: SimpleNamespace(
+        stop_signal=signal.SIGUSR2, step=40, finished=False, last_loss=2.0))
+
+    def refuse(signum, frame):  # what submitit's checkpoint_and_try_requeue does past its countdown
+        raise submitit.core.utils.UncompletedJobError("Job not requeued because: timed-out too many times.")
+
+    previous = signal.signal(signal.SIGUSR2, refuse)
+    try:
+        with pytest.raises(submitit.core.utils.UncompletedJobError):
+            submit.Trainer(["--out", "/tmp/x", "--steps", "100"])()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    err = capsys.readouterr().err
+    assert "submit.py: job not requeued: the time limit came again after --max-requeues requeues" in err
+    assert "the checkpoint of step 40 is in /tmp/x/ckpt" in err
+
+
 # -- the sbatch template ----------------------------------------------------------------------
 
 
@@ -241,22 +325,42 @@ def test_sbatch_template_settings():
 
 
 def _run_template(tmp_path, srun_body: str, *train_args: str, **slurm_env: str):
+    """The template under fake Slurm commands, on 2 nodes of 4 GPUs unless ``slurm_env`` says
+    otherwise (a value of None unsets the variable)."""
     env = fake_bin(
         tmp_path,
         srun=srun_body,
         scontrol=(f'if [ "$1" = show ]; then printf "node07\\nnode08\\n"; '
                   f'else echo "$@" >> {tmp_path}/scontrol.log; fi\n'),
+        # Records its arguments, then signals the (fake) tasks: srun, here.
+        scancel=f'echo "$@" >> {tmp_path}/scancel.log\nkill -TERM "$(cat {tmp_path}/srun.pid)"\n',
     )
-    for name in ("SLURM_CPUS_PER_TASK", "SRUN_CPUS_PER_TASK"):
+    for name in ("SLURM_CPUS_PER_TASK", "SRUN_CPUS_PER_TASK", "SLURM_NTASKS_PER_NODE", "SLURM_RESTART_COUNT",
+                 "OMP_NUM_THREADS"):
         env.pop(name, None)
     env.update(SLURM_JOB_NODELIST="node[07-08]", SLURM_NNODES="2", SLURM_JOB_ID="4242",
-               SLURM_GPUS_ON_NODE="4", **slurm_env)
+               SLURM_GPUS_ON_NODE="4", SLURM_NTASKS_PER_NODE="1")
+    for name, value in slurm_env.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     return subprocess.Popen(["bash", str(SBATCH_TEMPLATE), *train_args], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-# Records its arguments, and the SRUN_CPUS_PER_TASK it was started with.
-RECORD_ARGS_AND_CPUS = RECORD_ARGS + 'echo "${{SRUN_CPUS_PER_TASK-unset}}" > "{path}.cpus"\n'
+# Records its arguments, and the SRUN_CPUS_PER_TASK and OMP_NUM_THREADS it was started with.
+RECORD_ARGS_AND_CPUS = (RECORD_ARGS + 'echo "${{SRUN_CPUS_PER_TASK-unset}}" > "{path}.cpus"\n'
+                        'echo "${{OMP_NUM_THREADS-unset}}" > "{path}.threads"\n')
+
+
+def _torchrun_line(path: Path):
+    """srun's own flags, and torchrun's arguments parsed by torchrun's parser, from a recorded srun line."""
+    from torch.distributed.run import get_args_parser
+
+    argv = path.read_text().splitlines()
+    i = argv.index("torchrun")
+    return argv[:i], get_args_parser().parse_args(argv[i + 1:])
 
 
 def test_sbatch_template_torchrun_line(tmp_path):
@@ -266,16 +370,13 @@ def test_sbatch_template_torchrun_line(tmp_path):
     assert proc.returncode == 0, stderr
     # Slurm 22.05-23.02's srun takes the job's --cpus-per-task only from SRUN_CPUS_PER_TASK.
     assert (tmp_path / "srun.args.cpus").read_text().strip() == "64"
-    argv = (tmp_path / "srun.args").read_text().splitlines()
-    assert argv[0] == "--kill-on-bad-exit=1" and argv[1] == "torchrun"
-
-    from torch.distributed.run import get_args_parser
-
-    args = get_args_parser().parse_args(argv[2:])
+    srun_flags, args = _torchrun_line(tmp_path / "srun.args")
+    # One torchrun per node, whatever the job's task count; a failed node ends the step.
+    assert set(srun_flags) == {"--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"}
     assert args.nnodes == "2"
-    assert args.nproc_per_node == "4"
+    assert args.nproc_per_node == "4"  # a rank per GPU
     assert args.rdzv_backend == "c10d"
-    assert args.rdzv_endpoint == "node07:29500"  # the first node of the allocation
+    assert args.rdzv_endpoint == f"node07:{29500 + 4242 % 10000}"  # the first node, a port of the job's own
     assert args.rdzv_id == "4242"
     assert args.training_script == "launch/train.py"
     cfg = train.parse_args(args.training_script_args)
@@ -291,12 +392,63 @@ def test_sbatch_template_without_cpus_per_task(tmp_path):
     assert (tmp_path / "srun.args.cpus").read_text().strip() == "unset"
 
 
-def test_sbatch_template_checkpoints_and_requeues_on_usr2(tmp_path):
-    # srun stands in for the ranks: it waits, and records the SIGTERM the template sends it.
+def test_sbatch_template_on_cpu_nodes(tmp_path):
+    """Without GPUs: a rank per task, torchrun holding the CPUs of the node's tasks, a thread per
+    CPU of a task, the training on the CPU unless the arguments name a device."""
+    proc = _run_template(tmp_path, RECORD_ARGS_AND_CPUS.format(path=tmp_path / "srun.args"), "--out", "runs/x",
+                         "--cp-size", "3", "--seq-len", "96", SLURM_GPUS_ON_NODE=None, SLURM_NTASKS_PER_NODE="3",
+                         SLURM_CPUS_PER_TASK="2")
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert (tmp_path / "srun.args.cpus").read_text().strip() == "6"  # 3 tasks x 2 CPUs, for one torchrun
+    assert (tmp_path / "srun.args.threads").read_text().strip() == "2"
+    srun_flags, args = _torchrun_line(tmp_path / "srun.args")
+    assert "--ntasks-per-node=1" in srun_flags
+    assert args.nnodes == "2" and args.nproc_per_node == "3"
+    cfg = train.parse_args(args.training_script_args)
+    assert cfg.device == "cpu" and cfg.resume and cfg.cp_size == 3
+    assert train.config_problems(cfg.resolved(), 6) == []
+
+    proc = _run_template(tmp_path, RECORD_ARGS_AND_CPUS.format(path=tmp_path / "srun.args"), "--out", "runs/x",
+                         "--device", "cuda", SLURM_GPUS_ON_NODE="0", SLURM_NTASKS_PER_NODE="2")
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert (tmp_path / "srun.args.cpus").read_text().strip() == "2"  # 1 CPU per task without --cpus-per-task
+    assert (tmp_path / "srun.args.threads").read_text().strip() == "1"
+    _, args = _torchrun_line(tmp_path / "srun.args")
+    assert args.nproc_per_node == "2" and train.parse_args(args.training_script_args).device == "cuda"
+
+
+def test_sbatch_template_refuses_tasks_next_to_gpus(tmp_path):
+    proc = _run_template(tmp_path, f"touch {tmp_path}/srun.called\n", "--out", "runs/x", SLURM_NTASKS_PER_NODE="4")
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert "with GPUs, one task per node" in stderr and "--ntasks-per-node=4" in stderr
+    assert not (tmp_path / "srun.called").exists()
+
+
+def test_sbatch_template_takes_max_requeues(tmp_path):
+    """--max-requeues is the template's own: it never reaches launch/train.py, and takes a count."""
+    proc = _run_template(tmp_path, RECORD_ARGS.format(path=tmp_path / "srun.args"), "--max-requeues", "3",
+                         "--out", "runs/x", "--max-requeues=4", "--steps", "9")
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    _, args = _torchrun_line(tmp_path / "srun.args")
+    assert "--max-requeues" not in " ".join(args.training_script_args)
+    assert train.parse_args(args.training_script_args).steps == 9
+    proc = _run_template(tmp_path, f"touch {tmp_path}/srun.called\n", "--out", "runs/x", "--max-requeues", "x")
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and "--max-requeues takes a count; got 'x'" in stderr
+    assert not (tmp_path / "srun.called").exists()
+
+
+def _usr2_during_srun(tmp_path, *train_args, **slurm_env):
+    """Run the template, send it SIGUSR2 once srun runs; (returncode, stderr, the signal srun got)."""
+    # srun stands in for the ranks: it waits, and records the SIGTERM that scancel sends it.
     started, got = tmp_path / "srun.started", tmp_path / "srun.signal"
-    srun = (f"trap 'echo TERM > {got}; exit 0' TERM\ntouch {started}\n"
+    srun = (f"trap 'echo TERM > {got}; exit 0' TERM\necho $$ > {tmp_path}/srun.pid\ntouch {started}\n"
             "for i in $(seq 300); do sleep 0.1; done\n")
-    proc = _run_template(tmp_path, srun, "--out", "runs/x")
+    proc = _run_template(tmp_path, srun, *train_args, **slurm_env)
     try:
         deadline = time.monotonic() + 20
         while not started.exists():
@@ -307,9 +459,25 @@ def test_sbatch_template_checkpoints_and_requeues_on_usr2(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, stderr
-    assert got.read_text().strip() == "TERM"
+    return proc.returncode, stderr, got.read_text().strip() if got.exists() else None
+
+
+def test_sbatch_template_checkpoints_and_requeues_on_usr2(tmp_path):
+    returncode, stderr, got = _usr2_during_srun(tmp_path, "--out", "runs/x")
+    assert returncode == 0, stderr
+    # SIGTERM to the job's tasks through Slurm (srun itself would kill them on a SIGTERM).
+    assert (tmp_path / "scancel.log").read_text().split() == ["--signal=TERM", "4242"]
+    assert got == "TERM"
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+
+
+def test_sbatch_template_stops_requeueing_at_max_requeues(tmp_path):
+    returncode, stderr, got = _usr2_during_srun(tmp_path, "--max-requeues", "2", "--out", "runs/x",
+                                                SLURM_RESTART_COUNT="2")
+    assert returncode == 1
+    assert got == "TERM"  # the ranks still checkpoint
+    assert "job 4242 not requeued: it was restarted 2 times (--max-requeues 2)" in stderr
+    assert not (tmp_path / "scontrol.log").exists()
 
 
 def test_checkpoint_resubmits_with_resume():

@@ -310,7 +310,7 @@ def submit(cluster: Cluster, out: Path, *flags: str, train: tuple[str, ...] = ()
     """``python slurm/submit.py --gpus-per-node 0 ... -- TRAIN``: a CPU job of submitit's SlurmExecutor."""
     proc = cluster.run(sys.executable, SUBMIT, "--gpus-per-node", "0", "--cpus-per-task", "1", *flags,
                        "--", *TRAIN, "--out", out, *train, timeout=120, cwd=out.parent)
-    m = re.search(r"^submitted job (\d+): .* CPU tasks", proc.stdout, flags=re.M)
+    m = re.search(r"^submitted job (\d+): .* CPU task", proc.stdout, flags=re.M)
     assert m, proc.stdout + proc.stderr
     return Job("submit.py", m.group(1), out, out / "submitit")
 
