@@ -92,3 +92,11 @@ def test_packed_documents():
     assert re.search(r"^OK$", out, flags=re.M), out
     steps = losses(out)
     assert len(steps) == 5 and steps[-1] < steps[0], out
+
+
+def test_hf_llama_loss_falls():
+    pytest.importorskip("transformers")
+    out = run_example("hf_llama.py", "--seqlen", "128", "--steps", "4")
+    loss = losses(out)
+    assert len(loss) == 4, out
+    assert loss[-1] < loss[0], out
