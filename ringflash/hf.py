@@ -58,6 +58,11 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         'pip install -e ".[hf]" (or pip install transformers)'
     ) from e
 
+try:  # transformers drops the attention_mask of an implementation without a mask function
+    from transformers.masking_utils import AttentionMaskInterface
+except ImportError:  # pragma: no cover - depends on the environment
+    AttentionMaskInterface = None
+
 from .batch import IGNORE_INDEX, shard_batch
 from .comm import resolve_group, world_and_rank
 from .layout import Layout, get_layout
@@ -104,9 +109,10 @@ class configure:
             cuts them with this layout).
         backend: the local engine, as for :func:`ringflash.ring_attention` (None: the default).
         check: once per forward, compare every rank's ``position_ids`` with the positions the
-            layout gives it in this group, and look for padding in the ``attention_mask`` (one
-            small all-reduce and one device synchronisation per forward), raising ``ValueError``
-            on every rank if the shards do not match the group (default True).
+            layout gives it in this group, and every rank's length and document boundaries with
+            the others' (one all-gather of a few integers and one device synchronisation per
+            forward), raising ``ValueError`` on every rank if the shards do not match the group
+            (default True). A padding ``attention_mask`` is refused whether or not this is on.
 
     Raises:
         ValueError: an unknown layout; a DeviceMesh of more than one dimension; a group this
@@ -194,9 +200,15 @@ def ring_attention_forward(
     seqlen = query.shape[2] * world_size
     cu = _cu_seqlens(kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k"), seqlen)
     window = _window(sliding_window, causal, seqlen)
-    if s.check or attention_mask is not None:
-        _check_batch(attention_mask, kwargs.get("position_ids"), cu, query.shape[0], query.shape[2], s,
-                     world_size, rank, query.device)
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError(
+                f"ring_attention builds its mask from causality, the window and the document boundaries; "
+                f"it cannot take a prepared {attention_mask.dim()}-D attention_mask"
+            )
+        _check_padding(attention_mask, s)  # only where transformers has no mask functions
+    if s.check:
+        _check_batch(kwargs.get("position_ids"), cu, query.shape[2], s, world_size, rank)
     out = ring_attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal, window=window,
         cu_seqlens=cu, layout=s.layout, softmax_scale=scaling, group=s.group, backend=s.backend,
@@ -226,60 +238,40 @@ def _cu_seqlens(cu_q, cu_k, seqlen: int):
     return cu_q
 
 
-# One check per forward: every layer of a model gets the same position_ids and attention_mask
-# tensors, so the check runs on the first layer and the others find it done.
-_checked: list = [None, None]
+# One check per forward: every layer of a model gets the same position_ids tensor, so the check
+# runs on the first layer and the others find it done (on every rank alike).
+_checked: list = [None]
 
 
-def _same(ref, t) -> bool:
-    return ref is not None and t is not None and ref() is t
+def _check_batch(position_ids, cu, local_seqlen: int, s: RingSettings, world_size: int, rank: int) -> None:
+    """Raise ``ValueError`` on every rank if the shards do not fit the group and layout.
 
-
-def _check_batch(attention_mask, position_ids, cu, batch_size: int, local_seqlen: int, s: RingSettings,
-                 world_size: int, rank: int, device) -> None:
-    """Raise ``ValueError`` on every rank for padding or for shards that do not fit the group."""
-    if (attention_mask is None or _same(_checked[0], attention_mask)) and _same(_checked[1], position_ids):
+    Compares this rank's ``position_ids`` with the positions the layout gives it (inside its
+    documents, with ``cu``), and every rank's global length and boundaries with the others'
+    (one all-gather of three integers). Nothing to compare without ``position_ids``.
+    """
+    if position_ids is None or (_checked[0] is not None and _checked[0]() is position_ids):
         return
-    if attention_mask is not None and attention_mask.dim() != 2:
-        # A prepared 4-D mask is the same on every rank (it comes from the model's own code).
-        raise ValueError(
-            f"ring_attention builds its mask from causality, the window and the document boundaries; "
-            f"it cannot take a prepared {attention_mask.dim()}-D attention_mask"
-        )
-    flags = torch.zeros(2, dtype=torch.int64, device=device)
-    if attention_mask is not None:
-        flags[0] = (attention_mask == 0).any()
     seqlen = local_seqlen * world_size
-    if s.check and position_ids is not None:
-        try:
-            s.layout.check_seqlen(seqlen, world_size)
-            expect = s.layout.positions(seqlen, rank=rank, world_size=world_size, device=position_ids.device)
-        except ValueError:
-            flags[1] = 1
-        else:
-            if cu is not None:
-                expect = doc_positions(cu, expect)
-            flags[1] = (position_ids.reshape(-1, local_seqlen) != expect).any()
-    digest = zlib.crc32(repr((seqlen, cu)).encode()) & 0x7FFFFFFF
-    if world_size > 1:
-        every = _all_gather(torch.cat([flags, flags.new_tensor([digest])]), s.group, world_size)
-        rows = [tuple(r) for r in every.tolist()]
+    try:
+        s.layout.check_seqlen(seqlen, world_size)
+        expect = s.layout.positions(seqlen, rank=rank, world_size=world_size, device=position_ids.device)
+    except ValueError:
+        bad = torch.ones((), dtype=torch.bool, device=position_ids.device)
     else:
-        rows = [(*flags.tolist(), digest)]
-    if any(r[0] for r in rows):
-        who = [r for r, row in enumerate(rows) if row[0]]
-        raise ValueError(
-            f"ring_attention cannot take padding inside a sharded batch (attention_mask has zeros on "
-            f"rank(s) {who}): pack the sequences as documents (cu_seqlens, see ringflash.hf.shard_inputs) "
-            f"or give every row the same length"
-        )
-    if len({r[2] for r in rows}) > 1:
+        if cu is not None:
+            expect = doc_positions(cu, expect)
+        bad = (position_ids.reshape(-1, local_seqlen) != expect).any()
+    digest = zlib.crc32(repr((seqlen, cu)).encode()) & 0x7FFFFFFF
+    mine = torch.stack([bad.to(torch.int64), bad.new_tensor(digest, dtype=torch.int64)])
+    rows = _all_gather(mine, s.group, world_size).tolist() if world_size > 1 else [mine.tolist()]
+    if len({r[1] for r in rows}) > 1:
         raise ValueError(
             "the ranks of the context-parallel group hold batches of different lengths or document "
             "boundaries: every rank must run the same batch, cut by ringflash.hf.shard_inputs"
         )
-    if any(r[1] for r in rows):
-        who = [r for r, row in enumerate(rows) if row[1]]
+    if any(r[0] for r in rows):
+        who = [r for r, row in enumerate(rows) if row[0]]
         docs = "their positions inside their documents, " if cu is not None else ""
         raise ValueError(
             f"position_ids on rank(s) {who} are not {docs}the positions the {s.layout!r} layout gives "
@@ -288,8 +280,7 @@ def _check_batch(attention_mask, position_ids, cu, batch_size: int, local_seqlen
             f"configure(group=..., layout=...) as the model"
             + ("" if cu is not None else "; packed documents need cu_seq_lens_q/cu_seq_lens_k")
         )
-    _checked[0] = None if attention_mask is None else weakref.ref(attention_mask)
-    _checked[1] = None if position_ids is None else weakref.ref(position_ids)
+    _checked[0] = weakref.ref(position_ids)
 
 
 def _all_gather(t: torch.Tensor, group, world_size: int) -> torch.Tensor:
@@ -439,4 +430,34 @@ def _documents_from_positions(position_ids: torch.Tensor, seqlen: int):
     return None if len(cu) == 2 else cu
 
 
+def _ring_mask(*args, attention_mask=None, **kwargs):
+    """transformers' mask function for ``"ring_attention"``, called once per forward and mask kind.
+
+    Ring attention builds its mask itself; the only thing to do with the model's 2-D
+    ``attention_mask`` is to refuse padding, on every rank: each rank's flag is all-gathered
+    (the same number of calls on every rank, whatever the mask's dtype), and the layers get
+    None. Without a mask function registered, transformers would drop the mask unseen.
+    """
+    if attention_mask is None:
+        return None
+    _check_padding(attention_mask, _settings)
+    return None
+
+
+def _check_padding(attention_mask, s: RingSettings) -> None:
+    """Raise ``ValueError`` on every rank of the group if any rank's mask has a zero."""
+    world_size, _ = world_and_rank(s.group)
+    flag = (attention_mask == 0).any().to(torch.int64).reshape(1)
+    flags = _all_gather(flag, s.group, world_size).flatten().tolist() if world_size > 1 else flag.tolist()
+    if any(flags):
+        who = [r for r, f in enumerate(flags) if f]
+        raise ValueError(
+            f"ring_attention cannot take padding inside a sharded batch (attention_mask has zeros on "
+            f"rank(s) {who}): pack the sequences as documents (cu_seqlens, see ringflash.hf.shard_inputs) "
+            f"or give every row the same length"
+        )
+
+
 AttentionInterface.register(ATTENTION, ring_attention_forward)
+if AttentionMaskInterface is not None:
+    AttentionMaskInterface.register(ATTENTION, _ring_mask)

@@ -106,6 +106,7 @@ QUICK = {
         "test_forward_errors",
     ],
     "test_examples.py": ["test_ring_vs_sdpa", "test_example_is_short_and_documented[*]"],
+    "test_hf.py": ["test_single_process_matches_eager[docs-cu]", "test_single_process_errors"],
 }
 _QUICK_RE = {
     file: re.compile("|".join(re.escape(p).replace(r"\*", ".*") for p in patterns))
