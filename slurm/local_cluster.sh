@@ -21,8 +21,9 @@
 # The node line comes from nproc and the memory (/proc/meminfo). The plugins are the ones that
 # need nothing from the host: ProctrackType=proctrack/linuxproc, TaskPlugin=task/none,
 # SelectType=select/cons_tres (CPUs as the consumable), no accounting. Exit status: 0, 1 (a
-# daemon did not start: its log follows), 3 (Slurm or munge not installed), 4 (not root), 5 (two
-# nodes asked for where this host's name cannot tell them apart).
+# daemon did not start: its log follows; or a cluster already runs in DIR), 2 (bad usage), 3
+# (Slurm or munge not installed), 4 (not root), 5 (two nodes asked for where this host's name
+# cannot tell them apart).
 
 set -euo pipefail
 
@@ -70,18 +71,29 @@ alive_pid() {
     [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "$pid"
 }
 
-# Stop the process of a pid file: SIGTERM, up to 10 s, then SIGKILL.
-stop_pid() {
-    local pid i
-    pid=$(alive_pid "$1") || { rm -f "$1"; return 0; }
-    kill -TERM "$pid" 2>/dev/null || true
+# Stop the processes of some pid files together: SIGTERM, up to 10 s, then SIGKILL.
+stop_pids() {
+    local f pid i pids=() files=()
+    for f in "$@"; do
+        if pid=$(alive_pid "$f"); then
+            kill -TERM "$pid" 2>/dev/null || true
+            pids+=("$pid")
+        fi
+        files+=("$f")
+    done
     for i in $(seq 100); do
-        kill -0 "$pid" 2>/dev/null || { rm -f "$1"; return 0; }
+        local alive=0
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        [ $alive = 0 ] && break
         sleep 0.1
     done
-    echo "local_cluster.sh: $2 (pid $pid) did not stop on SIGTERM; killing it" >&2
-    kill -KILL "$pid" 2>/dev/null || true
-    rm -f "$1"
+    for pid in "${pids[@]}"; do
+        if kill -0 "$pid" 2>/dev/null; then
+            echo "local_cluster.sh: pid $pid ($(cat "/proc/$pid/comm" 2>/dev/null)) did not stop on SIGTERM; killing it" >&2
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    done
+    rm -f "${files[@]}"
 }
 
 show_log() {
@@ -99,12 +111,10 @@ fail_start() {
 }
 
 stop_all() {
-    local name
-    for name in $(node_names); do
-        stop_pid "$dir/run/slurmd-$name.pid" "slurmd ($name)"
-    done
-    stop_pid "$dir/run/slurmctld.pid" slurmctld
-    stop_pid "$dir/run/munged.pid" munged
+    local name files=()
+    for name in $(node_names); do files+=("$dir/run/slurmd-$name.pid"); done
+    stop_pids "${files[@]}" "$dir/run/slurmctld.pid"
+    stop_pids "$dir/run/munged.pid"  # last: the others talk through it until they stop
 }
 
 if [ "$cmd" = status ]; then
@@ -144,7 +154,7 @@ fi
 # -- start ------------------------------------------------------------------------------------
 
 missing=()
-for prog in munged munge slurmctld slurmd sbatch srun scontrol squeue sinfo; do
+for prog in munged munge unmunge slurmctld slurmd sbatch srun scontrol squeue sinfo scancel; do
     command -v "$prog" >/dev/null || missing+=("$prog")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -186,8 +196,8 @@ for i in $(seq 100); do
     sleep 0.1
 done
 
-# A requeued job may start again cred_expire + 1 s after its requeue (Slurm's default: 120 s);
-# the step credentials it also bounds are checked within a second of their creation here.
+# A requeued job may start again cred_expire + 1 s after its requeue (Slurm's default: 120 s).
+# It also bounds how long a job step's credential stays valid: ample on one machine.
 cred_expire=5
 mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
 {

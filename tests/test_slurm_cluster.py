@@ -143,9 +143,10 @@ class Cluster:
         return [datetime.strptime(s, "%Y-%m-%dT%H:%M:%S.%f").timestamp() for s in stamps]
 
     def next_time_limit_check(self) -> float:
-        checks = self.time_limit_checks()
-        assert checks, "slurmctld logged no time-limit check (it runs with --debug debug2)"
-        last = checks[-1]
+        # The first check comes a period after slurmctld starts (its log's first line).
+        log = (self.dir / "log" / "slurmctld.log").read_text()
+        started = datetime.strptime(re.match(r"\[(\S+)\]", log).group(1), "%Y-%m-%dT%H:%M:%S.%f").timestamp()
+        last = max([started, *self.time_limit_checks()])
         periods = max(1, int((time.time() - last) // TIME_LIMIT_CHECK_S) + 1)
         return last + periods * TIME_LIMIT_CHECK_S
 
@@ -180,6 +181,8 @@ def cluster():
     c = Cluster(root, nodes, env)
     try:
         assert proc.returncode == 0, f"slurm/local_cluster.sh start failed:\n{out}"
+        # A first step on every node, so that the first job meets a cluster like the later ones.
+        c.run("srun", f"--nodes={nodes}", f"--ntasks={nodes}", "true", timeout=60)
         yield c
     finally:
         stop = subprocess.run(["bash", str(LOCAL_CLUSTER), "stop", "--dir", str(root)], env=env,
@@ -273,6 +276,8 @@ class Job:
 
 def poll(cluster: Cluster, jobs: list[Job]) -> None:
     for job in jobs:
+        if job.state in FINAL_STATES:
+            continue
         proc = cluster.run("scontrol", "-o", "show", "job", job.id, check=False)
         if proc.returncode == 0:
             job.info = dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
@@ -289,7 +294,7 @@ def wait_until(cluster: Cluster, jobs: list[Job], done, what: str, timeout: floa
             return
         if time.monotonic() > deadline:
             pytest.fail(f"waited {timeout} s for {what}:\n" + "\n\n".join(j.describe() for j in jobs))
-        time.sleep(0.05)
+        time.sleep(0.2)  # the jobs share 2 cores with this loop
 
 
 def wait_done(cluster: Cluster, jobs: list[Job], timeout: float = 90) -> None:
@@ -399,6 +404,20 @@ def test_each_launcher_trains_on_two_tasks_and_the_loss_falls(idle_cluster, refe
     assert sbatched.losses() == submitted.losses()
 
 
+# (Before the time-limit test, this one shortens that test's wait for slurmctld's next check.)
+def test_failing_training_ends_failed_without_requeue(idle_cluster, tmp_path):
+    """Flags the training refuses where it runs: the job ends FAILED with the message in its log,
+    and is not requeued."""
+    submitted, sbatched = jobs = submit_both(idle_cluster, tmp_path, submit_train=("--device", "cuda"),
+                                             sbatch_train=("--cp-size", "3"))
+    wait_done(idle_cluster, list(jobs))
+    for job in jobs:
+        assert job.state == "FAILED" and job.restarts == 0, job.describe()
+        assert not job.metrics()
+    assert submitted.lines(r"train\.py: error: --device cuda, but torch sees no GPU"), submitted.describe()
+    assert sbatched.lines(r"train\.py: error: --cp-size 3 does not divide the world size 2"), sbatched.describe()
+
+
 def assert_resumed(job: Job, reference: Reference, stopped_by: str) -> None:
     """``job`` was stopped in mid-run by ``stopped_by``, checkpointed, came back from that
     checkpoint and ended with the uninterrupted run's losses."""
@@ -408,19 +427,6 @@ def assert_resumed(job: Job, reference: Reference, stopped_by: str) -> None:
     assert stopped and 0 < stopped[0] < STEPS, job.describe()
     assert resumed and resumed[0] == stopped[0], job.describe()
     assert job.losses() == reference.losses, f"{job.launcher}: the resumed run's losses differ"
-
-
-def test_requeued_in_mid_run_resumes_from_its_checkpoint(idle_cluster, reference, tmp_path):
-    """`scontrol requeue` (what a preemption does): SIGTERM to every process of the job, Slurm
-    puts it back in the queue, it starts again and resumes from the checkpoint."""
-    jobs = submit_both(idle_cluster, tmp_path, submit_flags=("--time", "10"), sbatch_flags=("--time=10",))
-    for job in jobs:
-        wait_step(idle_cluster, job, 30)
-        idle_cluster.run("scontrol", "requeue", job.id)
-    wait_done(idle_cluster, list(jobs))
-    for job in jobs:
-        assert job.restarts == 1, job.describe()
-        assert_resumed(job, reference, "SIGTERM")
 
 
 def test_time_limit_warning_checkpoints_requeues_and_resumes(idle_cluster, reference, tmp_path):
@@ -445,6 +451,19 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(idle_cluster, refer
     assert submitted.lines(r"submitit .*Requeued job"), submitted.describe()  # and submitit requeued the job
     assert sbatched.lines(r"^SIGUSR2: checkpointing before the time limit"), sbatched.describe()
     assert_resumed(sbatched, reference, "SIGTERM")  # the batch script got it, the ranks SIGTERM
+
+
+def test_requeued_in_mid_run_resumes_from_its_checkpoint(idle_cluster, reference, tmp_path):
+    """`scontrol requeue` (what a preemption does): SIGTERM to every process of the job, Slurm
+    puts it back in the queue, it starts again and resumes from the checkpoint."""
+    jobs = submit_both(idle_cluster, tmp_path, submit_flags=("--time", "10"), sbatch_flags=("--time=10",))
+    for job in jobs:
+        wait_step(idle_cluster, job, 20)
+        idle_cluster.run("scontrol", "requeue", job.id)
+    wait_done(idle_cluster, list(jobs))
+    for job in jobs:
+        assert job.restarts == 1, job.describe()
+        assert_resumed(job, reference, "SIGTERM")
 
 
 def test_requeues_stop_at_max_requeues(idle_cluster, tmp_path):
@@ -476,19 +495,6 @@ def test_requeues_stop_at_max_requeues(idle_cluster, tmp_path):
         submitted.describe()
     assert sbatched.lines(r"^train.sbatch: job \d+ not requeued: it was restarted 1 times \(--max-requeues 1\)"), \
         sbatched.describe()
-
-
-def test_failing_training_ends_failed_without_requeue(idle_cluster, tmp_path):
-    """Flags the training refuses where it runs: the job ends FAILED with the message in its log,
-    and is not requeued."""
-    submitted, sbatched = jobs = submit_both(idle_cluster, tmp_path, submit_train=("--device", "cuda"),
-                                             sbatch_train=("--cp-size", "3"))
-    wait_done(idle_cluster, list(jobs))
-    for job in jobs:
-        assert job.state == "FAILED" and job.restarts == 0, job.describe()
-        assert not job.metrics()
-    assert submitted.lines(r"train\.py: error: --device cuda, but torch sees no GPU"), submitted.describe()
-    assert sbatched.lines(r"train\.py: error: --cp-size 3 does not divide the world size 2"), sbatched.describe()
 
 
 # -- the script, where it cannot run ----------------------------------------------------------
