@@ -183,6 +183,9 @@ def cluster():
         assert proc.returncode == 0, f"slurm/local_cluster.sh start failed:\n{out}"
         # A first step on every node, so that the first job meets a cluster like the later ones.
         c.run("srun", f"--nodes={nodes}", f"--ntasks={nodes}", "true", timeout=60)
+        deadline = time.monotonic() + 30
+        while c.queue() and time.monotonic() < deadline:
+            time.sleep(0.1)
         yield c
     finally:
         stop = subprocess.run(["bash", str(LOCAL_CLUSTER), "stop", "--dir", str(root)], env=env,
@@ -301,14 +304,27 @@ def wait_done(cluster: Cluster, jobs: list[Job], timeout: float = 90) -> None:
     wait_until(cluster, jobs, lambda: all(j.state in FINAL_STATES for j in jobs), "the jobs to end", timeout)
 
 
-def wait_step(cluster: Cluster, job: Job, step: int, timeout: float = 60) -> None:
-    """Until ``job`` has logged ``step`` in its current allocation (records past ``step``)."""
-    def reached():
-        if job.state in FINAL_STATES:
-            pytest.fail(f"the job ended before step {step}:\n{job.describe()}")
-        return job.state == "RUNNING" and any(r["step"] >= step for r in job.metrics())
+def training_past(job: Job, step: int) -> bool:
+    """Whether ``job`` runs and has logged ``step`` (a resumed run's records past its checkpoint)."""
+    return job.state == "RUNNING" and any(r["step"] >= step for r in job.metrics())
 
-    wait_until(cluster, [job], reached, f"step {step} of {job.launcher} job {job.id}", timeout)
+
+def act_when(cluster: Cluster, jobs: list[Job], ready, act, what: str, timeout: float = 60) -> None:
+    """``act(job)`` on each job as soon as ``ready(job)``, the jobs watched together (one may
+    finish its training while the test waits for another)."""
+    pending = list(jobs)
+    deadline = time.monotonic() + timeout
+    while pending:
+        poll(cluster, pending)
+        for job in list(pending):
+            if ready(job):
+                act(job)
+                pending.remove(job)
+            elif job.state in FINAL_STATES:
+                pytest.fail(f"the job ended before {what}:\n{job.describe()}")
+        if pending and time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout} s for {what}:\n" + "\n\n".join(j.describe() for j in pending))
+        time.sleep(0.2)
 
 
 def submit(cluster: Cluster, out: Path, *flags: str, train: tuple[str, ...] = ()) -> Job:
@@ -457,9 +473,8 @@ def test_requeued_in_mid_run_resumes_from_its_checkpoint(idle_cluster, reference
     """`scontrol requeue` (what a preemption does): SIGTERM to every process of the job, Slurm
     puts it back in the queue, it starts again and resumes from the checkpoint."""
     jobs = submit_both(idle_cluster, tmp_path, submit_flags=("--time", "10"), sbatch_flags=("--time=10",))
-    for job in jobs:
-        wait_step(idle_cluster, job, 20)
-        idle_cluster.run("scontrol", "requeue", job.id)
+    act_when(idle_cluster, list(jobs), lambda j: training_past(j, 20),
+             lambda j: idle_cluster.run("scontrol", "requeue", j.id), "step 20")
     wait_done(idle_cluster, list(jobs))
     for job in jobs:
         assert job.restarts == 1, job.describe()
@@ -477,16 +492,16 @@ def test_requeues_stop_at_max_requeues(idle_cluster, tmp_path):
     def warn(job: Job):
         idle_cluster.run("scancel", "--signal=USR2", *(["--batch"] if job.launcher == "sbatch" else []), job.id)
 
-    for job in jobs:
-        wait_step(idle_cluster, job, 20)
-        warn(job)
-    first = {}
-    for job in jobs:
-        wait_until(idle_cluster, [job], lambda: job.restarts == 1 and job.checkpoint_step(), "the first requeue")
-        first[job.id] = job.checkpoint_step()
-    for job in jobs:
-        wait_step(idle_cluster, job, first[job.id] + 10)  # trains again, in its second allocation
-        warn(job)
+    act_when(idle_cluster, list(jobs), lambda j: training_past(j, 20), warn, "step 20")
+    first = {}  # the step of the first checkpoint
+
+    def training_again(job: Job) -> bool:  # 10 steps past the first checkpoint, in the second allocation
+        if job.restarts == 1 and job.checkpoint_step():
+            first.setdefault(job.id, job.checkpoint_step())
+            return training_past(job, first[job.id] + 10)
+        return False
+
+    act_when(idle_cluster, list(jobs), training_again, warn, "training in a second allocation")
     wait_done(idle_cluster, list(jobs))
     for job in jobs:
         assert job.state == "FAILED" and job.restarts == 1, job.describe()
