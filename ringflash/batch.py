@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .comm import resolve_group, world_and_rank
+from .comm import HybridGroup, all_gather_tensor, all_reduce_sum, resolve_group, world_and_rank
 from .layout import Layout, get_layout
 from .mask import check_cu_seqlens, doc_positions
 
@@ -144,13 +144,8 @@ def shard_batch(
 def _check_same_batch(seqlen: int, cu, group, world_size: int, device) -> None:
     """Raise ``ValueError`` on every rank unless every rank holds the same length and boundaries."""
     digest = zlib.crc32(repr(cu).encode())
-    if torch.device(device).type == "cpu" and "gloo" not in str(dist.get_backend(group)).lower() \
-            and torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())  # an NCCL group moves CUDA tensors only
     mine = torch.tensor([seqlen, 0 if cu is None else len(cu), digest], dtype=torch.int64, device=device)
-    every = [torch.empty_like(mine) for _ in range(world_size)]
-    dist.all_gather(every, mine, group=group)
-    rows = [tuple(t.tolist()) for t in every]
+    rows = [tuple(t) for t in all_gather_tensor(mine, group).tolist()]
     if len(set(rows)) > 1:
         detail = ", ".join(f"rank {r}: seqlen {n}, {max(c - 1, 0)} documents" for r, (n, c, _) in enumerate(rows))
         raise ValueError(
@@ -191,10 +186,10 @@ def _all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
         # A functional collective: torch.compile keeps it in the graph.
         import torch.distributed._functional_collectives as funcol
 
-        return funcol.all_reduce(t, "sum", group if group is not None else dist.group.WORLD)
-    t = t.clone()
-    dist.all_reduce(t, group=group)
-    return t
+        for g in (group.ulysses, group.ring) if isinstance(group, HybridGroup) else (group,):
+            t = funcol.all_reduce(t, "sum", g if g is not None else dist.group.WORLD)
+        return t
+    return all_reduce_sum(t, group)
 
 
 def sharded_cross_entropy(
@@ -290,5 +285,5 @@ def average_gradients(parameters, group=None) -> None:
         return
     for p in parameters:
         if p.grad is not None:
-            dist.all_reduce(p.grad, group=group)
+            all_reduce_sum(p.grad, group, inplace=True)
             p.grad.div_(world_size)

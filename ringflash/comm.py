@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["Ring", "CopyEngineRing", "Exchange", "make_ring", "resolve_group", "check_group_device",
-           "TRANSPORTS", "free_workspaces", "workspace_bytes"]
+           "TRANSPORTS", "free_workspaces", "workspace_bytes", "HybridGroup", "all_gather_tensor",
+           "all_reduce_sum"]
 
 TRANSPORTS = ("nccl", "copy_engine")
 # How ring transfers move (see the module docstring); read at every ring call.
@@ -46,11 +47,103 @@ COPY_ENGINE_TIMEOUT_S = float(os.environ.get("RINGFLASH_COPY_ENGINE_TIMEOUT_S", 
 COPY_ENGINE_SIGNALS = os.environ.get("RINGFLASH_COPY_ENGINE_SIGNALS", "kernel")
 
 
+class HybridGroup:
+    """A two-level context-parallel group: Ulysses (all-to-all over heads) inside, a ring outside.
+
+    ``ring`` and ``ulysses`` are process groups (or 1-D DeviceMeshes) that split the ``R * U``
+    ranks sharing one sequence into ``R`` ring positions of ``U`` Ulysses ranks each, typically
+    a node's GPUs: ``HybridGroup.from_mesh(mesh["ring", "ulysses"])``. This rank's place in the
+    whole context-parallel group is ``rank = r * U + u`` (``r``: its rank in ``ring``; ``u``: in
+    ``ulysses``), and a layout cuts the sequence over those ``R * U`` ranks as it would over a
+    plain group of that size, so :func:`ringflash.shard_batch`, the modules and the models take
+    a ``HybridGroup`` wherever they take a group. Attention gathers the ``U`` shards of a
+    Ulysses group for ``1/U`` of the heads (one all-to-all), runs the ring over ``ring`` on
+    those ``U``-times longer shards, and scatters the result back (one all-to-all).
+
+    Args:
+        ring: the ranks with the same Ulysses rank, one per ring position (across nodes).
+        ulysses: the ranks of this ring position (inside a node).
+
+    Raises:
+        ValueError: a mesh of more than one dimension; this rank outside either group;
+            torch.distributed not initialised.
+    """
+
+    def __init__(self, ring, ulysses):
+        if not _distributed():
+            raise ValueError("a HybridGroup needs an initialised torch.distributed process group")
+        self.ring = resolve_group(ring)
+        self.ulysses = resolve_group(ulysses)
+        self.ring_size, self.ring_rank = world_and_rank(self.ring)
+        self.ulysses_size, self.ulysses_rank = world_and_rank(self.ulysses)
+
+    @classmethod
+    def from_mesh(cls, mesh) -> "HybridGroup":
+        """From a 2-D DeviceMesh whose dimensions are (ring, ulysses), e.g. ``mesh["ring", "ulysses"]``."""
+        if getattr(mesh, "ndim", None) != 2:
+            raise ValueError(
+                f"HybridGroup.from_mesh takes a 2-D DeviceMesh (ring, ulysses); got "
+                f"{getattr(mesh, 'ndim', type(mesh).__name__)} dimensions"
+            )
+        return cls(mesh.get_group(0), mesh.get_group(1))
+
+    @property
+    def size(self) -> int:
+        """The number of ranks sharing one sequence, ``R * U``."""
+        return self.ring_size * self.ulysses_size
+
+    @property
+    def rank(self) -> int:
+        """This rank's place among them, ``r * U + u``."""
+        return self.ring_rank * self.ulysses_size + self.ulysses_rank
+
+    def __repr__(self) -> str:
+        return f"HybridGroup(ring={self.ring_size}, ulysses={self.ulysses_size})"
+
+
+def all_gather_tensor(t: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's ``t``, stacked in the group's rank order (dim 0), on ``t``'s device.
+
+    ``group`` is a ProcessGroup, None, or a :class:`HybridGroup` (gathered over its Ulysses
+    group, then its ring: rank ``r * U + u`` lands at index ``r * U + u``). A CPU tensor in an
+    NCCL group travels through this rank's GPU.
+    """
+    if isinstance(group, HybridGroup):
+        inner = all_gather_tensor(t, group.ulysses)  # (U, ...)
+        return all_gather_tensor(inner, group.ring).flatten(0, 1)  # (R, U, ...) -> (R * U, ...)
+    world_size, _ = world_and_rank(group)
+    if world_size == 1:
+        return t.unsqueeze(0)
+    moved = _collective_device(t, group)
+    every = [torch.empty_like(moved) for _ in range(world_size)]
+    dist.all_gather(every, moved.contiguous(), group=group)
+    return torch.stack(every).to(t.device)
+
+
+def all_reduce_sum(t: torch.Tensor, group, *, inplace: bool = False) -> torch.Tensor:
+    """The sum of ``t`` over ``group`` (a ProcessGroup, None or a :class:`HybridGroup`)."""
+    if not inplace:
+        t = t.clone()
+    for g in (group.ulysses, group.ring) if isinstance(group, HybridGroup) else (group,):
+        if world_and_rank(g)[0] > 1:
+            dist.all_reduce(t, group=g)
+    return t
+
+
+def _collective_device(t: torch.Tensor, group) -> torch.Tensor:
+    if t.device.type == "cpu" and "gloo" not in str(dist.get_backend(group)).lower() and torch.cuda.is_available():
+        return t.to(torch.device("cuda", torch.cuda.current_device()))  # an NCCL group moves CUDA tensors only
+    return t
+
+
 def resolve_group(group):
     """A ProcessGroup (or None for the default group) from a ProcessGroup or a 1-D DeviceMesh.
 
-    Raises ``ValueError`` if this rank is not a member of the group (see :func:`_check_member`).
+    A :class:`HybridGroup` is returned as it is. Raises ``ValueError`` if this rank is not a
+    member of the group (see :func:`_check_member`).
     """
+    if isinstance(group, HybridGroup):
+        return group
     try:
         from torch.distributed.device_mesh import DeviceMesh
     except ImportError:  # pragma: no cover - very old torch
@@ -93,6 +186,8 @@ def world_and_rank(group) -> tuple[int, int]:
 
     Raises ``ValueError`` if this rank is not a member of ``group`` (see :func:`_check_member`).
     """
+    if isinstance(group, HybridGroup):
+        return group.size, group.rank
     if not _distributed():
         if group is not None:
             raise ValueError("a process group was given but torch.distributed is not initialised")
@@ -103,6 +198,10 @@ def world_and_rank(group) -> tuple[int, int]:
 
 def check_group_device(group, device: torch.device) -> None:
     """Raise ``ValueError`` if the group's backend cannot move tensors on ``device``."""
+    if isinstance(group, HybridGroup):
+        check_group_device(group.ring, device)
+        check_group_device(group.ulysses, device)
+        return
     if not _distributed() or dist.get_world_size(group) == 1:
         return
     backend = str(dist.get_backend(group)).lower()

@@ -48,7 +48,6 @@ import zlib
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 try:
     from transformers import AttentionInterface
@@ -64,7 +63,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     AttentionMaskInterface = None
 
 from .batch import IGNORE_INDEX, shard_batch
-from .comm import resolve_group, world_and_rank
+from .comm import all_gather_tensor, resolve_group, world_and_rank
 from .layout import Layout, get_layout
 from .mask import check_cu_seqlens, doc_positions
 from .ring import ring_attention
@@ -284,11 +283,7 @@ def _check_batch(position_ids, cu, local_seqlen: int, s: RingSettings, world_siz
 
 
 def _all_gather(t: torch.Tensor, group, world_size: int) -> torch.Tensor:
-    if t.device.type == "cpu" and "gloo" not in str(dist.get_backend(group)).lower() and torch.cuda.is_available():
-        t = t.to(torch.device("cuda", torch.cuda.current_device()))  # an NCCL group moves CUDA tensors only
-    every = [torch.empty_like(t) for _ in range(world_size)]
-    dist.all_gather(every, t, group=group)
-    return torch.stack(every).cpu()
+    return all_gather_tensor(t, group).cpu()
 
 
 # -- batches ---------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .comm import resolve_group
+from .comm import all_gather_tensor, resolve_group, world_and_rank
 from .mask import _is_int
 
 __all__ = ["Layout", "Contiguous", "Striped", "Zigzag", "get_layout", "LAYOUTS"]
@@ -116,6 +116,37 @@ class Layout:
                 f"layout {self!r} over {world_size} ranks needs a sequence length that is a "
                 f"multiple of {m}; got {seqlen}. Pad the sequence to a multiple of {m}."
             )
+
+    def grouped(self, inner: int) -> "Layout":
+        """The layout over ``P / inner`` ranks whose shard ``r`` holds the tokens of ranks
+        ``r * inner, ..., r * inner + inner - 1`` of this layout over ``P`` ranks.
+
+        What a :class:`~ringflash.comm.HybridGroup` runs its ring with: after the all-to-all of
+        a Ulysses group of ``inner`` ranks, each rank holds the union of their shards.
+        :class:`Contiguous` gives :class:`Contiguous`, :class:`Striped` with stripe ``s`` gives
+        ``Striped(s * inner)``, :class:`Zigzag` gives :class:`Zigzag` (chunks ``inner`` times
+        longer).
+
+        Raises:
+            ValueError: a layout whose groups of consecutive ranks form no layout.
+        """
+        if inner == 1:
+            return self
+        raise ValueError(f"layout {self!r} has no grouped form: it cannot serve a HybridGroup")
+
+    def gather_order(self, seqlen: int, *, inner: int, outer_rank: int, world_size: int, device=None) -> torch.Tensor:
+        """The order that turns the concatenated shards of ranks ``outer_rank * inner + u``
+        (``u = 0 .. inner - 1``, in that order) into the shard of ``grouped(inner)`` at ``outer_rank``.
+
+        Returns:
+            (inner * seqlen // world_size,) int64 indices into the concatenation.
+        """
+        parts = [self.positions(seqlen, rank=outer_rank * inner + u, world_size=world_size) for u in range(inner)]
+        cat = torch.cat(parts)
+        order = torch.argsort(cat)
+        want = self.grouped(inner).positions(seqlen, rank=outer_rank, world_size=world_size // inner)
+        assert torch.equal(cat[order], want), (self, inner, outer_rank)
+        return order.to(device)
 
     def check_local_seqlen(self, local_seqlen: int, world_size: int) -> None:
         """Check that a shard of ``local_seqlen`` tokens can come from this layout over ``world_size`` ranks.
@@ -256,12 +287,10 @@ class Layout:
         if not dist.is_available() or not dist.is_initialized():
             return x
         group = resolve_group(group)
-        world_size = dist.get_world_size(group)
+        world_size, _ = world_and_rank(group)
         if world_size == 1:
             return x
-        shards = [torch.empty_like(x) for _ in range(world_size)]
-        dist.all_gather(shards, x.contiguous(), group=group)
-        return self.assemble(shards, dim=dim)
+        return self.assemble(list(all_gather_tensor(x.contiguous(), group).unbind(0)), dim=dim)
 
     def __eq__(self, other) -> bool:
         return type(self) is type(other) and vars(self) == vars(other)
@@ -285,6 +314,9 @@ class Contiguous(Layout):
 
     def multiple(self, world_size: int) -> int:
         return world_size
+
+    def grouped(self, inner: int) -> Layout:
+        return self
 
     def positions(self, seqlen: int, *, rank: int, world_size: int, device=None) -> torch.Tensor:
         self.check_rank(rank, world_size)
@@ -322,6 +354,9 @@ class Striped(Layout):
     def multiple(self, world_size: int) -> int:
         return world_size * self.stripe
 
+    def grouped(self, inner: int) -> Layout:
+        return Striped(self.stripe * inner)
+
     def positions(self, seqlen: int, *, rank: int, world_size: int, device=None) -> torch.Tensor:
         self.check_rank(rank, world_size)
         self.check_seqlen(seqlen, world_size)
@@ -348,6 +383,9 @@ class Zigzag(Layout):
 
     def multiple(self, world_size: int) -> int:
         return 2 * world_size
+
+    def grouped(self, inner: int) -> Layout:
+        return self
 
     def positions(self, seqlen: int, *, rank: int, world_size: int, device=None) -> torch.Tensor:
         self.check_rank(rank, world_size)

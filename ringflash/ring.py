@@ -619,7 +619,10 @@ def ring_attention(
         layout: ``"contiguous"``, ``"striped"``, ``"zigzag"`` or a :class:`~ringflash.layout.Layout`.
         softmax_scale: defaults to ``1 / sqrt(headdim)``.
         group: a ProcessGroup or 1-D DeviceMesh (default: the world); without an initialised
-            process group this is plain single-device attention. Transfers go through the
+            process group this is plain single-device attention. A
+            :class:`~ringflash.comm.HybridGroup` runs Ulysses inside its Ulysses groups and the
+            ring across them (:mod:`ringflash.ulysses`), on shards cut by ``layout`` over all
+            of its ranks. Transfers go through the
             group's point-to-point operations, or through the copy engine when
             ``ringflash.comm.TRANSPORT = "copy_engine"`` (GPUs of one node; :mod:`ringflash.comm`).
         return_lse: also return the log-sum-exp (natural log), (batch_size, nheads, local_seqlen),
@@ -650,6 +653,11 @@ def ring_attention(
     check_qkv(q, k, v)
     layout = get_layout(layout)
     group = resolve_group(group)
+    if isinstance(group, comm.HybridGroup):
+        from .ulysses import hybrid_attention
+
+        return hybrid_attention(q, k, v, causal=causal, window=window, cu_seqlens=cu_seqlens, layout=layout,
+                                softmax_scale=softmax_scale, group=group, return_lse=return_lse, backend=backend)
     world_size, _ = world_and_rank(group)
     if q.shape[1] != k.shape[1]:
         raise ValueError(

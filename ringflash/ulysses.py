@@ -1,0 +1,152 @@
+"""Ulysses x ring: an all-to-all over heads inside a Ulysses group, the ring across them.
+
+With a :class:`~ringflash.comm.HybridGroup` of ``R`` ring positions x ``U`` Ulysses ranks
+(``P = R * U``), every rank holds its shard of ``L = S / P`` tokens, cut by the layout over all
+``P`` ranks exactly as for a plain group. One call:
+
+1. one all-to-all in the Ulysses group (queries, keys and values together) gives each rank the
+   ``U * L`` tokens of its Ulysses group for ``H / U`` of the query heads (and their K/V heads);
+2. those tokens, put in increasing position order, are the shard of ``layout.grouped(U)`` over
+   the ``R`` ring positions (striped over ``P`` ranks is ``Striped(U)`` over ``R``; zigzag stays
+   zigzag; contiguous stays contiguous), and :func:`ringflash.ring_attention` runs over the
+   ring group with it: ``R - 1`` hops of ``U``-times larger K/V blocks instead of ``P - 1``;
+3. one all-to-all sends every rank its own tokens back, for all heads.
+
+The backward runs the same steps in reverse (the all-to-all is its own adjoint). Masks
+(causal, windows, documents) are rules on global positions and need nothing more.
+
+Grouped-query attention: when ``U`` divides the K/V head count, each rank receives
+``Hkv / U`` K/V heads; when the K/V head count divides ``U`` (fewer K/V heads than Ulysses
+ranks), each K/V head is sent to the ``U / Hkv`` ranks whose query heads use it, so each rank
+gets exactly one: the K/V all-to-all then carries ``U / Hkv`` times the K/V bytes (the ring
+still moves one K/V head per rank). Other counts raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.distributed as dist
+from einops import rearrange
+
+from .comm import HybridGroup, check_group_device, check_transport
+from . import comm
+from .layout import Layout
+from .mask import make_mask
+from .ops import check_mask_backend, check_qkv, get_backend, resolve_scale
+
+__all__ = ["hybrid_attention", "check_heads"]
+
+_ORDERS: OrderedDict = OrderedDict()  # (layout, S, P, U, r, device) -> (order, inverse)
+
+
+def check_heads(nheads: int, nheads_kv: int, ulysses_size: int) -> None:
+    """Raise ``ValueError`` unless the heads can be split over ``ulysses_size`` ranks."""
+    if nheads % ulysses_size:
+        raise ValueError(
+            f"a Ulysses group of {ulysses_size} ranks splits the query heads among its ranks: "
+            f"{nheads} query heads are not a multiple of {ulysses_size}; choose a Ulysses size "
+            f"that divides the number of heads"
+        )
+    if nheads_kv % ulysses_size and ulysses_size % nheads_kv:
+        raise ValueError(
+            f"{nheads_kv} key/value heads over a Ulysses group of {ulysses_size} ranks: the Ulysses "
+            f"size must divide the number of K/V heads, or be a multiple of it (then each K/V "
+            f"head is replicated to the ranks whose query heads use it)"
+        )
+
+
+def _orders(layout: Layout, seqlen: int, group: HybridGroup, device):
+    key = (layout, seqlen, group.size, group.ulysses_size, group.ring_rank, device)
+    if key not in _ORDERS:
+        order = layout.gather_order(seqlen, inner=group.ulysses_size, outer_rank=group.ring_rank,
+                                    world_size=group.size, device=device)
+        _ORDERS[key] = (order, torch.argsort(order))
+        while len(_ORDERS) > 16:
+            _ORDERS.popitem(last=False)
+    return _ORDERS[key]
+
+
+class _AllToAll(torch.autograd.Function):
+    """``out[j] = x[me]`` of rank ``j``, along dim 0 (one slice per rank); its own adjoint."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous()
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        dist.all_to_all_single(out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        out = torch.empty_like(grad, memory_format=torch.contiguous_format)
+        dist.all_to_all_single(out, grad, group=ctx.group)
+        return out, None
+
+
+def _to_heads(x: torch.Tensor, group: HybridGroup, order: torch.Tensor) -> torch.Tensor:
+    """(B, L, U*h, D) on each rank -> (B, U*L, h, D): the Ulysses group's tokens, ``h`` heads."""
+    x = rearrange(x, "b l (u h) d -> u b l h d", u=group.ulysses_size)
+    x = _AllToAll.apply(x, group.ulysses)  # dim 0 now indexes the rank the tokens came from
+    return rearrange(x, "u b l h d -> b (u l) h d").index_select(1, order)
+
+
+def _to_tokens(x: torch.Tensor, group: HybridGroup, inverse: torch.Tensor, token_dim: int) -> torch.Tensor:
+    """The inverse of :func:`_to_heads` for the output (token_dim 1) or the LSE (token_dim 2)."""
+    x = x.index_select(token_dim, inverse)
+    if token_dim == 1:  # (B, U*L, h, D) -> (B, L, U*h, D)
+        x = _AllToAll.apply(rearrange(x, "b (u l) h d -> u b l h d", u=group.ulysses_size), group.ulysses)
+        return rearrange(x, "u b l h d -> b l (u h) d")
+    x = _AllToAll.apply(rearrange(x, "b h (u l) -> u b h l", u=group.ulysses_size), group.ulysses)  # LSE
+    return rearrange(x, "u b h l -> b (u h) l")
+
+
+@torch.compiler.disable
+def hybrid_attention(q, k, v, *, causal, window, cu_seqlens, layout: Layout, softmax_scale, group: HybridGroup,
+                     return_lse: bool, backend):
+    """:func:`ringflash.ring_attention` over a :class:`~ringflash.comm.HybridGroup` (see the module)."""
+    from .ring import ring_attention  # ring imports this module
+
+    # Every check that can fail runs here, on every rank, before the first all-to-all.
+    check_qkv(q, k, v)
+    B, L, H, D = q.shape
+    Hkv = k.shape[2]
+    U = group.ulysses_size
+    if k.shape[1] != L:
+        raise ValueError(
+            f"ring attention needs q and k/v shards of the same tokens; got local lengths {L} (q) and "
+            f"{k.shape[1]} (k, v)"
+        )
+    layout.check_local_seqlen(L, group.size)
+    ring_layout = layout.grouped(U)
+    check_heads(H, Hkv, U)
+    check_group_device(group, q.device)
+    check_transport(comm.TRANSPORT, group.ring, q.device)
+    softmax_scale = resolve_scale(softmax_scale, D)
+    mask = make_mask(causal, window, cu_seqlens, L * group.size)
+    check_mask_backend(backend, mask)
+    be = get_backend(backend, q.device)
+    check_mask_backend(be, mask)
+    if getattr(be, "check", None) is not None:
+        be.check(q, k, v)
+    if U == 1:
+        return ring_attention(q, k, v, causal=causal, window=window, cu_seqlens=cu_seqlens, layout=ring_layout,
+                              softmax_scale=softmax_scale, group=group.ring, return_lse=return_lse, backend=backend)
+
+    order, inverse = _orders(layout, L * group.size, group, q.device)
+    if Hkv % U:  # fewer K/V heads than Ulysses ranks: rank u gets the K/V head of its query heads
+        k, v = (t.repeat_interleave(U // Hkv, dim=2) for t in (k, v))
+    hq, hkv = H // U, k.shape[2] // U
+    # One all-to-all for q, k and v: per destination rank, its query heads then its K/V heads.
+    qkv = torch.cat([rearrange(t, "b l (u h) d -> b l u h d", u=U) for t in (q, k, v)], dim=3)
+    qkv = _to_heads(rearrange(qkv, "b l u h d -> b l (u h) d"), group, order)
+    q_g, k_g, v_g = qkv.split([hq, hkv, hkv], dim=2)
+    out = ring_attention(q_g, k_g, v_g, causal=causal, window=window, cu_seqlens=cu_seqlens, layout=ring_layout,
+                         softmax_scale=softmax_scale, group=group.ring, return_lse=return_lse, backend=backend)
+    if return_lse:
+        out, lse = out
+        return _to_tokens(out, group, inverse, 1), _to_tokens(lse, group, inverse, 2)
+    return _to_tokens(out, group, inverse, 1)
