@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -371,30 +372,21 @@ def submit_both(cluster: Cluster, base: Path, submit_flags=(), sbatch_flags=(), 
 class Reference:
     jobs: tuple[Job, Job]
     losses: list[tuple[int, float]]
-    windows: dict[str, tuple[float, float]]  # launcher -> (first, last step) in seconds after release
+    startup_s: float  # from their release to the first step of both jobs
 
 
 @pytest.fixture(scope="module")
 def reference(cluster, tmp_path_factory) -> Reference:
-    """Each launcher's job, uninterrupted, both released at once; when each trained is measured
-    (from the release), for the time-limit test."""
+    """Each launcher's job, uninterrupted, both released at once (how long they take to start
+    training is measured for the time-limit test)."""
     base = tmp_path_factory.mktemp("uninterrupted")
     jobs = submit_both(cluster, base, hold=True)
     released = time.monotonic()
     cluster.run("scontrol", "release", *[j.id for j in jobs])
-    last_step_at = {}
-
-    def done():
-        for j in jobs:
-            if j.launcher not in last_step_at and len(j.metrics()) >= STEPS:
-                last_step_at[j.launcher] = time.monotonic()
-        return all(j.state in FINAL_STATES for j in jobs)
-
-    wait_until(cluster, list(jobs), done, "the uninterrupted jobs to end")
+    wait_done(cluster, list(jobs))
     for j in jobs:
-        assert j.state == "COMPLETED" and j.first_step_at and j.launcher in last_step_at, j.describe()
-    windows = {j.launcher: (j.first_step_at - released, last_step_at[j.launcher] - released) for j in jobs}
-    return Reference(jobs, jobs[0].losses(), windows)
+        assert j.state == "COMPLETED" and j.first_step_at, j.describe()
+    return Reference(jobs, jobs[0].losses(), max(j.first_step_at for j in jobs) - released)
 
 
 def test_each_launcher_trains_on_two_tasks_and_the_loss_falls(idle_cluster, reference):
@@ -445,21 +437,51 @@ def assert_resumed(job: Job, reference: Reference, stopped_by: str) -> None:
     assert job.losses() == reference.losses, f"{job.launcher}: the resumed run's losses differ"
 
 
+def rank_processes(cluster: Cluster, job: Job) -> list[int]:
+    """The processes of ``job`` that train: submitit's tasks, or the ranks torchrun started."""
+    marks = (f"SLURM_CONF={cluster.conf}\0".encode(), f"SLURM_JOB_ID={job.id}\0".encode())
+    ranks = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or not all(m in _environ(entry.name) for m in marks):
+            continue
+        argv = _cmdline(entry.name).split()
+        if argv and Path(argv[0]).name.startswith("python") and (
+                "submitit.core._submit" in argv or ("launch/train.py" in argv and not any("torchrun" in a for a in argv))):
+            ranks.append(int(entry.name))
+    return ranks
+
+
 def test_time_limit_warning_checkpoints_requeues_and_resumes(idle_cluster, reference, tmp_path):
-    """A one-minute time limit: Slurm's SIGUSR2 warning (at its next time-limit check) makes the
+    """A one-minute time limit: Slurm's SIGUSR2 warning, at its next time-limit check, makes the
     job checkpoint and requeue itself; it comes back and resumes from the checkpoint.
 
-    slurmctld checks time limits every 30 s; each job is released from the queue so that the
-    check falls in the middle of its training, as the uninterrupted jobs' timings say."""
+    slurmctld checks time limits every 30 s, and warns a job of a minute at its first check. So
+    that the check finds the jobs training on a machine of any speed, they start well before it
+    (a check during their start-up would warn them before they can checkpoint), and once they
+    train their ranks wait, stopped (SIGSTOP), until a second before it."""
     jobs = submit_both(idle_cluster, tmp_path, submit_flags=("--time", "1", "--signal-delay", "50"),
                        sbatch_flags=("--time=1", "--signal=B:USR2@50"), hold=True)
-    release_before = {j.id: sum(reference.windows[j.launcher]) / 2 for j in jobs}  # mid-training
+    lead = min(25.0, max(10.0, 2 * reference.startup_s + 2))  # enough to start training
     check = idle_cluster.next_time_limit_check()
-    if check - time.time() < max(release_before.values()) + 1:
+    if check - time.time() < lead:
+        time.sleep(check + 1 - time.time())  # past this one: the next comes 30 s after it
         check += TIME_LIMIT_CHECK_S
-    for job in sorted(jobs, key=lambda j: -release_before[j.id]):
-        time.sleep(max(0.0, check - release_before[job.id] - time.time()))
-        idle_cluster.run("scontrol", "release", job.id)
+    idle_cluster.run("scontrol", "release", *[j.id for j in jobs])
+    stopped = []
+    try:
+        def pause(job: Job):
+            ranks = rank_processes(idle_cluster, job)
+            assert len(ranks) == 2, f"{job.launcher} job {job.id}: ranks {ranks}"
+            for pid in ranks:
+                os.kill(pid, signal.SIGSTOP)
+            stopped.extend(ranks)
+
+        act_when(idle_cluster, list(jobs), lambda j: training_past(j, 40), pause, "step 40",
+                 timeout=check - 2 - time.time())
+        time.sleep(max(0.0, check - 1 - time.time()))
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
     wait_done(idle_cluster, list(jobs), timeout=150)
     assert any(abs(t - check) < 3 for t in idle_cluster.time_limit_checks()), "no time-limit check when expected"
     submitted, sbatched = jobs
