@@ -1,5 +1,6 @@
 """ringflash: exact ring, striped and zigzag attention over sequences sharded across GPUs."""
 
+from .comm import HybridGroup
 from .layout import Contiguous, Layout, Striped, Zigzag, get_layout
 from .ops import flash_attention
 from .ring import ring_attention
@@ -16,6 +17,7 @@ __all__ = [
     "Striped",
     "Zigzag",
     "get_layout",
+    "HybridGroup",
     "RingAttention",
     "MultiheadAttention",
     "shard_batch",
