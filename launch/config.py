@@ -63,6 +63,10 @@ class TrainConfig:
     # parallelism
     cp_size: int = _f(0, "context-parallel ranks per sequence (0: all ranks); must divide the world size")
     layout: str = _f("striped", "sequence layout over the cp ranks", choices=sorted(LAYOUTS))
+    ulysses_size: int = _f(1, "of the --cp-size ranks of a sequence, groups of this many consecutive ranks (a "
+                           "node's GPUs) trade heads for tokens with an all-to-all (Ulysses) and the ring runs "
+                           "across the groups, --cp-size / --ulysses-size ranks long; 1: the ring alone. Must "
+                           "divide --cp-size and --heads; --kv-heads a multiple or a divisor of it")
     # model
     dim: int = _f(128, "model width")
     layers: int = _f(2, "transformer blocks")
@@ -209,6 +213,19 @@ def _parallel_problems(cfg: TrainConfig, world_size: int) -> list[str]:
             f"data-parallel x context-parallel; use a --cp-size among "
             f"{[d for d in range(1, world_size + 1) if world_size % d == 0]}"
         ]
+    if cfg.ulysses_size < 1 or (cp >= 1 and cp % cfg.ulysses_size != 0):
+        return [
+            f"--ulysses-size {cfg.ulysses_size} must be a positive divisor of the context-parallel size "
+            f"{cp} (--cp-size, or the world): the cp ranks are --cp-size / --ulysses-size ring positions "
+            f"of --ulysses-size ranks each"
+        ]
+    if cfg.ulysses_size > 1 and cfg.heads >= 1 and cfg.kv_heads >= 1:
+        from ringflash.ulysses import check_heads
+
+        try:
+            check_heads(cfg.heads, cfg.kv_heads, cfg.ulysses_size)
+        except ValueError as e:
+            return [f"--heads {cfg.heads} / --kv-heads {cfg.kv_heads} with --ulysses-size {cfg.ulysses_size}: {e}"]
     if cp >= 1 and cfg.seq_len >= 1:
         layout = get_layout(cfg.layout)
         m = layout.multiple(cp) if cp > 1 else 1  # one rank holds the whole sequence: any length

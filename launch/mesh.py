@@ -3,7 +3,9 @@
 The world of ``dp x cp`` ranks is a row-major 2-D device mesh: each context-parallel group is
 ``cp`` consecutive ranks (on one node when ``cp`` divides the GPUs per node, where the ring's
 point-to-point traffic stays on NVLink), and each data-parallel group takes one rank of every
-cp group. :class:`Dist` is what the rest of the job needs to know about it.
+cp group. With ``--ulysses-size U`` the cp dimension is itself (ring, ulysses): groups of ``U``
+consecutive ranks exchange heads for tokens with an all-to-all and the ring runs across them (a
+:class:`ringflash.HybridGroup`). :class:`Dist` is what the rest of the job needs to know about it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+from ringflash import HybridGroup
 
 if TYPE_CHECKING:  # annotations only (launch/ on sys.path)
     from config import TrainConfig
@@ -33,7 +37,7 @@ class Dist:
     cp_rank: int
     cp_size: int
     device: torch.device
-    cp_group: object  # the ProcessGroup of this rank's context-parallel ranks
+    cp_group: object  # this rank's context-parallel ranks: a ProcessGroup, or a HybridGroup (--ulysses-size)
 
 
 def _free_port() -> int:
@@ -67,11 +71,20 @@ def setup_distributed(cfg: TrainConfig, rank: int, world_size: int, local_rank: 
         dist.init_process_group(cfg.dist_backend, timeout=datetime.timedelta(minutes=10))
     cp = cfg.cp_size or world_size
     dp = world_size // cp
-    # Row-major (dp, cp) mesh: each cp group is cp consecutive ranks.
-    mesh = init_device_mesh(device.type, (dp, cp), mesh_dim_names=("dp", "cp"))
+    if cfg.ulysses_size > 1:
+        # Row-major (dp, ring, ulysses) mesh: each Ulysses group is ulysses_size consecutive
+        # ranks (a node's GPUs, for the all-to-all), each cp group ring x ulysses of them.
+        u = cfg.ulysses_size
+        mesh = init_device_mesh(device.type, (dp, cp // u, u), mesh_dim_names=("dp", "ring", "ulysses"))
+        cp_group = HybridGroup.from_mesh(mesh["ring", "ulysses"])
+        cp_rank = cp_group.rank
+    else:
+        # Row-major (dp, cp) mesh: each cp group is cp consecutive ranks.
+        mesh = init_device_mesh(device.type, (dp, cp), mesh_dim_names=("dp", "cp"))
+        cp_group, cp_rank = mesh.get_group("cp"), mesh.get_local_rank("cp")
     return Dist(
         rank=rank, world_size=world_size, local_rank=local_rank,
         dp_rank=mesh.get_local_rank("dp"), dp_size=dp,
-        cp_rank=mesh.get_local_rank("cp"), cp_size=cp,
-        device=device, cp_group=mesh.get_group("cp"),
+        cp_rank=cp_rank, cp_size=cp,
+        device=device, cp_group=cp_group,
     )

@@ -236,7 +236,9 @@ def _train(cfg: TrainConfig, d: Dist, stop: StopSignals, dataset=None) -> TrainR
         n_params = sum(p.numel() for p in model.parameters())
         print(
             f"{'resuming at step ' + str(step) if ckpt else 'training'}: {n_params / 1e6:.2f}M parameters, "
-            f"world {d.world_size} = dp {d.dp_size} x cp {d.cp_size} ({cfg.layout}), {cfg.seq_len} tokens "
+            f"world {d.world_size} = dp {d.dp_size} x cp {d.cp_size} ({cfg.layout}"
+            f"{f', ring {d.cp_size // cfg.ulysses_size} x ulysses {cfg.ulysses_size}' if cfg.ulysses_size > 1 else ''}), "
+            f"{cfg.seq_len} tokens "
             f"per sequence ({cfg.seq_len // d.cp_size} per rank), {cfg.batch_size * d.dp_size} sequences "
             f"per step, {d.device.type}/{cfg.dist_backend}/{cfg.backend}/{cfg.dtype}, attention {cfg.mask}",
             file=sys.stderr, flush=True,

@@ -126,6 +126,13 @@ def test_config_checks_say_what_to_change(tmp_path):
     assert len(_problems(["--cp-size", "3", "--lr", "0", "--steps", "0"], 2)) == 3
     (p,) = _problems(["--device", "cpu", "--backend", "cudnn"], 1)
     assert "--backend cudnn" in p and "--device cuda and --dtype bfloat16" in p
+    assert _problems(["--cp-size", "4", "--ulysses-size", "2"], 8) == []
+    (p,) = _problems(["--cp-size", "4", "--ulysses-size", "3"], 8)
+    assert "--ulysses-size 3 must be a positive divisor of the context-parallel size 4" in p
+    (p,) = _problems(["--ulysses-size", "4", "--heads", "6", "--kv-heads", "6", "--dim", "96"], 4)
+    assert "6 query heads are not a multiple of 4" in p
+    (p,) = _problems(["--ulysses-size", "2", "--heads", "6", "--kv-heads", "3", "--dim", "96"], 2)
+    assert "3 key/value heads" in p
     (p,) = _problems(["--device", "cpu", "--transport", "copy_engine"], 2)
     assert "--transport copy_engine" in p and "GPUs of one node" in p
     cfg = train.parse_args(["--backend", "cudnn", "--dim", "1024", "--heads", "4"]).resolved()
@@ -266,8 +273,8 @@ GRAD_ARGS = ["--seq-len", "32", "--batch-size", "2", "--dim", "32", "--layers", 
              "--kv-heads", "2", "--recall-pairs", "3", "--device", "cpu"]
 
 
-def _grads_dp_cp(rank, world_size, cp_size):
-    cfg = train.parse_args(GRAD_ARGS + ["--cp-size", str(cp_size)]).resolved()
+def _grads_dp_cp(rank, world_size, cp_size, ulysses_size=1):
+    cfg = train.parse_args(GRAD_ARGS + ["--cp-size", str(cp_size), "--ulysses-size", str(ulysses_size)]).resolved()
     d = train.setup_distributed(cfg, rank, world_size, rank)
     torch.manual_seed(cfg.seed)
     model = train.build_model(cfg, d.cp_group)
@@ -279,11 +286,12 @@ def _grads_dp_cp(rank, world_size, cp_size):
     return {n: p.grad.tolist() for n, p in model.named_parameters()}, loss.item()
 
 
-@pytest.mark.parametrize("world_size,cp_size", [(4, 2), (2, 2)])
-def test_gradients_equal_single_process_gradients(world_size, cp_size):
+@pytest.mark.parametrize("world_size,cp_size,ulysses_size", [(4, 2, 1), (2, 2, 1), (4, 4, 2), (4, 2, 2)])
+def test_gradients_equal_single_process_gradients(world_size, cp_size, ulysses_size):
     """After train_step every rank holds the gradient of the mean over dp replicas of the
-    whole-sequence loss: the same as one process computing it on the full sequences."""
-    results = spawn(_grads_dp_cp, world_size, cp_size, timeout=120)
+    whole-sequence loss: the same as one process computing it on the full sequences (also with
+    the cp ranks split into ring x ulysses)."""
+    results = spawn(_grads_dp_cp, world_size, cp_size, ulysses_size, timeout=120)
 
     cfg = train.parse_args(GRAD_ARGS).resolved()
     torch.manual_seed(cfg.seed)
@@ -325,6 +333,14 @@ def test_two_ranks_loss_falls(reference_run):
     except ImportError:
         return
     assert (reference_run / "loss.png").stat().st_size > 0
+
+
+def test_ring_by_ulysses_loss_falls(tmp_path):
+    """4 ranks as ring 2 x ulysses 2 (TINY's 2 query heads share 1 K/V head, sent to both)."""
+    torchrun(*TINY, "--steps", str(STEPS), "--cp-size", "4", "--ulysses-size", "2", "--out", str(tmp_path), nproc=4)
+    records = read_metrics(tmp_path)
+    first, last = records[0]["loss"], sum(r["loss"] for r in records[-5:]) / 5
+    assert last < first - 1.5, f"loss did not fall: {first:.3f} -> {last:.3f}"
 
 
 def test_two_ranks_learn_to_recall(tmp_path):
