@@ -89,7 +89,8 @@ stop_pids() {
     done
     for pid in "${pids[@]}"; do
         if kill -0 "$pid" 2>/dev/null; then
-            echo "local_cluster.sh: pid $pid ($(cat "/proc/$pid/comm" 2>/dev/null)) did not stop on SIGTERM; killing it" >&2
+            echo "local_cluster.sh: pid $pid ($(cat "/proc/$pid/comm" 2>/dev/null)) did not stop on SIGTERM;" \
+                "killing it" >&2
             kill -KILL "$pid" 2>/dev/null || true
         fi
     done
@@ -241,7 +242,8 @@ mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
         for name in $(node_names); do
             n=$((n + 1))
             # Both at 127.0.0.1, each slurmd on its own port; NodeHostname only tells them apart.
-            echo "NodeName=$name NodeHostname=node$n NodeAddr=127.0.0.1 Port=$((port + n)) CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN"
+            echo "NodeName=$name NodeHostname=node$n NodeAddr=127.0.0.1 Port=$((port + n))" \
+                "CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN"
         done
     fi
     echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP"

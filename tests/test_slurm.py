@@ -97,7 +97,8 @@ def test_submit_cpu_nodes(tmp_path):
     """--gpus-per-node 0: --tasks-per-node ranks per node, no GPU asked for, the training on the
     CPU; the config is checked for the job's world of nodes x tasks."""
     record = tmp_path / "sbatch"
-    env = fake_bin(tmp_path, sbatch=f'cp "${{@: -1}}" {record}.script\necho "Submitted batch job 77"\n', srun="exit 0\n")
+    env = fake_bin(tmp_path, sbatch=f'cp "${{@: -1}}" {record}.script\necho "Submitted batch job 77"\n',
+                   srun="exit 0\n")
     out = tmp_path / "run"
     submit_py = [sys.executable, str(REPO / "slurm" / "submit.py"), "--nodes", "2", "--gpus-per-node", "0",
                  "--tasks-per-node", "3", "--cpus-per-task", "2"]
@@ -152,7 +153,7 @@ def test_submit_refuses_a_resume_conflict_before_submitting(tmp_path):
 @pytest.mark.parametrize("flags,message", [
     (["--nodes", "0"], "--nodes must be at least 1"),  # was a traceback, after sbatch had run
     (["--gpus-per-node", "-1"], "--gpus-per-node cannot be negative"),
-    (["--tasks-per-node", "2"], "--tasks-per-node 2 with --gpus-per-node 8: with GPUs each task is the rank of one GPU"),
+    (["--tasks-per-node", "2"], "--tasks-per-node 2 with --gpus-per-node 8: with GPUs each task is the rank of one"),
     (["--gpus-per-node", "0", "--tasks-per-node", "-1"], "--tasks-per-node cannot be negative"),
     (["--max-requeues", "-1"], "--max-requeues cannot be negative"),
     (["--time", "2", "--signal-delay", "120"], "--signal-delay 120 s does not fit in a --time 2 min"),

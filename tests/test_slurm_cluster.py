@@ -157,6 +157,7 @@ def cluster():
     reason = why_no_cluster()
     if reason:
         pytest.skip(reason)
+    pytest.importorskip("submitit", reason="slurm/submit.py needs submitit (pip install -e '.[test]')")
     # Not under pytest's tmp_path: munged wants every directory above its socket open to all.
     root = Path(tempfile.mkdtemp(prefix="ringflash-slurm-"))
     root.chmod(0o755)
@@ -167,11 +168,11 @@ def cluster():
     # torchrun and this Python first (the jobs run with the submitter's environment).
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), SBIN_PATH])
     env["SLURM_CONF"] = str(root / "slurm.conf")
-    cpus = 2 * (os.cpu_count() or 1)  # two 2-task jobs at once, whatever this host's cores
+    cpus = max(4, 2 * (os.cpu_count() or 1))  # two 2-task jobs at once, whatever this host's cores
     nodes, out = 2, None
     for nodes in (2, 1):  # two emulated nodes where this host's name tells them apart
         proc = subprocess.run(["bash", str(LOCAL_CLUSTER), "start", "--dir", str(root), "--nodes", str(nodes),
-                               "--cpus", str(max(cpus, 4)), "--port", str(_free_ports(3)), "--debug", "debug2"],
+                               "--cpus", str(cpus), "--port", str(_free_ports(3)), "--debug", "debug2"],
                               env=env, capture_output=True, text=True, timeout=120)
         out = proc.stdout + proc.stderr
         if proc.returncode != 5:
@@ -254,7 +255,8 @@ class Job:
 
     def log(self) -> str:
         """Every log of the job (submitit's per-task logs, or the sbatch output), progress bars cut."""
-        files = sorted(self.logs.glob("*_log.*")) if self.launcher == "submit.py" else sorted(self.logs.glob("slurm-*.out"))
+        pattern = "*_log.*" if self.launcher == "submit.py" else "slurm-*.out"
+        files = sorted(self.logs.glob(pattern))
         return "\n".join(f.read_text(errors="replace").replace("\r", "\n") for f in files)
 
     def lines(self, pattern: str) -> list[str]:
@@ -273,7 +275,8 @@ class Job:
         return json.loads(meta.read_text())["step"] if meta.exists() else None
 
     def describe(self) -> str:
-        tail = "\n".join(line for line in self.log().splitlines()[-40:] if line.strip() and not line.startswith("train:"))
+        lines = self.log().splitlines()[-40:]
+        tail = "\n".join(line for line in lines if line.strip() and not line.startswith("train:"))
         return (f"{self.launcher} job {self.id}: {self.state}, restarts {self.restarts}, "
                 f"{len(self.metrics())} records; log:\n{tail}")
 
@@ -445,8 +448,9 @@ def rank_processes(cluster: Cluster, job: Job) -> list[int]:
         if not entry.name.isdigit() or not all(m in _environ(entry.name) for m in marks):
             continue
         argv = _cmdline(entry.name).split()
+        torchrun = any("torchrun" in a for a in argv)  # its command line names launch/train.py too
         if argv and Path(argv[0]).name.startswith("python") and (
-                "submitit.core._submit" in argv or ("launch/train.py" in argv and not any("torchrun" in a for a in argv))):
+                "submitit.core._submit" in argv or ("launch/train.py" in argv and not torchrun)):
             ranks.append(int(entry.name))
     return ranks
 
