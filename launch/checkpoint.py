@@ -72,10 +72,10 @@ def save_checkpoint(out: Path, cfg: TrainConfig, d: Dist, model, optimizer, step
         tmp.mkdir(parents=True)
     dist.barrier()
     torch.save(_rng_state(d.device), tmp / f"rng_rank{d.rank}.pt")
+    model_state, optim_state = _full_state(model, optimizer)  # a collective under FSDP
     if d.rank == 0:
         torch.save(
-            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "data_position": data_position},
+            {"model": model_state, "optimizer": optim_state, "step": step, "data_position": data_position},
             tmp / STATE_FILE,
         )
     dist.barrier()
@@ -92,11 +92,61 @@ def save_checkpoint(out: Path, cfg: TrainConfig, d: Dist, model, optimizer, step
     return final
 
 
+def _sharded(model) -> bool:
+    """Whether ``model`` holds FSDP2-sharded parameters (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _full_state(model, optimizer) -> tuple[dict, dict]:
+    """The whole model and optimizer state, as one process would hold it (rank 0; others may get
+    empty dicts). Under FSDP the shards are gathered, with the optimizer state in the plain
+    optimizer's layout, so checkpoints of ``--fsdp`` and DDP runs are the same files."""
+    if not _sharded(model):
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state, optim_state = get_state_dict(model, optimizer, options=opts)
+    return model_state, _to_param_ids(optim_state, model, optimizer)
+
+
+def _param_names(model, optimizer) -> list[str]:
+    """The name of every parameter in the order the plain optimizer numbers them (its groups)."""
+    name = {id(p): n for n, p in model.named_parameters()}
+    return [name[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def _to_param_ids(optim_state: dict, model, optimizer) -> dict:
+    """Distributed checkpoint's optimizer state (keyed by parameter names) keyed as the plain
+    optimizer keys it (by the parameters' numbers in its groups)."""
+    if not optim_state:
+        return optim_state
+    index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
+    groups = [dict(g, params=[index[n] for n in g["params"]]) for g in optim_state["param_groups"]]
+    return {"state": {index[n]: v for n, v in optim_state["state"].items()}, "param_groups": groups}
+
+
+def _to_param_names(optim_state: dict, model, optimizer) -> dict:
+    """The inverse of :func:`_to_param_ids`."""
+    names = _param_names(model, optimizer)
+    groups = [dict(g, params=[names[i] for i in g["params"]]) for g in optim_state["param_groups"]]
+    return {"state": {names[i]: v for i, v in optim_state["state"].items()}, "param_groups": groups}
+
+
 def load_checkpoint(ckpt: Path, d: Dist, model, optimizer) -> tuple[int, int]:
     """Restore model, optimizer and this rank's RNG state; return (step, data position)."""
     state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    if _sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=_to_param_names(state["optimizer"], model, optimizer),
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
     meta = json.loads((ckpt / META_FILE).read_text())
     rng = ckpt / f"rng_rank{d.rank}.pt"
     if meta["world_size"] == d.world_size and rng.is_file():

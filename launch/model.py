@@ -53,3 +53,20 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     span = max(1, cfg.lr_decay_steps - cfg.warmup_steps)
     t = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """FSDP2 over every rank of the world: each block, then the root (embedding, norm, head).
+
+    Parameters, gradients and optimizer state are split over all dp x cp ranks; a block's
+    parameters are gathered for its forward and backward, and gradients reduce-scattered as the
+    mean over the ranks (what DDP's all-reduce gives). Build the optimizer after this.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),), mesh_dim_names=("fsdp",))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model

@@ -89,14 +89,14 @@ if __package__ in (None, ""):  # run as a script (torchrun launch/train.py): mak
     from data import IGNORE_INDEX, make_dataset
     from mesh import Dist, setup_distributed, world_from_env
     from metrics import RunLog, StepTimer, log_record, trim_metrics
-    from model import build_model, build_optimizer, lr_at
+    from model import build_model, build_optimizer, lr_at, shard_model
 else:
     from .checkpoint import StopSignals, find_checkpoint, load_checkpoint, save_checkpoint
     from .config import TrainConfig, config_problems, parse_args
     from .data import IGNORE_INDEX, make_dataset
     from .mesh import Dist, setup_distributed, world_from_env
     from .metrics import RunLog, StepTimer, log_record, trim_metrics
-    from .model import build_model, build_optimizer, lr_at
+    from .model import build_model, build_optimizer, lr_at, shard_model
 
 from ringflash.batch import shard_batch
 
@@ -127,6 +127,20 @@ def row_groups(cu_seqlens: list[tuple[int, ...]] | None, batch_size: int) -> lis
     for row, cu in enumerate(cu_seqlens):
         groups.setdefault(tuple(cu), []).append(row)
     return [(rows, cu) for cu, rows in groups.items()]
+
+
+@contextlib.contextmanager
+def _no_sync(model):
+    """No gradient reduction in the block: DDP's ``no_sync``, or FSDP2's gradient-sync switch."""
+    if hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+        return
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def train_step(ddp, tokens: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, d: Dist, autocast,
@@ -160,7 +174,7 @@ def train_step(ddp, tokens: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig
         # Under torch.compile boundaries as a tensor: as Python ints they would specialise the graph.
         kw = {} if cu is None else {"cu_seqlens": torch.tensor(cu) if cfg.compile else cu}
         last = i == len(groups) - 1
-        with contextlib.nullcontext() if last else ddp.no_sync():  # DDP all-reduces once, after the last
+        with contextlib.nullcontext() if last else _no_sync(ddp):  # gradients reduced once, after the last
             with autocast:
                 logits_local, loss = ddp(ids_local, labels_local, **kw)  # (B_g, S/cp, 256), scalar
             if len(groups) > 1:
@@ -223,6 +237,8 @@ def _train(cfg: TrainConfig, d: Dist, stop: StopSignals, dataset=None) -> TrainR
         dataset = make_dataset(data=cfg.data or None, seq_len=cfg.seq_len, seed=cfg.seed,
                                recall_pairs=cfg.recall_pairs, task=cfg.task)
     model = build_model(cfg, d.cp_group).to(d.device)
+    if cfg.fsdp:
+        shard_model(model, d.device)
     optimizer = build_optimizer(cfg, model)
 
     step, data_position = 0, 0
@@ -245,7 +261,8 @@ def _train(cfg: TrainConfig, d: Dist, stop: StopSignals, dataset=None) -> TrainR
         )
 
     # Checkpoints hold the plain model's state; DDP wraps the compiled one (same parameters).
-    ddp = torch.nn.parallel.DistributedDataParallel(
+    # Under --fsdp the sharded model itself reduces its gradients.
+    ddp = model if cfg.fsdp else torch.nn.parallel.DistributedDataParallel(
         torch.compile(model) if cfg.compile else model, device_ids=[d.device.index] if d.device.type == "cuda" else None
     )
     autocast = torch.autocast(d.device.type, dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")

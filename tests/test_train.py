@@ -126,6 +126,8 @@ def test_config_checks_say_what_to_change(tmp_path):
     assert len(_problems(["--cp-size", "3", "--lr", "0", "--steps", "0"], 2)) == 3
     (p,) = _problems(["--device", "cpu", "--backend", "cudnn"], 1)
     assert "--backend cudnn" in p and "--device cuda and --dtype bfloat16" in p
+    (p,) = _problems(["--fsdp", "--compile"], 2)
+    assert "--fsdp with --compile" in p
     assert _problems(["--cp-size", "4", "--ulysses-size", "2"], 8) == []
     (p,) = _problems(["--cp-size", "4", "--ulysses-size", "3"], 8)
     assert "--ulysses-size 3 must be a positive divisor of the context-parallel size 4" in p
@@ -365,6 +367,24 @@ def test_compiled_run_matches_eager(reference_run, tmp_path):
     said = re.search(r"compiled: (\d+) graph", proc.stdout + proc.stderr)
     assert said and int(said.group(1)) >= 1, proc.stderr[-3000:]  # the model really compiled
     for (step, got), (_, want) in zip(losses(tmp_path), losses(reference_run)[:6], strict=True):
+        assert abs(got - want) < 1e-5 * abs(want), (step, got, want)
+
+
+def test_fsdp_matches_ddp_and_resumes_exactly(reference_run, tmp_path):
+    """--fsdp: the losses of the DDP reference to float32 rounding; stopped half-way and resumed
+    (from the gathered checkpoint), the same losses bit for bit as without the stop; and a DDP
+    checkpoint resumes under --fsdp."""
+    whole, halves, mixed = tmp_path / "whole", tmp_path / "halves", tmp_path / "mixed"
+    torchrun(*TINY, "--fsdp", "--steps", str(STEPS), "--out", str(whole))
+    for (step, got), (_, want) in zip(losses(whole), losses(reference_run), strict=True):
+        assert abs(got - want) < 1e-5 * abs(want), (step, got, want)
+    half = STEPS // 2
+    torchrun(*TINY, "--fsdp", "--steps", str(half), "--lr-decay-steps", str(STEPS), "--out", str(halves))
+    torchrun(*TINY, "--fsdp", "--steps", str(STEPS), "--resume", "--out", str(halves))
+    assert losses(halves) == losses(whole)
+    torchrun(*TINY, "--steps", str(half), "--lr-decay-steps", str(STEPS), "--out", str(mixed))
+    torchrun(*TINY, "--fsdp", "--steps", str(STEPS), "--resume", "--out", str(mixed))
+    for (step, got), (_, want) in zip(losses(mixed), losses(reference_run), strict=True):
         assert abs(got - want) < 1e-5 * abs(want), (step, got, want)
 
 
