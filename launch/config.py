@@ -37,7 +37,7 @@ else:  # launch/ is on sys.path (launch/train.py run as a script, the tests)
 
 from ringflash.layout import LAYOUTS, get_layout
 
-__all__ = ["TrainConfig", "RESUME_FIXED", "build_parser", "parse_args", "config_problems"]
+__all__ = ["TrainConfig", "RESUME_FIXED", "build_parser", "parse_args", "config_problems", "resolve_ulysses"]
 
 
 def _f(default, help: str, **kw):
@@ -63,10 +63,12 @@ class TrainConfig:
     # parallelism
     cp_size: int = _f(0, "context-parallel ranks per sequence (0: all ranks); must divide the world size")
     layout: str = _f("striped", "sequence layout over the cp ranks", choices=sorted(LAYOUTS))
-    ulysses_size: int = _f(1, "of the --cp-size ranks of a sequence, groups of this many consecutive ranks (a "
+    ulysses_size: int = _f(0, "of the --cp-size ranks of a sequence, groups of this many consecutive ranks (a "
                            "node's GPUs) trade heads for tokens with an all-to-all (Ulysses) and the ring runs "
-                           "across the groups, --cp-size / --ulysses-size ranks long; 1: the ring alone. Must "
-                           "divide --cp-size and --heads; --kv-heads a multiple or a divisor of it")
+                           "across the groups, --cp-size / --ulysses-size ranks long; 1: the ring alone; 0 "
+                           "(default): the ranks of a node (the largest divisor of them that fits the heads) when "
+                           "a sequence's ranks span several nodes, else 1. Must divide --cp-size and --heads; "
+                           "--kv-heads a multiple or a divisor of it")
     # model
     dim: int = _f(128, "model width")
     layers: int = _f(2, "transformer blocks")
@@ -169,6 +171,30 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 # -- checks -----------------------------------------------------------------------------------
 
 
+def resolve_ulysses(cfg: TrainConfig, world_size: int, ranks_per_node: int) -> TrainConfig:
+    """``cfg`` with ``--ulysses-size 0`` (the default) decided for ``world_size`` ranks,
+    ``ranks_per_node`` to a node: when a sequence's context-parallel ranks span several nodes, the
+    largest divisor of ``ranks_per_node`` that divides the cp size and fits the heads (the ring then
+    crosses nodes with fewer, larger hops and the all-to-all stays inside a node); else 1."""
+    if cfg.ulysses_size != 0:
+        return cfg
+    from ringflash.ulysses import check_heads
+
+    cp = cfg.cp_size or world_size
+    u = 1
+    if 1 < ranks_per_node < world_size and cp > ranks_per_node:
+        for cand in range(ranks_per_node, 1, -1):
+            if ranks_per_node % cand or cp % cand or cfg.heads < 1 or cfg.kv_heads < 1:
+                continue
+            try:
+                check_heads(cfg.heads, cfg.kv_heads, cand)
+            except ValueError:
+                continue
+            u = cand
+            break
+    return dataclasses.replace(cfg, ulysses_size=u)
+
+
 def config_problems(cfg: TrainConfig, world_size: int, *, hardware: bool = True) -> list[str]:
     """Every reason ``cfg`` cannot run on ``world_size`` ranks, each saying what to change.
 
@@ -216,9 +242,9 @@ def _parallel_problems(cfg: TrainConfig, world_size: int) -> list[str]:
             f"data-parallel x context-parallel; use a --cp-size among "
             f"{[d for d in range(1, world_size + 1) if world_size % d == 0]}"
         ]
-    if cfg.ulysses_size < 1 or (cp >= 1 and cp % cfg.ulysses_size != 0):
+    if cfg.ulysses_size < 0 or (cp >= 1 and cfg.ulysses_size > 0 and cp % cfg.ulysses_size != 0):
         return [
-            f"--ulysses-size {cfg.ulysses_size} must be a positive divisor of the context-parallel size "
+            f"--ulysses-size {cfg.ulysses_size} must be 0 (auto) or a positive divisor of the context-parallel size "
             f"{cp} (--cp-size, or the world): the cp ranks are --cp-size / --ulysses-size ring positions "
             f"of --ulysses-size ranks each"
         ]

@@ -74,6 +74,7 @@ The job's other files, one job each (this one is the entry point, one step and t
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,14 +86,14 @@ if __package__ in (None, ""):  # run as a script (torchrun launch/train.py): mak
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
     from checkpoint import StopSignals, find_checkpoint, load_checkpoint, save_checkpoint
-    from config import TrainConfig, config_problems, parse_args
+    from config import TrainConfig, config_problems, parse_args, resolve_ulysses
     from data import IGNORE_INDEX, make_dataset
     from mesh import Dist, setup_distributed, world_from_env
     from metrics import RunLog, StepTimer, log_record, trim_metrics
     from model import build_model, build_optimizer, lr_at, shard_model
 else:
     from .checkpoint import StopSignals, find_checkpoint, load_checkpoint, save_checkpoint
-    from .config import TrainConfig, config_problems, parse_args
+    from .config import TrainConfig, config_problems, parse_args, resolve_ulysses
     from .data import IGNORE_INDEX, make_dataset
     from .mesh import Dist, setup_distributed, world_from_env
     from .metrics import RunLog, StepTimer, log_record, trim_metrics
@@ -208,7 +209,7 @@ def fail(rank: int, world_size: int, problems: list[str]) -> None:
 
 def train(cfg: TrainConfig) -> TrainResult:
     rank, world_size, local_rank = world_from_env()
-    cfg = cfg.resolved()
+    cfg = resolve_ulysses(cfg.resolved(), world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     problems = config_problems(cfg, world_size)
     if problems:
         fail(rank, world_size, problems)

@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     # The job always runs with --resume (Trainer), so check the config with it: a changed --dim
     # or --seq-len for an existing --out fails here, not once the job starts on the cluster.
     resumed = dataclasses.replace(cfg.resolved(), resume=True)
+    # What the job's ranks will decide for --ulysses-size 0: the ranks of a node trade heads when a
+    # sequence spans several nodes.
+    resumed = train.resolve_ulysses(resumed, world_size, args.tasks if args.local else tasks_per_node(args))
     problems = train.config_problems(resumed, world_size, hardware=args.local)
     if problems:
         for p in problems:

@@ -126,11 +126,18 @@ def test_config_checks_say_what_to_change(tmp_path):
     assert len(_problems(["--cp-size", "3", "--lr", "0", "--steps", "0"], 2)) == 3
     (p,) = _problems(["--device", "cpu", "--backend", "cudnn"], 1)
     assert "--backend cudnn" in p and "--device cuda and --dtype bfloat16" in p
+    # --ulysses-size 0 (the default): a node's ranks when a sequence spans nodes, else the ring alone.
+    auto = train.parse_args(["--heads", "8", "--kv-heads", "2", "--dim", "256"]).resolved()
+    assert train.resolve_ulysses(auto, 16, 8).ulysses_size == 8  # 2 nodes of 8: 2 x 8
+    assert train.resolve_ulysses(auto, 8, 8).ulysses_size == 1  # one node
+    assert train.resolve_ulysses(dataclasses.replace(auto, cp_size=8), 16, 8).ulysses_size == 1  # cp in a node
+    assert train.resolve_ulysses(dataclasses.replace(auto, heads=6, kv_heads=6, dim=192), 16, 8).ulysses_size == 2
+    assert train.resolve_ulysses(dataclasses.replace(auto, ulysses_size=1), 16, 8).ulysses_size == 1  # as asked
     (p,) = _problems(["--fsdp", "--compile"], 2)
     assert "--fsdp with --compile" in p
     assert _problems(["--cp-size", "4", "--ulysses-size", "2"], 8) == []
     (p,) = _problems(["--cp-size", "4", "--ulysses-size", "3"], 8)
-    assert "--ulysses-size 3 must be a positive divisor of the context-parallel size 4" in p
+    assert "--ulysses-size 3 must be 0 (auto) or a positive divisor of the context-parallel size 4" in p
     (p,) = _problems(["--ulysses-size", "4", "--heads", "6", "--kv-heads", "6", "--dim", "96"], 4)
     assert "6 query heads are not a multiple of 4" in p
     (p,) = _problems(["--ulysses-size", "2", "--heads", "6", "--kv-heads", "3", "--dim", "96"], 2)
