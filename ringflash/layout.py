@@ -141,10 +141,12 @@ class Layout:
         Returns:
             (inner * seqlen // world_size,) int64 indices into the concatenation.
         """
-        parts = [self.positions(seqlen, rank=outer_rank * inner + u, world_size=world_size) for u in range(inner)]
+        # On the host whatever the default device is (torch.set_default_device, `with torch.device(...)`).
+        parts = [self.positions(seqlen, rank=outer_rank * inner + u, world_size=world_size, device="cpu")
+                 for u in range(inner)]
         cat = torch.cat(parts)
         order = torch.argsort(cat)
-        want = self.grouped(inner).positions(seqlen, rank=outer_rank, world_size=world_size // inner)
+        want = self.grouped(inner).positions(seqlen, rank=outer_rank, world_size=world_size // inner, device="cpu")
         assert torch.equal(cat[order], want), (self, inner, outer_rank)
         return order.to(device)
 

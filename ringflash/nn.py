@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from einops import rearrange
 
-from .comm import resolve_group, world_and_rank
+from .comm import HybridGroup, resolve_group, world_and_rank
 from .layout import Layout, get_layout
 from .mask import check_cu_seqlens, check_window, doc_positions
 from .ring import ring_attention
@@ -68,7 +68,7 @@ class _SharesGroup:
 
     def __getstate__(self):
         group = self.__dict__.get("group")
-        if dist.is_available() and isinstance(group, dist.ProcessGroup):
+        if dist.is_available() and isinstance(group, (dist.ProcessGroup, HybridGroup)):
             raise TypeError(
                 f"a {type(self).__name__} built with a ProcessGroup (group=) cannot be pickled, e.g. by "
                 f"torch.save(model): a process group does not outlive its processes. Save "

@@ -59,13 +59,22 @@ def check_heads(nheads: int, nheads_kv: int, ulysses_size: int) -> None:
 
 def _orders(layout: Layout, seqlen: int, group: HybridGroup, device):
     key = (layout, seqlen, group.size, group.ulysses_size, group.ring_rank, device)
-    if key not in _ORDERS:
-        order = layout.gather_order(seqlen, inner=group.ulysses_size, outer_rank=group.ring_rank,
-                                    world_size=group.size, device=device)
-        _ORDERS[key] = (order, torch.argsort(order))
-        while len(_ORDERS) > 16:
-            _ORDERS.popitem(last=False)
-    return _ORDERS[key]
+    try:
+        hit = _ORDERS.get(key)
+    except TypeError:  # a Layout with unhashable attributes: made on every call
+        key, hit = None, None
+    if hit is None:
+        # Normal tensors even inside torch.inference_mode: they outlive the call, and the
+        # backward of later calls saves them.
+        with torch.inference_mode(False):
+            order = layout.gather_order(seqlen, inner=group.ulysses_size, outer_rank=group.ring_rank,
+                                        world_size=group.size, device=device)
+            hit = (order, torch.argsort(order))
+        if key is not None:
+            _ORDERS[key] = hit
+            while len(_ORDERS) > 16:
+                _ORDERS.popitem(last=False)
+    return hit
 
 
 class _AllToAll(torch.autograd.Function):
