@@ -53,7 +53,7 @@ try:
     from transformers import AttentionInterface
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "ringflash.hf needs Hugging Face transformers with AttentionInterface (4.48 or newer): "
+        "ringflash.hf needs Hugging Face transformers 4.53 or newer (AttentionInterface and its mask functions): "
         'pip install -e ".[hf]" (or pip install transformers)'
     ) from e
 
