@@ -67,7 +67,8 @@ class TrainConfig:
                            "node's GPUs) trade heads for tokens with an all-to-all (Ulysses) and the ring runs "
                            "across the groups, --cp-size / --ulysses-size ranks long; 1: the ring alone; 0 "
                            "(default): the ranks of a node (the largest divisor of them that fits the heads) when "
-                           "a sequence's ranks span several nodes, else 1. Must divide --cp-size and --heads; "
+                           "a sequence's ranks span several nodes, else 1 (also 1 for --backend cudnn/sdpa_flash "
+                           "with --layout striped). Must divide --cp-size and --heads; "
                            "--kv-heads a multiple or a divisor of it")
     # model
     dim: int = _f(128, "model width")
@@ -171,6 +172,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 # -- checks -----------------------------------------------------------------------------------
 
 
+def _sdpa_striped(cfg: TrainConfig) -> bool:
+    """PyTorch's fused engines cannot cut the causal steps of the ring's striped layout under
+    Ulysses (``Striped(U)`` over the ring); zigzag and contiguous keep forms they can."""
+    return cfg.backend in ("cudnn", "sdpa_flash") and cfg.layout == "striped"
+
+
 def resolve_ulysses(cfg: TrainConfig, world_size: int, ranks_per_node: int) -> TrainConfig:
     """``cfg`` with ``--ulysses-size 0`` (the default) decided for ``world_size`` ranks,
     ``ranks_per_node`` to a node: when a sequence's context-parallel ranks span several nodes, the
@@ -182,6 +189,8 @@ def resolve_ulysses(cfg: TrainConfig, world_size: int, ranks_per_node: int) -> T
 
     cp = cfg.cp_size or world_size
     u = 1
+    if _sdpa_striped(cfg):
+        return dataclasses.replace(cfg, ulysses_size=1)  # the ring alone (see _parallel_problems)
     if 1 < ranks_per_node < world_size and cp > ranks_per_node:
         for cand in range(ranks_per_node, 1, -1):
             if ranks_per_node % cand or cp % cand or cfg.heads < 1 or cfg.kv_heads < 1:
@@ -247,6 +256,12 @@ def _parallel_problems(cfg: TrainConfig, world_size: int) -> list[str]:
             f"--ulysses-size {cfg.ulysses_size} must be 0 (auto) or a positive divisor of the context-parallel size "
             f"{cp} (--cp-size, or the world): the cp ranks are --cp-size / --ulysses-size ring positions "
             f"of --ulysses-size ranks each"
+        ]
+    if cfg.ulysses_size > 1 and _sdpa_striped(cfg):
+        return [
+            f"--ulysses-size {cfg.ulysses_size} with --backend {cfg.backend} and --layout striped: under Ulysses "
+            f"the ring's layout is striped with stripes of {cfg.ulysses_size} tokens, whose causal steps the "
+            f"{cfg.backend} engine cannot cut; use --layout zigzag (or contiguous), or --backend triton"
         ]
     if cfg.ulysses_size > 1 and cfg.heads >= 1 and cfg.kv_heads >= 1:
         from ringflash.ulysses import check_heads

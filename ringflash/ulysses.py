@@ -141,6 +141,9 @@ def hybrid_attention(q, k, v, *, causal, window, cu_seqlens, layout: Layout, sof
     check_mask_backend(be, mask)
     if getattr(be, "check", None) is not None:
         be.check(q, k, v)
+    check_layout = getattr(be, "check_layout", None)
+    if check_layout is not None and group.ring_size > 1:  # what the ring over the ring group asks of it
+        check_layout(ring_layout, L * U, group.ring_size, mask.causal)
     if U == 1:
         return ring_attention(q, k, v, causal=causal, window=window, cu_seqlens=cu_seqlens, layout=ring_layout,
                               softmax_scale=softmax_scale, group=group.ring, return_lse=return_lse, backend=backend)

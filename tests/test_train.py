@@ -133,6 +133,12 @@ def test_config_checks_say_what_to_change(tmp_path):
     assert train.resolve_ulysses(dataclasses.replace(auto, cp_size=8), 16, 8).ulysses_size == 1  # cp in a node
     assert train.resolve_ulysses(dataclasses.replace(auto, heads=6, kv_heads=6, dim=192), 16, 8).ulysses_size == 2
     assert train.resolve_ulysses(dataclasses.replace(auto, ulysses_size=1), 16, 8).ulysses_size == 1  # as asked
+    # PyTorch's fused engines cannot cut Striped(U) over the ring: the ring alone, or zigzag.
+    cudnn = dataclasses.replace(auto, backend="cudnn", device="cuda", dtype="bfloat16")
+    assert train.resolve_ulysses(cudnn, 16, 8).ulysses_size == 1
+    assert train.resolve_ulysses(dataclasses.replace(cudnn, layout="zigzag"), 16, 8).ulysses_size == 8
+    (p,) = train.config_problems(dataclasses.replace(cudnn, ulysses_size=8), 16, hardware=False)
+    assert "--layout zigzag" in p
     (p,) = _problems(["--fsdp", "--compile"], 2)
     assert "--fsdp with --compile" in p
     assert _problems(["--cp-size", "4", "--ulysses-size", "2"], 8) == []
