@@ -297,6 +297,45 @@ def test_the_cases_are_not_vacuous():
     assert rel(reference("llama", docs=False, attn="eager")["logits"], reference("llama", docs=False)["logits"]) < TOL
 
 
+def _hybrid_entry(rank, world_size, states, ids):
+    """Llama (K/V heads 2, Ulysses 2) over a 2 x 2 HybridGroup: dense and packed, every layout."""
+    from ringflash import HybridGroup
+
+    states, ids = unpack(states), unpack(ids)
+    rings = [dist.new_group([r * 2 + u for r in range(2)]) for u in range(2)]
+    ulysses = [dist.new_group([r * 2 + u for u in range(2)]) for r in range(2)]
+    hybrid = HybridGroup(rings[rank % 2], ulysses[rank // 2])
+    model = _model(_config("llama"), "ring_attention", states["llama"])
+    results = {}
+    for layout, batch in itertools.product(LAYOUTS, ["dense", "docs-cu"]):
+        model.zero_grad(set_to_none=True)
+        with rhf.configure(group=hybrid, layout=layout):
+            out = model(**_shard(ids, batch))
+            out.loss.backward()
+        results[(layout, batch)] = (out.logits.detach(), out.loss.detach(), _grads(model))
+    return pack(results)
+
+
+def test_hybrid_group_matches_full_sequence():
+    """configure(group=HybridGroup(...)): the model on 2 x 2 ranks equals one process."""
+    outs = [unpack(o) for o in spawn(_hybrid_entry, 4, pack({"llama": weights("llama")}), pack(_tokens(_SEED)))]
+    failures = []
+    for layout, batch in itertools.product(LAYOUTS, ["dense", "docs-cu"]):
+        ref = reference("llama", docs=batch != "dense")
+        errs = {}
+        for rank, res in enumerate(outs):
+            pos = get_layout(layout).positions(SEQLEN, rank=rank, world_size=4)
+            errs[f"logits[rank {rank}]"] = rel(res[(layout, batch)][0], ref["logits"][:, pos])
+        errs["loss"] = rel(torch.stack([res[(layout, batch)][1] for res in outs]).mean(), ref["loss"])
+        for i, param in enumerate(ref["names"]):
+            errs[f"grad {param}"] = rel(torch.stack([res[(layout, batch)][2][i] for res in outs]).mean(0),
+                                        ref["grads"][i])
+        bad = {k: f"{v:.2e}" for k, v in errs.items() if not v < TOL}
+        if bad:
+            failures.append(f"{layout} {batch}: {bad}")
+    assert not failures, f"seed {_SEED}:\n" + "\n".join(failures)
+
+
 # -- one process, no process group -------------------------------------------------------------
 
 
