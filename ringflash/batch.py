@@ -31,7 +31,7 @@ from .comm import HybridGroup, all_gather_tensor, all_reduce_sum, resolve_group,
 from .layout import Layout, get_layout
 from .mask import check_cu_seqlens, doc_positions
 
-__all__ = ["shard_batch", "unshard", "sharded_cross_entropy", "average_gradients", "IGNORE_INDEX"]
+__all__ = ["shard_batch", "shift_labels", "unshard", "sharded_cross_entropy", "average_gradients", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 
@@ -118,12 +118,7 @@ def shard_batch(
     if check and world_size > 1:
         _check_same_batch(seqlen, cu, group, world_size, input_ids.device)
     if shift:
-        fill = torch.full_like(labels[:, :1], ignore_index)
-        labels = torch.cat([labels[:, 1:], fill], dim=1)
-        if cu is not None:
-            # The last token of a document has no next token of its own document to predict.
-            ends = torch.tensor(cu[1:-1], dtype=torch.int64, device=labels.device) - 1
-            labels = labels.index_fill(1, ends, ignore_index)
+        labels = shift_labels(labels, cu, ignore_index)
     if pad_id is not None:
         m = layout.multiple(world_size) if world_size > 1 else 1  # one rank: any length
         pad = -seqlen % m
@@ -139,6 +134,18 @@ def shard_batch(
     if cu_seqlens is not None:
         out += (positions if cu is None else doc_positions(cu, positions),)
     return out
+
+
+def shift_labels(labels: torch.Tensor, cu_seqlens=None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The targets of full sequences ``(batch, seqlen)``: each token's next token, ``ignore_index``
+    for the last token and, with ``cu_seqlens`` (host ints), for the last token of every document."""
+    fill = torch.full_like(labels[:, :1], ignore_index)
+    labels = torch.cat([labels[:, 1:], fill], dim=1)
+    if cu_seqlens is not None:
+        # The last token of a document has no next token of its own document to predict.
+        ends = torch.tensor(cu_seqlens[1:-1], dtype=torch.int64, device=labels.device) - 1
+        labels = labels.index_fill(1, ends, ignore_index)
+    return labels
 
 
 def _check_same_batch(seqlen: int, cu, group, world_size: int, device) -> None:

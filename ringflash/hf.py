@@ -62,7 +62,7 @@ try:  # transformers drops the attention_mask of an implementation without a mas
 except ImportError:  # pragma: no cover - depends on the environment
     AttentionMaskInterface = None
 
-from .batch import IGNORE_INDEX, shard_batch
+from .batch import IGNORE_INDEX, shard_batch, shift_labels
 from .comm import all_gather_tensor, resolve_group, world_and_rank
 from .layout import Layout, get_layout
 from .mask import check_cu_seqlens, doc_positions
@@ -263,7 +263,7 @@ def _check_batch(position_ids, cu, local_seqlen: int, s: RingSettings, world_siz
         bad = (position_ids.reshape(-1, local_seqlen) != expect).any()
     digest = zlib.crc32(repr((seqlen, cu)).encode()) & 0x7FFFFFFF
     mine = torch.stack([bad.to(torch.int64), bad.new_tensor(digest, dtype=torch.int64)])
-    rows = _all_gather(mine, s.group, world_size).tolist() if world_size > 1 else [mine.tolist()]
+    rows = all_gather_tensor(mine, s.group).tolist()
     if len({r[1] for r in rows}) > 1:
         raise ValueError(
             "the ranks of the context-parallel group hold batches of different lengths or document "
@@ -280,10 +280,6 @@ def _check_batch(position_ids, cu, local_seqlen: int, s: RingSettings, world_siz
             + ("" if cu is not None else "; packed documents need cu_seq_lens_q/cu_seq_lens_k")
         )
     _checked[0] = weakref.ref(position_ids)
-
-
-def _all_gather(t: torch.Tensor, group, world_size: int) -> torch.Tensor:
-    return all_gather_tensor(t, group).cpu()
 
 
 # -- batches ---------------------------------------------------------------------------------------
@@ -379,7 +375,9 @@ def shard_inputs(
         ids, targets, pos = shard_batch(input_ids, labels, layout=layout, group=group, pad_id=pad_id,
                                         ignore_index=ignore_index)
         cu = None
-    n_items = _count_targets(labels if labels is not None else input_ids, cu, ignore_index)
+    full_cu = None if cu is None else check_cu_seqlens(cu_seqlens, input_ids.shape[1])
+    every_target = shift_labels(labels if labels is not None else input_ids, full_cu, ignore_index)
+    n_items = int((every_target != ignore_index).sum())  # what the loss averages over, whole batch
     batch = {
         "input_ids": ids,
         "position_ids": pos.unsqueeze(0).expand(ids.shape[0], -1).contiguous(),
@@ -390,17 +388,6 @@ def shard_inputs(
     if cu is not None:
         batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = torch.tensor(cu, dtype=torch.int64)
     return batch
-
-
-def _count_targets(labels: torch.Tensor, cu, ignore_index: int) -> int:
-    """How many targets the whole batch has once shifted (what the loss averages over)."""
-    targets = labels[:, 1:]
-    keep = targets != ignore_index
-    if cu is not None:
-        ends = [c - 1 for c in cu[1:-1] if c - 1 < labels.shape[1] - 1]  # last token of each document
-        if ends:
-            keep[:, torch.tensor(ends, dtype=torch.int64, device=keep.device)] = False
-    return int(keep.sum())
 
 
 def _documents_from_positions(position_ids: torch.Tensor, seqlen: int):
@@ -441,9 +428,8 @@ def _ring_mask(*args, attention_mask=None, **kwargs):
 
 def _check_padding(attention_mask, s: RingSettings) -> None:
     """Raise ``ValueError`` on every rank of the group if any rank's mask has a zero."""
-    world_size, _ = world_and_rank(s.group)
     flag = (attention_mask == 0).any().to(torch.int64).reshape(1)
-    flags = _all_gather(flag, s.group, world_size).flatten().tolist() if world_size > 1 else flag.tolist()
+    flags = all_gather_tensor(flag, s.group).flatten().tolist()
     if any(flags):
         who = [r for r, f in enumerate(flags) if f]
         raise ValueError(
