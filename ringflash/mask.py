@@ -7,7 +7,11 @@ holds:
 * window ``(left, right)`` (flash-attn's ``window_size``): ``p - left <= k <= p + right``, where
   ``-1`` leaves that side unbounded;
 * documents ``cu_seqlens = [0, end_0, ..., S]`` (flash-attn's varlen convention, over the whole
-  packed sequence): ``doc(p) == doc(k)``, with ``doc(x) = d`` for ``cu[d] <= x < cu[d + 1]``.
+  packed sequence): ``doc(p) == doc(k)``, with ``doc(x) = d`` for ``cu[d] <= x < cu[d + 1]``;
+* a block pattern (:class:`ringflash.sparse.BlockSparse`): ``pattern[p // bs, k // bs]``.
+
+QK-dropping and hash buckets (:mod:`ringflash.sparse`) are the documents rule on per-head
+composite positions and documents, so the same three grains serve them.
 
 Layouts only change which tokens a rank holds, never the rule, so every mask works with every
 layout and world size. The rule is used at three grains:
@@ -126,11 +130,12 @@ class Mask(NamedTuple):
     causal: bool
     window: tuple[int, int] | None = None
     cu_seqlens: tuple[int, ...] | None = None
+    blocks: object = None  # a ringflash.sparse.BlockSparse, or None
 
     @property
     def dense(self) -> bool:
         """Only causal or full attention: what every engine serves."""
-        return self.window is None and self.cu_seqlens is None
+        return self.window is None and self.cu_seqlens is None and self.blocks is None
 
     def describe(self) -> str:
         parts = ["causal" if self.causal else "full"]
@@ -138,12 +143,17 @@ class Mask(NamedTuple):
             parts.append(f"window={self.window}")
         if self.cu_seqlens is not None:
             parts.append(f"{len(self.cu_seqlens) - 1} documents")
+        if self.blocks is not None:
+            parts.append("block-sparse")
         return ", ".join(parts)
 
 
-def make_mask(causal: bool, window=None, cu_seqlens=None, seqlen: int | None = None) -> Mask:
-    """Check and normalise a call's mask arguments (``ValueError`` naming what to change)."""
-    return Mask(bool(causal), check_window(window), check_cu_seqlens(cu_seqlens, seqlen))
+def make_mask(causal: bool, window=None, cu_seqlens=None, seqlen: int | None = None, blocks=None) -> Mask:
+    """Check and normalise a call's mask arguments (``ValueError`` naming what to change).
+    ``blocks``: a :class:`ringflash.sparse.BlockSparse` that must tile ``seqlen`` tokens."""
+    if blocks is not None and seqlen is not None:
+        blocks.check(seqlen)
+    return Mask(bool(causal), check_window(window), check_cu_seqlens(cu_seqlens, seqlen), blocks)
 
 
 def doc_ids(cu_seqlens, positions: torch.Tensor) -> torch.Tensor:
@@ -161,23 +171,31 @@ def doc_positions(cu_seqlens, positions: torch.Tensor) -> torch.Tensor:
 
 
 def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, *, causal: bool, window=None,
-            q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The (Sq, Sk) boolean matrix of the rule, or None when every pair is visible."""
+            q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None,
+            blocks=None) -> torch.Tensor | None:
+    """The (..., Sq, Sk) boolean matrix of the rule, or None when every pair is visible.
+
+    Attributes are (..., Sq) and (..., Sk), broadcast against each other over the leading dims
+    (per-head attributes); ``blocks`` a :class:`ringflash.sparse.BlockSparse`."""
     vis = None
 
     def both(a, b):
         return b if a is None else a & b
 
+    qp, kp = (None, None) if q_pos is None else (q_pos[..., :, None], k_pos[..., None, :])
     if causal:
-        vis = q_pos[:, None] >= k_pos[None, :]
+        vis = qp >= kp
     if window is not None:
         left, right = window
         if left >= 0:
-            vis = both(vis, k_pos[None, :] >= q_pos[:, None] - left)
+            vis = both(vis, kp >= qp - left)
         if right >= 0:
-            vis = both(vis, k_pos[None, :] <= q_pos[:, None] + right)
+            vis = both(vis, kp <= qp + right)
     if q_doc is not None:
-        vis = both(vis, q_doc[:, None] == k_doc[None, :])
+        vis = both(vis, q_doc[..., :, None] == k_doc[..., None, :])
+    if blocks is not None:
+        pattern, bs = blocks.on(q_pos.device).bool(), blocks.block_size
+        vis = both(vis, pattern[torch.div(qp, bs, rounding_mode="floor"), torch.div(kp, bs, rounding_mode="floor")])
     return vis
 
 
@@ -222,4 +240,24 @@ def block_visible(mask: Mask, q_pos: torch.Tensor, k_pos: torch.Tensor) -> bool:
         return False
     if mask.cu_seqlens is not None and not _docs_visible(q_pos, k_pos, mask.causal, mask.cu_seqlens):
         return False
+    if mask.blocks is not None and not _blocks_visible(q_pos, k_pos, mask.causal, mask.blocks):
+        return False
     return True
+
+
+def _blocks_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, blocks) -> bool:
+    """Whether the pattern keeps some (query block, key block) pair of these tokens (with causal,
+    one whose key block starts at or before the query block's last query here): exact for the
+    pattern with causal, since a block pair's earliest key and latest query decide it."""
+    bs = blocks.block_size
+    qb = torch.unique(torch.div(q_pos, bs, rounding_mode="floor"))
+    kb = torch.unique(torch.div(k_pos, bs, rounding_mode="floor"))
+    sub = blocks.pattern[qb][:, kb]
+    if causal:
+        # The latest query of each query block against the earliest key of each key block.
+        q_max = torch.zeros(blocks.num_blocks, dtype=torch.int64).scatter_reduce(
+            0, torch.div(q_pos, bs, rounding_mode="floor"), q_pos, "amax", include_self=False)[qb]
+        k_min = torch.full((blocks.num_blocks,), 2**62, dtype=torch.int64).scatter_reduce(
+            0, torch.div(k_pos, bs, rounding_mode="floor"), k_pos, "amin", include_self=False)[kb]
+        sub = sub & (q_max[:, None] >= k_min[None, :])
+    return bool(sub.any())

@@ -77,9 +77,23 @@ def _resolve(Sq, Sk, device, q_pos, k_pos, causal, window, q_doc, k_doc):
     return q_pos, k_pos
 
 
-def _visible(q_pos, k_pos, causal, window=None, q_doc=None, k_doc=None):
-    """(Sq, Sk_block) visibility, or None when every pair is visible."""
-    return _mask.visible(q_pos, k_pos, causal=causal, window=window, q_doc=q_doc, k_doc=k_doc)
+def _visible(q_pos, k_pos, causal, window=None, q_doc=None, k_doc=None, blocks=None):
+    """(Sq, Sk_block) visibility (or one that broadcasts against (B, Hkv, G, Sq, Sk_block) for
+    per-head attributes), or None when every pair is visible."""
+    return _mask.visible(q_pos, k_pos, causal=causal, window=window, q_doc=q_doc, k_doc=k_doc, blocks=blocks)
+
+
+def _per_head(q_attr, k_attr, heads_kv: int):
+    """Per-head attributes, q (B, H, Sq) and k (B, Hkv, Sk), shaped to broadcast against scores
+    (B, Hkv, G, Sq, Sk): (B, Hkv, G, Sq) and (B, Hkv, 1, Sk). 1-D attributes pass unchanged."""
+    if q_attr is None or q_attr.dim() == 1:
+        return q_attr, k_attr
+    return (rearrange(q_attr, "b (hk g) s -> b hk g s", hk=heads_kv),
+            rearrange(k_attr, "b hk s -> b hk 1 s"))
+
+
+def _key_slice(attr, start, stop):
+    return None if attr is None else attr[..., start:stop]
 
 
 def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
@@ -113,12 +127,15 @@ def forward(
     window: tuple[int, int] | None = None,
     q_doc: torch.Tensor | None = None,
     k_doc: torch.Tensor | None = None,
+    blocks=None,
     block: int = BLOCK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over ``k, v``, as float32 (or float64) partials.
 
     q: (B, Sq, H, D); k, v: (B, Sk, Hkv, D); q_pos: (Sq,), k_pos: (Sk,) global positions;
-    ``window``: (left, right), -1 unbounded; q_doc: (Sq,), k_doc: (Sk,) document ids.
+    ``window``: (left, right), -1 unbounded; q_doc: (Sq,), k_doc: (Sk,) document ids;
+    ``blocks``: a :class:`ringflash.sparse.BlockSparse` over the positions. Per-head attributes:
+    positions and document ids may be (B, H, Sq) and (B, Hkv, Sk) instead (:mod:`ringflash.sparse`).
     Returns ``out`` (B, Sq, H, D) and ``lse`` (B, H, Sq) in the accumulation dtype. If ``out``
     and ``lse`` are given, this block is folded into them in place and they are returned.
     """
@@ -126,7 +143,9 @@ def forward(
     Sk, Hkv = k.shape[1], k.shape[2]
     cd = accum_dtype(q.dtype)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    q_pos, k_pos = _resolve(Sq, Sk, q.device, q_pos, k_pos, causal, window, q_doc, k_doc)
+    q_pos, k_pos = _resolve(Sq, Sk, q.device, q_pos, k_pos, causal or blocks is not None, window, q_doc, k_doc)
+    q_pos, k_pos = _per_head(q_pos, k_pos, Hkv)
+    q_doc, k_doc = _per_head(q_doc, k_doc, Hkv)
 
     qh = _split_heads(q.to(cd), Hkv)  # (B, Hkv, G, Sq, D)
     G = qh.shape[2]
@@ -138,8 +157,8 @@ def forward(
         kb = rearrange(k[:, start:stop].to(cd), "b s hk d -> b hk s d")
         vb = rearrange(v[:, start:stop].to(cd), "b s hk d -> b hk s d")
         s = torch.einsum("bhgqd,bhkd->bhgqk", qh, kb) * scale
-        vis = _visible(q_pos, k_pos[start:stop] if k_pos is not None else None, causal, window,
-                       q_doc, k_doc[start:stop] if k_doc is not None else None)
+        vis = _visible(q_pos, _key_slice(k_pos, start, stop), causal, window,
+                       q_doc, _key_slice(k_doc, start, stop), blocks)
         if vis is not None:
             s.masked_fill_(~vis, -math.inf)
         m_new = torch.maximum(m, s.amax(dim=-1))
@@ -185,6 +204,7 @@ def backward(
     window: tuple[int, int] | None = None,
     q_doc: torch.Tensor | None = None,
     k_doc: torch.Tensor | None = None,
+    blocks=None,
     block: int = BLOCK,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one (q block, k/v block) pair from the global LSE and delta.
@@ -197,7 +217,9 @@ def backward(
     Sk, Hkv = k.shape[1], k.shape[2]
     cd = accum_dtype(q.dtype)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    q_pos, k_pos = _resolve(Sq, Sk, q.device, q_pos, k_pos, causal, window, q_doc, k_doc)
+    q_pos, k_pos = _resolve(Sq, Sk, q.device, q_pos, k_pos, causal or blocks is not None, window, q_doc, k_doc)
+    q_pos, k_pos = _per_head(q_pos, k_pos, Hkv)
+    q_doc, k_doc = _per_head(q_doc, k_doc, Hkv)
     if dq is None:
         dq = torch.zeros(q.shape, dtype=cd, device=q.device)
     if dk is None:
@@ -217,8 +239,8 @@ def backward(
         kb = rearrange(k[:, start:stop].to(cd), "b s hk d -> b hk s d")
         vb = rearrange(v[:, start:stop].to(cd), "b s hk d -> b hk s d")
         s = torch.einsum("bhgqd,bhkd->bhgqk", qh, kb) * scale
-        vis = _visible(q_pos, k_pos[start:stop] if k_pos is not None else None, causal, window,
-                       q_doc, k_doc[start:stop] if k_doc is not None else None)
+        vis = _visible(q_pos, _key_slice(k_pos, start, stop), causal, window,
+                       q_doc, _key_slice(k_doc, start, stop), blocks)
         if vis is not None:
             s.masked_fill_(~vis, -math.inf)
         p = torch.exp(s - lse_h[..., None])
@@ -244,10 +266,12 @@ def attention(
     k_pos: torch.Tensor | None = None,
     window: tuple[int, int] | None = None,
     cu_seqlens=None,
+    sparsity=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole-sequence attention, differentiable through autograd (the test oracle).
 
-    ``window`` and ``cu_seqlens`` (document boundaries over the positions) as
+    ``window``, ``cu_seqlens`` (document boundaries over the positions) and ``sparsity`` (a
+    :mod:`ringflash.sparse` mode, applied directly as a dense mask of the score matrix) as
     :func:`ringflash.ring_attention`. Returns ``out`` in ``q.dtype`` and ``lse`` in the
     accumulation dtype. Unlike :func:`forward` this builds the full score matrix, so keep it to
     test sizes.
@@ -258,7 +282,8 @@ def attention(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     window = _mask.check_window(window)
     cu = _mask.check_cu_seqlens(cu_seqlens)
-    if cu is not None and (q_pos is None or k_pos is None):
+    blocks = sparsity if _is_blocks(sparsity) else None
+    if (cu is not None or blocks is not None) and (q_pos is None or k_pos is None):
         _both_or_neither(q_pos, k_pos)
         q_pos, k_pos = default_positions(Sq, Sk, q.device)
     q_pos, k_pos = _resolve(Sq, Sk, q.device, q_pos, k_pos, causal, window, None, None)
@@ -269,7 +294,10 @@ def attention(
     kh = rearrange(k.to(cd), "b s hk d -> b hk s d")
     vh = rearrange(v.to(cd), "b s hk d -> b hk s d")
     s = torch.einsum("bhgqd,bhkd->bhgqk", qh, kh) * scale
-    vis = _visible(q_pos, k_pos, causal, window, q_doc, k_doc)
+    vis = _visible(q_pos, k_pos, causal, window, q_doc, k_doc, blocks)
+    if sparsity is not None and blocks is None:
+        tok = _token_visible(sparsity, Hkv)
+        vis = tok if vis is None else vis & tok
     if vis is not None:
         s = s.masked_fill(~vis, -math.inf)
     lse = torch.logsumexp(s, dim=-1)
@@ -277,3 +305,18 @@ def attention(
     out = torch.einsum("bhgqk,bhkd->bhgqd", p, vh)
     out = rearrange(out, "b hk g s d -> b s (hk g) d").to(q.dtype)
     return out, rearrange(lse, "b hk g s -> b (hk g) s")
+
+
+def _is_blocks(sparsity) -> bool:
+    return sparsity is not None and hasattr(sparsity, "block_size")
+
+
+def _token_visible(sparsity, heads_kv: int) -> torch.Tensor:
+    """(B, Hkv, G, Sq, Sk) visibility of QK-dropping (both kept) or hash buckets (equal ids)."""
+    if hasattr(sparsity, "q_keep"):
+        q, k = sparsity.q_keep, sparsity.k_keep
+    else:
+        q, k = sparsity.q_buckets.to(torch.int64), sparsity.k_buckets.to(torch.int64)
+    q = rearrange(q, "b s (hk g) -> b hk g s 1", hk=heads_kv)
+    k = rearrange(k, "b s hk -> b hk 1 1 s")
+    return (q & k) if q.dtype == torch.bool else (q == k)

@@ -60,11 +60,11 @@ def _lse2(LSE_row, rows, Sq, MASKED: tl.constexpr):
 def _dkdv_tile(
     dk, dv, k, v, kp, kd, cols,
     q_base, do_base, stride_qs, stride_dos, LSE_row, DELTA_row, QPOS, QDOC,
-    start_m, Sq, Sk, qk_scale, wl, wr,
+    start_m, Sq, Sk, qk_scale, wl, wr, PAT, nb, bs,
     offs_m, offs_d,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
-    WINDOW: tl.constexpr, DOCS: tl.constexpr,
+    WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE: tl.constexpr,
 ):
     rows = start_m + offs_m
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -75,15 +75,15 @@ def _dkdv_tile(
     pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
     if MASKED:
         visible = (rows < Sq)[None, :] & (cols < Sk)[:, None]
-        if WINDOW or DOCS:
+        if WINDOW or DOCS or SPARSE:
             qp = rows
             qd = rows
-            if CAUSAL or WINDOW:
+            if CAUSAL or WINDOW or SPARSE:
                 qp = tl.load(QPOS + rows, mask=rows < Sq, other=0)
             if DOCS:
                 qd = tl.load(QDOC + rows, mask=rows < Sq, other=-2)
             visible = visible & _rule(qp[None, :], kp[:, None], qd[None, :], kd[:, None], wl, wr,
-                                      CAUSAL, WINDOW, DOCS)
+                                      CAUSAL, WINDOW, DOCS, PAT, nb, bs, SPARSE)
         elif CAUSAL:
             qp = tl.load(QPOS + rows, mask=rows < Sq, other=0)
             visible = visible & (qp[None, :] >= kp[:, None])
@@ -105,7 +105,9 @@ def _dkdv_tile(
 def _dkdv_program(
     pid_n, pid_bh, g_first, g_count,
     Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES_KV, DK, DV,
-    sm_scale, qk_scale, wl, wr,
+    PAT, LIST_KV, COUNTS_KV,
+    sm_scale, qk_scale, wl, wr, nb, bs,
+    stride_ab, stride_ah, stride_kab, stride_kah,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -116,11 +118,13 @@ def _dkdv_program(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
-    WINDOW: tl.constexpr, DOCS: tl.constexpr,
+    WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE: tl.constexpr,
 ):
     Hkv = H // G
     b = (pid_bh // Hkv).to(tl.int64)
     hk = (pid_bh % Hkv).to(tl.int64)
+    KPOS += b * stride_kab + hk * stride_kah
+    KDOC += b * stride_kab + hk * stride_kah
 
     start_n = pid_n * BLOCK_N
     tile_n = tl.arange(0, BLOCK_N)
@@ -141,7 +145,16 @@ def _dkdv_program(
     num_m_even = Sq // BLOCK_M
     num_m = tl.cdiv(Sq, BLOCK_M)
     kd = cols  # unused without DOCS
-    if WINDOW or DOCS:
+    num_n = tl.cdiv(Sk, BLOCK_N)
+    if SPARSE:
+        # Block-sparse: the query tiles that see this key tile, listed once per call, fully
+        # visible ones first; the boundary ones run first (see the loop order below).
+        n_full = tl.load(COUNTS_KV + pid_n * 2)
+        n_any = tl.load(COUNTS_KV + pid_n * 2 + 1)
+        kp = tl.load(KPOS + cols, mask=cols < Sk, other=0)
+        if DOCS:
+            kd = tl.load(KDOC + cols, mask=cols < Sk, other=-1)
+    elif WINDOW or DOCS:
         # Windows and documents: the same three loops over the ranges of every rule.
         lo, mid, even_end, hi = _load_ranges(RANGES_KV, pid_n)
         kp = cols
@@ -160,7 +173,7 @@ def _dkdv_program(
         kp = cols  # unused
         lo = 0
         mid = 0
-    if not (WINDOW or DOCS):
+    if not (WINDOW or DOCS or SPARSE):
         even_end = tl.maximum(mid, num_m_even * BLOCK_M)
         hi = num_m * BLOCK_M
 
@@ -172,24 +185,46 @@ def _dkdv_program(
         do_base = DO + b * stride_dob + h * stride_doh
         LSE_row = LSE + (b * H + h) * Sq
         DELTA_row = DELTA + (b * H + h) * Sq
-        for start_m in range(even_end, hi, BLOCK_M):
-            dk, dv = _dkdv_tile(
-                dk, dv, k, v, kp, kd, cols, q_base, do_base, stride_qs, stride_dos,
-                LSE_row, DELTA_row, QPOS, QDOC, start_m, Sq, Sk, qk_scale, wl, wr, offs_m, offs_d,
-                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS,
-            )
-        for start_m in range(lo, mid, BLOCK_M):
-            dk, dv = _dkdv_tile(
-                dk, dv, k, v, kp, kd, cols, q_base, do_base, stride_qs, stride_dos,
-                LSE_row, DELTA_row, QPOS, QDOC, start_m, Sq, Sk, qk_scale, wl, wr, offs_m, offs_d,
-                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS,
-            )
-        for start_m in range(mid, even_end, BLOCK_M):
-            dk, dv = _dkdv_tile(
-                dk, dv, k, v, kp, kd, cols, q_base, do_base, stride_qs, stride_dos,
-                LSE_row, DELTA_row, QPOS, QDOC, start_m, Sq, Sk, qk_scale, wl, wr, offs_m, offs_d,
-                HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS,
-            )
+        # This query head's attributes (per-head attributes; zero strides when shared).
+        QPOS_h = QPOS + b * stride_ab + h * stride_ah
+        QDOC_h = QDOC + b * stride_ab + h * stride_ah
+        if SPARSE:
+            for i in range(n_full, n_any):
+                start_m = tl.load(LIST_KV + pid_n * num_m + i) * BLOCK_M
+                dk, dv = _dkdv_tile(
+                    dk, dv, k, v, kp, kd, cols, q_base, do_base, stride_qs, stride_dos,
+                    LSE_row, DELTA_row, QPOS_h, QDOC_h, start_m, Sq, Sk, qk_scale, wl, wr, PAT, nb, bs,
+                    offs_m, offs_d, HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
+                )
+            for i in range(0, n_full):
+                start_m = tl.load(LIST_KV + pid_n * num_m + i) * BLOCK_M
+                dk, dv = _dkdv_tile(
+                    dk, dv, k, v, kp, kd, cols, q_base, do_base, stride_qs, stride_dos,
+                    LSE_row, DELTA_row, QPOS_h, QDOC_h, start_m, Sq, Sk, qk_scale, wl, wr, PAT, nb, bs,
+                    offs_m, offs_d, HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
+                )
+        else:
+            if WINDOW or DOCS:
+                if stride_ah != 0:
+                    lo, mid, even_end, hi = _load_ranges(RANGES_KV + (b * H + h) * num_n * 4, pid_n)
+            for start_m in range(even_end, hi, BLOCK_M):
+                dk, dv = _dkdv_tile(
+                    dk, dv, k, v, kp, kd, cols, q_base, do_base, stride_qs, stride_dos,
+                    LSE_row, DELTA_row, QPOS_h, QDOC_h, start_m, Sq, Sk, qk_scale, wl, wr, PAT, nb, bs,
+                    offs_m, offs_d, HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
+                )
+            for start_m in range(lo, mid, BLOCK_M):
+                dk, dv = _dkdv_tile(
+                    dk, dv, k, v, kp, kd, cols, q_base, do_base, stride_qs, stride_dos,
+                    LSE_row, DELTA_row, QPOS_h, QDOC_h, start_m, Sq, Sk, qk_scale, wl, wr, PAT, nb, bs,
+                    offs_m, offs_d, HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
+                )
+            for start_m in range(mid, even_end, BLOCK_M):
+                dk, dv = _dkdv_tile(
+                    dk, dv, k, v, kp, kd, cols, q_base, do_base, stride_qs, stride_dos,
+                    LSE_row, DELTA_row, QPOS_h, QDOC_h, start_m, Sq, Sk, qk_scale, wl, wr, PAT, nb, bs,
+                    offs_m, offs_d, HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
+                )
 
     dk = dk * sm_scale
     if EVEN_D:
@@ -209,11 +244,11 @@ def _dkdv_program(
 def _dq_tile(
     dq, q, do, lse2, di, qp, qd,
     k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
-    start_n, Sk, qk_scale, wl, wr,
+    start_n, Sk, qk_scale, wl, wr, PAT, nb, bs,
     offs_n, offs_d,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
-    WINDOW: tl.constexpr, DOCS: tl.constexpr,
+    WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE: tl.constexpr,
 ):
     cols = start_n + offs_n
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -225,15 +260,15 @@ def _dq_tile(
     p = tl.math.exp2(qk * qk_scale - lse2[:, None])
     if MASKED:
         visible = (cols < Sk)[None, :]
-        if WINDOW or DOCS:
+        if WINDOW or DOCS or SPARSE:
             kp = cols
             kd = cols
-            if CAUSAL or WINDOW:
+            if CAUSAL or WINDOW or SPARSE:
                 kp = tl.load(KPOS + cols, mask=cols < Sk, other=0)
             if DOCS:
                 kd = tl.load(KDOC + cols, mask=cols < Sk, other=-1)
             visible = visible & _rule(qp[:, None], kp[None, :], qd[:, None], kd[None, :], wl, wr,
-                                      CAUSAL, WINDOW, DOCS)
+                                      CAUSAL, WINDOW, DOCS, PAT, nb, bs, SPARSE)
         elif CAUSAL:
             kp = tl.load(KPOS + cols, mask=cols < Sk, other=0)
             visible = visible & (qp[:, None] >= kp[None, :])
@@ -248,7 +283,9 @@ def _dq_tile(
 def _dq_program(
     pid_m, pid_bh,
     Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES_Q, DQ,
-    sm_scale, qk_scale, wl, wr,
+    PAT, LIST_Q, COUNTS_Q,
+    sm_scale, qk_scale, wl, wr, nb, bs,
+    stride_ab, stride_ah, stride_kab, stride_kah,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -258,12 +295,18 @@ def _dq_program(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
-    WINDOW: tl.constexpr, DOCS: tl.constexpr,
+    WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE: tl.constexpr,
 ):
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     hk = (h // G).to(tl.int64)
     h = h.to(tl.int64)
+    QPOS += b * stride_ab + h * stride_ah
+    QDOC += b * stride_ab + h * stride_ah
+    KPOS += b * stride_kab + hk * stride_kah
+    KDOC += b * stride_kab + hk * stride_kah
+    if stride_ah != 0:
+        RANGES_Q += (b * H + h) * tl.cdiv(Sq, BLOCK_M) * 4
 
     start_m = pid_m * BLOCK_M
     tile_m = tl.arange(0, BLOCK_M)
@@ -283,7 +326,14 @@ def _dq_program(
 
     num_n_even = Sk // BLOCK_N
     qd = rows  # unused without DOCS
-    if WINDOW or DOCS:
+    if SPARSE:
+        n_full = tl.load(COUNTS_Q + pid_m * 2)
+        n_any = tl.load(COUNTS_Q + pid_m * 2 + 1)
+        num_n = tl.cdiv(Sk, BLOCK_N)
+        qp = tl.load(QPOS + rows, mask=rows < Sq, other=0)
+        if DOCS:
+            qd = tl.load(QDOC + rows, mask=rows < Sq, other=-2)
+    elif WINDOW or DOCS:
         lo, full_start, full_end, hi = _load_ranges(RANGES_Q, pid_m)
         qp = rows
         if CAUSAL or WINDOW:
@@ -305,24 +355,37 @@ def _dq_program(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # Boundary tiles first, then the unmasked ones (see the dK/dV loops).
-    for start_n in range(full_end, hi, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse2, di, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
-                      start_n, Sk, qk_scale, wl, wr, offs_n, offs_d,
-                      HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS)
-    if WINDOW or DOCS:
-        for start_n in range(lo, full_start, BLOCK_N):
+    if SPARSE:
+        for i in range(n_full, n_any):
+            start_n = tl.load(LIST_Q + pid_m * num_n + i) * BLOCK_N
             dq = _dq_tile(dq, q, do, lse2, di, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
-                          start_n, Sk, qk_scale, wl, wr, offs_n, offs_d,
-                          HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS)
-        for start_n in range(full_start, full_end, BLOCK_N):
+                          start_n, Sk, qk_scale, wl, wr, PAT, nb, bs, offs_n, offs_d,
+                          HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE)
+        for i in range(0, n_full):
+            start_n = tl.load(LIST_Q + pid_m * num_n + i) * BLOCK_N
             dq = _dq_tile(dq, q, do, lse2, di, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
-                          start_n, Sk, qk_scale, wl, wr, offs_n, offs_d,
-                          HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS)
+                          start_n, Sk, qk_scale, wl, wr, PAT, nb, bs, offs_n, offs_d,
+                          HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE)
     else:
-        for start_n in range(0, full_end, BLOCK_N):
+        for start_n in range(full_end, hi, BLOCK_N):
             dq = _dq_tile(dq, q, do, lse2, di, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
-                          start_n, Sk, qk_scale, wl, wr, offs_n, offs_d,
-                          HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS)
+                          start_n, Sk, qk_scale, wl, wr, PAT, nb, bs, offs_n, offs_d,
+                          HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE)
+    if not SPARSE:
+        if WINDOW or DOCS:
+            for start_n in range(lo, full_start, BLOCK_N):
+                dq = _dq_tile(dq, q, do, lse2, di, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
+                              start_n, Sk, qk_scale, wl, wr, PAT, nb, bs, offs_n, offs_d,
+                              HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE)
+            for start_n in range(full_start, full_end, BLOCK_N):
+                dq = _dq_tile(dq, q, do, lse2, di, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
+                              start_n, Sk, qk_scale, wl, wr, PAT, nb, bs, offs_n, offs_d,
+                              HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE)
+        else:
+            for start_n in range(0, full_end, BLOCK_N):
+                dq = _dq_tile(dq, q, do, lse2, di, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
+                              start_n, Sk, qk_scale, wl, wr, PAT, nb, bs, offs_n, offs_d,
+                              HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE)
 
     dq = dq * sm_scale
     if EVEN_D:
@@ -342,7 +405,9 @@ def _dq_program(
 @triton.jit
 def _attn_bwd(
     Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES_KV, RANGES_Q, DQ, DK, DV,
-    sm_scale, qk_scale, wl, wr,
+    PAT, LIST_KV, COUNTS_KV, LIST_Q, COUNTS_Q,
+    sm_scale, qk_scale, wl, wr, nb, bs,
+    stride_ab, stride_ah, stride_kab, stride_kah,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -357,7 +422,7 @@ def _attn_bwd(
     BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     CAUSAL: tl.constexpr, ACC_DKDV: tl.constexpr, ACC_DQ: tl.constexpr,
     DOT_PREC: tl.constexpr, DO_DKDV: tl.constexpr, DO_DQ: tl.constexpr, WIDE: tl.constexpr,
-    WINDOW: tl.constexpr, DOCS: tl.constexpr,
+    WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_n = tl.cdiv(Sk, BLOCK_N1)
@@ -375,7 +440,9 @@ def _attn_bwd(
                 pid % num_n, rest // SPLIT, split * g_count, g_count,
                 Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES_KV,
                 DK + split * stride_dk_split, DV + split * stride_dv_split,
-                sm_scale, qk_scale, wl, wr,
+                PAT, LIST_KV, COUNTS_KV,
+                sm_scale, qk_scale, wl, wr, nb, bs,
+                stride_ab, stride_ah, stride_kab, stride_kah,
                 stride_qb, stride_qs, stride_qh,
                 stride_kb, stride_ks, stride_kh,
                 stride_vb, stride_vs, stride_vh,
@@ -383,7 +450,7 @@ def _attn_bwd(
                 stride_dkb, stride_dks, stride_dkh,
                 stride_dvb, stride_dvs, stride_dvh,
                 H, G, Sq, Sk,
-                HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, CAUSAL, ACC_DKDV, DOT_PREC, WIDE, WINDOW, DOCS,
+                HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, CAUSAL, ACC_DKDV, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
             )
     if DO_DQ:
         if pid >= n_dkdv:
@@ -396,12 +463,14 @@ def _attn_bwd(
             _dq_program(
                 pid_m, p // num_m,
                 Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES_Q, DQ,
-                sm_scale, qk_scale, wl, wr,
+                PAT, LIST_Q, COUNTS_Q,
+                sm_scale, qk_scale, wl, wr, nb, bs,
+                stride_ab, stride_ah, stride_kab, stride_kah,
                 stride_qb, stride_qs, stride_qh,
                 stride_kb, stride_ks, stride_kh,
                 stride_vb, stride_vs, stride_vh,
                 stride_dob, stride_dos, stride_doh,
                 stride_dqb, stride_dqs, stride_dqh,
                 H, G, Sq, Sk,
-                HEAD_DIM, BLOCK_D, BLOCK_M2, BLOCK_N2, CAUSAL, ACC_DQ, DOT_PREC, WIDE, WINDOW, DOCS,
+                HEAD_DIM, BLOCK_D, BLOCK_M2, BLOCK_N2, CAUSAL, ACC_DQ, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
             )

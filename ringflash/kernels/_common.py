@@ -205,9 +205,11 @@ def _query_ranges(
 
 
 @triton.jit
-def _rule(qp, kp, qd, kd, wl, wr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOCS: tl.constexpr):
+def _rule(qp, kp, qd, kd, wl, wr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOCS: tl.constexpr,
+          PAT, nb, bs, SPARSE: tl.constexpr):
     """The visibility rule of a boundary tile; ``qp``/``qd`` and ``kp``/``kd`` already broadcast
-    against each other (rows and columns, either orientation)."""
+    against each other (rows and columns, either orientation). With SPARSE the block pattern
+    ``PAT`` (nb x nb uint8, blocks of ``bs`` positions) is read for every pair."""
     if DOCS:
         ok = qd == kd
     else:
@@ -218,17 +220,33 @@ def _rule(qp, kp, qd, kd, wl, wr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DO
         ok = ok & (kp >= qp - wl)
     if WINDOW >= 2:
         ok = ok & (kp <= qp + wr)
+    if SPARSE:
+        ok = ok & (tl.load(PAT + (qp // bs) * nb + kp // bs) != 0)
     return ok
 
 
 @triton.jit
 def _ranges_kernel(
     QPOS, QDOC, KPOS, KDOC, RANGES, Sq, Sk, wl, wr,
+    stride_ab, stride_ah, stride_kab, stride_kah, H, G,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOCS: tl.constexpr, BY_KEYS: tl.constexpr,
 ):
-    """RANGES[t] = (lo, flo, fhi, hi) of query tile t (of key tile t with BY_KEYS), int32."""
+    """RANGES[bh, t] = (lo, flo, fhi, hi) of query tile t (of key tile t with BY_KEYS), int32.
+
+    Per-head attributes (:mod:`ringflash.sparse`): program (t, b * H + h) reads query head
+    ``h``'s attributes (strides ``stride_ab``/``stride_ah``) and those of its K/V head
+    ``h // G``; shared attributes have zero strides and a grid of one (b, h)."""
     t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // G
+    QPOS += b * stride_ab + h * stride_ah
+    QDOC += b * stride_ab + h * stride_ah
+    KPOS += b * stride_kab + hk * stride_kah
+    KDOC += b * stride_kab + hk * stride_kah
+    RANGES += bh.to(tl.int64) * tl.num_programs(0) * 4
     if BY_KEYS:
         lo, flo, fhi, hi = _query_ranges(QPOS, QDOC, KPOS, KDOC, t * BLOCK_N, Sq, Sk, wl, wr,
                                          BLOCK_M, BLOCK_N, CAUSAL, WINDOW, DOCS)

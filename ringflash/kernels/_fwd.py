@@ -21,11 +21,11 @@ from ._common import LN2, _count_tiles, _load_ranges, _load_tile, _merge_states,
 def _fwd_tile(
     acc, l_i, m_i, q, qp, qd,
     k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
-    start_n, Sk, qk_scale, wl, wr,
+    start_n, Sk, qk_scale, wl, wr, PAT, nb, bs,
     offs_n, offs_d,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
-    WINDOW: tl.constexpr, DOCS: tl.constexpr,
+    WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE: tl.constexpr,
 ):
     cols = start_n + offs_n
     k = _load_tile(_rows_ptr(k_base, start_n, offs_n, stride_ks, WIDE) + offs_d[None, :],
@@ -33,15 +33,15 @@ def _fwd_tile(
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
     if MASKED:
         visible = (cols < Sk)[None, :]
-        if WINDOW or DOCS:
+        if WINDOW or DOCS or SPARSE:
             kp = cols
             kd = cols
-            if CAUSAL or WINDOW:
+            if CAUSAL or WINDOW or SPARSE:
                 kp = tl.load(KPOS + cols, mask=cols < Sk, other=0)
             if DOCS:
                 kd = tl.load(KDOC + cols, mask=cols < Sk, other=-1)
             visible = visible & _rule(qp[:, None], kp[None, :], qd[:, None], kd[None, :], wl, wr,
-                                      CAUSAL, WINDOW, DOCS)
+                                      CAUSAL, WINDOW, DOCS, PAT, nb, bs, SPARSE)
         elif CAUSAL:
             kp = tl.load(KPOS + cols, mask=cols < Sk, other=0)
             visible = visible & (qp[:, None] >= kp[None, :])
@@ -66,8 +66,11 @@ def _fwd_tile(
 @triton.jit
 def _attn_fwd(
     Q, K, V, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
+    PAT, LIST, COUNTS,  # block pattern and per-tile key-tile lists (SPARSE)
     qk_scale,  # softmax_scale * log2(e)
     wl, wr,  # window sides; read only where WINDOW says the side is bounded
+    nb, bs,  # the block pattern's blocks per side and block size (SPARSE)
+    stride_ab, stride_ah, stride_kab, stride_kah,  # per-head attributes (0: shared)
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -77,7 +80,7 @@ def _attn_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, FOLD: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
-    WINDOW: tl.constexpr, DOCS: tl.constexpr,
+    WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE: tl.constexpr,
 ):
     num_m = tl.cdiv(Sq, BLOCK_M)
     pid_m = tl.program_id(0)
@@ -89,6 +92,13 @@ def _attn_fwd(
     h = pid_bh % H
     hk = (h // G).to(tl.int64)
     h = h.to(tl.int64)
+    # Per-head attributes (QK-dropping, hash buckets) and their tile ranges; zero strides when shared.
+    QPOS += b * stride_ab + h * stride_ah
+    QDOC += b * stride_ab + h * stride_ah
+    KPOS += b * stride_kab + hk * stride_kah
+    KDOC += b * stride_kab + hk * stride_kah
+    if stride_ah != 0:
+        RANGES += (b * H + h) * num_m * 4
 
     start_m = pid_m * BLOCK_M
     tile_m = tl.arange(0, BLOCK_M)
@@ -107,7 +117,16 @@ def _attn_fwd(
     num_n_even = Sk // BLOCK_N
     lo = 0
     qd = offs_m  # unused without DOCS
-    if WINDOW or DOCS:
+    if SPARSE:
+        # Block-sparse: this tile's key tiles, listed once per call (kernels/blocks.py), fully
+        # visible ones first.
+        n_full = tl.load(COUNTS + pid_m * 2)
+        n_any = tl.load(COUNTS + pid_m * 2 + 1)
+        num_n = tl.cdiv(Sk, BLOCK_N)
+        qp = tl.load(QPOS + offs_m, mask=offs_m < Sq, other=0)
+        if DOCS:
+            qd = tl.load(QDOC + offs_m, mask=offs_m < Sq, other=-2)
+    elif WINDOW or DOCS:
         lo, full_start, full_end, hi = _load_ranges(RANGES, pid_m)  # _ranges_kernel's
         qp = offs_m
         if CAUSAL or WINDOW:
@@ -130,37 +149,52 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if WINDOW or DOCS:
+    if SPARSE:
+        for i in range(0, n_full):
+            start_n = tl.load(LIST + pid_m * num_n + i) * BLOCK_N
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
+                start_n, Sk, qk_scale, wl, wr, PAT, nb, bs, offs_n, offs_d,
+                HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
+            )
+        for i in range(n_full, n_any):
+            start_n = tl.load(LIST + pid_m * num_n + i) * BLOCK_N
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
+                start_n, Sk, qk_scale, wl, wr, PAT, nb, bs, offs_n, offs_d,
+                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
+            )
+    elif WINDOW or DOCS:
         for start_n in range(full_start, full_end, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
-                start_n, Sk, qk_scale, wl, wr, offs_n, offs_d,
-                HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS,
+                start_n, Sk, qk_scale, wl, wr, PAT, nb, bs, offs_n, offs_d,
+                HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
             )
         for start_n in range(full_end, hi, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
-                start_n, Sk, qk_scale, wl, wr, offs_n, offs_d,
-                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS,
+                start_n, Sk, qk_scale, wl, wr, PAT, nb, bs, offs_n, offs_d,
+                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
             )
         for start_n in range(lo, full_start, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
-                start_n, Sk, qk_scale, wl, wr, offs_n, offs_d,
-                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS,
+                start_n, Sk, qk_scale, wl, wr, PAT, nb, bs, offs_n, offs_d,
+                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
             )
     else:
         for start_n in range(0, full_end, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
-                start_n, Sk, qk_scale, wl, wr, offs_n, offs_d,
-                HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS,
+                start_n, Sk, qk_scale, wl, wr, PAT, nb, bs, offs_n, offs_d,
+                HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
             )
         for start_n in range(full_end, hi, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
-                start_n, Sk, qk_scale, wl, wr, offs_n, offs_d,
-                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS,
+                start_n, Sk, qk_scale, wl, wr, PAT, nb, bs, offs_n, offs_d,
+                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
             )
 
     # A row that saw no key: O = 0, LSE = -inf.

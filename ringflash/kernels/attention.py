@@ -22,6 +22,7 @@ import triton
 from ._bwd import _attn_bwd, _bwd_delta
 from ._common import LOG2E, _ranges_kernel
 from ._fwd import _attn_fwd
+from .blocks import cached_tile_lists
 
 __all__ = [
     "forward",
@@ -237,11 +238,41 @@ def _positions(q_pos, k_pos, Sq, Sk, device):
     return q_pos.contiguous(), k_pos.contiguous()
 
 
-def _mask_args(q_pos, k_pos, causal, window, q_doc, k_doc, Sq, Sk, device):
-    """What the kernels take for a call's mask: (q_pos, k_pos, q_doc, k_doc, wl, wr, WINDOW, DOCS).
+class _MaskArgs(NamedTuple):
+    q_pos: torch.Tensor | None
+    k_pos: torch.Tensor | None
+    q_doc: torch.Tensor | None
+    k_doc: torch.Tensor | None
+    wl: int
+    wr: int
+    window: int  # the WINDOW bit set
+    docs: bool
+    strides: tuple  # per-head attribute strides (q batch, q head, k batch, k head); zeros when shared
+    blocks: object  # a BlockSparse, or None
 
-    Positions where causal or a window reads them (default: bottom-right aligned), document ids
-    (int32, one per token) where given; unused pointers are any tensor (never read)."""
+
+def _per_head_attrs(q_pos, k_pos, q_doc, k_doc, B, H, Hkv, Sq, Sk, device):
+    """Check per-head attributes (QK-dropping, hash buckets): positions and documents of shapes
+    (B, H, Sq) and (B, Hkv, Sk), contiguous; returns them with their strides."""
+    if q_doc is None or k_doc is None:
+        raise ValueError("per-head positions need per-head document ids (q_doc, k_doc) too")
+    for name, t, shape in (("q_pos", q_pos, (B, H, Sq)), ("k_pos", k_pos, (B, Hkv, Sk)),
+                           ("q_doc", q_doc, (B, H, Sq)), ("k_doc", k_doc, (B, Hkv, Sk))):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            raise ValueError(f"per-head {name} must have shape {shape}; got {getattr(t, 'shape', t)}")
+        if t.device != device:
+            raise ValueError(f"{name} must be on {device}, got {t.device}")
+    q_pos, k_pos = q_pos.to(torch.int64).contiguous(), k_pos.to(torch.int64).contiguous()
+    q_doc, k_doc = q_doc.to(torch.int32).contiguous(), k_doc.to(torch.int32).contiguous()
+    return q_pos, k_pos, q_doc, k_doc, (H * Sq, Sq, Hkv * Sk, Sk)
+
+
+def _mask_args(q_pos, k_pos, causal, window, q_doc, k_doc, Sq, Sk, device, blocks=None, shape=None):
+    """What the kernels take for a call's mask (:class:`_MaskArgs`).
+
+    Positions where causal, a window or a block pattern reads them (default: bottom-right
+    aligned), document ids (int32, one per token) where given; unused pointers are any tensor
+    (never read). ``shape``: (B, H, Hkv), for per-head (3-D) attributes."""
     # WINDOW: 1 the left side bounds the keys, 2 the right side (with causal it never does).
     flags, wl, wr = 0, 0, 0
     if window is not None:
@@ -252,7 +283,12 @@ def _mask_args(q_pos, k_pos, causal, window, q_doc, k_doc, Sq, Sk, device):
             flags, wr = flags | 2, int(right)
     if (q_doc is None) != (k_doc is None):
         raise ValueError("pass both q_doc and k_doc (document ids), or neither")
-    if causal or flags:
+    if isinstance(q_pos, torch.Tensor) and q_pos.dim() == 3:
+        if blocks is not None:
+            raise ValueError("a block pattern takes the shared positions of the layout, not per-head ones")
+        q_pos, k_pos, q_doc, k_doc, strides = _per_head_attrs(q_pos, k_pos, q_doc, k_doc, *shape, Sq, Sk, device)
+        return _MaskArgs(q_pos, k_pos, q_doc, k_doc, wl, wr, flags, True, strides, None)
+    if causal or flags or blocks is not None:
         q_pos, k_pos = _positions(q_pos, k_pos, Sq, Sk, device)
     else:
         q_pos = k_pos = None
@@ -264,21 +300,37 @@ def _mask_args(q_pos, k_pos, causal, window, q_doc, k_doc, Sq, Sk, device):
             if d.dtype not in (torch.int32, torch.int64) or d.device != device:
                 raise ValueError(f"{name} must be an int32/int64 tensor on {device}; got {d.dtype} on {d.device}")
         q_doc, k_doc = q_doc.contiguous(), k_doc.contiguous()
-    return q_pos, k_pos, q_doc, k_doc, wl, wr, flags, docs
+    if blocks is not None and q_pos.dtype != torch.int64:
+        q_pos, k_pos = q_pos.to(torch.int64), k_pos.to(torch.int64)
+    return _MaskArgs(q_pos, k_pos, q_doc, k_doc, wl, wr, flags, docs, (0, 0, 0, 0), blocks)
 
 
-def _tile_ranges(q_pos, k_pos, q_doc, k_doc, wl, wr, window, docs, causal, Sq, Sk, block_m, block_n,
-                 *, by_keys: bool, device) -> torch.Tensor:
-    """(tiles, 4) int32 ranges of every query tile (key tile with ``by_keys``) for the mask: one
-    small launch, shared by every batch row and head of the attention launch that reads it."""
+def _tile_ranges(m: _MaskArgs, causal, Sq, Sk, block_m, block_n, *, by_keys: bool, device,
+                 heads: tuple = (1, 1, 1)) -> torch.Tensor:
+    """(B * H, tiles, 4) int32 ranges of every query tile (key tile with ``by_keys``) for the
+    mask, with ``heads`` = (B, H, G) for per-head attributes; for shared ones (1, tiles, 4),
+    shared by every batch row and head of the attention launch that reads it. One small launch."""
     tiles = triton.cdiv(Sk if by_keys else Sq, block_n if by_keys else block_m)
-    ranges = torch.empty((tiles, 4), dtype=torch.int32, device=device)
-    _ranges_kernel[(tiles,)](
-        q_pos, q_doc, k_pos, k_doc, ranges, Sq, Sk, wl, wr,
-        BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), WINDOW=window, DOCS=docs, BY_KEYS=by_keys,
+    B, H, G = heads if m.strides[1] else (1, 1, 1)
+    ranges = torch.empty((B * H, tiles, 4), dtype=torch.int32, device=device)
+    q_pos, k_pos = (m.q_pos, m.k_pos) if m.q_pos is not None else (ranges, ranges)
+    q_doc, k_doc = (m.q_doc, m.k_doc) if m.q_doc is not None else (ranges, ranges)
+    _ranges_kernel[(tiles, B * H)](
+        q_pos, q_doc, k_pos, k_doc, ranges, Sq, Sk, m.wl, m.wr, *m.strides, H, G,
+        BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), WINDOW=m.window, DOCS=m.docs, BY_KEYS=by_keys,
         num_warps=4,
     )
     return ranges
+
+
+def _lists(m: _MaskArgs, causal, Sq, Sk, block_m, block_n, *, by_keys: bool, device):
+    """The block pattern's tile lists and counts for one launch (:mod:`.blocks`), cached while
+    the same attribute tensors come back."""
+    tensors = tuple(t for t in (m.q_pos, m.k_pos, m.q_doc, m.k_doc) if t is not None)
+    return cached_tile_lists(
+        lambda: _tile_ranges(m, causal, Sq, Sk, block_m, block_n, by_keys=by_keys, device=device),
+        tensors, (bool(causal), m.window, m.wl, m.wr, m.docs), m.q_pos, m.k_pos, m.blocks, block_m, block_n,
+        by_keys=by_keys)
 
 
 def _check_accumulator(name, t, shape, device):
@@ -305,13 +357,16 @@ def forward(
     window: tuple[int, int] | None = None,
     q_doc: torch.Tensor | None = None,
     k_doc: torch.Tensor | None = None,
+    blocks=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over ``k, v`` as float32 partials (see :func:`ringflash.reference.forward`).
 
     q: (B, Sq, H, D); k, v: (B, Sk, Hkv, D); q_pos (Sq,), k_pos (Sk,) strictly increasing
     int64/int32 positions (with ``causal`` or a window; default: bottom-right aligned);
     ``window``: (left, right), -1 unbounded; q_doc (Sq,), k_doc (Sk,) non-decreasing document
-    ids (int32; a query sees only keys of its own document). Returns
+    ids (int32; a query sees only keys of its own document); ``blocks`` a block pattern
+    (:class:`ringflash.sparse.BlockSparse`) over the positions. Per-head attributes: positions
+    and document ids (B, H, Sq) / (B, Hkv, Sk), each row sorted (:mod:`ringflash.sparse`). Returns
     ``out`` (B, Sq, H, D) float32 and ``lse`` (B, H, Sq) float32, natural log. If ``out`` and
     ``lse`` (float32, contiguous) are given, this block is folded into them in place.
     """
@@ -335,20 +390,23 @@ def forward(
             out.zero_()
             lse.fill_(-math.inf)
         return out, lse
-    q_pos, k_pos, q_doc, k_doc, wl, wr, has_window, docs = _mask_args(
-        q_pos, k_pos, causal, window, q_doc, k_doc, Sq, Sk, q.device)
-    q_pos, k_pos = (lse, lse) if q_pos is None else (q_pos, k_pos)  # None: never read
-    q_doc, k_doc = (lse, lse) if q_doc is None else (q_doc, k_doc)
+    m = _mask_args(q_pos, k_pos, causal, window, q_doc, k_doc, Sq, Sk, q.device, blocks, (B, H, Hkv))
 
     cfg = _config(FWD_CONFIGS, _INTERPRET_FWD, D, q.dtype, bool(causal))
-    ranges = lse
-    if has_window or docs:
-        ranges = _tile_ranges(q_pos, k_pos, q_doc, k_doc, wl, wr, has_window, docs, causal, Sq, Sk,
-                              cfg.block_m, cfg.block_n, by_keys=False, device=q.device)
+    ranges = lists = counts = lse
+    if m.blocks is not None:
+        lists, counts = _lists(m, causal, Sq, Sk, cfg.block_m, cfg.block_n, by_keys=False, device=q.device)
+    elif m.window or m.docs:
+        ranges = _tile_ranges(m, causal, Sq, Sk, cfg.block_m, cfg.block_n, by_keys=False, device=q.device,
+                              heads=(B, H, H // Hkv))
+    q_pos, k_pos = (lse, lse) if m.q_pos is None else (m.q_pos, m.k_pos)  # None: never read
+    q_doc, k_doc = (lse, lse) if m.q_doc is None else (m.q_doc, m.k_doc)
+    pat, nb, bs = (m.blocks.on(q.device), m.blocks.num_blocks, m.blocks.block_size) if m.blocks is not None else (lse, 1, 1)
     grid = (triton.cdiv(Sq, cfg.block_m), B * H)
     _attn_fwd[grid](
         q, k, v, q_pos, k_pos, q_doc, k_doc, ranges, out, lse,
-        scale * LOG2E, wl, wr,
+        pat, lists, counts,
+        scale * LOG2E, m.wl, m.wr, nb, bs, *m.strides,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -358,7 +416,7 @@ def forward(
         HEAD_DIM=D, BLOCK_D=_block_d(D),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=bool(causal), FOLD=fold, DOT_PREC=_dot_precision(q.dtype), WIDE=_wide(q, k, v, out),
-        WINDOW=has_window, DOCS=docs,
+        WINDOW=m.window, DOCS=m.docs, SPARSE=m.blocks is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
@@ -408,6 +466,7 @@ def backward(
     window: tuple[int, int] | None = None,
     q_doc: torch.Tensor | None = None,
     k_doc: torch.Tensor | None = None,
+    blocks=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Add one block pair's gradients into float32 accumulators (see :func:`ringflash.reference.backward`).
 
@@ -456,20 +515,24 @@ def backward(
         if after_dkdv is not None:
             after_dkdv()
         return dq, dk, dv
-    q_pos, k_pos, q_doc, k_doc, wl, wr, has_window, docs = _mask_args(
-        q_pos, k_pos, causal, window, q_doc, k_doc, Sq, Sk, q.device)
-    q_pos, k_pos = (lse, lse) if q_pos is None else (q_pos, k_pos)  # None: never read
-    q_doc, k_doc = (lse, lse) if q_doc is None else (q_doc, k_doc)
+    m = _mask_args(q_pos, k_pos, causal, window, q_doc, k_doc, Sq, Sk, q.device, blocks, (B, H, Hkv))
 
     c1 = _config(BWD_DKDV_CONFIGS, _INTERPRET_DKDV, D, q.dtype, bool(causal),
                  grouped=BWD_DKDV_GROUPED_CONFIGS if Hkv < H else None)
     c2 = _config(BWD_DQ_CONFIGS, _INTERPRET_DQ, D, q.dtype, bool(causal))
-    ranges_kv = ranges_q = lse
-    if has_window or docs:
-        ranges_kv = _tile_ranges(q_pos, k_pos, q_doc, k_doc, wl, wr, has_window, docs, causal, Sq, Sk,
-                                 c1.block_m, c1.block_n, by_keys=True, device=q.device)
-        ranges_q = _tile_ranges(q_pos, k_pos, q_doc, k_doc, wl, wr, has_window, docs, causal, Sq, Sk,
-                                c2.block_m, c2.block_n, by_keys=False, device=q.device)
+    ranges_kv = ranges_q = lists_kv = counts_kv = lists_q = counts_q = lse
+    if m.blocks is not None:
+        lists_kv, counts_kv = _lists(m, causal, Sq, Sk, c1.block_m, c1.block_n, by_keys=True, device=q.device)
+        lists_q, counts_q = _lists(m, causal, Sq, Sk, c2.block_m, c2.block_n, by_keys=False, device=q.device)
+    elif m.window or m.docs:
+        heads = (B, H, H // Hkv)
+        ranges_kv = _tile_ranges(m, causal, Sq, Sk, c1.block_m, c1.block_n, by_keys=True, device=q.device,
+                                 heads=heads)
+        ranges_q = _tile_ranges(m, causal, Sq, Sk, c2.block_m, c2.block_n, by_keys=False, device=q.device,
+                                heads=heads)
+    q_pos, k_pos = (lse, lse) if m.q_pos is None else (m.q_pos, m.k_pos)  # None: never read
+    q_doc, k_doc = (lse, lse) if m.q_doc is None else (m.q_doc, m.k_doc)
+    pat, nb, bs = (m.blocks.on(q.device), m.blocks.num_blocks, m.blocks.block_size) if m.blocks is not None else (lse, 1, 1)
     n_dkdv = triton.cdiv(Sk, c1.block_n) * B * Hkv
     split = _group_split(n_dkdv, H // Hkv, q.device)
     if split > 1:
@@ -479,7 +542,8 @@ def backward(
         dk_out, dv_out = dk[None], dv[None]
     args = (
         q, k, v, dout, lse, delta, q_pos, k_pos, q_doc, k_doc, ranges_kv, ranges_q, dq, dk_out[0], dv_out[0],
-        scale, scale * LOG2E, wl, wr,
+        pat, lists_kv, counts_kv, lists_q, counts_q,
+        scale, scale * LOG2E, m.wl, m.wr, nb, bs, *m.strides,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -495,7 +559,7 @@ def backward(
         BLOCK_M1=c1.block_m, BLOCK_N1=c1.block_n, BLOCK_M2=c2.block_m, BLOCK_N2=c2.block_n,
         CAUSAL=bool(causal), ACC_DKDV=acc_dkdv and split == 1, ACC_DQ=acc_dq, DOT_PREC=_dot_precision(q.dtype),
         WIDE=_wide(q, k, v, dout, dq, dk_out[0], dv_out[0]),
-        WINDOW=has_window, DOCS=docs,
+        WINDOW=m.window, DOCS=m.docs, SPARSE=m.blocks is not None,
     )
 
     def sum_splits():
