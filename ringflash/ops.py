@@ -37,9 +37,10 @@ import torch
 
 from . import reference
 from .mask import Mask, doc_ids, make_mask
+from .sparse import BlockSparse, check_sparsity, is_token_sparsity, run_sorted
 
 __all__ = ["flash_attention", "get_backend", "backend_name", "check_backend_inputs", "check_mask_backend",
-           "mask_kwargs", "check_qkv", "no_autocast", "BACKENDS"]
+           "check_sparsity_backend", "mask_kwargs", "check_qkv", "no_autocast", "BACKENDS"]
 
 BACKENDS = ("triton", "reference", "cudnn", "sdpa_flash")
 
@@ -149,7 +150,25 @@ def mask_kwargs(mask: Mask, q_doc=None, k_doc=None) -> dict:
         kw["window"] = mask.window
     if mask.cu_seqlens is not None:
         kw["q_doc"], kw["k_doc"] = q_doc, k_doc
+    if mask.blocks is not None:
+        kw["blocks"] = mask.blocks
     return kw
+
+
+def check_sparsity_backend(backend, sparsity) -> None:
+    """``ValueError`` unless ``backend`` (a name, None or an engine) serves the sparse modes."""
+    if sparsity is None:
+        return
+    if isinstance(backend, str) or backend is None:
+        ok, name = backend in (None, "triton", "reference"), backend
+    else:
+        ok = bool(getattr(backend, "serves_masks", False))
+        name = getattr(backend, "name", type(backend).__name__)
+    if not ok:
+        raise ValueError(
+            f"backend={name!r} serves causal and full attention only; sparse attention "
+            f"({type(sparsity).__name__}) needs backend='triton' (CUDA) or backend='reference'"
+        )
 
 
 def backward_extras(backend, out: torch.Tensor) -> dict:
@@ -217,7 +236,8 @@ def resolve_scale(softmax_scale, head_dim: int) -> float:
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, softmax_scale, be, masks):
-        out, lse = be.forward(q, k, v, q_pos=None, k_pos=None, causal=causal, softmax_scale=softmax_scale, **masks)
+        masks = {"q_pos": None, "k_pos": None, **masks}
+        out, lse = be.forward(q, k, v, causal=causal, softmax_scale=softmax_scale, **masks)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal, ctx.softmax_scale, ctx.backend, ctx.masks = causal, softmax_scale, be, masks
@@ -233,7 +253,7 @@ class _FlashAttention(torch.autograd.Function):
         with no_autocast(q.device):
             delta = be.backward_delta(out, dout)
             dq, dk, dv = be.backward(
-                dout, q, k, v, lse, delta, q_pos=None, k_pos=None,
+                dout, q, k, v, lse, delta,
                 causal=ctx.causal, softmax_scale=ctx.softmax_scale, **ctx.masks, **backward_extras(be, out),
             )
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
@@ -250,6 +270,7 @@ def flash_attention(
     softmax_scale: float | None = None,
     return_lse: bool = False,
     backend: str | None = None,
+    sparsity=None,
 ):
     """Exact softmax attention on one device.
 
@@ -270,7 +291,10 @@ def flash_attention(
         return_lse: also return the log-sum-exp (natural log), (batch_size, nheads, seqlen_q), in
             float32 (float64 for float64 inputs). A row that sees no key has O = 0, LSE = -inf.
         backend: ``"triton"``, ``"reference"``, ``"cudnn"``, ``"sdpa_flash"``, or None (triton on
-            CUDA, reference on CPU). Windows and documents need triton or reference.
+            CUDA, reference on CPU). Windows, documents and sparsity need triton or reference.
+        sparsity: a :mod:`ringflash.sparse` mode: :class:`~ringflash.sparse.BlockSparse` (over
+            the keys' positions, so it must tile ``seqlen_k``), :class:`~ringflash.sparse.QKDrop`
+            or :class:`~ringflash.sparse.HashSparse` (attributes shaped (B, S, heads)).
 
     Returns:
         out: (batch_size, seqlen_q, nheads, headdim) in q's dtype; and lse if ``return_lse``.
@@ -289,10 +313,14 @@ def flash_attention(
             f"cu_seqlens needs queries and keys of one packed sequence (seqlen_q == seqlen_k); got "
             f"{q.shape[1]} and {k.shape[1]}"
         )
-    mask = make_mask(causal, window, cu_seqlens, k.shape[1])
+    check_sparsity(sparsity, q, k, k.shape[1])
+    check_sparsity_backend(backend, sparsity)
+    blocks = sparsity if isinstance(sparsity, BlockSparse) else None
+    mask = make_mask(causal, window, cu_seqlens, k.shape[1], blocks=blocks)
     check_mask_backend(backend, mask)
     be = get_backend(backend, q.device)
     check_mask_backend(be, mask)
+    check_sparsity_backend(be, sparsity)
     if getattr(be, "check", None) is not None:
         be.check(q, k, v)
     q_doc = k_doc = None
@@ -300,6 +328,16 @@ def flash_attention(
         k_doc = doc_ids(mask.cu_seqlens, torch.arange(k.shape[1], device=q.device))
         q_doc = k_doc
     with no_autocast(q.device):
-        out, lse = _FlashAttention.apply(q, k, v, mask.causal, float(softmax_scale), be,
-                                         mask_kwargs(mask, q_doc, k_doc))
+        if is_token_sparsity(sparsity):
+            q_pos, k_pos = reference.default_positions(q.shape[1], k.shape[1], q.device)
+
+            def call(qs, ks, vs, attrs):
+                return _FlashAttention.apply(qs, ks, vs, mask.causal, float(softmax_scale), be,
+                                             dict(mask_kwargs(mask), **attrs.kwargs(0)))
+
+            n_docs = 1 if mask.cu_seqlens is None else len(mask.cu_seqlens) - 1
+            out, lse = run_sorted(sparsity, q, k, v, q_pos, k_pos, q_doc, k_doc, n_docs, call)
+        else:
+            out, lse = _FlashAttention.apply(q, k, v, mask.causal, float(softmax_scale), be,
+                                             mask_kwargs(mask, q_doc, k_doc))
     return (out, lse) if return_lse else out

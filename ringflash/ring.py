@@ -40,8 +40,9 @@ from .comm import Exchange, check_group_device, check_transport, make_ring, reso
 from .layout import Contiguous, Layout, Striped, Zigzag, get_layout
 from .mask import Mask, block_visible, check_cu_seqlens, check_window, doc_ids, make_mask
 from .sdpa import accumulate
-from .ops import (backend_name, backward_extras, check_backend_inputs, check_mask_backend, check_qkv, get_backend,
-                  mask_kwargs, no_autocast, resolve_scale)
+from .sparse import BlockSparse, check_sparsity, is_token_sparsity, run_sorted
+from .ops import (backend_name, backward_extras, check_backend_inputs, check_mask_backend, check_qkv,
+                  check_sparsity_backend, get_backend, mask_kwargs, no_autocast, resolve_scale)
 
 __all__ = ["ring_attention"]
 
@@ -101,11 +102,14 @@ class _Plan:
                 bounds = bounds.pin_memory().to(device, non_blocking=True)
             self.docs = [doc_ids(bounds, p) for p in pos]
 
-    def kwargs(self, r: int, src: int) -> dict:
-        """The mask arguments of an engine call for rank ``r``'s queries and ``src``'s keys."""
+    def kwargs(self, r: int, src: int, attrs=None) -> dict:
+        """The mask arguments of an engine call for rank ``r``'s queries and ``src``'s keys
+        (with ``attrs``, the per-head attributes of QK-dropping or hashing instead)."""
         docs = (self.docs[r], self.docs[src]) if self.docs is not None else (None, None)
-        return dict(q_pos=self.pos[r], k_pos=self.pos[src], causal=self.mask.causal,
-                    **mask_kwargs(self.mask, *docs))
+        kw = dict(q_pos=self.pos[r], k_pos=self.pos[src], causal=self.mask.causal, **mask_kwargs(self.mask, *docs))
+        if attrs is not None:
+            kw.update(attrs.kwargs(src))
+        return kw
 
 
 _PLANS: OrderedDict = OrderedDict()
@@ -257,6 +261,7 @@ def _call_signature(q, k, mask: Mask, softmax_scale, layout, be) -> dict:
         "batch": q.shape[0], "local_seqlen": q.shape[1], "heads": q.shape[2], "kv_heads": k.shape[2],
         "head_dim": q.shape[3], "dtype": str(q.dtype), "causal": mask.causal, "window": mask.window,
         "cu_seqlens": zlib.crc32(repr(mask.cu_seqlens).encode()),
+        "blocks": (mask.blocks.block_size, mask.blocks._digest) if mask.blocks is not None else None,
         "softmax_scale": float(softmax_scale), "layout": repr(layout),
         "engine": getattr(be, "name", type(be).__name__), "transport": comm.TRANSPORT,
     }
@@ -296,8 +301,9 @@ def _preflight(q, k, mask: Mask, softmax_scale: float, layout: Layout, group, be
         check_layout(layout, q.shape[1], world_size, mask.causal)
 
 
-def _ring_forward(q, k, v, mask: Mask, softmax_scale: float, layout: Layout, group, be):
-    """(out in q's dtype, float32 lse) of ring attention; the input checks are the caller's."""
+def _ring_forward(q, k, v, mask: Mask, softmax_scale: float, layout: Layout, group, be, attrs=None):
+    """(out in q's dtype, float32 lse) of ring attention; the input checks are the caller's.
+    ``attrs``: per-head attributes of QK-dropping or hashing (:class:`ringflash.sparse.TokenAttrs`)."""
     _preflight(q, k, mask, softmax_scale, layout, group, be)
     ring = make_ring(group, q.device, recv_bytes=2 * _kv_bytes(k))
     P, r = ring.world_size, ring.rank
@@ -313,7 +319,7 @@ def _ring_forward(q, k, v, mask: Mask, softmax_scale: float, layout: Layout, gro
             _head_start(be, q.device, P)
         if plan.need[r][src]:
             out, lse = be.forward(q, kv[0], kv[1], softmax_scale=softmax_scale, out=out, lse=lse,
-                                  **plan.kwargs(r, src))
+                                  **plan.kwargs(r, src, attrs))
         if pending is not None:
             pending.wait()
             kv, kv_next = _rotate(ring, kv, kv_next, more=step + 1 < n - 1)
@@ -321,7 +327,8 @@ def _ring_forward(q, k, v, mask: Mask, softmax_scale: float, layout: Layout, gro
     return out.to(q.dtype), lse
 
 
-def _ring_backward(dout, q, k, v, out, lse, mask: Mask, softmax_scale: float, layout: Layout, group, be):
+def _ring_backward(dout, q, k, v, out, lse, mask: Mask, softmax_scale: float, layout: Layout, group, be,
+                   attrs=None):
     """(dq, dk, dv) in the inputs' dtypes, as separate tensors."""
     with no_autocast(dout.device):
         acc_dtype = torch.float32 if q.dtype != torch.float64 else q.dtype
@@ -425,7 +432,7 @@ def _ring_backward(dout, q, k, v, out, lse, mask: Mask, softmax_scale: float, la
             if kv_pending is not None:
                 _head_start(be, q.device, P)  # also covers the dK/dV sums posted at the end of the previous step
             visible = plan.need[r][src]
-            kwargs = dict(softmax_scale=softmax_scale, **plan.kwargs(r, src), **extras)
+            kwargs = dict(softmax_scale=softmax_scale, **plan.kwargs(r, src, attrs), **extras)
             chunks = _last_chunks(k.shape[2], LAST_HOP_PARTS) if step == n - 1 > 0 else []
             if blocks is not None and len(chunks) > 1:  # every rank cuts alike: the messages must match
                 last_step_in_chunks(visible, chunks)
@@ -473,10 +480,10 @@ class _RingAttention(torch.autograd.Function):
     (a Layout subclass, a backend object)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, softmax_scale, layout, group, be):
-        out, lse = _ring_forward(q, k, v, mask, softmax_scale, layout, group, be)
+    def forward(ctx, q, k, v, mask, softmax_scale, layout, group, be, attrs=None):
+        out, lse = _ring_forward(q, k, v, mask, softmax_scale, layout, group, be, attrs)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (mask, softmax_scale, layout, group, be)
+        ctx.args = (mask, softmax_scale, layout, group, be, attrs)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -484,7 +491,7 @@ class _RingAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # a gradient of the gradient is refused, not wrong
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        return (*_ring_backward(dout, q, k, v, out, lse, *ctx.args), None, None, None, None, None)
+        return (*_ring_backward(dout, q, k, v, out, lse, *ctx.args), None, None, None, None, None, None)
 
 
 # -- the custom op: ring attention as one node of a torch.compile graph -----------------------
@@ -586,6 +593,7 @@ def ring_attention(
     group=None,
     return_lse: bool = False,
     backend: str | None = None,
+    sparsity=None,
 ):
     """Exact attention over a sequence sharded across the ranks of ``group``.
 
@@ -630,6 +638,15 @@ def ring_attention(
         backend: the local engine: ``"triton"`` (default on CUDA), ``"reference"`` (default on
             the CPU), or PyTorch's fused ``"cudnn"`` / ``"sdpa_flash"`` kernels (see
             :mod:`ringflash.sdpa`).
+        sparsity: a sparse mode of :mod:`ringflash.sparse` (triton and reference engines; not
+            with a :class:`~ringflash.comm.HybridGroup`):
+            :class:`~ringflash.sparse.BlockSparse`, a pattern over global blocks, the same on
+            every rank, that must tile the global length; steps with no kept block are skipped.
+            :class:`~ringflash.sparse.QKDrop` / :class:`~ringflash.sparse.HashSparse`: this
+            rank's keep flags or bucket ids, (batch, local_seqlen, heads) for the queries and
+            (batch, local_seqlen, nheads_kv) for the keys; the keys' composite positions are
+            gathered from every rank once per call. A dropped query, or one whose bucket holds
+            no key it may see, gets O = 0 and LSE = -inf.
 
     Returns:
         out: (batch_size, local_seqlen, nheads, headdim) in q's dtype; and lse if ``return_lse``.
@@ -654,6 +671,10 @@ def ring_attention(
     layout = get_layout(layout)
     group = resolve_group(group)
     if isinstance(group, comm.HybridGroup):
+        if sparsity is not None:
+            raise ValueError(
+                "sparse attention runs over a plain ring: pass a ProcessGroup (the ring), not a HybridGroup"
+            )
         from .ulysses import hybrid_attention
 
         return hybrid_attention(q, k, v, causal=causal, window=window, cu_seqlens=cu_seqlens, layout=layout,
@@ -668,8 +689,11 @@ def ring_attention(
     check_group_device(group, q.device)
     check_transport(comm.TRANSPORT, group, q.device)
     softmax_scale = resolve_scale(softmax_scale, q.shape[-1])
+    check_sparsity(sparsity, q, k, q.shape[1] * world_size)
+    check_sparsity_backend(backend, sparsity)
     spec = _op_layout(layout)
-    if torch.compiler.is_compiling() and spec is not None and (backend is None or isinstance(backend, str)):
+    if (torch.compiler.is_compiling() and spec is not None and (backend is None or isinstance(backend, str))
+            and sparsity is None):
         # Inside torch.compile: the custom op, one node of the graph. The boundaries' values are
         # checked inside the op (reading them here would specialise the graph on them).
         name = backend_name(backend, q.device)
@@ -680,14 +704,39 @@ def ring_attention(
         out, lse = _ring_op(q, k, v, bool(causal), *win, cu, float(softmax_scale), *spec, _group_name(group), name)
         lse = lse.detach()  # as from the autograd Function: no gradient flows through the LSE
     else:
-        mask = make_mask(causal, window, cu_seqlens, q.shape[1] * world_size)
+        blocks = sparsity if isinstance(sparsity, BlockSparse) else None
+        mask = make_mask(causal, window, cu_seqlens, q.shape[1] * world_size, blocks=blocks)
         check_mask_backend(backend, mask)
         be = get_backend(backend, q.device)
         check_mask_backend(be, mask)
+        check_sparsity_backend(be, sparsity)
         if getattr(be, "check", None) is not None:
             be.check(q, k, v)
-        out, lse = _apply_function(q, k, v, mask, float(softmax_scale), layout, group, be)
+        if is_token_sparsity(sparsity):
+            out, lse = _apply_sorted(q, k, v, mask, float(softmax_scale), layout, group, be, sparsity)
+        else:
+            out, lse = _apply_function(q, k, v, mask, float(softmax_scale), layout, group, be)
     return (out, lse) if return_lse else out
+
+
+@torch.compiler.disable
+def _apply_sorted(q, k, v, mask, softmax_scale, layout, group, be, sparsity):
+    """Ring attention with QK-dropping or hash buckets: every rank sorts its tokens per head
+    (:func:`ringflash.sparse.run_sorted`), gathers every rank's key attributes once, and runs the
+    ring on the sorted tokens with per-head attributes."""
+    world_size, rank = world_and_rank(group)
+    with no_autocast(q.device):
+        plan = _plan(layout, mask, q.shape[1], world_size, q.device, getattr(be, "host_positions", False))
+        docs = plan.docs[rank] if plan.docs is not None else None
+        n_docs = 1 if mask.cu_seqlens is None else len(mask.cu_seqlens) - 1
+
+        def gather(t):
+            return list(comm.all_gather_tensor(t, group).unbind(0)) if world_size > 1 else [t]
+
+        def call(qs, ks, vs, attrs):
+            return _RingAttention.apply(qs, ks, vs, mask, softmax_scale, layout, group, be, attrs)
+
+        return run_sorted(sparsity, q, k, v, plan.pos[rank], plan.pos[rank], docs, docs, n_docs, call, gather)
 
 
 def _op_cu_seqlens(cu_seqlens):

@@ -54,6 +54,7 @@ __all__ = [
     "SparsitySpec",
     "parse_sparsity",
     "check_sparsity",
+    "is_token_sparsity",
 ]
 
 POS_BITS = 31  # composite position = composite document << POS_BITS | position
@@ -308,6 +309,11 @@ def check_sparsity(sparsity, q: torch.Tensor, k: torch.Tensor, seqlen: int | Non
         )
 
 
+def is_token_sparsity(sparsity) -> bool:
+    """QK-dropping or hash buckets: the modes that reorder tokens per head."""
+    return isinstance(sparsity, (QKDrop, HashSparse))
+
+
 def hash_projection(heads: int, head_dim: int, num_buckets: int, *, seed: int = 0) -> torch.Tensor:
     """Random projections for :func:`hash_buckets`: (heads, head_dim, ceil(num_buckets / 2)),
     standard normal, reproducible from ``seed`` (fixed per layer)."""
@@ -396,6 +402,37 @@ def gather_tokens(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """``x`` (B, S, H, D) reordered per head by ``order`` (B, H, S): differentiable."""
     idx = order.transpose(1, 2)[..., None].expand(-1, -1, -1, x.shape[-1])
     return torch.gather(x, 1, idx)
+
+
+class TokenAttrs:
+    """Per-head attributes of a QK-dropping or hashing call, in sorted order: this rank's queries
+    (``q_pos``, ``q_doc``: (B, H, S)) and every rank's keys (``k_pos[r]``, ``k_doc[r]``:
+    (B, Hkv, S)), which the ring hands to the engine for each step's key block."""
+
+    def __init__(self, q_pos, q_doc, k_pos: list, k_doc: list):
+        self.q_pos, self.q_doc, self.k_pos, self.k_doc = q_pos, q_doc, k_pos, k_doc
+
+    def kwargs(self, src: int) -> dict:
+        return dict(q_pos=self.q_pos, k_pos=self.k_pos[src], q_doc=self.q_doc, k_doc=self.k_doc[src])
+
+
+def run_sorted(sparsity, q, k, v, q_pos, k_pos, q_doc, k_doc, num_docs: int, call, gather_keys=None):
+    """Run ``call(q, k, v, attrs)`` -> (out, lse) on tokens reordered per head for a QK-dropping or
+    hashing ``sparsity``, and return (out, lse) in the caller's order (differentiable in q, k, v).
+
+    ``gather_keys(t)``: every rank's copy of a key attribute tensor, as a list (the ring's
+    all-gather); None for one device."""
+    q_cpos, q_cdoc, k_cpos, k_cdoc = composite(sparsity, q_pos, k_pos, q_doc, k_doc, num_docs)
+    q_order, q_inverse = sort_order(q_cpos)
+    k_order, _ = sort_order(k_cpos)
+    k_cpos, k_cdoc = torch.gather(k_cpos, -1, k_order), torch.gather(k_cdoc, -1, k_order)
+    if gather_keys is None:
+        k_pos_all, k_doc_all = [k_cpos], [k_cdoc]
+    else:
+        k_pos_all, k_doc_all = gather_keys(k_cpos), gather_keys(k_cdoc)
+    attrs = TokenAttrs(torch.gather(q_cpos, -1, q_order), torch.gather(q_cdoc, -1, q_order), k_pos_all, k_doc_all)
+    out, lse = call(gather_tokens(q, q_order), gather_tokens(k, k_order), gather_tokens(v, k_order), attrs)
+    return gather_tokens(out, q_inverse), torch.gather(lse, -1, q_inverse)
 
 
 # -- the training job's --sparsity -------------------------------------------------------------------
