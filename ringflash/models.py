@@ -62,6 +62,7 @@ class GPTConfig:
     tie_embeddings: bool = True  # the output head shares the token embedding's weight
     checkpoint: bool = False  # activation checkpointing: recompute each block in the backward
     window: int | None = None  # sliding-window attention: each token sees itself and `window` tokens before it
+    sparsity: str | None = None  # sparse attention (ringflash.sparse): "hash:8", "qkdrop:0.5", "block:size=128,local=4"
     init_std: float = 0.02  # std of the normal init; output projections get init_std / sqrt(2 * n_layers)
 
 
@@ -81,13 +82,14 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: GPTConfig, group=None, backend: str | None = None):
+    def __init__(self, config: GPTConfig, group=None, backend: str | None = None, index: int = 0):
         super().__init__()
         self.attn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.attn = MultiheadAttention(
             config.dim, config.n_heads, num_kv_heads=config.n_kv_heads, causal=True,
             window=None if config.window is None else (config.window, 0), layout=config.layout,
             rope=True, rope_base=config.rope_base, bias=config.bias, group=group, backend=backend,
+            sparsity=config.sparsity, sparsity_seed=index,
         )
         self.mlp_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.mlp = MLP(config)
@@ -141,7 +143,7 @@ class GPT(_SharesGroup, nn.Module):
         self.config = config
         self.group = group
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
-        self.blocks = nn.ModuleList([Block(config, group, backend) for _ in range(config.n_layers)])
+        self.blocks = nn.ModuleList([Block(config, group, backend, index=i) for i in range(config.n_layers)])
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:

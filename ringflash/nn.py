@@ -37,6 +37,7 @@ from .comm import HybridGroup, resolve_group, world_and_rank
 from .layout import Layout, get_layout
 from .mask import check_cu_seqlens, check_window, doc_positions
 from .ring import ring_attention
+from .sparse import HashSparse, QKDrop, hash_buckets, hash_projection, keep_random, parse_sparsity
 
 _MODULE = object()  # forward(window=...) not given: the module's own window
 
@@ -132,7 +133,7 @@ class RingAttention(_SharesGroup, nn.Module):
         self.backend = backend
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens=None,
-                window=_MODULE) -> torch.Tensor:
+                window=_MODULE, sparsity=None) -> torch.Tensor:
         """Attention of this rank's queries over the keys of every rank.
 
         A collective over ``group``: see the cross-rank contract in the class docstring.
@@ -144,6 +145,7 @@ class RingAttention(_SharesGroup, nn.Module):
             cu_seqlens: document boundaries of the whole packed sequence (see
                 :func:`ringflash.ring_attention`); a query sees only keys of its own document.
             window: ``(left, right)`` for this call instead of the module's ``window``.
+            sparsity: a :mod:`ringflash.sparse` mode for this call (see :func:`ringflash.ring_attention`).
 
         Returns:
             (batch_size, local_seqlen, nheads, headdim) in q's dtype: this rank's shard of
@@ -164,7 +166,7 @@ class RingAttention(_SharesGroup, nn.Module):
         return ring_attention(
             q, k, v, causal=self.causal, window=self.window if window is _MODULE else window,
             cu_seqlens=cu_seqlens, layout=self.layout, softmax_scale=self.softmax_scale,
-            group=self.group, backend=self.backend,
+            group=self.group, backend=self.backend, sparsity=sparsity,
         )
 
     def extra_repr(self) -> str:
@@ -225,6 +227,23 @@ class MultiheadAttention(_SharesGroup, nn.Module):
         bias: biases in the projections.
         group: the context-parallel group (ProcessGroup, 1-D DeviceMesh or None), as :class:`RingAttention`.
         backend: the local attention kernel, as :class:`RingAttention`.
+        sparsity: None (dense), or a sparse mode of :mod:`ringflash.sparse` as a string (the
+            training job's ``--sparsity``) or :class:`~ringflash.sparse.SparsitySpec`:
+
+            * ``"hash:BUCKETS"``: hash-sparse attention. q and k (before rotary) are hashed per
+              K/V head with fixed random projections (:func:`~ringflash.sparse.hash_buckets`,
+              drawn from ``sparsity_seed``; a query uses its K/V head's), and a query sees only
+              keys of its bucket;
+            * ``"qkdrop:FRACTION"``: QK-dropping. Each (token, head) query and key is dropped
+              with probability FRACTION, drawn afresh at every training forward (the same draw
+              for every layout and world size: :func:`~ringflash.sparse.keep_random`), and from
+              a fixed draw in eval mode;
+            * ``"block:PATTERN"``: a block-sparse pattern over the global sequence
+              (:func:`~ringflash.sparse.block_pattern`; e.g. ``block:size=128,local=4,global=1``).
+
+            A query that sees no key (dropped, or alone in its bucket) gets zero attention output,
+            so the block's residual path passes its input through unchanged.
+        sparsity_seed: seeds the projections and draws (give each layer its own).
 
     Shapes:
         x: (batch_size, local_seqlen, dim) -> (batch_size, local_seqlen, dim)
@@ -251,7 +270,7 @@ class MultiheadAttention(_SharesGroup, nn.Module):
     def __init__(self, dim: int, num_heads: int, *, num_kv_heads: int | None = None, causal: bool = True,
                  window: tuple[int, int] | None = None,
                  layout: str | Layout = "striped", rope: bool = True, rope_base: float = 10000.0, bias: bool = False,
-                 group=None, backend: str | None = None):
+                 group=None, backend: str | None = None, sparsity=None, sparsity_seed: int = 0):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if dim <= 0:
@@ -276,6 +295,41 @@ class MultiheadAttention(_SharesGroup, nn.Module):
         self.attn = RingAttention(causal=causal, window=window, layout=self.layout, group=group, backend=backend)
         self.out = nn.Linear(num_heads * head_dim, dim, bias=bias)
         self._rotary_cache: dict = {}
+        self.sparsity = parse_sparsity(sparsity)
+        self.sparsity_seed = int(sparsity_seed)
+        self._draws = 0  # QK-dropping: training forwards so far (each draws new keep flags)
+        self._patterns: dict = {}
+        if self.sparsity is not None and self.sparsity.kind == "hash":
+            # Fixed per layer; a buffer so that it follows the module's device (not a parameter).
+            self.register_buffer("hash_projection", hash_projection(
+                num_kv_heads, head_dim, self.sparsity.buckets, seed=self.sparsity_seed), persistent=False)
+
+    def _sparse_call(self, q: torch.Tensor, k: torch.Tensor, causal: bool):
+        """This forward's sparse mode for q, k (B, S, heads, D) before rotary, or None."""
+        sp = self.sparsity
+        if sp is None:
+            return None
+        world_size, rank = _world_and_rank(self.group)
+        S = q.shape[1]
+        if sp.kind == "block":
+            key = S * world_size
+            if key not in self._patterns:
+                self._patterns = {key: sp.pattern(key, causal)}
+            return self._patterns[key]
+        if sp.kind == "hash":
+            G = self.num_heads // self.num_kv_heads
+            proj = self.hash_projection
+            return HashSparse(hash_buckets(q, proj.repeat_interleave(G, 0), sp.buckets),
+                              hash_buckets(k, proj, sp.buckets), sp.buckets, checked=True)
+        self.layout.check_local_seqlen(S, world_size)
+        pos = self.layout.local_positions(S, rank=rank, world_size=world_size, device=q.device)
+        draw = self._draws
+        if self.training:
+            self._draws += 1
+            draw += 1
+        seed = (self.sparsity_seed * 1_000_003 + draw) * 2
+        return QKDrop(keep_random(pos, q.shape[0], self.num_heads, sp.fraction, seed=seed),
+                      keep_random(pos, q.shape[0], self.num_kv_heads, sp.fraction, seed=seed + 1))
 
     def rotary(self, local_seqlen: int, device, dtype: torch.dtype = torch.float32, *, cu_seqlens=None):
         """(cos, sin) for this rank's tokens, each (local_seqlen, head_dim // 2), from the global positions.
@@ -361,9 +415,10 @@ class MultiheadAttention(_SharesGroup, nn.Module):
         q = rearrange(q, "b s (h d) -> b s h d", d=self.head_dim)
         k = rearrange(k, "b s (h d) -> b s h d", d=self.head_dim)
         v = rearrange(v, "b s (h d) -> b s h d", d=self.head_dim)
+        sparsity = self._sparse_call(q, k, self.attn.causal)
         if self.rope:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        o = self.attn(q, k, v, cu_seqlens=cu_seqlens, window=window)  # (B, S, H, D)
+        o = self.attn(q, k, v, cu_seqlens=cu_seqlens, window=window, sparsity=sparsity)  # (B, S, H, D)
         return self.out(rearrange(o, "b s h d -> b s (h d)"))
 
     def extra_repr(self) -> str:
@@ -371,4 +426,5 @@ class MultiheadAttention(_SharesGroup, nn.Module):
             f"dim={self.dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
             f"rope={self.rope}, rope_base={self.rope_base}, layout={self.layout!r}"
             + ("" if self.attn.window is None else f", window={self.attn.window}")
+            + ("" if self.sparsity is None else f", sparsity={self.sparsity}")
         )
