@@ -323,6 +323,12 @@ def _tile_ranges(m: _MaskArgs, causal, Sq, Sk, block_m, block_n, *, by_keys: boo
     return ranges
 
 
+def _sparse_stages(cfg: KernelConfig, m: _MaskArgs) -> KernelConfig:
+    """Block-sparse launches pipeline two stages: with the tile list's indirection, three stages
+    of 128 x 128 tiles at D = 128 asked for 235520 bytes of shared memory on H100 (232448 there)."""
+    return cfg._replace(num_stages=min(cfg.num_stages, 2)) if m.blocks is not None else cfg
+
+
 def _lists(m: _MaskArgs, causal, Sq, Sk, block_m, block_n, *, by_keys: bool, device):
     """The block pattern's tile lists and counts for one launch (:mod:`.blocks`), cached while
     the same attribute tensors come back."""
@@ -392,7 +398,7 @@ def forward(
         return out, lse
     m = _mask_args(q_pos, k_pos, causal, window, q_doc, k_doc, Sq, Sk, q.device, blocks, (B, H, Hkv))
 
-    cfg = _config(FWD_CONFIGS, _INTERPRET_FWD, D, q.dtype, bool(causal))
+    cfg = _sparse_stages(_config(FWD_CONFIGS, _INTERPRET_FWD, D, q.dtype, bool(causal)), m)
     ranges = lists = counts = lse
     if m.blocks is not None:
         lists, counts = _lists(m, causal, Sq, Sk, cfg.block_m, cfg.block_n, by_keys=False, device=q.device)
@@ -520,6 +526,7 @@ def backward(
     c1 = _config(BWD_DKDV_CONFIGS, _INTERPRET_DKDV, D, q.dtype, bool(causal),
                  grouped=BWD_DKDV_GROUPED_CONFIGS if Hkv < H else None)
     c2 = _config(BWD_DQ_CONFIGS, _INTERPRET_DQ, D, q.dtype, bool(causal))
+    c1, c2 = _sparse_stages(c1, m), _sparse_stages(c2, m)
     ranges_kv = ranges_q = lists_kv = counts_kv = lists_q = counts_q = lse
     if m.blocks is not None:
         lists_kv, counts_kv = _lists(m, causal, Sq, Sk, c1.block_m, c1.block_n, by_keys=True, device=q.device)
