@@ -2,7 +2,8 @@
 
 A checkpoint is the directory ``OUT/ckpt``:
 
-* ``state.pt``: model, optimizer, step and data position (written by rank 0);
+* ``state.pt``: model, optimizer, step and data position, and the attention layers' counts of
+  ``--sparsity qkdrop`` draws (written by rank 0);
 * ``rng_rank{r}.pt``: every rank's RNG states (so a resumed run draws what it would have);
 * ``meta.json``: the config, step and world size, readable without torch.
 
@@ -75,7 +76,8 @@ def save_checkpoint(out: Path, cfg: TrainConfig, d: Dist, model, optimizer, step
     model_state, optim_state = _full_state(model, optimizer)  # a collective under FSDP
     if d.rank == 0:
         torch.save(
-            {"model": model_state, "optimizer": optim_state, "step": step, "data_position": data_position},
+            {"model": model_state, "optimizer": optim_state, "step": step, "data_position": data_position,
+             "sparsity_draws": _draw_counts(model)},
             tmp / STATE_FILE,
         )
     dist.barrier()
@@ -135,8 +137,22 @@ def _to_param_names(optim_state: dict, model, optimizer) -> dict:
     return {"state": {names[i]: v for i, v in optim_state["state"].items()}, "param_groups": groups}
 
 
+def _draw_counts(model) -> dict[str, int]:
+    """Each attention layer's count of --sparsity qkdrop draws so far (a module attribute, not in
+    the state dict): its next training forward draws keep flags from the count, so a resumed run
+    must continue it to draw what an uninterrupted run would have."""
+    return {name: m._draws for name, m in model.named_modules() if isinstance(getattr(m, "_draws", None), int)}
+
+
+def _set_draw_counts(model, counts: dict[str, int]) -> None:
+    """Restore :func:`_draw_counts` (layers absent from an older checkpoint keep theirs)."""
+    for name, m in model.named_modules():
+        if name in counts and isinstance(getattr(m, "_draws", None), int):
+            m._draws = int(counts[name])
+
+
 def load_checkpoint(ckpt: Path, d: Dist, model, optimizer) -> tuple[int, int]:
-    """Restore model, optimizer and this rank's RNG state; return (step, data position)."""
+    """Restore model, optimizer, the draw counts and this rank's RNG state; return (step, data position)."""
     state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
     if _sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -147,6 +163,7 @@ def load_checkpoint(ckpt: Path, d: Dist, model, optimizer) -> tuple[int, int]:
     else:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+    _set_draw_counts(model, state.get("sparsity_draws", {}))
     meta = json.loads((ckpt / META_FILE).read_text())
     rng = ckpt / f"rng_rank{d.rank}.pt"
     if meta["world_size"] == d.world_size and rng.is_file():

@@ -36,6 +36,7 @@ else:  # launch/ is on sys.path (launch/train.py run as a script, the tests)
     from data import TASKS, dataset_problem
 
 from ringflash.layout import LAYOUTS, get_layout
+from ringflash.sparse import parse_sparsity
 
 __all__ = ["TrainConfig", "RESUME_FIXED", "build_parser", "parse_args", "config_problems", "resolve_ulysses"]
 
@@ -77,6 +78,12 @@ class TrainConfig:
     kv_heads: int = _f(2, "key/value heads (GQA when fewer than --heads)")
     rope_base: float = _f(10000.0, "rotary embedding base (raise it for very long sequences)")
     window: int = _f(0, "sliding-window attention: each token sees itself and the N tokens before it (0: no window)")
+    sparsity: str = _f("", "sparse attention (ringflash.sparse), on top of the mask: hash:BUCKETS (a query sees only "
+                       "the keys of its hash bucket, per head), qkdrop:FRACTION (each query and key dropped with "
+                       "this probability, drawn afresh every step), block:PATTERN (a block-sparse pattern over the "
+                       "whole sequence, PATTERN a comma list of size=, local=, global=, random=, seed=, e.g. "
+                       "block:size=128,local=4,global=1); '' (default): dense. Needs --backend triton (GPUs) or "
+                       "reference, and the ring alone (--ulysses-size 1)")
     doc_mask: bool = _f(True, "with packed documents (--data, --task packed-recall), attend only inside each "
                         "document, rotary positions restarting at each; --no-doc-mask: causal attention over "
                         "the whole packed sequence (the same targets), to compare")
@@ -123,6 +130,10 @@ class TrainConfig:
             c.dtype = "bfloat16" if c.device == "cuda" else "float32"
         if c.lr_decay_steps == 0:
             c.lr_decay_steps = c.steps
+        try:  # one spelling for the metrics, the checkpoint's config and the log ("none" -> "")
+            c.sparsity = str(parse_sparsity(c.sparsity) or "")
+        except (TypeError, ValueError):
+            pass  # left as given: config_problems says what is wrong with it
         return c
 
     @property
@@ -131,17 +142,29 @@ class TrainConfig:
         return bool(self.data) or self.task == "packed-recall"
 
     @property
-    def mask(self) -> str:
-        """The attention mask, as the metrics and the loss plot name it: ``causal``,
-        ``causal+documents``, ``causal+window=N``, ``causal+documents+window=N``."""
+    def dense_mask(self) -> str:
+        """The mask without --sparsity: ``causal``, ``causal+documents``, ``causal+window=N``,
+        ``causal+documents+window=N``."""
         return "causal" + ("+documents" if self.packed and self.doc_mask else "") + (
             f"+window={self.window}" if self.window else "")
+
+    @property
+    def mask(self) -> str:
+        """The attention mask, as the log line, the metrics and the loss plot name it:
+        :attr:`dense_mask`, then ``+sparsity=SPEC`` with --sparsity (``causal+sparsity=hash:8``)."""
+        try:
+            spec = parse_sparsity(self.sparsity)
+        except (TypeError, ValueError):
+            spec = self.sparsity  # as given (config_problems refuses it)
+        return self.dense_mask + (f"+sparsity={spec}" if spec else "")
 
 
 # Fields that must not change when a run resumes: they decide the weights' shapes or the data.
 # (--seq-len decides the samples and, with --recall-pairs 0, how many pairs each one holds.
-# --window and --doc-mask change what attention sees, not the weights or the samples: a run
-# may resume under another mask.)
+# --window, --doc-mask and --sparsity change what attention sees, not the weights or the
+# samples: a run may resume under another mask, e.g. dense training continued sparse. The hash
+# projections of --sparsity hash:B are fixed per layer, not weights. The checkpoint records the
+# run's --sparsity with the rest of its config, and every metrics record its mask.)
 RESUME_FIXED = ("dim", "layers", "heads", "kv_heads", "data", "task", "seq_len", "recall_pairs", "seed")
 
 
@@ -178,11 +201,22 @@ def _sdpa_striped(cfg: TrainConfig) -> bool:
     return cfg.backend in ("cudnn", "sdpa_flash") and cfg.layout == "striped"
 
 
+def _sparsity(cfg: TrainConfig):
+    """``cfg.sparsity`` parsed (a :class:`ringflash.sparse.SparsitySpec`), or None: dense, or a
+    spec that does not parse (which :func:`_mask_problems` reports)."""
+    try:
+        return parse_sparsity(cfg.sparsity)
+    except (TypeError, ValueError):
+        return None
+
+
 def resolve_ulysses(cfg: TrainConfig, world_size: int, ranks_per_node: int) -> TrainConfig:
     """``cfg`` with ``--ulysses-size 0`` (the default) decided for ``world_size`` ranks,
     ``ranks_per_node`` to a node: when a sequence's context-parallel ranks span several nodes, the
     largest divisor of ``ranks_per_node`` that divides the cp size and fits the heads (the ring then
-    crosses nodes with fewer, larger hops and the all-to-all stays inside a node); else 1."""
+    crosses nodes with fewer, larger hops and the all-to-all stays inside a node); else 1. Always 1
+    with --sparsity (sparse attention runs on the ring alone) and for PyTorch's fused engines
+    under --layout striped."""
     if cfg.ulysses_size != 0:
         return cfg
     from ringflash.ulysses import check_heads
@@ -191,6 +225,8 @@ def resolve_ulysses(cfg: TrainConfig, world_size: int, ranks_per_node: int) -> T
     u = 1
     if _sdpa_striped(cfg):
         return dataclasses.replace(cfg, ulysses_size=1)  # the ring alone (see _parallel_problems)
+    if _sparsity(cfg) is not None:
+        return dataclasses.replace(cfg, ulysses_size=1)  # sparse attention runs on the ring alone
     if 1 < ranks_per_node < world_size and cp > ranks_per_node:
         for cand in range(ranks_per_node, 1, -1):
             if ranks_per_node % cand or cp % cand or cfg.heads < 1 or cfg.kv_heads < 1:
@@ -331,10 +367,46 @@ def _mask_problems(cfg: TrainConfig) -> list[str]:
     if not cfg.doc_mask and not cfg.packed:
         problems.append(f"--no-doc-mask compares training without document masking on packed documents; "
                         f"--task {cfg.task} has none: use it with --data or --task packed-recall, or drop it")
-    if cfg.backend in ("cudnn", "sdpa_flash") and cfg.mask != "causal":
-        problems.append(f"--backend {cfg.backend} serves causal attention only; the mask {cfg.mask} needs "
+    if cfg.backend in ("cudnn", "sdpa_flash") and cfg.dense_mask != "causal":
+        problems.append(f"--backend {cfg.backend} serves causal attention only; the mask {cfg.dense_mask} needs "
                         "--backend triton (or reference)"
                         + (" or --no-doc-mask" if cfg.packed and cfg.doc_mask and not cfg.window else ""))
+    return problems + _sparsity_problems(cfg)
+
+
+def _sparsity_problems(cfg: TrainConfig) -> list[str]:
+    """--sparsity: a spec that parses, fits --seq-len, and runs with the other flags."""
+    try:
+        spec = parse_sparsity(cfg.sparsity)
+    except (TypeError, ValueError) as e:
+        return [f"--sparsity {cfg.sparsity!r}: {e}"]
+    if spec is None:
+        return []
+    problems = []
+    if spec.kind == "block" and cfg.seq_len >= 1:
+        size = spec.block_size
+        if cfg.seq_len % size:
+            lower, upper = cfg.seq_len // size * size, (cfg.seq_len // size + 1) * size
+            problems.append(
+                f"--sparsity {spec}: the block pattern must tile the whole sequence, but --seq-len "
+                f"{cfg.seq_len} is not a multiple of its block size {size}; use a --seq-len such as "
+                f"{lower or upper} or {upper}, or a size= that divides {cfg.seq_len}")
+        elif spec.global_ > cfg.seq_len // size:
+            problems.append(
+                f"--sparsity {spec}: global={spec.global_} blocks, but --seq-len {cfg.seq_len} holds "
+                f"{cfg.seq_len // size} blocks of {size}; use global= at most {cfg.seq_len // size}")
+    if cfg.backend in ("cudnn", "sdpa_flash"):
+        problems.append(f"--sparsity {spec} needs --backend triton (on GPUs; or reference): --backend "
+                        f"{cfg.backend} runs PyTorch's dense fused kernels")
+    if cfg.ulysses_size > 1:
+        problems.append(f"--sparsity {spec} runs on the ring alone, not under Ulysses: use --ulysses-size 1 "
+                        f"(got --ulysses-size {cfg.ulysses_size}), or drop --sparsity")
+    if spec.kind == "qkdrop" and cfg.checkpoint_activations:
+        problems.append(f"--sparsity {spec} with --checkpoint-activations: the recomputed forward would draw "
+                        f"other keep flags than the forward did (wrong gradients); drop one of them")
+    if spec.kind == "qkdrop" and cfg.compile:
+        problems.append(f"--sparsity {spec} with --compile: torch.compile cannot compile the keep-flag draw "
+                        f"yet; drop --compile (hash: and block: sparsity compile)")
     return problems
 
 

@@ -1,8 +1,9 @@
 """What the training job trains and how: the GPT of a config, its optimizer, the learning rate.
 
 The model is ``ringflash.models.GPT`` over bytes (vocabulary 256) with ring attention over the
-context-parallel group: causal, within a sliding window with ``--window`` (the document mask of
-packed sequences comes with each call, launch/train.py). AdamW decays the matrices only; the
+context-parallel group: causal, within a sliding window with ``--window``, sparse with
+``--sparsity`` (GPTConfig.sparsity: every layer's attention, seeded by its index; the document
+mask of packed sequences comes with each call, launch/train.py). AdamW decays the matrices only; the
 learning rate warms up linearly, then follows a cosine down to ``min_lr_ratio * lr``.
 """
 
@@ -35,6 +36,7 @@ def build_model(cfg: TrainConfig, group) -> torch.nn.Module:
         rope_base=cfg.rope_base,
         checkpoint=cfg.checkpoint_activations,
         window=cfg.window or None,  # --window 0: none (GPTConfig's 0 would be each token alone)
+        sparsity=cfg.sparsity or None,  # sparse attention (ringflash.sparse); "": dense
     )
     return GPT(model_cfg, group=group, backend=cfg.backend)
 

@@ -52,8 +52,10 @@ micro-steps: one forward and backward per group of rows that share boundaries, e
 loss weighted by its share of the batch's targets (``train_step``). The loss is still the mean
 over every target of the batch and the gradient exactly its gradient. A corpus's rows rarely
 share boundaries (a row each); packed-recall's rows share them in blocks of 8. The targets do
-not depend on the mask: the last token of every document has none. Every metrics record, and
-the loss plot's title, names the mask (``causal``, ``causal+documents``, ``causal+window=N``...).
+not depend on the mask: the last token of every document has none. ``--sparsity`` adds sparse
+attention (``hash:BUCKETS``, ``qkdrop:FRACTION``, ``block:PATTERN``: GPTConfig.sparsity,
+ringflash.sparse) on the ring alone. Every metrics record, and the loss plot's title, names the
+mask (``causal``, ``causal+documents``, ``causal+window=N``, ``causal+sparsity=hash:8``...).
 
 Checkpoints (model, optimizer, every rank's RNG states, data position, step) go to
 ``OUT/ckpt`` every ``--ckpt-every`` steps and when SIGTERM or SIGUSR2 arrives: the handler

@@ -169,6 +169,34 @@ def test_submit_refuses_bad_own_flags_before_submitting(tmp_path, monkeypatch, c
     assert not (tmp_path / "called").exists()
 
 
+def test_submit_passes_sparsity_and_checks_it_before_submitting(tmp_path, monkeypatch, capsys):
+    """--sparsity reaches launch/train.py in the job; a spec that cannot run is refused on the
+    submission host. The job spans 2 nodes, where --ulysses-size 0 would take a node's ranks:
+    with --sparsity it is the ring alone, and an explicit --ulysses-size > 1 is refused."""
+    env = fake_bin(tmp_path, sbatch=f'touch {tmp_path}/called\necho "Submitted batch job 9"\n', srun="exit 0\n")
+    monkeypatch.setenv("PATH", env["PATH"])
+    out = tmp_path / "run"
+    submit_py = ["--nodes", "2", "--gpus-per-node", "4", "--"]
+    spec = "block:size=1024,local=4,global=1"
+    assert submit.main([*submit_py, "--out", str(out), "--seq-len", "131072", "--sparsity", spec]) == 0
+    trainer = submitit.helpers.DelayedSubmission.load(out / "submitit" / "9_submitted.pkl").function
+    cfg = train.parse_args(trainer.train_args)
+    assert cfg.sparsity == spec and cfg.resume and cfg.seq_len == 131072
+    assert train.resolve_ulysses(cfg.resolved(), 8, 4).ulysses_size == 1
+    assert train.parse_args(trainer.checkpoint().function.train_args).sparsity == spec  # a requeued job too
+    (tmp_path / "called").unlink()
+    capsys.readouterr()
+    for args, message in [
+        (["--sparsity", "hash:0"], "--sparsity 'hash:0': hash:BUCKETS needs a bucket count >= 1"),
+        (["--seq-len", "1000", "--sparsity", "block:size=64"], "--seq-len 1000 is not a multiple of its block size 64"),
+        (["--sparsity", "hash:8", "--ulysses-size", "4"], "runs on the ring alone, not under Ulysses: use --ulysses-size 1"),
+        (["--sparsity", "hash:8", "--backend", "cudnn", "--dtype", "bfloat16"], "--sparsity hash:8 needs --backend triton"),
+    ]:
+        assert submit.main([*submit_py, "--out", str(out), *args]) == 2, args
+        assert "submit.py: error: " in (err := capsys.readouterr().err) and message in err, err
+        assert not (tmp_path / "called").exists()
+
+
 def test_resubmitting_with_a_relative_data_path_resumes(tmp_path, monkeypatch):
     """The job gets --data as an absolute path; the same command submitted again (a relative
     path) must resume from its checkpoint, not be refused as a change of data."""
@@ -383,6 +411,16 @@ def test_sbatch_template_torchrun_line(tmp_path):
     cfg = train.parse_args(args.training_script_args)
     assert cfg.resume and cfg.cp_size == 4 and cfg.seq_len == 131072 and cfg.out == "runs/x"
     assert train.config_problems(cfg, 8, hardware=False) == []
+
+
+def test_sbatch_template_passes_sparsity(tmp_path):
+    proc = _run_template(tmp_path, RECORD_ARGS.format(path=tmp_path / "srun.args"), "--out", "runs/x",
+                         "--sparsity", "qkdrop:0.25", "--max-requeues", "3")
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    _, args = _torchrun_line(tmp_path / "srun.args")
+    cfg = train.parse_args(args.training_script_args)
+    assert cfg.sparsity == "qkdrop:0.25" and cfg.resume
 
 
 def test_sbatch_template_without_cpus_per_task(tmp_path):
