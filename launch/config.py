@@ -401,12 +401,6 @@ def _sparsity_problems(cfg: TrainConfig) -> list[str]:
     if cfg.ulysses_size > 1:
         problems.append(f"--sparsity {spec} runs on the ring alone, not under Ulysses: use --ulysses-size 1 "
                         f"(got --ulysses-size {cfg.ulysses_size}), or drop --sparsity")
-    if spec.kind == "qkdrop" and cfg.checkpoint_activations:
-        problems.append(f"--sparsity {spec} with --checkpoint-activations: the recomputed forward would draw "
-                        f"other keep flags than the forward did (wrong gradients); drop one of them")
-    if spec.kind == "qkdrop" and cfg.compile:
-        problems.append(f"--sparsity {spec} with --compile: torch.compile cannot compile the keep-flag draw "
-                        f"yet; drop --compile (hash: and block: sparsity compile)")
     return problems
 
 

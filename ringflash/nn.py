@@ -324,7 +324,9 @@ class MultiheadAttention(_SharesGroup, nn.Module):
         self.layout.check_local_seqlen(S, world_size)
         pos = self.layout.local_positions(S, rank=rank, world_size=world_size, device=q.device)
         draw = self._draws
-        if self.training:
+        # A training forward draws anew; the forward that activation checkpointing recomputes
+        # during the backward (a backward graph task is running) reuses the draw it recomputes.
+        if self.training and torch._C._current_graph_task_id() == -1:
             self._draws += 1
             draw += 1
         seed = (self.sparsity_seed * 1_000_003 + draw) * 2

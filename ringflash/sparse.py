@@ -355,8 +355,11 @@ def keep_random(positions: torch.Tensor, batch: int, heads: int, fraction: float
     pos = positions.to(torch.int64)
     b = torch.arange(batch, device=pos.device, dtype=torch.int64)
     h = torch.arange(heads, device=pos.device, dtype=torch.int64)
-    key = ((int(seed) * 1_000_003 + b[:, None, None]) * 1_048_583 + h[None, None, :]) * (2**31) + pos[None, :, None]
-    u = (_mix(key) & ((1 << 24) - 1)).to(torch.float32) / float(1 << 24)
+    # Chained mixing keeps every constant within int64 (a compiled graph refuses larger ones).
+    x = _mix(b + (int(seed) % (1 << 40)) * 4096)[:, None, None]
+    x = _mix(x + h[None, None, :] + 1)
+    x = _mix(x + pos[None, :, None])
+    u = (x & ((1 << 24) - 1)).to(torch.float32) / float(1 << 24)
     return u >= fraction
 
 
