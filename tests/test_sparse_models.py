@@ -50,6 +50,7 @@ def test_qkdrop_draws_change_per_training_forward_and_not_in_eval():
 def test_compiled_qkdrop_matches_eager(sparsity):
     loss, grads, _ = _run(sparsity, checkpoint=False)
     loss_c, grads_c, _ = _run(sparsity, checkpoint=False, compile_=True)
-    other, _, _ = _run("qkdrop:0.4", checkpoint=False)  # another mask: far off, so the bar can tell
-    assert rel(loss_c, loss) < 1e-4 < rel(other, loss)
-    assert max(rel(a, b) for a, b in zip(grads_c, grads)) < 1e-3
+    _, grads_other, _ = _run("qkdrop:0.4", checkpoint=False)  # another mask: far off, so the bar can tell
+    assert rel(loss_c, loss) < 1e-4
+    err = max(rel(a, b) for a, b in zip(grads_c, grads))
+    assert err < 1e-3 < max(rel(a, b) for a, b in zip(grads_other, grads))
