@@ -346,6 +346,7 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 31) & 0x1FFFFFFFF
 
 
+@torch.compiler.disable  # wrapping int64 arithmetic: Inductor's code gave other bits than eager's
 def keep_random(positions: torch.Tensor, batch: int, heads: int, fraction: float, *, seed: int = 0) -> torch.Tensor:
     """Keep flags (batch, len(positions), heads) dropping about ``fraction`` of the tokens per
     head at random. A function of (seed, batch row, global position, head) only, so every

@@ -216,6 +216,9 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
 
 
+_DEFAULT_POSITIONS: dict = {}
+
+
 def _positions(q_pos, k_pos, Sq, Sk, device):
     """Position tensors for a causal call: the given ones (checked), or the default alignment.
 
@@ -225,9 +228,17 @@ def _positions(q_pos, k_pos, Sq, Sk, device):
         raise ValueError("pass both q_pos and k_pos, or neither (the default alignment)")
     if q_pos is None:
         # reference.default_positions: keys 0..Sk-1, queries aligned to the end (bottom-right).
-        k_pos = torch.arange(Sk, device=device)
-        q_pos = torch.arange(Sk - Sq, Sk, device=device)
-        return q_pos, k_pos
+        # Made once per shape, so that what is cached by position tensors (a block pattern's
+        # tile lists) is reused by single-device calls too.
+        key = (Sq, Sk, torch.device(device))
+        hit = _DEFAULT_POSITIONS.get(key)
+        if hit is None:
+            if len(_DEFAULT_POSITIONS) > 64:
+                _DEFAULT_POSITIONS.clear()
+            with torch.inference_mode(False):
+                hit = (torch.arange(Sk - Sq, Sk, device=device), torch.arange(Sk, device=device))
+            _DEFAULT_POSITIONS[key] = hit
+        return hit
     for name, p, n in (("q_pos", q_pos, Sq), ("k_pos", k_pos, Sk)):
         if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.shape[0] != n:
             raise ValueError(f"{name} must be a 1-D tensor of {n} positions; got {getattr(p, 'shape', p)}")
