@@ -323,12 +323,14 @@ class MultiheadAttention(_SharesGroup, nn.Module):
                               hash_buckets(k, proj, sp.buckets), sp.buckets, checked=True)
         self.layout.check_local_seqlen(S, world_size)
         pos = self.layout.local_positions(S, rank=rank, world_size=world_size, device=q.device)
-        draw = self._draws
-        # A training forward draws anew; the forward that activation checkpointing recomputes
-        # during the backward (a backward graph task is running) reuses the draw it recomputes.
-        if self.training and torch._C._current_graph_task_id() == -1:
-            self._draws += 1
-            draw += 1
+        # A training forward draws anew (draws 1, 2, ...); the forward that activation
+        # checkpointing recomputes during the backward (a backward graph task is running) reuses
+        # the draw it recomputes. Eval mode always uses draw 0.
+        draw = 0
+        if self.training:
+            if torch._C._current_graph_task_id() == -1:
+                self._draws += 1
+            draw = self._draws
         seed = (self.sparsity_seed * 1_000_003 + draw) * 2
         return QKDrop(keep_random(pos, q.shape[0], self.num_heads, sp.fraction, seed=seed),
                       keep_random(pos, q.shape[0], self.num_kv_heads, sp.fraction, seed=seed + 1))

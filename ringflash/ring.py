@@ -40,7 +40,7 @@ from .comm import Exchange, check_group_device, check_transport, make_ring, reso
 from .layout import Contiguous, Layout, Striped, Zigzag, get_layout
 from .mask import Mask, block_visible, check_cu_seqlens, check_window, doc_ids, make_mask
 from .sdpa import accumulate
-from .sparse import BlockSparse, check_sparsity, is_token_sparsity, run_sorted
+from .sparse import BlockSparse, HashSparse, bucket_range_problem, check_sparsity, is_token_sparsity, run_sorted
 from .ops import (backend_name, backward_extras, check_backend_inputs, check_mask_backend, check_qkv,
                   check_sparsity_backend, get_backend, mask_kwargs, no_autocast, resolve_scale)
 
@@ -93,7 +93,7 @@ class _Plan:
         self.pos_host, self.pos = pos_host, pos
         self.need = [[block_visible(mask, pos_host[r], pos_host[src]) for src in range(P)] for r in range(P)]
         needed = [s for s in range(P) if any(self.need[r][(r - s) % P] for r in range(P))]
-        self.steps = max(needed) + 1
+        self.steps = max(needed) + 1 if needed else 1  # a block pattern may hide every pair
         self.docs = None
         if mask.cu_seqlens is not None:
             bounds = torch.tensor(mask.cu_seqlens, dtype=torch.int64)
@@ -323,7 +323,10 @@ def _ring_forward(q, k, v, mask: Mask, softmax_scale: float, layout: Layout, gro
         if pending is not None:
             pending.wait()
             kv, kv_next = _rotate(ring, kv, kv_next, more=step + 1 < n - 1)
-    assert out is not None, "every query sees itself: the diagonal block is always computed"
+    if out is None:  # a block pattern hid every key from this rank's queries
+        B, S, H, _ = q.shape
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return torch.zeros_like(q), torch.full((B, H, S), -math.inf, dtype=lse_dtype, device=q.device)
     return out.to(q.dtype), lse
 
 
@@ -440,7 +443,7 @@ def _ring_backward(dout, q, k, v, out, lse, mask: Mask, softmax_scale: float, la
                 frags = blocks(dout, q, kv[0], kv[1], lse, delta, dq=dq, **kwargs) if visible else []
                 pass_on(step, frags)
             elif not visible:
-                pass_on(step, [])  # nothing to add (never at step 0: the diagonal block is visible)
+                pass_on(step, [])  # nothing to add (at step 0 only when a block pattern hides our own keys)
             else:
                 dkv = carry[-1] if step == 0 else local
                 if getattr(be, "dkdv_store", False):
@@ -664,7 +667,10 @@ def ring_attention(
             increasing, of a float dtype or not 1-D; windows or documents with an engine that
             cannot serve them (only ``backend="triton"`` and ``"reference"`` do); a transport
             that cannot serve the group; with ``RINGFLASH_CHECK_CONSISTENCY``, ranks whose
-            calls differ.
+            calls differ. With ``sparsity``: keep flags or bucket ids of the wrong shape, dtype
+            or device, ``num_buckets < 1``, bucket ids outside ``[0, num_buckets)`` on any rank
+            (one all-gather of a flag, unless ``checked=True``), a block pattern that does not
+            tile the global length, an engine without sparse modes, a ``HybridGroup``.
     """
     # Every check below is local and raises on every rank before any communication.
     check_qkv(q, k, v)
@@ -689,8 +695,18 @@ def ring_attention(
     check_group_device(group, q.device)
     check_transport(comm.TRANSPORT, group, q.device)
     softmax_scale = resolve_scale(softmax_scale, q.shape[-1])
-    check_sparsity(sparsity, q, k, q.shape[1] * world_size)
+    check_sparsity(sparsity, q, k, q.shape[1] * world_size, check_range=False)
     check_sparsity_backend(backend, sparsity)
+    if isinstance(sparsity, HashSparse) and not sparsity.checked:
+        # Ids out of range on one rank must stop every rank: one all-gather of a flag.
+        problem = bucket_range_problem(sparsity)
+        if world_size > 1:
+            flags = comm.all_gather_tensor(torch.tensor([bool(problem)], device=q.device), group)
+            bad = [r for r, f in enumerate(flags.flatten().tolist()) if f]
+            if bad and not problem:
+                problem = f"bucket ids out of [0, num_buckets) on rank(s) {bad} of the group"
+        if problem:
+            raise ValueError(problem)
     spec = _op_layout(layout)
     if (torch.compiler.is_compiling() and spec is not None and (backend is None or isinstance(backend, str))
             and sparsity is None):

@@ -94,7 +94,7 @@ class BlockSparse:
             p = p != 0
         if p.dim() != 2 or p.shape[0] != p.shape[1] or p.shape[0] == 0:
             raise ValueError(f"pattern must be a square (num_blocks, num_blocks) matrix; got shape {tuple(p.shape)}")
-        self.pattern = p.detach().to("cpu").contiguous()
+        self.pattern = p.detach().to("cpu", copy=True).contiguous()  # a copy: the digest must stay true
         self.block_size = block_size
         self._digest = hashlib.sha1(self.pattern.numpy().tobytes() + str(p.shape).encode()).hexdigest()
         self._device: dict = {}
@@ -269,16 +269,30 @@ def _check_attr(name: str, t, shape: tuple, device, kind: str) -> None:
             f"{'query' if name.startswith('q') else 'key/value'} head of this call; got {tuple(t.shape)}"
         )
     if kind == "bool" and t.dtype != torch.bool:
-        raise TypeError(f"{name} must be a boolean tensor (True = kept); got {t.dtype}")
+        raise ValueError(f"{name} must be a boolean tensor (True = kept); got {t.dtype}")
     if kind == "int" and (t.dtype == torch.bool or t.is_floating_point() or t.is_complex()):
-        raise TypeError(f"{name} must be an integer tensor of bucket ids; got {t.dtype}")
+        raise ValueError(f"{name} must be an integer tensor of bucket ids; got {t.dtype}")
     if t.device != torch.device(device):
         raise ValueError(f"{name} must be on {device} (with q, k, v); got {t.device}")
 
 
-def check_sparsity(sparsity, q: torch.Tensor, k: torch.Tensor, seqlen: int | None) -> None:
-    """``TypeError``/``ValueError`` naming what to change unless ``sparsity`` fits this call
-    (``seqlen``: the global sequence length a block pattern must tile; None: not checked)."""
+def bucket_range_problem(sparsity: "HashSparse") -> str:
+    """What is wrong with the range of the bucket ids ("" if nothing): one device sync."""
+    n = sparsity.num_buckets
+    for name, t in (("q_buckets", sparsity.q_buckets), ("k_buckets", sparsity.k_buckets)):
+        if t.numel():
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or hi >= n:
+                return f"{name} must lie in [0, num_buckets) = [0, {n}); got values in [{lo}, {hi}]"
+    return ""
+
+
+def check_sparsity(sparsity, q: torch.Tensor, k: torch.Tensor, seqlen: int | None, *,
+                   check_range: bool = True) -> None:
+    """``ValueError`` (``TypeError`` for what is not a tensor or mode) naming what to change unless
+    ``sparsity`` fits this call (``seqlen``: the global sequence length a block pattern must tile;
+    None: not checked). ``check_range=False`` leaves the bucket ids' range to the caller (the
+    ring checks it across ranks)."""
     if sparsity is None:
         return
     B, Sq, H = q.shape[:3]
@@ -295,13 +309,10 @@ def check_sparsity(sparsity, q: torch.Tensor, k: torch.Tensor, seqlen: int | Non
             raise ValueError(f"num_buckets must be an int >= 1; got {n!r}")
         _check_attr("q_buckets", sparsity.q_buckets, (B, Sq, H), q.device, "int")
         _check_attr("k_buckets", sparsity.k_buckets, (B, Sk, Hkv), q.device, "int")
-        if not sparsity.checked:
-            for name, t in (("q_buckets", sparsity.q_buckets), ("k_buckets", sparsity.k_buckets)):
-                if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
-                    raise ValueError(
-                        f"{name} must lie in [0, num_buckets) = [0, {n}); got values in "
-                        f"[{int(t.min())}, {int(t.max())}]"
-                    )
+        if not sparsity.checked and check_range:
+            problem = bucket_range_problem(sparsity)
+            if problem:
+                raise ValueError(problem)
     else:
         raise TypeError(
             f"sparsity must be a ringflash.sparse.BlockSparse, QKDrop or HashSparse (or None); got "

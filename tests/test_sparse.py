@@ -253,9 +253,9 @@ def _transfers(rank, world_size, group, seed):
 
 def bad_sparsity(local_seqlen: int, world_size: int) -> dict:
     """name -> (the sparsity, exception type, words its message must contain). Every rank passes
-    the same bad input (shaped for its shard). Keep flags and bucket ids of a wrong dtype raise
-    ``TypeError``, as q, k, v of a wrong dtype do; shapes, bucket counts, ids out of range and
-    patterns that do not tile the sequence raise ``ValueError``."""
+    the same bad input (shaped for its shard). Keep flags and bucket ids of a wrong shape or dtype,
+    bucket counts, ids out of range and patterns that do not tile the sequence raise
+    ``ValueError``; what is not a tensor or not a sparse mode at all, ``TypeError``."""
     B, L, H, Hkv = 2, local_seqlen, HEADS, KV_HEADS
     S = L * world_size
     keep_q, keep_k = torch.ones(B, L, H, dtype=torch.bool), torch.ones(B, L, Hkv, dtype=torch.bool)
@@ -266,11 +266,11 @@ def bad_sparsity(local_seqlen: int, world_size: int) -> dict:
         "qkdrop-q-heads": (QKDrop(torch.ones(B, L, 1, dtype=torch.bool), keep_k), ValueError, "q_keep must have shape"),
         "qkdrop-k-heads": (QKDrop(keep_q, torch.ones(B, L, H, dtype=torch.bool)), ValueError, "k_keep must have shape"),
         "qkdrop-k-2d": (QKDrop(keep_q, torch.ones(B, L, dtype=torch.bool)), ValueError, "k_keep must have shape"),
-        "qkdrop-float": (QKDrop(keep_q.float(), keep_k), TypeError, "q_keep must be a boolean tensor"),
-        "qkdrop-int": (QKDrop(keep_q, keep_k.long()), TypeError, "k_keep must be a boolean tensor"),
+        "qkdrop-float": (QKDrop(keep_q.float(), keep_k), ValueError, "q_keep must be a boolean tensor"),
+        "qkdrop-int": (QKDrop(keep_q, keep_k.long()), ValueError, "k_keep must be a boolean tensor"),
         "qkdrop-list": (QKDrop(keep_q.tolist(), keep_k), TypeError, "q_keep must be a torch.Tensor"),
-        "hash-float": (HashSparse(ids_q.float(), ids_k, 4), TypeError, "q_buckets must be an integer tensor"),
-        "hash-bool": (HashSparse(ids_q, ids_k.bool(), 4), TypeError, "k_buckets must be an integer tensor"),
+        "hash-float": (HashSparse(ids_q.float(), ids_k, 4), ValueError, "q_buckets must be an integer tensor"),
+        "hash-bool": (HashSparse(ids_q, ids_k.bool(), 4), ValueError, "k_buckets must be an integer tensor"),
         "hash-shape": (HashSparse(ids_q, torch.zeros(B, L, H, dtype=torch.int64), 4), ValueError,
                        "k_buckets must have shape"),
         "hash-zero-buckets": (HashSparse(ids_q, ids_k, 0), ValueError, "num_buckets must be an int >= 1"),
@@ -332,8 +332,23 @@ def _bad_on_every_rank(rank, world_size, group, hybrid):
                 results[name] = "ok" if words in str(e) else f"message without {words!r}: {e}"
             except Exception as e:  # noqa: BLE001
                 results[name] = f"{type(e).__name__} (expected {exc.__name__}): {e}"
-            if posted:
+            # Bucket ids out of range are found on the device: the ranks then share one flag
+            # (an all-gather), so that a rank with good ids raises too; no transfer comes first.
+            allowed = {"all_gather_tensor", "all_gather"} if name.startswith("hash-id") else set()
+            if set(posted) - allowed:
                 results[name] = f"{posted} posted before the error"
+        # Ids out of range on one rank only: every rank raises, the others naming that rank.
+        ids_q = torch.zeros(2, LOCAL_SEQLEN, HEADS, dtype=torch.int64)
+        ids_k = torch.zeros(2, LOCAL_SEQLEN, KV_HEADS, dtype=torch.int64) + (4 if rank == 1 else 0)
+        posted.clear()
+        try:
+            ring_attention(q, k, k, causal=True, group=group, sparsity=HashSparse(ids_q, ids_k, 4))
+            results["hash-id-one-rank"] = "no error"
+        except ValueError as e:
+            want = "k_buckets must lie in" if rank == 1 else "rank(s) [1]"
+            results["hash-id-one-rank"] = "ok" if want in str(e) else str(e)
+        if "p2p" in posted:
+            results["hash-id-one-rank"] = f"{posted} posted before the error"
         # A HybridGroup (Ulysses of one inside a ring of two): sparsity is refused before its all-to-all.
         posted.clear()
         try:
