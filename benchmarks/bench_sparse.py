@@ -29,10 +29,10 @@ What is timed (medians of ``triton.testing.do_bench``, as benchmarks/bench_kerne
 
 * ``impl = "ringflash"``: ``flash_attention(q, k, v, causal=True, sparsity=sp)`` as a user calls it
   (inputs that require grad; ``fwd+bwd`` adds ``autograd.grad``). For qkdrop and hash this
-  includes the per-head sort of the tokens, the gathers and the unsort. For block patterns it
-  includes building the tile lists: ``flash_attention`` makes new default position tensors every
-  call, and the kernels' cache of lists is keyed by those tensors, so every call rebuilds them
-  (``lists_built_per_call`` in the rows counts it: 1 forward, 3 forward + backward).
+  includes the per-head sort of the tokens, the gathers and the unsort. For block patterns the
+  tile lists are cached by position tensors, and ``flash_attention``'s default positions are made
+  once per shape, so calls after the first reuse them (``lists_built_per_call`` in the rows counts
+  the lists built by a call after the first: 0).
 * ``impl = "ringflash-kernel"``: the kernels alone (``ringflash.kernels.forward``, then
   ``backward_delta`` + ``backward``, and the casts to bf16): for qkdrop and hash on inputs
   sorted once beforehand, with the per-head composite attributes of ``ringflash.sparse.composite``;
