@@ -121,6 +121,13 @@ def check_backend_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.T
         check_inputs(name, q, k, v)
 
 
+def _serves_masks(backend) -> tuple[bool, str]:
+    """(whether ``backend`` -- a name, None or an engine object -- serves masks beyond causal, its name)."""
+    if isinstance(backend, str) or backend is None:
+        return backend in (None, "triton", "reference"), backend
+    return bool(getattr(backend, "serves_masks", False)), getattr(backend, "name", type(backend).__name__)
+
+
 def check_mask_backend(backend, mask: Mask) -> None:
     """Raise ``ValueError`` if ``backend`` (a name or an engine object) cannot serve ``mask``.
 
@@ -129,12 +136,7 @@ def check_mask_backend(backend, mask: Mask) -> None:
     """
     if mask.dense:
         return
-    if isinstance(backend, str) or backend is None:
-        ok = backend in (None, "triton", "reference")
-        name = backend
-    else:
-        ok = bool(getattr(backend, "serves_masks", False))
-        name = getattr(backend, "name", type(backend).__name__)
+    ok, name = _serves_masks(backend)
     if not ok:
         raise ValueError(
             f"backend={name!r} serves causal and full attention only; this call's mask ({mask.describe()}) "
@@ -159,11 +161,7 @@ def check_sparsity_backend(backend, sparsity) -> None:
     """``ValueError`` unless ``backend`` (a name, None or an engine) serves the sparse modes."""
     if sparsity is None:
         return
-    if isinstance(backend, str) or backend is None:
-        ok, name = backend in (None, "triton", "reference"), backend
-    else:
-        ok = bool(getattr(backend, "serves_masks", False))
-        name = getattr(backend, "name", type(backend).__name__)
+    ok, name = _serves_masks(backend)
     if not ok:
         raise ValueError(
             f"backend={name!r} serves causal and full attention only; sparse attention "
