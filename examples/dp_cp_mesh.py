@@ -58,4 +58,5 @@ for step in range(args.steps):
     if rank == 0:
         print(f"step {step} loss {mean.item() / mesh.size(0):.4f}")
 
+dist.barrier()  # every rank done with its collectives before any tears its groups down
 dist.destroy_process_group()
