@@ -44,3 +44,24 @@ def zigzag_positions(L, world, rank):
     """Zigzag layout: 2P chunks of L/2 tokens; rank r holds chunks r and 2P-1-r."""
     C = L // 2
     return torch.cat([rank * C + torch.arange(C), (2 * world - 1 - rank) * C + torch.arange(C)])
+
+
+def brute_force_rule(q_pos, k_pos, causal, window, cu):
+    """(Sq, Sk) visibility as the mask rules state it, read from the positions: causal ``k <= q``;
+    window ``q - left <= k <= q + right`` (-1: unbounded); documents ``cu[d] <= p < cu[d + 1]``
+    alike for q and k. Written independently of ringflash.mask, for the tests to check it."""
+    qp, kp = q_pos[:, None].long(), k_pos[None, :].long()
+    vis = torch.ones(len(q_pos), len(k_pos), dtype=torch.bool)
+    if causal:
+        vis &= kp <= qp
+    if window is not None:
+        left, right = window
+        if left != -1:
+            vis &= kp >= qp - left
+        if right != -1:
+            vis &= kp <= qp + right
+    if cu is not None:
+        ends = torch.tensor(list(cu)[1:], dtype=torch.long)
+        doc = lambda p: (p[..., None] >= ends).sum(-1)  # noqa: E731 - documents ending at or before p
+        vis &= doc(qp) == doc(kp)
+    return vis

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 os.environ["TRITON_INTERPRET"] = "1"  # process-wide: Triton also reads it at launch time
+from common import brute_force_rule as rule  # noqa: E402
 from common import make_qkv  # noqa: E402
 from common import striped_positions as striped  # noqa: E402
 from common import zigzag_positions as zigzag  # noqa: E402
@@ -47,26 +48,6 @@ NAMES = ("out", "lse", "dq", "dk", "dv")
 
 
 # -- the rule, the oracles ----------------------------------------------------------------
-
-
-def rule(q_pos, k_pos, causal, window, cu):
-    """(Sq, Sk) visibility as the feature states it: causal ``k <= q``; window ``q - left <= k
-    <= q + right`` (-1: unbounded); documents ``cu[d] <= p < cu[d + 1]`` alike for q and k."""
-    qp, kp = q_pos[:, None].long(), k_pos[None, :].long()
-    vis = torch.ones(len(q_pos), len(k_pos), dtype=torch.bool)
-    if causal:
-        vis &= kp <= qp
-    if window is not None:
-        left, right = window
-        if left != -1:
-            vis &= kp >= qp - left
-        if right != -1:
-            vis &= kp <= qp + right
-    if cu is not None:
-        ends = torch.tensor(cu[1:], dtype=torch.long)
-        doc = lambda p: (p[..., None] >= ends).sum(-1)  # noqa: E731 - documents ending at or before p
-        vis &= doc(qp) == doc(kp)
-    return vis
 
 
 def softmax_attention(q, k, v, dout, vis):
@@ -122,8 +103,6 @@ def assert_lse(got, ref):
     if (~empty).any():
         err = (got[~empty].double() - ref[~empty]).abs().max().item()
         assert err < 1e-5, f"LSE off by {err:.2e}"
-
-
 
 
 

@@ -39,6 +39,7 @@ import traceback
 import pytest
 import torch
 
+from common import brute_force_rule as brute_force_rules
 from common import pack, rel, unpack
 from distributed import spawn
 from ringflash import MultiheadAttention, flash_attention, get_layout, reference, ring_attention
@@ -691,27 +692,6 @@ def test_mha_sparsity_in_repr_and_hash_projection_buffer():
 
 
 # -- one device -------------------------------------------------------------------------
-
-
-def brute_force_rules(q_pos, k_pos, causal, window, cu):
-    """(Sq, Sk) visibility of the causal, window and document rules as ringflash.mask states
-    them: causal ``k <= q``; window ``q - left <= k <= q + right`` (-1: unbounded); documents
-    ``cu[d] <= p < cu[d + 1]`` alike for q and k."""
-    qp, kp = q_pos[:, None].long(), k_pos[None, :].long()
-    vis = torch.ones(len(q_pos), len(k_pos), dtype=torch.bool)
-    if causal:
-        vis &= kp <= qp
-    if window is not None:
-        left, right = window
-        if left != -1:
-            vis &= kp >= qp - left
-        if right != -1:
-            vis &= kp <= qp + right
-    if cu is not None:
-        ends = torch.tensor(list(cu)[1:], dtype=torch.long)
-        doc = lambda p: (p[..., None] >= ends).sum(-1)  # noqa: E731 - documents ending at or before p
-        vis &= doc(qp) == doc(kp)
-    return vis
 
 
 def dense_sparse_mask(sparsity, heads_kv):

@@ -33,6 +33,7 @@ import pytest
 import torch
 
 os.environ["TRITON_INTERPRET"] = "1"  # process-wide: Triton also reads it at launch time
+from common import brute_force_rule as rule  # noqa: E402
 from common import make_qkv  # noqa: E402
 from common import striped_positions as striped  # noqa: E402
 from common import zigzag_positions as zigzag  # noqa: E402
@@ -57,26 +58,6 @@ NAMES = ("out", "lse", "dq", "dk", "dv")
 
 
 # -- the rule, the oracles ------------------------------------------------------------------
-
-
-def rule(q_pos, k_pos, causal, window, cu):
-    """(Sq, Sk) visibility of causal ``k <= q``, window ``q - left <= k <= q + right`` (-1:
-    unbounded) and documents ``cu[d] <= p < cu[d + 1]``, read from the positions."""
-    qp, kp = q_pos[:, None].long(), k_pos[None, :].long()
-    vis = torch.ones(len(q_pos), len(k_pos), dtype=torch.bool)
-    if causal:
-        vis &= kp <= qp
-    if window is not None:
-        left, right = window
-        if left != -1:
-            vis &= kp >= qp - left
-        if right != -1:
-            vis &= kp <= qp + right
-    if cu is not None:
-        ends = torch.tensor(cu[1:], dtype=torch.long)
-        doc = lambda p: (p[..., None] >= ends).sum(-1)  # noqa: E731 - documents ending at or before p
-        vis &= doc(qp) == doc(kp)
-    return vis
 
 
 def pattern_rule(pattern: BlockSparse, q_pos, k_pos):
