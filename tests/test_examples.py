@@ -100,3 +100,12 @@ def test_hf_llama_loss_falls():
     loss = losses(out)
     assert len(loss) == 4, out
     assert loss[-1] < loss[0], out
+
+
+def test_sparse():
+    out = run_example("sparse.py", "--seqlen", "256", "--block", "16")
+    errs = re.findall(r"^(block|qkdrop|hash): relative error (\S+)$", out, flags=re.M)
+    assert len(errs) == 3 and all(float(e) < 1e-5 for _, e in errs), out  # float32 on the CPU
+    assert re.search(r"^OK$", out, flags=re.M), out
+    steps = losses(out)
+    assert len(steps) == 5 and steps[-1] < steps[0], out
