@@ -91,7 +91,8 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the model as one graph (ring attention is a custom op in it)")
     fsdp: bool = _f(False, "shard parameters, gradients and optimizer state over all dp x cp ranks with FSDP2 "
                     "(fully_shard per block and the root, as torchtitan does) instead of replicating them under DDP; "
-                    "checkpoints hold the gathered state either way, so a run may resume with or without it")
+                    "checkpoints hold the gathered state either way, so a run may resume with or without it; "
+                    "with --compile each block is compiled inside FSDP's hooks")
     # optimisation
     steps: int = _f(600, "train until this many steps are done (a resumed run continues to it)")
     lr: float = _f(3e-3, "peak learning rate (AdamW)")
@@ -407,8 +408,6 @@ def _sparsity_problems(cfg: TrainConfig) -> list[str]:
 def _hardware_problems(cfg: TrainConfig, world_size: int, *, hardware: bool) -> list[str]:
     """Device, backends, dtype and transport that do not go together (or not on this machine)."""
     problems = []
-    if cfg.fsdp and cfg.compile:
-        problems.append("--fsdp with --compile is not supported yet: use one of them")
     if hardware and cfg.device == "cuda" and not torch.cuda.is_available():
         problems.append("--device cuda, but torch sees no GPU; use --device cpu (gloo, reference attention)")
     if cfg.device == "cpu" and cfg.dist_backend == "nccl":

@@ -57,18 +57,25 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, device: torch.device, *, compile: bool = False) -> torch.nn.Module:
     """FSDP2 over every rank of the world: each block, then the root (embedding, norm, head).
 
     Parameters, gradients and optimizer state are split over all dp x cp ranks; a block's
     parameters are gathered for its forward and backward, and gradients reduce-scattered as the
     mean over the ranks (what DDP's all-reduce gives). Build the optimizer after this.
+
+    ``compile``: each block's ``forward`` becomes a compiled graph (ring attention a custom op
+    in it), while FSDP's gathers and reduce-scatters stay eager hooks around the blocks, as
+    torchtitan does it. The embedding, final norm and head stay eager. Parameter names do not
+    change, so checkpoints are those of an uncompiled run.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),), mesh_dim_names=("fsdp",))
     for block in model.blocks:
+        if compile:
+            block.forward = torch.compile(block.forward)
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model

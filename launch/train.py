@@ -241,7 +241,7 @@ def _train(cfg: TrainConfig, d: Dist, stop: StopSignals, dataset=None) -> TrainR
                                recall_pairs=cfg.recall_pairs, task=cfg.task)
     model = build_model(cfg, d.cp_group).to(d.device)
     if cfg.fsdp:
-        shard_model(model, d.device)
+        shard_model(model, d.device, compile=cfg.compile)
     optimizer = build_optimizer(cfg, model)
 
     step, data_position = 0, 0
