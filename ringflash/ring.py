@@ -6,7 +6,8 @@ the global positions of its queries and of ``src``'s keys, so the causal mask of
 (contiguous, striped, zigzag) comes out of ``q_pos >= k_pos``; windows and packed documents
 add rules on the same global positions (:mod:`ringflash.mask`). Steps whose block is fully
 masked are skipped, and the ring stops after the last step any rank needs (a plan made once per
-batch shape and mask, on the host, from every rank's positions).
+batch shape and mask, on the host, from every rank's positions); where ranks need keys of both
+neighbours (a two-sided window), it moves both ways if that takes fewer hops.
 
 Forward: partial results are folded into a float32 (O, LSE) state by the backend; the output
 is rounded to the input dtype once, at the end.
@@ -82,8 +83,15 @@ class _Plan:
 
     * ``need[r][src]``: whether the queries of rank ``r`` see any key of rank ``src``; steps
       without are skipped;
-    * ``steps``: how many steps the ring runs: one past the last step that any rank needs, so a
-      window that reaches only the previous ranks of a contiguous layout moves only those hops;
+    * ``steps``: how many steps a ring moving forward runs: one past the last step that any
+      rank needs, so a window that reaches only the previous ranks of a contiguous layout moves
+      only those hops;
+    * ``hops``: ``(forward, backward)``: the K/V hops of a ring that moves both ways (K/V of the
+      ranks before first, then, from our own K/V again, those of the ranks after), the pair with
+      the fewest hops that reaches every needed step; ``(steps - 1, 0)`` unless moving both
+      ways takes strictly fewer. A two-sided window on a contiguous layout, or any window on a
+      zigzag one (each rank's second chunk needs the next rank), needs the neighbours on both
+      sides: two hops instead of ``P - 1``;
     * ``docs``: every rank's per-token document ids on the device (packed documents), or None.
     """
 
@@ -94,6 +102,7 @@ class _Plan:
         self.need = [[block_visible(mask, pos_host[r], pos_host[src]) for src in range(P)] for r in range(P)]
         needed = [s for s in range(P) if any(self.need[r][(r - s) % P] for r in range(P))]
         self.steps = max(needed) + 1 if needed else 1  # a block pattern may hide every pair
+        self.hops = two_way_hops([s for s in needed if s > 0], P)
         self.docs = None
         if mask.cu_seqlens is not None:
             bounds = torch.tensor(mask.cu_seqlens, dtype=torch.int64)
@@ -110,6 +119,27 @@ class _Plan:
         if attrs is not None:
             kw.update(attrs.kwargs(src))
         return kw
+
+
+def two_way_hops(offsets: list[int], world_size: int) -> tuple[int, int]:
+    """``(forward, backward)`` hops that bring every needed step ``s`` (the K/V of rank
+    ``r - s``): ``s <= forward``, or ``world_size - s <= backward``; the fewest in all, moving
+    forward only on a tie."""
+    best = (max(offsets, default=0), 0)
+    for cut in range(world_size):
+        fwd = max((s for s in offsets if s <= cut), default=0)
+        bwd = max((world_size - s for s in offsets if s > cut), default=0)
+        if fwd + bwd < sum(best):
+            best = (fwd, bwd)
+    return best
+
+
+def _visits(plan: _Plan, ring) -> list[tuple[int, int]]:
+    """The ring's steps in order, as ``(s, direction)``: the K/V of rank ``r - direction * s``.
+    Forward first (``s = 0``, our own, onwards); then, where the plan moves both ways and the
+    transport sends messages of any hop, backward from ``s = 1``."""
+    fwd, bwd = plan.hops if getattr(ring, "any_hop", False) else (plan.steps - 1, 0)
+    return [(s, 1) for s in range(fwd + 1)] + [(s, -1) for s in range(1, bwd + 1)]
 
 
 _PLANS: OrderedDict = OrderedDict()
@@ -308,21 +338,28 @@ def _ring_forward(q, k, v, mask: Mask, softmax_scale: float, layout: Layout, gro
     ring = make_ring(group, q.device, recv_bytes=2 * _kv_bytes(k))
     P, r = ring.world_size, ring.rank
     plan = _plan(layout, mask, q.shape[1], P, q.device, getattr(be, "host_positions", False))
-    n = plan.steps  # the forward moves K/V one hop at a time: any transport stops early
+    # The forward moves K/V one hop at a time (any transport stops early); both ways where the
+    # plan says so and the transport can.
+    visits = _visits(plan, ring)
+    n = len(visits)
 
     out = lse = None
     kv, kv_next = _kv_buffers(ring, k, v, n)
-    for step in range(n):
-        src = (r - step) % P
-        pending = ring.exchange([kv[0], kv[1]], [kv_next[0], kv_next[1]]) if step < n - 1 else None
-        if pending is not None:
+    own = kv
+    for i, (s, direction) in enumerate(visits):
+        src = (r - direction * s) % P
+        pending = None
+        if i < n - 1:
+            s_next, d_next = visits[i + 1]
+            send = own if d_next != direction else kv  # turning back: from our own K/V again
+            pending = ring.exchange([send[0], send[1]], [kv_next[0], kv_next[1]], hops=d_next % P)
             _head_start(be, q.device, P)
         if plan.need[r][src]:
             out, lse = be.forward(q, kv[0], kv[1], softmax_scale=softmax_scale, out=out, lse=lse,
                                   **plan.kwargs(r, src, attrs))
         if pending is not None:
             pending.wait()
-            kv, kv_next = _rotate(ring, kv, kv_next, more=step + 1 < n - 1)
+            kv, kv_next = _rotate(ring, kv, kv_next, more=i + 1 < n - 1)
     if out is None:  # a block pattern hid every key from this rank's queries
         B, S, H, _ = q.shape
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -342,139 +379,177 @@ def _ring_backward(dout, q, k, v, out, lse, mask: Mask, softmax_scale: float, la
         plan = _plan(layout, mask, q.shape[1], P, q.device, getattr(be, "host_positions", False))
         # A ring cut short returns the finished dK/dV sums to their owners in one message of
         # several hops, which only a transport with any-hop messages sends; others run every step
-        # (skipping the compute of those no rank needs).
-        n = plan.steps if getattr(ring, "any_hop", False) else P
+        # (skipping the compute of those no rank needs). A plan that moves both ways runs two
+        # chains: forward from our own K/V, then backward from our own K/V again; each chain's
+        # sums go home at its end (in float32, added there), the first while the second runs.
+        visits = _visits(plan, ring) if getattr(ring, "any_hop", False) else [(s, 1) for s in range(P)]
+        backward_steps = sum(1 for _, d in visits if d < 0)
+        chains = [(1, 0, len(visits) - backward_steps)] + ([(-1, 1, backward_steps)] if backward_steps else [])
+        two_way = len(chains) == 2
         extras = backward_extras(be, out)
 
         dout = dout.to(q.dtype).contiguous()
         delta = be.backward_delta(out, dout)
         dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
-
-        kv, kv_next = _kv_buffers(ring, k, v, n)
         blocks = getattr(be, "backward_blocks", None)  # engines that return dK/dV fragments
         hook = getattr(be, "dkdv_hook", False)  # engines that can run a callback before their dQ work
-        # The float32 dK/dV sum of the K/V we hold travels with them, one step behind: at step
-        # s it arrives in carry[(s - 1) % 2], this rank adds its part in place and sends it on,
-        # while carry[s % 2] receives the next one. Engines that fill an accumulator write
-        # their part into `local` first (the incoming sum is not there yet when they start);
-        # at step 0 there is nothing incoming, and they write into the buffer that is sent.
-        # Engines with ``dkdv_store`` overwrite that buffer; others get it zero-filled.
-        carry = [ring.empty((2, *k.shape), acc_dtype, q.device) for _ in range(min(n, 2))]
-        local = torch.empty_like(carry[0]) if blocks is None and n > 1 else None
-        state = {"pending": None, "passed": None, "sent": None}
 
-        def spare():
-            """A K/V-sized buffer in the input dtype for the last hop: the one no K/V transfer
-            uses any more (from three ranks on), or a new one."""
-            return kv_next if kv_next is not None else torch.empty((2, *k.shape), dtype=k.dtype, device=k.device)
-
-        def pass_on(step, frags=None):
-            """Add this rank's part (``frags``, or ``local``) into the sum travelling with the K/V
-            held at ``step`` and send it on: to the next holder, or to the owner after the last
-            step. That last hop carries finished sums, so it travels in the input dtype: half the
-            bytes, and the same result, since the sum is rounded to that dtype on arrival anyway.
-            After a full ring the owner is the next rank; after ``n < P`` steps it is ``n - 1``
-            ranks back, and the message goes there directly."""
-            acc = carry[(step - 1) % len(carry)]
-            if step == 0:
-                if frags is not None:
-                    _fold(acc, frags, fresh=True)
+        def run_chain(direction, s0, n, first=None, post_next=None):
+            """One chain of ``n`` steps: step ``j`` holds the K/V of rank ``r - direction * (s0 + j)``
+            (``first``: the pending transfer of step 0's K/V where ``s0 = 1``). ``post_next`` posts
+            the next chain's first transfer during the last step. Returns the chain's state:
+            ``sent`` (where the finished sums of our own K/V arrive) and ``pending``."""
+            if first is None:
+                kv, kv_next = _kv_buffers(ring, k, v, n)
             else:
-                state["pending"].wait()  # acc has arrived; carry[step % 2] has been sent
-                if frags is not None:
-                    _fold(acc, frags, fresh=False)
+                first[0].wait()
+                kv, kv_next = first[1], ring.empty((2, *k.shape), k.dtype, k.device) if n > 1 else None
+            ret = (-direction * (s0 + n - 1)) % P  # the finished sums' hops home; 0: they are ours
+            # The float32 dK/dV sum of the K/V we hold travels with them, one step behind: at step
+            # j it arrives in carry[(j - 1) % 2], this rank adds its part in place and sends it on,
+            # while carry[j % 2] receives the next one. Engines that fill an accumulator write
+            # their part into `local` first (the incoming sum is not there yet when they start);
+            # at step 0 there is nothing incoming, and they write into the buffer that is sent.
+            # Engines with ``dkdv_store`` overwrite that buffer; others get it zero-filled.
+            carry = [ring.empty((2, *k.shape), acc_dtype, q.device) for _ in range(min(n, 2))]
+            local = torch.empty_like(carry[0]) if blocks is None and n > 1 else None
+            state = {"pending": None, "passed": None, "sent": None}
+
+            def spare():
+                """A K/V-sized buffer in the input dtype for the last hop: the one no K/V transfer
+                uses any more (from three ranks on), or a new one."""
+                return kv_next if kv_next is not None else torch.empty((2, *k.shape), dtype=k.dtype, device=k.device)
+
+            def pass_on(step, frags=None):
+                """Add this rank's part (``frags``, or ``local``) into the sum travelling with the
+                K/V held at ``step`` and send it on: to the next holder, or to the owner after the
+                last step. With one chain that last hop carries finished sums, so it travels in the
+                input dtype: half the bytes, and the same result, since the sum is rounded to that
+                dtype on arrival anyway; with two, each chain's part stays float32 until the owner
+                adds them. After a full ring the owner is the next rank; after a ring cut short it
+                is ``ret`` hops on, and the message goes there directly."""
+                acc = carry[(step - 1) % len(carry)]
+                if step == 0:
+                    if frags is not None:
+                        _fold(acc, frags, fresh=True)
                 else:
-                    acc += local
-            state["passed"] = step
-            if n == 1:
-                state["sent"] = acc
-            elif step < n - 1:
-                state["pending"] = ring.exchange([acc], [carry[step % 2]])
-            else:
-                send = spare()
-                send.copy_(acc)
-                state["sent"] = tuple(ring.empty(t.shape, t.dtype, t.device) for t in (k, v))
-                state["pending"] = ring.exchange([send[0], send[1]], list(state["sent"]), hops=P - n + 1)
-
-        def last_step_in_chunks(visible, chunks):
-            """The last step of a ``blocks`` engine, by chunks of K/V heads: each chunk's
-            finished dK/dV go to their owner as soon as they are computed, while the next
-            chunk runs. Each chunk travels as one contiguous message; the owner copies the
-            chunks into place once they have all arrived."""
-            G = q.shape[2] // k.shape[2]
-            acc = carry[(n - 2) % len(carry)]
-            send_flat = spare().view(-1)
-            recv_flat = ring.empty(send_flat.shape, send_flat.dtype, send_flat.device)
-            works, recv, offset = [], [], 0
-            for chunk, (h0, h1) in enumerate(chunks):
-                qh = slice(h0 * G, h1 * G)
-                frags = [] if not visible else blocks(
-                    dout[:, :, qh], q[:, :, qh], kv[0][:, :, h0:h1], kv[1][:, :, h0:h1], lse[:, qh],
-                    delta[:, qh] if delta is not None else None, dq=dq[:, :, qh],
-                    **dict(kwargs, **{name: t[:, :, qh] for name, t in extras.items()}),
-                )
-                if chunk == 0:
-                    state["pending"].wait()  # acc has arrived
-                part = acc[:, :, :, h0:h1]
-                _fold(part, frags, fresh=False)
-                shape = (2, k.shape[0], k.shape[1], h1 - h0, k.shape[3])
-                size = math.prod(shape)
-                send = send_flat[offset:offset + size].view(shape)
-                accumulate(send.flatten(0, 1), part.flatten(0, 1), fresh=True)  # to the input dtype
-                recv.append((h0, h1, recv_flat[offset:offset + size].view(shape)))
-                works += ring.exchange([send], [recv[-1][2]], hops=P - n + 1).works
-                if chunk + 1 < len(chunks):
-                    _head_start(be, q.device, P)
-                offset += size
-            state["sent"] = recv
-            state["pending"] = Exchange(works)
-
-        for step in range(n):
-            src = (r - step) % P
-            kv_pending = ring.exchange([kv[0], kv[1]], [kv_next[0], kv_next[1]]) if step < n - 1 else None
-            if kv_pending is not None:
-                _head_start(be, q.device, P)  # also covers the dK/dV sums posted at the end of the previous step
-            visible = plan.need[r][src]
-            kwargs = dict(softmax_scale=softmax_scale, **plan.kwargs(r, src, attrs), **extras)
-            chunks = _last_chunks(k.shape[2], LAST_HOP_PARTS) if step == n - 1 > 0 else []
-            if blocks is not None and len(chunks) > 1:  # every rank cuts alike: the messages must match
-                last_step_in_chunks(visible, chunks)
-            elif blocks is not None:
-                frags = blocks(dout, q, kv[0], kv[1], lse, delta, dq=dq, **kwargs) if visible else []
-                pass_on(step, frags)
-            elif not visible:
-                pass_on(step, [])  # nothing to add (at step 0 only when a block pattern hides our own keys)
-            else:
-                dkv = carry[-1] if step == 0 else local
-                if getattr(be, "dkdv_store", False):
-                    kwargs["store_dkdv"] = True  # the kernel overwrites dkv: no zero fill
+                    state["pending"].wait()  # acc has arrived; carry[step % 2] has been sent
+                    if frags is not None:
+                        _fold(acc, frags, fresh=False)
+                    else:
+                        acc += local
+                state["passed"] = step
+                if ret == 0:
+                    state["sent"] = acc
+                elif step < n - 1:
+                    state["pending"] = ring.exchange([acc], [carry[step % 2]], hops=direction % P)
+                elif two_way:
+                    state["sent"] = ring.empty(acc.shape, acc.dtype, acc.device)
+                    state["pending"] = ring.exchange([acc], [state["sent"]], hops=ret)
                 else:
-                    dkv.zero_()
-                if hook:
-                    # The dK/dV work is queued first; the transfer is posted before the dQ work,
-                    # which it then overlaps (after the last step there is nothing else).
-                    be.backward(dout, q, kv[0], kv[1], lse, delta, dq=dq, dk=dkv[0], dv=dkv[1],
-                                after_dkdv=lambda step=step: pass_on(step), **kwargs)
+                    send = spare()
+                    send.copy_(acc)
+                    state["sent"] = tuple(ring.empty(t.shape, t.dtype, t.device) for t in (k, v))
+                    state["pending"] = ring.exchange([send[0], send[1]], list(state["sent"]), hops=ret)
+
+            def last_step_in_chunks(visible, chunks):
+                """The last step of a ``blocks`` engine, by chunks of K/V heads: each chunk's
+                finished dK/dV go to their owner as soon as they are computed, while the next
+                chunk runs. Each chunk travels as one contiguous message; the owner copies the
+                chunks into place once they have all arrived."""
+                G = q.shape[2] // k.shape[2]
+                acc = carry[(n - 2) % len(carry)]
+                send_flat = spare().view(-1)
+                recv_flat = ring.empty(send_flat.shape, send_flat.dtype, send_flat.device)
+                works, recv, offset = [], [], 0
+                for chunk, (h0, h1) in enumerate(chunks):
+                    qh = slice(h0 * G, h1 * G)
+                    frags = [] if not visible else blocks(
+                        dout[:, :, qh], q[:, :, qh], kv[0][:, :, h0:h1], kv[1][:, :, h0:h1], lse[:, qh],
+                        delta[:, qh] if delta is not None else None, dq=dq[:, :, qh],
+                        **dict(kwargs, **{name: t[:, :, qh] for name, t in extras.items()}),
+                    )
+                    if chunk == 0:
+                        state["pending"].wait()  # acc has arrived
+                    part = acc[:, :, :, h0:h1]
+                    _fold(part, frags, fresh=False)
+                    shape = (2, k.shape[0], k.shape[1], h1 - h0, k.shape[3])
+                    size = math.prod(shape)
+                    send = send_flat[offset:offset + size].view(shape)
+                    accumulate(send.flatten(0, 1), part.flatten(0, 1), fresh=True)  # to the input dtype
+                    recv.append((h0, h1, recv_flat[offset:offset + size].view(shape)))
+                    works += ring.exchange([send], [recv[-1][2]], hops=ret).works
+                    if chunk + 1 < len(chunks):
+                        _head_start(be, q.device, P)
+                    offset += size
+                state["sent"] = recv
+                state["pending"] = Exchange(works)
+
+            for step in range(n):
+                src = (r - direction * (s0 + step)) % P
+                kv_pending = None
+                if step < n - 1:
+                    kv_pending = ring.exchange([kv[0], kv[1]], [kv_next[0], kv_next[1]], hops=direction % P)
+                elif post_next is not None:
+                    post_next()
+                if step < n - 1 or post_next is not None:
+                    _head_start(be, q.device, P)  # also covers the dK/dV sums posted at the end of the previous step
+                visible = plan.need[r][src]
+                kwargs = dict(softmax_scale=softmax_scale, **plan.kwargs(r, src, attrs), **extras)
+                chunks = _last_chunks(k.shape[2], LAST_HOP_PARTS) if step == n - 1 and ret and not two_way else []
+                if blocks is not None and len(chunks) > 1:  # every rank cuts alike: the messages must match
+                    last_step_in_chunks(visible, chunks)
+                elif blocks is not None:
+                    frags = blocks(dout, q, kv[0], kv[1], lse, delta, dq=dq, **kwargs) if visible else []
+                    pass_on(step, frags)
+                elif not visible:
+                    pass_on(step, [])  # nothing to add (at step 0 only when a block pattern hides our own keys)
                 else:
-                    be.backward(dout, q, kv[0], kv[1], lse, delta, dq=dq, dk=dkv[0], dv=dkv[1], **kwargs)
-                if state["passed"] != step:
-                    pass_on(step)
-            if kv_pending is not None:
-                kv_pending.wait()
-                kv, kv_next = _rotate(ring, kv, kv_next, more=step + 1 < n - 1)
-        if n > 1:
-            # The last hop: the finished dK/dV of our own K/V, from the previous rank.
-            state["pending"].wait()
-            if isinstance(state["sent"], list):  # by chunks of heads
-                dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
-                for h0, h1, got in state["sent"]:
-                    accumulate(dk[:, :, h0:h1], got[0], fresh=True)
-                    accumulate(dv[:, :, h0:h1], got[1], fresh=True)
-            else:
-                # The ring's own buffers are reused by its next call: hand out copies.
-                dk, dv = (t.clone() if ring.owns(t) else t for t in state["sent"])
+                    dkv = carry[-1] if step == 0 else local
+                    if getattr(be, "dkdv_store", False):
+                        kwargs["store_dkdv"] = True  # the kernel overwrites dkv: no zero fill
+                    else:
+                        dkv.zero_()
+                    if hook:
+                        # The dK/dV work is queued first; the transfer is posted before the dQ work,
+                        # which it then overlaps (after the last step there is nothing else).
+                        be.backward(dout, q, kv[0], kv[1], lse, delta, dq=dq, dk=dkv[0], dv=dkv[1],
+                                    after_dkdv=lambda step=step: pass_on(step), **kwargs)
+                    else:
+                        be.backward(dout, q, kv[0], kv[1], lse, delta, dq=dq, dk=dkv[0], dv=dkv[1], **kwargs)
+                    if state["passed"] != step:
+                        pass_on(step)
+                if kv_pending is not None:
+                    kv_pending.wait()
+                    kv, kv_next = _rotate(ring, kv, kv_next, more=step + 1 < n - 1)
+            return state
+
+        following = {}
+
+        def post_backward_chain():
+            """The backward chain's first K/V: our own, from the next rank."""
+            buf = ring.empty((2, *k.shape), k.dtype, k.device)
+            following["first"] = (ring.exchange([k.contiguous(), v.contiguous()], [buf[0], buf[1]], hops=-1 % P), buf)
+
+        states = [run_chain(*chains[0], post_next=post_backward_chain if two_way else None)]
+        if two_way:
+            states.append(run_chain(*chains[1], first=following["first"]))
+        for state in states:
+            if state["pending"] is not None:
+                state["pending"].wait()  # the last hop: the finished dK/dV of our own K/V
+        if two_way:
+            total = states[0]["sent"] + states[1]["sent"]
+            dk, dv = total[0].to(k.dtype), total[1].to(v.dtype)
+        elif isinstance(states[0]["sent"], list):  # by chunks of heads
+            dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
+            for h0, h1, got in states[0]["sent"]:
+                accumulate(dk[:, :, h0:h1], got[0], fresh=True)
+                accumulate(dv[:, :, h0:h1], got[1], fresh=True)
+        elif chains[0][2] > 1:
+            # The ring's own buffers are reused by its next call: hand out copies.
+            dk, dv = (t.clone() if ring.owns(t) else t for t in states[0]["sent"])
         else:
-            dk, dv = (state["sent"][i].to(t.dtype, copy=True) for i, t in ((0, k), (1, v)))
+            dk, dv = (states[0]["sent"][i].to(k.dtype if i == 0 else v.dtype, copy=True) for i in (0, 1))
         return dq.to(q.dtype), dk, dv
 
 

@@ -178,7 +178,9 @@ def _growth(rank, world_size, seed):
 # the last (n - 1 calls). Backward (a transport with any-hop messages): per step but the last,
 # one K/V exchange then one hop of the travelling dK/dV sum; after the last step the finished
 # sums go straight to their owners, n - 1 ranks back: hops = P - n + 1 (1 after a full ring).
-# n = 1: no exchange at all.
+# n = 1: no exchange at all. Where the ranks need K/V from both sides, the ring moves both
+# ways when that takes fewer hops: forward first, then backward (hops P - 1) from our own K/V
+# again; in the backward each direction's sums go home at its end (hops 3 then 1 here).
 L4 = LOCAL_SEQLEN
 TRANSFERS = {
     # A causal window no longer than a shard reaches the previous rank only: n = 2.
@@ -192,11 +194,18 @@ TRANSFERS = {
     "window-0-0-striped": ("striped", True, (0, 0), None, [], []),
     "window-0-0-zigzag": ("zigzag", False, (0, 0), None, [], []),
     # Documents that end at shard ends: n = 1. Causal, one document over ranks 0-1 and one over
-    # ranks 2-3: ranks 1 and 3 need the previous rank, n = 2. Without causal, rank 0 needs rank
-    # 1's keys, which a ring moving forward brings at the last step: n = P.
+    # ranks 2-3: ranks 1 and 3 need the previous rank, n = 2.
     "docs-at-shard-ends": ("contiguous", True, None, [0, L4, 2 * L4, 3 * L4, 4 * L4], [], []),
     "causal-docs-over-two-shards": ("contiguous", True, None, [0, L4 + 4, 2 * L4, 4 * L4], [1], [1, 1, 3]),
-    "full-docs-over-two-shards": ("contiguous", False, None, [0, L4 + 4, 2 * L4, 4 * L4], [1] * 3, [1] * 7),
+    # Without causal, rank 0 needs rank 1's keys, rank 1 rank 0's: one hop each way.
+    "full-docs-over-two-shards": ("contiguous", False, None, [0, L4 + 4, 2 * L4, 4 * L4], [1, 3], [1, 1, 3, 3, 1]),
+    # A two-sided window no wider than a shard: the neighbours on both sides, one hop each way.
+    "two-sided-window-one-shard": ("contiguous", False, (L4, L4), None, [1, 3], [1, 1, 3, 3, 1]),
+    # Zigzag (chunks r and 2P - 1 - r of 4 tokens): a causal window of a chunk needs the previous
+    # rank for the first chunk and the next rank for the second.
+    "zigzag-causal-window": ("zigzag", True, (L4 // 2, 0), None, [1, 3], [1, 1, 3, 3, 1]),
+    # Only keys ahead: one hop backward, none forward.
+    "window-ahead-one-shard": ("contiguous", False, (0, L4), None, [3], [3, 1]),
     # The dense causal ring: every step. Forward P - 1; backward 2 (P - 1) + 1, all one hop.
     "dense-causal": ("contiguous", True, None, None, [1] * 3, [1] * 7),
 }
@@ -374,13 +383,20 @@ TRITON_CASES = {
     "zigzag-causal-docs-window": ("zigzag", True, (5, 3), "random-tensor"),
 }
 
+# P = 4: a ring that moves both ways (the neighbours on both sides), through the same plumbing.
+TRITON_CASES_4 = {
+    "contiguous-two-sided-window": ("contiguous", False, (TRITON_LOCAL - 3, TRITON_LOCAL - 5), None),
+    "zigzag-causal-window": ("zigzag", True, (TRITON_LOCAL // 2 - 1, 0), None),
+}
+
 
 def _ring_triton(rank, world_size, seed):
     if not os.environ.get("TRITON_INTERPRET") or torch.cuda.is_available():
         return None  # CPU tensors reach the kernels only under the interpreter
     results = {}
     S = TRITON_LOCAL * world_size
-    for i, (name, (layout_name, causal, window, docs)) in enumerate(TRITON_CASES.items()):
+    cases = TRITON_CASES if world_size == 2 else TRITON_CASES_4
+    for i, (name, (layout_name, causal, window, docs)) in enumerate(cases.items()):
         def run(i=i, layout_name=layout_name, causal=causal, window=window, docs=docs):
             q, k, v, dout = _inputs(seed + 70_000 + i, S, heads=2, heads_kv=1, batch=1)
             masks = {"window": window, "cu_seqlens": doc_bounds(docs, S, seed + 70_000 + i)}
@@ -402,6 +418,7 @@ def _grid(rank, world_size, seed):
     _guard(results, "growth", lambda: _growth(rank, world_size, seed))
     if world_size == 4:
         results["transfers"] = _transfers(rank, world_size, seed)
+        results["triton"] = _ring_triton(rank, world_size, seed)
     if world_size == 2:
         results["leak"] = _leak(rank, world_size, seed)
         results["bad"] = _bad_masks_on_every_rank(rank, world_size)
@@ -476,6 +493,25 @@ def test_ring_runs_only_the_steps_some_rank_needs(case):
         assert_matches(entry["ring"], ctx)  # and still exact
 
 
+def test_two_way_hops_take_the_fewest():
+    """The plan's (forward, backward) hops against every split, by brute force."""
+    from ringflash.ring import two_way_hops
+
+    rng = random.Random(_SEED)
+    for _ in range(300):
+        P = rng.randrange(1, 10)
+        offsets = sorted(rng.sample(range(1, P), k=rng.randrange(0, P))) if P > 1 else []
+        fwd, bwd = two_way_hops(offsets, P)
+        assert all(s <= fwd or P - s <= bwd for s in offsets), (P, offsets, fwd, bwd)
+        fewest = min(max([s for s in offsets if s <= c], default=0) + max([P - s for s in offsets if s > c], default=0)
+                     for c in range(P))
+        assert fwd + bwd == fewest, (P, offsets, fwd, bwd)
+        if bwd:
+            assert fwd + bwd < max(offsets), (P, offsets)  # both ways only when strictly fewer
+    assert two_way_hops([1, 3], 4) == (1, 1) and two_way_hops([3], 4) == (0, 1)
+    assert two_way_hops([1, 2, 3], 4) == (3, 0) and two_way_hops([], 4) == (0, 0)
+
+
 # -- documents do not leak ------------------------------------------------------------------
 
 
@@ -509,8 +545,9 @@ def test_consistency_check_catches_different_masks():
         assert_matches(res["mismatch"]["matching"], f"rank {rank}, seed {_SEED}")
 
 
-def test_ring_masks_with_triton_kernels_interpreted():
-    for rank, res in enumerate(grid(2)):
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ring_masks_with_triton_kernels_interpreted(world_size):
+    for rank, res in enumerate(grid(world_size)):
         if res["triton"] is None:
             pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
         for name, entry in res["triton"].items():

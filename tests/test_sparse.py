@@ -207,8 +207,11 @@ TRANSFERS = {
     "previous-block": ("contiguous", True, lambda S: sp.block_pattern(S, 8, local=2), [1], [1, 1, 3]),
     # Blocks of two shards: ranks 1 and 3 see ranks 0 and 2, n = 2.
     "two-shard-blocks": ("contiguous", True, lambda S: sp.block_pattern(S, 16, local=1), [1], [1, 1, 3]),
-    # Without causal the next block is the next rank, which a ring moving forward brings last: n = P.
-    "neighbour-blocks-full": ("contiguous", False, lambda S: sp.block_pattern(S, 8, local=2), [1] * 3, [1] * 7),
+    # Without causal the next block is the next rank's: the ring moves one hop each way (forward,
+    # then backward, hops P - 1, from the rank's own K/V); in the backward each direction's dK/dV
+    # sums go home at its end.
+    "neighbour-blocks-full": ("contiguous", False, lambda S: sp.block_pattern(S, 8, local=2), [1, 3],
+                              [1, 1, 3, 3, 1]),
     # A global first block: rank 3 needs rank 0, three steps back: the whole ring.
     "global-block": ("contiguous", True, lambda S: sp.block_pattern(S, 8, local=1, global_=1), [1] * 3, [1] * 7),
     # Queries that see nothing: O = 0, LSE = -inf, no gradient, and no transfer.
