@@ -413,32 +413,10 @@ def sort_order(cpos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order, inverse
 
 
-def _gather_tokens(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+def gather_tokens(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, S, H, D) reordered per head by ``order`` (B, H, S): differentiable."""
     idx = order.transpose(1, 2)[..., None].expand(-1, -1, -1, x.shape[-1])
     return torch.gather(x, 1, idx)
-
-
-class _Permute(torch.autograd.Function):
-    """A per-head permutation of the tokens whose gradient is the inverse permutation: a gather,
-    where ``torch.gather``'s own backward zero-fills and scatter-adds (atomics)."""
-
-    @staticmethod
-    def forward(ctx, x, order, inverse):
-        ctx.save_for_backward(inverse, order)
-        return _gather_tokens(x, order)
-
-    @staticmethod
-    def backward(ctx, grad):
-        inverse, order = ctx.saved_tensors
-        return _Permute.apply(grad, inverse, order), None, None
-
-
-def gather_tokens(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor | None = None) -> torch.Tensor:
-    """``x`` (B, S, H, D) reordered per head by ``order`` (B, H, S): differentiable. With
-    ``inverse`` (the permutation that undoes ``order``), the gradient is a gather too."""
-    if inverse is None:
-        return _gather_tokens(x, order)
-    return _Permute.apply(x, order, inverse)
 
 
 class TokenAttrs:
@@ -461,16 +439,15 @@ def run_sorted(sparsity, q, k, v, q_pos, k_pos, q_doc, k_doc, num_docs: int, cal
     all-gather); None for one device."""
     q_cpos, q_cdoc, k_cpos, k_cdoc = composite(sparsity, q_pos, k_pos, q_doc, k_doc, num_docs)
     q_order, q_inverse = sort_order(q_cpos)
-    k_order, k_inverse = sort_order(k_cpos)
+    k_order, _ = sort_order(k_cpos)
     k_cpos, k_cdoc = torch.gather(k_cpos, -1, k_order), torch.gather(k_cdoc, -1, k_order)
     if gather_keys is None:
         k_pos_all, k_doc_all = [k_cpos], [k_cdoc]
     else:
         k_pos_all, k_doc_all = gather_keys(k_cpos), gather_keys(k_cdoc)
     attrs = TokenAttrs(torch.gather(q_cpos, -1, q_order), torch.gather(q_cdoc, -1, q_order), k_pos_all, k_doc_all)
-    out, lse = call(gather_tokens(q, q_order, q_inverse), gather_tokens(k, k_order, k_inverse),
-                    gather_tokens(v, k_order, k_inverse), attrs)
-    return gather_tokens(out, q_inverse, q_order), torch.gather(lse, -1, q_inverse)
+    out, lse = call(gather_tokens(q, q_order), gather_tokens(k, k_order), gather_tokens(v, k_order), attrs)
+    return gather_tokens(out, q_inverse), torch.gather(lse, -1, q_inverse)
 
 
 # -- the training job's --sparsity -------------------------------------------------------------------

@@ -1063,16 +1063,3 @@ def test_helper_arguments_are_checked(make, exc, words):
     with pytest.raises(exc) as info:
         make()
     assert words in str(info.value), str(info.value)
-
-
-def test_token_permutation_gradient_is_the_inverse_gather():
-    """gather_tokens with the inverse order: its gradient is a gather (no scatter-add), exact."""
-    g = torch.Generator().manual_seed(_SEED)
-    x = torch.randn(2, 9, 3, 4, dtype=torch.float64, generator=g, requires_grad=True)
-    order, inverse = sp.sort_order(torch.randint(0, 50, (2, 3, 9), generator=g))
-    assert torch.autograd.gradcheck(lambda t: sp.gather_tokens(t, order, inverse), (x,))
-    dy = torch.randn(2, 9, 3, 4, dtype=torch.float64, generator=g)
-    (got,) = torch.autograd.grad(sp.gather_tokens(x, order, inverse), x, dy)
-    (want,) = torch.autograd.grad(sp.gather_tokens(x, order), x, dy)
-    assert torch.equal(got, want)
-    assert torch.equal(sp.gather_tokens(sp.gather_tokens(x, order, inverse), inverse, order), x)
