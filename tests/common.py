@@ -65,3 +65,46 @@ def brute_force_rule(q_pos, k_pos, causal, window, cu):
         doc = lambda p: (p[..., None] >= ends).sum(-1)  # noqa: E731 - documents ending at or before p
         vis &= doc(qp) == doc(kp)
     return vis
+
+
+class CountExchanges:
+    """Within ``with``: the ``hops`` of every ``Ring.exchange`` call, in order, in ``.hops``."""
+
+    def __enter__(self):
+        from ringflash import comm
+
+        self.hops, self._real = [], comm.Ring.exchange
+        real, seen = self._real, self.hops
+
+        def counting(ring, send, recv, hops=1):
+            seen.append(hops)
+            return real(ring, send, recv, hops)
+
+        comm.Ring.exchange = counting
+        return self
+
+    def take(self) -> list:
+        """The hops counted since the last ``take``."""
+        out = list(self.hops)
+        self.hops.clear()
+        return out
+
+    def __exit__(self, *exc):
+        from ringflash import comm
+
+        comm.Ring.exchange = self._real
+
+
+def require_interpreter() -> None:
+    """At a test module's top, after ``TRITON_INTERPRET=1`` is set: skip the module if
+    ringflash.kernels was imported before that (the kernels would not run on CPU tensors)."""
+    import pytest
+
+    from ringflash import kernels
+
+    if not kernels.INTERPRETED:
+        pytest.skip(
+            "ringflash.kernels was imported before TRITON_INTERPRET=1 was set (by another test "
+            "module); set TRITON_INTERPRET=1 in the environment to run the interpreter tests",
+            allow_module_level=True,
+        )

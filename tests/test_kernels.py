@@ -20,15 +20,10 @@ import pytest
 import torch
 
 os.environ["TRITON_INTERPRET"] = "1"  # process-wide: Triton also reads it at launch time
-from common import make_qkv, striped_positions, zigzag_positions  # noqa: E402
+from common import make_qkv, require_interpreter, striped_positions, zigzag_positions  # noqa: E402
 from ringflash import kernels, reference  # noqa: E402
 
-if not kernels.INTERPRETED:
-    pytest.skip(
-        "ringflash.kernels was imported before TRITON_INTERPRET=1 was set (by another test "
-        "module); set TRITON_INTERPRET=1 in the environment to run the interpreter tests",
-        allow_module_level=True,
-    )
+require_interpreter()
 
 # log(0) of a row that stays empty is the intended -inf; numpy warns about it.
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")

@@ -26,7 +26,7 @@ import traceback
 import pytest
 import torch
 
-from common import rel
+from common import CountExchanges, rel
 from distributed import spawn
 from ringflash import flash_attention, get_layout, reference, ring_attention
 from ringflash import mask as mask_mod
@@ -212,18 +212,8 @@ TRANSFERS = {
 
 
 def _transfers(rank, world_size, seed):
-    from ringflash import comm
-
-    calls = []
-    real = comm.Ring.exchange
-
-    def counting(self, send, recv, hops=1):
-        calls.append(hops)
-        return real(self, send, recv, hops)
-
-    comm.Ring.exchange = counting
     results = {}
-    try:
+    with CountExchanges() as calls:
         for i, (name, (layout_name, causal, window, cu, _, _)) in enumerate(TRANSFERS.items()):
             def run(i=i, layout_name=layout_name, causal=causal, window=window, cu=cu):
                 layout = get_layout(layout_name)
@@ -233,17 +223,14 @@ def _transfers(rank, world_size, seed):
                 ref = _single(q, k, v, dout, causal, masks, torch.float64)
                 shard = lambda t: layout.shard(t, rank=rank, world_size=world_size)  # noqa: E731
                 ql, kl, vl = (shard(t).float().requires_grad_() for t in (q, k, v))
-                calls.clear()
+                calls.take()
                 out = ring_attention(ql, kl, vl, causal=causal, layout=layout, **masks)
-                fwd = list(calls)
-                calls.clear()
+                fwd = calls.take()
                 out.backward(shard(dout).float())
-                bwd = list(calls)
+                bwd = calls.take()
                 got = [layout.unshard(t) for t in (out.detach(), ql.grad, kl.grad, vl.grad)]
                 return {"forward": fwd, "backward": bwd, "ring": _errs(got, ref)}
             _guard(results, name, run)
-    finally:
-        comm.Ring.exchange = real
     return results
 
 

@@ -40,7 +40,7 @@ import pytest
 import torch
 
 from common import brute_force_rule as brute_force_rules
-from common import pack, rel, unpack
+from common import CountExchanges, pack, rel, unpack
 from distributed import spawn
 from ringflash import MultiheadAttention, flash_attention, get_layout, reference, ring_attention
 from ringflash import mask as mask_mod
@@ -221,18 +221,8 @@ TRANSFERS = {
 
 
 def _transfers(rank, world_size, group, seed):
-    from ringflash import comm
-
-    calls = []
-    real = comm.Ring.exchange
-
-    def counting(self, send, recv, hops=1):
-        calls.append(hops)
-        return real(self, send, recv, hops)
-
-    comm.Ring.exchange = counting
     results = {}
-    try:
+    with CountExchanges() as calls:
         for i, (name, (layout_name, causal, make_pattern, _, _)) in enumerate(TRANSFERS.items()):
             def run(i=i, layout_name=layout_name, causal=causal, make_pattern=make_pattern):
                 layout = get_layout(layout_name)
@@ -240,18 +230,15 @@ def _transfers(rank, world_size, group, seed):
                 q, k, v, dout, _, _ = make_data(seed + 70_000 + i, S, "qkdrop", causal, False)
                 cut = lambda t: layout.shard(t, rank=rank, world_size=world_size)  # noqa: E731
                 ql, kl, vl = (cut(t).float().requires_grad_() for t in (q, k, v))
-                calls.clear()
+                calls.take()
                 out, lse = ring_attention(ql, kl, vl, causal=causal, layout=layout, sparsity=make_pattern(S),
                                           group=group, return_lse=True)
-                fwd = list(calls)
-                calls.clear()
+                fwd = calls.take()
                 out.backward(cut(dout).float())
-                bwd = list(calls)
+                bwd = calls.take()
                 shards = pack([out.detach(), ql.grad, kl.grad, vl.grad, lse])
                 return {"forward": fwd, "backward": bwd, "shards": shards}
             _guard(results, name, run)
-    finally:
-        comm.Ring.exchange = real
     return results
 
 

@@ -34,7 +34,7 @@ import torch
 
 os.environ["TRITON_INTERPRET"] = "1"  # process-wide: Triton also reads it at launch time
 from common import brute_force_rule as rule  # noqa: E402
-from common import make_qkv  # noqa: E402
+from common import make_qkv, require_interpreter  # noqa: E402
 from common import striped_positions as striped  # noqa: E402
 from common import zigzag_positions as zigzag  # noqa: E402
 from ringflash import flash_attention, kernels, reference  # noqa: E402
@@ -42,12 +42,7 @@ from ringflash import mask as mask_mod  # noqa: E402
 from ringflash import sparse as sp  # noqa: E402
 from ringflash.sparse import BlockSparse, HashSparse, QKDrop  # noqa: E402
 
-if not kernels.INTERPRETED:
-    pytest.skip(
-        "ringflash.kernels was imported before TRITON_INTERPRET=1 was set (by another test "
-        "module); set TRITON_INTERPRET=1 in the environment to run the interpreter tests",
-        allow_module_level=True,
-    )
+require_interpreter()
 
 # log(0) of a row that stays empty is the intended -inf; numpy warns about it.
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
