@@ -13,7 +13,7 @@
     python slurm/submit.py --local --tasks 2 -- --out runs/local --steps 50
 
 Each task is one rank: ``submitit.helpers.TorchDistributedEnvironment().export()`` sets
-MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE (leaving the GPUs that
+MASTER_ADDR/PORT (port 20000 + the job id mod 12000), RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE (leaving the GPUs that
 Slurm shows the task as they are), then launch/train.py runs in the task's process on GPU
 ``LOCAL_RANK`` of those it sees (or its only one, where Slurm binds a GPU per task). The
 training always runs with ``--resume``, so a requeued job (after a timeout, a preemption or a
@@ -71,6 +71,13 @@ class Trainer:
         # shared node, and no peers for the copy-engine transport to map). launch/train.py takes
         # GPU local_rank % device_count, right both where each task sees all of the node's GPUs of
         # the job and where Slurm binds one GPU per task.
+        # The rendezvous port: the job's own (two jobs may share a first node), and below Linux's
+        # ephemeral range (32768-60999), where another job's outgoing or gloo connection on the
+        # node may already hold it; submitit would draw one in 20000-60000. train.sbatch uses
+        # the same rule. (--local jobs have no Slurm job id and keep submitit's port.)
+        job_id = os.environ.get("SLURM_JOB_ID", "")
+        if job_id.isdigit():
+            os.environ["MASTER_PORT"] = str(20000 + int(job_id) % 12000)
         env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         # The CPUs Slurm gave the task, as the rank's threads (torch would take every core of the
         # node, as many times as there are ranks on it).

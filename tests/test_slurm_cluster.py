@@ -491,7 +491,7 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(idle_cluster, refer
     submitted, sbatched = jobs
     assert_resumed(submitted, reference, "SIGUSR2")  # each rank got Slurm's signal
     assert submitted.lines(r"submitit .*Requeued job"), submitted.describe()  # and submitit requeued the job
-    assert sbatched.lines(r"^SIGUSR2: checkpointing before the time limit"), sbatched.describe()
+    assert sbatched.lines(r"SIGUSR2: checkpointing before the time limit"), sbatched.describe()
     assert_resumed(sbatched, reference, "SIGTERM")  # the batch script got it, the ranks SIGTERM
 
 
@@ -532,9 +532,9 @@ def test_requeues_stop_at_max_requeues(idle_cluster, tmp_path):
     for job in jobs:
         assert job.state == "FAILED" and job.restarts == 1, job.describe()
         assert first[job.id] < job.checkpoint_step() < STEPS, job.describe()  # the second checkpoint is kept
-    assert submitted.lines(r"^submit.py: job not requeued: the time limit came again after --max-requeues"), \
+    assert submitted.lines(r"submit\.py: job not requeued: the time limit came again after --max-requeues"), \
         submitted.describe()
-    assert sbatched.lines(r"^train.sbatch: job \d+ not requeued: it was restarted 1 times \(--max-requeues 1\)"), \
+    assert sbatched.lines(r"train\.sbatch: job \d+ not requeued: it was restarted 1 times \(--max-requeues 1\)"), \
         sbatched.describe()
 
 
