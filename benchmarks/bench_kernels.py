@@ -39,7 +39,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from ringflash import kernels  # noqa: E402
 
-IMPLS = ("ringflash", "sdpa_flash", "sdpa_cudnn")
+# ringflash_hopper: the same calls with the Gluon forward for Hopper switched on
+# (kernels.attention.HOPPER_FORWARD; sm_90 only, bf16/fp16 at D = 64 and 128).
+IMPLS = ("ringflash", "ringflash_hopper", "sdpa_flash", "sdpa_cudnn")
 MODES = ("fwd", "bwd", "fwdbwd")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -87,6 +89,19 @@ def sdpa_backend(impl: str):
 
 def make_fns(impl: str, q, k, v, dout, causal: bool):
     """(fwd, bwd, fwdbwd) callables for one implementation on one set of inputs."""
+    if impl == "ringflash_hopper":
+        from ringflash.kernels import attention
+
+        def hopper(fn):
+            def run():
+                saved, attention.HOPPER_FORWARD = attention.HOPPER_FORWARD, True
+                try:
+                    return fn()
+                finally:
+                    attention.HOPPER_FORWARD = saved
+            return run
+
+        return tuple(hopper(fn) for fn in make_fns("ringflash", q, k, v, dout, causal))
     if impl == "ringflash":
         # The kernels return float32 O, dQ, dK and dV (the ring accumulates in them); the casts to
         # the input dtype that flash_attention does are timed too, as SDPA returns bf16.
@@ -278,7 +293,8 @@ def main() -> None:
     p.add_argument("--head-dims", nargs="+", type=int, default=[64, 128])
     p.add_argument("--causal", choices=["both", "true", "false"], default="both")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=None,
+                   help="default: all (ringflash_hopper on sm_90 GPUs only)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, nargs="+", default=None,
@@ -301,6 +317,9 @@ def main() -> None:
         return
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
+    if args.impls is None:
+        hopper = torch.cuda.get_device_capability() == (9, 0)
+        args.impls = [i for i in IMPLS if hopper or i != "ringflash_hopper"]
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     t0 = time.time()
     attn = sys.modules[kernels.backward.__module__]
@@ -357,12 +376,14 @@ def main() -> None:
                     for mode in args.modes:
                         r = res[mode]
                         cells = " ".join(f"{r[i]:11.1f}" if i in r else f"{'-':>11}" for i in args.impls)
-                        rf = r.get("ringflash")
-                        ratio = lambda other: f"{rf / r[other]:8.2f}" if rf and r.get(other) else f"{'-':>8}"  # noqa: E731
-                        print(f"{S:>6} {D:>4} {Hkv:>4} {'causal' if causal else 'full':>6} {mode:>7} {cells}  {ratio('sdpa_flash')} {ratio('sdpa_cudnn')}", flush=True)
+                        ratio = lambda other, mine="ringflash": (  # noqa: E731
+                            f"{r[mine] / r[other]:8.2f}" if r.get(mine) and r.get(other) else f"{'-':>8}")
+                        hop = f"  hopper/cudnn {ratio('sdpa_cudnn', 'ringflash_hopper')}" if "ringflash_hopper" in r else ""
+                        print(f"{S:>6} {D:>4} {Hkv:>4} {'causal' if causal else 'full':>6} {mode:>7} {cells}  "
+                              f"{ratio('sdpa_flash')} {ratio('sdpa_cudnn')}{hop}", flush=True)
                     del q, k, v, dout
                     torch.cuda.empty_cache()
-    print("configs:", {"fwd": kernels.FWD_CONFIGS, "dkdv": kernels.BWD_DKDV_CONFIGS, "dkdv_grouped": attn.BWD_DKDV_GROUPED_CONFIGS,
+    print("configs:", {"fwd": kernels.FWD_CONFIGS, "hopper_fwd": attn.HOPPER_FWD_CONFIGS, "dkdv": kernels.BWD_DKDV_CONFIGS, "dkdv_grouped": attn.BWD_DKDV_GROUPED_CONFIGS,
                        "dq": kernels.BWD_DQ_CONFIGS,
                        "bwd_fused": attn.BWD_FUSED})
     if args.plot:

@@ -14,6 +14,7 @@ try other entries.
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -31,6 +32,7 @@ __all__ = [
     "check_inputs",
     "KernelConfig",
     "FWD_CONFIGS",
+    "HOPPER_FWD_CONFIGS",
     "BWD_DKDV_CONFIGS",
     "BWD_DQ_CONFIGS",
     "INTERPRETED",
@@ -91,6 +93,19 @@ BWD_DQ_CONFIGS: dict = {
     128: KernelConfig(128, 64, 8, 3),
     256: KernelConfig(128, 32, 8, 2),
 }
+# The Hopper forward (_fwd_hopper.py, Gluon, sm_90 only), by head dim: block_m query rows over
+# two consumer warpgroups (num_warps = 8, plus one producer warp), block_n keys, num_stages
+# K/V slots. Shapes must be powers of two in Gluon, so FA3's 128 x 176 (D = 128) and 192 x 128
+# (D = 64) tiles are out; 3 stages do not fit the shared memory at D = 128.
+HOPPER_FWD_CONFIGS: dict = {
+    64: KernelConfig(128, 128, 8, 2),
+    128: KernelConfig(128, 128, 8, 2),
+}
+HOPPER_PRODUCER = (1, 24)  # the TMA producer partition: warps, registers per thread
+# Whether forward() takes the Hopper kernel where it serves the call (bfloat16/float16, those
+# head dims, no block pattern or per-head attributes, an sm_90 GPU). Off unless
+# RINGFLASH_HOPPER_FORWARD=1 until the GPU suite has passed it (tests/test_kernels_gpu.py).
+HOPPER_FORWARD = os.environ.get("RINGFLASH_HOPPER_FORWARD", "0") == "1"
 # Small tiles under the interpreter: tests then cross many tile boundaries on short inputs.
 _INTERPRET_FWD = KernelConfig(32, 16, 1, 1)
 _INTERPRET_DKDV = KernelConfig(16, 32, 1, 1)
@@ -360,6 +375,79 @@ def _check_accumulator(name, t, shape, device):
         raise ValueError(f"{name} must have a contiguous last dim; got strides {t.stride()}")
 
 
+_HOPPER_DEVICES: dict = {}
+
+
+def _hopper_serves(q: torch.Tensor, m: _MaskArgs) -> bool:
+    """Whether the Hopper kernel takes this forward call (see HOPPER_FORWARD)."""
+    if not HOPPER_FORWARD or INTERPRETED or q.device.type != "cuda":
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[3] not in HOPPER_FWD_CONFIGS:
+        return False
+    if m.blocks is not None or m.strides[1] or q.shape[0] * q.shape[2] > 65535:
+        return False
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    if index not in _HOPPER_DEVICES:
+        ok = torch.cuda.get_device_capability(index) == (9, 0)
+        if ok:
+            try:
+                from . import _fwd_hopper  # noqa: F401  (Gluon: Triton 3.6 or newer)
+            except ImportError:
+                ok = False
+        _HOPPER_DEVICES[index] = ok
+    return _HOPPER_DEVICES[index]
+
+
+def _tma_ready(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy where TMA cannot read it (16-byte aligned base and strides)."""
+    aligned = t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:3])
+    return t if aligned and t.stride(3) == 1 else t.contiguous()
+
+
+def _hopper_launch(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold, ranges):
+    """The Hopper kernel's grid, arguments, constexprs and warps (_fwd_hopper.py) for a forward
+    call; ``ranges``: the query tiles' key ranges (_tile_ranges) where the mask has any."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    B, Sq, H, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    cfg = HOPPER_FWD_CONFIGS[D]
+    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    descs = []
+    for t, rows in ((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n)):
+        t = _tma_ready(t)
+        block = [1, rows, 1, D]
+        layout = gl.NVMMASharedLayout.get_default_for(block, gdt)
+        descs.append(TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout))
+    q_pos, k_pos = (lse, lse) if m.q_pos is None else (m.q_pos, m.k_pos)  # None: never read
+    q_doc, k_doc = (lse, lse) if m.q_doc is None else (m.q_doc, m.k_doc)
+    args = (*descs, q_pos, k_pos, q_doc, k_doc, lse if ranges is None else ranges, out, lse,
+            float(scale) * math.log2(math.e), m.wl, m.wr,
+            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+            H, H // Hkv, Sq, Sk)
+    constexprs = dict(
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, STAGES=cfg.num_stages,
+        CAUSAL=bool(causal), WINDOW=m.window, DOCS=m.docs, RANGED=ranges is not None, FOLD=fold,
+        PRODUCER_WARPS=HOPPER_PRODUCER[0], PRODUCER_REGS=HOPPER_PRODUCER[1], CONSUMER_WARPS=cfg.num_warps,
+    )
+    return (triton.cdiv(Sq, cfg.block_m), B * H), args, constexprs, cfg.num_warps
+
+
+def _forward_hopper(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold):
+    """forward() on the Hopper kernel: same arguments and results."""
+    from ._fwd_hopper import _attn_fwd_hopper
+
+    ranges = None
+    if causal or m.window or m.docs:
+        cfg = HOPPER_FWD_CONFIGS[q.shape[3]]
+        ranges = _tile_ranges(m, causal, q.shape[1], k.shape[1], cfg.block_m, cfg.block_n, by_keys=False,
+                              device=q.device)
+    grid, args, constexprs, num_warps = _hopper_launch(q, k, v, m, causal, scale, out, lse, fold, ranges)
+    _attn_fwd_hopper[grid](*args, **constexprs, num_warps=num_warps)
+    return out, lse
+
+
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -408,6 +496,8 @@ def forward(
             lse.fill_(-math.inf)
         return out, lse
     m = _mask_args(q_pos, k_pos, causal, window, q_doc, k_doc, Sq, Sk, q.device, blocks, (B, H, Hkv))
+    if _hopper_serves(q, m):
+        return _forward_hopper(q, k, v, m, causal, scale, out, lse, fold)
 
     cfg = _sparse_stages(_config(FWD_CONFIGS, _INTERPRET_FWD, D, q.dtype, bool(causal)), m)
     ranges = lists = counts = lse

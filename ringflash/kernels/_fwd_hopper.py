@@ -1,0 +1,384 @@
+"""Forward kernel for Hopper (sm_90) in Gluon, with FlashAttention-3's schedule.
+
+It serves the same contract as :mod:`._fwd` (float32 partials, a natural-log LSE, an in-place
+fold into a running result, positions, windows and documents through the tile ranges of
+:func:`._common._ranges_kernel`) for bfloat16/float16 at head dims 64 and 128; the launcher
+(:mod:`.attention`) sends everything else to the Triton kernel. Gluon kernels do not run under
+Triton's CPU interpreter: on the CPU they are only compiled (tests/test_kernels_hopper.py).
+
+One program owns ``BLOCK_M`` = 128 query rows of one (batch, head) and walks the key tiles
+those rows can see. Two partitions (``gl.warp_specialize``):
+
+* the default partition, 8 warps = 2 consumer warpgroups. The wgmma layout stacks the warps
+  along the rows (16 rows a warp), so warpgroup 0 owns rows 0-63 and warpgroup 1 rows 64-127 of
+  one shared Q tile; each issues its own m64 wgmmas, and the online softmax is row-local.
+* a worker partition, 1 warp with 24 registers (``setmaxnreg`` hands the rest to the
+  consumers): the TMA producer. It loads Q once, then K and V tiles into ``STAGES`` slots.
+
+Barriers, all of count 1. A TMA load completes a "ready" barrier through its byte count; the
+consumer's arrive completes an "empty" one:
+
+* ``q_bar``: Q landed.
+* ``k_ready[s]``, ``v_ready[s]``: the K / V tile of slot s landed.
+* ``k_empty[s]``, ``v_empty[s]``: the wgmma reading K / V of slot s retired, the slot may be
+  refilled. K and V are released apart because K_j is done one softmax before V_j (below).
+
+Tile j sits in slot ``j % STAGES`` in round ``j // STAGES``; waiters wait that round's parity.
+The producer waits the empty barriers with the parity flipped, so its first round passes at once
+(a fresh mbarrier counts as having completed the phase before phase 0).
+
+The consumer overlaps the softmax of tile j with the PV product of tile j - 1 (FA3's
+intra-warpgroup overlap); wgmma groups retire in order, so waiting for "one outstanding"
+after issuing S_j and then PV_{j-1} means S_j is done while PV_{j-1} may still run:
+
+    S_0 = Q K_0^T; wait; release K_0; P_0 = softmax(S_0)
+    for j = 1 .. n-1:
+        issue S_j = Q K_j^T               (after k_ready[j])
+        issue O += P_{j-1} V_{j-1}        (after v_ready[j-1]; P from registers)
+        wait(1): S_j done; release K_j; P_j, alpha_j = softmax(S_j)   <- overlaps PV_{j-1}
+        wait(0): O done; release V_{j-1}; O *= alpha_j
+    O += P_{n-1} V_{n-1}; wait; release V_{n-1}
+
+Before each release both warpgroups pass a partition-wide barrier: the arrive is one thread's,
+and the other warpgroup's wgmma may still read the slot.
+
+Key tiles come in the order of :mod:`._fwd`: ``[flo, fhi)`` fully visible (no mask
+arithmetic), then the boundary tiles ``[fhi, hi)`` and ``[lo, flo)`` (the mask rule on
+positions and document ids, and the sequence end); tiles outside ``[lo, hi)`` are never loaded.
+Both partitions map a tile's index to its keys with the same function (:func:`_tile_start`).
+TMA descriptors are 4-D over (B, S, H, D) with boxes [1, BLOCK, 1, D]: rows past the end of
+*this* batch's sequence are zero-filled (never the next batch's rows) and masked as keys.
+
+The epilogue writes float32 O and the LSE with plain stores (the accumulator's own layout),
+after merging them with the running result (``FOLD``).
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+# Names that moved between Triton releases (3.6 on the GPU machines, newer ones on PyPI).
+_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+_cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+
+LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
+
+
+# Row reductions with Gluon combine functions: gl.max / gl.sum combine with Triton-language
+# functions, which TRITON_INTERPRET turns into interpreter objects that no compiler takes.
+@gluon.jit
+def _max_of(a, b):
+    return gl.maximum(a, b)
+
+
+@gluon.jit
+def _sum_of(a, b):
+    return a + b
+
+
+@gluon.jit
+def _program(H, G, Sq, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
+    """(b, h, K/V head, first query row, query tile) of this program, as both partitions see it."""
+    num_m = (Sq + BLOCK_M - 1) // BLOCK_M
+    pid_m = gl.program_id(0)
+    if CAUSAL:
+        # Later query tiles see more keys: start them first so that the grid's tail is short.
+        pid_m = num_m - 1 - pid_m
+    pid_bh = gl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    return b, h, h // G, pid_m * BLOCK_M, pid_m
+
+
+@gluon.jit
+def _key_ranges(RANGES, pid_m, Sk, BLOCK_N: gl.constexpr, RANGED: gl.constexpr):
+    """(lo, flo, fhi, hi) in keys: _ranges_kernel's for this query tile, or every tile."""
+    if RANGED:
+        base = RANGES + pid_m * 4
+        lo = gl.load(base)
+        flo = gl.load(base + 1)
+        fhi = gl.load(base + 2)
+        hi = gl.load(base + 3)
+    else:
+        lo = Sk * 0
+        flo = lo
+        fhi = (Sk // BLOCK_N) * BLOCK_N
+        hi = (Sk + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    return lo, flo, fhi, hi
+
+
+@gluon.jit
+def _tile_start(j, lo, flo, fhi, hi, BLOCK_N: gl.constexpr):
+    """First key of the j-th tile walked: [flo, fhi), then [fhi, hi), then [lo, flo)."""
+    n_full = (fhi - flo) // BLOCK_N
+    n_right = (hi - fhi) // BLOCK_N
+    start = lo + (j - n_full - n_right) * BLOCK_N
+    start = gl.where(j < n_full + n_right, fhi + (j - n_full) * BLOCK_N, start)
+    return gl.where(j < n_full, flo + j * BLOCK_N, start)
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
+              q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+              H, G, Sq, Sk,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
+              RANGED: gl.constexpr, FOLD: gl.constexpr, CONSUMER_WARPS: gl.constexpr):
+    b, h, hk, m0, pid_m = _program(H, G, Sq, BLOCK_M, CAUSAL)
+    lo, flo, fhi, hi = _key_ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
+    n = (hi - lo) // BLOCK_N
+
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    _tma_load(q_desc, [b, m0, h, 0], q_bar, q_smem)
+    for j in range(n):
+        s = j % STAGES
+        ph = (j // STAGES) & 1
+        n0 = _tile_start(j, lo, flo, fhi, hi, BLOCK_N)
+        # K first: the consumer needs K_j a whole softmax before V_j.
+        mbarrier.wait(k_empty.index(s), ph ^ 1)
+        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+        _tma_load(k_desc, [b, n0, hk, 0], k_ready.index(s), k_smem.index(s))
+        mbarrier.wait(v_empty.index(s), ph ^ 1)
+        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+        _tma_load(v_desc, [b, n0, hk, 0], v_ready.index(s), v_smem.index(s))
+
+
+@gluon.jit
+def _softmax_tile(s_acc, m_i, l_i, qp, qd, n0, KPOS, KDOC, Sk, qk_scale, wl, wr,
+                  s_layout: gl.constexpr, BLOCK_N: gl.constexpr, MASKED: gl.constexpr,
+                  CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr):
+    """Online-softmax step on one tile's float32 scores (log2 domain): P (unnormalised), the
+    new running max and row sum, and alpha, the factor for the running O. A boundary tile
+    (``MASKED``) applies the rule of :func:`._common._rule` and the sequence end."""
+    if MASKED:
+        cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        inside = cols < Sk
+        ok = inside[None, :]
+        if CAUSAL or WINDOW > 0:
+            # 32-bit compares (positions of one sequence stay below 2**31): 64-bit ones over a
+            # 128 x 128 tile spilled registers.
+            kp = gl.load(KPOS + cols, mask=inside, other=0).to(gl.int32)
+            if CAUSAL:
+                ok = ok & (qp[:, None] >= kp[None, :])
+            if WINDOW % 2 == 1:
+                ok = ok & (kp[None, :] >= qp[:, None] - wl)
+            if WINDOW >= 2:
+                ok = ok & (kp[None, :] <= qp[:, None] + wr)
+        if DOCS:
+            kd = gl.load(KDOC + cols, mask=inside, other=-1)
+            ok = ok & (qd[:, None] == kd[None, :])
+        qk = gl.where(ok, s_acc * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.reduce(qk, 1, _max_of))
+        # A row with nothing visible yet keeps m = -inf: shift it by 0 so exp2 gives 0, not NaN.
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(qk - m_use[:, None])
+    else:
+        m_new = gl.maximum(m_i, gl.reduce(s_acc, 1, _max_of) * qk_scale)
+        m_use = m_new
+        p = gl.exp2(s_acc * qk_scale - m_use[:, None])
+    alpha = gl.exp2(m_i - m_use)
+    l_i = l_i * alpha + gl.reduce(p, 1, _sum_of)
+    return p, m_new, l_i, alpha
+
+
+@gluon.jit
+def _kv_step(j, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+             p_op, acc, m_i, l_i, s_zero, qp, qd, KPOS, KDOC, Sk, qk_scale, wl, wr,
+             s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
+             BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+             MASKED: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr):
+    """Tile j >= 1: S_j = Q K_j^T beside O += P_{j-1} V_{j-1}, the softmax of S_j beside the PV."""
+    s = j % STAGES
+    ph = (j // STAGES) & 1
+    sp = (j - 1) % STAGES
+    php = ((j - 1) // STAGES) & 1
+    k2 = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
+    v2 = v_smem.index(sp).reshape([BLOCK_N, HEAD_DIM])
+
+    mbarrier.wait(k_ready.index(s), ph)
+    s_tok = warpgroup_mma(q2, k2.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    mbarrier.wait(v_ready.index(sp), php)
+    o_tok = warpgroup_mma(p_op, v2, acc, is_async=True)
+
+    # One group outstanding at most: the older one, S_j, has retired; the PV may still run.
+    s_acc, _q, _k = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, q2, k2))
+    _cta_barrier()
+    mbarrier.arrive(k_empty.index(s))
+
+    n0 = 0
+    if MASKED:
+        n0 = _tile_start(j, lo, flo, fhi, hi, BLOCK_N)
+    p, m_i, l_i, alpha = _softmax_tile(s_acc, m_i, l_i, qp, qd, n0, KPOS, KDOC, Sk, qk_scale, wl, wr,
+                                       s_layout, BLOCK_N, MASKED, CAUSAL, WINDOW, DOCS)
+
+    acc, _p = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
+    _cta_barrier()
+    mbarrier.arrive(v_empty.index(sp))
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    p_op = gl.convert_layout(p.to(v2.dtype), p_layout)
+    return p_op, acc, m_i, l_i
+
+
+@gluon.jit
+def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
+              q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+              H, G, Sq, Sk,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
+              RANGED: gl.constexpr, FOLD: gl.constexpr, CONSUMER_WARPS: gl.constexpr):
+    NW: gl.constexpr = CONSUMER_WARPS
+    # wgmma accumulators: [16, N, 16] instructions, warps stacked along the rows.
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    # P stays in registers as the A operand of the PV wgmma.
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+    b, h, hk, m0, pid_m = _program(H, G, Sq, BLOCK_M, CAUSAL)
+    lo, flo, fhi, hi = _key_ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
+    n = (hi - lo) // BLOCK_N
+    n_full = (fhi - flo) // BLOCK_N
+
+    rows = m0 + gl.arange(0, BLOCK_M, layout=row_layout)
+    qp = rows  # unused without positions
+    qd = rows  # unused without documents
+    if CAUSAL or WINDOW > 0:
+        qp = gl.load(QPOS + rows, mask=rows < Sq, other=0).to(gl.int32)
+    if DOCS:
+        qd = gl.load(QDOC + rows, mask=rows < Sq, other=-2)
+
+    q2 = q_smem.reshape([BLOCK_M, HEAD_DIM])
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_layout)
+    l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=row_layout)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+
+    mbarrier.wait(q_bar, 0)
+    if n > 0:
+        # Tile 0, peeled (nothing to overlap its QK^T with), with the mask: right for a fully
+        # visible tile too.
+        k2 = k_smem.index(0).reshape([BLOCK_N, HEAD_DIM])
+        mbarrier.wait(k_ready.index(0), 0)
+        s_tok = warpgroup_mma(q2, k2.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s_acc, _q, _k = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, q2, k2))
+        _cta_barrier()
+        mbarrier.arrive(k_empty.index(0))
+        n0 = _tile_start(0, lo, flo, fhi, hi, BLOCK_N)
+        p, m_i, l_i, alpha = _softmax_tile(s_acc, m_i, l_i, qp, qd, n0, KPOS, KDOC, Sk, qk_scale, wl, wr,
+                                           s_layout, BLOCK_N, True, CAUSAL, WINDOW, DOCS)
+        p_op = gl.convert_layout(p.to(k2.dtype), p_layout)
+
+        for j in range(1, n_full):
+            p_op, acc, m_i, l_i = _kv_step(j, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready,
+                                           k_empty, v_empty, p_op, acc, m_i, l_i, s_zero, qp, qd,
+                                           KPOS, KDOC, Sk, qk_scale, wl, wr, s_layout, o_layout, p_layout,
+                                           BLOCK_N, HEAD_DIM, STAGES, False, CAUSAL, WINDOW, DOCS)
+        for j in range(gl.maximum(n_full, 1), n):
+            p_op, acc, m_i, l_i = _kv_step(j, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready,
+                                           k_empty, v_empty, p_op, acc, m_i, l_i, s_zero, qp, qd,
+                                           KPOS, KDOC, Sk, qk_scale, wl, wr, s_layout, o_layout, p_layout,
+                                           BLOCK_N, HEAD_DIM, STAGES, True, CAUSAL, WINDOW, DOCS)
+
+        # The last PV.
+        jl = n - 1
+        sl = jl % STAGES
+        v2 = v_smem.index(sl).reshape([BLOCK_N, HEAD_DIM])
+        mbarrier.wait(v_ready.index(sl), (jl // STAGES) & 1)
+        o_tok = warpgroup_mma(p_op, v2, acc, is_async=True)
+        acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
+        _cta_barrier()
+        mbarrier.arrive(v_empty.index(sl))
+
+    # A row that saw no key: O = 0, LSE = -inf.
+    orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+    l_o = gl.convert_layout(l_i, orow_layout)
+    m_o = gl.convert_layout(m_i, orow_layout)
+    empty = l_o == 0.0
+    l_safe = gl.where(empty, 1.0, l_o)
+    lse = gl.where(empty, float("-inf"), (m_o + gl.log2(l_safe)) * LN2)
+    o = acc / l_safe[:, None]
+
+    rows_o = m0 + gl.arange(0, BLOCK_M, layout=orow_layout)
+    cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    row_ok = rows_o < Sq
+    o_ptrs = (OUT + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+              + rows_o.to(gl.int64)[:, None] * stride_os + cols_o[None, :])
+    l_ptrs = LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + rows_o
+    o_mask = row_ok[:, None] & (cols_o < HEAD_DIM)[None, :]
+    if FOLD:
+        # The online-softmax merge with the running state of earlier key blocks, in float32
+        # (:func:`._common._merge_states`).
+        lse_old = gl.load(l_ptrs, mask=row_ok, other=float("-inf"))
+        o_old = gl.load(o_ptrs, mask=o_mask, other=0.0)
+        lse_new = lse
+        mx = gl.maximum(lse_old, lse_new)
+        mx = gl.where(mx == float("-inf"), 0.0, mx)
+        lse = mx + gl.log(gl.exp(lse_old - mx) + gl.exp(lse_new - mx))
+        ref = gl.where(lse == float("-inf"), 0.0, lse)
+        o = o_old * gl.exp(lse_old - ref)[:, None] + o * gl.exp(lse_new - ref)[:, None]
+    gl.store(o_ptrs, o, mask=o_mask)
+    gl.store(l_ptrs, lse, mask=row_ok)
+
+
+@gluon.jit
+def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
+                     qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                     H, G, Sq, Sk,
+                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                     STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
+                     DOCS: gl.constexpr, RANGED: gl.constexpr, FOLD: gl.constexpr,
+                     PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                     CONSUMER_WARPS: gl.constexpr):
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=1)
+    fence_async_shared()
+
+    # The argument tuples are written out in the call: a tuple bound to a local first would turn
+    # its constexpr members into runtime scalars (Triton's assignment rule) and break the layouts.
+    gl.warp_specialize(
+        [
+            (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
+                         q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                         qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                         H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                         RANGED, FOLD, CONSUMER_WARPS)),
+            (_producer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
+                         q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                         qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                         H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                         RANGED, FOLD, CONSUMER_WARPS)),
+        ],
+        [PRODUCER_WARPS], [PRODUCER_REGS])
+
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_ready.index(i))
+        mbarrier.invalidate(v_ready.index(i))
+        mbarrier.invalidate(k_empty.index(i))
+        mbarrier.invalidate(v_empty.index(i))

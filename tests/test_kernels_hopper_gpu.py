@@ -1,0 +1,199 @@
+"""The Hopper forward (ringflash/kernels/_fwd_hopper.py) on an sm_90 GPU, against float64.
+
+Each case runs ``kernels.forward`` with the Hopper kernel switched on (and checks that it was
+the one that ran); the error ``||x - ref|| / ||ref||`` against the float64 reference with the
+same mask must be within ``SDPA_FACTOR`` times SDPA's in the same dtype with the mask as a
+boolean matrix, as in tests/test_kernels_gpu.py.
+
+    PYTHONPATH=. python -m pytest -m gpu tests/test_kernels_hopper_gpu.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+    pytest.skip("needs an sm_90 GPU (H100/H200)", allow_module_level=True)
+
+from common import rel as rel_err  # noqa: E402
+from ringflash import kernels, reference  # noqa: E402
+from ringflash.kernels import attention  # noqa: E402
+from ringflash.mask import doc_ids, visible  # noqa: E402
+
+SDPA_FACTOR = 1.5
+DEV = "cuda"
+
+
+@pytest.fixture(autouse=True)
+def hopper(monkeypatch):
+    """The Hopper kernel on, and a count of the calls it served."""
+    calls = []
+    real = attention._forward_hopper
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "HOPPER_FORWARD", True)
+    monkeypatch.setattr(attention, "_forward_hopper", counted)
+    return calls
+
+
+def make(B, Sq, Sk, H, Hkv, D, dtype, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g, device=DEV).to(dtype)  # noqa: E731
+    return mk(B, Sq, H, D), mk(B, Sk, Hkv, D), mk(B, Sk, Hkv, D)
+
+
+def check(q, k, v, hopper, *, causal=False, q_pos=None, k_pos=None, window=None, q_doc=None, k_doc=None):
+    """The Hopper forward against float64, within SDPA_FACTOR x SDPA's error; returns (out, lse)."""
+    kw = dict(causal=causal, q_pos=q_pos, k_pos=k_pos, window=window, q_doc=q_doc, k_doc=k_doc)
+    n = len(hopper)
+    out, lse = kernels.forward(q, k, v, **kw)
+    assert len(hopper) == n + 1, "the Hopper kernel did not serve the call"
+    ref, ref_lse = reference.forward(q.double(), k.double(), v.double(), **kw)
+    Sq, Sk = q.shape[1], k.shape[1]
+    if q_pos is None and (causal or window is not None):
+        q_pos, k_pos = reference.default_positions(Sq, Sk, DEV)
+    if q_pos is None:
+        q_pos, k_pos = torch.arange(Sq, device=DEV), torch.arange(Sk, device=DEV)
+    vis = visible(q_pos, k_pos, causal=causal, window=window, q_doc=q_doc, k_doc=k_doc)
+    if vis is None:
+        vis = torch.ones(Sq, Sk, dtype=torch.bool, device=DEV)
+    base = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=vis,
+                                          enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
+    seen = vis.any(1)  # SDPA gives NaN or garbage on rows that see nothing; ours must give 0
+    assert out.dtype == torch.float32 and not torch.isnan(out).any()
+    assert torch.all(out[:, ~seen] == 0) and torch.all(torch.isneginf(lse[:, :, ~seen]))
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(fin, torch.isfinite(lse))
+    if fin.any():
+        assert (lse[fin].double() - ref_lse[fin]).abs().max().item() < 2e-3
+    if seen.any():
+        err, err_sdpa = rel_err(out[:, seen], ref[:, seen]), rel_err(base[:, seen], ref[:, seen])
+        assert err <= SDPA_FACTOR * err_sdpa + 1e-5, f"error {err:.2e} > {SDPA_FACTOR} x SDPA's {err_sdpa:.2e}"
+    return out, lse
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("heads", [(8, 8), (8, 2)], ids=["mha", "gqa"])
+def test_head_dims_dtypes_gqa(D, dtype, causal, heads, hopper):
+    q, k, v = make(2, 1000, 1000, *heads, D, dtype)
+    check(q, k, v, hopper, causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("Sq,Sk", [(1, 1), (77, 77), (128, 128), (333, 1111), (1111, 555), (4097, 4097)])
+def test_odd_lengths(Sq, Sk, causal, hopper):
+    q, k, v = make(2, Sq, Sk, 4, 2, 128, torch.bfloat16, seed=1)
+    check(q, k, v, hopper, causal=causal)
+
+
+def striped(S, world, rank):
+    return torch.arange(rank, S, world, device=DEV)
+
+
+def zigzag(S, world, rank):
+    C = S // (2 * world)
+    ar = torch.arange(C, device=DEV)
+    return torch.cat([rank * C + ar, (2 * world - 1 - rank) * C + ar])
+
+
+@pytest.mark.parametrize(
+    "q_pos,k_pos",
+    [
+        pytest.param(striped(4096, 4, 2), striped(4096, 4, 0), id="striped-src<r"),
+        pytest.param(striped(4096, 4, 2), striped(4096, 4, 2), id="striped-src=r"),
+        pytest.param(striped(4096, 4, 2), striped(4096, 4, 3), id="striped-src>r"),
+        pytest.param(zigzag(4096, 4, 1), zigzag(4096, 4, 2), id="zigzag-r1-src2"),
+        pytest.param(zigzag(4096, 4, 2), zigzag(4096, 4, 1), id="zigzag-r2-src1"),
+        pytest.param(torch.arange(1500, device=DEV) + 1000, torch.arange(2000, device=DEV), id="offset"),
+        pytest.param(torch.arange(500, device=DEV), torch.arange(700, device=DEV) + 500, id="nothing-visible"),
+        pytest.param(striped(4096, 4, 1).int(), striped(4096, 4, 3).int(), id="int32"),
+    ],
+)
+def test_ring_step_positions(q_pos, k_pos, hopper):
+    q, k, v = make(1, len(q_pos), len(k_pos), 8, 2, 128, torch.bfloat16, seed=2)
+    check(q, k, v, hopper, causal=True, q_pos=q_pos, k_pos=k_pos)
+
+
+CU = [0, 1, 700, 701, 1500, 2048]
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("name,causal,window,cu", [
+    ("window", True, (300, 0), None),
+    ("two_sided", False, (200, 77), None),
+    ("right_only", False, (-1, 100), None),
+    ("documents", True, None, CU),
+    ("documents_full", False, None, CU),
+    ("documents_window", True, (256, 0), [0, 900, 901, 2048]),
+])
+def test_windows_and_documents(name, causal, window, cu, D, hopper):
+    q, k, v = make(2, 2048, 2048, 8, 2, D, torch.bfloat16, seed=3)
+    pos = torch.arange(2048, device=DEV)
+    doc = doc_ids(cu, pos) if cu is not None else None
+    check(q, k, v, hopper, causal=causal, q_pos=pos if window else None, k_pos=pos if window else None,
+          window=window, q_doc=doc, k_doc=doc)
+
+
+def test_ring_step_with_documents_and_window(hopper):
+    """Striped positions of two ranks, documents and a window (a ring step of a packed batch)."""
+    P, S = 4, 8192
+    qp, kp = striped(S, P, 2), striped(S, P, 1)
+    cu = [0, 5, 1200, 1201, 3000, S]
+    q, k, v = make(1, S // P, S // P, 4, 4, 128, torch.bfloat16, seed=4)
+    check(q, k, v, hopper, causal=True, q_pos=qp, k_pos=kp, window=(500, 0), q_doc=doc_ids(cu, qp), k_doc=doc_ids(cu, kp))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fold_matches_one_call(dtype, hopper):
+    q, k, v = make(2, 2048, 4096, 8, 2, 128, dtype, seed=5)
+    q_pos, k_pos = torch.arange(2048, device=DEV) + 2048, torch.arange(4096, device=DEV)
+    out = lse = None
+    for sl in (slice(3000, 4096), slice(0, 3000), slice(4096, 4096)):
+        out, lse = kernels.forward(q, k[:, sl], v[:, sl], causal=True, q_pos=q_pos, k_pos=k_pos[sl], out=out, lse=lse)
+    one, one_lse = kernels.forward(q, k, v, causal=True, q_pos=q_pos, k_pos=k_pos)
+    ref, ref_lse = reference.forward(q.double(), k.double(), v.double(), causal=True, q_pos=q_pos, k_pos=k_pos)
+    assert rel_err(out, ref) <= 2 * rel_err(one, ref) + 1e-5
+    assert (lse.double() - ref_lse).abs().max().item() < 2e-3
+    # A block nobody sees leaves the running state as it was.
+    before = out.clone(), lse.clone()
+    kernels.forward(q, k[:, :100], v[:, :100], causal=True, q_pos=q_pos, k_pos=k_pos[:100] + 10**6, out=out, lse=lse)
+    assert torch.equal(out, before[0]) and torch.equal(lse, before[1])
+
+
+def test_deterministic_and_close_to_the_triton_kernel(hopper, monkeypatch):
+    q, k, v = make(2, 3000, 3000, 8, 2, 128, torch.bfloat16, seed=6)
+    a = kernels.forward(q, k, v, causal=True)
+    b = kernels.forward(q, k, v, causal=True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    monkeypatch.setattr(attention, "HOPPER_FORWARD", False)
+    t = kernels.forward(q, k, v, causal=True)
+    assert rel_err(a[0], t[0]) < 1e-2 and (a[1] - t[1]).abs().max().item() < 1e-3
+
+
+def test_strided_inputs(hopper):
+    """q, k, v as views of one packed projection (B, S, 3, H, D), and an unaligned view."""
+    g = torch.Generator(device=DEV).manual_seed(7)
+    qkv = torch.randn(2, 1500, 3, 8, 128, generator=g, device=DEV).to(torch.bfloat16)
+    q, k, v = qkv.unbind(2)
+    check(q, k, v, hopper, causal=True)
+    flat = torch.randn(1 + 2 * 700 * 4 * 64, generator=g, device=DEV).to(torch.bfloat16)
+    q = flat[1:].view(2, 700, 4, 64)  # base 2 bytes past an aligned address: copied for TMA
+    check(q, q, q, hopper, causal=True)
+
+
+def test_not_served_falls_back(hopper):
+    """float32, D = 96 and a block pattern stay on the Triton kernel."""
+    q, k, v = make(1, 256, 256, 4, 4, 96, torch.bfloat16)
+    kernels.forward(q, k, v, causal=True)
+    q, k, v = make(1, 256, 256, 4, 4, 128, torch.float32)
+    kernels.forward(q, k, v, causal=True)
+    assert hopper == []
