@@ -39,8 +39,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from ringflash import kernels  # noqa: E402
 
-# ringflash_hopper: the same calls with the Gluon forward for Hopper switched on
-# (kernels.attention.HOPPER_FORWARD; sm_90 only, bf16/fp16 at D = 64 and 128).
+# ringflash_hopper: the same calls with the Gluon kernels for Hopper switched on
+# (kernels.attention.HOPPER_FORWARD and HOPPER_BACKWARD; sm_90 only, bf16/fp16 at D = 64 and 128).
 IMPLS = ("ringflash", "ringflash_hopper", "sdpa_flash", "sdpa_cudnn")
 MODES = ("fwd", "bwd", "fwdbwd")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -94,11 +94,12 @@ def make_fns(impl: str, q, k, v, dout, causal: bool):
 
         def hopper(fn):
             def run():
-                saved, attention.HOPPER_FORWARD = attention.HOPPER_FORWARD, True
+                saved = attention.HOPPER_FORWARD, attention.HOPPER_BACKWARD
+                attention.HOPPER_FORWARD = attention.HOPPER_BACKWARD = True
                 try:
                     return fn()
                 finally:
-                    attention.HOPPER_FORWARD = saved
+                    attention.HOPPER_FORWARD, attention.HOPPER_BACKWARD = saved
             return run
 
         return tuple(hopper(fn) for fn in make_fns("ringflash", q, k, v, dout, causal))

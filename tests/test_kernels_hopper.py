@@ -1,9 +1,11 @@
-"""The Hopper forward (ringflash/kernels/_fwd_hopper.py, Gluon), compiled for sm_90 on the CPU.
+"""The Hopper kernels (ringflash/kernels/_fwd_hopper.py, _bwd_dkdv_hopper.py, _bwd_dq_hopper.py,
+in Gluon), compiled for sm_90 on the CPU.
 
-Gluon kernels do not run under Triton's interpreter, so here each variant the launcher can ask
-for (head dims, dtypes, mask classes, the fold) is compiled to a cubin with the launcher's own
-arguments, and the PTX must hold FA3's pieces: wgmma, TMA loads, the producer's register
-hand-off (setmaxnreg). Its results are checked on a GPU (tests/test_kernels_gpu.py).
+Gluon kernels do not run under Triton's interpreter, so here each variant the launchers can ask
+for (head dims, dtypes, mask classes, the fold, accumulation) is compiled to a cubin with the
+launchers' own arguments, and the PTX must hold FA3's pieces: wgmma, TMA loads, the producer's
+register hand-off (setmaxnreg). Their results are checked on a GPU
+(tests/test_kernels_hopper_gpu.py).
 """
 
 from __future__ import annotations
@@ -25,33 +27,60 @@ from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 from triton.runtime.jit import mangle_type  # noqa: E402
 
 from ringflash.kernels import attention as A  # noqa: E402
+from ringflash.kernels._bwd_dkdv_hopper import _attn_bwd_dkdv_hopper  # noqa: E402
+from ringflash.kernels._bwd_dq_hopper import _attn_bwd_dq_hopper  # noqa: E402
 from ringflash.kernels._fwd_hopper import _attn_fwd_hopper  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)
 SMEM_SM90 = 232448  # bytes of shared memory a block may take on H100/H200
 
 
-def compile_variant(D, dtype, *, causal=False, window=None, docs=False, fold=False, pos_dtype=torch.int64):
-    """Compile the kernel as forward() would launch it on these (CPU) inputs."""
-    B, S, H, Hkv = 2, 300, 4, 2
+B, S, H, HKV = 2, 300, 4, 2
+
+
+def _inputs(D, dtype, causal, window, docs, pos_dtype):
     q = torch.randn(B, S, H, D, dtype=dtype)
-    k = torch.randn(B, S, Hkv, D, dtype=dtype)
-    v = torch.randn(B, S, Hkv, D, dtype=dtype)
+    k = torch.randn(B, S, HKV, D, dtype=dtype)
+    v = torch.randn(B, S, HKV, D, dtype=dtype)
     pos = torch.arange(S, dtype=pos_dtype)
     doc = (torch.arange(S) // 100).to(torch.int32) if docs else None
     m = A._mask_args(pos, pos, causal, window, doc, doc, S, S, q.device)
+    return q, k, v, m, causal or bool(m.window) or m.docs
+
+
+def _ranges(masked, tiles):
+    return torch.zeros(1, tiles, 4, dtype=torch.int32) if masked else None
+
+
+def _compile(kernel, launch):
+    grid, args, constexprs, num_warps = launch
+    names = list(kernel.arg_names)
+    signature = {name: mangle_type(a) for name, a in zip(names, args)}
+    assert sorted(names[len(args):]) == sorted(constexprs), "the launcher's arguments and the kernel's parameters differ"
+    signature.update({name: "constexpr" for name in names[len(args):]})
+    src = GluonASTSource(kernel, signature, constexprs=constexprs)
+    return triton.compile(src, target=SM90, options=dict(num_warps=num_warps)), grid
+
+
+def compile_variant(D, dtype, *, causal=False, window=None, docs=False, fold=False, pos_dtype=torch.int64):
+    """Compile the forward kernel as forward() would launch it on these (CPU) inputs."""
+    q, k, v, m, masked = _inputs(D, dtype, causal, window, docs, pos_dtype)
     out = torch.empty(B, S, H, D, dtype=torch.float32)
     lse = torch.empty(B, H, S, dtype=torch.float32)
-    cfg = A.HOPPER_FWD_CONFIGS[D]
-    masked = causal or bool(m.window) or m.docs
-    ranges = torch.zeros(1, triton.cdiv(S, cfg.block_m), 4, dtype=torch.int32) if masked else None
-    grid, args, constexprs, num_warps = A._hopper_launch(q, k, v, m, causal, 0.125, out, lse, fold, ranges)
-    names = list(_attn_fwd_hopper.arg_names)
-    signature = {name: mangle_type(a) for name, a in zip(names, args)}
-    signature.update({name: "constexpr" for name in constexprs})
-    assert list(signature) == names, "the launcher's arguments and the kernel's parameters differ"
-    src = GluonASTSource(_attn_fwd_hopper, signature, constexprs=constexprs)
-    return triton.compile(src, target=SM90, options=dict(num_warps=num_warps)), grid
+    ranges = _ranges(masked, triton.cdiv(S, A.HOPPER_FWD_CONFIGS[D].block_m))
+    return _compile(_attn_fwd_hopper, A._hopper_launch(q, k, v, m, causal, 0.125, out, lse, fold, ranges))
+
+
+def compile_backward(D, dtype, *, causal=False, window=None, docs=False, accumulate=False, pos_dtype=torch.int64):
+    """Compile the dK/dV and dQ kernels as backward() would launch them: [(kernel, grid)] x 2."""
+    q, k, v, m, masked = _inputs(D, dtype, causal, window, docs, pos_dtype)
+    lse = torch.empty(B, H, S, dtype=torch.float32)
+    grads = [torch.empty(t.shape, dtype=torch.float32) for t in (q, k, v)]
+    c1, c2 = A.HOPPER_BWD_DKDV_CONFIGS[D], A.HOPPER_BWD_DQ_CONFIGS[D]
+    launches = A._hopper_bwd_launches(q, q, k, v, lse, lse, m, causal, 0.125, *grads, accumulate, accumulate,
+                                      _ranges(masked, triton.cdiv(S, c1.block_n)),
+                                      _ranges(masked, triton.cdiv(S, c2.block_m)))
+    return [_compile(kernel, launch) for kernel, launch in zip((_attn_bwd_dkdv_hopper, _attn_bwd_dq_hopper), launches)]
 
 
 VARIANTS = [
@@ -74,7 +103,31 @@ def test_compiles_for_sm90(variant):
     assert "wgmma.wait_group.sync.aligned 1" in ptx, "the softmax no longer overlaps the PV wgmma"
     assert kernel.metadata.num_warps == A.HOPPER_FWD_CONFIGS[variant["D"]].num_warps + 4  # + the producer's warpgroup
     assert kernel.metadata.shared <= SMEM_SM90
-    assert grid == (triton.cdiv(300, 128), 2 * 4)
+    assert grid == (triton.cdiv(S, 128), B * H)
+
+
+BACKWARD_VARIANTS = [
+    dict(D=128, dtype=torch.bfloat16),
+    dict(D=128, dtype=torch.bfloat16, causal=True, accumulate=True),
+    dict(D=128, dtype=torch.float16, window=(64, 0), docs=True, causal=True, pos_dtype=torch.int32),
+    dict(D=64, dtype=torch.bfloat16, causal=True),
+    dict(D=64, dtype=torch.bfloat16, window=(32, 16), docs=True, accumulate=True),
+]
+
+
+@pytest.mark.parametrize("variant", BACKWARD_VARIANTS,
+                         ids=lambda v: "-".join(f"{k}={v[k]}" for k in v).replace("torch.", ""))
+def test_backward_compiles_for_sm90(variant):
+    (dkdv, dkdv_grid), (dq, dq_grid) = compile_backward(**variant)
+    D = variant["D"]
+    for kernel, products in ((dkdv, 4), (dq, 3)):
+        ptx = kernel.asm["ptx"]
+        assert "wgmma.mma_async" in ptx
+        assert re.search(r"cp\.async\.bulk\.tensor\.4d\.shared::\w+\.global", ptx), "no TMA load"
+        assert "setmaxnreg" in ptx
+        assert kernel.metadata.shared <= SMEM_SM90
+    assert dkdv_grid == (triton.cdiv(S, A.HOPPER_BWD_DKDV_CONFIGS[D].block_n), B * HKV)
+    assert dq_grid == (triton.cdiv(S, A.HOPPER_BWD_DQ_CONFIGS[D].block_m), B * H)
 
 
 def test_registers_fit_at_head_dim_128():
@@ -100,6 +153,6 @@ def test_not_taken_where_it_cannot_run():
     saved = A.HOPPER_FORWARD
     try:
         A.HOPPER_FORWARD = True
-        assert not A._hopper_serves(q, m)
+        assert not A._hopper_serves(q, m, True)
     finally:
         A.HOPPER_FORWARD = saved

@@ -1,9 +1,11 @@
-"""The Hopper forward (ringflash/kernels/_fwd_hopper.py) on an sm_90 GPU, against float64.
+"""The Hopper kernels (ringflash/kernels/_fwd_hopper.py, _bwd_dkdv_hopper.py, _bwd_dq_hopper.py)
+on an sm_90 GPU, against float64.
 
-Each case runs ``kernels.forward`` with the Hopper kernel switched on (and checks that it was
-the one that ran); the error ``||x - ref|| / ||ref||`` against the float64 reference with the
-same mask must be within ``SDPA_FACTOR`` times SDPA's in the same dtype with the mask as a
-boolean matrix, as in tests/test_kernels_gpu.py.
+Each case runs ``kernels.forward`` (and ``kernels.backward``) with the Hopper kernels switched
+on, and checks that they were the ones that ran; the error ``||x - ref|| / ||ref||`` against the
+float64 reference with the same mask must be within ``SDPA_FACTOR`` times SDPA's in the same
+dtype with the mask as a boolean matrix, as in tests/test_kernels_gpu.py. The backward gets the
+float64 reference's LSE and delta, so its own error is what is measured.
 
     PYTHONPATH=. python -m pytest -m gpu tests/test_kernels_hopper_gpu.py
 """
@@ -30,16 +32,19 @@ DEV = "cuda"
 
 @pytest.fixture(autouse=True)
 def hopper(monkeypatch):
-    """The Hopper kernel on, and a count of the calls it served."""
+    """The Hopper kernels on, and a list of the calls they served ("fwd", "bwd")."""
     calls = []
-    real = attention._forward_hopper
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def counted(name, real):
+        def run(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+        return run
 
     monkeypatch.setattr(attention, "HOPPER_FORWARD", True)
-    monkeypatch.setattr(attention, "_forward_hopper", counted)
+    monkeypatch.setattr(attention, "HOPPER_BACKWARD", True)
+    monkeypatch.setattr(attention, "_forward_hopper", counted("fwd", attention._forward_hopper))
+    monkeypatch.setattr(attention, "_backward_hopper", counted("bwd", attention._backward_hopper))
     return calls
 
 
@@ -54,8 +59,9 @@ def check(q, k, v, hopper, *, causal=False, q_pos=None, k_pos=None, window=None,
     kw = dict(causal=causal, q_pos=q_pos, k_pos=k_pos, window=window, q_doc=q_doc, k_doc=k_doc)
     n = len(hopper)
     out, lse = kernels.forward(q, k, v, **kw)
-    assert len(hopper) == n + 1, "the Hopper kernel did not serve the call"
+    assert hopper[n:] == ["fwd"], "the Hopper kernel did not serve the call"
     ref, ref_lse = reference.forward(q.double(), k.double(), v.double(), **kw)
+    check_backward(q, k, v, hopper, ref, ref_lse, kw)
     Sq, Sk = q.shape[1], k.shape[1]
     if q_pos is None and (causal or window is not None):
         q_pos, k_pos = reference.default_positions(Sq, Sk, DEV)
@@ -77,6 +83,40 @@ def check(q, k, v, hopper, *, causal=False, q_pos=None, k_pos=None, window=None,
         err, err_sdpa = rel_err(out[:, seen], ref[:, seen]), rel_err(base[:, seen], ref[:, seen])
         assert err <= SDPA_FACTOR * err_sdpa + 1e-5, f"error {err:.2e} > {SDPA_FACTOR} x SDPA's {err_sdpa:.2e}"
     return out, lse
+
+
+def check_backward(q, k, v, hopper, ref, ref_lse, kw):
+    """dQ, dK, dV of the Hopper backward from the float64 LSE and delta, against float64, within
+    SDPA_FACTOR x the error of SDPA's gradients in the same dtype (where every row sees a key:
+    SDPA's gradients of a row that sees nothing are NaN), else within 2e-2."""
+    g = torch.Generator(device=DEV).manual_seed(99)
+    dout = torch.randn(q.shape, generator=g, device=DEV).to(q.dtype)
+    delta = reference.backward_delta(ref, dout.double())
+    n = len(hopper)
+    got = kernels.backward(dout, q, k, v, ref_lse.float(), delta.float(), **kw)
+    assert hopper[n:] == ["bwd"], "the Hopper backward did not serve the call"
+    want = reference.backward(dout.double(), q.double(), k.double(), v.double(), ref_lse, delta, **kw)
+    Sq, Sk = q.shape[1], k.shape[1]
+    q_pos, k_pos = kw["q_pos"], kw["k_pos"]
+    if q_pos is None and (kw["causal"] or kw["window"] is not None):
+        q_pos, k_pos = reference.default_positions(Sq, Sk, DEV)
+    if q_pos is None:
+        q_pos, k_pos = torch.arange(Sq, device=DEV), torch.arange(Sk, device=DEV)
+    vis = visible(q_pos, k_pos, causal=kw["causal"], window=kw["window"], q_doc=kw["q_doc"], k_doc=kw["k_doc"])
+    base = None
+    if vis is None or vis.any(1).all():
+        qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2), attn_mask=vis,
+                                           enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
+        base = torch.autograd.grad(o, (qs, ks, vs), dout)
+    for i, name in enumerate(("dq", "dk", "dv")):
+        assert got[i].dtype == torch.float32 and not torch.isnan(got[i]).any(), name
+        if want[i].norm() == 0:
+            assert torch.all(got[i] == 0), name
+            continue
+        err = rel_err(got[i], want[i])
+        bound = 2e-2 if base is None else SDPA_FACTOR * rel_err(base[i], want[i]) + 1e-5
+        assert err <= bound, f"{name}: error {err:.2e} > {bound:.2e}"
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -191,9 +231,29 @@ def test_strided_inputs(hopper):
 
 
 def test_not_served_falls_back(hopper):
-    """float32, D = 96 and a block pattern stay on the Triton kernel."""
-    q, k, v = make(1, 256, 256, 4, 4, 96, torch.bfloat16)
-    kernels.forward(q, k, v, causal=True)
-    q, k, v = make(1, 256, 256, 4, 4, 128, torch.float32)
-    kernels.forward(q, k, v, causal=True)
+    """float32 and D = 96 stay on the Triton kernels."""
+    for D, dtype in ((96, torch.bfloat16), (128, torch.float32)):
+        q, k, v = make(1, 256, 256, 4, 4, D, dtype)
+        out, lse = kernels.forward(q, k, v, causal=True)
+        delta = kernels.backward_delta(out, q)
+        kernels.backward(q, q, k, v, lse, delta, causal=True)
     assert hopper == []
+
+
+def test_backward_deterministic_accumulates_and_calls_back(hopper):
+    """Two runs bitwise equal; into given accumulators it adds; after_dkdv runs between the two
+    kernels (the ring posts the dK/dV transfer there)."""
+    q, k, v = make(2, 3000, 3000, 8, 2, 128, torch.bfloat16, seed=8)
+    dout = make(2, 3000, 3000, 8, 2, 128, torch.bfloat16, seed=9)[0]
+    out, lse = kernels.forward(q, k, v, causal=True)
+    delta = kernels.backward_delta(out, dout)
+    a = kernels.backward(dout, q, k, v, lse, delta, causal=True)
+    b = kernels.backward(dout, q, k, v, lse, delta, causal=True)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    seen = []
+    acc = [torch.ones_like(t) for t in a]
+    kernels.backward(dout, q, k, v, lse, delta, causal=True, dq=acc[0], dk=acc[1], dv=acc[2],
+                     after_dkdv=lambda: seen.append(acc[1].clone()))
+    for x, y in zip(acc, a):
+        assert torch.allclose(x, y + 1, rtol=0, atol=1e-5)
+    assert len(seen) == 1 and torch.allclose(seen[0], a[1] + 1, rtol=0, atol=1e-5)

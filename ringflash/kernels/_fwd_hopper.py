@@ -45,7 +45,7 @@ and the other warpgroup's wgmma may still read the slot.
 Key tiles come in the order of :mod:`._fwd`: ``[flo, fhi)`` fully visible (no mask
 arithmetic), then the boundary tiles ``[fhi, hi)`` and ``[lo, flo)`` (the mask rule on
 positions and document ids, and the sequence end); tiles outside ``[lo, hi)`` are never loaded.
-Both partitions map a tile's index to its keys with the same function (:func:`_tile_start`).
+Both partitions map a tile's index to its keys with the same function (:func:`._hopper_common.tile_start`).
 TMA descriptors are 4-D over (B, S, H, D) with boxes [1, BLOCK, 1, D]: rows past the end of
 *this* batch's sequence are zero-filled (never the next batch's rows) and masked as keys.
 
@@ -60,29 +60,11 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
-    tma,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
 
-# Names that moved between Triton releases (3.6 on the GPU machines, newer ones on PyPI).
-_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
-_cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
-
-LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
-
-
-# Row reductions with Gluon combine functions: gl.max / gl.sum combine with Triton-language
-# functions, which TRITON_INTERPRET turns into interpreter objects that no compiler takes.
-@gluon.jit
-def _max_of(a, b):
-    return gl.maximum(a, b)
-
-
-@gluon.jit
-def _sum_of(a, b):
-    return a + b
-
+from ._hopper_common import LN2, cta_barrier, max_of, ranges, sum_of, tile_start, tma_load, visible
 
 @gluon.jit
 def _program(H, G, Sq, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
@@ -99,33 +81,6 @@ def _program(H, G, Sq, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
 
 
 @gluon.jit
-def _key_ranges(RANGES, pid_m, Sk, BLOCK_N: gl.constexpr, RANGED: gl.constexpr):
-    """(lo, flo, fhi, hi) in keys: _ranges_kernel's for this query tile, or every tile."""
-    if RANGED:
-        base = RANGES + pid_m * 4
-        lo = gl.load(base)
-        flo = gl.load(base + 1)
-        fhi = gl.load(base + 2)
-        hi = gl.load(base + 3)
-    else:
-        lo = Sk * 0
-        flo = lo
-        fhi = (Sk // BLOCK_N) * BLOCK_N
-        hi = (Sk + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    return lo, flo, fhi, hi
-
-
-@gluon.jit
-def _tile_start(j, lo, flo, fhi, hi, BLOCK_N: gl.constexpr):
-    """First key of the j-th tile walked: [flo, fhi), then [fhi, hi), then [lo, flo)."""
-    n_full = (fhi - flo) // BLOCK_N
-    n_right = (hi - fhi) // BLOCK_N
-    start = lo + (j - n_full - n_right) * BLOCK_N
-    start = gl.where(j < n_full + n_right, fhi + (j - n_full) * BLOCK_N, start)
-    return gl.where(j < n_full, flo + j * BLOCK_N, start)
-
-
-@gluon.jit
 def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
               q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
               qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
@@ -134,22 +89,22 @@ def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
               STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
               RANGED: gl.constexpr, FOLD: gl.constexpr, CONSUMER_WARPS: gl.constexpr):
     b, h, hk, m0, pid_m = _program(H, G, Sq, BLOCK_M, CAUSAL)
-    lo, flo, fhi, hi = _key_ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
+    lo, flo, fhi, hi = ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
     n = (hi - lo) // BLOCK_N
 
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    _tma_load(q_desc, [b, m0, h, 0], q_bar, q_smem)
+    tma_load(q_desc, [b, m0, h, 0], q_bar, q_smem)
     for j in range(n):
         s = j % STAGES
         ph = (j // STAGES) & 1
-        n0 = _tile_start(j, lo, flo, fhi, hi, BLOCK_N)
+        n0 = tile_start(j, lo, flo, fhi, hi, BLOCK_N)
         # K first: the consumer needs K_j a whole softmax before V_j.
         mbarrier.wait(k_empty.index(s), ph ^ 1)
         mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-        _tma_load(k_desc, [b, n0, hk, 0], k_ready.index(s), k_smem.index(s))
+        tma_load(k_desc, [b, n0, hk, 0], k_ready.index(s), k_smem.index(s))
         mbarrier.wait(v_empty.index(s), ph ^ 1)
         mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-        _tma_load(v_desc, [b, n0, hk, 0], v_ready.index(s), v_smem.index(s))
+        tma_load(v_desc, [b, n0, hk, 0], v_ready.index(s), v_smem.index(s))
 
 
 @gluon.jit
@@ -163,30 +118,24 @@ def _softmax_tile(s_acc, m_i, l_i, qp, qd, n0, KPOS, KDOC, Sk, qk_scale, wl, wr,
         cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         inside = cols < Sk
         ok = inside[None, :]
+        kp = cols
+        kd = cols
         if CAUSAL or WINDOW > 0:
-            # 32-bit compares (positions of one sequence stay below 2**31): 64-bit ones over a
-            # 128 x 128 tile spilled registers.
             kp = gl.load(KPOS + cols, mask=inside, other=0).to(gl.int32)
-            if CAUSAL:
-                ok = ok & (qp[:, None] >= kp[None, :])
-            if WINDOW % 2 == 1:
-                ok = ok & (kp[None, :] >= qp[:, None] - wl)
-            if WINDOW >= 2:
-                ok = ok & (kp[None, :] <= qp[:, None] + wr)
         if DOCS:
             kd = gl.load(KDOC + cols, mask=inside, other=-1)
-            ok = ok & (qd[:, None] == kd[None, :])
+        ok = ok & visible(qp[:, None], kp[None, :], qd[:, None], kd[None, :], wl, wr, CAUSAL, WINDOW, DOCS)
         qk = gl.where(ok, s_acc * qk_scale, float("-inf"))
-        m_new = gl.maximum(m_i, gl.reduce(qk, 1, _max_of))
+        m_new = gl.maximum(m_i, gl.reduce(qk, 1, max_of))
         # A row with nothing visible yet keeps m = -inf: shift it by 0 so exp2 gives 0, not NaN.
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
         p = gl.exp2(qk - m_use[:, None])
     else:
-        m_new = gl.maximum(m_i, gl.reduce(s_acc, 1, _max_of) * qk_scale)
+        m_new = gl.maximum(m_i, gl.reduce(s_acc, 1, max_of) * qk_scale)
         m_use = m_new
         p = gl.exp2(s_acc * qk_scale - m_use[:, None])
     alpha = gl.exp2(m_i - m_use)
-    l_i = l_i * alpha + gl.reduce(p, 1, _sum_of)
+    l_i = l_i * alpha + gl.reduce(p, 1, sum_of)
     return p, m_new, l_i, alpha
 
 
@@ -211,17 +160,17 @@ def _kv_step(j, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready, k_empty,
 
     # One group outstanding at most: the older one, S_j, has retired; the PV may still run.
     s_acc, _q, _k = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, q2, k2))
-    _cta_barrier()
+    cta_barrier()
     mbarrier.arrive(k_empty.index(s))
 
     n0 = 0
     if MASKED:
-        n0 = _tile_start(j, lo, flo, fhi, hi, BLOCK_N)
+        n0 = tile_start(j, lo, flo, fhi, hi, BLOCK_N)
     p, m_i, l_i, alpha = _softmax_tile(s_acc, m_i, l_i, qp, qd, n0, KPOS, KDOC, Sk, qk_scale, wl, wr,
                                        s_layout, BLOCK_N, MASKED, CAUSAL, WINDOW, DOCS)
 
     acc, _p = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
-    _cta_barrier()
+    cta_barrier()
     mbarrier.arrive(v_empty.index(sp))
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     p_op = gl.convert_layout(p.to(v2.dtype), p_layout)
@@ -247,7 +196,7 @@ def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
 
     b, h, hk, m0, pid_m = _program(H, G, Sq, BLOCK_M, CAUSAL)
-    lo, flo, fhi, hi = _key_ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
+    lo, flo, fhi, hi = ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
     n = (hi - lo) // BLOCK_N
     n_full = (fhi - flo) // BLOCK_N
 
@@ -273,9 +222,9 @@ def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
         mbarrier.wait(k_ready.index(0), 0)
         s_tok = warpgroup_mma(q2, k2.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s_acc, _q, _k = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, q2, k2))
-        _cta_barrier()
+        cta_barrier()
         mbarrier.arrive(k_empty.index(0))
-        n0 = _tile_start(0, lo, flo, fhi, hi, BLOCK_N)
+        n0 = tile_start(0, lo, flo, fhi, hi, BLOCK_N)
         p, m_i, l_i, alpha = _softmax_tile(s_acc, m_i, l_i, qp, qd, n0, KPOS, KDOC, Sk, qk_scale, wl, wr,
                                            s_layout, BLOCK_N, True, CAUSAL, WINDOW, DOCS)
         p_op = gl.convert_layout(p.to(k2.dtype), p_layout)
@@ -298,7 +247,7 @@ def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
         mbarrier.wait(v_ready.index(sl), (jl // STAGES) & 1)
         o_tok = warpgroup_mma(p_op, v2, acc, is_async=True)
         acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
-        _cta_barrier()
+        cta_barrier()
         mbarrier.arrive(v_empty.index(sl))
 
     # A row that saw no key: O = 0, LSE = -inf.

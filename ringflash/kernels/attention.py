@@ -33,6 +33,8 @@ __all__ = [
     "KernelConfig",
     "FWD_CONFIGS",
     "HOPPER_FWD_CONFIGS",
+    "HOPPER_BWD_DKDV_CONFIGS",
+    "HOPPER_BWD_DQ_CONFIGS",
     "BWD_DKDV_CONFIGS",
     "BWD_DQ_CONFIGS",
     "INTERPRETED",
@@ -101,11 +103,27 @@ HOPPER_FWD_CONFIGS: dict = {
     64: KernelConfig(128, 128, 8, 2),
     128: KernelConfig(128, 128, 8, 2),
 }
+# The Hopper backward (_bwd_dkdv_hopper.py, _bwd_dq_hopper.py): dK/dV programs own block_n
+# keys (two warpgroups of 64) and step over block_m queries; dQ programs own block_m queries
+# and step over block_n keys. The consumers have 240 registers a thread: at D = 128 a dK/dV
+# program holds dK and dV (64 + 64 a thread) beside its key x query products, and with 64
+# queries a step ptxas spilled 356-700 bytes; 32 queries a step spill nothing. The dQ program
+# holds dQ and two 128 x 64 products (128 x 128 ones spilled at D = 64 with masks).
+HOPPER_BWD_DKDV_CONFIGS: dict = {
+    64: KernelConfig(64, 128, 8, 3),
+    128: KernelConfig(32, 128, 8, 3),
+}
+HOPPER_BWD_DQ_CONFIGS: dict = {
+    64: KernelConfig(128, 64, 8, 2),
+    128: KernelConfig(128, 64, 8, 2),
+}
 HOPPER_PRODUCER = (1, 24)  # the TMA producer partition: warps, registers per thread
-# Whether forward() takes the Hopper kernel where it serves the call (bfloat16/float16, those
-# head dims, no block pattern or per-head attributes, an sm_90 GPU). Off unless
-# RINGFLASH_HOPPER_FORWARD=1 until the GPU suite has passed it (tests/test_kernels_gpu.py).
+# Whether forward() / backward() take the Hopper kernels where they serve the call
+# (bfloat16/float16, those head dims, no block pattern or per-head attributes, an sm_90 GPU).
+# Off unless RINGFLASH_HOPPER_FORWARD=1 / RINGFLASH_HOPPER_BACKWARD=1 until the GPU suite has
+# passed them (tests/test_kernels_hopper_gpu.py).
 HOPPER_FORWARD = os.environ.get("RINGFLASH_HOPPER_FORWARD", "0") == "1"
+HOPPER_BACKWARD = os.environ.get("RINGFLASH_HOPPER_BACKWARD", "0") == "1"
 # Small tiles under the interpreter: tests then cross many tile boundaries on short inputs.
 _INTERPRET_FWD = KernelConfig(32, 16, 1, 1)
 _INTERPRET_DKDV = KernelConfig(16, 32, 1, 1)
@@ -378,9 +396,9 @@ def _check_accumulator(name, t, shape, device):
 _HOPPER_DEVICES: dict = {}
 
 
-def _hopper_serves(q: torch.Tensor, m: _MaskArgs) -> bool:
-    """Whether the Hopper kernel takes this forward call (see HOPPER_FORWARD)."""
-    if not HOPPER_FORWARD or INTERPRETED or q.device.type != "cuda":
+def _hopper_serves(q: torch.Tensor, m: _MaskArgs, enabled: bool) -> bool:
+    """Whether the Hopper kernels take this call (``enabled``: HOPPER_FORWARD or HOPPER_BACKWARD)."""
+    if not enabled or INTERPRETED or q.device.type != "cuda":
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[3] not in HOPPER_FWD_CONFIGS:
         return False
@@ -391,7 +409,7 @@ def _hopper_serves(q: torch.Tensor, m: _MaskArgs) -> bool:
         ok = torch.cuda.get_device_capability(index) == (9, 0)
         if ok:
             try:
-                from . import _fwd_hopper  # noqa: F401  (Gluon: Triton 3.6 or newer)
+                from . import _bwd_dkdv_hopper, _bwd_dq_hopper, _fwd_hopper  # noqa: F401  (Gluon: Triton 3.6 or newer)
             except ImportError:
                 ok = False
         _HOPPER_DEVICES[index] = ok
@@ -404,22 +422,29 @@ def _tma_ready(t: torch.Tensor) -> torch.Tensor:
     return t if aligned and t.stride(3) == 1 else t.contiguous()
 
 
-def _hopper_launch(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold, ranges):
-    """The Hopper kernel's grid, arguments, constexprs and warps (_fwd_hopper.py) for a forward
-    call; ``ranges``: the query tiles' key ranges (_tile_ranges) where the mask has any."""
+def _descriptors(tensors_rows):
+    """Host TMA descriptors, 4-D over (B, S, H, D) with boxes [1, rows, 1, D]: rows past a
+    batch's sequence end are zero-filled on load, never the next batch's rows."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+    descs = []
+    for t, rows in tensors_rows:
+        t = _tma_ready(t)
+        block = [1, rows, 1, t.shape[3]]
+        gdt = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+        layout = gl.NVMMASharedLayout.get_default_for(block, gdt)
+        descs.append(TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout))
+    return descs
+
+
+def _hopper_launch(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold, ranges):
+    """The Hopper kernel's grid, arguments, constexprs and warps (_fwd_hopper.py) for a forward
+    call; ``ranges``: the query tiles' key ranges (_tile_ranges) where the mask has any."""
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     cfg = HOPPER_FWD_CONFIGS[D]
-    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    descs = []
-    for t, rows in ((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n)):
-        t = _tma_ready(t)
-        block = [1, rows, 1, D]
-        layout = gl.NVMMASharedLayout.get_default_for(block, gdt)
-        descs.append(TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout))
+    descs = _descriptors(((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n)))
     q_pos, k_pos = (lse, lse) if m.q_pos is None else (m.q_pos, m.k_pos)  # None: never read
     q_doc, k_doc = (lse, lse) if m.q_doc is None else (m.q_doc, m.k_doc)
     args = (*descs, q_pos, k_pos, q_doc, k_doc, lse if ranges is None else ranges, out, lse,
@@ -496,7 +521,7 @@ def forward(
             lse.fill_(-math.inf)
         return out, lse
     m = _mask_args(q_pos, k_pos, causal, window, q_doc, k_doc, Sq, Sk, q.device, blocks, (B, H, Hkv))
-    if _hopper_serves(q, m):
+    if _hopper_serves(q, m, HOPPER_FORWARD):
         return _forward_hopper(q, k, v, m, causal, scale, out, lse, fold)
 
     cfg = _sparse_stages(_config(FWD_CONFIGS, _INTERPRET_FWD, D, q.dtype, bool(causal)), m)
@@ -527,6 +552,60 @@ def forward(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
+
+
+def _hopper_bwd_launches(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale, dq, dk, dv,
+                         acc_dq, acc_dkdv, ranges_kv, ranges_q):
+    """(grid, args, constexprs, warps) of the Hopper dK/dV and dQ kernels for a backward call;
+    ``ranges_kv`` / ``ranges_q``: the key tiles' query ranges and the query tiles' key ranges
+    (_tile_ranges) where the mask has any, else None."""
+    B, Sq, H, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    c1, c2 = HOPPER_BWD_DKDV_CONFIGS[D], HOPPER_BWD_DQ_CONFIGS[D]
+    q_pos, k_pos = (lse, lse) if m.q_pos is None else (m.q_pos, m.k_pos)  # None: never read
+    q_doc, k_doc = (lse, lse) if m.q_doc is None else (m.q_doc, m.k_doc)
+    common = dict(HEAD_DIM=D, CAUSAL=bool(causal), WINDOW=m.window, DOCS=m.docs,
+                  PRODUCER_WARPS=HOPPER_PRODUCER[0], PRODUCER_REGS=HOPPER_PRODUCER[1])
+    log2e = math.log2(math.e)
+    launches = []
+    for cfg, rng, by_keys in ((c1, ranges_kv, True), (c2, ranges_q, False)):
+        descs = _descriptors(((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n), (dout, cfg.block_m)))
+        head = (*descs, lse, delta, q_pos, k_pos, q_doc, k_doc, lse if rng is None else rng)
+        tail = (float(scale), float(scale) * log2e, m.wl, m.wr, lse.stride(0), lse.stride(1))
+        meta = dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages,
+                    RANGED=rng is not None, CONSUMER_WARPS=cfg.num_warps)
+        if by_keys:
+            args = (*head, dk, dv, *tail, dk.stride(0), dk.stride(1), dk.stride(2),
+                    dv.stride(0), dv.stride(1), dv.stride(2), H, H // Hkv, Sq, Sk)
+            launches.append(((triton.cdiv(Sk, cfg.block_n), B * Hkv), args, dict(meta, ACCUMULATE=acc_dkdv),
+                             cfg.num_warps))
+        else:
+            args = (*head, dq, *tail, dq.stride(0), dq.stride(1), dq.stride(2), H, H // Hkv, Sq, Sk)
+            launches.append(((triton.cdiv(Sq, cfg.block_m), B * H), args, dict(meta, ACCUMULATE=acc_dq),
+                             cfg.num_warps))
+    return launches
+
+
+def _backward_hopper(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale, dq, dk, dv, acc_dq, acc_dkdv,
+                     after_dkdv):
+    """backward() on the Hopper kernels: same arguments and results."""
+    from ._bwd_dkdv_hopper import _attn_bwd_dkdv_hopper
+    from ._bwd_dq_hopper import _attn_bwd_dq_hopper
+
+    B, Sq, H, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    ranges_kv = ranges_q = None
+    if causal or m.window or m.docs:
+        c1, c2 = HOPPER_BWD_DKDV_CONFIGS[D], HOPPER_BWD_DQ_CONFIGS[D]
+        ranges_kv = _tile_ranges(m, causal, Sq, Sk, c1.block_m, c1.block_n, by_keys=True, device=q.device)
+        ranges_q = _tile_ranges(m, causal, Sq, Sk, c2.block_m, c2.block_n, by_keys=False, device=q.device)
+    (g1, a1, m1, w1), (g2, a2, m2, w2) = _hopper_bwd_launches(
+        dout, q, k, v, lse, delta, m, causal, scale, dq, dk, dv, acc_dq, acc_dkdv, ranges_kv, ranges_q)
+    _attn_bwd_dkdv_hopper[g1](*a1, **m1, num_warps=w1)
+    if after_dkdv is not None:
+        after_dkdv()
+    _attn_bwd_dq_hopper[g2](*a2, **m2, num_warps=w2)
+    return dq, dk, dv
 
 
 def backward_delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
@@ -623,6 +702,9 @@ def backward(
             after_dkdv()
         return dq, dk, dv
     m = _mask_args(q_pos, k_pos, causal, window, q_doc, k_doc, Sq, Sk, q.device, blocks, (B, H, Hkv))
+    if _hopper_serves(q, m, HOPPER_BACKWARD):
+        return _backward_hopper(dout, q, k, v, lse, delta, m, causal, scale, dq, dk, dv, acc_dq, acc_dkdv,
+                                after_dkdv)
 
     c1 = _config(BWD_DKDV_CONFIGS, _INTERPRET_DKDV, D, q.dtype, bool(causal),
                  grouped=BWD_DKDV_GROUPED_CONFIGS if Hkv < H else None)

@@ -1,0 +1,241 @@
+"""Backward dK/dV kernel for Hopper (sm_90) in Gluon: the contract of :mod:`._bwd`'s dK/dV
+programs, on TMA loads and asynchronous wgmma with a producer warp.
+
+One program owns ``BLOCK_N`` = 128 keys of one (batch, K/V head) and walks, for each of the
+``G`` query heads that read that K/V head, the query tiles that can see its keys (the ranges
+of :func:`._common._ranges_kernel` by keys: fully visible tiles first, then the boundary ones).
+Nothing is atomic: each program owns its rows of dK and dV, so the result is bitwise the same
+from run to run.
+
+Partitions (``gl.warp_specialize``):
+
+* the default partition, 8 warps = 2 consumer warpgroups, stacked along the keys: warpgroup 0
+  owns keys 0-63 of the tile and warpgroup 1 keys 64-127, with their rows of dK and dV in
+  float32 registers for the whole program;
+* a worker partition, 1 warp: the TMA producer. K and V once (``kv_bar``), then Q and dO of
+  every (query head, query tile) into ``STAGES`` slots.
+
+Barriers, all of count 1: ``q_ready[s]``/``do_ready[s]`` (producer -> consumer: Q / dO of slot s
+landed), ``q_empty[s]``/``do_empty[s]`` (consumer -> producer: every wgmma reading the slot
+retired). Phases as in :mod:`._fwd_hopper`: item t sits in slot ``t % STAGES`` in round
+``t // STAGES``, and the producer waits the empty barriers with the parity flipped.
+
+Per query tile, in transposed form (keys are the rows, so the products that accumulate into dK
+and dV take their A operand from registers):
+
+    issue S^T  = K Q^T                  (after q_ready)
+    issue dP^T = V dO^T                 (after do_ready)
+    wait(1): S^T done; P^T = exp2(S^T * scale - LSE2) (0 where masked)   <- overlaps dP^T
+    issue dV += P^T dO
+    wait(1): dP^T done (groups retire in order); dS^T = P^T * (dP^T - delta)  <- overlaps dV
+    issue dK += dS^T Q
+    wait(0); partition barrier; release Q and dO
+    ... and at the end dK *= softmax scale; add into (or store) the float32 dK, dV.
+
+The producer runs ahead by the number of slots, so the next tile's loads overlap these products.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from ._hopper_common import LOG2E, cta_barrier, ranges, tile_start, tma_load, visible
+
+
+@gluon.jit
+def _program(H, G, BLOCK_N: gl.constexpr):
+    """(b, K/V head, first key, key tile) of this program."""
+    pid_n = gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    Hkv = H // G
+    return pid_bh // Hkv, pid_bh % Hkv, pid_n * BLOCK_N, pid_n
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
+              k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+              sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
+              stride_vb, stride_vs, stride_vh, H, G, Sq, Sk,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+              CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr,
+              ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr):
+    b, hk, n0, pid_n = _program(H, G, BLOCK_N)
+    lo, flo, fhi, hi = ranges(RANGES, pid_n, Sq, BLOCK_M, RANGED)
+    n_m = (hi - lo) // BLOCK_M
+
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma_load(k_desc, [b, n0, hk, 0], kv_bar, k_smem)
+    tma_load(v_desc, [b, n0, hk, 0], kv_bar, v_smem)
+    for t in range(G * n_m):
+        h = hk * G + t // n_m
+        m0 = tile_start(t % n_m, lo, flo, fhi, hi, BLOCK_M)
+        s = t % STAGES
+        ph = (t // STAGES) & 1
+        mbarrier.wait(q_empty.index(s), ph ^ 1)
+        mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
+        tma_load(q_desc, [b, m0, h, 0], q_ready.index(s), q_smem.index(s))
+        mbarrier.wait(do_empty.index(s), ph ^ 1)
+        mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
+        tma_load(do_desc, [b, m0, h, 0], do_ready.index(s), do_smem.index(s))
+
+
+@gluon.jit
+def _consumer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
+              k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+              sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
+              stride_vb, stride_vs, stride_vh, H, G, Sq, Sk,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+              CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr,
+              ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr):
+    NW: gl.constexpr = CONSUMER_WARPS
+    # (keys x queries) products and (keys x head dim) accumulators, warps stacked along the keys.
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                        instr_shape=[16, BLOCK_M, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    key_layout: gl.constexpr = gl.SliceLayout(1, st_layout)
+    query_layout: gl.constexpr = gl.SliceLayout(0, st_layout)
+    dtype: gl.constexpr = q_desc.dtype
+
+    b, hk, n0, pid_n = _program(H, G, BLOCK_N)
+    lo, flo, fhi, hi = ranges(RANGES, pid_n, Sq, BLOCK_M, RANGED)
+    n_m = (hi - lo) // BLOCK_M
+    n_full = (fhi - flo) // BLOCK_M
+
+    keys = n0 + gl.arange(0, BLOCK_N, layout=key_layout)
+    kp = keys
+    kd = keys
+    if CAUSAL or WINDOW > 0:
+        kp = gl.load(KPOS + keys, mask=keys < Sk, other=0).to(gl.int32)
+    if DOCS:
+        kd = gl.load(KDOC + keys, mask=keys < Sk, other=-1)
+
+    k2 = k_smem.reshape([BLOCK_N, HEAD_DIM])
+    v2 = v_smem.reshape([BLOCK_N, HEAD_DIM])
+    st_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=st_layout)
+    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout)
+    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout)
+
+    mbarrier.wait(kv_bar, 0)
+    for t in range(G * n_m):
+        h = hk * G + t // n_m
+        j = t % n_m
+        m0 = tile_start(j, lo, flo, fhi, hi, BLOCK_M)
+        s = t % STAGES
+        ph = (t // STAGES) & 1
+        q2 = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
+        do2 = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
+
+        mbarrier.wait(q_ready.index(s), ph)
+        st_tok = warpgroup_mma(k2, q2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+        mbarrier.wait(do_ready.index(s), ph)
+        dpt_tok = warpgroup_mma(v2, do2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+
+        # While the wgmmas run: this tile's LSE (base 2; a row that sees no key anywhere gets
+        # +inf, so its P is 0) and delta.
+        rows = m0 + gl.arange(0, BLOCK_M, layout=query_layout)
+        row_ok = rows < Sq
+        l_row = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + rows
+        lse = gl.load(LSE + l_row, mask=row_ok, other=float("inf"))
+        lse2 = gl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+        di = gl.load(DELTA + l_row, mask=row_ok, other=0.0)
+
+        st, _k, _q = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, k2, q2))
+        pt = gl.exp2(st * qk_scale - lse2[None, :])
+        if j >= n_full:  # a boundary tile: the rule, the sequence ends
+            ok = row_ok[None, :] & (keys < Sk)[:, None]
+            qp = rows
+            qd = rows
+            if CAUSAL or WINDOW > 0:
+                qp = gl.load(QPOS + rows, mask=row_ok, other=0).to(gl.int32)
+            if DOCS:
+                qd = gl.load(QDOC + rows, mask=row_ok, other=-2)
+            ok = ok & visible(qp[None, :], kp[:, None], qd[None, :], kd[:, None], wl, wr, CAUSAL, WINDOW, DOCS)
+            pt = gl.where(ok, pt, 0.0)
+        pt_op = gl.convert_layout(pt.to(dtype), op_layout)
+        dv_tok = warpgroup_mma(pt_op, do2, dv, is_async=True)
+
+        dpt, _v, _do = warpgroup_mma_wait(num_outstanding=1, deps=(dpt_tok, v2, do2))
+        dst = pt * (dpt - di[None, :])
+        dst_op = gl.convert_layout(dst.to(dtype), op_layout)
+        dk_tok = warpgroup_mma(dst_op, q2, dk, is_async=True)
+
+        dv, dk, _pt, _ds, _q2, _do2 = warpgroup_mma_wait(num_outstanding=0,
+                                                         deps=(dv_tok, dk_tok, pt_op, dst_op, q2, do2))
+        # Both warpgroups past their wgmmas on this slot before one thread hands it back.
+        cta_barrier()
+        mbarrier.arrive(q_empty.index(s))
+        mbarrier.arrive(do_empty.index(s))
+
+    dk = dk * sm_scale
+    rows_k = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+    mask = (rows_k < Sk)[:, None] & (cols < HEAD_DIM)[None, :]
+    r64 = rows_k.to(gl.int64)[:, None]
+    dk_ptrs = DK + b.to(gl.int64) * stride_kb + hk.to(gl.int64) * stride_kh + r64 * stride_ks + cols[None, :]
+    dv_ptrs = DV + b.to(gl.int64) * stride_vb + hk.to(gl.int64) * stride_vh + r64 * stride_vs + cols[None, :]
+    if ACCUMULATE:
+        dk += gl.load(dk_ptrs, mask=mask, other=0.0)
+        dv += gl.load(dv_ptrs, mask=mask, other=0.0)
+    gl.store(dk_ptrs, dk, mask=mask)
+    gl.store(dv_ptrs, dv, mask=mask)
+
+
+@gluon.jit
+def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
+                          sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
+                          stride_vb, stride_vs, stride_vh, H, G, Sq, Sk,
+                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                          STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
+                          RANGED: gl.constexpr, ACCUMULATE: gl.constexpr,
+                          PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                          CONSUMER_WARPS: gl.constexpr):
+    dtype: gl.constexpr = q_desc.dtype
+    k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
+
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    do_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(do_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=1)
+        mbarrier.init(do_empty.index(i), count=1)
+    fence_async_shared()
+
+    # Argument tuples written out in the call (see _fwd_hopper.py: constexprs stay constexprs).
+    gl.warp_specialize(
+        [
+            (_consumer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
+                         k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+                         sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
+                         stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                         CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS)),
+            (_producer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
+                         k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+                         sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
+                         stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                         CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS)),
+        ],
+        [PRODUCER_WARPS], [PRODUCER_REGS])
+
+    mbarrier.invalidate(kv_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(q_ready.index(i))
+        mbarrier.invalidate(do_ready.index(i))
+        mbarrier.invalidate(q_empty.index(i))
+        mbarrier.invalidate(do_empty.index(i))

@@ -1,0 +1,76 @@
+"""Gluon helpers shared by the Hopper kernels (``_fwd_hopper.py``, ``_bwd_dkdv_hopper.py``,
+``_bwd_dq_hopper.py``): the names that moved between Triton releases, row reductions that
+compile under ``TRITON_INTERPRET``, the order in which a program walks its tiles, and the
+visibility rule of a boundary tile.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import tma
+
+# Triton 3.6 (the GPU machines) and the newer releases on PyPI name these differently.
+tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+
+LOG2E: gl.constexpr = gl.constexpr(1.4426950408889634)
+LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
+
+
+# gl.max / gl.sum combine with Triton-language functions, which TRITON_INTERPRET (set for the
+# CPU tests) turns into interpreter objects that no compiler takes; these combine in Gluon.
+@gluon.jit
+def max_of(a, b):
+    return gl.maximum(a, b)
+
+
+@gluon.jit
+def sum_of(a, b):
+    return a + b
+
+
+@gluon.jit
+def ranges(RANGES, t, n, BLOCK: gl.constexpr, RANGED: gl.constexpr):
+    """(lo, flo, fhi, hi) of tile ``t``: _ranges_kernel's (in rows of the other side), or every
+    tile of the ``n`` rows, all fully visible but a partial last one."""
+    if RANGED:
+        base = RANGES + t * 4
+        lo = gl.load(base)
+        flo = gl.load(base + 1)
+        fhi = gl.load(base + 2)
+        hi = gl.load(base + 3)
+    else:
+        lo = n * 0
+        flo = lo
+        fhi = (n // BLOCK) * BLOCK
+        hi = (n + BLOCK - 1) // BLOCK * BLOCK
+    return lo, flo, fhi, hi
+
+
+@gluon.jit
+def tile_start(j, lo, flo, fhi, hi, BLOCK: gl.constexpr):
+    """First row of the j-th tile walked: [flo, fhi) (fully visible), then the boundary tiles
+    [fhi, hi) and [lo, flo), as the Triton kernels walk them."""
+    n_full = (fhi - flo) // BLOCK
+    n_right = (hi - fhi) // BLOCK
+    start = lo + (j - n_full - n_right) * BLOCK
+    start = gl.where(j < n_full + n_right, fhi + (j - n_full) * BLOCK, start)
+    return gl.where(j < n_full, flo + j * BLOCK, start)
+
+
+@gluon.jit
+def visible(qp, kp, qd, kd, wl, wr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr):
+    """The rule of :func:`._common._rule` on operands already broadcast against each other
+    (positions as int32: one sequence stays below 2**31 tokens, and 64-bit compares over a
+    128 x 128 tile spill registers)."""
+    ok = qp == qp
+    if DOCS:
+        ok = qd == kd
+    if CAUSAL:
+        ok = ok & (qp >= kp)
+    if WINDOW % 2 == 1:
+        ok = ok & (kp >= qp - wl)
+    if WINDOW >= 2:
+        ok = ok & (kp <= qp + wr)
+    return ok
