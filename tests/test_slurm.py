@@ -281,6 +281,35 @@ def test_tasks_keep_the_gpus_slurm_shows_them(monkeypatch):
     assert result["rank"] == 0 and result["finished"]
 
 
+def test_tasks_rendezvous_on_a_port_of_their_job(monkeypatch):
+    """MASTER_PORT: 20000 + the Slurm job id mod 12000, below Linux's ephemeral ports (as
+    train.sbatch's rendezvous), whatever the submitting shell had set; submitit's own draw
+    without a Slurm job (--local)."""
+    from types import SimpleNamespace
+
+    ports = []
+    monkeypatch.setattr(submit._import_train(), "train", lambda cfg: SimpleNamespace(
+        stop_signal=None, step=0, finished=True, last_loss=None))
+
+    class FakeEnvironment:  # reads MASTER_PORT as submitit's does
+        rank, world_size, local_rank = 0, 1, 0
+
+        def export(self, set_cuda_visible_devices=True, overwrite=False):
+            ports.append(os.environ.get("MASTER_PORT"))
+            return self
+
+    monkeypatch.setattr(submitit.helpers, "TorchDistributedEnvironment", FakeEnvironment)
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    for job_id, port in (("4242", "24242"), ("12345", "20345")):
+        monkeypatch.setenv("SLURM_JOB_ID", job_id)
+        submit.Trainer(["--out", "/tmp/x", "--steps", "1"])()
+        assert ports.pop() == port
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.delenv("MASTER_PORT")
+    submit.Trainer(["--out", "/tmp/x", "--steps", "1"])()
+    assert ports.pop() is None
+
+
 def _fake_task_env(monkeypatch, rank=0):
     """submitit's torch environment, as submitit's export sets it, without a job."""
 
@@ -405,7 +434,7 @@ def test_sbatch_template_torchrun_line(tmp_path):
     assert args.nnodes == "2"
     assert args.nproc_per_node == "4"  # a rank per GPU
     assert args.rdzv_backend == "c10d"
-    assert args.rdzv_endpoint == f"node07:{29500 + 4242 % 10000}"  # the first node, a port of the job's own
+    assert args.rdzv_endpoint == f"node07:{20000 + 4242 % 12000}"  # the first node, a port of the job's own
     assert args.rdzv_id == "4242"
     assert args.training_script == "launch/train.py"
     cfg = train.parse_args(args.training_script_args)
