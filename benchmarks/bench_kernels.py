@@ -40,8 +40,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from ringflash import kernels  # noqa: E402
 
 # ringflash_hopper: the same calls with the Gluon kernels for Hopper switched on
-# (kernels.attention.HOPPER_FORWARD and HOPPER_BACKWARD; sm_90 only, bf16/fp16 at D = 64 and 128).
-IMPLS = ("ringflash", "ringflash_hopper", "sdpa_flash", "sdpa_cudnn")
+# (kernels.attention.HOPPER_FORWARD and HOPPER_BACKWARD; sm_90 only, bf16/fp16 at D = 64 and 128);
+# ringflash_hopper_split: the same with a consumer partition per warpgroup in the forward
+# (HOPPER_FWD_SPLIT = 2).
+HOPPER_IMPLS = {"ringflash_hopper": 1, "ringflash_hopper_split": 2}
+IMPLS = ("ringflash", *HOPPER_IMPLS, "sdpa_flash", "sdpa_cudnn")
 MODES = ("fwd", "bwd", "fwdbwd")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -89,17 +92,18 @@ def sdpa_backend(impl: str):
 
 def make_fns(impl: str, q, k, v, dout, causal: bool):
     """(fwd, bwd, fwdbwd) callables for one implementation on one set of inputs."""
-    if impl == "ringflash_hopper":
+    if impl in HOPPER_IMPLS:
         from ringflash.kernels import attention
 
         def hopper(fn):
             def run():
-                saved = attention.HOPPER_FORWARD, attention.HOPPER_BACKWARD
+                saved = attention.HOPPER_FORWARD, attention.HOPPER_BACKWARD, attention.HOPPER_FWD_SPLIT
                 attention.HOPPER_FORWARD = attention.HOPPER_BACKWARD = True
+                attention.HOPPER_FWD_SPLIT = HOPPER_IMPLS[impl]
                 try:
                     return fn()
                 finally:
-                    attention.HOPPER_FORWARD, attention.HOPPER_BACKWARD = saved
+                    attention.HOPPER_FORWARD, attention.HOPPER_BACKWARD, attention.HOPPER_FWD_SPLIT = saved
             return run
 
         return tuple(hopper(fn) for fn in make_fns("ringflash", q, k, v, dout, causal))
@@ -295,7 +299,7 @@ def main() -> None:
     p.add_argument("--causal", choices=["both", "true", "false"], default="both")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=None,
-                   help="default: all (ringflash_hopper on sm_90 GPUs only)")
+                   help="default: all (the ringflash_hopper ones on sm_90 GPUs only)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, nargs="+", default=None,
@@ -320,7 +324,7 @@ def main() -> None:
         sys.exit("bench_kernels.py needs a CUDA GPU")
     if args.impls is None:
         hopper = torch.cuda.get_device_capability() == (9, 0)
-        args.impls = [i for i in IMPLS if hopper or i != "ringflash_hopper"]
+        args.impls = [i for i in IMPLS if hopper or i not in HOPPER_IMPLS]
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     t0 = time.time()
     attn = sys.modules[kernels.backward.__module__]
@@ -384,7 +388,8 @@ def main() -> None:
                               f"{ratio('sdpa_flash')} {ratio('sdpa_cudnn')}{hop}", flush=True)
                     del q, k, v, dout
                     torch.cuda.empty_cache()
-    print("configs:", {"fwd": kernels.FWD_CONFIGS, "hopper_fwd": attn.HOPPER_FWD_CONFIGS, "dkdv": kernels.BWD_DKDV_CONFIGS, "dkdv_grouped": attn.BWD_DKDV_GROUPED_CONFIGS,
+    print("configs:", {"fwd": kernels.FWD_CONFIGS, "hopper_fwd": attn.HOPPER_FWD_CONFIGS,
+                       "hopper_dkdv": attn.HOPPER_BWD_DKDV_CONFIGS, "hopper_dq": attn.HOPPER_BWD_DQ_CONFIGS, "dkdv": kernels.BWD_DKDV_CONFIGS, "dkdv_grouped": attn.BWD_DKDV_GROUPED_CONFIGS,
                        "dq": kernels.BWD_DQ_CONFIGS,
                        "bwd_fused": attn.BWD_FUSED})
     if args.plot:

@@ -257,3 +257,24 @@ def test_backward_deterministic_accumulates_and_calls_back(hopper):
     for x, y in zip(acc, a):
         assert torch.allclose(x, y + 1, rtol=0, atol=1e-5)
     assert len(seen) == 1 and torch.allclose(seen[0], a[1] + 1, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_split_consumers(D, hopper, monkeypatch):
+    """HOPPER_FWD_SPLIT = 2 (a consumer partition per warpgroup): the same checks on odd
+    lengths, causal and full, a ring step, windows with documents, and the fold."""
+    monkeypatch.setattr(attention, "HOPPER_FWD_SPLIT", 2)
+    q, k, v = make(2, 1111, 555, 8, 2, D, torch.bfloat16, seed=10)
+    check(q, k, v, hopper, causal=False)
+    check(q, k, v, hopper, causal=True)
+    q, k, v = make(1, 1024, 1024, 8, 2, D, torch.float16, seed=11)
+    check(q, k, v, hopper, causal=True, q_pos=zigzag(4096, 2, 1), k_pos=zigzag(4096, 2, 0))
+    pos = torch.arange(2048, device=DEV)
+    doc = doc_ids([0, 900, 901, 2048], pos)
+    q, k, v = make(2, 2048, 2048, 8, 2, D, torch.bfloat16, seed=12)
+    out, lse = check(q, k, v, hopper, causal=True, q_pos=pos, k_pos=pos, window=(256, 0), q_doc=doc, k_doc=doc)
+    a = kernels.forward(q, k[:, :1000], v[:, :1000], causal=True, q_pos=pos, k_pos=pos[:1000], window=(256, 0),
+                        q_doc=doc, k_doc=doc[:1000])
+    kernels.forward(q, k[:, 1000:], v[:, 1000:], causal=True, q_pos=pos, k_pos=pos[1000:], window=(256, 0),
+                    q_doc=doc, k_doc=doc[1000:], out=a[0], lse=a[1])
+    assert rel_err(a[0], out) < 1e-5 and torch.equal(torch.isneginf(a[1]), torch.isneginf(lse))

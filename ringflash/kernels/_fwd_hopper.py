@@ -87,13 +87,15 @@ def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
               H, G, Sq, Sk,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
-              RANGED: gl.constexpr, FOLD: gl.constexpr, CONSUMER_WARPS: gl.constexpr):
+              RANGED: gl.constexpr, FOLD: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
+              SPLIT: gl.constexpr, WG: gl.constexpr):
     b, h, hk, m0, pid_m = _program(H, G, Sq, BLOCK_M, CAUSAL)
     lo, flo, fhi, hi = ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
     n = (hi - lo) // BLOCK_N
 
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma_load(q_desc, [b, m0, h, 0], q_bar, q_smem)
+    mbarrier.expect(q_bar, SPLIT * q_desc.block_type.nbytes)
+    for w in gl.static_range(SPLIT):  # one Q tile per consumer partition
+        tma_load(q_desc, [b, m0 + w * (BLOCK_M // SPLIT), h, 0], q_bar, q_smem.index(w))
     for j in range(n):
         s = j % STAGES
         ph = (j // STAGES) & 1
@@ -184,8 +186,11 @@ def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
               H, G, Sq, Sk,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
-              RANGED: gl.constexpr, FOLD: gl.constexpr, CONSUMER_WARPS: gl.constexpr):
-    NW: gl.constexpr = CONSUMER_WARPS
+              RANGED: gl.constexpr, FOLD: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
+              SPLIT: gl.constexpr, WG: gl.constexpr):
+    # With SPLIT = 2 this partition is one warpgroup and owns ROWS = 64 of the tile's rows.
+    NW: gl.constexpr = CONSUMER_WARPS // SPLIT
+    ROWS: gl.constexpr = BLOCK_M // SPLIT
     # wgmma accumulators: [16, N, 16] instructions, warps stacked along the rows.
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -199,8 +204,9 @@ def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
     lo, flo, fhi, hi = ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
     n = (hi - lo) // BLOCK_N
     n_full = (fhi - flo) // BLOCK_N
+    m0 = m0 + WG * ROWS
 
-    rows = m0 + gl.arange(0, BLOCK_M, layout=row_layout)
+    rows = m0 + gl.arange(0, ROWS, layout=row_layout)
     qp = rows  # unused without positions
     qd = rows  # unused without documents
     if CAUSAL or WINDOW > 0:
@@ -208,11 +214,11 @@ def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
     if DOCS:
         qd = gl.load(QDOC + rows, mask=rows < Sq, other=-2)
 
-    q2 = q_smem.reshape([BLOCK_M, HEAD_DIM])
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_layout)
-    l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=row_layout)
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    q2 = q_smem.index(WG).reshape([ROWS, HEAD_DIM])
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
+    l_i = gl.full([ROWS], 0.0, gl.float32, layout=row_layout)
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
 
     mbarrier.wait(q_bar, 0)
     if n > 0:
@@ -259,7 +265,7 @@ def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
     lse = gl.where(empty, float("-inf"), (m_o + gl.log2(l_safe)) * LN2)
     o = acc / l_safe[:, None]
 
-    rows_o = m0 + gl.arange(0, BLOCK_M, layout=orow_layout)
+    rows_o = m0 + gl.arange(0, ROWS, layout=orow_layout)
     cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
     row_ok = rows_o < Sq
     o_ptrs = (OUT + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
@@ -289,9 +295,9 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT
                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                      DOCS: gl.constexpr, RANGED: gl.constexpr, FOLD: gl.constexpr,
                      PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                     CONSUMER_WARPS: gl.constexpr):
+                     CONSUMER_WARPS: gl.constexpr, CONSUMER_REGS: gl.constexpr, SPLIT: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [SPLIT] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
 
@@ -304,26 +310,51 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=1)
-        mbarrier.init(v_empty.index(i), count=1)
+        # One arrive per consumer partition frees a slot.
+        mbarrier.init(k_empty.index(i), count=SPLIT)
+        mbarrier.init(v_empty.index(i), count=SPLIT)
     fence_async_shared()
 
     # The argument tuples are written out in the call: a tuple bound to a local first would turn
     # its constexpr members into runtime scalars (Triton's assignment rule) and break the layouts.
-    gl.warp_specialize(
-        [
-            (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                         q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
-                         qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                         H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
-                         RANGED, FOLD, CONSUMER_WARPS)),
-            (_producer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                         q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
-                         qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                         H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
-                         RANGED, FOLD, CONSUMER_WARPS)),
-        ],
-        [PRODUCER_WARPS], [PRODUCER_REGS])
+    if SPLIT == 1:
+        gl.warp_specialize(
+            [
+                (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
+                             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                             qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                             H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, 0)),
+                (_producer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
+                             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                             qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                             H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, 0)),
+            ],
+            [PRODUCER_WARPS], [PRODUCER_REGS])
+    else:
+        # One partition per consumer warpgroup: each hands slots back on its own (count-2 empty
+        # barriers), so the two need not pass a common barrier every tile and can drift apart,
+        # one's softmax beside the other's matrix products.
+        gl.warp_specialize(
+            [
+                (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
+                             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                             qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                             H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, 0)),
+                (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
+                             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                             qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                             H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, 1)),
+                (_producer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
+                             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                             qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                             H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, 0)),
+            ],
+            [CONSUMER_WARPS // SPLIT, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])
 
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(STAGES):

@@ -118,6 +118,10 @@ HOPPER_BWD_DQ_CONFIGS: dict = {
     128: KernelConfig(128, 64, 8, 2),
 }
 HOPPER_PRODUCER = (1, 24)  # the TMA producer partition: warps, registers per thread
+HOPPER_CONSUMER_REGS = 240  # registers a thread of a consumer warpgroup gets (setmaxnreg)
+# The forward's consumers: 1, one 8-warp partition whose two warpgroups pass a common barrier
+# before each slot is handed back; 2, a partition per warpgroup, each handing slots back itself.
+HOPPER_FWD_SPLIT = 1
 # Whether forward() / backward() take the Hopper kernels where they serve the call
 # (bfloat16/float16, those head dims, no block pattern or per-head attributes, an sm_90 GPU).
 # Off unless RINGFLASH_HOPPER_FORWARD=1 / RINGFLASH_HOPPER_BACKWARD=1 until the GPU suite has
@@ -444,7 +448,8 @@ def _hopper_launch(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold, ranges)
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     cfg = HOPPER_FWD_CONFIGS[D]
-    descs = _descriptors(((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n)))
+    split = HOPPER_FWD_SPLIT
+    descs = _descriptors(((q, cfg.block_m // split), (k, cfg.block_n), (v, cfg.block_n)))
     q_pos, k_pos = (lse, lse) if m.q_pos is None else (m.q_pos, m.k_pos)  # None: never read
     q_doc, k_doc = (lse, lse) if m.q_doc is None else (m.q_doc, m.k_doc)
     args = (*descs, q_pos, k_pos, q_doc, k_doc, lse if ranges is None else ranges, out, lse,
@@ -455,8 +460,9 @@ def _hopper_launch(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold, ranges)
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, STAGES=cfg.num_stages,
         CAUSAL=bool(causal), WINDOW=m.window, DOCS=m.docs, RANGED=ranges is not None, FOLD=fold,
         PRODUCER_WARPS=HOPPER_PRODUCER[0], PRODUCER_REGS=HOPPER_PRODUCER[1], CONSUMER_WARPS=cfg.num_warps,
+        CONSUMER_REGS=HOPPER_CONSUMER_REGS, SPLIT=split,
     )
-    return (triton.cdiv(Sq, cfg.block_m), B * H), args, constexprs, cfg.num_warps
+    return (triton.cdiv(Sq, cfg.block_m), B * H), args, constexprs, cfg.num_warps // split
 
 
 def _forward_hopper(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold):
@@ -592,8 +598,7 @@ def _backward_hopper(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale, dq,
     from ._bwd_dkdv_hopper import _attn_bwd_dkdv_hopper
     from ._bwd_dq_hopper import _attn_bwd_dq_hopper
 
-    B, Sq, H, D = q.shape
-    Sk, Hkv = k.shape[1], k.shape[2]
+    Sq, D, Sk = q.shape[1], q.shape[3], k.shape[1]
     ranges_kv = ranges_q = None
     if causal or m.window or m.docs:
         c1, c2 = HOPPER_BWD_DKDV_CONFIGS[D], HOPPER_BWD_DQ_CONFIGS[D]
