@@ -71,6 +71,9 @@ class TrainConfig:
                            "a sequence's ranks span several nodes, else 1 (also 1 for --backend cudnn/sdpa_flash "
                            "with --layout striped). Must divide --cp-size and --heads; "
                            "--kv-heads a multiple or a divisor of it")
+    ulysses_chunks: int = _f(1, "with --ulysses-size > 1: cut each rank's heads into up to this many chunks whose "
+                             "all-to-alls run beside the other chunks' rings (ringflash.HybridGroup's chunks; "
+                             "1: one all-to-all each way)")
     # model
     dim: int = _f(128, "model width")
     layers: int = _f(2, "transformer blocks")
@@ -294,6 +297,8 @@ def _parallel_problems(cfg: TrainConfig, world_size: int) -> list[str]:
             f"{cp} (--cp-size, or the world): the cp ranks are --cp-size / --ulysses-size ring positions "
             f"of --ulysses-size ranks each"
         ]
+    if cfg.ulysses_chunks < 1:
+        return [f"--ulysses-chunks must be at least 1 (1: one all-to-all each way); got {cfg.ulysses_chunks}"]
     if cfg.ulysses_size > 1 and _sdpa_striped(cfg):
         return [
             f"--ulysses-size {cfg.ulysses_size} with --backend {cfg.backend} and --layout striped: under Ulysses "

@@ -76,7 +76,7 @@ def setup_distributed(cfg: TrainConfig, rank: int, world_size: int, local_rank: 
         # ranks (a node's GPUs, for the all-to-all), each cp group ring x ulysses of them.
         u = cfg.ulysses_size
         mesh = init_device_mesh(device.type, (dp, cp // u, u), mesh_dim_names=("dp", "ring", "ulysses"))
-        cp_group = HybridGroup.from_mesh(mesh["ring", "ulysses"])
+        cp_group = HybridGroup.from_mesh(mesh["ring", "ulysses"], chunks=cfg.ulysses_chunks)
         cp_rank = cp_group.rank
     else:
         # Row-major (dp, cp) mesh: each cp group is cp consecutive ranks.

@@ -63,29 +63,38 @@ class HybridGroup:
     Args:
         ring: the ranks with the same Ulysses rank, one per ring position (across nodes).
         ulysses: the ranks of this ring position (inside a node).
+        chunks: split each rank's heads into this many chunks and pipeline them: the
+            all-to-all of chunk ``i + 1`` (on the Ulysses group) runs while the ring (on the
+            ring group) computes chunk ``i``, and the result of chunk ``i`` travels back while
+            chunk ``i + 1`` is computed; the backward likewise. An upper bound: a call uses the
+            largest count that divides both its query and K/V heads per rank (1: no pipeline,
+            one all-to-all each way).
 
     Raises:
         ValueError: a mesh of more than one dimension; this rank outside either group;
-            torch.distributed not initialised.
+            torch.distributed not initialised; ``chunks`` not an int of at least 1.
     """
 
-    def __init__(self, ring, ulysses):
+    def __init__(self, ring, ulysses, *, chunks: int = 1):
         if not _distributed():
             raise ValueError("a HybridGroup needs an initialised torch.distributed process group")
+        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+            raise ValueError(f"chunks must be an int >= 1 (1: no pipelining of the heads); got {chunks!r}")
         self.ring = resolve_group(ring)
         self.ulysses = resolve_group(ulysses)
         self.ring_size, self.ring_rank = world_and_rank(self.ring)
         self.ulysses_size, self.ulysses_rank = world_and_rank(self.ulysses)
+        self.chunks = chunks
 
     @classmethod
-    def from_mesh(cls, mesh) -> "HybridGroup":
+    def from_mesh(cls, mesh, *, chunks: int = 1) -> "HybridGroup":
         """From a 2-D DeviceMesh whose dimensions are (ring, ulysses), e.g. ``mesh["ring", "ulysses"]``."""
         if getattr(mesh, "ndim", None) != 2:
             raise ValueError(
                 f"HybridGroup.from_mesh takes a 2-D DeviceMesh (ring, ulysses); got "
                 f"{getattr(mesh, 'ndim', type(mesh).__name__)} dimensions"
             )
-        return cls(mesh.get_group(0), mesh.get_group(1))
+        return cls(mesh.get_group(0), mesh.get_group(1), chunks=chunks)
 
     @property
     def size(self) -> int:
@@ -98,7 +107,8 @@ class HybridGroup:
         return self.ring_rank * self.ulysses_size + self.ulysses_rank
 
     def __repr__(self) -> str:
-        return f"HybridGroup(ring={self.ring_size}, ulysses={self.ulysses_size})"
+        chunks = f", chunks={self.chunks}" if self.chunks > 1 else ""
+        return f"HybridGroup(ring={self.ring_size}, ulysses={self.ulysses_size}{chunks})"
 
 
 def all_gather_tensor(t: torch.Tensor, group) -> torch.Tensor:

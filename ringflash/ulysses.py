@@ -15,6 +15,14 @@ With a :class:`~ringflash.comm.HybridGroup` of ``R`` ring positions x ``U`` Ulys
 The backward runs the same steps in reverse (the all-to-all is its own adjoint). Masks
 (causal, windows, documents) are rules on global positions and need nothing more.
 
+With ``HybridGroup(..., chunks=C)`` the heads of each rank are cut into ``C`` chunks that
+pipeline: every chunk's all-to-all is posted at once (asynchronously, on the Ulysses group's
+communicator), the ring of chunk ``i`` starts as soon as its own all-to-all has landed, so it
+runs beside the all-to-alls of the chunks after it, and its result is posted back before the
+next chunk's ring starts. In the backward the autograd engine takes the chunks in reverse order
+and the same overlap holds: the gradients of chunk ``i`` are posted before the ring's backward of
+chunk ``i - 1`` runs, and only waited for after it.
+
 Grouped-query attention: when ``U`` divides the K/V head count, each rank receives
 ``Hkv / U`` K/V heads; when the K/V head count divides ``U`` (fewer K/V heads than Ulysses
 ranks), each K/V head is sent to the ``U / Hkv`` ranks whose query heads use it, so each rank
@@ -96,6 +104,74 @@ class _AllToAll(torch.autograd.Function):
         return out, None
 
 
+class _Pending:
+    """One asynchronous all-to-all in flight (the forward's, then its gradient's): its Work and
+    the buffers it reads and writes, kept alive until it has completed."""
+
+    __slots__ = ("work", "buffers", "grad_work", "grad_buffers")
+
+    def __init__(self):
+        self.work = self.buffers = self.grad_work = self.grad_buffers = None
+
+
+class _AllToAllStart(torch.autograd.Function):
+    """Posts ``_AllToAll``'s exchange and returns its (not yet filled) output; :class:`_AllToAllWait`
+    waits for it. Backward: waits for the gradient's exchange that the wait's backward posted."""
+
+    @staticmethod
+    def forward(ctx, x, group, pending):
+        x = x.contiguous()
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        pending.work = dist.all_to_all_single(out, x, group=group, async_op=True)
+        pending.buffers = (x, out)
+        ctx.pending = pending
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        p = ctx.pending
+        p.grad_work.wait()
+        out = p.grad_buffers[1]
+        p.grad_work = p.grad_buffers = None
+        return out, None, None
+
+
+class _AllToAllWait(torch.autograd.Function):
+    """The output of :class:`_AllToAllStart`, once its exchange has completed. Backward: posts
+    the gradient's exchange and returns at once (the start's backward waits for it)."""
+
+    @staticmethod
+    def forward(ctx, y, group, pending):
+        pending.work.wait()
+        pending.work = pending.buffers = None
+        ctx.group, ctx.pending = group, pending
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        p = ctx.pending
+        grad = grad.contiguous()
+        out = torch.empty_like(grad, memory_format=torch.contiguous_format)
+        p.grad_work = dist.all_to_all_single(out, grad, group=ctx.group, async_op=True)
+        p.grad_buffers = (grad, out)
+        return out, None, None  # only a placeholder: _AllToAllStart.backward returns the result
+
+
+def _post(x: torch.Tensor, group) -> tuple:
+    """An all-to-all of ``x`` posted: (its output, not yet to be read; what :func:`_landed` takes)."""
+    pending = _Pending()
+    return _AllToAllStart.apply(x, group, pending), pending
+
+
+def _landed(y: torch.Tensor, group, pending: _Pending) -> torch.Tensor:
+    return _AllToAllWait.apply(y, group, pending)
+
+
+def _chunk_count(requested: int, hq: int, hkv: int) -> int:
+    """The largest count up to ``requested`` that divides both head counts per rank."""
+    return max(c for c in range(1, requested + 1) if hq % c == 0 and hkv % c == 0)
+
+
 def _to_heads(x: torch.Tensor, group: HybridGroup, order: torch.Tensor) -> torch.Tensor:
     """(B, L, U*h, D) on each rank -> (B, U*L, h, D): the Ulysses group's tokens, ``h`` heads."""
     x = rearrange(x, "b l (u h) d -> u b l h d", u=group.ulysses_size)
@@ -152,13 +228,43 @@ def hybrid_attention(q, k, v, *, causal, window, cu_seqlens, layout: Layout, sof
     if Hkv % U:  # fewer K/V heads than Ulysses ranks: rank u gets the K/V head of its query heads
         k, v = (t.repeat_interleave(U // Hkv, dim=2) for t in (k, v))
     hq, hkv = H // U, k.shape[2] // U
+    ring_kw = dict(causal=causal, window=window, cu_seqlens=cu_seqlens, layout=ring_layout, softmax_scale=softmax_scale,
+                   group=group.ring, return_lse=return_lse, backend=backend)
+    C = _chunk_count(getattr(group, "chunks", 1), hq, hkv)
+    if C > 1:
+        return _pipelined(q, k, v, group, order, inverse, hq, hkv, C, ring_kw, ring_attention)
     # One all-to-all for q, k and v: per destination rank, its query heads then its K/V heads.
     qkv = torch.cat([rearrange(t, "b l (u h) d -> b l u h d", u=U) for t in (q, k, v)], dim=3)
     qkv = _to_heads(rearrange(qkv, "b l u h d -> b l (u h) d"), group, order)
     q_g, k_g, v_g = qkv.split([hq, hkv, hkv], dim=2)
-    out = ring_attention(q_g, k_g, v_g, causal=causal, window=window, cu_seqlens=cu_seqlens, layout=ring_layout,
-                         softmax_scale=softmax_scale, group=group.ring, return_lse=return_lse, backend=backend)
+    out = ring_attention(q_g, k_g, v_g, **ring_kw)
     if return_lse:
         out, lse = out
         return _to_tokens(out, group, inverse, 1), _to_tokens(lse, group, inverse, 2)
     return _to_tokens(out, group, inverse, 1)
+
+
+def _pipelined(q, k, v, group: HybridGroup, order, inverse, hq: int, hkv: int, C: int, ring_kw: dict, ring_attention):
+    """:func:`hybrid_attention` with each rank's heads in ``C`` chunks (see the module): the
+    all-to-all of a chunk runs beside the ring of another."""
+    U = group.ulysses_size
+    # Chunk c of destination rank u: its query heads [c hq/C, (c + 1) hq/C) and K/V heads likewise
+    # (a query head keeps its K/V head: the chunks cut both in the same proportion).
+    parts = [rearrange(t, "b l (u c h) d -> c u b l h d", u=U, c=C) for t in (q, k, v)]
+    posted = [_post(torch.cat([p[c] for p in parts], dim=-2), group.ulysses) for c in range(C)]
+    outs, lses = [], []
+    for y, pending in posted:
+        y = rearrange(_landed(y, group.ulysses, pending), "u b l h d -> b (u l) h d").index_select(1, order)
+        q_g, k_g, v_g = y.split([hq // C, hkv // C, hkv // C], dim=2)
+        res = ring_attention(q_g, k_g, v_g, **ring_kw)
+        out, lse = res if ring_kw["return_lse"] else (res, None)
+        # Back to the ranks the tokens came from, posted before the next chunk's ring.
+        outs.append(_post(rearrange(out.index_select(1, inverse), "b (u l) h d -> u b l h d", u=U), group.ulysses))
+        if lse is not None:
+            lses.append(_post(rearrange(lse.index_select(2, inverse), "b h (u l) -> u b h l", u=U), group.ulysses))
+    # Dim 0 of each landed chunk is now the Ulysses rank whose heads it holds.
+    out = rearrange(torch.stack([_landed(y, group.ulysses, p) for y, p in outs]), "c u b l h d -> b l (u c h) d")
+    if not lses:
+        return out
+    lse = rearrange(torch.stack([_landed(y, group.ulysses, p) for y, p in lses]), "c u b h l -> b (u c h) l")
+    return out, lse

@@ -141,6 +141,9 @@ def test_config_checks_say_what_to_change(tmp_path):
     assert "--layout zigzag" in p
     assert _problems(["--fsdp", "--compile"], 2) == []
     assert _problems(["--cp-size", "4", "--ulysses-size", "2"], 8) == []
+    assert _problems(["--cp-size", "4", "--ulysses-size", "2", "--ulysses-chunks", "2"], 8) == []
+    (p,) = _problems(["--ulysses-size", "2", "--ulysses-chunks", "0"], 2)
+    assert "--ulysses-chunks must be at least 1" in p
     (p,) = _problems(["--cp-size", "4", "--ulysses-size", "3"], 8)
     assert "--ulysses-size 3 must be 0 (auto) or a positive divisor of the context-parallel size 4" in p
     (p,) = _problems(["--ulysses-size", "4", "--heads", "6", "--kv-heads", "6", "--dim", "96"], 4)
@@ -350,8 +353,10 @@ def test_two_ranks_loss_falls(reference_run):
 
 
 def test_ring_by_ulysses_loss_falls(tmp_path):
-    """4 ranks as ring 2 x ulysses 2 (TINY's 2 query heads share 1 K/V head, sent to both)."""
-    torchrun(*TINY, "--steps", str(STEPS), "--cp-size", "4", "--ulysses-size", "2", "--out", str(tmp_path), nproc=4)
+    """4 ranks as ring 2 x ulysses 2 (TINY's 2 query heads share 1 K/V head, sent to both), with
+    --ulysses-chunks 2, which one head per rank leaves at one chunk."""
+    torchrun(*TINY, "--steps", str(STEPS), "--cp-size", "4", "--ulysses-size", "2", "--ulysses-chunks", "2",
+             "--out", str(tmp_path), nproc=4)
     records = read_metrics(tmp_path)
     first, last = records[0]["loss"], sum(r["loss"] for r in records[-5:]) / 5
     assert last < first - 1.5, f"loss did not fall: {first:.3f} -> {last:.3f}"

@@ -231,9 +231,53 @@ def _extras_2x2(rank, world_size, rings, ulysses, hybrid, seed):
     except ValueError as e:
         res["mesh-1d"] = str(e)
 
+    res["chunks"] = _chunked(rings[rank % 2], ulysses[rank // 2], hybrid, world_size, seed)
     res["contexts"] = _contexts(hybrid, world_size, seed)
     res["mha"] = {i: _mha_sharded(hybrid, c, seed + 50_000 + i) for i, c in enumerate(MHA_CASES)}
     res["gpt"] = {i: _gpt_sharded(hybrid, c, seed + 60_000 + i) for i, c in enumerate(GPT_CASES)}
+    return res
+
+
+# For the pipelined heads: 8 query and 4 K/V heads on 2 x 2 (4 and 2 per Ulysses rank).
+CHUNK_CASES = [("zigzag", True, 8, 4, "docs-window", "float32"), ("striped", False, 8, 4, "none", "bfloat16")]
+
+
+def _chunked(ring, ulysses, hybrid, world_size, seed):
+    """HybridGroup(chunks=...) against the same group without: outputs, gradients and LSE
+    (``return_lse`` or not), on the shards of this rank; the chunk counts a call takes."""
+    from ringflash import ulysses as ulysses_mod
+
+    res = {"pipelined": []}
+    real = ulysses_mod._pipelined
+
+    def counted(*args, **kwargs):
+        res["pipelined"].append(args[8])  # C
+        return real(*args, **kwargs)
+
+    ulysses_mod._pipelined = counted
+    for requested in (2, 4, 3):  # each -> 2 chunks, the K/V heads per rank
+        piped = HybridGroup(ring, ulysses, chunks=requested)
+        for case in CHUNK_CASES:
+            s = _case_seed(seed, case)
+            plain = _attend(hybrid, hybrid.rank, world_size, case, s)[1]
+            got = _attend(piped, piped.rank, world_size, case, s)[1]
+            res[(requested, case)] = [rel(a, b) if b.norm() > 0 else float(a.norm()) for a, b in zip(got, plain)]
+        layout_name, causal, h, hkv, mask, _ = CHUNK_CASES[0]
+        window, cu = _mask(mask, seed)
+        q, k, v, _ = _inputs(seed, h, hkv)
+        layout = _layout(layout_name)
+        q, k, v = (layout.shard(t, rank=hybrid.rank, world_size=world_size).float() for t in (q, k, v))
+        out = ring_attention(q, k, v, causal=causal, window=window, cu_seqlens=cu, layout=layout, group=piped)
+        ref = ring_attention(q, k, v, causal=causal, window=window, cu_seqlens=cu, layout=layout, group=hybrid)
+        res[(requested, "no-lse")] = rel(out, ref)
+    ulysses_mod._pipelined = real
+    res["repr"] = repr(HybridGroup(ring, ulysses, chunks=2))
+    for bad in (0, 1.5, True):
+        try:
+            HybridGroup(ring, ulysses, chunks=bad)
+            res[("bad", bad)] = None
+        except ValueError as e:
+            res[("bad", bad)] = str(e)
     return res
 
 
@@ -507,6 +551,28 @@ def test_from_device_mesh():
     got = _assemble([res["new_group"] for res in results], _layout(EXTRA_CASE[0]))
     errs = _errors(got, _reference(EXTRA_CASE, _case_seed(_SEED, EXTRA_CASE)))
     assert all(e < FP32_TOL for e in errs.values()), (_SEED, errs)
+
+
+def test_pipelined_head_chunks_match_one_chunk():
+    """HybridGroup(chunks=): the heads of each rank in chunks whose all-to-alls overlap the other
+    chunks' rings give the results of one all-to-all each way (float32 and bfloat16, with and
+    without the LSE, through the backward); counts that do not divide the heads fall back to
+    the largest that does; bad counts raise."""
+    from ringflash.ulysses import _chunk_count
+
+    assert (_chunk_count(2, 4, 2), _chunk_count(4, 4, 2), _chunk_count(3, 6, 3), _chunk_count(8, 4, 1)) == (2, 2, 3, 1)
+    assert _chunk_count(4, 6, 3) == 3 and _chunk_count(2, 6, 3) == 1
+    for rank, res in enumerate(_extras()):
+        chunks = res["chunks"]
+        assert chunks["repr"] == "HybridGroup(ring=2, ulysses=2, chunks=2)"
+        assert chunks["pipelined"] == [2] * 9  # 3 counts x (2 cases + the call without the LSE)
+        for requested in (2, 4, 3):
+            for case in CHUNK_CASES:
+                tol = 1e-6 if case[-1] == "float32" else 1e-2
+                assert all(e <= tol for e in chunks[(requested, case)]), (rank, requested, case, chunks[(requested, case)])
+            assert chunks[(requested, "no-lse")] <= 1e-6
+        for bad in (0, 1.5, True):
+            assert chunks[("bad", bad)] is not None and "chunks must be an int >= 1" in chunks[("bad", bad)]
 
 
 CONTEXTS = ["inference_mode", "after_inference_mode", "orders_are_normal_tensors", "default_device",
