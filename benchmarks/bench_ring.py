@@ -18,6 +18,11 @@ For every (S, heads_kv, causal, mode) it times, in the same run:
 (``ringflash.comm.TRANSPORT``; the copy-engine rows also record the size of their
 receive workspace, ``workspace_gib``; ``--ce-signals kernel stream`` gives one copy-engine row
 per way of signalling, ``ringflash.comm.COPY_ENGINE_SIGNALS``, recorded as ``ce_signals``);
+``--ulysses 1 2 4`` times the ringflash rows over each split of the ``P`` ranks into ``P / U``
+ring positions of ``U`` Ulysses ranks (``ringflash.HybridGroup``; 1: the plain ring), with each
+of ``--ulysses-chunks`` (``HybridGroup(chunks=)``), recorded as ``ulysses``, ``ring`` and
+``chunks``; for causal fwd+bwd those rows also carry ``predicted_ms``, the cost model's
+(``benchmarks/cost_model.py``, one node, ``--model-tflops`` and ``--nvlink-gbs``);
 ``--last-hop-parts 1 4`` times the SDPA engines' backward with its last dK/dV hop in one
 message and cut in chunks (``ringflash.ring.LAST_HOP_PARTS``), side by side; likewise
 ``--head-start-us 0 20`` for the head start their transfers get (``ringflash.ring.HEAD_START_US``;
@@ -49,7 +54,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from ringflash import flash_attention, get_layout, ring_attention  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cost_model  # noqa: E402
+from ringflash import HybridGroup, flash_attention, get_layout, ring_attention  # noqa: E402
 import ringflash.ring as ring_mod  # noqa: E402
 from ringflash import comm  # noqa: E402
 from ringflash.comm import Exchange, Ring  # noqa: E402
@@ -187,7 +194,7 @@ def nccl_env() -> dict:
 
 
 def bench_ringflash(S, H, Hkv, D, causal, mode, layout, args, engine="triton", last_hop_parts=None, head_start_us=None,
-                    local=False, transport="nccl", ce_signals=None):
+                    local=False, transport="nccl", ce_signals=None, group=None):
     P, r = dist.get_world_size(), dist.get_rank()
     ring_mod.LAST_HOP_PARTS = DEFAULT_LAST_HOP_PARTS if last_hop_parts is None else last_hop_parts
     ring_mod.HEAD_START_US = DEFAULT_HEAD_START_US if head_start_us is None else head_start_us
@@ -202,7 +209,8 @@ def bench_ringflash(S, H, Hkv, D, causal, mode, layout, args, engine="triton", l
     k = torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
     lay = get_layout(layout)
-    fn = step_fn(lambda a, b, c: ring_attention(a, b, c, causal=causal, layout=lay, backend=ring_backend(engine)), q, k, v, mode)
+    fn = step_fn(lambda a, b, c: ring_attention(a, b, c, causal=causal, layout=lay, backend=ring_backend(engine),
+                                                group=group), q, k, v, mode)
     with local_transfers() if local else contextlib.nullcontext():
         ms = time_ms(fn, args.warmup, args.iters)
     comm.TRANSPORT, comm.COPY_ENGINE_SIGNALS = "nccl", DEFAULT_CE_SIGNALS
@@ -281,6 +289,32 @@ def bench_torch_cp(S, H, Hkv, D, causal, mode, backend, args):
     return ms, peak_gib(excess)
 
 
+def hybrid_groups(P: int, rank: int, sizes: list[int]) -> dict:
+    """U -> (ring group, Ulysses group) of this rank for each Ulysses size (U = 1: none). Every
+    rank creates every group, in the same order; Ulysses groups are U consecutive ranks."""
+    out = {}
+    for U in sizes:
+        if U == 1:
+            continue
+        if P % U:
+            raise SystemExit(f"--ulysses {U} does not divide the {P} ranks")
+        R = P // U
+        rings = [dist.new_group([r * U + u for r in range(R)]) for u in range(U)]
+        ulysses = [dist.new_group([r * U + u for u in range(U)]) for r in range(R)]
+        out[U] = (rings[rank % U], ulysses[rank // U])
+    return out
+
+
+def predicted_ms(S, H, Hkv, D, P, U, args) -> float | None:
+    """The cost model's causal fwd+bwd time of the split (one node of P GPUs), if it applies."""
+    try:
+        return round(cost_model.estimate(seqlen=S, heads=H, kv_heads=Hkv, head_dim=D, nodes=1, gpus_per_node=P,
+                                         ulysses=U, tflops=args.model_tflops, nvlink_gbs=args.nvlink_gbs,
+                                         net_gbs=args.nvlink_gbs).total_ms, 3)
+    except ValueError:
+        return None
+
+
 def init_nccl() -> tuple[int, int, str]:
     """This rank's GPU and the NCCL process group under torchrun: (world size, rank, GPU name)."""
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -320,6 +354,14 @@ def main():
                     help="torch CP's K/V exchange (set_rotate_method; torch's default: allgather)")
     ap.add_argument("--host-lead-us", type=float, default=DEFAULT_HOST_LEAD_US,
                     help="GPU spin before each timed call so the host queues ahead (0: off)")
+    ap.add_argument("--ulysses", type=int, nargs="+", default=[1],
+                    help="Ulysses sizes U: the ringflash rows over P/U ring positions x U (1: the plain ring)")
+    ap.add_argument("--ulysses-chunks", type=int, nargs="+", default=[1],
+                    help="HybridGroup(chunks=) for each U > 1")
+    ap.add_argument("--model-tflops", type=float, default=400.0,
+                    help="the cost model's local fwd+bwd rate per GPU (TFLOP/s) for predicted_ms")
+    ap.add_argument("--nvlink-gbs", type=float, default=260.0,
+                    help="the cost model's NVLink bandwidth per GPU and direction (GB/s)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default=None, help="append JSON lines here (rank 0)")
@@ -332,6 +374,8 @@ def main():
         ring_mod.HEAD_START_MIN_RANKS = 1
     env = nccl_env()
     causals = {"both": [True, False], "causal": [True], "full": [False]}[args.causal]
+    hybrids = hybrid_groups(P, rank, args.ulysses)
+    splits = [(1, 1)] * (1 in args.ulysses) + [(U, C) for U in args.ulysses if U > 1 for C in args.ulysses_chunks]
 
     rows = []
     for S in map(parse_size, args.seqlens):
@@ -349,10 +393,12 @@ def main():
                             starts = args.head_start_us if eng in HEAD_START_ENGINES else [None]
                             transports = [(tr, sig) for tr in (args.transports if impl == "ringflash" else ["nccl"])
                                           for sig in (args.ce_signals if tr == "copy_engine" else [None])]
-                            runs += [(impl, lay, eng, (n, us, tr, sig), lambda lay=lay, eng=eng, n=n, us=us, impl=impl, tr=tr, sig=sig: bench_ringflash(
+                            runs += [(impl, lay, eng, (n, us, tr, sig, U, C), lambda lay=lay, eng=eng, n=n, us=us, impl=impl, tr=tr, sig=sig, U=U, C=C: bench_ringflash(
                                 S, args.heads, Hkv, args.head_dim, causal, mode, lay, args, eng, n, us,
-                                local=impl == "ringflash_local", transport=tr, ce_signals=sig))
-                                for lay in args.layouts for n in parts for us in starts for tr, sig in transports]
+                                local=impl == "ringflash_local", transport=tr, ce_signals=sig,
+                                group=HybridGroup(*hybrids[U], chunks=C) if U > 1 else None))
+                                for lay in args.layouts for n in parts for us in starts for tr, sig in transports
+                                for U, C in splits]
                     for backend in ("flash", "cudnn"):
                         if f"torch_cp_{backend}" in args.impls:
                             runs.append((f"torch_cp_{backend}", "zigzag" if causal else "contiguous", backend, None,
@@ -370,7 +416,13 @@ def main():
                         row["host_lead_us"] = HOST_LEAD_US
                         if impl.startswith("torch_cp"):
                             row["cp_rotate"] = args.cp_rotate
-                        n, us, tr, sig = parts if parts is not None else (None, None, None, None)
+                        n, us, tr, sig, U, C = parts if parts is not None else (None,) * 6
+                        if U is not None and args.ulysses != [1]:
+                            row.update(ulysses=U, ring=P // U)
+                            if U > 1:
+                                row["chunks"] = C
+                            if causal and mode == "fwdbwd":
+                                row["predicted_ms"] = predicted_ms(S, args.heads, Hkv, args.head_dim, P, U, args)
                         if tr is not None and args.transports != ["nccl"]:
                             row["transport"] = tr
                         if sig is not None:
@@ -402,6 +454,8 @@ def main():
     if rank == 0:
         print(f"\n{'impl':16s} {'engine':7s} {'layout':11s} {'S':>7s} {'Hkv':>4s} {'causal':>6s} {'mode':>7s} {'ms':>9s} {'TFLOP/s/GPU':>11s} {'GiB':>6s}")
         for r in rows:
+            if "ulysses" in r:  # layout:RxU(/chunks)
+                r = dict(r, layout=f"{r['layout']}:{r['ring']}x{r['ulysses']}" + (f"/{r['chunks']}" if r.get("chunks", 1) > 1 else ""))
             if "last_hop_parts" in r:
                 r = dict(r, layout=f"{r['layout']}/{r['last_hop_parts']}")  # layout/last-hop parts
             if "head_start_us" in r:

@@ -5,7 +5,8 @@
 # Optional: TRAIN_ARGS="..." runs launch/train.py with those flags on all GPUs; LONG=2m times
 # one causal fwd+bwd at that length (striped, Triton, Hkv 32; ring_<gpu>x<n>_long.jsonl).
 # TESTS=0 skips the tests (a benchmark-only call when device time is short). BENCH_ARGS="..." adds
-# flags to the ring benchmark, e.g. "--engines triton cudnn --transports nccl copy_engine".
+# flags to the ring benchmark, e.g. "--engines triton cudnn --transports nccl copy_engine", or
+# "--ulysses 1 2 4 --ulysses-chunks 1 2 --layouts zigzag --causal causal --modes fwdbwd" (Ulysses x ring splits).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1

@@ -176,3 +176,19 @@ def test_nccl_env_of_the_rows(monkeypatch):
     monkeypatch.setenv("TORCH_NCCL_HIGH_PRIORITY", "1")
     monkeypatch.setenv("NOT_NCCL_X", "1")
     assert nccl_env() == {"NCCL_MAX_P2P_NCHANNELS": "8", "TORCH_NCCL_HIGH_PRIORITY": "1"}
+
+
+def test_ring_bench_predicts_each_split_with_the_cost_model():
+    """bench_ring.py --ulysses: the cost model's causal fwd+bwd time of a split on one node of P
+    GPUs beside its measurement; None where the model does not apply (U not dividing the heads)."""
+    from types import SimpleNamespace
+
+    import cost_model
+    from bench_ring import predicted_ms
+
+    args = SimpleNamespace(model_tflops=400.0, nvlink_gbs=260.0)
+    want = cost_model.estimate(seqlen=131072, heads=32, kv_heads=8, head_dim=128, nodes=1, gpus_per_node=4,
+                               ulysses=2, tflops=400.0, nvlink_gbs=260.0, net_gbs=260.0).total_ms
+    assert predicted_ms(131072, 32, 8, 128, 4, 2, args) == round(want, 3)
+    assert predicted_ms(131072, 32, 8, 128, 4, 1, args) < predicted_ms(131072, 32, 8, 128, 4, 4, args) * 10
+    assert predicted_ms(131072, 30, 8, 128, 4, 4, args) is None

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ringflash import flash_attention, get_layout, reference, ring_attention
+from ringflash import HybridGroup, flash_attention, get_layout, reference, ring_attention
 
 pytestmark = pytest.mark.multigpu
 
@@ -44,7 +44,10 @@ def rel(x, ref):
 
 
 def _case(seqlen, heads, heads_kv, head_dim, causal, layout, group=None, seed=0, engine="triton", batch=1):
-    P, r = dist.get_world_size(group), dist.get_rank(group)
+    if isinstance(group, HybridGroup):
+        P, r = group.size, group.rank
+    else:
+        P, r = dist.get_world_size(group), dist.get_rank(group)
     g = torch.Generator(device="cuda").manual_seed(seed)
     mk = lambda h: torch.randn(batch, seqlen, h, head_dim, device="cuda", dtype=torch.float64, generator=g)  # noqa: E731
     q, k, v, dout = mk(heads), mk(heads_kv), mk(heads_kv), mk(heads)
@@ -74,6 +77,31 @@ def _case(seqlen, heads, heads_kv, head_dim, causal, layout, group=None, seed=0,
                                     causal=causal, layout=layout, errors={n: {"ring": e[0], "single": e[1]} for n, e in errs.items()})) + "\n")
     for n, (e_ring, e_single) in errs.items():
         assert e_ring <= 2 * e_single, f"{n}: ring {e_ring:.3e} vs single-GPU {e_single:.3e}"
+
+
+_HYBRIDS: dict = {}
+
+
+def _hybrid_groups(U: int):
+    """(ring group, Ulysses group) of this rank for U consecutive ranks per Ulysses group, made
+    once per U (every rank creates every group, in the same order)."""
+    if U not in _HYBRIDS:
+        P, rank = dist.get_world_size(), dist.get_rank()
+        rings = [dist.new_group([r * U + u for r in range(P // U)]) for u in range(U)]
+        ulysses = [dist.new_group([r * U + u for u in range(U)]) for r in range(P // U)]
+        _HYBRIDS[U] = (rings[rank % U], ulysses[rank // U])
+    return _HYBRIDS[U]
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+@pytest.mark.parametrize("layout,causal", [("striped", True), ("zigzag", True), ("contiguous", False)])
+def test_ulysses_by_ring_bf16_matches_float64(layout, causal, chunks):
+    """Every split of the GPUs into ring x Ulysses (U > 1 dividing them) over NCCL, the heads in
+    one chunk or pipelined in two (16 query / 8 K/V heads: 2 chunks up to U = 4)."""
+    P = dist.get_world_size()
+    for U in [u for u in range(2, P + 1) if P % u == 0]:
+        hybrid = HybridGroup(*_hybrid_groups(U), chunks=chunks)
+        _case(1024 * P, 16, 8, 128, causal, layout, group=hybrid, seed=100 + U)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "striped", "zigzag"])
