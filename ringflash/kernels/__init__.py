@@ -4,7 +4,10 @@
 and contract; ``check_inputs`` says what the kernels take before anything is launched.
 
 On the CPU the kernels run under Triton's interpreter: set ``TRITON_INTERPRET=1`` before
-this package is first imported.
+this package is first imported. On sm_90 GPUs, kernels written in Gluon with FlashAttention-3's
+pieces (``*_hopper.py``) can take the calls they serve; they are off unless
+``RINGFLASH_HOPPER_FORWARD=1`` / ``RINGFLASH_HOPPER_BACKWARD=1`` (see ``attention.py``), and the
+interpreter does not run them.
 """
 
 from .attention import (
