@@ -22,7 +22,7 @@ if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0)
     pytest.skip("needs an sm_90 GPU (H100/H200)", allow_module_level=True)
 
 from common import rel as rel_err  # noqa: E402
-from ringflash import kernels, reference  # noqa: E402
+from ringflash import get_layout, kernels, reference  # noqa: E402
 from ringflash.kernels import attention  # noqa: E402
 from ringflash.mask import doc_ids, visible  # noqa: E402
 
@@ -136,13 +136,11 @@ def test_odd_lengths(Sq, Sk, causal, hopper):
 
 
 def striped(S, world, rank):
-    return torch.arange(rank, S, world, device=DEV)
+    return get_layout("striped").positions(S, rank=rank, world_size=world, device=DEV)
 
 
 def zigzag(S, world, rank):
-    C = S // (2 * world)
-    ar = torch.arange(C, device=DEV)
-    return torch.cat([rank * C + ar, (2 * world - 1 - rank) * C + ar])
+    return get_layout("zigzag").positions(S, rank=rank, world_size=world, device=DEV)
 
 
 @pytest.mark.parametrize(

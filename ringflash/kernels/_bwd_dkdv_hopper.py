@@ -46,7 +46,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from ._hopper_common import LOG2E, cta_barrier, ranges, tile_start, tma_load, visible
+from ._hopper_common import LOG2E, barriers, cta_barrier, invalidate, ranges, tile_start, tma_load, visible
 
 
 @gluon.jit
@@ -204,17 +204,12 @@ def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPO
     q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
 
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    do_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(q_ready.index(i), count=1)
-        mbarrier.init(do_ready.index(i), count=1)
-        mbarrier.init(q_empty.index(i), count=1)
-        mbarrier.init(do_empty.index(i), count=1)
+    kv_bars = barriers(1, 1)
+    kv_bar = kv_bars.index(0)
+    q_ready = barriers(STAGES, 1)
+    do_ready = barriers(STAGES, 1)
+    q_empty = barriers(STAGES, 1)
+    do_empty = barriers(STAGES, 1)
     fence_async_shared()
 
     # Argument tuples written out in the call (see _fwd_hopper.py: constexprs stay constexprs).
@@ -233,9 +228,8 @@ def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPO
         ],
         [PRODUCER_WARPS], [PRODUCER_REGS])
 
-    mbarrier.invalidate(kv_bar)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(q_ready.index(i))
-        mbarrier.invalidate(do_ready.index(i))
-        mbarrier.invalidate(q_empty.index(i))
-        mbarrier.invalidate(do_empty.index(i))
+    invalidate(kv_bars, 1)
+    invalidate(q_ready, STAGES)
+    invalidate(do_ready, STAGES)
+    invalidate(q_empty, STAGES)
+    invalidate(do_empty, STAGES)

@@ -30,20 +30,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from ._hopper_common import LOG2E, cta_barrier, ranges, tile_start, tma_load, visible
-
-
-@gluon.jit
-def _program(H, G, Sq, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
-    """(b, h, K/V head, first query row, query tile) of this program."""
-    num_m = (Sq + BLOCK_M - 1) // BLOCK_M
-    pid_m = gl.program_id(0)
-    if CAUSAL:
-        pid_m = num_m - 1 - pid_m  # the longest rows first: a shorter tail
-    pid_bh = gl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    return b, h, h // G, pid_m * BLOCK_M, pid_m
+from ._hopper_common import LOG2E, barriers, cta_barrier, invalidate, query_program, ranges, tile_start, tma_load, visible
 
 
 @gluon.jit
@@ -53,7 +40,7 @@ def _producer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr,
               ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr):
-    b, h, hk, m0, pid_m = _program(H, G, Sq, BLOCK_M, CAUSAL)
+    b, h, hk, m0, pid_m = query_program(H, G, Sq, BLOCK_M, CAUSAL)
     lo, flo, fhi, hi = ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
     n = (hi - lo) // BLOCK_N
 
@@ -89,7 +76,7 @@ def _consumer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
     col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
     dtype: gl.constexpr = q_desc.dtype
 
-    b, h, hk, m0, pid_m = _program(H, G, Sq, BLOCK_M, CAUSAL)
+    b, h, hk, m0, pid_m = query_program(H, G, Sq, BLOCK_M, CAUSAL)
     lo, flo, fhi, hi = ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
     n = (hi - lo) // BLOCK_N
     n_full = (fhi - flo) // BLOCK_N
@@ -175,17 +162,12 @@ def _attn_bwd_dq_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS,
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
 
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=1)
-        mbarrier.init(v_empty.index(i), count=1)
+    q_bars = barriers(1, 1)
+    q_bar = q_bars.index(0)
+    k_ready = barriers(STAGES, 1)
+    v_ready = barriers(STAGES, 1)
+    k_empty = barriers(STAGES, 1)
+    v_empty = barriers(STAGES, 1)
     fence_async_shared()
 
     gl.warp_specialize(
@@ -203,9 +185,8 @@ def _attn_bwd_dq_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS,
         ],
         [PRODUCER_WARPS], [PRODUCER_REGS])
 
-    mbarrier.invalidate(q_bar)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(k_ready.index(i))
-        mbarrier.invalidate(v_ready.index(i))
-        mbarrier.invalidate(k_empty.index(i))
-        mbarrier.invalidate(v_empty.index(i))
+    invalidate(q_bars, 1)
+    invalidate(k_ready, STAGES)
+    invalidate(v_ready, STAGES)
+    invalidate(k_empty, STAGES)
+    invalidate(v_empty, STAGES)

@@ -64,21 +64,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from ._hopper_common import LN2, cta_barrier, max_of, ranges, sum_of, tile_start, tma_load, visible
-
-@gluon.jit
-def _program(H, G, Sq, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
-    """(b, h, K/V head, first query row, query tile) of this program, as both partitions see it."""
-    num_m = (Sq + BLOCK_M - 1) // BLOCK_M
-    pid_m = gl.program_id(0)
-    if CAUSAL:
-        # Later query tiles see more keys: start them first so that the grid's tail is short.
-        pid_m = num_m - 1 - pid_m
-    pid_bh = gl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    return b, h, h // G, pid_m * BLOCK_M, pid_m
-
+from ._hopper_common import (LN2, barriers, cta_barrier, invalidate, max_of, query_program, ranges, sum_of, tile_start,
+                             tma_load, visible)
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
@@ -89,7 +76,7 @@ def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
               STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
               RANGED: gl.constexpr, FOLD: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
               SPLIT: gl.constexpr, WG: gl.constexpr):
-    b, h, hk, m0, pid_m = _program(H, G, Sq, BLOCK_M, CAUSAL)
+    b, h, hk, m0, pid_m = query_program(H, G, Sq, BLOCK_M, CAUSAL)
     lo, flo, fhi, hi = ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
     n = (hi - lo) // BLOCK_N
 
@@ -200,7 +187,7 @@ def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
 
-    b, h, hk, m0, pid_m = _program(H, G, Sq, BLOCK_M, CAUSAL)
+    b, h, hk, m0, pid_m = query_program(H, G, Sq, BLOCK_M, CAUSAL)
     lo, flo, fhi, hi = ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
     n = (hi - lo) // BLOCK_N
     n_full = (fhi - flo) // BLOCK_N
@@ -301,18 +288,12 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
 
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        # One arrive per consumer partition frees a slot.
-        mbarrier.init(k_empty.index(i), count=SPLIT)
-        mbarrier.init(v_empty.index(i), count=SPLIT)
+    q_bars = barriers(1, 1)
+    q_bar = q_bars.index(0)
+    k_ready = barriers(STAGES, 1)
+    v_ready = barriers(STAGES, 1)
+    k_empty = barriers(STAGES, SPLIT)  # one arrive per consumer partition frees a slot
+    v_empty = barriers(STAGES, SPLIT)
     fence_async_shared()
 
     # The argument tuples are written out in the call: a tuple bound to a local first would turn
@@ -356,9 +337,8 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT
             ],
             [CONSUMER_WARPS // SPLIT, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])
 
-    mbarrier.invalidate(q_bar)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(k_ready.index(i))
-        mbarrier.invalidate(v_ready.index(i))
-        mbarrier.invalidate(k_empty.index(i))
-        mbarrier.invalidate(v_empty.index(i))
+    invalidate(q_bars, 1)
+    invalidate(k_ready, STAGES)
+    invalidate(v_ready, STAGES)
+    invalidate(k_empty, STAGES)
+    invalidate(v_empty, STAGES)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import tma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 # Triton 3.6 (the GPU machines) and the newer releases on PyPI name these differently.
 tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
@@ -28,6 +28,35 @@ def max_of(a, b):
 @gluon.jit
 def sum_of(a, b):
     return a + b
+
+
+@gluon.jit
+def barriers(N: gl.constexpr, COUNT: gl.constexpr):
+    """``N`` mbarriers in shared memory, each completing after ``COUNT`` arrivals."""
+    bars = gl.allocate_shared_memory(gl.int64, [N, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(N):
+        mbarrier.init(bars.index(i), count=COUNT)
+    return bars
+
+
+@gluon.jit
+def invalidate(bars, N: gl.constexpr):
+    for i in gl.static_range(N):
+        mbarrier.invalidate(bars.index(i))
+
+
+@gluon.jit
+def query_program(H, G, Sq, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
+    """(b, h, K/V head, first query row, query tile) of a program that owns a query tile; causal
+    grids run the longest rows first, so that the grid's tail is short."""
+    num_m = (Sq + BLOCK_M - 1) // BLOCK_M
+    pid_m = gl.program_id(0)
+    if CAUSAL:
+        pid_m = num_m - 1 - pid_m
+    pid_bh = gl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    return b, h, h // G, pid_m * BLOCK_M, pid_m
 
 
 @gluon.jit
