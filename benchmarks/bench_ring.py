@@ -305,12 +305,12 @@ def hybrid_groups(P: int, rank: int, sizes: list[int]) -> dict:
     return out
 
 
-def predicted_ms(S, H, Hkv, D, P, U, args) -> float | None:
+def predicted_ms(S, H, Hkv, D, P, U, args, chunks: int = 1) -> float | None:
     """The cost model's causal fwd+bwd time of the split (one node of P GPUs), if it applies."""
     try:
         return round(cost_model.estimate(seqlen=S, heads=H, kv_heads=Hkv, head_dim=D, nodes=1, gpus_per_node=P,
                                          ulysses=U, tflops=args.model_tflops, nvlink_gbs=args.nvlink_gbs,
-                                         net_gbs=args.nvlink_gbs).total_ms, 3)
+                                         net_gbs=args.nvlink_gbs, chunks=chunks).total_ms, 3)
     except ValueError:
         return None
 
@@ -422,7 +422,7 @@ def main():
                             if U > 1:
                                 row["chunks"] = C
                             if causal and mode == "fwdbwd":
-                                row["predicted_ms"] = predicted_ms(S, args.heads, Hkv, args.head_dim, P, U, args)
+                                row["predicted_ms"] = predicted_ms(S, args.heads, Hkv, args.head_dim, P, U, args, C)
                         if tr is not None and args.transports != ["nccl"]:
                             row["transport"] = tr
                         if sig is not None:

@@ -15,7 +15,10 @@ For ``P = nodes x gpus_per_node`` ranks split as ``R`` ring positions x ``U`` Ul
   first step of each pass none of the transfer. Hops go over the slowest link of the ring: the
   network (``--net-gbs`` per GPU) once the ring leaves a node, NVLink (``--nvlink-gbs``) inside one;
 * all-to-all (``U > 1``): q, k, v in and the output back in the forward, dO in and dQ, dK, dV back
-  in the backward, each rank sending ``(U-1)/U`` of its share over NVLink; not overlapped.
+  in the backward, each rank sending ``(U-1)/U`` of its share over NVLink. With ``--chunks C``
+  (``HybridGroup(chunks=C)``) the first chunk's exchange in and the last one's out stay exposed
+  (``1/C`` of it); the rest runs beside the other chunks' compute and is exposed only where it
+  outlasts that compute. Without chunks none of it is hidden.
 
 It ignores the merges, the kernel's efficiency on shorter blocks and launch overheads; the
 numbers are estimates to rank the splits, not promises.
@@ -38,8 +41,10 @@ class Estimate:
     compute_ms: float
     ring_transfer_ms: float  # the transfers of every hop, hidden or not
     ring_exposed_ms: float  # the part of them not hidden behind compute
-    all_to_all_ms: float
+    all_to_all_ms: float  # every exchange, hidden or not
     total_ms: float
+    all_to_all_exposed_ms: float = 0.0  # the part not hidden behind compute (all of it with one chunk)
+    chunks: int = 1
 
 
 def parse_len(s: str) -> int:
@@ -49,7 +54,7 @@ def parse_len(s: str) -> int:
 
 
 def estimate(*, seqlen: int, heads: int, kv_heads: int, head_dim: int, nodes: int, gpus_per_node: int,
-             ulysses: int, tflops: float, nvlink_gbs: float, net_gbs: float) -> Estimate:
+             ulysses: int, tflops: float, nvlink_gbs: float, net_gbs: float, chunks: int = 1) -> Estimate:
     """The modelled time of one causal layer, forward+backward, under a ring x ulysses split."""
     P = nodes * gpus_per_node
     if gpus_per_node % ulysses or heads % ulysses:
@@ -72,9 +77,14 @@ def estimate(*, seqlen: int, heads: int, kv_heads: int, head_dim: int, nodes: in
         fwd = local * (heads + 2 * kv_sent + heads) * head_dim  # q, k, v in; out back
         bwd = local * (heads + heads + 2 * kv_sent) * head_dim  # dO in; dq, dk, dv back
         a2a_s = (fwd + bwd) * BYTES * (ulysses - 1) / ulysses / (nvlink_gbs * 1e9)
-    total_s = compute_s + exposed_s + a2a_s
+    if chunks < 1:
+        raise ValueError(f"chunks must be at least 1; got {chunks}")
+    rest = a2a_s * (chunks - 1) / chunks
+    a2a_exposed_s = a2a_s / chunks + max(0.0, rest - compute_s * (chunks - 1) / chunks)
+    total_s = compute_s + exposed_s + a2a_exposed_s
     ms = 1e3
-    return Estimate(R, ulysses, compute_s * ms, transfer_s * ms, exposed_s * ms, a2a_s * ms, total_s * ms)
+    return Estimate(R, ulysses, compute_s * ms, transfer_s * ms, exposed_s * ms, a2a_s * ms, total_s * ms,
+                    a2a_exposed_s * ms, chunks)
 
 
 def splits(args, nodes: int) -> list[Estimate]:
@@ -83,7 +93,7 @@ def splits(args, nodes: int) -> list[Estimate]:
         if args.gpus_per_node % u == 0 and args.heads % u == 0 and (args.kv_heads % u == 0 or u % args.kv_heads == 0):
             out.append(estimate(seqlen=args.seqlen, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                                 nodes=nodes, gpus_per_node=args.gpus_per_node, ulysses=u, tflops=args.tflops,
-                                nvlink_gbs=args.nvlink_gbs, net_gbs=args.net_gbs))
+                                nvlink_gbs=args.nvlink_gbs, net_gbs=args.net_gbs, chunks=args.chunks))
     return out
 
 
@@ -98,6 +108,7 @@ def main() -> None:
     p.add_argument("--tflops", type=float, default=400.0, help="the local kernel's fwd+bwd TFLOP/s per GPU")
     p.add_argument("--nvlink-gbs", type=float, default=260.0, help="GB/s per GPU per direction inside a node")
     p.add_argument("--net-gbs", type=float, default=25.0, help="GB/s per GPU per direction between nodes")
+    p.add_argument("--chunks", type=int, default=1, help="head chunks that pipeline the all-to-alls (HybridGroup(chunks=))")
     p.add_argument("--sweep-nodes", type=int, nargs="*", help="print the best split for each node count")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args()

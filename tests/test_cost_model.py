@@ -46,3 +46,19 @@ def test_fewer_kv_heads_than_ulysses_ranks_send_one_each():
     assert one.all_to_all_ms == pytest.approx(eight.all_to_all_ms)  # 8 heads cross the all-to-all either way
     with pytest.raises(ValueError):
         estimate(kv_heads=8, ulysses=3, **BASE)
+
+
+def test_chunks_hide_the_all_to_all_behind_compute():
+    """HybridGroup(chunks=C): 1/C of the exchanges stays exposed while the compute can hide the
+    rest; with one chunk all of it counts, as before; bad counts raise."""
+    one = estimate(kv_heads=8, ulysses=8, **BASE)
+    assert one.all_to_all_exposed_ms == one.all_to_all_ms and one.chunks == 1
+    two = estimate(kv_heads=8, ulysses=8, chunks=2, **BASE)
+    assert two.compute_ms > two.all_to_all_ms  # at this size the compute hides the rest
+    assert two.all_to_all_exposed_ms == pytest.approx(one.all_to_all_ms / 2)
+    assert two.total_ms == pytest.approx(one.total_ms - one.all_to_all_ms / 2)
+    # Compute too short to hide the rest: exposed beyond 1/C.
+    fast = estimate(kv_heads=8, ulysses=8, chunks=4, **{**BASE, "tflops": 1e6})
+    assert fast.all_to_all_exposed_ms > fast.all_to_all_ms / 4
+    with pytest.raises(ValueError, match="chunks"):
+        estimate(kv_heads=8, ulysses=8, chunks=0, **BASE)
