@@ -100,9 +100,8 @@ def compile_backward(D, dtype, *, causal=False, window=None, docs=False, accumul
 FOLD_128 = dict(D=128, dtype=torch.bfloat16, causal=True, fold=True)
 VARIANTS = [
     dict(D=128, dtype=torch.bfloat16),
-    dict(D=128, dtype=torch.bfloat16, causal=True),
     FOLD_128,
-    dict(D=128, dtype=torch.float16, causal=True, fold=True),
+    dict(D=128, dtype=torch.float16, causal=True),
     dict(D=128, dtype=torch.bfloat16, window=(64, 0), docs=True, fold=True, pos_dtype=torch.int32),
     dict(D=64, dtype=torch.bfloat16, causal=True),
     dict(D=64, dtype=torch.bfloat16, window=(32, 16), docs=True),
@@ -115,7 +114,6 @@ BACKWARD_VARIANTS = [
     dict(D=128, dtype=torch.bfloat16),
     dict(D=128, dtype=torch.bfloat16, causal=True, accumulate=True),
     dict(D=128, dtype=torch.float16, window=(64, 0), docs=True, causal=True, pos_dtype=torch.int32),
-    dict(D=64, dtype=torch.bfloat16, causal=True),
     dict(D=64, dtype=torch.bfloat16, window=(32, 16), docs=True, accumulate=True),
 ]
 
@@ -162,7 +160,8 @@ def report() -> dict:
     for v in BACKWARD_VARIANTS:
         for kind, (kernel, grid) in zip(("dkdv", "dq"), compile_backward(**v)):
             out[f"{kind}-" + _name(v)] = _facts(kernel, grid)
-            out[f"spills-{kind}-" + _name(v)] = _spills(kernel)
+            if v.get("window") is None:  # what test_registers_fit checks
+                out[f"spills-{kind}-" + _name(v)] = _spills(kernel)
     return out
 
 
