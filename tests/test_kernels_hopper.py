@@ -149,20 +149,30 @@ def _spills(kernel) -> list:
             re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report.stdout + report.stderr)]
 
 
-def report() -> dict:
-    """Every variant compiled, and what the tests check of it."""
+def _report_one(job: tuple) -> dict:
+    kind, v = job
     out = {}
-    for v in VARIANTS:
+    if kind == "fwd":
         kernel, grid = compile_variant(**v)
         out["fwd-" + _name(v)] = _facts(kernel, grid)
         if v == FOLD_128:
             out["spills-fwd-" + _name(v)] = _spills(kernel)
-    for v in BACKWARD_VARIANTS:
-        for kind, (kernel, grid) in zip(("dkdv", "dq"), compile_backward(**v)):
-            out[f"{kind}-" + _name(v)] = _facts(kernel, grid)
-            if v.get("window") is None:  # what test_registers_fit checks
-                out[f"spills-{kind}-" + _name(v)] = _spills(kernel)
+        return out
+    for kind, (kernel, grid) in zip(("dkdv", "dq"), compile_backward(**v)):
+        out[f"{kind}-" + _name(v)] = _facts(kernel, grid)
+        if v.get("window") is None:  # what test_registers_fit checks
+            out[f"spills-{kind}-" + _name(v)] = _spills(kernel)
     return out
+
+
+def report() -> dict:
+    """Every variant compiled (on every core: forked workers), and what the tests check of it."""
+    import multiprocessing
+
+    jobs = [("fwd", v) for v in VARIANTS] + [("bwd", v) for v in BACKWARD_VARIANTS]
+    with multiprocessing.get_context("fork").Pool(max(1, min(4, os.cpu_count() or 1))) as pool:
+        parts = pool.map(_report_one, jobs, chunksize=1)
+    return {k: v for part in parts for k, v in part.items()}
 
 
 @pytest.fixture(scope="module")
