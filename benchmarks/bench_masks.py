@@ -95,6 +95,23 @@ def ringflash_fns(kern, q, k, v, dout, mask: str, cu, window: int):
     return {"fwd": fwd, "fwdbwd": fwdbwd}
 
 
+def hopper_fns(fns: dict) -> dict:
+    """``fns`` with the Hopper kernels switched on during each call."""
+    from ringflash.kernels import attention
+
+    def on(fn):
+        def run():
+            saved = attention.HOPPER_FORWARD, attention.HOPPER_BACKWARD
+            attention.HOPPER_FORWARD = attention.HOPPER_BACKWARD = True
+            try:
+                return fn()
+            finally:
+                attention.HOPPER_FORWARD, attention.HOPPER_BACKWARD = saved
+        return run
+
+    return {mode: on(fn) for mode, fn in fns.items()}
+
+
 def flex_fns(q, k, v, dout, mask: str, cu, window: int):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -140,7 +157,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seqlens", nargs="+", default=["32k", "128k"])
     ap.add_argument("--masks", nargs="+", default=["causal", "documents", "window"], choices=MASKS)
-    ap.add_argument("--impls", nargs="+", default=["ringflash", "flex"], choices=["ringflash", "flex"])
+    ap.add_argument("--impls", nargs="+", default=["ringflash", "flex"], choices=["ringflash", "ringflash_hopper", "flex"],
+                    help="ringflash_hopper: the Gluon kernels for sm_90 switched on (kernels.attention.HOPPER_*)")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
@@ -173,6 +191,8 @@ def main() -> None:
                 fns = flex_fns(q, k, v, dout, mask, cu, args.window)
             else:
                 fns = ringflash_fns(prev if impl == "ringflash_prev" else kernels, q, k, v, dout, mask, cu, args.window)
+                if impl == "ringflash_hopper":
+                    fns = hopper_fns(fns)
             vis = visible_pairs(mask, S, cu, args.window)
             for mode in args.modes:
                 ms = bench(fns[mode])
@@ -182,14 +202,15 @@ def main() -> None:
                            window=args.window if mask == "window" else None,
                            documents=len(cu) - 1 if mask == "documents" else None,
                            device=torch.cuda.get_device_name(), torch=torch.__version__)
-                if impl == "ringflash" and mask == "causal":
-                    dense_ms[mode] = (ms, vis)
-                if impl == "ringflash" and mode in dense_ms and mask not in ("causal", "full"):
-                    c_ms, c_vis = dense_ms[mode]
-                    rec["area_ratio"] = ms / (c_ms * vis / c_vis)
+                ours = impl in ("ringflash", "ringflash_hopper")
+                if ours and mask == "causal":
+                    dense_ms[(impl, mode)] = (ms, vis)
+                if ours and (impl, mode) in dense_ms and mask not in ("causal", "full"):
+                    c_ms, c_vis = dense_ms[(impl, mode)]
+                    rec["area_ratio"] = ms / (c_ms * vis / c_vis)  # against this impl's own causal rate
                 flex = next((r for r in rows if r["impl"] == "flex" and r["S"] == S and r["mask"] == mask
                              and r["mode"] == mode), None)
-                if impl == "ringflash" and flex is not None:
+                if ours and flex is not None:
                     rec["vs_flex"] = flex["ms"] / ms
                 rows.append(rec)
                 with open(out, "a") as f:
@@ -201,12 +222,12 @@ def main() -> None:
             torch.cuda.empty_cache()
     print("\nringflash vs FlexAttention (time ratio, >1: ringflash faster)")
     for r in rows:
-        if r["impl"] != "ringflash":
+        if r["impl"] not in ("ringflash", "ringflash_hopper"):
             continue
         flex = next((x for x in rows if x["impl"] == "flex" and x["S"] == r["S"] and x["mask"] == r["mask"]
                      and x["mode"] == r["mode"]), None)
         if flex is not None:
-            print(f"  S={r['S']:>6} {r['mask']:>10} {r['mode']:>7}: {flex['ms'] / r['ms']:.2f}x")
+            print(f"  {r['impl']:>16} S={r['S']:>6} {r['mask']:>10} {r['mode']:>7}: {flex['ms'] / r['ms']:.2f}x")
     for r in rows:
         if r["impl"] == "ringflash_prev":
             now = next(x for x in rows if x["impl"] == "ringflash" and x["S"] == r["S"] and x["mask"] == r["mask"]
