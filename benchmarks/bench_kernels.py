@@ -42,8 +42,10 @@ from ringflash import kernels  # noqa: E402
 # ringflash_hopper: the same calls with the Gluon kernels for Hopper switched on
 # (kernels.attention.HOPPER_FORWARD and HOPPER_BACKWARD; sm_90 only, bf16/fp16 at D = 64 and 128);
 # ringflash_hopper_split: the same with a consumer partition per warpgroup in the forward
-# (HOPPER_FWD_SPLIT = 2).
-HOPPER_IMPLS = {"ringflash_hopper": 1, "ringflash_hopper_split": 2}
+# (HOPPER_FWD_SPLIT = 2); ringflash_hopper_pingpong: those partitions taking turns to issue their
+# matrix products (HOPPER_FWD_PINGPONG). Values: (split, ping-pong).
+HOPPER_IMPLS = {"ringflash_hopper": (1, False), "ringflash_hopper_split": (2, False),
+                "ringflash_hopper_pingpong": (2, True)}
 IMPLS = ("ringflash", *HOPPER_IMPLS, "sdpa_flash", "sdpa_cudnn")
 MODES = ("fwd", "bwd", "fwdbwd")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -97,13 +99,15 @@ def make_fns(impl: str, q, k, v, dout, causal: bool):
 
         def hopper(fn):
             def run():
-                saved = attention.HOPPER_FORWARD, attention.HOPPER_BACKWARD, attention.HOPPER_FWD_SPLIT
+                saved = (attention.HOPPER_FORWARD, attention.HOPPER_BACKWARD, attention.HOPPER_FWD_SPLIT,
+                         attention.HOPPER_FWD_PINGPONG)
                 attention.HOPPER_FORWARD = attention.HOPPER_BACKWARD = True
-                attention.HOPPER_FWD_SPLIT = HOPPER_IMPLS[impl]
+                attention.HOPPER_FWD_SPLIT, attention.HOPPER_FWD_PINGPONG = HOPPER_IMPLS[impl]
                 try:
                     return fn()
                 finally:
-                    attention.HOPPER_FORWARD, attention.HOPPER_BACKWARD, attention.HOPPER_FWD_SPLIT = saved
+                    (attention.HOPPER_FORWARD, attention.HOPPER_BACKWARD, attention.HOPPER_FWD_SPLIT,
+                     attention.HOPPER_FWD_PINGPONG) = saved
             return run
 
         return tuple(hopper(fn) for fn in make_fns("ringflash", q, k, v, dout, causal))

@@ -21,11 +21,11 @@ from ringflash.kernels import attention as A
 A.HOPPER_FORWARD = A.HOPPER_BACKWARD = True
 q, k, v, do = (torch.randn(2, 1000, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
 ref, ref_lse = reference.forward(q.double(), k.double(), v.double(), causal=True)
-for split in (1, 2):
-    A.HOPPER_FWD_SPLIT = split
+for split, pingpong in ((1, False), (2, False), (2, True)):
+    A.HOPPER_FWD_SPLIT, A.HOPPER_FWD_PINGPONG = split, pingpong
     o, l = kernels.forward(q, k, v, causal=True)
     torch.cuda.synchronize()
-    print(f"forward (split {split}): max |O - ref| {(o - ref).abs().max().item():.3e}", flush=True)
+    print(f"forward (split {split}, ping-pong {pingpong}): max |O - ref| {(o - ref).abs().max().item():.3e}", flush=True)
 delta = reference.backward_delta(ref, do.double())
 g = kernels.backward(do, q, k, v, ref_lse.float(), delta.float(), causal=True)
 torch.cuda.synchronize()
@@ -45,7 +45,7 @@ fi
 
 echo "== kernels: $SEQLENS"
 timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_kernels.py --seqlens $SEQLENS --head-dims 128 64 \
-  --impls ringflash ringflash_hopper ringflash_hopper_split sdpa_flash sdpa_cudnn \
+  --impls ringflash ringflash_hopper ringflash_hopper_split ringflash_hopper_pingpong sdpa_flash sdpa_cudnn \
   --out "$OUT/kernels.jsonl" > "$OUT/bench_kernels.log" 2>&1
 tail -30 "$OUT/bench_kernels.log"
 

@@ -71,17 +71,18 @@ def _compile(kernel, launch):
 
 
 def compile_variant(D, dtype, *, causal=False, window=None, docs=False, fold=False, pos_dtype=torch.int64,
-                    split=1):
+                    split=1, pingpong=False):
     """Compile the forward kernel as forward() would launch it on these (CPU) inputs."""
     q, k, v, m, masked = _inputs(D, dtype, causal, window, docs, pos_dtype)
     out = torch.empty(B, S, H, D, dtype=torch.float32)
     lse = torch.empty(B, H, S, dtype=torch.float32)
     ranges = _ranges(masked, triton.cdiv(S, A.HOPPER_FWD_CONFIGS[D].block_m))
-    saved, A.HOPPER_FWD_SPLIT = A.HOPPER_FWD_SPLIT, split
+    saved = A.HOPPER_FWD_SPLIT, A.HOPPER_FWD_PINGPONG
+    A.HOPPER_FWD_SPLIT, A.HOPPER_FWD_PINGPONG = split, pingpong
     try:
         launch = A._hopper_launch(q, k, v, m, causal, 0.125, out, lse, fold, ranges)
     finally:
-        A.HOPPER_FWD_SPLIT = saved
+        A.HOPPER_FWD_SPLIT, A.HOPPER_FWD_PINGPONG = saved
     return _compile(_attn_fwd_hopper, launch)
 
 
@@ -107,6 +108,7 @@ VARIANTS = [
     dict(D=64, dtype=torch.bfloat16, window=(32, 16), docs=True),
     dict(D=128, dtype=torch.bfloat16, causal=True, fold=True, split=2),
     dict(D=64, dtype=torch.bfloat16, window=(32, 16), docs=True, split=2),
+    dict(D=128, dtype=torch.bfloat16, causal=True, split=2, pingpong=True),
 ]
 
 

@@ -257,11 +257,14 @@ def test_backward_deterministic_accumulates_and_calls_back(hopper):
     assert len(seen) == 1 and torch.allclose(seen[0], a[1] + 1, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("pingpong", [False, True], ids=["split", "pingpong"])
 @pytest.mark.parametrize("D", [64, 128])
-def test_split_consumers(D, hopper, monkeypatch):
-    """HOPPER_FWD_SPLIT = 2 (a consumer partition per warpgroup): the same checks on odd
-    lengths, causal and full, a ring step, windows with documents, and the fold."""
+def test_split_consumers(D, pingpong, hopper, monkeypatch):
+    """HOPPER_FWD_SPLIT = 2 (a consumer partition per warpgroup), with and without the two
+    taking turns (HOPPER_FWD_PINGPONG): the same checks on odd lengths, causal and full, a ring
+    step, windows with documents, and the fold."""
     monkeypatch.setattr(attention, "HOPPER_FWD_SPLIT", 2)
+    monkeypatch.setattr(attention, "HOPPER_FWD_PINGPONG", pingpong)
     q, k, v = make(2, 1111, 555, 8, 2, D, torch.bfloat16, seed=10)
     check(q, k, v, hopper, causal=False)
     check(q, k, v, hopper, causal=True)

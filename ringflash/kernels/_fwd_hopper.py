@@ -69,13 +69,13 @@ from ._hopper_common import (LN2, barriers, cta_barrier, invalidate, max_of, que
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-              q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+              q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
               qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
               H, G, Sq, Sk,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
               RANGED: gl.constexpr, FOLD: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
-              SPLIT: gl.constexpr, WG: gl.constexpr):
+              SPLIT: gl.constexpr, PINGPONG: gl.constexpr, WG: gl.constexpr):
     b, h, hk, m0, pid_m = query_program(H, G, Sq, BLOCK_M, CAUSAL)
     lo, flo, fhi, hi = ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
     n = (hi - lo) // BLOCK_N
@@ -129,11 +129,29 @@ def _softmax_tile(s_acc, m_i, l_i, qp, qd, n0, KPOS, KDOC, Sk, qk_scale, wl, wr,
 
 
 @gluon.jit
-def _kv_step(j, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+def _my_turn(turn, t, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    """PINGPONG: wait until the other warpgroup has issued its products of its turn t - 1
+    (warpgroup 0 goes first: its first wait is on the phase before a fresh barrier's first)."""
+    if PINGPONG:
+        mbarrier.wait(turn.index(WG), (t & 1) ^ (1 - WG))
+
+
+@gluon.jit
+def _pass_turn(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    """PINGPONG: this warpgroup's products are issued; the other may issue its own, while this one
+    waits for them and runs its softmax."""
+    if PINGPONG:
+        cta_barrier()  # every warp of the warpgroup has issued
+        mbarrier.arrive(turn.index(1 - WG))
+
+
+@gluon.jit
+def _kv_step(j, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn,
              p_op, acc, m_i, l_i, s_zero, qp, qd, KPOS, KDOC, Sk, qk_scale, wl, wr,
              s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
              BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-             MASKED: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr):
+             MASKED: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
+             PINGPONG: gl.constexpr, WG: gl.constexpr):
     """Tile j >= 1: S_j = Q K_j^T beside O += P_{j-1} V_{j-1}, the softmax of S_j beside the PV."""
     s = j % STAGES
     ph = (j // STAGES) & 1
@@ -142,10 +160,12 @@ def _kv_step(j, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready, k_empty,
     k2 = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
     v2 = v_smem.index(sp).reshape([BLOCK_N, HEAD_DIM])
 
+    _my_turn(turn, j, WG, PINGPONG)
     mbarrier.wait(k_ready.index(s), ph)
     s_tok = warpgroup_mma(q2, k2.permute((1, 0)), s_zero, use_acc=False, is_async=True)
     mbarrier.wait(v_ready.index(sp), php)
     o_tok = warpgroup_mma(p_op, v2, acc, is_async=True)
+    _pass_turn(turn, WG, PINGPONG)
 
     # One group outstanding at most: the older one, S_j, has retired; the PV may still run.
     s_acc, _q, _k = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, q2, k2))
@@ -168,13 +188,13 @@ def _kv_step(j, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready, k_empty,
 
 @gluon.jit
 def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-              q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+              q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
               qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
               H, G, Sq, Sk,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
               RANGED: gl.constexpr, FOLD: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
-              SPLIT: gl.constexpr, WG: gl.constexpr):
+              SPLIT: gl.constexpr, PINGPONG: gl.constexpr, WG: gl.constexpr):
     # With SPLIT = 2 this partition is one warpgroup and owns ROWS = 64 of the tile's rows.
     NW: gl.constexpr = CONSUMER_WARPS // SPLIT
     ROWS: gl.constexpr = BLOCK_M // SPLIT
@@ -212,8 +232,10 @@ def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
         # Tile 0, peeled (nothing to overlap its QK^T with), with the mask: right for a fully
         # visible tile too.
         k2 = k_smem.index(0).reshape([BLOCK_N, HEAD_DIM])
+        _my_turn(turn, 0, WG, PINGPONG)
         mbarrier.wait(k_ready.index(0), 0)
         s_tok = warpgroup_mma(q2, k2.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        _pass_turn(turn, WG, PINGPONG)
         s_acc, _q, _k = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, q2, k2))
         cta_barrier()
         mbarrier.arrive(k_empty.index(0))
@@ -224,21 +246,23 @@ def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
 
         for j in range(1, n_full):
             p_op, acc, m_i, l_i = _kv_step(j, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready,
-                                           k_empty, v_empty, p_op, acc, m_i, l_i, s_zero, qp, qd,
+                                           k_empty, v_empty, turn, p_op, acc, m_i, l_i, s_zero, qp, qd,
                                            KPOS, KDOC, Sk, qk_scale, wl, wr, s_layout, o_layout, p_layout,
-                                           BLOCK_N, HEAD_DIM, STAGES, False, CAUSAL, WINDOW, DOCS)
+                                           BLOCK_N, HEAD_DIM, STAGES, False, CAUSAL, WINDOW, DOCS, PINGPONG, WG)
         for j in range(gl.maximum(n_full, 1), n):
             p_op, acc, m_i, l_i = _kv_step(j, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready,
-                                           k_empty, v_empty, p_op, acc, m_i, l_i, s_zero, qp, qd,
+                                           k_empty, v_empty, turn, p_op, acc, m_i, l_i, s_zero, qp, qd,
                                            KPOS, KDOC, Sk, qk_scale, wl, wr, s_layout, o_layout, p_layout,
-                                           BLOCK_N, HEAD_DIM, STAGES, True, CAUSAL, WINDOW, DOCS)
+                                           BLOCK_N, HEAD_DIM, STAGES, True, CAUSAL, WINDOW, DOCS, PINGPONG, WG)
 
         # The last PV.
         jl = n - 1
         sl = jl % STAGES
         v2 = v_smem.index(sl).reshape([BLOCK_N, HEAD_DIM])
+        _my_turn(turn, n, WG, PINGPONG)
         mbarrier.wait(v_ready.index(sl), (jl // STAGES) & 1)
         o_tok = warpgroup_mma(p_op, v2, acc, is_async=True)
+        _pass_turn(turn, WG, PINGPONG)
         acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
         cta_barrier()
         mbarrier.arrive(v_empty.index(sl))
@@ -282,7 +306,8 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT
                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                      DOCS: gl.constexpr, RANGED: gl.constexpr, FOLD: gl.constexpr,
                      PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                     CONSUMER_WARPS: gl.constexpr, CONSUMER_REGS: gl.constexpr, SPLIT: gl.constexpr):
+                     CONSUMER_WARPS: gl.constexpr, CONSUMER_REGS: gl.constexpr, SPLIT: gl.constexpr,
+                     PINGPONG: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [SPLIT] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -294,6 +319,7 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT
     v_ready = barriers(STAGES, 1)
     k_empty = barriers(STAGES, SPLIT)  # one arrive per consumer partition frees a slot
     v_empty = barriers(STAGES, SPLIT)
+    turn = barriers(2, 1)  # PINGPONG: turn[w] completes when the other warpgroup has issued its products
     fence_async_shared()
 
     # The argument tuples are written out in the call: a tuple bound to a local first would turn
@@ -302,15 +328,15 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT
         gl.warp_specialize(
             [
                 (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                              H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
-                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, 0)),
+                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, 0)),
                 (_producer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                              H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
-                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, 0)),
+                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, 0)),
             ],
             [PRODUCER_WARPS], [PRODUCER_REGS])
     else:
@@ -320,20 +346,20 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT
         gl.warp_specialize(
             [
                 (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                              H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
-                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, 0)),
+                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, 0)),
                 (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                              H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
-                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, 1)),
+                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, 1)),
                 (_producer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                              H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
-                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, 0)),
+                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, 0)),
             ],
             [CONSUMER_WARPS // SPLIT, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])
 
@@ -342,3 +368,4 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT
     invalidate(v_ready, STAGES)
     invalidate(k_empty, STAGES)
     invalidate(v_empty, STAGES)
+    invalidate(turn, 2)

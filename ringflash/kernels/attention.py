@@ -122,6 +122,9 @@ HOPPER_CONSUMER_REGS = 240  # registers a thread of a consumer warpgroup gets (s
 # The forward's consumers: 1, one 8-warp partition whose two warpgroups pass a common barrier
 # before each slot is handed back; 2, a partition per warpgroup, each handing slots back itself.
 HOPPER_FWD_SPLIT = 1
+# With HOPPER_FWD_SPLIT = 2: the two warpgroups take turns issuing their matrix products (FA3's
+# ping-pong), so that one's softmax runs while the other's products do.
+HOPPER_FWD_PINGPONG = False
 # Whether forward() / backward() take the Hopper kernels where they serve the call
 # (bfloat16/float16, those head dims, no block pattern or per-head attributes, an sm_90 GPU).
 # Off unless RINGFLASH_HOPPER_FORWARD=1 / RINGFLASH_HOPPER_BACKWARD=1 until the GPU suite has
@@ -460,7 +463,7 @@ def _hopper_launch(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold, ranges)
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, STAGES=cfg.num_stages,
         CAUSAL=bool(causal), WINDOW=m.window, DOCS=m.docs, RANGED=ranges is not None, FOLD=fold,
         PRODUCER_WARPS=HOPPER_PRODUCER[0], PRODUCER_REGS=HOPPER_PRODUCER[1], CONSUMER_WARPS=cfg.num_warps,
-        CONSUMER_REGS=HOPPER_CONSUMER_REGS, SPLIT=split,
+        CONSUMER_REGS=HOPPER_CONSUMER_REGS, SPLIT=split, PINGPONG=bool(HOPPER_FWD_PINGPONG) and split == 2,
     )
     return (triton.cdiv(Sq, cfg.block_m), B * H), args, constexprs, cfg.num_warps // split
 
