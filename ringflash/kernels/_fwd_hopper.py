@@ -15,7 +15,7 @@ those rows can see. Two partitions (``gl.warp_specialize``):
 * a worker partition, 1 warp with 24 registers (``setmaxnreg`` hands the rest to the
   consumers): the TMA producer. It loads Q once, then K and V tiles into ``STAGES`` slots.
 
-Barriers, all of count 1. A TMA load completes a "ready" barrier through its byte count; the
+Barriers, of count 1 unless said. A TMA load completes a "ready" barrier through its byte count; the
 consumer's arrive completes an "empty" one:
 
 * ``q_bar``: Q landed.
@@ -41,6 +41,18 @@ after issuing S_j and then PV_{j-1} means S_j is done while PV_{j-1} may still r
 
 Before each release both warpgroups pass a partition-wide barrier: the arrive is one thread's,
 and the other warpgroup's wgmma may still read the slot.
+
+Variants (constexprs, to be measured against each other):
+
+* ``SPLIT = 2``: a consumer partition per warpgroup (4 warps, 64 rows, its own Q tile of
+  ``BLOCK_M / 2`` rows). The empty barriers then count 2 arrives, one per warpgroup, and no
+  barrier spans both warpgroups: each releases a slot when its own wgmmas on it have retired.
+* ``PINGPONG`` (with ``SPLIT = 2``): FA3's inter-warpgroup ping-pong. The two warpgroups take
+  turns issuing their products (S_j and PV_{j-1}, or the peeled S_0, or the last PV): warpgroup w
+  waits ``turn[w]`` before issuing and arrives on ``turn[1 - w]`` once all its warps have issued,
+  warpgroup 0 first (its first wait is on the phase before a fresh barrier's first). Each then
+  waits for its own results and runs its softmax while the other's products occupy the tensor
+  cores. Neither can get two turns ahead, so the parity of a turn never aliases.
 
 Key tiles come in the order of :mod:`._fwd`: ``[flo, fhi)`` fully visible (no mask
 arithmetic), then the boundary tiles ``[fhi, hi)`` and ``[lo, flo)`` (the mask rule on
