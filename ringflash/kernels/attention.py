@@ -13,6 +13,7 @@ try other entries.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import NamedTuple
@@ -429,19 +430,26 @@ def _tma_ready(t: torch.Tensor) -> torch.Tensor:
     return t if aligned and t.stride(3) == 1 else t.contiguous()
 
 
+@functools.lru_cache(maxsize=None)
+def _smem_layout(rows: int, head_dim: int, dtype: torch.dtype):
+    """The shared-memory layout of a [1, rows, 1, head_dim] TMA box (made once per shape: the ring
+    builds descriptors on every step)."""
+    from triton.experimental.gluon import language as gl
+
+    gdt = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    return gl.NVMMASharedLayout.get_default_for([1, rows, 1, head_dim], gdt)
+
+
 def _descriptors(tensors_rows):
     """Host TMA descriptors, 4-D over (B, S, H, D) with boxes [1, rows, 1, D]: rows past a
     batch's sequence end are zero-filled on load, never the next batch's rows."""
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     descs = []
     for t, rows in tensors_rows:
         t = _tma_ready(t)
         block = [1, rows, 1, t.shape[3]]
-        gdt = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
-        layout = gl.NVMMASharedLayout.get_default_for(block, gdt)
-        descs.append(TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout))
+        descs.append(TensorDescriptor(t, list(t.shape), list(t.stride()), block, _smem_layout(rows, t.shape[3], t.dtype)))
     return descs
 
 
