@@ -354,12 +354,17 @@ def test_two_ranks_loss_falls(reference_run):
 
 def test_ring_by_ulysses_loss_falls(tmp_path):
     """4 ranks as ring 2 x ulysses 2 (TINY's 2 query heads share 1 K/V head, sent to both), with
-    --ulysses-chunks 2, which one head per rank leaves at one chunk."""
-    torchrun(*TINY, "--steps", str(STEPS), "--cp-size", "4", "--ulysses-size", "2", "--ulysses-chunks", "2",
-             "--out", str(tmp_path), nproc=4)
-    records = read_metrics(tmp_path)
+    --ulysses-chunks 2, which one head per rank leaves at one chunk; and the first steps again
+    under --fsdp (sharded over the 4 ranks): the same losses to float32 rounding."""
+    hybrid = ("--cp-size", "4", "--ulysses-size", "2")
+    torchrun(*TINY, "--steps", str(STEPS), *hybrid, "--ulysses-chunks", "2", "--out", str(tmp_path / "ddp"), nproc=4)
+    records = read_metrics(tmp_path / "ddp")
     first, last = records[0]["loss"], sum(r["loss"] for r in records[-5:]) / 5
     assert last < first - 1.5, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    torchrun(*TINY, "--steps", "6", "--lr-decay-steps", str(STEPS), *hybrid, "--fsdp", "--out", str(tmp_path / "fsdp"),
+             nproc=4)
+    for (step, got), (_, want) in zip(losses(tmp_path / "fsdp"), losses(tmp_path / "ddp")[:6], strict=True):
+        assert abs(got - want) < 1e-5 * abs(want), (step, got, want)
 
 
 def test_two_ranks_learn_to_recall(tmp_path):
