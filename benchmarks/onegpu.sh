@@ -34,7 +34,13 @@ for name, x, w in zip(("dq", "dk", "dv"), g, want):
     print(f"backward {name}: rel err {((x.double() - w).norm() / w.norm()).item():.3e}", flush=True)
 PY
 rc=${PIPESTATUS[0]}
-[ "$rc" = 0 ] || echo "SMOKE FAILED OR HUNG (exit $rc; 124: timed out): see $OUT/smoke.log"
+HOPPER_IMPLS="ringflash_hopper ringflash_hopper_split ringflash_hopper_pingpong"
+MASK_IMPLS="ringflash ringflash_hopper flex"
+if [ "$rc" != 0 ]; then
+  # A hang would eat every later timeout: leave the Hopper kernels out of the rest.
+  echo "SMOKE FAILED OR HUNG (exit $rc; 124: timed out): see $OUT/smoke.log; the rest runs without them"
+  TESTS=0 HOPPER_IMPLS="" MASK_IMPLS="ringflash flex"
+fi
 
 if [ "${TESTS:-1}" = 1 ]; then
   echo "== GPU tests of the Hopper kernels"
@@ -45,13 +51,13 @@ fi
 
 echo "== kernels: $SEQLENS"
 timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_kernels.py --seqlens $SEQLENS --head-dims 128 64 \
-  --impls ringflash ringflash_hopper ringflash_hopper_split ringflash_hopper_pingpong sdpa_flash sdpa_cudnn \
+  --impls ringflash $HOPPER_IMPLS sdpa_flash sdpa_cudnn \
   --out "$OUT/kernels.jsonl" > "$OUT/bench_kernels.log" 2>&1
 tail -30 "$OUT/bench_kernels.log"
 
 if [ "${MASKS:-1}" = 1 ]; then
   echo "== masks at 32k: documents and a window, beside FlexAttention"
-  timeout ${MASKS_TIMEOUT:-300} python3 benchmarks/bench_masks.py --seqlens 32k --impls ringflash ringflash_hopper flex \
+  timeout ${MASKS_TIMEOUT:-300} python3 benchmarks/bench_masks.py --seqlens 32k --impls $MASK_IMPLS \
     --out "$OUT/masks.jsonl" > "$OUT/bench_masks.log" 2>&1
   tail -20 "$OUT/bench_masks.log"
 fi
