@@ -30,7 +30,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from ._hopper_common import LOG2E, barriers, cta_barrier, invalidate, query_program, ranges, tile_start, tma_load, visible
+from ._hopper_common import (LOG2E, barriers, cta_barrier, invalidate, load_kv_tiles, query_program, ranges,
+                             tile_start, tma_load, visible)
 
 
 @gluon.jit
@@ -42,21 +43,12 @@ def _producer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
               ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr):
     b, h, hk, m0, pid_m = query_program(H, G, Sq, BLOCK_M, CAUSAL)
     lo, flo, fhi, hi = ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
-    n = (hi - lo) // BLOCK_N
 
     mbarrier.expect(q_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
     tma_load(q_desc, [b, m0, h, 0], q_bar, q_smem)
     tma_load(do_desc, [b, m0, h, 0], q_bar, do_smem)
-    for j in range(n):
-        s = j % STAGES
-        ph = (j // STAGES) & 1
-        n0 = tile_start(j, lo, flo, fhi, hi, BLOCK_N)
-        mbarrier.wait(k_empty.index(s), ph ^ 1)
-        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-        tma_load(k_desc, [b, n0, hk, 0], k_ready.index(s), k_smem.index(s))
-        mbarrier.wait(v_empty.index(s), ph ^ 1)
-        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-        tma_load(v_desc, [b, n0, hk, 0], v_ready.index(s), v_smem.index(s))
+    load_kv_tiles(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, b, hk, lo, flo, fhi, hi,
+                  BLOCK_N, STAGES)
 
 
 @gluon.jit

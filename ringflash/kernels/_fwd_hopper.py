@@ -76,8 +76,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from ._hopper_common import (LN2, barriers, cta_barrier, invalidate, max_of, query_program, ranges, sum_of, tile_start,
-                             tma_load, visible)
+from ._hopper_common import (LN2, barriers, cta_barrier, invalidate, load_kv_tiles, max_of, query_program, ranges,
+                             sum_of, tile_start, tma_load, visible)
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
@@ -90,22 +90,12 @@ def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
               SPLIT: gl.constexpr, PINGPONG: gl.constexpr, WG: gl.constexpr):
     b, h, hk, m0, pid_m = query_program(H, G, Sq, BLOCK_M, CAUSAL)
     lo, flo, fhi, hi = ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
-    n = (hi - lo) // BLOCK_N
 
     mbarrier.expect(q_bar, SPLIT * q_desc.block_type.nbytes)
     for w in gl.static_range(SPLIT):  # one Q tile per consumer partition
         tma_load(q_desc, [b, m0 + w * (BLOCK_M // SPLIT), h, 0], q_bar, q_smem.index(w))
-    for j in range(n):
-        s = j % STAGES
-        ph = (j // STAGES) & 1
-        n0 = tile_start(j, lo, flo, fhi, hi, BLOCK_N)
-        # K first: the consumer needs K_j a whole softmax before V_j.
-        mbarrier.wait(k_empty.index(s), ph ^ 1)
-        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-        tma_load(k_desc, [b, n0, hk, 0], k_ready.index(s), k_smem.index(s))
-        mbarrier.wait(v_empty.index(s), ph ^ 1)
-        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-        tma_load(v_desc, [b, n0, hk, 0], v_ready.index(s), v_smem.index(s))
+    load_kv_tiles(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, b, hk, lo, flo, fhi, hi,
+                  BLOCK_N, STAGES)
 
 
 @gluon.jit

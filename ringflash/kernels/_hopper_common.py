@@ -89,6 +89,25 @@ def tile_start(j, lo, flo, fhi, hi, BLOCK: gl.constexpr):
 
 
 @gluon.jit
+def load_kv_tiles(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, b, hk, lo, flo, fhi, hi,
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The producer's loop of a program that owns a query tile: K and V of every key tile it
+    walks (:func:`tile_start`'s order) into slot ``j % STAGES``, each once both its readers have
+    handed the slot back (the empty barriers, waited with the parity flipped so that the first
+    round passes at once). K first: consumers need K_j before V_j."""
+    for j in range((hi - lo) // BLOCK_N):
+        s = j % STAGES
+        ph = (j // STAGES) & 1
+        n0 = tile_start(j, lo, flo, fhi, hi, BLOCK_N)
+        mbarrier.wait(k_empty.index(s), ph ^ 1)
+        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+        tma_load(k_desc, [b, n0, hk, 0], k_ready.index(s), k_smem.index(s))
+        mbarrier.wait(v_empty.index(s), ph ^ 1)
+        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+        tma_load(v_desc, [b, n0, hk, 0], v_ready.index(s), v_smem.index(s))
+
+
+@gluon.jit
 def visible(qp, kp, qd, kd, wl, wr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr):
     """The rule of :func:`._common._rule` on operands already broadcast against each other
     (positions as int32: one sequence stays below 2**31 tokens, and 64-bit compares over a
