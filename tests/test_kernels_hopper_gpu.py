@@ -207,14 +207,12 @@ def test_fold_matches_one_call(dtype, hopper):
     assert torch.equal(out, before[0]) and torch.equal(lse, before[1])
 
 
-def test_deterministic_and_close_to_the_triton_kernel(hopper, monkeypatch):
+def test_forward_is_deterministic(hopper):
+    """Two runs bitwise equal (each checked against float64 by ``check``)."""
     q, k, v = make(2, 3000, 3000, 8, 2, 128, torch.bfloat16, seed=6)
-    a = kernels.forward(q, k, v, causal=True)
+    a = check(q, k, v, hopper, causal=True)
     b = kernels.forward(q, k, v, causal=True)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    monkeypatch.setattr(attention, "HOPPER_FORWARD", False)
-    t = kernels.forward(q, k, v, causal=True)
-    assert rel_err(a[0], t[0]) < 1e-2 and (a[1] - t[1]).abs().max().item() < 1e-3
 
 
 def test_strided_inputs(hopper):
@@ -273,9 +271,10 @@ def test_split_consumers(D, pingpong, hopper, monkeypatch):
     pos = torch.arange(2048, device=DEV)
     doc = doc_ids([0, 900, 901, 2048], pos)
     q, k, v = make(2, 2048, 2048, 8, 2, D, torch.bfloat16, seed=12)
-    out, lse = check(q, k, v, hopper, causal=True, q_pos=pos, k_pos=pos, window=(256, 0), q_doc=doc, k_doc=doc)
-    a = kernels.forward(q, k[:, :1000], v[:, :1000], causal=True, q_pos=pos, k_pos=pos[:1000], window=(256, 0),
-                        q_doc=doc, k_doc=doc[:1000])
-    kernels.forward(q, k[:, 1000:], v[:, 1000:], causal=True, q_pos=pos, k_pos=pos[1000:], window=(256, 0),
-                    q_doc=doc, k_doc=doc[1000:], out=a[0], lse=a[1])
-    assert rel_err(a[0], out) < 1e-5 and torch.equal(torch.isneginf(a[1]), torch.isneginf(lse))
+    kw = dict(causal=True, q_pos=pos, window=(256, 0), q_doc=doc)
+    out, lse = check(q, k, v, hopper, k_pos=pos, k_doc=doc, **kw)
+    a = kernels.forward(q, k[:, :1000], v[:, :1000], k_pos=pos[:1000], k_doc=doc[:1000], **kw)
+    kernels.forward(q, k[:, 1000:], v[:, 1000:], k_pos=pos[1000:], k_doc=doc[1000:], out=a[0], lse=a[1], **kw)
+    ref, ref_lse = reference.forward(q.double(), k.double(), v.double(), k_pos=pos, k_doc=doc, **kw)
+    assert rel_err(a[0], ref) <= 2 * rel_err(out, ref) + 1e-5  # the fold adds no error of note
+    assert (a[1].double() - ref_lse).abs().max().item() < 2e-3
