@@ -230,7 +230,7 @@ def hybrid_attention(q, k, v, *, causal, window, cu_seqlens, layout: Layout, sof
     hq, hkv = H // U, k.shape[2] // U
     ring_kw = dict(causal=causal, window=window, cu_seqlens=cu_seqlens, layout=ring_layout, softmax_scale=softmax_scale,
                    group=group.ring, return_lse=return_lse, backend=backend)
-    C = _chunk_count(getattr(group, "chunks", 1), hq, hkv)
+    C = _chunk_count(group.chunks, hq, hkv)
     if C > 1:
         return _pipelined(q, k, v, group, order, inverse, hq, hkv, C, ring_kw, ring_attention)
     # One all-to-all for q, k and v: per destination rank, its query heads then its K/V heads.

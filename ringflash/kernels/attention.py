@@ -119,7 +119,7 @@ HOPPER_BWD_DQ_CONFIGS: dict = {
     128: KernelConfig(128, 64, 8, 2),
 }
 HOPPER_PRODUCER = (1, 24)  # the TMA producer partition: warps, registers per thread
-HOPPER_CONSUMER_REGS = 240  # registers a thread of a consumer warpgroup gets (setmaxnreg)
+HOPPER_CONSUMER_REGS = 240  # registers a thread of the second consumer partition gets (HOPPER_FWD_SPLIT = 2)
 # The forward's consumers: 1, one 8-warp partition whose two warpgroups pass a common barrier
 # before each slot is handed back; 2, a partition per warpgroup, each handing slots back itself.
 HOPPER_FWD_SPLIT = 1
