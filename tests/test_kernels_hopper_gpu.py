@@ -112,7 +112,10 @@ def check_backward(q, k, v, hopper, ref, ref_lse, kw):
     for i, name in enumerate(("dq", "dk", "dv")):
         assert got[i].dtype == torch.float32 and not torch.isnan(got[i]).any(), name
         if want[i].norm() == 0:
-            assert torch.all(got[i] == 0), name
+            # e.g. dQ with one key: dP - delta is 0 in float64 but rounding in float32; rows
+            # that see nothing must give exact zeros
+            tol = 0 if base is None else 1e-4 * dout.float().norm() * k.float().norm() / k.numel() ** 0.5
+            assert got[i].norm() <= tol, name
             continue
         err = rel_err(got[i], want[i])
         bound = 2e-2 if base is None else SDPA_FACTOR * rel_err(base[i], want[i]) + 1e-5

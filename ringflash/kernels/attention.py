@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from ._bwd import _attn_bwd, _bwd_delta
 from ._common import LOG2E, _ranges_kernel
@@ -401,6 +402,30 @@ def _check_accumulator(name, t, shape, device):
         raise ValueError(f"{name} must have a contiguous last dim; got strides {t.stride()}")
 
 
+# The stage counts that fit, per (kernel, constexprs, stages asked for): see _launch.
+_STAGES_FIT: dict = {}
+
+
+def _launch(kernel, grid, *args, num_warps: int, num_stages: int, **constexprs) -> None:
+    """``kernel[grid](*args, **constexprs)`` with ``num_stages`` lowered one at a time while the
+    compiled kernel needs more shared memory than the GPU has. The tables' stage counts fit the
+    plain kernels; some mask combinations (a window with documents at D = 128) need a few
+    hundred bytes more. Triton raises before launching, so a retry has no side effects; the
+    count that fits is remembered per constexpr set."""
+    key = (kernel, num_warps, num_stages, tuple(sorted(constexprs.items())))
+    stages = _STAGES_FIT.get(key, num_stages)
+    while True:
+        try:
+            kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=stages)
+        except OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
+            continue
+        _STAGES_FIT[key] = stages
+        return
+
+
 _HOPPER_DEVICES: dict = {}
 
 
@@ -552,8 +577,8 @@ def forward(
     q_doc, k_doc = (lse, lse) if m.q_doc is None else (m.q_doc, m.k_doc)
     pat, nb, bs = (m.blocks.on(q.device), m.blocks.num_blocks, m.blocks.block_size) if m.blocks is not None else (lse, 1, 1)
     grid = (triton.cdiv(Sq, cfg.block_m), B * H)
-    _attn_fwd[grid](
-        q, k, v, q_pos, k_pos, q_doc, k_doc, ranges, out, lse,
+    _launch(
+        _attn_fwd, grid, q, k, v, q_pos, k_pos, q_doc, k_doc, ranges, out, lse,
         pat, lists, counts,
         scale * LOG2E, m.wl, m.wr, nb, bs, *m.strides,
         q.stride(0), q.stride(1), q.stride(2),
@@ -779,17 +804,17 @@ def backward(
     n_dkdv *= split
     n_dq = triton.cdiv(Sq, c2.block_m) * B * H
     if BWD_FUSED and (c1.num_warps, c1.num_stages) == (c2.num_warps, c2.num_stages):
-        _attn_bwd[(n_dkdv + n_dq,)](*args, **meta, DO_DKDV=True, DO_DQ=True,
-                                    num_warps=c1.num_warps, num_stages=c1.num_stages)
+        _launch(_attn_bwd, (n_dkdv + n_dq,), *args, **meta, DO_DKDV=True, DO_DQ=True,
+                num_warps=c1.num_warps, num_stages=c1.num_stages)
         sum_splits()
         if after_dkdv is not None:
             after_dkdv()
     else:
-        _attn_bwd[(n_dkdv,)](*args, **meta, DO_DKDV=True, DO_DQ=False,
-                             num_warps=c1.num_warps, num_stages=c1.num_stages)
+        _launch(_attn_bwd, (n_dkdv,), *args, **meta, DO_DKDV=True, DO_DQ=False,
+                num_warps=c1.num_warps, num_stages=c1.num_stages)
         sum_splits()
         if after_dkdv is not None:
             after_dkdv()
-        _attn_bwd[(n_dq,)](*args, **meta, DO_DKDV=False, DO_DQ=True,
-                           num_warps=c2.num_warps, num_stages=c2.num_stages)
+        _launch(_attn_bwd, (n_dq,), *args, **meta, DO_DKDV=False, DO_DQ=True,
+                num_warps=c2.num_warps, num_stages=c2.num_stages)
     return dq, dk, dv
