@@ -218,15 +218,20 @@ def test_forward_is_deterministic(hopper):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-def test_strided_inputs(hopper):
-    """q, k, v as views of one packed projection (B, S, 3, H, D), and an unaligned view."""
+@pytest.mark.parametrize("kind", ["packed", "unaligned", "same_tensor"])
+def test_strided_inputs(kind, hopper):
+    """q, k, v as views of one packed projection (B, S, 3, H, D); views whose base is 2 bytes
+    past an aligned address (copied for TMA); one tensor as q, k and v."""
     g = torch.Generator(device=DEV).manual_seed(7)
-    qkv = torch.randn(2, 1500, 3, 8, 128, generator=g, device=DEV).to(torch.bfloat16)
-    q, k, v = qkv.unbind(2)
+    if kind == "packed":
+        qkv = torch.randn(2, 1500, 3, 8, 128, generator=g, device=DEV).to(torch.bfloat16)
+        q, k, v = qkv.unbind(2)
+    else:
+        flat = torch.randn(1 + 3 * 2 * 700 * 4 * 64, generator=g, device=DEV).to(torch.bfloat16)
+        q, k, v = flat[1:].view(3, 2, 700, 4, 64).unbind(0)
+        if kind == "same_tensor":
+            k = v = q
     check(q, k, v, hopper, causal=True)
-    flat = torch.randn(1 + 2 * 700 * 4 * 64, generator=g, device=DEV).to(torch.bfloat16)
-    q = flat[1:].view(2, 700, 4, 64)  # base 2 bytes past an aligned address: copied for TMA
-    check(q, q, q, hopper, causal=True)
 
 
 def test_not_served_falls_back(hopper):
@@ -258,26 +263,29 @@ def test_backward_deterministic_accumulates_and_calls_back(hopper):
     assert len(seen) == 1 and torch.allclose(seen[0], a[1] + 1, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["odd_full", "odd_causal", "ring_step", "documents_window_fold"])
 @pytest.mark.parametrize("pingpong", [False, True], ids=["split", "pingpong"])
 @pytest.mark.parametrize("D", [64, 128])
-def test_split_consumers(D, pingpong, hopper, monkeypatch):
+def test_split_consumers(D, pingpong, case, hopper, monkeypatch):
     """HOPPER_FWD_SPLIT = 2 (a consumer partition per warpgroup), with and without the two
     taking turns (HOPPER_FWD_PINGPONG): the same checks on odd lengths, causal and full, a ring
     step, windows with documents, and the fold."""
     monkeypatch.setattr(attention, "HOPPER_FWD_SPLIT", 2)
     monkeypatch.setattr(attention, "HOPPER_FWD_PINGPONG", pingpong)
-    q, k, v = make(2, 1111, 555, 8, 2, D, torch.bfloat16, seed=10)
-    check(q, k, v, hopper, causal=False)
-    check(q, k, v, hopper, causal=True)
-    q, k, v = make(1, 1024, 1024, 8, 2, D, torch.float16, seed=11)
-    check(q, k, v, hopper, causal=True, q_pos=zigzag(4096, 2, 1), k_pos=zigzag(4096, 2, 0))
-    pos = torch.arange(2048, device=DEV)
-    doc = doc_ids([0, 900, 901, 2048], pos)
-    q, k, v = make(2, 2048, 2048, 8, 2, D, torch.bfloat16, seed=12)
-    kw = dict(causal=True, q_pos=pos, window=(256, 0), q_doc=doc)
-    out, lse = check(q, k, v, hopper, k_pos=pos, k_doc=doc, **kw)
-    a = kernels.forward(q, k[:, :1000], v[:, :1000], k_pos=pos[:1000], k_doc=doc[:1000], **kw)
-    kernels.forward(q, k[:, 1000:], v[:, 1000:], k_pos=pos[1000:], k_doc=doc[1000:], out=a[0], lse=a[1], **kw)
-    ref, ref_lse = reference.forward(q.double(), k.double(), v.double(), k_pos=pos, k_doc=doc, **kw)
-    assert rel_err(a[0], ref) <= 2 * rel_err(out, ref) + 1e-5  # the fold adds no error of note
-    assert (a[1].double() - ref_lse).abs().max().item() < 2e-3
+    if case.startswith("odd"):
+        q, k, v = make(2, 1111, 555, 8, 2, D, torch.bfloat16, seed=10)
+        check(q, k, v, hopper, causal=case == "odd_causal")
+    elif case == "ring_step":
+        q, k, v = make(1, 1024, 1024, 8, 2, D, torch.float16, seed=11)
+        check(q, k, v, hopper, causal=True, q_pos=zigzag(4096, 2, 1), k_pos=zigzag(4096, 2, 0))
+    else:
+        pos = torch.arange(2048, device=DEV)
+        doc = doc_ids([0, 900, 901, 2048], pos)
+        q, k, v = make(2, 2048, 2048, 8, 2, D, torch.bfloat16, seed=12)
+        kw = dict(causal=True, q_pos=pos, window=(256, 0), q_doc=doc)
+        out, lse = check(q, k, v, hopper, k_pos=pos, k_doc=doc, **kw)
+        a = kernels.forward(q, k[:, :1000], v[:, :1000], k_pos=pos[:1000], k_doc=doc[:1000], **kw)
+        kernels.forward(q, k[:, 1000:], v[:, 1000:], k_pos=pos[1000:], k_doc=doc[1000:], out=a[0], lse=a[1], **kw)
+        ref, ref_lse = reference.forward(q.double(), k.double(), v.double(), k_pos=pos, k_doc=doc, **kw)
+        assert rel_err(a[0], ref) <= 2 * rel_err(out, ref) + 1e-5  # the fold adds no error of note
+        assert (a[1].double() - ref_lse).abs().max().item() < 2e-3
