@@ -96,17 +96,19 @@ def ringflash_fns(kern, q, k, v, dout, mask: str, cu, window: int):
 
 
 def hopper_fns(fns: dict) -> dict:
-    """``fns`` with the Hopper kernels switched on during each call."""
+    """``fns`` with the Hopper forward switched on during each call, one consumer partition per
+    warpgroup (HOPPER_FWD_SPLIT = 2, its fastest variant); the backward stays on the Triton
+    kernels, faster than the Hopper backward (benchmarks/NOTES_kernels.md)."""
     from ringflash.kernels import attention
 
     def on(fn):
         def run():
-            saved = attention.HOPPER_FORWARD, attention.HOPPER_BACKWARD
-            attention.HOPPER_FORWARD = attention.HOPPER_BACKWARD = True
+            saved = attention.HOPPER_FORWARD, attention.HOPPER_FWD_SPLIT
+            attention.HOPPER_FORWARD, attention.HOPPER_FWD_SPLIT = True, 2
             try:
                 return fn()
             finally:
-                attention.HOPPER_FORWARD, attention.HOPPER_BACKWARD = saved
+                attention.HOPPER_FORWARD, attention.HOPPER_FWD_SPLIT = saved
         return run
 
     return {mode: on(fn) for mode, fn in fns.items()}
@@ -158,7 +160,7 @@ def main() -> None:
     ap.add_argument("--seqlens", nargs="+", default=["32k", "128k"])
     ap.add_argument("--masks", nargs="+", default=["causal", "documents", "window"], choices=MASKS)
     ap.add_argument("--impls", nargs="+", default=["ringflash", "flex"], choices=["ringflash", "ringflash_hopper", "flex"],
-                    help="ringflash_hopper: the Gluon kernels for sm_90 switched on (kernels.attention.HOPPER_*)")
+                    help="ringflash_hopper: the Gluon forward for sm_90 switched on (kernels.attention.HOPPER_*)")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
