@@ -39,6 +39,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from ringflash import kernels  # noqa: E402
 
+# ringflash: the Triton kernels alone (the Hopper kernels switched off); ringflash_default: the
+# kernels forward() and backward() choose by default on this GPU (on sm_90 at D = 128: the Hopper
+# forward and the Triton backward).
 # ringflash_hopper: the same calls with the Gluon kernels for Hopper switched on
 # (kernels.attention.HOPPER_FORWARD and HOPPER_BACKWARD; sm_90 only, bf16/fp16 at D = 64 and 128);
 # ringflash_hopper_split: the same with a consumer partition per warpgroup in the forward
@@ -46,7 +49,7 @@ from ringflash import kernels  # noqa: E402
 # matrix products (HOPPER_FWD_PINGPONG). Values: (split, ping-pong).
 HOPPER_IMPLS = {"ringflash_hopper": (1, False), "ringflash_hopper_split": (2, False),
                 "ringflash_hopper_pingpong": (2, True)}
-IMPLS = ("ringflash", *HOPPER_IMPLS, "sdpa_flash", "sdpa_cudnn")
+IMPLS = ("ringflash", "ringflash_default", *HOPPER_IMPLS, "sdpa_flash", "sdpa_cudnn")
 MODES = ("fwd", "bwd", "fwdbwd")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -110,8 +113,22 @@ def make_fns(impl: str, q, k, v, dout, causal: bool):
                      attention.HOPPER_FWD_PINGPONG) = saved
             return run
 
-        return tuple(hopper(fn) for fn in make_fns("ringflash", q, k, v, dout, causal))
+        return tuple(hopper(fn) for fn in make_fns("ringflash_default", q, k, v, dout, causal))
     if impl == "ringflash":
+        from ringflash.kernels import attention as attn_mod
+
+        def triton_only(fn):
+            def run():
+                saved = attn_mod.HOPPER_FORWARD, attn_mod.HOPPER_BACKWARD
+                attn_mod.HOPPER_FORWARD = attn_mod.HOPPER_BACKWARD = False
+                try:
+                    return fn()
+                finally:
+                    attn_mod.HOPPER_FORWARD, attn_mod.HOPPER_BACKWARD = saved
+            return run
+
+        return tuple(triton_only(fn) for fn in make_fns("ringflash_default", q, k, v, dout, causal))
+    if impl == "ringflash_default":
         # The kernels return float32 O, dQ, dK and dV (the ring accumulates in them); the casts to
         # the input dtype that flash_attention does are timed too, as SDPA returns bf16.
         out, lse = kernels.forward(q, k, v, causal=causal)
@@ -328,7 +345,7 @@ def main() -> None:
         sys.exit("bench_kernels.py needs a CUDA GPU")
     if args.impls is None:
         hopper = torch.cuda.get_device_capability() == (9, 0)
-        args.impls = [i for i in IMPLS if hopper or i not in HOPPER_IMPLS]
+        args.impls = [i for i in IMPLS if hopper or i not in (*HOPPER_IMPLS, "ringflash_default")]
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     t0 = time.time()
     attn = sys.modules[kernels.backward.__module__]
@@ -346,11 +363,15 @@ def main() -> None:
         with open(os.path.splitext(out_path)[0] + "_sweep.jsonl", "a") as f:
             f.write(json.dumps({**meta, **rec}) + "\n")
 
+    # The sweeps tune the Triton kernels' tables: the Hopper kernels stay out of them.
+    hopper_saved = attn.HOPPER_FORWARD, attn.HOPPER_BACKWARD
+    attn.HOPPER_FORWARD = attn.HOPPER_BACKWARD = False
     if args.sweep:
         sweep(parse_len(args.sweep), args.head_dims, B, H, dtype, log_sweep)
 
     if args.ab_fused:
         ab_fused(parse_len(args.ab_fused), args.head_dims, B, H, dtype, log_sweep)
+    attn.HOPPER_FORWARD, attn.HOPPER_BACKWARD = hopper_saved
 
     print(f"{'S':>6} {'D':>4} {'Hkv':>4} {'mask':>6} {'mode':>7} " + " ".join(f"{i:>11}" for i in args.impls) + "   rf/flash rf/cudnn")
     with open(out_path, "a") as fout:
@@ -387,7 +408,9 @@ def main() -> None:
                         cells = " ".join(f"{r[i]:11.1f}" if i in r else f"{'-':>11}" for i in args.impls)
                         ratio = lambda other, mine="ringflash": (  # noqa: E731
                             f"{r[mine] / r[other]:8.2f}" if r.get(mine) and r.get(other) else f"{'-':>8}")
-                        hop = f"  hopper/cudnn {ratio('sdpa_cudnn', 'ringflash_hopper')}" if "ringflash_hopper" in r else ""
+                        hop = "".join(f"  {name}/cudnn {ratio('sdpa_cudnn', impl)}"
+                                      for name, impl in (("default", "ringflash_default"), ("hopper", "ringflash_hopper"))
+                                      if impl in r)
                         print(f"{S:>6} {D:>4} {Hkv:>4} {'causal' if causal else 'full':>6} {mode:>7} {cells}  "
                               f"{ratio('sdpa_flash')} {ratio('sdpa_cudnn')}{hop}", flush=True)
                     del q, k, v, dout

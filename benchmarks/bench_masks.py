@@ -95,23 +95,24 @@ def ringflash_fns(kern, q, k, v, dout, mask: str, cu, window: int):
     return {"fwd": fwd, "fwdbwd": fwdbwd}
 
 
-def hopper_fns(fns: dict) -> dict:
-    """``fns`` with the Hopper forward switched on during each call, one consumer partition per
-    warpgroup (HOPPER_FWD_SPLIT = 2, its fastest variant); the backward stays on the Triton
-    kernels, faster than the Hopper backward (benchmarks/NOTES_kernels.md)."""
+def hopper_fns(fns: dict, on: bool) -> dict:
+    """``fns`` with the Hopper forward switched on during each call (``on``), one consumer
+    partition per warpgroup (HOPPER_FWD_SPLIT = 2, what forward() takes by default on sm_90 at
+    D = 128), or off (the Triton kernels alone). The backward stays on the Triton kernels, faster
+    than the Hopper backward (benchmarks/NOTES_kernels.md)."""
     from ringflash.kernels import attention
 
-    def on(fn):
+    def wrap(fn):
         def run():
-            saved = attention.HOPPER_FORWARD, attention.HOPPER_FWD_SPLIT
-            attention.HOPPER_FORWARD, attention.HOPPER_FWD_SPLIT = True, 2
+            saved = attention.HOPPER_FORWARD, attention.HOPPER_FWD_SPLIT, attention.HOPPER_BACKWARD
+            attention.HOPPER_FORWARD, attention.HOPPER_FWD_SPLIT, attention.HOPPER_BACKWARD = on, 2, False
             try:
                 return fn()
             finally:
-                attention.HOPPER_FORWARD, attention.HOPPER_FWD_SPLIT = saved
+                attention.HOPPER_FORWARD, attention.HOPPER_FWD_SPLIT, attention.HOPPER_BACKWARD = saved
         return run
 
-    return {mode: on(fn) for mode, fn in fns.items()}
+    return {mode: wrap(fn) for mode, fn in fns.items()}
 
 
 def flex_fns(q, k, v, dout, mask: str, cu, window: int):
@@ -160,7 +161,7 @@ def main() -> None:
     ap.add_argument("--seqlens", nargs="+", default=["32k", "128k"])
     ap.add_argument("--masks", nargs="+", default=["causal", "documents", "window"], choices=MASKS)
     ap.add_argument("--impls", nargs="+", default=["ringflash", "flex"], choices=["ringflash", "ringflash_hopper", "flex"],
-                    help="ringflash_hopper: the Gluon forward for sm_90 switched on (kernels.attention.HOPPER_*)")
+                    help="ringflash: the Triton kernels alone; ringflash_hopper: the Gluon forward for sm_90 (the default there at D = 128)")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
@@ -193,8 +194,7 @@ def main() -> None:
                 fns = flex_fns(q, k, v, dout, mask, cu, args.window)
             else:
                 fns = ringflash_fns(prev if impl == "ringflash_prev" else kernels, q, k, v, dout, mask, cu, args.window)
-                if impl == "ringflash_hopper":
-                    fns = hopper_fns(fns)
+                fns = hopper_fns(fns, on=impl == "ringflash_hopper")
             vis = visible_pairs(mask, S, cu, args.window)
             for mode in args.modes:
                 ms = bench(fns[mode])

@@ -43,6 +43,7 @@ def hopper(monkeypatch):
 
     monkeypatch.setattr(attention, "HOPPER_FORWARD", True)
     monkeypatch.setattr(attention, "HOPPER_BACKWARD", True)
+    monkeypatch.setattr(attention, "HOPPER_FWD_HEAD_DIMS", tuple(attention.HOPPER_FWD_CONFIGS))
     monkeypatch.setattr(attention, "_forward_hopper", counted("fwd", attention._forward_hopper))
     monkeypatch.setattr(attention, "_backward_hopper", counted("bwd", attention._backward_hopper))
     return calls
@@ -264,20 +265,21 @@ def test_backward_deterministic_accumulates_and_calls_back(hopper):
 
 
 @pytest.mark.parametrize("case", ["odd_full", "odd_causal", "ring_step", "documents_window_fold"])
-@pytest.mark.parametrize("pingpong", [False, True], ids=["split", "pingpong"])
+@pytest.mark.parametrize("variant", [(1, False), (2, True)], ids=["one_partition", "pingpong"])
 @pytest.mark.parametrize("D", [64, 128])
-def test_split_consumers(D, pingpong, case, hopper, monkeypatch):
-    """HOPPER_FWD_SPLIT = 2 (a consumer partition per warpgroup), with and without the two
-    taking turns (HOPPER_FWD_PINGPONG): the same checks on odd lengths, causal and full, a ring
-    step, windows with documents, and the fold."""
-    monkeypatch.setattr(attention, "HOPPER_FWD_SPLIT", 2)
-    monkeypatch.setattr(attention, "HOPPER_FWD_PINGPONG", pingpong)
+def test_forward_variants(D, variant, case, hopper, monkeypatch):
+    """The forward's other variants (the default, a consumer partition per warpgroup, is what
+    every other test runs): both warpgroups in one partition (HOPPER_FWD_SPLIT = 1), and the two
+    partitions taking turns (HOPPER_FWD_PINGPONG). The same checks on odd lengths, causal and
+    full, a ring step, windows with documents, and the fold."""
+    monkeypatch.setattr(attention, "HOPPER_FWD_SPLIT", variant[0])
+    monkeypatch.setattr(attention, "HOPPER_FWD_PINGPONG", variant[1])
     if case.startswith("odd"):
         q, k, v = make(2, 1111, 555, 8, 2, D, torch.bfloat16, seed=10)
         check(q, k, v, hopper, causal=case == "odd_causal")
     elif case == "ring_step":
         q, k, v = make(1, 1024, 1024, 8, 2, D, torch.float16, seed=11)
-        check(q, k, v, hopper, causal=True, q_pos=zigzag(4096, 2, 1), k_pos=zigzag(4096, 2, 0))
+        check(q, k, v, hopper, causal=True, q_pos=zigzag(2048, 2, 1), k_pos=zigzag(2048, 2, 0))
     else:
         pos = torch.arange(2048, device=DEV)
         doc = doc_ids([0, 900, 901, 2048], pos)

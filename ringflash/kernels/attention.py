@@ -37,6 +37,7 @@ __all__ = [
     "HOPPER_FWD_CONFIGS",
     "HOPPER_BWD_DKDV_CONFIGS",
     "HOPPER_BWD_DQ_CONFIGS",
+    "HOPPER_FWD_HEAD_DIMS",
     "BWD_DKDV_CONFIGS",
     "BWD_DQ_CONFIGS",
     "INTERPRETED",
@@ -123,15 +124,21 @@ HOPPER_PRODUCER = (1, 24)  # the TMA producer partition: warps, registers per th
 HOPPER_CONSUMER_REGS = 240  # registers a thread of the second consumer partition gets (HOPPER_FWD_SPLIT = 2)
 # The forward's consumers: 1, one 8-warp partition whose two warpgroups pass a common barrier
 # before each slot is handed back; 2, a partition per warpgroup, each handing slots back itself.
-HOPPER_FWD_SPLIT = 1
+# On an H100 (S = 8k, H = 32, D = 128, bf16) 2 ran 1.18-1.19x faster than 1
+# (benchmarks/results/kernels_hopper/).
+HOPPER_FWD_SPLIT = 2
 # With HOPPER_FWD_SPLIT = 2: the two warpgroups take turns issuing their matrix products (FA3's
-# ping-pong), so that one's softmax runs while the other's products do.
+# ping-pong), so that one's softmax runs while the other's products do. Measured no faster.
 HOPPER_FWD_PINGPONG = False
 # Whether forward() / backward() take the Hopper kernels where they serve the call
-# (bfloat16/float16, those head dims, no block pattern or per-head attributes, an sm_90 GPU).
-# Off unless RINGFLASH_HOPPER_FORWARD=1 / RINGFLASH_HOPPER_BACKWARD=1 until the GPU suite has
-# passed them (tests/test_kernels_hopper_gpu.py).
-HOPPER_FORWARD = os.environ.get("RINGFLASH_HOPPER_FORWARD", "0") == "1"
+# (bfloat16/float16, a head dim they have, no block pattern or per-head attributes, an sm_90
+# GPU). The forward is on by default at the head dims where it was measured faster than the
+# Triton kernel (D = 128: 1.2x; at D = 64 it was not); RINGFLASH_HOPPER_FORWARD=1 takes it at
+# every head dim it has, =0 never. The backward (two kernels, no atomics) was measured slower
+# than the Triton one, so it is taken only with RINGFLASH_HOPPER_BACKWARD=1.
+_HOPPER_ENV = os.environ.get("RINGFLASH_HOPPER_FORWARD", "")
+HOPPER_FORWARD = _HOPPER_ENV != "0"
+HOPPER_FWD_HEAD_DIMS: tuple = tuple(HOPPER_FWD_CONFIGS) if _HOPPER_ENV == "1" else (128,)
 HOPPER_BACKWARD = os.environ.get("RINGFLASH_HOPPER_BACKWARD", "0") == "1"
 # Small tiles under the interpreter: tests then cross many tile boundaries on short inputs.
 _INTERPRET_FWD = KernelConfig(32, 16, 1, 1)
@@ -429,11 +436,12 @@ def _launch(kernel, grid, *args, num_warps: int, num_stages: int, **constexprs) 
 _HOPPER_DEVICES: dict = {}
 
 
-def _hopper_serves(q: torch.Tensor, m: _MaskArgs, enabled: bool) -> bool:
-    """Whether the Hopper kernels take this call (``enabled``: HOPPER_FORWARD or HOPPER_BACKWARD)."""
+def _hopper_serves(q: torch.Tensor, m: _MaskArgs, enabled: bool, head_dims=None) -> bool:
+    """Whether the Hopper kernels take this call (``enabled``: HOPPER_FORWARD or HOPPER_BACKWARD;
+    ``head_dims``: those taken, default every one the kernels have)."""
     if not enabled or INTERPRETED or q.device.type != "cuda":
         return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[3] not in HOPPER_FWD_CONFIGS:
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[3] not in (head_dims or HOPPER_FWD_CONFIGS):
         return False
     if m.blocks is not None or m.strides[1] or q.shape[0] * q.shape[2] > 65535:
         return False
@@ -452,7 +460,8 @@ def _hopper_serves(q: torch.Tensor, m: _MaskArgs, enabled: bool) -> bool:
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a contiguous copy where TMA cannot read it (16-byte aligned base and strides)."""
     aligned = t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:3])
-    return t if aligned and t.stride(3) == 1 else t.contiguous()
+    # clone, not contiguous(): a contiguous view at an unaligned address would come back as is
+    return t if aligned and t.stride(3) == 1 else t.clone(memory_format=torch.contiguous_format)
 
 
 @functools.lru_cache(maxsize=None)
@@ -563,7 +572,7 @@ def forward(
             lse.fill_(-math.inf)
         return out, lse
     m = _mask_args(q_pos, k_pos, causal, window, q_doc, k_doc, Sq, Sk, q.device, blocks, (B, H, Hkv))
-    if _hopper_serves(q, m, HOPPER_FORWARD):
+    if _hopper_serves(q, m, HOPPER_FORWARD, HOPPER_FWD_HEAD_DIMS):
         return _forward_hopper(q, k, v, m, causal, scale, out, lse, fold)
 
     cfg = _sparse_stages(_config(FWD_CONFIGS, _INTERPRET_FWD, D, q.dtype, bool(causal)), m)
