@@ -716,8 +716,8 @@ def ring_attention(
         backend: the local engine: ``"triton"`` (default on CUDA), ``"reference"`` (default on
             the CPU), or PyTorch's fused ``"cudnn"`` / ``"sdpa_flash"`` kernels (see
             :mod:`ringflash.sdpa`).
-        sparsity: a sparse mode of :mod:`ringflash.sparse` (triton and reference engines; not
-            with a :class:`~ringflash.comm.HybridGroup`):
+        sparsity: a sparse mode of :mod:`ringflash.sparse` (triton and reference engines; with
+            a :class:`~ringflash.comm.HybridGroup` too, see :mod:`ringflash.ulysses`):
             :class:`~ringflash.sparse.BlockSparse`, a pattern over global blocks, the same on
             every rank, that must tile the global length; steps with no kept block are skipped.
             :class:`~ringflash.sparse.QKDrop` / :class:`~ringflash.sparse.HashSparse`: this
@@ -745,21 +745,18 @@ def ring_attention(
             calls differ. With ``sparsity``: keep flags or bucket ids of the wrong shape, dtype
             or device, ``num_buckets < 1``, bucket ids outside ``[0, num_buckets)`` on any rank
             (one all-gather of a flag, unless ``checked=True``), a block pattern that does not
-            tile the global length, an engine without sparse modes, a ``HybridGroup``.
+            tile the global length, an engine without sparse modes.
     """
     # Every check below is local and raises on every rank before any communication.
     check_qkv(q, k, v)
     layout = get_layout(layout)
     group = resolve_group(group)
     if isinstance(group, comm.HybridGroup):
-        if sparsity is not None:
-            raise ValueError(
-                "sparse attention runs over a plain ring: pass a ProcessGroup (the ring), not a HybridGroup"
-            )
         from .ulysses import hybrid_attention
 
         return hybrid_attention(q, k, v, causal=causal, window=window, cu_seqlens=cu_seqlens, layout=layout,
-                                softmax_scale=softmax_scale, group=group, return_lse=return_lse, backend=backend)
+                                softmax_scale=softmax_scale, group=group, return_lse=return_lse, backend=backend,
+                                sparsity=sparsity)
     world_size, _ = world_and_rank(group)
     if q.shape[1] != k.shape[1]:
         raise ValueError(

@@ -13,7 +13,10 @@ With a :class:`~ringflash.comm.HybridGroup` of ``R`` ring positions x ``U`` Ulys
 3. one all-to-all sends every rank its own tokens back, for all heads.
 
 The backward runs the same steps in reverse (the all-to-all is its own adjoint). Masks
-(causal, windows, documents) are rules on global positions and need nothing more.
+(causal, windows, documents) and block-sparse patterns are rules on global positions and need
+nothing more. QK-dropping flags and hash-bucket ids (:mod:`ringflash.sparse`) are per token and
+head: they take the same all-to-all as the queries and keys they belong to (one more small
+exchange each), and the ring over the ring group sorts them per head as it does for a plain group.
 
 With ``HybridGroup(..., chunks=C)`` the heads of each rank are cut into ``C`` chunks that
 pipeline: every chunk's all-to-all is posted at once (asynchronously, on the Ulysses group's
@@ -42,7 +45,8 @@ from .comm import HybridGroup, check_group_device, check_transport
 from . import comm
 from .layout import Layout
 from .mask import make_mask
-from .ops import check_mask_backend, check_qkv, get_backend, resolve_scale
+from .ops import check_mask_backend, check_qkv, check_sparsity_backend, get_backend, resolve_scale
+from .sparse import HashSparse, QKDrop, bucket_range_problem, check_sparsity, is_token_sparsity
 
 __all__ = ["hybrid_attention", "check_heads"]
 
@@ -190,8 +194,52 @@ def _to_tokens(x: torch.Tensor, group: HybridGroup, inverse: torch.Tensor, token
 
 
 @torch.compiler.disable
+def _bucket_range_everywhere(sparsity, group: HybridGroup, device) -> None:
+    """``ValueError`` on every rank if any rank's bucket ids are out of range: one all-gather of a
+    flag over the whole group (the Ulysses group, then the ring)."""
+    problem = bucket_range_problem(sparsity)
+    flags = comm.all_gather_tensor(torch.tensor([bool(problem)], device=device), group)
+    bad = [r for r, f in enumerate(flags.flatten().tolist()) if f]
+    if bad and not problem:
+        problem = f"bucket ids out of [0, num_buckets) on rank(s) {bad} of the group"
+    if problem:
+        raise ValueError(problem)
+
+
+def _attr_to_heads(t: torch.Tensor, group: HybridGroup, order: torch.Tensor, repeat: int) -> torch.Tensor:
+    """A per-token, per-head attribute (B, L, U*h) -> (B, U*L, h), as :func:`_to_heads` moves the
+    heads it belongs to (``repeat``: K/V heads replicated to ``repeat`` ranks each)."""
+    if repeat > 1:
+        t = t.repeat_interleave(repeat, dim=2)
+    x = t.to(torch.int32) if t.dtype == torch.bool else t  # every backend's all-to-all takes integers
+    x = _to_heads(x.unsqueeze(-1), group, order).squeeze(-1)
+    return x.to(torch.bool) if t.dtype == torch.bool else x
+
+
+def _sparsity_to_heads(sparsity, group: HybridGroup, order: torch.Tensor, kv_repeat: int):
+    """The call's sparse mode for the ring over the ring group: block patterns as they are (rules
+    on global positions), keep flags and bucket ids moved with their heads (see the module)."""
+    if not is_token_sparsity(sparsity):
+        return sparsity
+    if isinstance(sparsity, QKDrop):
+        return QKDrop(_attr_to_heads(sparsity.q_keep, group, order, 1),
+                      _attr_to_heads(sparsity.k_keep, group, order, kv_repeat))
+    return HashSparse(_attr_to_heads(sparsity.q_buckets, group, order, 1),
+                      _attr_to_heads(sparsity.k_buckets, group, order, kv_repeat), sparsity.num_buckets, checked=True)
+
+
+def _head_slice(sparsity, hq: slice, hkv: slice):
+    """The sparse mode of a chunk of heads (:func:`_pipelined`)."""
+    if isinstance(sparsity, QKDrop):
+        return QKDrop(sparsity.q_keep[:, :, hq], sparsity.k_keep[:, :, hkv])
+    if isinstance(sparsity, HashSparse):
+        return HashSparse(sparsity.q_buckets[:, :, hq], sparsity.k_buckets[:, :, hkv], sparsity.num_buckets,
+                          checked=True)
+    return sparsity
+
+
 def hybrid_attention(q, k, v, *, causal, window, cu_seqlens, layout: Layout, softmax_scale, group: HybridGroup,
-                     return_lse: bool, backend):
+                     return_lse: bool, backend, sparsity=None):
     """:func:`ringflash.ring_attention` over a :class:`~ringflash.comm.HybridGroup` (see the module)."""
     from .ring import ring_attention  # ring imports this module
 
@@ -213,6 +261,8 @@ def hybrid_attention(q, k, v, *, causal, window, cu_seqlens, layout: Layout, sof
     softmax_scale = resolve_scale(softmax_scale, D)
     mask = make_mask(causal, window, cu_seqlens, L * group.size)
     check_mask_backend(backend, mask)
+    check_sparsity(sparsity, q, k, L * group.size, check_range=False)
+    check_sparsity_backend(backend, sparsity)
     be = get_backend(backend, q.device)
     check_mask_backend(be, mask)
     if getattr(be, "check", None) is not None:
@@ -222,29 +272,35 @@ def hybrid_attention(q, k, v, *, causal, window, cu_seqlens, layout: Layout, sof
         check_layout(ring_layout, L * U, group.ring_size, mask.causal)
     if U == 1:
         return ring_attention(q, k, v, causal=causal, window=window, cu_seqlens=cu_seqlens, layout=ring_layout,
-                              softmax_scale=softmax_scale, group=group.ring, return_lse=return_lse, backend=backend)
+                              softmax_scale=softmax_scale, group=group.ring, return_lse=return_lse, backend=backend,
+                              sparsity=sparsity)
+    if isinstance(sparsity, HashSparse) and not sparsity.checked:
+        _bucket_range_everywhere(sparsity, group, q.device)
 
     order, inverse = _orders(layout, L * group.size, group, q.device)
-    if Hkv % U:  # fewer K/V heads than Ulysses ranks: rank u gets the K/V head of its query heads
-        k, v = (t.repeat_interleave(U // Hkv, dim=2) for t in (k, v))
+    kv_repeat = U // Hkv if Hkv % U else 1
+    if kv_repeat > 1:  # fewer K/V heads than Ulysses ranks: rank u gets the K/V head of its query heads
+        k, v = (t.repeat_interleave(kv_repeat, dim=2) for t in (k, v))
     hq, hkv = H // U, k.shape[2] // U
+    sparsity = _sparsity_to_heads(sparsity, group, order, kv_repeat)
     ring_kw = dict(causal=causal, window=window, cu_seqlens=cu_seqlens, layout=ring_layout, softmax_scale=softmax_scale,
                    group=group.ring, return_lse=return_lse, backend=backend)
     C = _chunk_count(group.chunks, hq, hkv)
     if C > 1:
-        return _pipelined(q, k, v, group, order, inverse, hq, hkv, C, ring_kw, ring_attention)
+        return _pipelined(q, k, v, group, order, inverse, hq, hkv, C, ring_kw, ring_attention, sparsity)
     # One all-to-all for q, k and v: per destination rank, its query heads then its K/V heads.
     qkv = torch.cat([rearrange(t, "b l (u h) d -> b l u h d", u=U) for t in (q, k, v)], dim=3)
     qkv = _to_heads(rearrange(qkv, "b l u h d -> b l (u h) d"), group, order)
     q_g, k_g, v_g = qkv.split([hq, hkv, hkv], dim=2)
-    out = ring_attention(q_g, k_g, v_g, **ring_kw)
+    out = ring_attention(q_g, k_g, v_g, sparsity=sparsity, **ring_kw)
     if return_lse:
         out, lse = out
         return _to_tokens(out, group, inverse, 1), _to_tokens(lse, group, inverse, 2)
     return _to_tokens(out, group, inverse, 1)
 
 
-def _pipelined(q, k, v, group: HybridGroup, order, inverse, hq: int, hkv: int, C: int, ring_kw: dict, ring_attention):
+def _pipelined(q, k, v, group: HybridGroup, order, inverse, hq: int, hkv: int, C: int, ring_kw: dict, ring_attention,
+               sparsity=None):
     """:func:`hybrid_attention` with each rank's heads in ``C`` chunks (see the module): the
     all-to-all of a chunk runs beside the ring of another."""
     U = group.ulysses_size
@@ -253,10 +309,12 @@ def _pipelined(q, k, v, group: HybridGroup, order, inverse, hq: int, hkv: int, C
     parts = [rearrange(t, "b l (u c h) d -> c u b l h d", u=U, c=C) for t in (q, k, v)]
     posted = [_post(torch.cat([p[c] for p in parts], dim=-2), group.ulysses) for c in range(C)]
     outs, lses = [], []
-    for y, pending in posted:
+    for c, (y, pending) in enumerate(posted):
         y = rearrange(_landed(y, group.ulysses, pending), "u b l h d -> b (u l) h d").index_select(1, order)
         q_g, k_g, v_g = y.split([hq // C, hkv // C, hkv // C], dim=2)
-        res = ring_attention(q_g, k_g, v_g, **ring_kw)
+        # This rank's heads of chunk c are [c hq/C, (c + 1) hq/C) of its hq (and likewise for K/V).
+        sp = _head_slice(sparsity, slice(c * hq // C, (c + 1) * hq // C), slice(c * hkv // C, (c + 1) * hkv // C))
+        res = ring_attention(q_g, k_g, v_g, sparsity=sp, **ring_kw)
         out, lse = res if ring_kw["return_lse"] else (res, None)
         # Back to the ranks the tokens came from, posted before the next chunk's ring.
         outs.append(_post(rearrange(out.index_select(1, inverse), "b (u l) h d -> u b l h d", u=U), group.ulysses))

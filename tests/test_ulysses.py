@@ -148,6 +148,91 @@ def _attend(group, place: int, world_size: int, case: tuple, seed: int):
     return place, [out.detach(), ql.grad, kl.grad, vl.grad, lse.detach()]
 
 
+# Sparse modes through a HybridGroup: (mode, layout, causal, heads, kv_heads, mask, dtype, chunks).
+# Keep flags and bucket ids are drawn over the whole sequence and sharded like q and k.
+def sparse_cases(R: int, U: int) -> list[tuple]:
+    h, hkv = HEADS[U][0]
+    few = HEADS[U][2][1]  # fewer K/V heads than Ulysses ranks: each goes to several ranks
+    grid = [
+        ("block", "zigzag", True, h, hkv, "none", "float32", 1),
+        ("qkdrop", "striped", True, h, few, "none", "float32", 1),
+        ("hash", "contiguous", False, h, hkv, "docs", "float32", 1),
+        ("hash", "striped", True, h, hkv, "docs-window", "bfloat16", 1),
+    ]
+    if (R, U) == (2, 2):
+        grid += [("qkdrop", "zigzag", False, 8, 4, "window-two-sided", "float32", 2),  # pipelined chunks
+                 ("hash", "striped", True, 8, 4, "none", "float32", 2)]
+    return grid
+
+
+SPARSE_BUCKETS = 3
+
+
+def _sparsity(case: tuple, seed: int, shard=None):
+    """The case's sparse mode over the whole sequence, or (``shard``) this rank's part of it."""
+    mode, _, _, h, hkv = case[:5]
+    g = torch.Generator().manual_seed(seed + 7)
+    if mode == "block":  # 6 blocks of 8 tokens: local 2 + global 1 + 1 random
+        from ringflash.sparse import block_pattern
+
+        return block_pattern(SEQLEN, 8, local=2, global_=1, random=1, seed=seed % 1000, causal=case[2])
+    shard = shard or (lambda t: t)  # noqa: E731
+    if mode == "qkdrop":
+        from ringflash.sparse import QKDrop
+
+        q_keep = torch.rand(BATCH, SEQLEN, h, generator=g) < 0.7
+        k_keep = torch.rand(BATCH, SEQLEN, hkv, generator=g) < 0.7
+        return QKDrop(shard(q_keep), shard(k_keep))
+    from ringflash.sparse import HashSparse
+
+    qb = torch.randint(0, SPARSE_BUCKETS, (BATCH, SEQLEN, h), generator=g)
+    kb = torch.randint(0, SPARSE_BUCKETS, (BATCH, SEQLEN, hkv), generator=g)
+    return HashSparse(shard(qb), shard(kb), SPARSE_BUCKETS)
+
+
+def _attend_sparse(group, place: int, world_size: int, case: tuple, seed: int):
+    """:func:`_attend` with the case's sparse mode."""
+    _, layout_name, causal, h, hkv, mask, dtype_name, _ = case
+    layout, dtype = _layout(layout_name), getattr(torch, dtype_name)
+    window, cu = _mask(mask, seed)
+    q, k, v, dout = _inputs(seed, h, hkv)
+    shard = lambda t: layout.shard(t, rank=place, world_size=world_size)  # noqa: E731
+    sparsity = _sparsity(case, seed, shard)
+    ql, kl, vl = (shard(t).to(dtype).requires_grad_() for t in (q, k, v))
+    out, lse = ring_attention(ql, kl, vl, causal=causal, window=window, cu_seqlens=cu, layout=layout, group=group,
+                              return_lse=True, sparsity=sparsity)
+    out.backward(shard(dout).to(dtype))
+    return place, [out.detach(), ql.grad, kl.grad, vl.grad, lse.detach()]
+
+
+def _bad_sparsity(group, world_size: int) -> dict:
+    """ValueErrors of bad sparse input through a HybridGroup (None where nothing was raised)."""
+    from ringflash.sparse import HashSparse, QKDrop
+
+    h, hkv = HEADS[group.ulysses_size][0]
+    L = SEQLEN // world_size
+    q = torch.randn(BATCH, L, h, HEAD_DIM)
+    k = torch.randn(BATCH, L, hkv, HEAD_DIM)
+    ids = torch.zeros(BATCH, L, h, dtype=torch.long)
+    kids = torch.zeros(BATCH, L, hkv, dtype=torch.long)
+    bad_on_last = ids.clone()
+    if group.rank == world_size - 1:
+        bad_on_last[0, 0, 0] = 5  # out of range on one rank only: every rank must raise
+    tries = {
+        "keep-shape": QKDrop(torch.ones(BATCH, L, h + 1, dtype=torch.bool), torch.ones(BATCH, L, hkv, dtype=torch.bool)),
+        "buckets-dtype": HashSparse(ids.float(), kids, 2),
+        "bucket-range": HashSparse(bad_on_last, kids, 2),
+    }
+    res = {}
+    for name, sp in tries.items():
+        try:
+            ring_attention(q, k, k, causal=True, layout="striped", group=group, sparsity=sp)
+            res[name] = None
+        except (ValueError, TypeError) as e:
+            res[name] = str(e)
+    return res
+
+
 def _bad_splits(group, U: int) -> dict:
     """Calls that must raise ValueError on every rank before any communication: name -> message."""
     calls = {  # name -> (heads, kv_heads, local_seqlen, layout)
@@ -188,6 +273,13 @@ def _mesh_grid(rank, world_size, R, U, seed):
         res[case] = _attend(hybrid, hybrid.rank, world_size, case, s)
         if case[-1] == "bfloat16":  # the bar: plain ring attention over the flat group, same shards
             res[("flat", case)] = _attend(None, rank, world_size, case, s)
+    for case in sparse_cases(R, U):
+        s = _case_seed(seed, case)
+        chunked = HybridGroup(hybrid.ring, hybrid.ulysses, chunks=case[-1])
+        res[case] = _attend_sparse(chunked, chunked.rank, world_size, case, s)
+        if case[6] == "bfloat16":
+            res[("flat", case)] = _attend_sparse(None, rank, world_size, case, s)
+    res["sparse-errors"] = _bad_sparsity(hybrid, world_size)
     if (R, U) == (2, 2):
         res.update(_extras_2x2(rank, world_size, rings, ulysses, hybrid, seed))
     return res
@@ -498,6 +590,58 @@ def test_hybrid_matches_float64(mesh, case):
             f"{name}: hybrid {errs[name]:.2e} vs flat ring {flat[name]:.2e} in bfloat16; {ctx}")
     lse = rel(got[4], _reference(case, seed, round_to=dtype)[4])
     assert lse < FP32_TOL, f"lse {lse:.2e} against float64 on the rounded inputs; {ctx}"
+
+
+def _reference_sparse(case, seed, round_to=None) -> list[torch.Tensor]:
+    """float64 attention over the full sequence with the case's sparse mode: [out, dq, dk, dv, lse]."""
+    _, layout_name, causal, h, hkv, mask, _, _ = case
+    window, cu = _mask(mask, seed)
+    q, k, v, dout = _inputs(seed, h, hkv)
+    if round_to is not None:
+        q, k, v, dout = (t.to(round_to).double() for t in (q, k, v, dout))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse = reference.attention(q, k, v, causal=causal, window=window, cu_seqlens=cu, sparsity=_sparsity(case, seed))
+    out.backward(dout)
+    return [out.detach(), q.grad, k.grad, v.grad, lse.detach()]
+
+
+SPARSE_CASES = [(mesh, case) for mesh in MESHES for case in sparse_cases(*mesh)]
+
+
+@pytest.mark.parametrize("mesh,case", SPARSE_CASES,
+                         ids=[f"{m[0]}x{m[1]}-{c[0]}-{_case_id(c[1:7])}-chunks{c[7]}" for m, c in SPARSE_CASES])
+def test_sparse_modes_match_float64(mesh, case):
+    """Block patterns, QK-dropping and hash buckets through Ulysses x ring (keep flags and bucket
+    ids sharded like q and k, then moved with their heads), with masks, GQA (K/V heads fewer than
+    Ulysses ranks too) and pipelined head chunks, against float64 with the same mask over the full
+    sequence: float32 < 1e-5; bfloat16 within 2x of the plain ring over the flat group."""
+    results = grid(mesh)
+    seed = _case_seed(_SEED, case)
+    layout, dtype = _layout(case[1]), getattr(torch, case[6])
+    got = _assemble([res[case] for res in results], layout)
+    ref = _reference_sparse(case, seed)
+    errs = _errors(got, ref)
+    fin = torch.isfinite(ref[4])
+    errs["lse"] = rel(got[4][fin], ref[4][fin])
+    assert torch.equal(torch.isfinite(got[4]), fin), "the rows that see nothing"
+    ctx = f"seed {_SEED}: {errs}"
+    if dtype == torch.float32:
+        assert all(e < FP32_TOL for e in errs.values()), ctx
+        return
+    flat = _errors(_assemble([res[("flat", case)] for res in results], layout), ref)
+    for name in NAMES[:4]:
+        assert errs[name] <= BF16_FACTOR * flat[name] + BF16_SLACK, (
+            f"{name}: hybrid {errs[name]:.2e} vs flat ring {flat[name]:.2e} in bfloat16; {ctx}")
+
+
+@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: f"{m[0]}x{m[1]}")
+def test_bad_sparse_input_raises_on_every_rank(mesh):
+    expect = {"keep-shape": "q_keep must have shape", "buckets-dtype": "must be an integer tensor",
+              "bucket-range": "[0, num_buckets)"}
+    for rank, res in enumerate(grid(mesh)):
+        for name, text in expect.items():
+            msg = res["sparse-errors"][name]
+            assert msg is not None and text in msg, (name, rank, msg)
 
 
 @pytest.mark.parametrize("mesh", MESHES, ids=lambda m: f"{m[0]}x{m[1]}")
