@@ -86,7 +86,7 @@ class TrainConfig:
                        "this probability, drawn afresh every step), block:PATTERN (a block-sparse pattern over the "
                        "whole sequence, PATTERN a comma list of size=, local=, global=, random=, seed=, e.g. "
                        "block:size=128,local=4,global=1); '' (default): dense. Needs --backend triton (GPUs) or "
-                       "reference, and the ring alone (--ulysses-size 1)")
+                       "reference; runs under --ulysses-size too")
     doc_mask: bool = _f(True, "with packed documents (--data, --task packed-recall), attend only inside each "
                         "document, rotary positions restarting at each; --no-doc-mask: causal attention over "
                         "the whole packed sequence (the same targets), to compare")
@@ -205,22 +205,12 @@ def _sdpa_striped(cfg: TrainConfig) -> bool:
     return cfg.backend in ("cudnn", "sdpa_flash") and cfg.layout == "striped"
 
 
-def _sparsity(cfg: TrainConfig):
-    """``cfg.sparsity`` parsed (a :class:`ringflash.sparse.SparsitySpec`), or None: dense, or a
-    spec that does not parse (which :func:`_mask_problems` reports)."""
-    try:
-        return parse_sparsity(cfg.sparsity)
-    except (TypeError, ValueError):
-        return None
-
-
 def resolve_ulysses(cfg: TrainConfig, world_size: int, ranks_per_node: int) -> TrainConfig:
     """``cfg`` with ``--ulysses-size 0`` (the default) decided for ``world_size`` ranks,
     ``ranks_per_node`` to a node: when a sequence's context-parallel ranks span several nodes, the
     largest divisor of ``ranks_per_node`` that divides the cp size and fits the heads (the ring then
     crosses nodes with fewer, larger hops and the all-to-all stays inside a node); else 1. Always 1
-    with --sparsity (sparse attention runs on the ring alone) and for PyTorch's fused engines
-    under --layout striped."""
+    for PyTorch's fused engines under --layout striped."""
     if cfg.ulysses_size != 0:
         return cfg
     from ringflash.ulysses import check_heads
@@ -229,8 +219,6 @@ def resolve_ulysses(cfg: TrainConfig, world_size: int, ranks_per_node: int) -> T
     u = 1
     if _sdpa_striped(cfg):
         return dataclasses.replace(cfg, ulysses_size=1)  # the ring alone (see _parallel_problems)
-    if _sparsity(cfg) is not None:
-        return dataclasses.replace(cfg, ulysses_size=1)  # sparse attention runs on the ring alone
     if 1 < ranks_per_node < world_size and cp > ranks_per_node:
         for cand in range(ranks_per_node, 1, -1):
             if ranks_per_node % cand or cp % cand or cfg.heads < 1 or cfg.kv_heads < 1:
@@ -404,9 +392,6 @@ def _sparsity_problems(cfg: TrainConfig) -> list[str]:
     if cfg.backend in ("cudnn", "sdpa_flash"):
         problems.append(f"--sparsity {spec} needs --backend triton (on GPUs; or reference): --backend "
                         f"{cfg.backend} runs PyTorch's dense fused kernels")
-    if cfg.ulysses_size > 1:
-        problems.append(f"--sparsity {spec} runs on the ring alone, not under Ulysses: use --ulysses-size 1 "
-                        f"(got --ulysses-size {cfg.ulysses_size}), or drop --sparsity")
     return problems
 
 

@@ -54,7 +54,7 @@ over every target of the batch and the gradient exactly its gradient. A corpus's
 share boundaries (a row each); packed-recall's rows share them in blocks of 8. The targets do
 not depend on the mask: the last token of every document has none. ``--sparsity`` adds sparse
 attention (``hash:BUCKETS``, ``qkdrop:FRACTION``, ``block:PATTERN``: GPTConfig.sparsity,
-ringflash.sparse) on the ring alone. Every metrics record, and the loss plot's title, names the
+ringflash.sparse), under Ulysses x ring too. Every metrics record, and the loss plot's title, names the
 mask (``causal``, ``causal+documents``, ``causal+window=N``, ``causal+sparsity=hash:8``...).
 
 Checkpoints (model, optimizer, every rank's RNG states, data position, step) go to

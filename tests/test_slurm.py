@@ -171,8 +171,8 @@ def test_submit_refuses_bad_own_flags_before_submitting(tmp_path, monkeypatch, c
 
 def test_submit_passes_sparsity_and_checks_it_before_submitting(tmp_path, monkeypatch, capsys):
     """--sparsity reaches launch/train.py in the job; a spec that cannot run is refused on the
-    submission host. The job spans 2 nodes, where --ulysses-size 0 would take a node's ranks:
-    with --sparsity it is the ring alone, and an explicit --ulysses-size > 1 is refused."""
+    submission host. The job spans 2 nodes, where --ulysses-size 0 takes a node's ranks, with
+    --sparsity too."""
     env = fake_bin(tmp_path, sbatch=f'touch {tmp_path}/called\necho "Submitted batch job 9"\n', srun="exit 0\n")
     monkeypatch.setenv("PATH", env["PATH"])
     out = tmp_path / "run"
@@ -182,14 +182,13 @@ def test_submit_passes_sparsity_and_checks_it_before_submitting(tmp_path, monkey
     trainer = submitit.helpers.DelayedSubmission.load(out / "submitit" / "9_submitted.pkl").function
     cfg = train.parse_args(trainer.train_args)
     assert cfg.sparsity == spec and cfg.resume and cfg.seq_len == 131072
-    assert train.resolve_ulysses(cfg.resolved(), 8, 4).ulysses_size == 1
+    assert train.resolve_ulysses(cfg.resolved(), 8, 4).ulysses_size == 4
     assert train.parse_args(trainer.checkpoint().function.train_args).sparsity == spec  # a requeued job too
     (tmp_path / "called").unlink()
     capsys.readouterr()
     for args, message in [
         (["--sparsity", "hash:0"], "--sparsity 'hash:0': hash:BUCKETS needs a bucket count >= 1"),
         (["--seq-len", "1000", "--sparsity", "block:size=64"], "--seq-len 1000 is not a multiple of its block size 64"),
-        (["--sparsity", "hash:8", "--ulysses-size", "4"], "runs on the ring alone, not under Ulysses: use --ulysses-size 1"),
         (["--sparsity", "hash:8", "--backend", "cudnn", "--dtype", "bfloat16"], "--sparsity hash:8 needs --backend triton"),
     ]:
         assert submit.main([*submit_py, "--out", str(out), *args]) == 2, args

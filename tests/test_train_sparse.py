@@ -66,10 +66,9 @@ def test_sparsity_flag_checks_say_what_to_change():
     assert "--seq-len 64 is not a multiple of its block size 7" in p and "63 or 70" in p
     (p,) = _problems(["--seq-len", "64", "--sparsity", "block:size=16,global=5"], 2)
     assert "global=5 blocks" in p and "4 blocks of 16" in p
-    # Not under Ulysses, not on PyTorch's fused engines.
-    (p,) = _problems(["--sparsity", "hash:4", "--ulysses-size", "2", "--heads", "2", "--kv-heads", "1",
-                      "--dim", "32"], 2)
-    assert "runs on the ring alone, not under Ulysses: use --ulysses-size 1" in p
+    # Under Ulysses too; not on PyTorch's fused engines.
+    assert _problems(["--sparsity", "hash:4", "--ulysses-size", "2", "--heads", "2", "--kv-heads", "1",
+                      "--dim", "32"], 2) == []
     cudnn = ["--device", "cuda", "--dtype", "bfloat16", "--backend", "cudnn", "--sparsity", "qkdrop:0.5"]
     (p,) = train.config_problems(train.parse_args(cudnn).resolved(), 2, hardware=False)
     assert "--sparsity qkdrop:0.5 needs --backend triton" in p and "--backend cudnn" in p
@@ -79,13 +78,12 @@ def test_sparsity_flag_checks_say_what_to_change():
         assert _problems(["--sparsity", mode, "--checkpoint-activations", "--compile"], 2) == []
 
 
-def test_auto_ulysses_is_the_ring_alone_with_sparsity():
-    """--ulysses-size 0 would take a node's ranks for a sequence across nodes; sparse attention
-    runs on the ring alone, so there it resolves to 1 (no error for the default)."""
+def test_auto_ulysses_takes_a_node_with_sparsity_too():
+    """--ulysses-size 0 takes a node's ranks for a sequence across nodes, sparse or dense."""
     cfg = train.parse_args(["--heads", "8", "--kv-heads", "2", "--dim", "256"]).resolved()
     assert train.resolve_ulysses(cfg, 16, 8).ulysses_size == 8
     sparse = train.resolve_ulysses(dataclasses.replace(cfg, sparsity="hash:8"), 16, 8)
-    assert sparse.ulysses_size == 1
+    assert sparse.ulysses_size == 8
     assert train.config_problems(sparse, 16, hardware=False) == []
 
 
@@ -146,7 +144,6 @@ BAD = [
     (["--sparsity", "qkdrop:1.5"], "--sparsity 'qkdrop:1.5': qkdrop:FRACTION needs a drop fraction in [0, 1)"),
     (["--sparsity", "block:size=7"], "--seq-len 64 is not a multiple of its block size 7"),
     (["--sparsity", "lsh:4"], "--sparsity 'lsh:4': unknown sparsity 'lsh:4'"),
-    (["--sparsity", "hash:4", "--ulysses-size", "2"], "runs on the ring alone, not under Ulysses: use --ulysses-size 1"),
 ]
 
 

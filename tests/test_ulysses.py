@@ -433,10 +433,13 @@ def _contexts(group, world_size, seed) -> dict:
 # -- modules and the GPT (2x2) ----------------------------------------------------------------
 
 DIM, MHA_HEADS = 32, 4
-MHA_CASES = [  # (layout, kv_heads, causal, window, packed documents)
-    ("striped", 2, True, None, False),
-    ("zigzag", 1, True, (5, 0), False),
-    ("contiguous", 4, False, None, True),
+MHA_CASES = [  # (layout, kv_heads, causal, window, packed documents, sparsity)
+    ("striped", 2, True, None, False, None),
+    ("zigzag", 1, True, (5, 0), False, None),
+    ("contiguous", 4, False, None, True, None),
+    ("striped", 2, True, None, True, "hash:3"),
+    ("zigzag", 1, True, None, False, "qkdrop:0.5"),
+    ("striped", 4, True, None, False, "block:size=8,local=2,global=1"),
 ]
 GPT_CONFIG = GPTConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=1, rope_base=100.0)
 GPT_CASES = [("zigzag", False), ("striped", True)]  # (layout, packed documents)
@@ -444,10 +447,10 @@ IGNORED = 5  # the first IGNORED targets of every row are ignored: the ranks' to
 
 
 def _mha(seed, case, group=None) -> MultiheadAttention:
-    layout, hkv, causal, window, _ = case
+    layout, hkv, causal, window, _, sparsity = case
     torch.manual_seed(seed)  # the same weights on every rank and in the oracle
     return MultiheadAttention(DIM, MHA_HEADS, num_kv_heads=hkv, causal=causal, window=window, layout=layout,
-                              bias=True, rope_base=100.0, group=group)
+                              bias=True, rope_base=100.0, group=group, sparsity=sparsity, sparsity_seed=seed % 97)
 
 
 def _mha_data(seed):
@@ -746,7 +749,7 @@ def test_calls_in_any_context_then_training(name):
         assert all(e < FP32_TOL for e in errs), (rank, errs, _SEED)  # orders: 1.0 for an inference tensor
 
 
-@pytest.mark.parametrize("i", range(len(MHA_CASES)), ids=[f"{c[0]}-kv{c[1]}" for c in MHA_CASES])
+@pytest.mark.parametrize("i", range(len(MHA_CASES)), ids=[f"{c[0]}-kv{c[1]}-{c[5] or 'dense'}" for c in MHA_CASES])
 def test_multihead_attention_matches_one_process(i):
     case, seed = MHA_CASES[i], _SEED + 50_000 + i
     layout = get_layout(case[0])
