@@ -340,13 +340,15 @@ def _bad_on_every_rank(rank, world_size, group, hybrid):
             results["hash-id-one-rank"] = "ok" if want in str(e) else str(e)
         if "p2p" in posted:
             results["hash-id-one-rank"] = f"{posted} posted before the error"
-        # A HybridGroup (Ulysses of one inside a ring of two): sparsity is refused before its all-to-all.
+        # A HybridGroup (Ulysses of one inside a ring of two): bad flags are refused before its all-to-all.
         posted.clear()
+        bad_keep = torch.ones(2, LOCAL_SEQLEN, HEADS + 1, dtype=torch.bool)
         try:
-            ring_attention(q, k, k, causal=True, group=hybrid, sparsity=sp.block_pattern(LOCAL_SEQLEN * world_size, 2))
+            ring_attention(q, k, k, causal=True, group=hybrid,
+                           sparsity=QKDrop(bad_keep, torch.ones(2, LOCAL_SEQLEN, KV_HEADS, dtype=torch.bool)))
             results["hybrid"] = "no error"
         except ValueError as e:
-            results["hybrid"] = "ok" if "not a HybridGroup" in str(e) else str(e)
+            results["hybrid"] = "ok" if "q_keep must have shape" in str(e) else str(e)
         if posted:
             results["hybrid"] = f"{posted} posted before the error"
         # A valid sparse call still runs, and the group is intact.
