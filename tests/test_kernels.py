@@ -548,3 +548,29 @@ def test_interpreter_refuses_bfloat16_and_half_positions():
         kernels.forward(q, q, q, causal=True, q_pos=torch.arange(16) + 3)
     with pytest.raises(ValueError, match="head_dim"):
         kernels.check_inputs(q[..., :0], q[..., :0], q[..., :0])
+
+
+def test_hopper_forward_that_does_not_compile_falls_back(monkeypatch):
+    """The Hopper forward is on by default on sm_90: if it fails to compile (another Triton's
+    Gluon, say), forward() warns once, serves the call on the Triton kernel, and does not try the
+    Hopper kernel again on that device."""
+    from triton.compiler.errors import CompilationError
+
+    attn = sys.modules[kernels.forward.__module__]
+    tries = []
+
+    def broken(*args, **kwargs):
+        tries.append(1)
+        raise CompilationError("kernel source", None, "a Gluon name this Triton lacks")
+
+    monkeypatch.setattr(attn, "_HOPPER_DEVICES", {})
+    monkeypatch.setattr(attn, "_hopper_serves", lambda q, m, enabled, head_dims=None: attn._HOPPER_DEVICES.get(-1, True))
+    monkeypatch.setattr(attn, "_forward_hopper", broken)
+    q, k, v, _ = make_qkv(1, 40, 40, 2, 2, 16, torch.float32, seed=3)
+    with pytest.warns(RuntimeWarning, match="Hopper forward kernel did not compile"):
+        out, lse = kernels.forward(q, k, v, causal=True)
+    ref, ref_lse = reference.forward(q.double(), k.double(), v.double(), causal=True)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+    assert attn._HOPPER_DEVICES == {-1: False}
+    kernels.forward(q, k, v, causal=True)
+    assert tries == [1]

@@ -16,10 +16,12 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from typing import NamedTuple
 
 import torch
 import triton
+from triton.errors import TritonError
 from triton.runtime.errors import OutOfResources
 
 from ._bwd import _attn_bwd, _bwd_delta
@@ -457,6 +459,20 @@ def _hopper_serves(q: torch.Tensor, m: _MaskArgs, enabled: bool, head_dims=None)
     return _HOPPER_DEVICES[index]
 
 
+def _hopper_failed(q: torch.Tensor, error: Exception) -> None:
+    """The Hopper forward did not compile here (a Triton whose Gluon it does not build on, say):
+    warn once and leave this GPU to the Triton kernels. It is on by default, so a failure to
+    build it must not fail calls that the Triton kernels serve."""
+    index = q.device.index
+    if index is None:
+        index = torch.cuda.current_device() if q.device.type == "cuda" else -1
+    _HOPPER_DEVICES[index] = False
+    warnings.warn(
+        f"ringflash: the Hopper forward kernel did not compile on this GPU with Triton {triton.__version__} "
+        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); using the Triton kernels. "
+        f"RINGFLASH_HOPPER_FORWARD=0 skips the attempt.", RuntimeWarning, stacklevel=3)
+
+
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a contiguous copy where TMA cannot read it (16-byte aligned base and strides)."""
     aligned = t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:3])
@@ -573,7 +589,10 @@ def forward(
         return out, lse
     m = _mask_args(q_pos, k_pos, causal, window, q_doc, k_doc, Sq, Sk, q.device, blocks, (B, H, Hkv))
     if _hopper_serves(q, m, HOPPER_FORWARD, HOPPER_FWD_HEAD_DIMS):
-        return _forward_hopper(q, k, v, m, causal, scale, out, lse, fold)
+        try:
+            return _forward_hopper(q, k, v, m, causal, scale, out, lse, fold)
+        except TritonError as e:  # raised while compiling, before anything ran
+            _hopper_failed(q, e)
 
     cfg = _sparse_stages(_config(FWD_CONFIGS, _INTERPRET_FWD, D, q.dtype, bool(causal)), m)
     ranges = lists = counts = lse
