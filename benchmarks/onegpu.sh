@@ -4,7 +4,9 @@
 #   OUT=results_dir bash benchmarks/onegpu.sh [seqlens...]
 # Writes smoke.log, tests.log, kernels.jsonl, bench_kernels.log, masks.jsonl, bench_masks.log under
 # $OUT. A smoke call of each Hopper kernel runs first under a short timeout: a wrong barrier phase
-# hangs rather than fails. TESTS=0 skips the GPU tests; MASKS=0 the mask benchmark.
+# hangs rather than fails. TESTS=0 skips the GPU tests; MASKS=0 the mask benchmark; SPARSE=1 adds
+# the sparse modes' kernel benchmark (sparse.jsonl) and, with PAPER_DIR=dir holding the paper's
+# hsparse_attn.py and qksparse_attn.py, the comparison with its kernels (sparse_paper.jsonl).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -55,4 +57,16 @@ if [ "${MASKS:-1}" = 1 ]; then
   timeout ${MASKS_TIMEOUT:-300} python3 benchmarks/bench_masks.py --seqlens 32k --impls $MASK_IMPLS \
     --out "$OUT/masks.jsonl" > "$OUT/bench_masks.log" 2>&1
   tail -20 "$OUT/bench_masks.log"
+fi
+
+if [ "${SPARSE:-0}" = 1 ]; then
+  echo "== sparse modes against dense causal"
+  timeout ${SPARSE_TIMEOUT:-300} python3 benchmarks/bench_sparse.py --layouts --out "$OUT/sparse.jsonl" \
+    > "$OUT/bench_sparse.log" 2>&1
+  tail -30 "$OUT/bench_sparse.log"
+  if [ -n "${PAPER_DIR:-}" ]; then
+    timeout ${SPARSE_TIMEOUT:-300} python3 benchmarks/bench_sparse_paper.py --paper-dir "$PAPER_DIR" \
+      --out "$OUT/sparse_paper.jsonl" > "$OUT/bench_sparse_paper.log" 2>&1
+    tail -20 "$OUT/bench_sparse_paper.log"
+  fi
 fi
