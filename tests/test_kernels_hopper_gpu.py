@@ -291,3 +291,30 @@ def test_forward_variants(D, variant, case, hopper, monkeypatch):
         ref, ref_lse = reference.forward(q.double(), k.double(), v.double(), k_pos=pos, k_doc=doc, **kw)
         assert rel_err(a[0], ref) <= 2 * rel_err(out, ref) + 1e-5  # the fold adds no error of note
         assert (a[1].double() - ref_lse).abs().max().item() < 2e-3
+
+
+def test_default_choice(monkeypatch):
+    """Without the fixture's switches: the module's defaults on this GPU. forward() takes the Hopper
+    kernel at D = 128 (bf16 and fp16) and the Triton kernel at D = 64 and for float32; backward()
+    stays on the Triton kernels."""
+    import importlib
+
+    monkeypatch.delenv("RINGFLASH_HOPPER_FORWARD", raising=False)
+    monkeypatch.delenv("RINGFLASH_HOPPER_BACKWARD", raising=False)
+    fresh = importlib.reload(attention)
+    try:
+        calls = []
+        for name in ("_forward_hopper", "_backward_hopper"):
+            real = getattr(fresh, name)
+            monkeypatch.setattr(fresh, name, lambda *a, _r=real, _n=name, **kw: (calls.append(_n), _r(*a, **kw))[1])
+        for D, dtype, want in ((128, torch.bfloat16, ["_forward_hopper"]), (128, torch.float16, ["_forward_hopper"]),
+                               (64, torch.bfloat16, []), (128, torch.float32, [])):
+            calls.clear()
+            q, k, v = make(1, 700, 700, 4, 2, D, dtype, seed=13)
+            out, lse = fresh.forward(q, k, v, causal=True)
+            ref, _ = reference.forward(q.double(), k.double(), v.double(), causal=True)
+            assert rel_err(out, ref) < 2e-2
+            fresh.backward(q, q, k, v, lse, fresh.backward_delta(out, q), causal=True)
+            assert calls == want, (D, dtype, calls)
+    finally:
+        importlib.reload(attention)
