@@ -193,7 +193,6 @@ def _to_tokens(x: torch.Tensor, group: HybridGroup, inverse: torch.Tensor, token
     return rearrange(x, "u b h l -> b (u h) l")
 
 
-@torch.compiler.disable
 def _bucket_range_everywhere(sparsity, group: HybridGroup, device) -> None:
     """``ValueError`` on every rank if any rank's bucket ids are out of range: one all-gather of a
     flag over the whole group (the Ulysses group, then the ring)."""
@@ -238,6 +237,7 @@ def _head_slice(sparsity, hq: slice, hkv: slice):
     return sparsity
 
 
+@torch.compiler.disable
 def hybrid_attention(q, k, v, *, causal, window, cu_seqlens, layout: Layout, softmax_scale, group: HybridGroup,
                      return_lse: bool, backend, sparsity=None):
     """:func:`ringflash.ring_attention` over a :class:`~ringflash.comm.HybridGroup` (see the module)."""
