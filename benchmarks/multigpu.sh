@@ -7,6 +7,9 @@
 # TESTS=0 skips the tests (a benchmark-only call when device time is short). BENCH_ARGS="..." adds
 # flags to the ring benchmark, e.g. "--engines triton cudnn --transports nccl copy_engine", or
 # "--ulysses 1 2 4 --ulysses-chunks 1 2 --layouts zigzag --causal causal --modes fwdbwd" (Ulysses x ring splits).
+# MASKS="128k 512k" runs benchmarks/bench_ring_masks.py at those lengths (packed documents and a
+# window beside dense causal and torch CP on a BlockMask; ring_masks_<gpu>x<n>.jsonl); BENCH=0
+# skips the dense ring benchmark.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -35,9 +38,17 @@ if [ -n "${TRAIN_ARGS:-}" ]; then
   cp /tmp/train/metrics.jsonl $OUT/train_metrics.jsonl 2>/dev/null
 fi
 
-echo "== ring benchmark on $N GPUs: $SEQLENS"
-timeout ${BENCH_TIMEOUT:-270} torchrun --standalone --nproc-per-node $N benchmarks/bench_ring.py \
-  --seqlens $SEQLENS --out $OUT/ring_${GPU}x${N}.jsonl ${BENCH_ARGS:-} 2>&1 | tee $OUT/bench.log | grep -v '^{'
+if [ "${BENCH:-1}" = 1 ]; then
+  echo "== ring benchmark on $N GPUs: $SEQLENS"
+  timeout ${BENCH_TIMEOUT:-270} torchrun --standalone --nproc-per-node $N benchmarks/bench_ring.py \
+    --seqlens $SEQLENS --out $OUT/ring_${GPU}x${N}.jsonl ${BENCH_ARGS:-} 2>&1 | tee $OUT/bench.log | grep -v '^{'
+fi
+
+if [ -n "${MASKS:-}" ]; then
+  echo "== masked ring benchmark on $N GPUs: $MASKS"
+  timeout ${MASKS_TIMEOUT:-400} torchrun --standalone --nproc-per-node $N benchmarks/bench_ring_masks.py \
+    --seqlens $MASKS --out $OUT/ring_masks_${GPU}x${N}.jsonl ${MASKS_ARGS:-} 2>&1 | tee $OUT/bench_masks.log | grep -v '^{'
+fi
 
 if [ -n "${LONG:-}" ]; then
   echo "== one causal layer at $LONG tokens on $N GPUs"

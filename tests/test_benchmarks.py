@@ -192,3 +192,46 @@ def test_ring_bench_predicts_each_split_with_the_cost_model():
     assert predicted_ms(131072, 32, 8, 128, 4, 2, args) == round(want, 3)
     assert predicted_ms(131072, 32, 8, 128, 4, 1, args) < predicted_ms(131072, 32, 8, 128, 4, 4, args) * 10
     assert predicted_ms(131072, 30, 8, 128, 4, 4, args) is None
+
+
+def _masked_ring_hops(rank, world_size):
+    from types import SimpleNamespace
+
+    import torch
+
+    from bench_ring_masks import mask_kwargs, pairs, ring_hops
+
+    from ringflash import get_layout
+
+    args = SimpleNamespace(window=3, doc_seed=0, doc_median=8)
+    S, L = 64, 64 // world_size
+    g = torch.Generator().manual_seed(rank)
+    q, k, v = (torch.randn(1, L, 2, 8, generator=g) for _ in range(3))
+    out = {}
+    for mask in ("causal", "documents", "window"):
+        kw = mask_kwargs(mask, S, args)
+        out[mask] = (pairs(mask, S, kw, args), ring_hops(q, k, v, get_layout("contiguous"), kw, "fwd"),
+                     ring_hops(q, k, v, get_layout("contiguous"), kw, "fwdbwd"))
+    return out
+
+
+def test_masked_ring_benchmark_counts_pairs_and_hops():
+    """bench_ring_masks.py's mask arguments, visible pairs and hop count, on 4 CPU ranks: a window
+    that a contiguous shard holds takes one forward hop where dense causal takes P - 1, and fewer
+    in the backward too; the pairs are those of the dense masks."""
+    from distributed import spawn
+
+    from bench_masks import documents
+
+    results = spawn(_masked_ring_hops, 4)
+    for res in results[1:]:
+        assert res == results[0]  # every rank counts the same exchanges
+    res = results[0]
+    S = 64
+    assert res["causal"][0] == S * (S + 1) // 2
+    cu = documents(S, seed=0, median=8)
+    assert res["documents"][0] == sum((b - a) * (b - a + 1) // 2 for a, b in zip(cu[:-1], cu[1:]))
+    assert res["window"][0] == 3 * 4 // 2 + (S - 3) * 4
+    assert res["causal"][1] == 3 and res["window"][1] == 1
+    assert res["window"][2] < res["causal"][2]
+    assert res["documents"][1] <= res["causal"][1]
