@@ -574,3 +574,34 @@ def test_hopper_forward_that_does_not_compile_falls_back(monkeypatch):
     assert attn._HOPPER_DEVICES == {-1: False}
     kernels.forward(q, k, v, causal=True)
     assert tries == [1]
+
+
+def test_launch_drops_stages_that_do_not_fit():
+    """attention._launch: a launch the compiler finds too big for shared memory is retried with one
+    stage fewer until it fits, the count that fit is remembered for those constexprs, and a
+    kernel that fits at no stage count raises."""
+    from triton.runtime.errors import OutOfResources
+
+    attn = sys.modules[kernels.forward.__module__]
+    launched = []
+
+    class Kernel:
+        def __init__(self, fits):
+            self.fits = fits
+
+        def __getitem__(self, grid):
+            def run(*args, num_warps, num_stages, **constexprs):
+                if num_stages > self.fits:
+                    raise OutOfResources(1000 * num_stages, 232448, "shared memory")
+                launched.append((grid, args, num_warps, num_stages, constexprs))
+            return run
+
+    kernel = Kernel(fits=2)
+    attn._launch(kernel, (3, 1), "a", num_warps=8, num_stages=4, WINDOW=1, DOCS=True)
+    assert launched == [((3, 1), ("a",), 8, 2, {"WINDOW": 1, "DOCS": True})]
+    assert attn._STAGES_FIT[(kernel, 8, 4, (("DOCS", True), ("WINDOW", 1)))] == 2
+    kernel.fits = 4  # remembered: the next launch starts at 2 and does not try 4 again
+    attn._launch(kernel, (3, 1), "b", num_warps=8, num_stages=4, WINDOW=1, DOCS=True)
+    assert launched[-1][3] == 2
+    with pytest.raises(OutOfResources):
+        attn._launch(Kernel(fits=0), (1,), num_warps=4, num_stages=3)
