@@ -188,26 +188,46 @@ def local_transfers():
         Ring.exchange = real
 
 
+def error_text(e: Exception) -> str:
+    """A row's ``error``: the exception's type and first line."""
+    first = str(e).splitlines()[0][:200] if str(e) else ""
+    return f"{type(e).__name__}: {first}"
+
+
+def emit(row: dict, rank: int, out: str | None) -> None:
+    """Rank 0 prints ``row`` as JSON and appends it to ``out``."""
+    if rank != 0:
+        return
+    print(json.dumps(row), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def nccl_env() -> dict:
     """The NCCL_* and TORCH_NCCL_* variables this process runs with (the rows' provenance)."""
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith(("NCCL_", "TORCH_NCCL_"))}
 
 
+def local_shards(S, H, Hkv, D):
+    """This rank's random bf16 q, k, v of S / P tokens (seeded by rank), after the peak-memory
+    counter is reset: a row's peak counts its own inputs."""
+    P, r = dist.get_world_size(), dist.get_rank()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    L = S // P
+    g = torch.Generator(device="cuda").manual_seed(1234 + r)
+    return [torch.randn(1, L, h, D, device="cuda", dtype=torch.bfloat16, generator=g) for h in (H, Hkv, Hkv)]
+
+
 def bench_ringflash(S, H, Hkv, D, causal, mode, layout, args, engine="triton", last_hop_parts=None, head_start_us=None,
                     local=False, transport="nccl", ce_signals=None, group=None):
-    P, r = dist.get_world_size(), dist.get_rank()
     ring_mod.LAST_HOP_PARTS = DEFAULT_LAST_HOP_PARTS if last_hop_parts is None else last_hop_parts
     ring_mod.HEAD_START_US = DEFAULT_HEAD_START_US if head_start_us is None else head_start_us
     comm.TRANSPORT = transport
     comm.COPY_ENGINE_SIGNALS = DEFAULT_CE_SIGNALS if ce_signals is None else ce_signals
     comm.free_workspaces()  # each row's peak counts its own workspace
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    L = S // P
-    g = torch.Generator(device="cuda").manual_seed(1234 + r)
-    q = torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v = local_shards(S, H, Hkv, D)
     lay = get_layout(layout)
     fn = step_fn(lambda a, b, c: ring_attention(a, b, c, causal=causal, layout=lay, backend=ring_backend(engine),
                                                 group=group), q, k, v, mode)
@@ -442,14 +462,10 @@ def main():
                             if tr == "copy_engine":
                                 row["workspace_gib"] = round(workspace_gib(), 2)
                         except Exception as e:  # noqa: BLE001 - a failing baseline is a result too
-                            row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                            row["error"] = error_text(e)
                             torch.cuda.synchronize()
                         rows.append(row)
-                        if rank == 0:
-                            print(json.dumps(row), flush=True)
-                            if args.out:
-                                with open(args.out, "a") as f:
-                                    f.write(json.dumps(row) + "\n")
+                        emit(row, rank, args.out)
 
     if rank == 0:
         print(f"\n{'impl':16s} {'engine':7s} {'layout':11s} {'S':>7s} {'Hkv':>4s} {'causal':>6s} {'mode':>7s} {'ms':>9s} {'TFLOP/s/GPU':>11s} {'GiB':>6s}")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 
@@ -37,7 +36,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_masks import documents, visible_pairs  # noqa: E402
-from bench_ring import init_nccl, nccl_env, parse_size, peak_gib, step_fn, time_ms  # noqa: E402
+from bench_ring import (emit, error_text, init_nccl, local_shards, nccl_env, parse_size, peak_gib,  # noqa: E402
+                        step_fn, time_ms)
 import bench_ring  # noqa: E402
 from ringflash import get_layout, ring_attention  # noqa: E402
 from ringflash.comm import Ring  # noqa: E402
@@ -87,14 +87,7 @@ def ring_hops(q, k, v, layout, kw: dict, mode: str) -> int:
 
 
 def bench_ringflash(S, H, Hkv, D, mode, layout, kw, args):
-    P, r = dist.get_world_size(), dist.get_rank()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    L = S // P
-    g = torch.Generator(device="cuda").manual_seed(1234 + r)
-    q = torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v = local_shards(S, H, Hkv, D)
     lay = get_layout(layout)
     hops = ring_hops(q, k, v, lay, kw, mode)
     fn = step_fn(lambda a, b, c: ring_attention(a, b, c, causal=True, layout=lay, **kw), q, k, v, mode)
@@ -222,14 +215,10 @@ def main():
                             if (S, Hkv, mode) in dense:
                                 row["of_dense"] = round(tf / dense[(S, Hkv, mode)], 3)
                         except Exception as e:  # noqa: BLE001 - a failing baseline is a result too
-                            row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+                            row["error"] = error_text(e)
                             torch.cuda.synchronize()
                         rows.append(row)
-                        if rank == 0:
-                            print(json.dumps(row), flush=True)
-                            if args.out:
-                                with open(args.out, "a") as f:
-                                    f.write(json.dumps(row) + "\n")
+                        emit(row, rank, args.out)
     if rank == 0:
         print(f"\n{'impl':10s} {'layout':11s} {'mask':10s} {'S':>7s} {'Hkv':>4s} {'mode':>7s} {'ms':>9s} "
               f"{'TFLOP/s vis/GPU':>15s} {'of dense':>8s} {'hops':>5s} {'GiB':>6s}")
