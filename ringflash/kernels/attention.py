@@ -443,7 +443,7 @@ def _hopper_serves(q: torch.Tensor, m: _MaskArgs, enabled: bool, head_dims=None)
     ``head_dims``: those taken, default every one the kernels have)."""
     if not enabled or INTERPRETED or q.device.type != "cuda":
         return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[3] not in (head_dims or HOPPER_FWD_CONFIGS):
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[3] not in (HOPPER_FWD_CONFIGS if head_dims is None else head_dims):
         return False
     if m.blocks is not None or m.strides[1] or q.shape[0] * q.shape[2] > 65535:
         return False
