@@ -373,3 +373,45 @@ def test_flash_attention_triton_sparse(mode, causal, docs):
                        ("dv", v32.grad, v64.grad)):
         assert_close(a.detach(), b.detach(), None, name, torch.float32)
     assert_lse(lse, ref_lse)
+
+
+# -- the per-head token permutation (kernels/permute.py) --------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("two", [False, True], ids=["one", "two"])
+def test_permute_tokens_kernel(two, dtype):
+    """Gather and scatter of one or two strided tensors against torch.gather, each the other's
+    inverse; sparse.gather_tokens' gradient (the scatter) against torch.gather's."""
+    from ringflash.kernels.permute import permute_tokens
+
+    g = torch.Generator().manual_seed(3)
+    B, S, H, D = 2, 70, 3, 40  # S over one program's rows, D not a power of two
+    x = torch.randn(B, H, S, D, generator=g).to(dtype).transpose(1, 2)  # strided, as a view of (B, H, S, D)
+    y = torch.randn(B, S, H, D, generator=g).to(dtype)
+    order = torch.stack([torch.stack([torch.randperm(S, generator=g) for _ in range(H)]) for _ in range(B)])
+    xs = [x, y] if two else [x]
+    got = permute_tokens(xs, order)
+    for t, out in zip(xs, got):
+        assert out.is_contiguous()
+        assert torch.equal(out, torch.gather(t, 1, order.transpose(1, 2)[..., None].expand(-1, -1, -1, D)))
+    back = permute_tokens(got, order, scatter=True)
+    for t, out in zip(xs, back):
+        assert torch.equal(out, t)
+    # Through autograd (the torch path on CPU tensors, as the kernel's).
+    xg = x.float().detach().requires_grad_(True)
+    gout = torch.randn(B, S, H, D, generator=g)
+    mine = torch.autograd.grad(sp.gather_tokens(xg, order), xg, gout)[0]
+    ref = torch.autograd.grad(torch.gather(xg, 1, order.transpose(1, 2)[..., None].expand(-1, -1, -1, D)), xg, gout)[0]
+    assert torch.equal(mine, ref)
+    assert torch.equal(sp.scatter_tokens(sp.gather_tokens(xg, order), order), xg)
+
+
+def test_permute_tokens_rejects_mismatched_shapes():
+    from ringflash.kernels.permute import permute_tokens
+
+    x = torch.randn(1, 8, 2, 4)
+    with pytest.raises(ValueError, match="order"):
+        permute_tokens([x], torch.zeros(1, 8, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="one shape"):
+        permute_tokens([x, torch.randn(1, 8, 2, 5)], torch.zeros(1, 2, 8, dtype=torch.int64))
