@@ -378,31 +378,38 @@ def keep_random(positions: torch.Tensor, batch: int, heads: int, fraction: float
 # -- composite attributes: what the kernels see for QK-dropping and hashing -------------------------
 
 
-def composite(sparsity, q_pos, k_pos, q_doc, k_doc, num_docs: int):
-    """Per-head composite (position, document) of queries and keys, in the caller's token order:
-    ``(q_cpos (B, H, Sq) int64, q_cdoc (B, H, Sq) int32, k_cpos (B, Hkv, Sk), k_cdoc)``.
+def composite_positions(sparsity, q_pos, k_pos, q_doc, k_doc, num_docs: int):
+    """Per-head composite positions ``(q_cpos (B, H, Sq), k_cpos (B, Hkv, Sk))``, int64, in the
+    caller's token order: composite document ``<< POS_BITS | position``.
 
     ``q_pos``/``k_pos``: global positions (Sq,)/(Sk,); ``q_doc``/``k_doc``: document ids or None.
     """
-    def base(doc, pos):
-        return torch.zeros_like(pos, dtype=torch.int64) if doc is None else doc.to(torch.int64)
-
-    qd, kd = base(q_doc, q_pos), base(k_doc, k_pos)
     if isinstance(sparsity, HashSparse):
         nb = sparsity.num_buckets
         if num_docs * nb >= _DROP_Q:
             raise ValueError(
                 f"{num_docs} documents x {nb} buckets is too many composite documents (at most {_DROP_Q - 1})"
             )
-        q_c = qd[None, :, None] * nb + sparsity.q_buckets.to(torch.int64)
-        k_c = kd[None, :, None] * nb + sparsity.k_buckets.to(torch.int64)
+        q_c, k_c = sparsity.q_buckets.to(torch.int64), sparsity.k_buckets.to(torch.int64)
+        if q_doc is not None:
+            q_c = q_c + q_doc.to(torch.int64)[None, :, None] * nb
+            k_c = k_c + k_doc.to(torch.int64)[None, :, None] * nb
     else:
-        q_c = torch.where(sparsity.q_keep, qd[None, :, None], _DROP_Q)
-        k_c = torch.where(sparsity.k_keep, kd[None, :, None], _DROP_K)
-    q_c, k_c = q_c.transpose(1, 2), k_c.transpose(1, 2)  # (B, H, S)
-    q_cpos = (q_c << POS_BITS) | q_pos.to(torch.int64)
-    k_cpos = (k_c << POS_BITS) | k_pos.to(torch.int64)
-    return q_cpos, q_c.to(torch.int32), k_cpos, k_c.to(torch.int32)
+        qd = 0 if q_doc is None else q_doc.to(torch.int64)[None, :, None]
+        kd = 0 if k_doc is None else k_doc.to(torch.int64)[None, :, None]
+        q_c = torch.where(sparsity.q_keep, qd, _DROP_Q)
+        k_c = torch.where(sparsity.k_keep, kd, _DROP_K)
+    q_cpos = (q_c.transpose(1, 2) << POS_BITS) | q_pos.to(torch.int64)  # (B, H, S)
+    k_cpos = (k_c.transpose(1, 2) << POS_BITS) | k_pos.to(torch.int64)
+    return q_cpos, k_cpos
+
+
+def composite(sparsity, q_pos, k_pos, q_doc, k_doc, num_docs: int):
+    """Per-head composite (position, document) of queries and keys, in the caller's token order:
+    ``(q_cpos (B, H, Sq) int64, q_cdoc (B, H, Sq) int32, k_cpos (B, Hkv, Sk), k_cdoc)``
+    (see :func:`composite_positions`)."""
+    q_cpos, k_cpos = composite_positions(sparsity, q_pos, k_pos, q_doc, k_doc, num_docs)
+    return q_cpos, (q_cpos >> POS_BITS).to(torch.int32), k_cpos, (k_cpos >> POS_BITS).to(torch.int32)
 
 
 def sort_order(cpos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -477,7 +484,7 @@ def run_sorted(sparsity, q, k, v, q_pos, k_pos, q_doc, k_doc, num_docs: int, cal
 
     ``gather_keys(t)``: every rank's copy of a key attribute tensor, as a list (the ring's
     all-gather); None for one device."""
-    q_cpos, _, k_cpos, _ = composite(sparsity, q_pos, k_pos, q_doc, k_doc, num_docs)
+    q_cpos, k_cpos = composite_positions(sparsity, q_pos, k_pos, q_doc, k_doc, num_docs)
     # Composite positions are distinct in a row: the sorted values are the kernels' attributes.
     q_cpos, q_order = torch.sort(q_cpos, dim=-1)
     k_cpos, k_order = torch.sort(k_cpos, dim=-1)
