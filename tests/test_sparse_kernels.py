@@ -390,6 +390,7 @@ def test_permute_tokens_kernel(two, dtype):
     x = torch.randn(B, H, S, D, generator=g).to(dtype).transpose(1, 2)  # strided, as a view of (B, H, S, D)
     y = torch.randn(B, S, H, D, generator=g).to(dtype)
     order = torch.stack([torch.stack([torch.randperm(S, generator=g) for _ in range(H)]) for _ in range(B)])
+    order = order.transpose(1, 2).contiguous().transpose(1, 2)  # strided, as torch.sort returns it for a transposed key
     xs = [x, y] if two else [x]
     got = permute_tokens(xs, order)
     for t, out in zip(xs, got):

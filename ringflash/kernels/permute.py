@@ -34,7 +34,7 @@ def _permute_kernel(
     X0, Y0, X1, Y1, ORDER,
     sx0b, sx0s, sx0h, sx0d, sx1b, sx1s, sx1h, sx1d,
     sy0b, sy0s, sy0h, sy1b, sy1s, sy1h,
-    so_b, so_h, H, S,
+    so_b, so_h, so_s, H, S,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
     TWO: tl.constexpr, SCATTER: tl.constexpr,
 ):
@@ -46,7 +46,7 @@ def _permute_kernel(
     row_ok = rows < S
     cols = tl.arange(0, BLOCK_D)
     mask = row_ok[:, None] & (cols[None, :] < HEAD_DIM)
-    perm = tl.load(ORDER + b * so_b + h * so_h + rows, mask=row_ok, other=0).to(tl.int64)
+    perm = tl.load(ORDER + b * so_b + h * so_h + rows * so_s, mask=row_ok, other=0).to(tl.int64)
     rows = rows.to(tl.int64)
     # Gather reads the permuted rows and writes in order; scatter the other way round.
     src = rows
@@ -70,8 +70,8 @@ def permute_tokens(xs: list[torch.Tensor] | tuple[torch.Tensor, ...], order: tor
     if not 1 <= len(xs) <= 2 or any(x.shape != xs[0].shape for x in xs):
         raise ValueError("permute_tokens takes one or two tensors of one shape")
     B, S, H, D = xs[0].shape
-    if tuple(order.shape) != (B, H, S) or order.stride(-1) != 1:
-        raise ValueError(f"permute_tokens: order {tuple(order.shape)} (last stride 1) for x {tuple(xs[0].shape)}")
+    if tuple(order.shape) != (B, H, S):
+        raise ValueError(f"permute_tokens: order {tuple(order.shape)} for x {tuple(xs[0].shape)}: expected {(B, H, S)}")
     ys = [torch.empty((B, S, H, D), dtype=x.dtype, device=x.device) for x in xs]
     if B * S * H * D == 0:
         return ys
@@ -80,7 +80,7 @@ def permute_tokens(xs: list[torch.Tensor] | tuple[torch.Tensor, ...], order: tor
     _permute_kernel[grid](
         xs[0], ys[0], x1, y1, order,
         *xs[0].stride(), *x1.stride(), *ys[0].stride()[:3], *y1.stride()[:3],
-        order.stride(0), order.stride(1), H, S,
+        *order.stride(), H, S,
         HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_S=BLOCK_S,
         TWO=len(xs) == 2, SCATTER=bool(scatter), num_warps=NUM_WARPS,
     )
