@@ -415,55 +415,19 @@ def composite(sparsity, q_pos, k_pos, q_doc, k_doc, num_docs: int):
 def sort_order(cpos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(order, inverse) along the last dim that sort ``cpos`` increasingly."""
     order = torch.argsort(cpos, dim=-1)
+    return order, _inverse(order)
+
+
+def _inverse(order: torch.Tensor) -> torch.Tensor:
     inverse = torch.empty_like(order)
     inverse.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    return order, inverse
-
-
-def _permute(xs, order: torch.Tensor, scatter: bool) -> list[torch.Tensor]:
-    if xs[0].is_cuda:
-        from .kernels.permute import permute_tokens  # Triton: only where the tensors are on a GPU
-
-        if len(xs) == 2 and xs[0].shape != xs[1].shape:
-            return permute_tokens(xs[:1], order, scatter) + permute_tokens(xs[1:], order, scatter)
-        return permute_tokens(xs, order, scatter)
-    B, H, S = order.shape
-    b = torch.arange(B, device=order.device)[:, None, None] * S
-    h = torch.arange(H, device=order.device)[None, :, None]
-    rows = ((b + order) * H + h).transpose(1, 2).reshape(-1)  # row of (B * S * H, D) per output row
-    out = []
-    for x in xs:
-        flat = x.reshape(-1, x.shape[-1])
-        y = torch.empty_like(flat).index_copy_(0, rows, flat) if scatter else flat.index_select(0, rows)
-        out.append(y.view(x.shape))
-    return out
-
-
-class _PermuteTokens(torch.autograd.Function):
-    """Tensors (B, S, H, D) permuted per head; the gradient of a gather by ``order`` is the
-    scatter by it and the other way round (no inverse permutation, nothing atomic)."""
-
-    @staticmethod
-    def forward(ctx, order, scatter, *xs):
-        ctx.save_for_backward(order)
-        ctx.scatter = scatter
-        return tuple(_permute(xs, order, scatter))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        (order,) = ctx.saved_tensors
-        return (None, None, *_permute(grads, order, not ctx.scatter))
+    return inverse
 
 
 def gather_tokens(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """``x`` (B, S, H, D) reordered per head by ``order`` (B, H, S), a permutation of each row:
-    ``out[b, s, h] = x[b, order[b, h, s], h]``. Differentiable."""
-    return _PermuteTokens.apply(order, False, x)[0]
-
-
-def scatter_tokens(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`gather_tokens`: ``out[b, order[b, h, s], h] = x[b, s, h]``."""
-    return _PermuteTokens.apply(order, True, x)[0]
+    """``x`` (B, S, H, D) reordered per head by ``order`` (B, H, S): differentiable."""
+    idx = order.transpose(1, 2)[..., None].expand(-1, -1, -1, x.shape[-1])
+    return torch.gather(x, 1, idx)
 
 
 class TokenAttrs:
@@ -488,16 +452,15 @@ def run_sorted(sparsity, q, k, v, q_pos, k_pos, q_doc, k_doc, num_docs: int, cal
     # Composite positions are distinct in a row: the sorted values are the kernels' attributes.
     q_cpos, q_order = torch.sort(q_cpos, dim=-1)
     k_cpos, k_order = torch.sort(k_cpos, dim=-1)
+    q_inverse = _inverse(q_order)
     q_cdoc, k_cdoc = (q_cpos >> POS_BITS).to(torch.int32), (k_cpos >> POS_BITS).to(torch.int32)
     if gather_keys is None:
         k_pos_all, k_doc_all = [k_cpos], [k_cdoc]
     else:
         k_pos_all, k_doc_all = gather_keys(k_cpos), gather_keys(k_cdoc)
     attrs = TokenAttrs(q_cpos, q_cdoc, k_pos_all, k_doc_all)
-    qs, = _PermuteTokens.apply(q_order, False, q)
-    ks, vs = _PermuteTokens.apply(k_order, False, k, v)
-    out, lse = call(qs, ks, vs, attrs)
-    return scatter_tokens(out, q_order), torch.scatter(torch.empty_like(lse), -1, q_order, lse)
+    out, lse = call(gather_tokens(q, q_order), gather_tokens(k, k_order), gather_tokens(v, k_order), attrs)
+    return gather_tokens(out, q_inverse), torch.gather(lse, -1, q_inverse)
 
 
 # -- the training job's --sparsity -------------------------------------------------------------------
