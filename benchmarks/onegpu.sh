@@ -2,7 +2,7 @@
 # One call on a one-GPU machine (H100/H200): the Hopper kernels' checks, then the kernel and mask
 # benchmarks with them beside the Triton kernels, SDPA and FlexAttention, in the same run.
 #   OUT=results_dir bash benchmarks/onegpu.sh [seqlens...]
-# Writes smoke.log, tests.log, kernels.jsonl, bench_kernels.log, masks.jsonl, bench_masks.log under
+# Writes smoke.log, tests.log (and tests_shard*.log), kernels.jsonl, bench_kernels.log, masks.jsonl, bench_masks.log under
 # $OUT. A smoke call of each Hopper kernel runs first under a short timeout: a wrong barrier phase
 # hangs rather than fails. TESTS=0 skips the GPU tests; MASKS=0 the mask benchmark; SPARSE=1 adds
 # the sparse modes' kernel benchmark (sparse.jsonl) and, with PAPER_DIR=dir holding the paper's
@@ -41,8 +41,9 @@ case "$OK" in *bwd*) ;; *) TESTS=0 MODES="fwd";; esac
 
 if [ "${TESTS:-1}" = 1 ]; then
   echo "== GPU tests of the Hopper kernels"
-  timeout ${TEST_TIMEOUT:-360} python3 -m pytest -m gpu tests/test_kernels_hopper_gpu.py -q --maxfail=10 -p no:cacheprovider \
-    > "$OUT/tests.log" 2>&1
+  # In 4 processes: the suite compiles many variants and took over 330 s in one.
+  OUT="$OUT" N=${TEST_SHARDS:-4} TEST_TIMEOUT=${TEST_TIMEOUT:-360} bash benchmarks/gpu_tests.sh tests/test_kernels_hopper_gpu.py \
+    --maxfail=10 > "$OUT/tests.log" 2>&1
   echo "exit $?" >> "$OUT/tests.log"; tail -15 "$OUT/tests.log"
 fi
 

@@ -125,3 +125,42 @@ def pytest_collection_modifyitems(config, items):
         pattern = _QUICK_RE.get(item.path.name)
         if pattern is not None and pattern.fullmatch(item.name):
             item.add_marker(pytest.mark.quick)
+
+
+# -- shards -------------------------------------------------------------------------------------
+#
+# RINGFLASH_TEST_SHARD=i/n keeps every n-th selected test from the i-th (0-based), so that n
+# processes can share a run: the GPU suites spend most of their time compiling kernels, one
+# variant after the other in a process, and a GPU machine has many cores
+# (`benchmarks/gpu_tests.sh` runs them that way).
+
+
+def _shard() -> tuple[int, int] | None:
+    spec = os.environ.get("RINGFLASH_TEST_SHARD", "").strip()
+    if not spec:
+        return None
+    m = re.fullmatch(r"(\d+)/(\d+)", spec)
+    if not m or not int(m.group(1)) < int(m.group(2)):
+        raise pytest.UsageError(f"RINGFLASH_TEST_SHARD must be i/n with 0 <= i < n; got {spec!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+class _Shard:
+    """A plugin of its own: conftest.py already implements pytest_collection_modifyitems (quick)."""
+
+    def __init__(self, i: int, n: int):
+        self.i, self.n = i, n
+
+    @pytest.hookimpl(trylast=True)  # after `-m` and `-k` have deselected theirs
+    def pytest_collection_modifyitems(self, config, items):
+        keep = [item for j, item in enumerate(items) if j % self.n == self.i]
+        dropped = [item for j, item in enumerate(items) if j % self.n != self.i]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+def pytest_configure(config):
+    shard = _shard()
+    if shard is not None:
+        config.pluginmanager.register(_Shard(*shard), "ringflash-shard")
