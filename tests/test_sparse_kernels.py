@@ -373,4 +373,3 @@ def test_flash_attention_triton_sparse(mode, causal, docs):
                        ("dv", v32.grad, v64.grad)):
         assert_close(a.detach(), b.detach(), None, name, torch.float32)
     assert_lse(lse, ref_lse)
-
