@@ -46,9 +46,11 @@ from ringflash import kernels  # noqa: E402
 # (kernels.attention.HOPPER_FORWARD and HOPPER_BACKWARD; sm_90 only, bf16/fp16 at D = 64 and 128);
 # ringflash_hopper_split: the same with a consumer partition per warpgroup in the forward
 # (HOPPER_FWD_SPLIT = 2); ringflash_hopper_pingpong: those partitions taking turns to issue their
-# matrix products (HOPPER_FWD_PINGPONG). Values: (split, ping-pong).
-HOPPER_IMPLS = {"ringflash_hopper": (1, False), "ringflash_hopper_split": (2, False),
-                "ringflash_hopper_pingpong": (2, True)}
+# matrix products (HOPPER_FWD_PINGPONG); ringflash_hopper_smem_p: the split forward and the
+# backward's dK/dV program with FA3's operand routes (HOPPER_BWD_SMEM_P).
+# Values: (split, ping-pong, smem_p).
+HOPPER_IMPLS = {"ringflash_hopper": (1, False, False), "ringflash_hopper_split": (2, False, False),
+                "ringflash_hopper_pingpong": (2, True, False), "ringflash_hopper_smem_p": (2, False, True)}
 IMPLS = ("ringflash", "ringflash_default", *HOPPER_IMPLS, "sdpa_flash", "sdpa_cudnn")
 MODES = ("fwd", "bwd", "fwdbwd")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -103,14 +105,15 @@ def make_fns(impl: str, q, k, v, dout, causal: bool):
         def hopper(fn):
             def run():
                 saved = (attention.HOPPER_FORWARD, attention.HOPPER_BACKWARD, attention.HOPPER_FWD_SPLIT,
-                         attention.HOPPER_FWD_PINGPONG)
+                         attention.HOPPER_FWD_PINGPONG, attention.HOPPER_BWD_SMEM_P)
                 attention.HOPPER_FORWARD = attention.HOPPER_BACKWARD = True
-                attention.HOPPER_FWD_SPLIT, attention.HOPPER_FWD_PINGPONG = HOPPER_IMPLS[impl]
+                (attention.HOPPER_FWD_SPLIT, attention.HOPPER_FWD_PINGPONG,
+                 attention.HOPPER_BWD_SMEM_P) = HOPPER_IMPLS[impl]
                 try:
                     return fn()
                 finally:
                     (attention.HOPPER_FORWARD, attention.HOPPER_BACKWARD, attention.HOPPER_FWD_SPLIT,
-                     attention.HOPPER_FWD_PINGPONG) = saved
+                     attention.HOPPER_FWD_PINGPONG, attention.HOPPER_BWD_SMEM_P) = saved
             return run
 
         return tuple(hopper(fn) for fn in make_fns("ringflash_default", q, k, v, dout, causal))

@@ -1,6 +1,6 @@
 """One Hopper kernel variant once, against float64: the first check on a new GPU or Triton.
 
-    PYTHONPATH=. python benchmarks/hopper_smoke.py fwd|fwd_split|fwd_pingpong|bwd [--case causal|full|masks|gqa]
+    PYTHONPATH=. python benchmarks/hopper_smoke.py fwd|fwd_split|fwd_pingpong|bwd|bwd_smem_p [--case causal|full|masks|gqa]
 
 Each variant runs in its own process (benchmarks/onegpu.sh puts each under a timeout), because a
 wrong barrier phase hangs the GPU rather than failing. Prints the relative error of O (and of
@@ -16,7 +16,8 @@ import torch
 from ringflash import kernels, reference
 from ringflash.kernels import attention as A
 
-VARIANTS = {"fwd": (1, False), "fwd_split": (2, False), "fwd_pingpong": (2, True), "bwd": (1, False)}
+VARIANTS = {"fwd": (1, False), "fwd_split": (2, False), "fwd_pingpong": (2, True), "bwd": (1, False),
+            "bwd_smem_p": (1, False)}
 
 
 def main() -> None:
@@ -27,8 +28,10 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128)
     a = p.parse_args()
     # bwd alone: the Triton forward, so that a faulty Hopper forward cannot hide the backward's state
-    A.HOPPER_FORWARD = a.variant != "bwd"
-    A.HOPPER_BACKWARD = a.variant == "bwd"
+    bwd = a.variant.startswith("bwd")
+    A.HOPPER_FORWARD = not bwd
+    A.HOPPER_BACKWARD = bwd
+    A.HOPPER_BWD_SMEM_P = a.variant == "bwd_smem_p"
     A.HOPPER_FWD_SPLIT, A.HOPPER_FWD_PINGPONG = VARIANTS[a.variant]
     served = []
     for name in ("_forward_hopper", "_backward_hopper"):
@@ -50,7 +53,7 @@ def main() -> None:
     torch.cuda.synchronize()
     rel = lambda x, w: ((x.double() - w).norm() / w.norm()).item()  # noqa: E731
     print(f"{a.variant} {a.case}: O rel err {rel(o, ref):.3e}; served by {served}", flush=True)
-    if a.variant == "bwd":
+    if bwd:
         delta = reference.backward_delta(ref, do.double())
         grads = kernels.backward(do, q, k, v, ref_lse.float(), delta.float(), **kw)
         torch.cuda.synchronize()

@@ -30,6 +30,8 @@ SWEEP_FWD = {128: [C(128, 128, 8, 2), C(128, 128, 8, 3), C(128, 64, 8, 3)],
              64: [C(128, 128, 8, 2), C(128, 128, 8, 3), C(128, 64, 8, 4)]}
 SWEEP_DKDV = {128: [C(32, 128, 8, 3), C(32, 128, 8, 2), C(64, 128, 8, 2), C(64, 64, 8, 2)],
               64: [C(64, 128, 8, 3), C(64, 128, 8, 2), C(128, 128, 8, 2)]}
+# the dK/dV program with FA3's operand routes (HOPPER_BWD_SMEM_P)
+SWEEP_DKDV_SMEM_P = {128: [C(64, 128, 8, 2), C(64, 128, 8, 3)], 64: [C(64, 128, 8, 3), C(128, 128, 8, 2)]}
 SWEEP_DQ = {128: [C(128, 64, 8, 2), C(128, 64, 8, 3), C(128, 128, 8, 2), C(64, 128, 8, 2)],
             64: [C(128, 64, 8, 2), C(128, 128, 8, 2), C(128, 64, 8, 3)]}
 FWD_VARIANTS = {"split1": (1, False), "split2": (2, False), "pingpong": (2, True)}
@@ -100,13 +102,15 @@ def main() -> None:
             A.HOPPER_FWD_SPLIT, A.HOPPER_FWD_PINGPONG = 2, False
 
             m = A._mask_args(None, None, causal, None, None, None, S, S, q.device, None, (B, H, H))
-            for kernel, sweep, table in (("dkdv", SWEEP_DKDV, A.HOPPER_BWD_DKDV_CONFIGS),
-                                         ("dq", SWEEP_DQ, A.HOPPER_BWD_DQ_CONFIGS)):
+            for kernel, sweep, table, smem_p in (("dkdv", SWEEP_DKDV, A.HOPPER_BWD_DKDV_CONFIGS, False),
+                                                 ("dkdv_smem_p", SWEEP_DKDV_SMEM_P, A.HOPPER_BWD_DKDV_SMEM_P_CONFIGS, True),
+                                                 ("dq", SWEEP_DQ, A.HOPPER_BWD_DQ_CONFIGS, False)):
                 keep = table[D]
+                A.HOPPER_BWD_SMEM_P = smem_p
                 for cfg in sweep[D]:
                     table[D] = cfg
                     try:
-                        c1, c2 = A.HOPPER_BWD_DKDV_CONFIGS[D], A.HOPPER_BWD_DQ_CONFIGS[D]
+                        c1, c2 = A._dkdv_config(D), A.HOPPER_BWD_DQ_CONFIGS[D]
                         rkv = rq = None
                         if causal:
                             rkv = A._tile_ranges(m, causal, S, S, c1.block_m, c1.block_n, by_keys=True, device=q.device)
@@ -114,17 +118,18 @@ def main() -> None:
                         dq, dk, dv = (torch.empty(t.shape, device=q.device, dtype=torch.float32) for t in (q, k, v))
                         launches = A._hopper_bwd_launches(do, q, k, v, lse, delta, m, causal, 1 / D ** 0.5, dq, dk, dv,
                                                           False, False, rkv, rq)
-                        grid, args, meta, warps = launches[0 if kernel == "dkdv" else 1]
+                        grid, args, meta, warps = launches[1 if kernel == "dq" else 0]
                         from ringflash.kernels._bwd_dkdv_hopper import _attn_bwd_dkdv_hopper
                         from ringflash.kernels._bwd_dq_hopper import _attn_bwd_dq_hopper
-                        fn = _attn_bwd_dkdv_hopper if kernel == "dkdv" else _attn_bwd_dq_hopper
+                        fn = _attn_bwd_dq_hopper if kernel == "dq" else _attn_bwd_dkdv_hopper
                         t = ms_of(lambda: fn[grid](*args, **meta, num_warps=warps))
                         # the work of each kernel: dK/dV 4 products, dQ 3, of the forward's 2
                         log({"kernel": kernel, "D": D, "causal": causal, "config": list(cfg), "ms": t,
-                             "tflops": (2.0 if kernel == "dkdv" else 1.5) * f_fwd / t * 1e-9})
+                             "tflops": (1.5 if kernel == "dq" else 2.0) * f_fwd / t * 1e-9})
                     except Exception as e:  # noqa: BLE001
                         log({"kernel": kernel, "D": D, "causal": causal, "config": list(cfg), "error": repr(e)[:160]})
                 table[D] = keep
+                A.HOPPER_BWD_SMEM_P = False
     with open(a.out, "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")

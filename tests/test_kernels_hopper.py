@@ -86,15 +86,21 @@ def compile_variant(D, dtype, *, causal=False, window=None, docs=False, fold=Fal
     return _compile(_attn_fwd_hopper, launch)
 
 
-def compile_backward(D, dtype, *, causal=False, window=None, docs=False, accumulate=False, pos_dtype=torch.int64):
+def compile_backward(D, dtype, *, causal=False, window=None, docs=False, accumulate=False, pos_dtype=torch.int64,
+                     smem_p=False):
     """Compile the dK/dV and dQ kernels as backward() would launch them: [(kernel, grid)] x 2."""
     q, k, v, m, masked = _inputs(D, dtype, causal, window, docs, pos_dtype)
     lse = torch.empty(B, H, S, dtype=torch.float32)
     grads = [torch.empty(t.shape, dtype=torch.float32) for t in (q, k, v)]
-    c1, c2 = A.HOPPER_BWD_DKDV_CONFIGS[D], A.HOPPER_BWD_DQ_CONFIGS[D]
-    launches = A._hopper_bwd_launches(q, q, k, v, lse, lse, m, causal, 0.125, *grads, accumulate, accumulate,
-                                      _ranges(masked, triton.cdiv(S, c1.block_n)),
-                                      _ranges(masked, triton.cdiv(S, c2.block_m)))
+    saved = A.HOPPER_BWD_SMEM_P
+    A.HOPPER_BWD_SMEM_P = smem_p
+    try:
+        c1, c2 = A._dkdv_config(D), A.HOPPER_BWD_DQ_CONFIGS[D]
+        launches = A._hopper_bwd_launches(q, q, k, v, lse, lse, m, causal, 0.125, *grads, accumulate, accumulate,
+                                          _ranges(masked, triton.cdiv(S, c1.block_n)),
+                                          _ranges(masked, triton.cdiv(S, c2.block_m)))
+    finally:
+        A.HOPPER_BWD_SMEM_P = saved
     return [_compile(kernel, launch) for kernel, launch in zip((_attn_bwd_dkdv_hopper, _attn_bwd_dq_hopper), launches)]
 
 
@@ -117,6 +123,11 @@ BACKWARD_VARIANTS = [
     dict(D=128, dtype=torch.bfloat16, causal=True, accumulate=True),
     dict(D=128, dtype=torch.float16, window=(64, 0), docs=True, causal=True, pos_dtype=torch.int32),
     dict(D=64, dtype=torch.bfloat16, window=(32, 16), docs=True, accumulate=True),
+    # FA3's operand routes in the dK/dV program (HOPPER_BWD_SMEM_P): 64 queries a step at D = 128
+    dict(D=128, dtype=torch.bfloat16, smem_p=True),
+    dict(D=128, dtype=torch.bfloat16, causal=True, accumulate=True, smem_p=True),
+    dict(D=128, dtype=torch.float16, window=(64, 0), docs=True, causal=True, pos_dtype=torch.int32, smem_p=True),
+    dict(D=64, dtype=torch.bfloat16, causal=True, smem_p=True),
 ]
 
 
@@ -205,7 +216,8 @@ def test_backward_compiles_for_sm90(variant, compiled):
         facts = compiled[f"{kind}-" + _name(variant)]
         assert facts["wgmma"] and facts["tma"] and facts["setmaxnreg"], (kind, facts)
         assert facts["shared"] <= SMEM_SM90
-    assert compiled["dkdv-" + _name(variant)]["grid"] == [triton.cdiv(S, A.HOPPER_BWD_DKDV_CONFIGS[D].block_n), B * HKV]
+    configs = A.HOPPER_BWD_DKDV_SMEM_P_CONFIGS if variant.get("smem_p") else A.HOPPER_BWD_DKDV_CONFIGS
+    assert compiled["dkdv-" + _name(variant)]["grid"] == [triton.cdiv(S, configs[D].block_n), B * HKV]
     assert compiled["dq-" + _name(variant)]["grid"] == [triton.cdiv(S, A.HOPPER_BWD_DQ_CONFIGS[D].block_m), B * H]
 
 

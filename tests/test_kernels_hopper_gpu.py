@@ -293,6 +293,40 @@ def test_forward_variants(D, variant, case, hopper, monkeypatch):
         assert (a[1].double() - ref_lse).abs().max().item() < 2e-3
 
 
+@pytest.mark.parametrize("case", ["odd_full", "odd_causal_gqa", "ring_step", "documents_window", "repeat_accumulate"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_backward_smem_p(D, case, hopper, monkeypatch):
+    """The dK/dV program with FA3's operand routes (HOPPER_BWD_SMEM_P: queries as rows, P and dS
+    through shared memory, 64 queries a step): against float64 as every backward here, on odd
+    lengths, GQA, a ring step, windows with documents; bitwise repeatable, and it accumulates."""
+    monkeypatch.setattr(attention, "HOPPER_BWD_SMEM_P", True)
+    if case == "odd_full":
+        check(*make(2, 1111, 555, 8, 8, D, torch.bfloat16, seed=20), hopper)
+    elif case == "odd_causal_gqa":
+        check(*make(2, 1000, 1234, 8, 2, D, torch.float16, seed=21), hopper, causal=True)
+    elif case == "ring_step":
+        q, k, v = make(1, 1024, 1024, 8, 2, D, torch.bfloat16, seed=22)
+        check(q, k, v, hopper, causal=True, q_pos=zigzag(2048, 2, 1), k_pos=zigzag(2048, 2, 0))
+    elif case == "documents_window":
+        pos = torch.arange(2048, device=DEV)
+        doc = doc_ids([0, 900, 901, 2048], pos)
+        check(*make(2, 2048, 2048, 8, 2, D, torch.bfloat16, seed=23), hopper, causal=True, q_pos=pos, k_pos=pos,
+              window=(256, 0), q_doc=doc, k_doc=doc)
+    else:
+        q, k, v = make(2, 3000, 3000, 8, 2, D, torch.bfloat16, seed=24)
+        dout = make(2, 3000, 3000, 8, 2, D, torch.bfloat16, seed=25)[0]
+        out, lse = kernels.forward(q, k, v, causal=True)
+        delta = kernels.backward_delta(out, dout)
+        a = kernels.backward(dout, q, k, v, lse, delta, causal=True)
+        b = kernels.backward(dout, q, k, v, lse, delta, causal=True)
+        assert hopper.count("bwd") == 2
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        acc = [torch.ones_like(t) for t in a]
+        kernels.backward(dout, q, k, v, lse, delta, causal=True, dq=acc[0], dk=acc[1], dv=acc[2])
+        for x, y in zip(acc, a):
+            assert torch.allclose(x, y + 1, rtol=0, atol=1e-5)
+
+
 def test_default_choice(monkeypatch):
     """Without the fixture's switches: the module's defaults on this GPU. forward() takes the Hopper
     kernel at D = 128 (bf16 and fp16) and the Triton kernel at D = 64 and for float32; backward()

@@ -33,6 +33,9 @@ and dV take their A operand from registers):
     ... and at the end dK *= softmax scale; add into (or store) the float32 dK, dV.
 
 The producer runs ahead by the number of slots, so the next tile's loads overlap these products.
+
+With ``SMEM_P`` (``attention.HOPPER_BWD_SMEM_P``) the consumers take FA3's routes instead
+(:func:`_consumer_smem_p`): S and dP with the queries as rows, P and dS through shared memory.
 """
 
 from __future__ import annotations
@@ -60,12 +63,12 @@ def _program(H, G, BLOCK_N: gl.constexpr):
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
-              k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+              k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
               sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
               stride_vb, stride_vs, stride_vh, H, G, Sq, Sk,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr,
-              ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr):
+              ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr):
     b, hk, n0, pid_n = _program(H, G, BLOCK_N)
     lo, flo, fhi, hi = ranges(RANGES, pid_n, Sq, BLOCK_M, RANGED)
     n_m = (hi - lo) // BLOCK_M
@@ -88,12 +91,19 @@ def _producer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
 
 @gluon.jit
 def _consumer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
-              k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+              k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
               sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
               stride_vb, stride_vs, stride_vh, H, G, Sq, Sk,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr,
-              ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr):
+              ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr):
+    if SMEM_P:
+        _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
+                         k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty,
+                         do_empty, sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks,
+                         stride_kh, stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM,
+                         STAGES, CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, q_desc.dtype)
+        return
     NW: gl.constexpr = CONSUMER_WARPS
     # (keys x queries) products and (keys x head dim) accumulators, warps stacked along the keys.
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
@@ -175,7 +185,14 @@ def _consumer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
         mbarrier.arrive(q_empty.index(s))
         mbarrier.arrive(do_empty.index(s))
 
-    dk = dk * sm_scale
+    _store_dkdv(dk * sm_scale, dv, DK, DV, b, hk, n0, Sk, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                stride_vh, BLOCK_N, HEAD_DIM, ACCUMULATE, acc_layout)
+
+
+@gluon.jit
+def _store_dkdv(dk, dv, DK, DV, b, hk, n0, Sk, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, ACCUMULATE: gl.constexpr, acc_layout: gl.constexpr):
+    """Add into (or store) the float32 dK and dV of the program's keys."""
     rows_k = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
     mask = (rows_k < Sk)[:, None] & (cols < HEAD_DIM)[None, :]
@@ -190,6 +207,115 @@ def _consumer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
 
 
 @gluon.jit
+def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
+                     k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty,
+                     do_empty, sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
+                     stride_vb, stride_vs, stride_vh, H, G, Sq, Sk,
+                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                     CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr,
+                     ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, dtype: gl.constexpr):
+    """The consumers with FA3's operand routes (``HOPPER_BWD_SMEM_P``): S = Q K^T and dP = dO V^T
+    with the queries as rows, the two warpgroups splitting the keys (warpgroup w computes key
+    columns 64w..64w+63, which are also its rows of dK and dV), so that a query's LSE and delta
+    are two registers a thread rather than a column slice; P and dS go through shared memory,
+    from where the dV and dK products read them transposed. Per query tile:
+
+        issue S = Q K^T, dP = dO V^T
+        wait(1): S done; P = exp2(S * scale - LSE2) (0 where masked); P -> p_smem
+        issue dV += P^T dO                  (A: p_smem transposed)
+        wait(1): dP done; dS = P * (dP - delta); dS -> ds_smem
+        issue dK += dS^T Q                  (A: ds_smem transposed)
+        wait(0); release Q and dO
+
+    The partition barrier after each store orders every thread's writes (both warpgroups') before
+    the wgmma that reads them, and wait(0) retires those wgmmas before the next tile overwrites
+    the tiles. Registers a consumer thread holds at D = 128 and 64 queries a step: dK and dV
+    (64 + 64), S/P and dP (32 + 32), a query's LSE and delta (2 + 2); ptxas reports no spill
+    (tests/test_kernels_hopper.py), where the transposed form spilled 356-700 bytes.
+    """
+    NW: gl.constexpr = CONSUMER_WARPS
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW // 2, 2],
+                                                       instr_shape=[16, BLOCK_N // 2, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])
+    query_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    key_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+
+    b, hk, n0, pid_n = _program(H, G, BLOCK_N)
+    lo, flo, fhi, hi = ranges(RANGES, pid_n, Sq, BLOCK_M, RANGED)
+    n_m = (hi - lo) // BLOCK_M
+    n_full = (fhi - flo) // BLOCK_M
+
+    k2 = k_smem.reshape([BLOCK_N, HEAD_DIM])
+    v2 = v_smem.reshape([BLOCK_N, HEAD_DIM])
+    pt_smem = p_smem.permute((1, 0))
+    dst_smem = ds_smem.permute((1, 0))
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout)
+    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout)
+
+    mbarrier.wait(kv_bar, 0)
+    for t in range(G * n_m):
+        h = hk * G + t // n_m
+        j = t % n_m
+        m0 = tile_start(j, lo, flo, fhi, hi, BLOCK_M)
+        s = t % STAGES
+        ph = (t // STAGES) & 1
+        q2 = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
+        do2 = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
+
+        mbarrier.wait(q_ready.index(s), ph)
+        s_tok = warpgroup_mma(q2, k2.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(do_ready.index(s), ph)
+        dp_tok = warpgroup_mma(do2, v2.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+
+        rows = m0 + gl.arange(0, BLOCK_M, layout=query_layout)
+        row_ok = rows < Sq
+        l_row = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + rows
+        lse = gl.load(LSE + l_row, mask=row_ok, other=float("inf"))
+        lse2 = gl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+        di = gl.load(DELTA + l_row, mask=row_ok, other=0.0)
+
+        st, _k, _q = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, k2, q2))
+        p = gl.exp2(st * qk_scale - lse2[:, None])
+        if j >= n_full:  # a boundary tile: the rule, the sequence ends (key attributes loaded here only)
+            keys = n0 + gl.arange(0, BLOCK_N, layout=key_layout)
+            ok = row_ok[:, None] & (keys < Sk)[None, :]
+            qp = rows
+            qd = rows
+            kp = keys
+            kd = keys
+            if CAUSAL or WINDOW > 0:
+                qp = gl.load(QPOS + rows, mask=row_ok, other=0).to(gl.int32)
+                kp = gl.load(KPOS + keys, mask=keys < Sk, other=0).to(gl.int32)
+            if DOCS:
+                qd = gl.load(QDOC + rows, mask=row_ok, other=-2)
+                kd = gl.load(KDOC + keys, mask=keys < Sk, other=-1)
+            ok = ok & visible(qp[:, None], kp[None, :], qd[:, None], kd[None, :], wl, wr, CAUSAL, WINDOW, DOCS)
+            p = gl.where(ok, p, 0.0)
+        p_smem.store(p.to(dtype))
+        fence_async_shared()
+        cta_barrier()
+        dv_tok = warpgroup_mma(pt_smem, do2, dv, is_async=True)
+
+        dp, _v, _do = warpgroup_mma_wait(num_outstanding=1, deps=(dp_tok, v2, do2))
+        ds = p * (dp - di[:, None])
+        ds_smem.store(ds.to(dtype))
+        fence_async_shared()
+        cta_barrier()
+        dk_tok = warpgroup_mma(dst_smem, q2, dk, is_async=True)
+
+        dv, dk, _p, _ds, _q2, _do2 = warpgroup_mma_wait(num_outstanding=0,
+                                                        deps=(dv_tok, dk_tok, pt_smem, dst_smem, q2, do2))
+        cta_barrier()
+        mbarrier.arrive(q_empty.index(s))
+        mbarrier.arrive(do_empty.index(s))
+
+    _store_dkdv(dk * sm_scale, dv, DK, DV, b, hk, n0, Sk, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                stride_vh, BLOCK_N, HEAD_DIM, ACCUMULATE, acc_layout)
+
+
+@gluon.jit
 def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
                           sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                           stride_vb, stride_vs, stride_vh, H, G, Sq, Sk,
@@ -197,12 +323,18 @@ def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPO
                           STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
                           RANGED: gl.constexpr, ACCUMULATE: gl.constexpr,
                           PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                          CONSUMER_WARPS: gl.constexpr):
+                          CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr, P_LAYOUT: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
     q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
+    if SMEM_P:  # P and dS of one query tile, (queries x keys)
+        p_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], P_LAYOUT)
+        ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], P_LAYOUT)
+    else:
+        p_smem = k_smem  # never read
+        ds_smem = k_smem
 
     kv_bars = barriers(1, 1)
     kv_bar = kv_bars.index(0)
@@ -216,15 +348,15 @@ def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPO
     gl.warp_specialize(
         [
             (_consumer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
-                         k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+                         k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
                          sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                          stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                         CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS)),
+                         CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, SMEM_P)),
             (_producer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
-                         k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+                         k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
                          sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                          stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                         CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS)),
+                         CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, SMEM_P)),
         ],
         [PRODUCER_WARPS], [PRODUCER_REGS])
 

@@ -118,6 +118,15 @@ HOPPER_BWD_DKDV_CONFIGS: dict = {
     64: KernelConfig(64, 128, 8, 3),
     128: KernelConfig(32, 128, 8, 3),
 }
+# HOPPER_BWD_SMEM_P: the dK/dV program computes S and dP with the queries as rows and feeds the dV
+# and dK products with P and dS from shared memory (FA3's routes) instead of from registers, so
+# that a step of 64 queries fits the registers at D = 128 (HOPPER_BWD_DKDV_SMEM_P_CONFIGS).
+# Off (RINGFLASH_HOPPER_BWD_SMEM_P=1 turns it on): not yet run on a GPU.
+HOPPER_BWD_SMEM_P = os.environ.get("RINGFLASH_HOPPER_BWD_SMEM_P", "0") == "1"
+HOPPER_BWD_DKDV_SMEM_P_CONFIGS: dict = {
+    64: KernelConfig(64, 128, 8, 3),
+    128: KernelConfig(64, 128, 8, 2),
+}
 HOPPER_BWD_DQ_CONFIGS: dict = {
     64: KernelConfig(128, 64, 8, 2),
     128: KernelConfig(128, 64, 8, 2),
@@ -490,6 +499,19 @@ def _smem_layout(rows: int, head_dim: int, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for([1, rows, 1, head_dim], gdt)
 
 
+def _dkdv_config(D: int) -> KernelConfig:
+    return (HOPPER_BWD_DKDV_SMEM_P_CONFIGS if HOPPER_BWD_SMEM_P else HOPPER_BWD_DKDV_CONFIGS)[D]
+
+
+@functools.lru_cache(maxsize=None)
+def _p_layout(rows: int, cols: int, dtype: torch.dtype):
+    """The shared-memory layout of the dK/dV program's P and dS tiles (HOPPER_BWD_SMEM_P)."""
+    from triton.experimental.gluon import language as gl
+
+    gdt = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], gdt)
+
+
 def _descriptors(tensors_rows):
     """Host TMA descriptors, 4-D over (B, S, H, D) with boxes [1, rows, 1, D]: rows past a
     batch's sequence end are zero-filled on load, never the next batch's rows."""
@@ -631,7 +653,7 @@ def _hopper_bwd_launches(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale,
     (_tile_ranges) where the mask has any, else None."""
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
-    c1, c2 = HOPPER_BWD_DKDV_CONFIGS[D], HOPPER_BWD_DQ_CONFIGS[D]
+    c1, c2 = _dkdv_config(D), HOPPER_BWD_DQ_CONFIGS[D]
     q_pos, k_pos = (lse, lse) if m.q_pos is None else (m.q_pos, m.k_pos)  # None: never read
     q_doc, k_doc = (lse, lse) if m.q_doc is None else (m.q_doc, m.k_doc)
     common = dict(HEAD_DIM=D, CAUSAL=bool(causal), WINDOW=m.window, DOCS=m.docs,
@@ -647,7 +669,9 @@ def _hopper_bwd_launches(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale,
         if by_keys:
             args = (*head, dk, dv, *tail, dk.stride(0), dk.stride(1), dk.stride(2),
                     dv.stride(0), dv.stride(1), dv.stride(2), H, H // Hkv, Sq, Sk)
-            launches.append(((triton.cdiv(Sk, cfg.block_n), B * Hkv), args, dict(meta, ACCUMULATE=acc_dkdv),
+            p_layout = _p_layout(cfg.block_m, cfg.block_n, q.dtype) if HOPPER_BWD_SMEM_P else None
+            launches.append(((triton.cdiv(Sk, cfg.block_n), B * Hkv), args,
+                             dict(meta, ACCUMULATE=acc_dkdv, SMEM_P=HOPPER_BWD_SMEM_P, P_LAYOUT=p_layout),
                              cfg.num_warps))
         else:
             args = (*head, dq, *tail, dq.stride(0), dq.stride(1), dq.stride(2), H, H // Hkv, Sq, Sk)
@@ -665,7 +689,7 @@ def _backward_hopper(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale, dq,
     Sq, D, Sk = q.shape[1], q.shape[3], k.shape[1]
     ranges_kv = ranges_q = None
     if causal or m.window or m.docs:
-        c1, c2 = HOPPER_BWD_DKDV_CONFIGS[D], HOPPER_BWD_DQ_CONFIGS[D]
+        c1, c2 = _dkdv_config(D), HOPPER_BWD_DQ_CONFIGS[D]
         ranges_kv = _tile_ranges(m, causal, Sq, Sk, c1.block_m, c1.block_n, by_keys=True, device=q.device)
         ranges_q = _tile_ranges(m, causal, Sq, Sk, c2.block_m, c2.block_n, by_keys=False, device=q.device)
     (g1, a1, m1, w1), (g2, a2, m2, w2) = _hopper_bwd_launches(
