@@ -47,10 +47,12 @@ from ringflash import kernels  # noqa: E402
 # ringflash_hopper_split: the same with a consumer partition per warpgroup in the forward
 # (HOPPER_FWD_SPLIT = 2); ringflash_hopper_pingpong: those partitions taking turns to issue their
 # matrix products (HOPPER_FWD_PINGPONG); ringflash_hopper_smem_p: the split forward and the
-# backward's dK/dV program with FA3's operand routes (HOPPER_BWD_SMEM_P).
-# Values: (split, ping-pong, smem_p).
-HOPPER_IMPLS = {"ringflash_hopper": (1, False, False), "ringflash_hopper_split": (2, False, False),
-                "ringflash_hopper_pingpong": (2, True, False), "ringflash_hopper_smem_p": (2, False, True)}
+# backward's dK/dV program with FA3's operand routes (HOPPER_BWD_SMEM_P);
+# ringflash_hopper_atomic_dq: that program also adding dQ with atomics (HOPPER_BWD_ATOMIC_DQ, not
+# deterministic). Values: (split, ping-pong, smem_p, atomic_dq).
+HOPPER_IMPLS = {"ringflash_hopper": (1, False, False, False), "ringflash_hopper_split": (2, False, False, False),
+                "ringflash_hopper_pingpong": (2, True, False, False),
+                "ringflash_hopper_smem_p": (2, False, True, False), "ringflash_hopper_atomic_dq": (2, False, True, True)}
 IMPLS = ("ringflash", "ringflash_default", *HOPPER_IMPLS, "sdpa_flash", "sdpa_cudnn")
 MODES = ("fwd", "bwd", "fwdbwd")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -105,15 +107,15 @@ def make_fns(impl: str, q, k, v, dout, causal: bool):
         def hopper(fn):
             def run():
                 saved = (attention.HOPPER_FORWARD, attention.HOPPER_BACKWARD, attention.HOPPER_FWD_SPLIT,
-                         attention.HOPPER_FWD_PINGPONG, attention.HOPPER_BWD_SMEM_P)
+                         attention.HOPPER_FWD_PINGPONG, attention.HOPPER_BWD_SMEM_P, attention.HOPPER_BWD_ATOMIC_DQ)
                 attention.HOPPER_FORWARD = attention.HOPPER_BACKWARD = True
                 (attention.HOPPER_FWD_SPLIT, attention.HOPPER_FWD_PINGPONG,
-                 attention.HOPPER_BWD_SMEM_P) = HOPPER_IMPLS[impl]
+                 attention.HOPPER_BWD_SMEM_P, attention.HOPPER_BWD_ATOMIC_DQ) = HOPPER_IMPLS[impl]
                 try:
                     return fn()
                 finally:
                     (attention.HOPPER_FORWARD, attention.HOPPER_BACKWARD, attention.HOPPER_FWD_SPLIT,
-                     attention.HOPPER_FWD_PINGPONG, attention.HOPPER_BWD_SMEM_P) = saved
+                     attention.HOPPER_FWD_PINGPONG, attention.HOPPER_BWD_SMEM_P, attention.HOPPER_BWD_ATOMIC_DQ) = saved
             return run
 
         return tuple(hopper(fn) for fn in make_fns("ringflash_default", q, k, v, dout, causal))

@@ -327,6 +327,36 @@ def test_backward_smem_p(D, case, hopper, monkeypatch):
             assert torch.allclose(x, y + 1, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["odd_causal_gqa", "ring_step", "documents_window", "accumulate"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_backward_atomic_dq(D, case, hopper, monkeypatch):
+    """dQ added by the dK/dV programs with atomics (HOPPER_BWD_ATOMIC_DQ, in FA3's form; no dQ
+    kernel): against float64 as every backward here (its sums come in varying order, so two runs
+    may differ in the last bits: not checked bitwise), and it adds into given accumulators."""
+    monkeypatch.setattr(attention, "HOPPER_BWD_SMEM_P", True)
+    monkeypatch.setattr(attention, "HOPPER_BWD_ATOMIC_DQ", True)
+    if case == "odd_causal_gqa":
+        check(*make(2, 1000, 1234, 8, 2, D, torch.float16, seed=30), hopper, causal=True)
+    elif case == "ring_step":
+        q, k, v = make(1, 1024, 1024, 8, 2, D, torch.bfloat16, seed=31)
+        check(q, k, v, hopper, causal=True, q_pos=zigzag(2048, 2, 1), k_pos=zigzag(2048, 2, 0))
+    elif case == "documents_window":
+        pos = torch.arange(2048, device=DEV)
+        doc = doc_ids([0, 900, 901, 2048], pos)
+        check(*make(2, 2048, 2048, 8, 2, D, torch.bfloat16, seed=32), hopper, causal=True, q_pos=pos, k_pos=pos,
+              window=(256, 0), q_doc=doc, k_doc=doc)
+    else:
+        q, k, v = make(2, 3000, 3000, 8, 2, D, torch.bfloat16, seed=33)
+        dout = make(2, 3000, 3000, 8, 2, D, torch.bfloat16, seed=34)[0]
+        out, lse = kernels.forward(q, k, v, causal=True)
+        delta = kernels.backward_delta(out, dout)
+        a = kernels.backward(dout, q, k, v, lse, delta, causal=True)
+        acc = [torch.ones_like(t) for t in a]
+        kernels.backward(dout, q, k, v, lse, delta, causal=True, dq=acc[0], dk=acc[1], dv=acc[2])
+        for x, y in zip(acc, a):
+            assert torch.allclose(x, y + 1, rtol=1e-5, atol=1e-4)
+
+
 def test_default_choice(monkeypatch):
     """Without the fixture's switches: the module's defaults on this GPU. forward() takes the Hopper
     kernel at D = 128 (bf16 and fp16) and the Triton kernel at D = 64 and for float32; backward()

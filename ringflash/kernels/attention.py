@@ -123,6 +123,11 @@ HOPPER_BWD_DKDV_CONFIGS: dict = {
 # that a step of 64 queries fits the registers at D = 128 (HOPPER_BWD_DKDV_SMEM_P_CONFIGS).
 # Off (RINGFLASH_HOPPER_BWD_SMEM_P=1 turns it on): not yet run on a GPU.
 HOPPER_BWD_SMEM_P = os.environ.get("RINGFLASH_HOPPER_BWD_SMEM_P", "0") == "1"
+# HOPPER_BWD_ATOMIC_DQ (with HOPPER_BWD_SMEM_P): the dK/dV program also computes dQ += dS K and
+# adds it into dQ with float32 atomics, so the backward is one kernel of five products instead of
+# two kernels of seven; the order of the additions varies from run to run, so the result is not
+# bitwise repeatable. Off (RINGFLASH_HOPPER_BWD_ATOMIC_DQ=1 turns it on): not yet run on a GPU.
+HOPPER_BWD_ATOMIC_DQ = os.environ.get("RINGFLASH_HOPPER_BWD_ATOMIC_DQ", "0") == "1"
 HOPPER_BWD_DKDV_SMEM_P_CONFIGS: dict = {
     64: KernelConfig(64, 128, 8, 3),
     128: KernelConfig(64, 128, 8, 2),
@@ -499,6 +504,11 @@ def _smem_layout(rows: int, head_dim: int, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for([1, rows, 1, head_dim], gdt)
 
 
+def _fused_dq() -> bool:
+    """Whether the dK/dV program also adds dQ (HOPPER_BWD_ATOMIC_DQ; only in FA3's form)."""
+    return HOPPER_BWD_ATOMIC_DQ and HOPPER_BWD_SMEM_P
+
+
 def _dkdv_config(D: int) -> KernelConfig:
     return (HOPPER_BWD_DKDV_SMEM_P_CONFIGS if HOPPER_BWD_SMEM_P else HOPPER_BWD_DKDV_CONFIGS)[D]
 
@@ -668,10 +678,12 @@ def _hopper_bwd_launches(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale,
                     RANGED=rng is not None, CONSUMER_WARPS=cfg.num_warps)
         if by_keys:
             args = (*head, dk, dv, *tail, dk.stride(0), dk.stride(1), dk.stride(2),
-                    dv.stride(0), dv.stride(1), dv.stride(2), H, H // Hkv, Sq, Sk)
+                    dv.stride(0), dv.stride(1), dv.stride(2), H, H // Hkv, Sq, Sk,
+                    dq, dq.stride(0), dq.stride(1), dq.stride(2))
             p_layout = _p_layout(cfg.block_m, cfg.block_n, q.dtype) if HOPPER_BWD_SMEM_P else None
             launches.append(((triton.cdiv(Sk, cfg.block_n), B * Hkv), args,
-                             dict(meta, ACCUMULATE=acc_dkdv, SMEM_P=HOPPER_BWD_SMEM_P, P_LAYOUT=p_layout),
+                             dict(meta, ACCUMULATE=acc_dkdv, SMEM_P=HOPPER_BWD_SMEM_P, P_LAYOUT=p_layout,
+                                  FUSE_DQ=_fused_dq()),
                              cfg.num_warps))
         else:
             args = (*head, dq, *tail, dq.stride(0), dq.stride(1), dq.stride(2), H, H // Hkv, Sq, Sk)
@@ -691,13 +703,17 @@ def _backward_hopper(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale, dq,
     if causal or m.window or m.docs:
         c1, c2 = _dkdv_config(D), HOPPER_BWD_DQ_CONFIGS[D]
         ranges_kv = _tile_ranges(m, causal, Sq, Sk, c1.block_m, c1.block_n, by_keys=True, device=q.device)
-        ranges_q = _tile_ranges(m, causal, Sq, Sk, c2.block_m, c2.block_n, by_keys=False, device=q.device)
+        if not _fused_dq():  # else no dQ kernel runs
+            ranges_q = _tile_ranges(m, causal, Sq, Sk, c2.block_m, c2.block_n, by_keys=False, device=q.device)
     (g1, a1, m1, w1), (g2, a2, m2, w2) = _hopper_bwd_launches(
         dout, q, k, v, lse, delta, m, causal, scale, dq, dk, dv, acc_dq, acc_dkdv, ranges_kv, ranges_q)
+    if m1["FUSE_DQ"] and not acc_dq:
+        dq.zero_()  # the dK/dV programs add their parts of dQ into it
     _attn_bwd_dkdv_hopper[g1](*a1, **m1, num_warps=w1)
     if after_dkdv is not None:
         after_dkdv()
-    _attn_bwd_dq_hopper[g2](*a2, **m2, num_warps=w2)
+    if not m1["FUSE_DQ"]:
+        _attn_bwd_dq_hopper[g2](*a2, **m2, num_warps=w2)
     return dq, dk, dv
 
 
