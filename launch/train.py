@@ -205,7 +205,9 @@ class TrainResult:
 def fail(rank: int, world_size: int, problems: list[str]) -> None:
     """Every rank prints the same problems and exits with status 2, before any communication."""
     tag = f"[rank {rank}] " if world_size > 1 else ""
-    print("\n".join(f"{tag}train.py: error: {p}" for p in problems), file=sys.stderr, flush=True)
+    # One write (print would write the newline apart, and two ranks' lines could interleave).
+    sys.stderr.write("".join(f"{tag}train.py: error: {p}\n" for p in problems))
+    sys.stderr.flush()
     raise SystemExit(2)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -168,8 +169,10 @@ def test_bad_sparsity_fails_fast_under_torchrun(tmp_path):
     args, message = BAD[2]
     proc = torchrun(*TINY, *args, "--steps", "2", "--out", str(tmp_path), check=False, timeout=60)
     assert proc.returncode != 0
-    printed = [r for r in (0, 1) if any(line.startswith(f"[rank {r}] train.py: error: ") and message in line
-                                        for line in proc.stderr.splitlines())]
+    # Split at each rank tag, not only at line ends: two ranks' writes can still meet on one line.
+    said = re.split(r"(?=\[rank \d+\] )", proc.stderr)
+    printed = [r for r in (0, 1) if any(part.startswith(f"[rank {r}] train.py: error: ") and message in part
+                                        for part in said)]
     assert printed, proc.stderr[-3000:]
     assert all(r in printed or _killed_by_launcher(proc.stderr, r) for r in (0, 1)), proc.stderr[-3000:]
     assert 'train.py", line' not in proc.stderr  # a message, not a traceback
