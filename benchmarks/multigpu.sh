@@ -9,7 +9,9 @@
 # "--ulysses 1 2 4 --ulysses-chunks 1 2 --layouts zigzag --causal causal --modes fwdbwd" (Ulysses x ring splits).
 # MASKS="128k 512k" runs benchmarks/bench_ring_masks.py at those lengths (packed documents and a
 # window beside dense causal and torch CP on a BlockMask; ring_masks_<gpu>x<n>.jsonl); BENCH=0
-# skips the dense ring benchmark.
+# skips the dense ring benchmark. SPARSE="128k" runs benchmarks/bench_ring_sparse.py at those lengths
+# (hash buckets, QK-dropping and a block pattern beside dense causal per layout;
+# ring_sparse_<gpu>x<n>.jsonl; SPARSE_ARGS="..." adds flags).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -48,6 +50,12 @@ if [ -n "${MASKS:-}" ]; then
   echo "== masked ring benchmark on $N GPUs: $MASKS"
   timeout ${MASKS_TIMEOUT:-400} torchrun --standalone --nproc-per-node $N benchmarks/bench_ring_masks.py \
     --seqlens $MASKS --out $OUT/ring_masks_${GPU}x${N}.jsonl ${MASKS_ARGS:-} 2>&1 | tee $OUT/bench_masks.log | grep -v '^{'
+fi
+
+if [ -n "${SPARSE:-}" ]; then
+  echo "== sparse ring benchmark on $N GPUs: $SPARSE"
+  timeout ${SPARSE_TIMEOUT:-400} torchrun --standalone --nproc-per-node $N benchmarks/bench_ring_sparse.py \
+    --seqlens $SPARSE --out $OUT/ring_sparse_${GPU}x${N}.jsonl ${SPARSE_ARGS:-} 2>&1 | tee $OUT/bench_sparse.log | grep -v '^{'
 fi
 
 if [ -n "${LONG:-}" ]; then

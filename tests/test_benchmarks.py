@@ -235,3 +235,69 @@ def test_masked_ring_benchmark_counts_pairs_and_hops():
     assert res["causal"][1] == 3 and res["window"][1] == 1
     assert res["window"][2] < res["causal"][2]
     assert res["documents"][1] <= res["causal"][1]
+
+
+def _sparse_ring_rows(rank, world_size):
+    """bench_ring_sparse.py's local sparsity and visible pairs on this rank, for each setting and
+    layout; the ring's output with them against one process's float64 attention under the global
+    mask (the rows of this rank's positions)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from bench_ring_sparse import _ids, layout_of, sparsity_for
+
+    from ringflash import flash_attention, ring_attention, sparse
+
+    args = SimpleNamespace(seed=3, block_size=8, block_local=2, block_global=1, block_random=1)
+    S, H, Hkv, D = 64, 4, 2, 8
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, S, h, D, generator=g, dtype=torch.float64) for h in (H, Hkv, Hkv))
+    every = torch.arange(S)
+    global_sp = {
+        "hash:3": sparse.HashSparse(_ids(S, H, 3, 3, "cpu"), _ids(S, Hkv, 3, 4, "cpu"), 3),
+        "qkdrop:0.5": sparse.QKDrop(sparse.keep_random(every, 1, H, 0.5, seed=3),
+                                    sparse.keep_random(every, 1, Hkv, 0.5, seed=4)),
+        "block": sparse.block_pattern(S, 8, local=2, global_=1, random=1, seed=3),
+    }
+    out = {}
+    for name in ("zigzag", "striped", "striped:8", "contiguous"):
+        layout = layout_of(name)
+        pos = layout.positions(S, rank=rank, world_size=world_size)
+        for spec, gsp in global_sp.items():
+            sp, pairs = sparsity_for(spec, S, H, Hkv, layout, rank, world_size, "cpu", args)
+            got = ring_attention(q[:, pos], k[:, pos], v[:, pos], causal=True, layout=layout, sparsity=sp)
+            want = flash_attention(q, k, v, causal=True, sparsity=gsp)[:, pos]
+            out[(name, spec)] = (pairs, float((got - want).abs().max()))
+    return out
+
+
+def test_sparse_ring_benchmark_shards_and_counts():
+    """bench_ring_sparse.py on 2 CPU ranks: each rank's sparsity is the global mask's rows at its
+    positions (the ring's output equals one process's float64 attention), and the visible pairs
+    are those of the global masks built here by brute force."""
+    import torch
+    from distributed import spawn
+
+    from bench_ring_sparse import _ids
+
+    from ringflash import sparse
+
+    results = spawn(_sparse_ring_rows, 2)
+    S, H, Hkv = 64, 4, 2
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    qb, kb = _ids(S, H, 3, 3, "cpu")[0], _ids(S, Hkv, 3, 4, "cpu")[0]
+    every = torch.arange(S)
+    qk, kk = sparse.keep_random(every, 1, H, 0.5, seed=3)[0], sparse.keep_random(every, 1, Hkv, 0.5, seed=4)[0]
+    pattern = sparse.block_pattern(S, 8, local=2, global_=1, random=1, seed=3).pattern.bool()
+    blocks = pattern[every // 8][:, every // 8]
+    want = {
+        "hash:3": sum(int(((qb[:, h, None] == kb[None, :, h // 2]) & causal).sum()) for h in range(H)),
+        "qkdrop:0.5": sum(int((qk[:, h, None] & kk[None, :, h // 2] & causal).sum()) for h in range(H)),
+        "block": int((blocks & causal).sum()) * H,
+    }
+    assert all(0 < w < int(causal.sum()) * H for w in want.values()), want
+    for res in results:
+        for (layout, spec), (pairs, err) in res.items():
+            assert pairs == want[spec], (layout, spec)
+            assert err < 1e-12, (layout, spec, err)

@@ -295,66 +295,42 @@ def test_forward_variants(D, variant, case, hopper, monkeypatch):
 
 @pytest.mark.parametrize("case", ["odd_full", "odd_causal_gqa", "ring_step", "documents_window", "repeat_accumulate"])
 @pytest.mark.parametrize("D", [64, 128])
-def test_backward_smem_p(D, case, hopper, monkeypatch):
+@pytest.mark.parametrize("atomic_dq", [False, True], ids=["smem_p", "atomic_dq"])
+def test_backward_fa3_form(atomic_dq, D, case, hopper, monkeypatch):
     """The dK/dV program with FA3's operand routes (HOPPER_BWD_SMEM_P: queries as rows, P and dS
-    through shared memory, 64 queries a step): against float64 as every backward here, on odd
-    lengths, GQA, a ring step, windows with documents; bitwise repeatable, and it accumulates."""
+    through shared memory, 64 queries a step), alone and adding dQ itself with atomics
+    (HOPPER_BWD_ATOMIC_DQ, no dQ kernel): against float64 as every backward here, on odd lengths,
+    GQA, a ring step, windows with documents; it accumulates into given buffers, and without the
+    atomics two runs are bitwise equal (with them the sums come in varying order: not checked)."""
     monkeypatch.setattr(attention, "HOPPER_BWD_SMEM_P", True)
+    monkeypatch.setattr(attention, "HOPPER_BWD_ATOMIC_DQ", atomic_dq)
+    seed = 20 + 10 * atomic_dq
     if case == "odd_full":
-        check(*make(2, 1111, 555, 8, 8, D, torch.bfloat16, seed=20), hopper)
+        check(*make(2, 1111, 555, 8, 8, D, torch.bfloat16, seed=seed), hopper)
     elif case == "odd_causal_gqa":
-        check(*make(2, 1000, 1234, 8, 2, D, torch.float16, seed=21), hopper, causal=True)
+        check(*make(2, 1000, 1234, 8, 2, D, torch.float16, seed=seed + 1), hopper, causal=True)
     elif case == "ring_step":
-        q, k, v = make(1, 1024, 1024, 8, 2, D, torch.bfloat16, seed=22)
+        q, k, v = make(1, 1024, 1024, 8, 2, D, torch.bfloat16, seed=seed + 2)
         check(q, k, v, hopper, causal=True, q_pos=zigzag(2048, 2, 1), k_pos=zigzag(2048, 2, 0))
     elif case == "documents_window":
         pos = torch.arange(2048, device=DEV)
         doc = doc_ids([0, 900, 901, 2048], pos)
-        check(*make(2, 2048, 2048, 8, 2, D, torch.bfloat16, seed=23), hopper, causal=True, q_pos=pos, k_pos=pos,
-              window=(256, 0), q_doc=doc, k_doc=doc)
+        check(*make(2, 2048, 2048, 8, 2, D, torch.bfloat16, seed=seed + 3), hopper, causal=True, q_pos=pos,
+              k_pos=pos, window=(256, 0), q_doc=doc, k_doc=doc)
     else:
-        q, k, v = make(2, 3000, 3000, 8, 2, D, torch.bfloat16, seed=24)
-        dout = make(2, 3000, 3000, 8, 2, D, torch.bfloat16, seed=25)[0]
+        q, k, v = make(2, 3000, 3000, 8, 2, D, torch.bfloat16, seed=seed + 4)
+        dout = make(2, 3000, 3000, 8, 2, D, torch.bfloat16, seed=seed + 5)[0]
         out, lse = kernels.forward(q, k, v, causal=True)
         delta = kernels.backward_delta(out, dout)
         a = kernels.backward(dout, q, k, v, lse, delta, causal=True)
-        b = kernels.backward(dout, q, k, v, lse, delta, causal=True)
-        assert hopper.count("bwd") == 2
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        assert hopper.count("bwd") == 1
+        if not atomic_dq:
+            b = kernels.backward(dout, q, k, v, lse, delta, causal=True)
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
         acc = [torch.ones_like(t) for t in a]
         kernels.backward(dout, q, k, v, lse, delta, causal=True, dq=acc[0], dk=acc[1], dv=acc[2])
         for x, y in zip(acc, a):
-            assert torch.allclose(x, y + 1, rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize("case", ["odd_causal_gqa", "ring_step", "documents_window", "accumulate"])
-@pytest.mark.parametrize("D", [64, 128])
-def test_backward_atomic_dq(D, case, hopper, monkeypatch):
-    """dQ added by the dK/dV programs with atomics (HOPPER_BWD_ATOMIC_DQ, in FA3's form; no dQ
-    kernel): against float64 as every backward here (its sums come in varying order, so two runs
-    may differ in the last bits: not checked bitwise), and it adds into given accumulators."""
-    monkeypatch.setattr(attention, "HOPPER_BWD_SMEM_P", True)
-    monkeypatch.setattr(attention, "HOPPER_BWD_ATOMIC_DQ", True)
-    if case == "odd_causal_gqa":
-        check(*make(2, 1000, 1234, 8, 2, D, torch.float16, seed=30), hopper, causal=True)
-    elif case == "ring_step":
-        q, k, v = make(1, 1024, 1024, 8, 2, D, torch.bfloat16, seed=31)
-        check(q, k, v, hopper, causal=True, q_pos=zigzag(2048, 2, 1), k_pos=zigzag(2048, 2, 0))
-    elif case == "documents_window":
-        pos = torch.arange(2048, device=DEV)
-        doc = doc_ids([0, 900, 901, 2048], pos)
-        check(*make(2, 2048, 2048, 8, 2, D, torch.bfloat16, seed=32), hopper, causal=True, q_pos=pos, k_pos=pos,
-              window=(256, 0), q_doc=doc, k_doc=doc)
-    else:
-        q, k, v = make(2, 3000, 3000, 8, 2, D, torch.bfloat16, seed=33)
-        dout = make(2, 3000, 3000, 8, 2, D, torch.bfloat16, seed=34)[0]
-        out, lse = kernels.forward(q, k, v, causal=True)
-        delta = kernels.backward_delta(out, dout)
-        a = kernels.backward(dout, q, k, v, lse, delta, causal=True)
-        acc = [torch.ones_like(t) for t in a]
-        kernels.backward(dout, q, k, v, lse, delta, causal=True, dq=acc[0], dk=acc[1], dv=acc[2])
-        for x, y in zip(acc, a):
-            assert torch.allclose(x, y + 1, rtol=1e-5, atol=1e-4)
+            assert torch.allclose(x, y + 1, rtol=1e-5 if atomic_dq else 0, atol=1e-4 if atomic_dq else 1e-5)
 
 
 def test_default_choice(monkeypatch):

@@ -62,6 +62,28 @@ def _program(H, G, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
+def _step(t, n_m, hk, G, lo, flo, fhi, hi, q_smem, do_smem, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+          STAGES: gl.constexpr):
+    """Step ``t`` of a program: (query head, tile index, first query row, slot, phase, Q, dO)."""
+    j = t % n_m
+    s = t % STAGES
+    q2 = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
+    do2 = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
+    return hk * G + t // n_m, j, tile_start(j, lo, flo, fhi, hi, BLOCK_M), s, (t // STAGES) & 1, q2, do2
+
+
+@gluon.jit
+def _query_stats(LSE, DELTA, b, h, rows, Sq, stride_lb, stride_lh):
+    """(rows in range, LSE in base 2, delta) of a tile's queries; a row that sees no key anywhere
+    gets LSE +inf, so its P is 0."""
+    row_ok = rows < Sq
+    l_row = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + rows
+    lse = gl.load(LSE + l_row, mask=row_ok, other=float("inf"))
+    lse2 = gl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    return row_ok, lse2, gl.load(DELTA + l_row, mask=row_ok, other=0.0)
+
+
+@gluon.jit
 def _producer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
               k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
               sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
@@ -138,27 +160,15 @@ def _consumer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
 
     mbarrier.wait(kv_bar, 0)
     for t in range(G * n_m):
-        h = hk * G + t // n_m
-        j = t % n_m
-        m0 = tile_start(j, lo, flo, fhi, hi, BLOCK_M)
-        s = t % STAGES
-        ph = (t // STAGES) & 1
-        q2 = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
-        do2 = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
-
+        h, j, m0, s, ph, q2, do2 = _step(t, n_m, hk, G, lo, flo, fhi, hi, q_smem, do_smem, BLOCK_M, HEAD_DIM, STAGES)
         mbarrier.wait(q_ready.index(s), ph)
         st_tok = warpgroup_mma(k2, q2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
         mbarrier.wait(do_ready.index(s), ph)
         dpt_tok = warpgroup_mma(v2, do2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
 
-        # While the wgmmas run: this tile's LSE (base 2; a row that sees no key anywhere gets
-        # +inf, so its P is 0) and delta.
+        # While the wgmmas run: this tile's LSE and delta.
         rows = m0 + gl.arange(0, BLOCK_M, layout=query_layout)
-        row_ok = rows < Sq
-        l_row = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + rows
-        lse = gl.load(LSE + l_row, mask=row_ok, other=float("inf"))
-        lse2 = gl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-        di = gl.load(DELTA + l_row, mask=row_ok, other=0.0)
+        row_ok, lse2, di = _query_stats(LSE, DELTA, b, h, rows, Sq, stride_lb, stride_lh)
 
         st, _k, _q = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, k2, q2))
         pt = gl.exp2(st * qk_scale - lse2[None, :])
@@ -267,25 +277,14 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
 
     mbarrier.wait(kv_bar, 0)
     for t in range(G * n_m):
-        h = hk * G + t // n_m
-        j = t % n_m
-        m0 = tile_start(j, lo, flo, fhi, hi, BLOCK_M)
-        s = t % STAGES
-        ph = (t // STAGES) & 1
-        q2 = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
-        do2 = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
-
+        h, j, m0, s, ph, q2, do2 = _step(t, n_m, hk, G, lo, flo, fhi, hi, q_smem, do_smem, BLOCK_M, HEAD_DIM, STAGES)
         mbarrier.wait(q_ready.index(s), ph)
         s_tok = warpgroup_mma(q2, k2.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         mbarrier.wait(do_ready.index(s), ph)
         dp_tok = warpgroup_mma(do2, v2.permute((1, 0)), s_zero, use_acc=False, is_async=True)
 
         rows = m0 + gl.arange(0, BLOCK_M, layout=query_layout)
-        row_ok = rows < Sq
-        l_row = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + rows
-        lse = gl.load(LSE + l_row, mask=row_ok, other=float("inf"))
-        lse2 = gl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-        di = gl.load(DELTA + l_row, mask=row_ok, other=0.0)
+        row_ok, lse2, di = _query_stats(LSE, DELTA, b, h, rows, Sq, stride_lb, stride_lh)
 
         st, _k, _q = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, k2, q2))
         p = gl.exp2(st * qk_scale - lse2[:, None])
