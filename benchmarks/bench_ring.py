@@ -194,6 +194,28 @@ def error_text(e: Exception) -> str:
     return f"{type(e).__name__}: {first}"
 
 
+def add_run_args(ap) -> None:
+    """The timing and output flags of the masked and sparse ring benchmarks."""
+    ap.add_argument("--host-lead-us", type=float, default=DEFAULT_HOST_LEAD_US)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--out", default=None, help="append JSON lines here (rank 0)")
+
+
+@contextlib.contextmanager
+def result_row(row: dict, rows: list, rank: int, out: str | None):
+    """Fill ``row`` within; an exception becomes its ``error`` (a failing baseline is a result
+    too). Then the row is kept in ``rows`` and emitted."""
+    try:
+        yield row
+    except Exception as e:  # noqa: BLE001
+        row["error"] = error_text(e)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    rows.append(row)
+    emit(row, rank, out)
+
+
 def emit(row: dict, rank: int, out: str | None) -> None:
     """Rank 0 prints ``row`` as JSON and appends it to ``out``."""
     if rank != 0:
@@ -451,7 +473,7 @@ def main():
                             row["last_hop_parts"] = n
                         if us is not None:  # what the ring applied
                             row["head_start_us"] = us if P >= ring_mod.HEAD_START_MIN_RANKS else 0.0
-                        try:
+                        with result_row(row, rows, rank, args.out):
                             ms, mem = run()
                             if impl == "single_gpu":  # one GPU doing S/P tokens of full attention
                                 tf = flops(S // P, args.heads, args.head_dim, causal, mode) / (ms * 1e-3) / 1e12
@@ -461,11 +483,6 @@ def main():
                             row.update(ms=round(ms, 3), tflops_per_gpu=round(tf, 1), peak_mem_gib=round(mem, 2))
                             if tr == "copy_engine":
                                 row["workspace_gib"] = round(workspace_gib(), 2)
-                        except Exception as e:  # noqa: BLE001 - a failing baseline is a result too
-                            row["error"] = error_text(e)
-                            torch.cuda.synchronize()
-                        rows.append(row)
-                        emit(row, rank, args.out)
 
     if rank == 0:
         print(f"\n{'impl':16s} {'engine':7s} {'layout':11s} {'S':>7s} {'Hkv':>4s} {'causal':>6s} {'mode':>7s} {'ms':>9s} {'TFLOP/s/GPU':>11s} {'GiB':>6s}")

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_masks import documents, visible_pairs  # noqa: E402
-from bench_ring import (emit, error_text, init_nccl, local_shards, nccl_env, parse_size, peak_gib,  # noqa: E402
+from bench_ring import (add_run_args, init_nccl, local_shards, nccl_env, parse_size, peak_gib, result_row,  # noqa: E402
                         step_fn, time_ms)
 import bench_ring  # noqa: E402
 from ringflash import get_layout, ring_attention  # noqa: E402
@@ -171,10 +171,7 @@ def main():
     ap.add_argument("--window", type=int, default=4096, help="the window's keys before each query")
     ap.add_argument("--doc-median", type=int, default=4096, help="median document length")
     ap.add_argument("--doc-seed", type=int, default=0)
-    ap.add_argument("--host-lead-us", type=float, default=bench_ring.DEFAULT_HOST_LEAD_US)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--out", default=None, help="append JSON lines here (rank 0)")
+    add_run_args(ap)
     args = ap.parse_args()
     bench_ring.HOST_LEAD_US = args.host_lead_us
     masks = list(dict.fromkeys(["causal", *args.masks]))  # the dense bar first
@@ -203,7 +200,7 @@ def main():
                             row["documents"] = len(kw["cu_seqlens"]) - 1
                         if env:
                             row["nccl_env"] = env
-                        try:
+                        with result_row(row, rows, rank, args.out):
                             ms, mem, hops = run()
                             tf = 4 * args.head_dim * args.heads * vis * (3.5 if mode == "fwdbwd" else 1.0)
                             tf = tf / P / (ms * 1e-3) / 1e12
@@ -214,11 +211,6 @@ def main():
                                 dense[(S, Hkv, mode)] = tf
                             if (S, Hkv, mode) in dense:
                                 row["of_dense"] = round(tf / dense[(S, Hkv, mode)], 3)
-                        except Exception as e:  # noqa: BLE001 - a failing baseline is a result too
-                            row["error"] = error_text(e)
-                            torch.cuda.synchronize()
-                        rows.append(row)
-                        emit(row, rank, args.out)
     if rank == 0:
         print(f"\n{'impl':10s} {'layout':11s} {'mask':10s} {'S':>7s} {'Hkv':>4s} {'mode':>7s} {'ms':>9s} "
               f"{'TFLOP/s vis/GPU':>15s} {'of dense':>8s} {'hops':>5s} {'GiB':>6s}")

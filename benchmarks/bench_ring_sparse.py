@@ -37,7 +37,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_ring import emit, error_text, init_nccl, local_shards, nccl_env, parse_size, peak_gib, step_fn, time_ms  # noqa: E402
+from bench_ring import add_run_args, init_nccl, local_shards, nccl_env, parse_size, peak_gib, result_row, step_fn, time_ms  # noqa: E402
 import bench_ring  # noqa: E402
 from ringflash import Striped, get_layout, ring_attention, sparse  # noqa: E402
 
@@ -137,10 +137,7 @@ def main():
     ap.add_argument("--block-global", type=int, default=1)
     ap.add_argument("--block-random", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--host-lead-us", type=float, default=bench_ring.DEFAULT_HOST_LEAD_US)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--out", default=None, help="append JSON lines here (rank 0)")
+    add_run_args(ap)
     args = ap.parse_args()
     bench_ring.HOST_LEAD_US = args.host_lead_us
 
@@ -163,7 +160,7 @@ def main():
                                                f"global={args.block_global},random={args.block_random}")
                         if env:
                             row["nccl_env"] = env
-                        try:
+                        with result_row(row, rows, rank, args.out):
                             if spec == "dense":
                                 sp, vis = None, causal_pairs
                             else:
@@ -177,11 +174,6 @@ def main():
                             elif dense_ms is not None:
                                 row["speedup"] = round(dense_ms / ms, 3)
                                 row["efficiency"] = round(dense_ms / ms * vis / causal_pairs, 3)
-                        except Exception as e:  # noqa: BLE001 - a failing row is a result too
-                            row["error"] = error_text(e)
-                            torch.cuda.synchronize()
-                        rows.append(row)
-                        emit(row, rank, args.out)
     if rank == 0:
         print(f"\n{'layout':12s} {'sparsity':40s} {'S':>7s} {'Hkv':>4s} {'mode':>7s} {'ms':>9s} {'density':>8s} "
               f"{'speedup':>8s} {'effic.':>7s} {'TFLOP/s vis/GPU':>15s}")

@@ -46,17 +46,14 @@ if [ "${BENCH:-1}" = 1 ]; then
     --seqlens $SEQLENS --out $OUT/ring_${GPU}x${N}.jsonl ${BENCH_ARGS:-} 2>&1 | tee $OUT/bench.log | grep -v '^{'
 fi
 
-if [ -n "${MASKS:-}" ]; then
-  echo "== masked ring benchmark on $N GPUs: $MASKS"
-  timeout ${MASKS_TIMEOUT:-400} torchrun --standalone --nproc-per-node $N benchmarks/bench_ring_masks.py \
-    --seqlens $MASKS --out $OUT/ring_masks_${GPU}x${N}.jsonl ${MASKS_ARGS:-} 2>&1 | tee $OUT/bench_masks.log | grep -v '^{'
-fi
-
-if [ -n "${SPARSE:-}" ]; then
-  echo "== sparse ring benchmark on $N GPUs: $SPARSE"
-  timeout ${SPARSE_TIMEOUT:-400} torchrun --standalone --nproc-per-node $N benchmarks/bench_ring_sparse.py \
-    --seqlens $SPARSE --out $OUT/ring_sparse_${GPU}x${N}.jsonl ${SPARSE_ARGS:-} 2>&1 | tee $OUT/bench_sparse.log | grep -v '^{'
-fi
+# ring_bench NAME SEQLENS TIMEOUT EXTRA_ARGS: benchmarks/bench_ring_NAME.py on every GPU.
+ring_bench() {
+  echo "== $1 ring benchmark on $N GPUs: $2"
+  timeout "$3" torchrun --standalone --nproc-per-node $N benchmarks/bench_ring_$1.py \
+    --seqlens $2 --out $OUT/ring_$1_${GPU}x${N}.jsonl $4 2>&1 | tee $OUT/bench_$1.log | grep -v '^{'
+}
+[ -z "${MASKS:-}" ] || ring_bench masks "$MASKS" "${MASKS_TIMEOUT:-400}" "${MASKS_ARGS:-}"
+[ -z "${SPARSE:-}" ] || ring_bench sparse "$SPARSE" "${SPARSE_TIMEOUT:-400}" "${SPARSE_ARGS:-}"
 
 if [ -n "${LONG:-}" ]; then
   echo "== one causal layer at $LONG tokens on $N GPUs"

@@ -301,3 +301,19 @@ def test_sparse_ring_benchmark_shards_and_counts():
         for (layout, spec), (pairs, err) in res.items():
             assert pairs == want[spec], (layout, spec)
             assert err < 1e-12, (layout, spec, err)
+
+
+def test_result_row_keeps_failures_as_rows(tmp_path):
+    """The ring benchmarks' rows: what a row's block raises becomes its ``error``; every row is
+    kept and written (rank 0)."""
+    from bench_ring import result_row
+
+    rows, out = [], str(tmp_path / "rows.jsonl")
+    with result_row({"impl": "a"}, rows, 0, out) as row:
+        row["ms"] = 1.5
+    with result_row({"impl": "b"}, rows, 0, out) as row:
+        raise ValueError("no such layout\nsecond line")
+    with result_row({"impl": "c"}, rows, 1, out):  # another rank: kept, not written
+        pass
+    assert rows == [{"impl": "a", "ms": 1.5}, {"impl": "b", "error": "ValueError: no such layout"}, {"impl": "c"}]
+    assert [json.loads(line)["impl"] for line in open(out)] == ["a", "b"]
