@@ -76,45 +76,26 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from ._hopper_common import (LN2, barriers, cta_barrier, invalidate, item_program, load_kv_tiles, max_of,
-                             query_program, ranges,
+from ._hopper_common import (LN2, barriers, cta_barrier, invalidate, load_kv_tiles, max_of, query_program, ranges,
                              sum_of, tile_start, tma_load, visible)
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-              q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
+              q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
               qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-              H, G, Sq, Sk, N_ITEMS,
+              H, G, Sq, Sk,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
               RANGED: gl.constexpr, FOLD: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
-              SPLIT: gl.constexpr, PINGPONG: gl.constexpr, PERSISTENT: gl.constexpr, WG: gl.constexpr):
-    if PERSISTENT:
-        # Item t's Q goes into the Q slot once every consumer has retired its last QK^T of item
-        # t - 1 (q_empty); its K/V tiles continue the slot rounds where item t - 1's ended, so
-        # they load while the consumers still finish item t - 1 (last PV, epilogue).
-        BH = N_ITEMS // ((Sq + BLOCK_M - 1) // BLOCK_M)
-        t = 0
-        j0 = 0
-        for it in range(gl.program_id(0), N_ITEMS, gl.num_programs(0)):
-            b, h, hk, m0, pid_m = item_program(it, H, G, Sq, BH, BLOCK_M, CAUSAL)
-            lo, flo, fhi, hi = ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
-            mbarrier.wait(q_empty, (t & 1) ^ 1)
-            mbarrier.expect(q_bar, SPLIT * q_desc.block_type.nbytes)
-            for w in gl.static_range(SPLIT):
-                tma_load(q_desc, [b, m0 + w * (BLOCK_M // SPLIT), h, 0], q_bar, q_smem.index(w))
-            j0 = load_kv_tiles(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, b, hk,
-                               lo, flo, fhi, hi, BLOCK_N, STAGES, j0)
-            t += 1
-    else:
-        b, h, hk, m0, pid_m = query_program(H, G, Sq, BLOCK_M, CAUSAL)
-        lo, flo, fhi, hi = ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
+              SPLIT: gl.constexpr, PINGPONG: gl.constexpr, WG: gl.constexpr):
+    b, h, hk, m0, pid_m = query_program(H, G, Sq, BLOCK_M, CAUSAL)
+    lo, flo, fhi, hi = ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
 
-        mbarrier.expect(q_bar, SPLIT * q_desc.block_type.nbytes)
-        for w in gl.static_range(SPLIT):  # one Q tile per consumer partition
-            tma_load(q_desc, [b, m0 + w * (BLOCK_M // SPLIT), h, 0], q_bar, q_smem.index(w))
-        load_kv_tiles(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, b, hk, lo, flo, fhi, hi,
-                      BLOCK_N, STAGES, 0)
+    mbarrier.expect(q_bar, SPLIT * q_desc.block_type.nbytes)
+    for w in gl.static_range(SPLIT):  # one Q tile per consumer partition
+        tma_load(q_desc, [b, m0 + w * (BLOCK_M // SPLIT), h, 0], q_bar, q_smem.index(w))
+    load_kv_tiles(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, b, hk, lo, flo, fhi, hi,
+                  BLOCK_N, STAGES)
 
 
 @gluon.jit
@@ -167,19 +148,17 @@ def _pass_turn(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn,
+def _kv_step(j, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn,
              p_op, acc, m_i, l_i, s_zero, qp, qd, KPOS, KDOC, Sk, qk_scale, wl, wr,
              s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
              BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
              MASKED: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
              PINGPONG: gl.constexpr, WG: gl.constexpr):
-    """Tile j >= 1: S_j = Q K_j^T beside O += P_{j-1} V_{j-1}, the softmax of S_j beside the PV.
-    ``j0``: the tiles of the program's earlier items (a persistent program), which set the slot
-    and its round."""
-    s = (j0 + j) % STAGES
-    ph = ((j0 + j) // STAGES) & 1
-    sp = (j0 + j - 1) % STAGES
-    php = ((j0 + j - 1) // STAGES) & 1
+    """Tile j >= 1: S_j = Q K_j^T beside O += P_{j-1} V_{j-1}, the softmax of S_j beside the PV."""
+    s = j % STAGES
+    ph = (j // STAGES) & 1
+    sp = (j - 1) % STAGES
+    php = ((j - 1) // STAGES) & 1
     k2 = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
     v2 = v_smem.index(sp).reshape([BLOCK_N, HEAD_DIM])
 
@@ -210,18 +189,27 @@ def _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready, k_em
 
 
 @gluon.jit
-def _consumer_item(b, h, m0, pid_m, t, j0, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                   q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
-                   qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, Sq, Sk,
-                   s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
-                   row_layout: gl.constexpr, ROWS: gl.constexpr,
-                   BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                   STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
-                   RANGED: gl.constexpr, FOLD: gl.constexpr, PINGPONG: gl.constexpr, PERSISTENT: gl.constexpr,
-                   WG: gl.constexpr):
-    """One query tile (this warpgroup's ROWS rows of it) over its key tiles, and its epilogue.
-    ``t``: the program's items before this one (the parity of q_bar's phase); ``j0``: the key
-    tiles it walked before (slot rounds). Returns ``j0`` plus this item's tiles."""
+def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
+              q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
+              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+              H, G, Sq, Sk,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
+              RANGED: gl.constexpr, FOLD: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
+              SPLIT: gl.constexpr, PINGPONG: gl.constexpr, WG: gl.constexpr):
+    # With SPLIT = 2 this partition is one warpgroup and owns ROWS = 64 of the tile's rows.
+    NW: gl.constexpr = CONSUMER_WARPS // SPLIT
+    ROWS: gl.constexpr = BLOCK_M // SPLIT
+    # wgmma accumulators: [16, N, 16] instructions, warps stacked along the rows.
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    # P stays in registers as the A operand of the PV wgmma.
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+    b, h, hk, m0, pid_m = query_program(H, G, Sq, BLOCK_M, CAUSAL)
     lo, flo, fhi, hi = ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
     n = (hi - lo) // BLOCK_N
     n_full = (fhi - flo) // BLOCK_N
@@ -241,41 +229,36 @@ def _consumer_item(b, h, m0, pid_m, t, j0, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, 
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
 
-    mbarrier.wait(q_bar, t & 1)
+    mbarrier.wait(q_bar, 0)
     if n > 0:
         # Tile 0, peeled (nothing to overlap its QK^T with), with the mask: right for a fully
         # visible tile too.
-        s0 = j0 % STAGES
-        k2 = k_smem.index(s0).reshape([BLOCK_N, HEAD_DIM])
+        k2 = k_smem.index(0).reshape([BLOCK_N, HEAD_DIM])
         _my_turn(turn, 0, WG, PINGPONG)
-        mbarrier.wait(k_ready.index(s0), (j0 // STAGES) & 1)
+        mbarrier.wait(k_ready.index(0), 0)
         s_tok = warpgroup_mma(q2, k2.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         _pass_turn(turn, WG, PINGPONG)
         s_acc, _q, _k = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, q2, k2))
         cta_barrier()
-        mbarrier.arrive(k_empty.index(s0))
+        mbarrier.arrive(k_empty.index(0))
         n0 = tile_start(0, lo, flo, fhi, hi, BLOCK_N)
         p, m_i, l_i, alpha = _softmax_tile(s_acc, m_i, l_i, qp, qd, n0, KPOS, KDOC, Sk, qk_scale, wl, wr,
                                            s_layout, BLOCK_N, True, CAUSAL, WINDOW, DOCS)
         p_op = gl.convert_layout(p.to(k2.dtype), p_layout)
 
         for j in range(1, n_full):
-            p_op, acc, m_i, l_i = _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready,
+            p_op, acc, m_i, l_i = _kv_step(j, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready,
                                            k_empty, v_empty, turn, p_op, acc, m_i, l_i, s_zero, qp, qd,
                                            KPOS, KDOC, Sk, qk_scale, wl, wr, s_layout, o_layout, p_layout,
                                            BLOCK_N, HEAD_DIM, STAGES, False, CAUSAL, WINDOW, DOCS, PINGPONG, WG)
         for j in range(gl.maximum(n_full, 1), n):
-            p_op, acc, m_i, l_i = _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready,
+            p_op, acc, m_i, l_i = _kv_step(j, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready,
                                            k_empty, v_empty, turn, p_op, acc, m_i, l_i, s_zero, qp, qd,
                                            KPOS, KDOC, Sk, qk_scale, wl, wr, s_layout, o_layout, p_layout,
                                            BLOCK_N, HEAD_DIM, STAGES, True, CAUSAL, WINDOW, DOCS, PINGPONG, WG)
 
-        # Every QK^T of this item has retired: the producer may load the next item's Q.
-        if PERSISTENT:
-            cta_barrier()
-            mbarrier.arrive(q_empty)
         # The last PV.
-        jl = j0 + n - 1
+        jl = n - 1
         sl = jl % STAGES
         v2 = v_smem.index(sl).reshape([BLOCK_N, HEAD_DIM])
         _my_turn(turn, n, WG, PINGPONG)
@@ -285,8 +268,6 @@ def _consumer_item(b, h, m0, pid_m, t, j0, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, 
         acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
         cta_barrier()
         mbarrier.arrive(v_empty.index(sl))
-    elif PERSISTENT:
-        mbarrier.arrive(q_empty)
 
     # A row that saw no key: O = 0, LSE = -inf.
     orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -317,61 +298,18 @@ def _consumer_item(b, h, m0, pid_m, t, j0, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, 
         o = o_old * gl.exp(lse_old - ref)[:, None] + o * gl.exp(lse_new - ref)[:, None]
     gl.store(o_ptrs, o, mask=o_mask)
     gl.store(l_ptrs, lse, mask=row_ok)
-    return j0 + n
-
-
-@gluon.jit
-def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-              q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
-              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-              H, G, Sq, Sk, N_ITEMS,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-              STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
-              RANGED: gl.constexpr, FOLD: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
-              SPLIT: gl.constexpr, PINGPONG: gl.constexpr, PERSISTENT: gl.constexpr, WG: gl.constexpr):
-    # With SPLIT = 2 this partition is one warpgroup and owns ROWS = 64 of the tile's rows.
-    NW: gl.constexpr = CONSUMER_WARPS // SPLIT
-    ROWS: gl.constexpr = BLOCK_M // SPLIT
-    # wgmma accumulators: [16, N, 16] instructions, warps stacked along the rows.
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    # P stays in registers as the A operand of the PV wgmma.
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-
-    if PERSISTENT:
-        BH = N_ITEMS // ((Sq + BLOCK_M - 1) // BLOCK_M)
-        t = 0
-        j0 = 0
-        for it in range(gl.program_id(0), N_ITEMS, gl.num_programs(0)):
-            b, h, hk, m0, pid_m = item_program(it, H, G, Sq, BH, BLOCK_M, CAUSAL)
-            j0 = _consumer_item(b, h, m0, pid_m, t, j0, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                                q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
-                                qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, Sq, Sk,
-                                s_layout, o_layout, p_layout, row_layout, ROWS, BLOCK_N, HEAD_DIM, STAGES,
-                                CAUSAL, WINDOW, DOCS, RANGED, FOLD, PINGPONG, PERSISTENT, WG)
-            t += 1
-    else:
-        b, h, hk, m0, pid_m = query_program(H, G, Sq, BLOCK_M, CAUSAL)
-        _consumer_item(b, h, m0, pid_m, 0, 0, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                       q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
-                       qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, Sq, Sk,
-                       s_layout, o_layout, p_layout, row_layout, ROWS, BLOCK_N, HEAD_DIM, STAGES,
-                       CAUSAL, WINDOW, DOCS, RANGED, FOLD, PINGPONG, PERSISTENT, WG)
 
 
 @gluon.jit
 def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
                      qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                     H, G, Sq, Sk, N_ITEMS,
+                     H, G, Sq, Sk,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                      DOCS: gl.constexpr, RANGED: gl.constexpr, FOLD: gl.constexpr,
                      PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                      CONSUMER_WARPS: gl.constexpr, CONSUMER_REGS: gl.constexpr, SPLIT: gl.constexpr,
-                     PINGPONG: gl.constexpr, PERSISTENT: gl.constexpr):
+                     PINGPONG: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [SPLIT] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -379,8 +317,6 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT
 
     q_bars = barriers(1, 1)
     q_bar = q_bars.index(0)
-    q_empties = barriers(1, SPLIT)  # PERSISTENT: every consumer partition is done reading Q
-    q_empty = q_empties.index(0)
     k_ready = barriers(STAGES, 1)
     v_ready = barriers(STAGES, 1)
     k_empty = barriers(STAGES, SPLIT)  # one arrive per consumer partition frees a slot
@@ -394,15 +330,15 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT
         gl.warp_specialize(
             [
                 (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                             q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
+                             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                             H, G, Sq, Sk, N_ITEMS, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
-                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
+                             H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, 0)),
                 (_producer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                             q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
+                             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                             H, G, Sq, Sk, N_ITEMS, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
-                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
+                             H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, 0)),
             ],
             [PRODUCER_WARPS], [PRODUCER_REGS])
     else:
@@ -412,25 +348,24 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT
         gl.warp_specialize(
             [
                 (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                             q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
+                             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                             H, G, Sq, Sk, N_ITEMS, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
-                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
+                             H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, 0)),
                 (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                             q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
+                             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                             H, G, Sq, Sk, N_ITEMS, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
-                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 1)),
+                             H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, 1)),
                 (_producer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                             q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
+                             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                             H, G, Sq, Sk, N_ITEMS, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
-                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
+                             H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, 0)),
             ],
             [CONSUMER_WARPS // SPLIT, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])
 
     invalidate(q_bars, 1)
-    invalidate(q_empties, 1)
     invalidate(k_ready, STAGES)
     invalidate(v_ready, STAGES)
     invalidate(k_empty, STAGES)

@@ -146,11 +146,6 @@ HOPPER_FWD_SPLIT = 2
 # With HOPPER_FWD_SPLIT = 2: the two warpgroups take turns issuing their matrix products (FA3's
 # ping-pong), so that one's softmax runs while the other's products do. Measured no faster.
 HOPPER_FWD_PINGPONG = False
-# Persistent forward programs (HOPPER_FWD_PERSISTENT programs per SM, 0: one program per query
-# tile and head): a program takes every grid-size-th (query tile, head) item in turn, and its
-# producer loads the next item's Q and K/V while the consumers finish the last one, so that an
-# item's start-up and epilogue overlap the work around them. Not with PINGPONG.
-HOPPER_FWD_PERSISTENT = int(os.environ.get("RINGFLASH_HOPPER_FWD_PERSISTENT", "0"))
 # Whether forward() / backward() take the Hopper kernels where they serve the call
 # (bfloat16/float16, a head dim they have, no block pattern or per-head attributes, an sm_90
 # GPU). The forward is on by default at the head dims where it was measured faster than the
@@ -191,19 +186,14 @@ DKDV_PROGRAMS_PER_SM = 2
 _SM_COUNT: dict = {}
 
 
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA ``device`` (cached)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
-
-
 def _min_programs(device: torch.device) -> int:
     """dK/dV programs wanted to fill ``device``; 0 under the interpreter (no split)."""
     if INTERPRETED or device.type != "cuda":
         return 0
-    return DKDV_PROGRAMS_PER_SM * _sm_count(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return DKDV_PROGRAMS_PER_SM * _SM_COUNT[index]
 
 
 def _group_split(n_programs: int, group: int, device: torch.device) -> int:
@@ -552,24 +542,20 @@ def _hopper_launch(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold, ranges)
     Sk, Hkv = k.shape[1], k.shape[2]
     cfg = HOPPER_FWD_CONFIGS[D]
     split = HOPPER_FWD_SPLIT
-    pingpong = bool(HOPPER_FWD_PINGPONG) and split == 2
-    n_items = triton.cdiv(Sq, cfg.block_m) * B * H
-    persistent = bool(HOPPER_FWD_PERSISTENT) and not pingpong
-    grid = (min(n_items, HOPPER_FWD_PERSISTENT * _sm_count(q.device)),) if persistent else (triton.cdiv(Sq, cfg.block_m), B * H)
     descs = _descriptors(((q, cfg.block_m // split), (k, cfg.block_n), (v, cfg.block_n)))
     q_pos, k_pos = (lse, lse) if m.q_pos is None else (m.q_pos, m.k_pos)  # None: never read
     q_doc, k_doc = (lse, lse) if m.q_doc is None else (m.q_doc, m.k_doc)
     args = (*descs, q_pos, k_pos, q_doc, k_doc, lse if ranges is None else ranges, out, lse,
             float(scale) * math.log2(math.e), m.wl, m.wr,
             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-            H, H // Hkv, Sq, Sk, n_items)
+            H, H // Hkv, Sq, Sk)
     constexprs = dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, STAGES=cfg.num_stages,
         CAUSAL=bool(causal), WINDOW=m.window, DOCS=m.docs, RANGED=ranges is not None, FOLD=fold,
         PRODUCER_WARPS=HOPPER_PRODUCER[0], PRODUCER_REGS=HOPPER_PRODUCER[1], CONSUMER_WARPS=cfg.num_warps,
-        CONSUMER_REGS=HOPPER_CONSUMER_REGS, SPLIT=split, PINGPONG=pingpong, PERSISTENT=persistent,
+        CONSUMER_REGS=HOPPER_CONSUMER_REGS, SPLIT=split, PINGPONG=bool(HOPPER_FWD_PINGPONG) and split == 2,
     )
-    return grid, args, constexprs, cfg.num_warps // split
+    return (triton.cdiv(Sq, cfg.block_m), B * H), args, constexprs, cfg.num_warps // split
 
 
 def _forward_hopper(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold):
