@@ -74,7 +74,8 @@ def visible(mask: str, p) -> int:
         return S * (S + 1) // 2
     if mask == "window":
         return sum(min(i + 1, p) for i in range(S))
-    return (S // p) * p * (p + 1) // 2
+    r = S % p  # a last, shorter document
+    return (S // p) * p * (p + 1) // 2 + r * (r + 1) // 2
 
 
 def analyze(path: str) -> None:

@@ -317,3 +317,39 @@ def test_result_row_keeps_failures_as_rows(tmp_path):
         pass
     assert rows == [{"impl": "a", "ms": 1.5}, {"impl": "b", "error": "ValueError: no such layout"}, {"impl": "c"}]
     assert [json.loads(line)["impl"] for line in open(out)] == ["a", "b"]
+
+
+def test_program_cost_counts_and_fit(tmp_path, capsys):
+    """bench_program_cost.py: its tile and pair counts against a brute-force count (at a small S),
+    and its fit recovers a per-tile rate and a fixed part that a synthetic run was made of."""
+    import bench_program_cost as pc
+    import torch
+
+    saved = pc.S, pc.H, pc.BLOCK
+    try:
+        pc.S, pc.H, pc.BLOCK = 64, 1, 8
+        i = torch.arange(pc.S)
+        tq, tk = i[:, None] // pc.BLOCK, i[None, :] // pc.BLOCK
+        for mask, p in (("causal", None), ("window", 5), ("window", 17), ("docs", 16), ("docs", 8), ("docs", 12)):
+            if mask == "causal":
+                ok = i[None, :] <= i[:, None]
+            elif mask == "window":
+                ok = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - p)
+            else:
+                ok = (i[None, :] <= i[:, None]) & (i[None, :] // p == i[:, None] // p)
+            assert pc.visible(mask, p) == int(ok.sum())
+            touched = {(int(a), int(b)) for a, b in zip(tq.expand_as(ok)[ok], tk.expand_as(ok)[ok])}
+            assert pc.tiles(mask, p) == len(touched), (mask, p)
+    finally:
+        pc.S, pc.H, pc.BLOCK = saved
+
+    # a run made of 2e-5 ms per tile plus 0.5 ms, the causal call at the same tile rate
+    rows = [dict(gpu="synthetic", mask="causal", param=None, hopper=False, fwd_ms=2e-5 * pc.tiles("causal", None))]
+    for mask, params in (("window", pc.WINDOWS), ("docs", pc.DOC_LENGTHS)):
+        rows += [dict(gpu="synthetic", mask=mask, param=p, hopper=False, fwd_ms=2e-5 * pc.tiles(mask, p) + 0.5)
+                 for p in params]
+    path = tmp_path / "program_cost.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pc.analyze(str(path))
+    out = capsys.readouterr().out
+    assert "fwd: 20.00 ms per million tiles" in out and "fixed part 0.500 ms" in out, out

@@ -121,12 +121,14 @@ HOPPER_BWD_DKDV_CONFIGS: dict = {
 # HOPPER_BWD_SMEM_P: the dK/dV program computes S and dP with the queries as rows and feeds the dV
 # and dK products with P and dS from shared memory (FA3's routes) instead of from registers, so
 # that a step of 64 queries fits the registers at D = 128 (HOPPER_BWD_DKDV_SMEM_P_CONFIGS).
-# Off (RINGFLASH_HOPPER_BWD_SMEM_P=1 turns it on): not yet run on a GPU.
+# Off (RINGFLASH_HOPPER_BWD_SMEM_P=1 turns it on): on an H100 it ran 0.96-1.01x the Triton backward at
+# D = 128 and 0.77-0.90x at D = 64 (benchmarks/results/kernels_h100_fa3_bwd/).
 HOPPER_BWD_SMEM_P = os.environ.get("RINGFLASH_HOPPER_BWD_SMEM_P", "0") == "1"
 # HOPPER_BWD_ATOMIC_DQ (with HOPPER_BWD_SMEM_P): the dK/dV program also computes dQ += dS K and
 # adds it into dQ with float32 atomics, so the backward is one kernel of five products instead of
 # two kernels of seven; the order of the additions varies from run to run, so the result is not
-# bitwise repeatable. Off (RINGFLASH_HOPPER_BWD_ATOMIC_DQ=1 turns it on): not yet run on a GPU.
+# bitwise repeatable. Off (RINGFLASH_HOPPER_BWD_ATOMIC_DQ=1 turns it on): 0.89-0.94x the form above
+# with its dQ kernel at D = 128 on an H100 (same folder).
 HOPPER_BWD_ATOMIC_DQ = os.environ.get("RINGFLASH_HOPPER_BWD_ATOMIC_DQ", "0") == "1"
 HOPPER_BWD_DKDV_SMEM_P_CONFIGS: dict = {
     64: KernelConfig(64, 128, 8, 3),
