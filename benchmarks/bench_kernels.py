@@ -49,10 +49,14 @@ from ringflash import kernels  # noqa: E402
 # matrix products (HOPPER_FWD_PINGPONG); ringflash_hopper_smem_p: the split forward and the
 # backward's dK/dV program with FA3's operand routes (HOPPER_BWD_SMEM_P);
 # ringflash_hopper_atomic_dq: that program also adding dQ with atomics (HOPPER_BWD_ATOMIC_DQ, not
-# deterministic). Values: (split, ping-pong, smem_p, atomic_dq).
-HOPPER_IMPLS = {"ringflash_hopper": (1, False, False, False), "ringflash_hopper_split": (2, False, False, False),
-                "ringflash_hopper_pingpong": (2, True, False, False),
-                "ringflash_hopper_smem_p": (2, False, True, False), "ringflash_hopper_atomic_dq": (2, False, True, True)}
+# deterministic); ringflash_hopper_persistent: the split forward as persistent programs drawing
+# work from a counter (HOPPER_FWD_PERSISTENT). Values: (split, ping-pong, smem_p, atomic_dq, persistent).
+HOPPER_IMPLS = {"ringflash_hopper": (1, False, False, False, False),
+                "ringflash_hopper_split": (2, False, False, False, False),
+                "ringflash_hopper_pingpong": (2, True, False, False, False),
+                "ringflash_hopper_smem_p": (2, False, True, False, False),
+                "ringflash_hopper_atomic_dq": (2, False, True, True, False),
+                "ringflash_hopper_persistent": (2, False, False, False, True)}
 IMPLS = ("ringflash", "ringflash_default", *HOPPER_IMPLS, "sdpa_flash", "sdpa_cudnn")
 MODES = ("fwd", "bwd", "fwdbwd")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -106,16 +110,16 @@ def make_fns(impl: str, q, k, v, dout, causal: bool):
 
         def hopper(fn):
             def run():
-                saved = (attention.HOPPER_FORWARD, attention.HOPPER_BACKWARD, attention.HOPPER_FWD_SPLIT,
-                         attention.HOPPER_FWD_PINGPONG, attention.HOPPER_BWD_SMEM_P, attention.HOPPER_BWD_ATOMIC_DQ)
-                attention.HOPPER_FORWARD = attention.HOPPER_BACKWARD = True
-                (attention.HOPPER_FWD_SPLIT, attention.HOPPER_FWD_PINGPONG,
-                 attention.HOPPER_BWD_SMEM_P, attention.HOPPER_BWD_ATOMIC_DQ) = HOPPER_IMPLS[impl]
+                names = ("HOPPER_FORWARD", "HOPPER_BACKWARD", "HOPPER_FWD_SPLIT", "HOPPER_FWD_PINGPONG",
+                         "HOPPER_BWD_SMEM_P", "HOPPER_BWD_ATOMIC_DQ", "HOPPER_FWD_PERSISTENT")
+                saved = [getattr(attention, n) for n in names]
+                for n, value in zip(names, (True, True, *HOPPER_IMPLS[impl])):
+                    setattr(attention, n, value)
                 try:
                     return fn()
                 finally:
-                    (attention.HOPPER_FORWARD, attention.HOPPER_BACKWARD, attention.HOPPER_FWD_SPLIT,
-                     attention.HOPPER_FWD_PINGPONG, attention.HOPPER_BWD_SMEM_P, attention.HOPPER_BWD_ATOMIC_DQ) = saved
+                    for n, value in zip(names, saved):
+                        setattr(attention, n, value)
             return run
 
         return tuple(hopper(fn) for fn in make_fns("ringflash_default", q, k, v, dout, causal))

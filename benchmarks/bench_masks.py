@@ -95,21 +95,26 @@ def ringflash_fns(kern, q, k, v, dout, mask: str, cu, window: int):
     return {"fwd": fwd, "fwdbwd": fwdbwd}
 
 
-def hopper_fns(fns: dict, on: bool) -> dict:
+def hopper_fns(fns: dict, on: bool, persistent: bool = False) -> dict:
     """``fns`` with the Hopper forward switched on during each call (``on``), one consumer
     partition per warpgroup (HOPPER_FWD_SPLIT = 2, what forward() takes by default on sm_90 at
-    D = 128), or off (the Triton kernels alone). The backward stays on the Triton kernels, faster
-    than the Hopper backward (benchmarks/NOTES_kernels.md)."""
+    D = 128), as persistent programs with ``persistent`` (HOPPER_FWD_PERSISTENT), or off (the
+    Triton kernels alone). The backward stays on the Triton kernels, faster than the Hopper
+    backward (benchmarks/NOTES_kernels.md)."""
     from ringflash.kernels import attention
+
+    names = ("HOPPER_FORWARD", "HOPPER_FWD_SPLIT", "HOPPER_BACKWARD", "HOPPER_FWD_PERSISTENT")
 
     def wrap(fn):
         def run():
-            saved = attention.HOPPER_FORWARD, attention.HOPPER_FWD_SPLIT, attention.HOPPER_BACKWARD
-            attention.HOPPER_FORWARD, attention.HOPPER_FWD_SPLIT, attention.HOPPER_BACKWARD = on, 2, False
+            saved = [getattr(attention, n) for n in names]
+            for n, value in zip(names, (on, 2, False, persistent)):
+                setattr(attention, n, value)
             try:
                 return fn()
             finally:
-                attention.HOPPER_FORWARD, attention.HOPPER_FWD_SPLIT, attention.HOPPER_BACKWARD = saved
+                for n, value in zip(names, saved):
+                    setattr(attention, n, value)
         return run
 
     return {mode: wrap(fn) for mode, fn in fns.items()}
@@ -160,8 +165,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seqlens", nargs="+", default=["32k", "128k"])
     ap.add_argument("--masks", nargs="+", default=["causal", "documents", "window"], choices=MASKS)
-    ap.add_argument("--impls", nargs="+", default=["ringflash", "flex"], choices=["ringflash", "ringflash_hopper", "flex"],
-                    help="ringflash: the Triton kernels alone; ringflash_hopper: the Gluon forward for sm_90 (the default there at D = 128)")
+    ap.add_argument("--impls", nargs="+", default=["ringflash", "flex"], choices=["ringflash", "ringflash_hopper", "ringflash_hopper_persistent", "flex"],
+                    help="ringflash: the Triton kernels alone; ringflash_hopper: the Gluon forward for sm_90 (the default there at D = 128); "
+                         "ringflash_hopper_persistent: that forward as persistent programs (RINGFLASH_HOPPER_FWD_PERSISTENT)")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
@@ -194,7 +200,7 @@ def main() -> None:
                 fns = flex_fns(q, k, v, dout, mask, cu, args.window)
             else:
                 fns = ringflash_fns(prev if impl == "ringflash_prev" else kernels, q, k, v, dout, mask, cu, args.window)
-                fns = hopper_fns(fns, on=impl == "ringflash_hopper")
+                fns = hopper_fns(fns, on=impl.startswith("ringflash_hopper"), persistent=impl == "ringflash_hopper_persistent")
             vis = visible_pairs(mask, S, cu, args.window)
             for mode in args.modes:
                 ms = bench(fns[mode])
@@ -204,7 +210,7 @@ def main() -> None:
                            window=args.window if mask == "window" else None,
                            documents=len(cu) - 1 if mask == "documents" else None,
                            device=torch.cuda.get_device_name(), torch=torch.__version__)
-                ours = impl in ("ringflash", "ringflash_hopper")
+                ours = impl.startswith("ringflash") and impl != "ringflash_prev"
                 if ours and mask == "causal":
                     dense_ms[(impl, mode)] = (ms, vis)
                 if ours and (impl, mode) in dense_ms and mask not in ("causal", "full"):
@@ -224,7 +230,7 @@ def main() -> None:
             torch.cuda.empty_cache()
     print("\nringflash vs FlexAttention (time ratio, >1: ringflash faster)")
     for r in rows:
-        if r["impl"] not in ("ringflash", "ringflash_hopper"):
+        if not r["impl"].startswith("ringflash") or r["impl"] == "ringflash_prev":
             continue
         flex = next((x for x in rows if x["impl"] == "flex" and x["S"] == r["S"] and x["mask"] == r["mask"]
                      and x["mode"] == r["mode"]), None)

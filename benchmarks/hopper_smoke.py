@@ -1,6 +1,6 @@
 """One Hopper kernel variant once, against float64: the first check on a new GPU or Triton.
 
-    PYTHONPATH=. python benchmarks/hopper_smoke.py fwd|fwd_split|fwd_pingpong|bwd|bwd_smem_p|bwd_atomic_dq [--case causal|full|masks|gqa]
+    PYTHONPATH=. python benchmarks/hopper_smoke.py fwd|fwd_split|fwd_pingpong|fwd_persistent|bwd|bwd_smem_p|bwd_atomic_dq [--case causal|full|masks|gqa]
 
 Each variant runs in its own process (benchmarks/onegpu.sh puts each under a timeout), because a
 wrong barrier phase hangs the GPU rather than failing. Prints the relative error of O (and of
@@ -16,7 +16,8 @@ import torch
 from ringflash import kernels, reference
 from ringflash.kernels import attention as A
 
-VARIANTS = {"fwd": (1, False), "fwd_split": (2, False), "fwd_pingpong": (2, True), "bwd": (1, False),
+VARIANTS = {"fwd": (1, False), "fwd_split": (2, False), "fwd_pingpong": (2, True), "fwd_persistent": (2, False),
+            "bwd": (1, False),
             "bwd_smem_p": (1, False), "bwd_atomic_dq": (1, False)}
 
 
@@ -34,6 +35,7 @@ def main() -> None:
     A.HOPPER_BWD_SMEM_P = a.variant in ("bwd_smem_p", "bwd_atomic_dq")
     A.HOPPER_BWD_ATOMIC_DQ = a.variant == "bwd_atomic_dq"
     A.HOPPER_FWD_SPLIT, A.HOPPER_FWD_PINGPONG = VARIANTS[a.variant]
+    A.HOPPER_FWD_PERSISTENT = a.variant == "fwd_persistent"
     served = []
     for name in ("_forward_hopper", "_backward_hopper"):
         real = getattr(A, name)

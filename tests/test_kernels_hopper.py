@@ -41,6 +41,7 @@ from ringflash.kernels._fwd_hopper import _attn_fwd_hopper  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)
 SMEM_SM90 = 232448  # bytes of shared memory a block may take on H100/H200
+SMS = 4  # the SM count the persistent grids are sized for here (fewer than the items: several each)
 
 
 B, S, H, HKV = 2, 300, 4, 2
@@ -71,18 +72,19 @@ def _compile(kernel, launch):
 
 
 def compile_variant(D, dtype, *, causal=False, window=None, docs=False, fold=False, pos_dtype=torch.int64,
-                    split=1, pingpong=False):
+                    split=1, pingpong=False, persistent=False):
     """Compile the forward kernel as forward() would launch it on these (CPU) inputs."""
     q, k, v, m, masked = _inputs(D, dtype, causal, window, docs, pos_dtype)
     out = torch.empty(B, S, H, D, dtype=torch.float32)
     lse = torch.empty(B, H, S, dtype=torch.float32)
     ranges = _ranges(masked, triton.cdiv(S, A.HOPPER_FWD_CONFIGS[D].block_m))
-    saved = A.HOPPER_FWD_SPLIT, A.HOPPER_FWD_PINGPONG
-    A.HOPPER_FWD_SPLIT, A.HOPPER_FWD_PINGPONG = split, pingpong
+    saved = A.HOPPER_FWD_SPLIT, A.HOPPER_FWD_PINGPONG, A.HOPPER_FWD_PERSISTENT, A._sm_count
+    A.HOPPER_FWD_SPLIT, A.HOPPER_FWD_PINGPONG, A.HOPPER_FWD_PERSISTENT = split, pingpong, persistent
+    A._sm_count = lambda device: SMS  # a CPU tensor has no SM count
     try:
         launch = A._hopper_launch(q, k, v, m, causal, 0.125, out, lse, fold, ranges)
     finally:
-        A.HOPPER_FWD_SPLIT, A.HOPPER_FWD_PINGPONG = saved
+        A.HOPPER_FWD_SPLIT, A.HOPPER_FWD_PINGPONG, A.HOPPER_FWD_PERSISTENT, A._sm_count = saved
     return _compile(_attn_fwd_hopper, launch)
 
 
@@ -115,6 +117,10 @@ VARIANTS = [
     dict(D=128, dtype=torch.bfloat16, causal=True, fold=True, split=2),
     dict(D=64, dtype=torch.bfloat16, window=(32, 16), docs=True, split=2),
     dict(D=128, dtype=torch.bfloat16, causal=True, split=2, pingpong=True),
+    # persistent programs drawing items from a counter (HOPPER_FWD_PERSISTENT)
+    dict(D=128, dtype=torch.bfloat16, causal=True, fold=True, split=2, persistent=True),
+    dict(D=128, dtype=torch.bfloat16, window=(64, 0), docs=True, pos_dtype=torch.int32, split=2, persistent=True),
+    dict(D=64, dtype=torch.bfloat16, split=1, persistent=True),
 ]
 
 
@@ -209,7 +215,11 @@ def test_compiles_for_sm90(variant, compiled):
     if variant.get("split", 1) == 1:
         assert facts["overlap"], "the softmax no longer overlaps the PV wgmma"
     assert facts["shared"] <= SMEM_SM90
-    assert facts["grid"] == [triton.cdiv(S, 128), B * H]
+    items = triton.cdiv(S, 128) * B * H
+    if variant.get("persistent"):
+        assert facts["grid"] == [min(items, SMS)]
+    else:
+        assert facts["grid"] == [triton.cdiv(S, 128), B * H]
 
 
 @pytest.mark.parametrize("variant", BACKWARD_VARIANTS, ids=_name)

@@ -293,6 +293,50 @@ def test_forward_variants(D, variant, case, hopper, monkeypatch):
         assert (a[1].double() - ref_lse).abs().max().item() < 2e-3
 
 
+@pytest.mark.parametrize("case", ["odd_full", "odd_causal_gqa", "ring_step", "documents_window_fold", "many_items"])
+@pytest.mark.parametrize("split", [2, 1])
+@pytest.mark.parametrize("D", [64, 128])
+def test_forward_persistent(D, split, case, hopper, monkeypatch):
+    """Persistent programs drawing (query tile, head) items from a counter
+    (HOPPER_FWD_PERSISTENT): against float64 like every forward, and bitwise equal to one program
+    per query tile (the same tiles in the same order per item), twice in a row (the counter starts
+    from zero on every call). ``many_items``: far more items than SMs, so that every program
+    takes many and both Q slots turn over many times."""
+    monkeypatch.setattr(attention, "HOPPER_FWD_SPLIT", split)
+    monkeypatch.setattr(attention, "HOPPER_FWD_PINGPONG", False)
+    kw = {}
+    if case.startswith("odd"):
+        q, k, v = make(2, 1111, 555, 8, 2 if case.endswith("gqa") else 8, D, torch.bfloat16, seed=20)
+        kw = dict(causal=case != "odd_full")
+    elif case == "ring_step":
+        q, k, v = make(1, 1024, 1024, 8, 2, D, torch.float16, seed=21)
+        kw = dict(causal=True, q_pos=zigzag(2048, 2, 1), k_pos=zigzag(2048, 2, 0))
+    elif case == "many_items":
+        q, k, v = make(3, 4096, 4096, 16, 4, D, torch.bfloat16, seed=22)
+        pos = torch.arange(4096, device=DEV)
+        doc = doc_ids([0, 100, 101, 2000, 4096], pos)
+        kw = dict(causal=True, q_doc=doc, k_doc=doc)
+    else:
+        pos = torch.arange(2048, device=DEV)
+        doc = doc_ids([0, 900, 901, 2048], pos)
+        q, k, v = make(2, 2048, 2048, 8, 2, D, torch.bfloat16, seed=23)
+        kw = dict(causal=True, q_pos=pos, k_pos=pos, window=(256, 0), q_doc=doc, k_doc=doc)
+    monkeypatch.setattr(attention, "HOPPER_FWD_PERSISTENT", False)
+    one = kernels.forward(q, k, v, **kw)
+    monkeypatch.setattr(attention, "HOPPER_FWD_PERSISTENT", True)
+    out, lse = check(q, k, v, hopper, **kw)
+    again = kernels.forward(q, k, v, **kw)
+    for got in ((out, lse), again):
+        assert torch.equal(got[0], one[0]) and torch.equal(got[1], one[1])
+    if case == "documents_window_fold":  # folded into a running result, in two key blocks
+        a = kernels.forward(q, k[:, :1000], v[:, :1000], **dict(kw, k_pos=pos[:1000], k_doc=doc[:1000]))
+        kernels.forward(q, k[:, 1000:], v[:, 1000:], **dict(kw, k_pos=pos[1000:], k_doc=doc[1000:]), out=a[0], lse=a[1])
+        monkeypatch.setattr(attention, "HOPPER_FWD_PERSISTENT", False)
+        b = kernels.forward(q, k[:, :1000], v[:, :1000], **dict(kw, k_pos=pos[:1000], k_doc=doc[:1000]))
+        kernels.forward(q, k[:, 1000:], v[:, 1000:], **dict(kw, k_pos=pos[1000:], k_doc=doc[1000:]), out=b[0], lse=b[1])
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
 @pytest.mark.parametrize("case", ["odd_full", "odd_causal_gqa", "ring_step", "documents_window", "repeat_accumulate"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("atomic_dq", [False, True], ids=["smem_p", "atomic_dq"])

@@ -53,6 +53,15 @@ Variants (constexprs, to be measured against each other):
   warpgroup 0 first (its first wait is on the phase before a fresh barrier's first). Each then
   waits for its own results and runs its softmax while the other's products occupy the tensor
   cores. Neither can get two turns ahead, so the parity of a turn never aliases.
+* ``PERSISTENT`` (not with ``PINGPONG``): one program per SM works through (query tile, head)
+  items drawn from a global counter (``COUNTER``, zeroed by the launcher), in the order of the
+  one-program-per-tile grid (:func:`._hopper_common.item_program`). Two Q slots: the producer
+  waits ``q_empties[s]`` (every consumer partition has retired its last QK^T of the item that
+  used slot s before), writes the item's index into ``items[s]``, and loads its Q into slot s
+  (completing ``q_bars[s]``) and its K/V tiles after the last item's, continuing the slot rounds
+  (``j0``: the tiles loaded before). So the next item's loads run while the consumers finish the
+  last item's PV and epilogue. The consumers wait ``q_bars[t % 2]`` with the parity of
+  ``t // 2`` and read the index there; an index of ``N_ITEMS`` (with no Q) ends both loops.
 
 Key tiles come in the order of :mod:`._fwd`: ``[flo, fhi)`` fully visible (no mask
 arithmetic), then the boundary tiles ``[fhi, hi)`` and ``[lo, flo)`` (the mask rule on
@@ -76,26 +85,78 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from ._hopper_common import (LN2, barriers, cta_barrier, invalidate, load_kv_tiles, max_of, query_program, ranges,
+from ._hopper_common import (LN2, barriers, cta_barrier, invalidate, item_program, load_kv_tiles, max_of,
+                             query_program, ranges,
                              sum_of, tile_start, tma_load, visible)
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-              q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
+              q_smem, k_smem, v_smem, q_bars, q_empties, items, k_ready, v_ready, k_empty, v_empty, turn,
               qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-              H, G, Sq, Sk,
+              H, G, Sq, Sk, N_ITEMS, COUNTER,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
               RANGED: gl.constexpr, FOLD: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
-              SPLIT: gl.constexpr, PINGPONG: gl.constexpr, WG: gl.constexpr):
-    b, h, hk, m0, pid_m = query_program(H, G, Sq, BLOCK_M, CAUSAL)
-    lo, flo, fhi, hi = ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
+              SPLIT: gl.constexpr, PINGPONG: gl.constexpr, PERSISTENT: gl.constexpr, WG: gl.constexpr):
+    if PERSISTENT:
+        # Items come from a global counter, so programs that drew short items draw more. Item t
+        # goes into Q slot t % 2 once every consumer has retired its last QK^T of item t - 2
+        # (q_empties), with its index beside it (items), and its K/V tiles continue the slot
+        # rounds where item t - 1's ended: they load while the consumers finish item t - 1. The
+        # end is an index of N_ITEMS with no Q.
+        BH = N_ITEMS // ((Sq + BLOCK_M - 1) // BLOCK_M)
+        t = 0
+        j0 = 0
+        it = gl.atomic_add(COUNTER, 1)
+        while it < N_ITEMS:
+            qs = t % 2
+            b, h, hk, m0, pid_m = item_program(it, H, G, Sq, BH, BLOCK_M, CAUSAL)
+            lo, flo, fhi, hi = ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
+            mbarrier.wait(q_empties.index(qs), ((t // 2) & 1) ^ 1)
+            _post_item(items, qs, it)
+            mbarrier.expect(q_bars.index(qs), SPLIT * q_desc.block_type.nbytes)
+            for w in gl.static_range(SPLIT):
+                tma_load(q_desc, [b, m0 + w * (BLOCK_M // SPLIT), h, 0], q_bars.index(qs),
+                         q_smem.index(qs * SPLIT + w))
+            j0 = load_kv_tiles(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, b, hk,
+                               lo, flo, fhi, hi, BLOCK_N, STAGES, j0)
+            t += 1
+            it = gl.atomic_add(COUNTER, 1)
+        qs = t % 2
+        mbarrier.wait(q_empties.index(qs), ((t // 2) & 1) ^ 1)
+        _post_item(items, qs, N_ITEMS)
+        mbarrier.arrive(q_bars.index(qs))
+    else:
+        b, h, hk, m0, pid_m = query_program(H, G, Sq, BLOCK_M, CAUSAL)
+        lo, flo, fhi, hi = ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
 
-    mbarrier.expect(q_bar, SPLIT * q_desc.block_type.nbytes)
-    for w in gl.static_range(SPLIT):  # one Q tile per consumer partition
-        tma_load(q_desc, [b, m0 + w * (BLOCK_M // SPLIT), h, 0], q_bar, q_smem.index(w))
-    load_kv_tiles(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, b, hk, lo, flo, fhi, hi,
-                  BLOCK_N, STAGES)
+        mbarrier.expect(q_bars.index(0), SPLIT * q_desc.block_type.nbytes)
+        for w in gl.static_range(SPLIT):  # one Q tile per consumer partition
+            tma_load(q_desc, [b, m0 + w * (BLOCK_M // SPLIT), h, 0], q_bars.index(0), q_smem.index(w))
+        load_kv_tiles(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, b, hk, lo, flo, fhi, hi,
+                      BLOCK_N, STAGES, 0)
+
+
+@gluon.jit
+def _post_item(items, s, it):
+    """Write work item ``it`` into slot ``s`` of ``items`` (shared memory) ahead of the arrive
+    on the slot's Q barrier that publishes it: the arrive orders the write before the consumers'
+    wait (release / acquire), and the partition's barrier first orders every thread's write."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    value = gl.full([1], it, gl.int32, layout)
+    if s == 0:  # slices take constant offsets
+        items.slice(0, 1).store(value)
+    else:
+        items.slice(1, 1).store(value)
+    cta_barrier()
+
+
+@gluon.jit
+def _read_item(items, s):
+    """The work item in slot ``s`` of ``items`` (after the wait on the slot's Q barrier)."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    both = items.load(layout)  # both slots; pick slot s
+    return gl.reduce(gl.where(gl.arange(0, 2, layout=layout) == s, both, -1), 0, max_of)
 
 
 @gluon.jit
@@ -148,17 +209,19 @@ def _pass_turn(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _kv_step(j, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn,
+def _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn,
              p_op, acc, m_i, l_i, s_zero, qp, qd, KPOS, KDOC, Sk, qk_scale, wl, wr,
              s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
              BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
              MASKED: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
              PINGPONG: gl.constexpr, WG: gl.constexpr):
-    """Tile j >= 1: S_j = Q K_j^T beside O += P_{j-1} V_{j-1}, the softmax of S_j beside the PV."""
-    s = j % STAGES
-    ph = (j // STAGES) & 1
-    sp = (j - 1) % STAGES
-    php = ((j - 1) // STAGES) & 1
+    """Tile j >= 1: S_j = Q K_j^T beside O += P_{j-1} V_{j-1}, the softmax of S_j beside the PV.
+    ``j0``: the tiles of the program's earlier items (a persistent program), which set the slot
+    and its round."""
+    s = (j0 + j) % STAGES
+    ph = ((j0 + j) // STAGES) & 1
+    sp = (j0 + j - 1) % STAGES
+    php = ((j0 + j - 1) // STAGES) & 1
     k2 = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
     v2 = v_smem.index(sp).reshape([BLOCK_N, HEAD_DIM])
 
@@ -189,27 +252,18 @@ def _kv_step(j, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready, k_empty,
 
 
 @gluon.jit
-def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-              q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
-              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-              H, G, Sq, Sk,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-              STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
-              RANGED: gl.constexpr, FOLD: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
-              SPLIT: gl.constexpr, PINGPONG: gl.constexpr, WG: gl.constexpr):
-    # With SPLIT = 2 this partition is one warpgroup and owns ROWS = 64 of the tile's rows.
-    NW: gl.constexpr = CONSUMER_WARPS // SPLIT
-    ROWS: gl.constexpr = BLOCK_M // SPLIT
-    # wgmma accumulators: [16, N, 16] instructions, warps stacked along the rows.
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    # P stays in registers as the A operand of the PV wgmma.
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-
-    b, h, hk, m0, pid_m = query_program(H, G, Sq, BLOCK_M, CAUSAL)
+def _consumer_item(b, h, m0, pid_m, qs, q_phase, j0, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
+                   q_smem, k_smem, v_smem, q_bars, q_empties, items, k_ready, v_ready, k_empty, v_empty, turn,
+                   qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, Sq, Sk,
+                   s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
+                   row_layout: gl.constexpr, ROWS: gl.constexpr, SPLIT: gl.constexpr,
+                   BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                   STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
+                   RANGED: gl.constexpr, FOLD: gl.constexpr, PINGPONG: gl.constexpr, PERSISTENT: gl.constexpr,
+                   WG: gl.constexpr):
+    """One query tile (this warpgroup's ROWS rows of it) over its key tiles, and its epilogue.
+    ``qs``: its Q slot and ``q_phase`` the parity of the slot barrier's phase; ``j0``: the key
+    tiles the program walked before (slot rounds). Returns ``j0`` plus this item's tiles."""
     lo, flo, fhi, hi = ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
     n = (hi - lo) // BLOCK_N
     n_full = (fhi - flo) // BLOCK_N
@@ -223,42 +277,47 @@ def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
     if DOCS:
         qd = gl.load(QDOC + rows, mask=rows < Sq, other=-2)
 
-    q2 = q_smem.index(WG).reshape([ROWS, HEAD_DIM])
+    q2 = q_smem.index(qs * SPLIT + WG).reshape([ROWS, HEAD_DIM])
     m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
     l_i = gl.full([ROWS], 0.0, gl.float32, layout=row_layout)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
 
-    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(q_bars.index(qs), q_phase)
     if n > 0:
         # Tile 0, peeled (nothing to overlap its QK^T with), with the mask: right for a fully
         # visible tile too.
-        k2 = k_smem.index(0).reshape([BLOCK_N, HEAD_DIM])
+        s0 = j0 % STAGES
+        k2 = k_smem.index(s0).reshape([BLOCK_N, HEAD_DIM])
         _my_turn(turn, 0, WG, PINGPONG)
-        mbarrier.wait(k_ready.index(0), 0)
+        mbarrier.wait(k_ready.index(s0), (j0 // STAGES) & 1)
         s_tok = warpgroup_mma(q2, k2.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         _pass_turn(turn, WG, PINGPONG)
         s_acc, _q, _k = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, q2, k2))
         cta_barrier()
-        mbarrier.arrive(k_empty.index(0))
+        mbarrier.arrive(k_empty.index(s0))
         n0 = tile_start(0, lo, flo, fhi, hi, BLOCK_N)
         p, m_i, l_i, alpha = _softmax_tile(s_acc, m_i, l_i, qp, qd, n0, KPOS, KDOC, Sk, qk_scale, wl, wr,
                                            s_layout, BLOCK_N, True, CAUSAL, WINDOW, DOCS)
         p_op = gl.convert_layout(p.to(k2.dtype), p_layout)
 
         for j in range(1, n_full):
-            p_op, acc, m_i, l_i = _kv_step(j, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready,
+            p_op, acc, m_i, l_i = _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready,
                                            k_empty, v_empty, turn, p_op, acc, m_i, l_i, s_zero, qp, qd,
                                            KPOS, KDOC, Sk, qk_scale, wl, wr, s_layout, o_layout, p_layout,
                                            BLOCK_N, HEAD_DIM, STAGES, False, CAUSAL, WINDOW, DOCS, PINGPONG, WG)
         for j in range(gl.maximum(n_full, 1), n):
-            p_op, acc, m_i, l_i = _kv_step(j, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready,
+            p_op, acc, m_i, l_i = _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready,
                                            k_empty, v_empty, turn, p_op, acc, m_i, l_i, s_zero, qp, qd,
                                            KPOS, KDOC, Sk, qk_scale, wl, wr, s_layout, o_layout, p_layout,
                                            BLOCK_N, HEAD_DIM, STAGES, True, CAUSAL, WINDOW, DOCS, PINGPONG, WG)
 
+        # Every QK^T of this item has retired: the producer may load the next item's Q.
+        if PERSISTENT:
+            cta_barrier()
+            mbarrier.arrive(q_empties.index(qs))
         # The last PV.
-        jl = n - 1
+        jl = j0 + n - 1
         sl = jl % STAGES
         v2 = v_smem.index(sl).reshape([BLOCK_N, HEAD_DIM])
         _my_turn(turn, n, WG, PINGPONG)
@@ -268,6 +327,8 @@ def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
         acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
         cta_barrier()
         mbarrier.arrive(v_empty.index(sl))
+    elif PERSISTENT:
+        mbarrier.arrive(q_empties.index(qs))
 
     # A row that saw no key: O = 0, LSE = -inf.
     orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -298,25 +359,76 @@ def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
         o = o_old * gl.exp(lse_old - ref)[:, None] + o * gl.exp(lse_new - ref)[:, None]
     gl.store(o_ptrs, o, mask=o_mask)
     gl.store(l_ptrs, lse, mask=row_ok)
+    return j0 + n
+
+
+@gluon.jit
+def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
+              q_smem, k_smem, v_smem, q_bars, q_empties, items, k_ready, v_ready, k_empty, v_empty, turn,
+              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+              H, G, Sq, Sk, N_ITEMS, COUNTER,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
+              RANGED: gl.constexpr, FOLD: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
+              SPLIT: gl.constexpr, PINGPONG: gl.constexpr, PERSISTENT: gl.constexpr, WG: gl.constexpr):
+    # With SPLIT = 2 this partition is one warpgroup and owns ROWS = 64 of the tile's rows.
+    NW: gl.constexpr = CONSUMER_WARPS // SPLIT
+    ROWS: gl.constexpr = BLOCK_M // SPLIT
+    # wgmma accumulators: [16, N, 16] instructions, warps stacked along the rows.
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    # P stays in registers as the A operand of the PV wgmma.
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+    if PERSISTENT:
+        # The producer's items, in turn from the two Q slots, until the index N_ITEMS.
+        BH = N_ITEMS // ((Sq + BLOCK_M - 1) // BLOCK_M)
+        t = 0
+        j0 = 0
+        mbarrier.wait(q_bars.index(0), 0)
+        it = _read_item(items, 0)
+        while it < N_ITEMS:
+            qs = t % 2
+            b, h, hk, m0, pid_m = item_program(it, H, G, Sq, BH, BLOCK_M, CAUSAL)
+            j0 = _consumer_item(b, h, m0, pid_m, qs, (t // 2) & 1, j0, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
+                                q_smem, k_smem, v_smem, q_bars, q_empties, items, k_ready, v_ready, k_empty, v_empty, turn,
+                                qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, Sq, Sk,
+                                s_layout, o_layout, p_layout, row_layout, ROWS, SPLIT, BLOCK_N, HEAD_DIM, STAGES,
+                                CAUSAL, WINDOW, DOCS, RANGED, FOLD, PINGPONG, PERSISTENT, WG)
+            t += 1
+            mbarrier.wait(q_bars.index(t % 2), (t // 2) & 1)
+            it = _read_item(items, t % 2)
+    else:
+        b, h, hk, m0, pid_m = query_program(H, G, Sq, BLOCK_M, CAUSAL)
+        _consumer_item(b, h, m0, pid_m, 0, 0, 0, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
+                       q_smem, k_smem, v_smem, q_bars, q_empties, items, k_ready, v_ready, k_empty, v_empty, turn,
+                       qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, Sq, Sk,
+                       s_layout, o_layout, p_layout, row_layout, ROWS, SPLIT, BLOCK_N, HEAD_DIM, STAGES,
+                       CAUSAL, WINDOW, DOCS, RANGED, FOLD, PINGPONG, PERSISTENT, WG)
 
 
 @gluon.jit
 def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
                      qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                     H, G, Sq, Sk,
+                     H, G, Sq, Sk, N_ITEMS, COUNTER,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                      DOCS: gl.constexpr, RANGED: gl.constexpr, FOLD: gl.constexpr,
                      PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                      CONSUMER_WARPS: gl.constexpr, CONSUMER_REGS: gl.constexpr, SPLIT: gl.constexpr,
-                     PINGPONG: gl.constexpr):
+                     PINGPONG: gl.constexpr, PERSISTENT: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [SPLIT] + q_desc.block_type.shape, q_desc.layout)
+    Q_SLOTS: gl.constexpr = 2 if PERSISTENT else 1  # PERSISTENT: the next item's Q beside this one's
+    q_smem = gl.allocate_shared_memory(dtype, [Q_SLOTS * SPLIT] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
 
-    q_bars = barriers(1, 1)
-    q_bar = q_bars.index(0)
+    q_bars = barriers(Q_SLOTS, 1)  # Q slot s landed (PERSISTENT: and its item index was written)
+    q_empties = barriers(Q_SLOTS, SPLIT)  # PERSISTENT: every consumer partition is done reading Q slot s
+    items = gl.allocate_shared_memory(gl.int32, [Q_SLOTS], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     k_ready = barriers(STAGES, 1)
     v_ready = barriers(STAGES, 1)
     k_empty = barriers(STAGES, SPLIT)  # one arrive per consumer partition frees a slot
@@ -330,15 +442,15 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT
         gl.warp_specialize(
             [
                 (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
+                             q_smem, k_smem, v_smem, q_bars, q_empties, items, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                             H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
-                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, 0)),
+                             H, G, Sq, Sk, N_ITEMS, COUNTER, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
                 (_producer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
+                             q_smem, k_smem, v_smem, q_bars, q_empties, items, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                             H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
-                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, 0)),
+                             H, G, Sq, Sk, N_ITEMS, COUNTER, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
             ],
             [PRODUCER_WARPS], [PRODUCER_REGS])
     else:
@@ -348,24 +460,25 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT
         gl.warp_specialize(
             [
                 (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
+                             q_smem, k_smem, v_smem, q_bars, q_empties, items, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                             H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
-                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, 0)),
+                             H, G, Sq, Sk, N_ITEMS, COUNTER, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
                 (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
+                             q_smem, k_smem, v_smem, q_bars, q_empties, items, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                             H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
-                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, 1)),
+                             H, G, Sq, Sk, N_ITEMS, COUNTER, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 1)),
                 (_producer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
+                             q_smem, k_smem, v_smem, q_bars, q_empties, items, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                             H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
-                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, 0)),
+                             H, G, Sq, Sk, N_ITEMS, COUNTER, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
             ],
             [CONSUMER_WARPS // SPLIT, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])
 
-    invalidate(q_bars, 1)
+    invalidate(q_bars, Q_SLOTS)
+    invalidate(q_empties, Q_SLOTS)
     invalidate(k_ready, STAGES)
     invalidate(v_ready, STAGES)
     invalidate(k_empty, STAGES)

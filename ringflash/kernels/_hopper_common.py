@@ -60,6 +60,21 @@ def query_program(H, G, Sq, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
 
 
 @gluon.jit
+def item_program(it, H, G, Sq, BH, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
+    """:func:`query_program` for work item ``it`` of a persistent grid, in the same order: the
+    query tiles of one (batch, head) after another, so that the programs running at once read
+    the same head's K/V (from L2), the longest rows first under ``CAUSAL``."""
+    num_m = (Sq + BLOCK_M - 1) // BLOCK_M
+    pid_m = it % num_m
+    if CAUSAL:
+        pid_m = num_m - 1 - pid_m
+    pid_bh = it // num_m
+    b = pid_bh // H
+    h = pid_bh % H
+    return b, h, h // G, pid_m * BLOCK_M, pid_m
+
+
+@gluon.jit
 def ranges(RANGES, t, n, BLOCK: gl.constexpr, RANGED: gl.constexpr):
     """(lo, flo, fhi, hi) of tile ``t``: _ranges_kernel's (in rows of the other side), or every
     tile of the ``n`` rows, all fully visible but a partial last one."""
@@ -90,14 +105,16 @@ def tile_start(j, lo, flo, fhi, hi, BLOCK: gl.constexpr):
 
 @gluon.jit
 def load_kv_tiles(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, b, hk, lo, flo, fhi, hi,
-                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, j0=0):
     """The producer's loop of a program that owns a query tile: K and V of every key tile it
-    walks (:func:`tile_start`'s order) into slot ``j % STAGES``, each once both its readers have
-    handed the slot back (the empty barriers, waited with the parity flipped so that the first
-    round passes at once). K first: consumers need K_j before V_j."""
-    for j in range((hi - lo) // BLOCK_N):
-        s = j % STAGES
-        ph = (j // STAGES) & 1
+    walks (:func:`tile_start`'s order) into slot ``(j0 + j) % STAGES``, each once both its readers
+    have handed the slot back (the empty barriers, waited with the parity flipped so that the
+    first round passes at once). K first: consumers need K_j before V_j. ``j0``: the tiles this
+    program loaded before (a persistent program's earlier items); returns the count after."""
+    n = (hi - lo) // BLOCK_N
+    for j in range(n):
+        s = (j0 + j) % STAGES
+        ph = ((j0 + j) // STAGES) & 1
         n0 = tile_start(j, lo, flo, fhi, hi, BLOCK_N)
         mbarrier.wait(k_empty.index(s), ph ^ 1)
         mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
@@ -105,6 +122,7 @@ def load_kv_tiles(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_e
         mbarrier.wait(v_empty.index(s), ph ^ 1)
         mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
         tma_load(v_desc, [b, n0, hk, 0], v_ready.index(s), v_smem.index(s))
+    return j0 + n
 
 
 @gluon.jit

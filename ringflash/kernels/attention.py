@@ -148,6 +148,14 @@ HOPPER_FWD_SPLIT = 2
 # With HOPPER_FWD_SPLIT = 2: the two warpgroups take turns issuing their matrix products (FA3's
 # ping-pong), so that one's softmax runs while the other's products do. Measured no faster.
 HOPPER_FWD_PINGPONG = False
+# A persistent forward (RINGFLASH_HOPPER_FWD_PERSISTENT=1): one program per SM draws (query tile,
+# head) items from a global counter, and its producer loads the next item's Q (a second Q slot)
+# and K/V while the consumers finish the last one, so that an item's start-up and epilogue overlap
+# the work around it: they cost about 10 us per query tile on an H100 at D = 128, most of a short
+# document's or a narrow window's time (benchmarks/results/masks_h100_program_cost/). Not with
+# PINGPONG. Opt-in: not yet measured on a GPU in this form (a static assignment of the items was
+# slower: docs/performance.md, "Tried and not adopted").
+HOPPER_FWD_PERSISTENT = os.environ.get("RINGFLASH_HOPPER_FWD_PERSISTENT", "0") == "1"
 # Whether forward() / backward() take the Hopper kernels where they serve the call
 # (bfloat16/float16, a head dim they have, no block pattern or per-head attributes, an sm_90
 # GPU). The forward is on by default at the head dims where it was measured faster than the
@@ -188,14 +196,19 @@ DKDV_PROGRAMS_PER_SM = 2
 _SM_COUNT: dict = {}
 
 
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (cached)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
 def _min_programs(device: torch.device) -> int:
     """dK/dV programs wanted to fill ``device``; 0 under the interpreter (no split)."""
     if INTERPRETED or device.type != "cuda":
         return 0
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return DKDV_PROGRAMS_PER_SM * _SM_COUNT[index]
+    return DKDV_PROGRAMS_PER_SM * _sm_count(device)
 
 
 def _group_split(n_programs: int, group: int, device: torch.device) -> int:
@@ -544,20 +557,29 @@ def _hopper_launch(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold, ranges)
     Sk, Hkv = k.shape[1], k.shape[2]
     cfg = HOPPER_FWD_CONFIGS[D]
     split = HOPPER_FWD_SPLIT
+    pingpong = bool(HOPPER_FWD_PINGPONG) and split == 2
+    n_items = triton.cdiv(Sq, cfg.block_m) * B * H
+    persistent = bool(HOPPER_FWD_PERSISTENT) and not pingpong
+    if persistent:
+        grid = (min(n_items, _sm_count(q.device)),)
+        counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # the next item to draw
+    else:
+        grid = (triton.cdiv(Sq, cfg.block_m), B * H)
+        counter = lse  # never read
     descs = _descriptors(((q, cfg.block_m // split), (k, cfg.block_n), (v, cfg.block_n)))
     q_pos, k_pos = (lse, lse) if m.q_pos is None else (m.q_pos, m.k_pos)  # None: never read
     q_doc, k_doc = (lse, lse) if m.q_doc is None else (m.q_doc, m.k_doc)
     args = (*descs, q_pos, k_pos, q_doc, k_doc, lse if ranges is None else ranges, out, lse,
             float(scale) * math.log2(math.e), m.wl, m.wr,
             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-            H, H // Hkv, Sq, Sk)
+            H, H // Hkv, Sq, Sk, n_items, counter)
     constexprs = dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, STAGES=cfg.num_stages,
         CAUSAL=bool(causal), WINDOW=m.window, DOCS=m.docs, RANGED=ranges is not None, FOLD=fold,
         PRODUCER_WARPS=HOPPER_PRODUCER[0], PRODUCER_REGS=HOPPER_PRODUCER[1], CONSUMER_WARPS=cfg.num_warps,
-        CONSUMER_REGS=HOPPER_CONSUMER_REGS, SPLIT=split, PINGPONG=bool(HOPPER_FWD_PINGPONG) and split == 2,
+        CONSUMER_REGS=HOPPER_CONSUMER_REGS, SPLIT=split, PINGPONG=pingpong, PERSISTENT=persistent,
     )
-    return (triton.cdiv(Sq, cfg.block_m), B * H), args, constexprs, cfg.num_warps // split
+    return grid, args, constexprs, cfg.num_warps // split
 
 
 def _forward_hopper(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold):
