@@ -5,8 +5,9 @@ of equal-length documents against the key tiles they leave, on one GPU.
     python benchmarks/bench_program_cost.py --analyze dir/program_cost.jsonl   # the table (CPU)
 
 S = 32k, H = 32, D = 128, bf16, B = 1; dense causal, windows of 512-16k keys and documents of
-512-32k tokens, each with the Triton kernels (forward and backward) and with the Hopper forward
-(the default on sm_90 at D = 128). The number of query-tile programs is the same in every case
+512-32k tokens, each with the Triton kernels (forward and backward), with the Hopper forward
+(the default on sm_90 at D = 128) and, with ``--persistent``, with the Hopper forward as
+persistent programs (RINGFLASH_HOPPER_FWD_PERSISTENT), whose point is to hide that fixed part. The number of query-tile programs is the same in every case
 (S / 128 x H), so a least-squares fit of time against the tiles walked, time = a * tiles + c,
 splits each call into a per-tile rate ``a`` (compare with dense causal's time per tile) and a
 part ``c`` that does not shrink with the tiles: the programs' fixed cost. ``area`` is a call's
@@ -26,7 +27,10 @@ WINDOWS = (512, 1024, 2048, 4096, 8192, 16384)
 DOC_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
-def measure(out_dir: str) -> str:
+VARIANTS = {"triton": (False, False), "hopper": (True, False), "hopper_persistent": (True, True)}
+
+
+def measure(out_dir: str, persistent: bool = False) -> str:
     import torch
     import triton
 
@@ -44,10 +48,12 @@ def measure(out_dir: str) -> str:
         cases.append(("docs", n, dict(causal=True, q_doc=d, k_doc=d)))
     gpu = torch.cuda.get_device_name()
     with open(path, "w") as f:
-        for hopper in (False, True):
-            A.HOPPER_FORWARD = hopper
+        for variant, (hopper, persist) in VARIANTS.items():
+            if persist and not persistent:
+                continue
+            A.HOPPER_FORWARD, A.HOPPER_FWD_PERSISTENT = hopper, persist
             for name, p, kw in cases:
-                row = dict(gpu=gpu, S=S, H=H, D=D, mask=name, param=p, hopper=hopper,
+                row = dict(gpu=gpu, S=S, H=H, D=D, mask=name, param=p, hopper=hopper, variant=variant,
                            fwd_ms=triton.testing.do_bench(lambda: kernels.forward(q, k, v, **kw), warmup=20, rep=100))
                 if not hopper:  # the backward has no Hopper kernel by default
                     out, lse = kernels.forward(q, k, v, **kw)
@@ -83,12 +89,14 @@ def analyze(path: str) -> None:
 
     rows = [json.loads(line) for line in open(path)]
     programs = S // BLOCK * H
-    for hopper in (False, True):
-        mine = [r for r in rows if r["hopper"] == hopper]
+    titles = {"triton": "Triton kernels", "hopper": "Hopper forward", "hopper_persistent": "Hopper forward, persistent"}
+    for variant, title in titles.items():
+        # rows written before the persistent variant existed carry only ``hopper``
+        mine = [r for r in rows if r.get("variant", "hopper" if r["hopper"] else "triton") == variant]
         if not mine:
             continue
         base = next(r for r in mine if r["mask"] == "causal")
-        print(f"\n{'Hopper forward' if hopper else 'Triton kernels'} ({base['gpu']}), S = {S}, H = {H}, D = {D}")
+        print(f"\n{title} ({base['gpu']}), S = {S}, H = {H}, D = {D}")
         print(f"{'mask':>7} {'param':>6} {'tiles/prog':>10} {'tile_area':>9} {'fwd area':>8} {'bwd area':>8}")
         for r in mine:
             t, vis = tiles(r["mask"], r["param"]), visible(r["mask"], r["param"])
@@ -112,12 +120,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="/tmp/ringflash-program-cost")
     ap.add_argument("--analyze", metavar="JSONL", help="print the table of an earlier run (no GPU needed)")
+    ap.add_argument("--persistent", action="store_true", help="also the persistent Hopper forward")
     a = ap.parse_args()
     if a.analyze:
         analyze(a.analyze)
         return
     os.makedirs(a.out, exist_ok=True)
-    analyze(measure(a.out))
+    analyze(measure(a.out, a.persistent))
 
 
 if __name__ == "__main__":

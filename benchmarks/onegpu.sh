@@ -7,6 +7,8 @@
 # hangs rather than fails. TESTS=0 skips the GPU tests; MASKS=0 the mask benchmark; SPARSE=1 adds
 # the sparse modes' kernel benchmark (sparse.jsonl) and, with PAPER_DIR=dir holding the paper's
 # hsparse_attn.py and qksparse_attn.py, the comparison with its kernels (sparse_paper.jsonl).
+# PROGRAM_COST=1 adds bench_program_cost.py (program_cost.jsonl): masked calls' per-tile rate and
+# fixed cost, with the persistent Hopper forward when its smoke check passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -62,6 +64,15 @@ if [ "${MASKS:-1}" = 1 ]; then
   timeout ${MASKS_TIMEOUT:-300} python3 benchmarks/bench_masks.py --seqlens 32k --impls $MASK_IMPLS \
     --out "$OUT/masks.jsonl" > "$OUT/bench_masks.log" 2>&1
   tail -20 "$OUT/bench_masks.log"
+fi
+
+if [ "${PROGRAM_COST:-0}" = 1 ]; then
+  echo "== masked calls' fixed cost per program (windows, equal documents), with the persistent Hopper forward"
+  PERSIST=""
+  case "$OK" in *fwd_persistent*) PERSIST="--persistent";; esac
+  timeout ${PROGRAM_COST_TIMEOUT:-300} python3 benchmarks/bench_program_cost.py $PERSIST --out "$OUT" \
+    > "$OUT/bench_program_cost.log" 2>&1
+  tail -40 "$OUT/bench_program_cost.log"
 fi
 
 if [ "${SPARSE:-0}" = 1 ]; then
