@@ -86,8 +86,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from ._hopper_common import (LN2, barriers, cta_barrier, invalidate, item_program, load_kv_tiles, max_of,
-                             query_program, ranges,
-                             sum_of, tile_start, tma_load, visible)
+                             query_program, ranges, sum_of, tile_start, tma_load, visible)
+
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
