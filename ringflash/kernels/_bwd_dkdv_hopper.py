@@ -49,7 +49,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from ._hopper_common import LOG2E, barriers, cta_barrier, invalidate, ranges, tile_start, tma_load, visible
+from ._hopper_common import LOG2E, barriers, cta_barrier, invalidate, ranges, red_add_pairs, tile_start, tma_load, visible
 
 
 @gluon.jit
@@ -328,8 +328,7 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
             q_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
             dq_ptrs = (DQ + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh
                        + q_rows.to(gl.int64)[:, None] * stride_qs + dq_cols[None, :])
-            gl.atomic_add(dq_ptrs, dq * sm_scale, mask=(q_rows < Sq)[:, None] & (dq_cols < HEAD_DIM)[None, :],
-                          sem="relaxed")
+            red_add_pairs(dq_ptrs, dq * sm_scale, (q_rows < Sq)[:, None] & (dq_cols < HEAD_DIM)[None, :])
 
     _store_dkdv(dk * sm_scale, dv, DK, DV, b, hk, n0, Sk, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                 stride_vh, BLOCK_N, HEAD_DIM, ACCUMULATE, acc_layout)

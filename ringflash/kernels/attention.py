@@ -128,7 +128,9 @@ HOPPER_BWD_SMEM_P = os.environ.get("RINGFLASH_HOPPER_BWD_SMEM_P", "0") == "1"
 # adds it into dQ with float32 atomics, so the backward is one kernel of five products instead of
 # two kernels of seven; the order of the additions varies from run to run, so the result is not
 # bitwise repeatable. Off (RINGFLASH_HOPPER_BWD_ATOMIC_DQ=1 turns it on): 0.89-0.94x the form above
-# with its dQ kernel at D = 128 on an H100 (same folder).
+# with its dQ kernel at D = 128 on an H100 (same folder) when its adds were Triton 3.6's `atom`
+# (returning the old value); they are now `red.global.add.v2.f32` (_hopper_common.red_add_pairs),
+# not yet measured.
 HOPPER_BWD_ATOMIC_DQ = os.environ.get("RINGFLASH_HOPPER_BWD_ATOMIC_DQ", "0") == "1"
 HOPPER_BWD_DKDV_SMEM_P_CONFIGS: dict = {
     64: KernelConfig(64, 128, 8, 3),
