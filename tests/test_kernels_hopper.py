@@ -89,20 +89,20 @@ def compile_variant(D, dtype, *, causal=False, window=None, docs=False, fold=Fal
 
 
 def compile_backward(D, dtype, *, causal=False, window=None, docs=False, accumulate=False, pos_dtype=torch.int64,
-                     smem_p=False, atomic_dq=False):
+                     smem_p=False, atomic_dq=False, ordered_dq=False):
     """Compile the dK/dV and dQ kernels as backward() would launch them: [(kernel, grid)] x 2."""
     q, k, v, m, masked = _inputs(D, dtype, causal, window, docs, pos_dtype)
     lse = torch.empty(B, H, S, dtype=torch.float32)
     grads = [torch.empty(t.shape, dtype=torch.float32) for t in (q, k, v)]
-    saved = A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_ATOMIC_DQ
-    A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_ATOMIC_DQ = smem_p, atomic_dq
+    saved = A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_ATOMIC_DQ, A.HOPPER_BWD_ORDERED_DQ
+    A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_ATOMIC_DQ, A.HOPPER_BWD_ORDERED_DQ = smem_p, atomic_dq, ordered_dq
     try:
         c1, c2 = A._dkdv_config(D), A.HOPPER_BWD_DQ_CONFIGS[D]
         launches = A._hopper_bwd_launches(q, q, k, v, lse, lse, m, causal, 0.125, *grads, accumulate, accumulate,
                                           _ranges(masked, triton.cdiv(S, c1.block_n)),
                                           _ranges(masked, triton.cdiv(S, c2.block_m)))
     finally:
-        A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_ATOMIC_DQ = saved
+        A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_ATOMIC_DQ, A.HOPPER_BWD_ORDERED_DQ = saved
     return [_compile(kernel, launch) for kernel, launch in zip((_attn_bwd_dkdv_hopper, _attn_bwd_dq_hopper), launches)]
 
 
@@ -137,6 +137,9 @@ BACKWARD_VARIANTS = [
     # ... and dQ from the same programs, by atomics (HOPPER_BWD_ATOMIC_DQ)
     dict(D=128, dtype=torch.bfloat16, causal=True, smem_p=True, atomic_dq=True),
     dict(D=64, dtype=torch.bfloat16, window=(32, 16), docs=True, accumulate=True, smem_p=True, atomic_dq=True),
+    # ... in key-tile order, bitwise repeatable (HOPPER_BWD_ORDERED_DQ)
+    dict(D=128, dtype=torch.bfloat16, causal=True, smem_p=True, atomic_dq=True, ordered_dq=True),
+    dict(D=64, dtype=torch.bfloat16, window=(32, 16), docs=True, smem_p=True, atomic_dq=True, ordered_dq=True),
 ]
 
 
@@ -282,3 +285,21 @@ def test_defaults_and_environment(env, forward, head_dims, backward):
 
 if __name__ == "__main__":
     print(json.dumps(report()))
+
+
+def test_dq_order_counts_lower_key_tiles():
+    """HOPPER_BWD_ORDERED_DQ's order: for each key tile and query tile, the number of lower key
+    tiles whose query range [lo, hi) holds that query tile (what the program waits for), against
+    a count by loops; every query tile when there are no ranges."""
+    g = torch.Generator().manual_seed(0)
+    n_k, n_q, bm = 7, 9, 64
+    lo = torch.randint(0, n_q, (n_k,), generator=g) * bm
+    hi = torch.minimum(lo + torch.randint(0, 5, (n_k,), generator=g) * bm, torch.tensor(n_q * bm))
+    ranges = torch.stack([lo, lo, hi, hi], 1)[None].to(torch.int32)
+    order = A._dq_order(ranges, n_k, n_q, bm, "cpu")
+    for n in range(n_k):
+        for m in range(n_q):
+            want = sum(1 for j in range(n) if lo[j] <= m * bm < hi[j])
+            assert order[n, m] == want, (n, m)
+    full = A._dq_order(None, n_k, n_q, bm, "cpu")
+    assert torch.equal(full, torch.arange(n_k, dtype=torch.int32)[:, None].expand(n_k, n_q))

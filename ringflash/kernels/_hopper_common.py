@@ -163,3 +163,12 @@ def red_add_pairs(ptrs, vals, mask):
         # the addresses as integers: Triton 3.6 will not broadcast pointers against floats
         "=r,=r,l,l,r,r,f,f", [ptrs.to(gl.int64, bitcast=False), mask.to(gl.int32), vals], dtype=gl.int32,
         is_pure=False, pack=2)
+
+
+@gluon.jit
+def fence_gpu():
+    """``fence.acq_rel.gpu`` in every thread of the partition: its earlier writes (``red`` adds
+    included) are ordered before its later ones as the whole GPU sees them."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    gl.inline_asm_elementwise("fence.acq_rel.gpu;\n mov.b32 $0, $1;", "=r,r", [gl.full([1], 0, gl.int32, layout)],
+                              dtype=gl.int32, is_pure=False, pack=1)
