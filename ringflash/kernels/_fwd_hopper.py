@@ -57,7 +57,8 @@ Variants (constexprs, to be measured against each other):
   items drawn from a global counter (``COUNTER``, zeroed by the launcher), in the order of the
   one-program-per-tile grid (:func:`._hopper_common.item_program`). Two Q slots: the producer
   waits ``q_empties[s]`` (every consumer partition has retired its last QK^T of the item that
-  used slot s before), writes the item's index into ``items[s]``, and loads its Q into slot s
+  used slot s before), writes the item's index into its slot s after ``COUNTER[0]`` (global
+  memory, read back by the same SM's consumers), and loads its Q into slot s
   (completing ``q_bars[s]``) and its K/V tiles after the last item's, continuing the slot rounds
   (``j0``: the tiles loaded before). So the next item's loads run while the consumers finish the
   last item's PV and epilogue. The consumers wait ``q_bars[t % 2]`` with the parity of
@@ -91,7 +92,7 @@ from ._hopper_common import (LN2, barriers, cta_barrier, invalidate, item_progra
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-              q_smem, k_smem, v_smem, q_bars, q_empties, items, k_ready, v_ready, k_empty, v_empty, turn,
+              q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
               qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
               H, G, Sq, Sk, N_ITEMS, COUNTER,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
@@ -101,9 +102,9 @@ def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
     if PERSISTENT:
         # Items come from a global counter, so programs that drew short items draw more. Item t
         # goes into Q slot t % 2 once every consumer has retired its last QK^T of item t - 2
-        # (q_empties), with its index beside it (items), and its K/V tiles continue the slot
-        # rounds where item t - 1's ended: they load while the consumers finish item t - 1. The
-        # end is an index of N_ITEMS with no Q.
+        # (q_empties), its index into this program's slot t % 2 after the counter, and its K/V
+        # tiles continue the slot rounds where item t - 1's ended: they load while the consumers
+        # finish item t - 1. The end is an index of N_ITEMS with no Q.
         BH = N_ITEMS // ((Sq + BLOCK_M - 1) // BLOCK_M)
         t = 0
         j0 = 0
@@ -113,7 +114,7 @@ def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
             b, h, hk, m0, pid_m = item_program(it, H, G, Sq, BH, BLOCK_M, CAUSAL)
             lo, flo, fhi, hi = ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
             mbarrier.wait(q_empties.index(qs), ((t // 2) & 1) ^ 1)
-            _post_item(items, qs, it)
+            _post_item(COUNTER, qs, it)
             mbarrier.expect(q_bars.index(qs), SPLIT * q_desc.block_type.nbytes)
             for w in gl.static_range(SPLIT):
                 tma_load(q_desc, [b, m0 + w * (BLOCK_M // SPLIT), h, 0], q_bars.index(qs),
@@ -124,7 +125,7 @@ def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
             it = gl.atomic_add(COUNTER, 1)
         qs = t % 2
         mbarrier.wait(q_empties.index(qs), ((t // 2) & 1) ^ 1)
-        _post_item(items, qs, N_ITEMS)
+        _post_item(COUNTER, qs, N_ITEMS)
         mbarrier.arrive(q_bars.index(qs))
     else:
         b, h, hk, m0, pid_m = query_program(H, G, Sq, BLOCK_M, CAUSAL)
@@ -138,25 +139,19 @@ def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
 
 
 @gluon.jit
-def _post_item(items, s, it):
-    """Write work item ``it`` into slot ``s`` of ``items`` (shared memory) ahead of the arrive
-    on the slot's Q barrier that publishes it: the arrive orders the write before the consumers'
-    wait (release / acquire), and the partition's barrier first orders every thread's write."""
-    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-    value = gl.full([1], it, gl.int32, layout)
-    if s == 0:  # slices take constant offsets
-        items.slice(0, 1).store(value)
-    else:
-        items.slice(1, 1).store(value)
+def _post_item(COUNTER, s, it):
+    """Write work item ``it`` into this program's slot ``s`` (global memory after the counter)
+    ahead of the arrive on the slot's Q barrier that publishes it: the arrive orders the write
+    before the consumers' wait (release / acquire), and the partition's barrier first orders it
+    before the arriving thread's arrive."""
+    gl.store(COUNTER + 1 + gl.program_id(0) * 2 + s, it)
     cta_barrier()
 
 
 @gluon.jit
-def _read_item(items, s):
-    """The work item in slot ``s`` of ``items`` (after the wait on the slot's Q barrier)."""
-    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-    both = items.load(layout)  # both slots; pick slot s
-    return gl.reduce(gl.where(gl.arange(0, 2, layout=layout) == s, both, -1), 0, max_of)
+def _read_item(COUNTER, s):
+    """The work item in this program's slot ``s`` (after the wait on the slot's Q barrier)."""
+    return gl.load(COUNTER + 1 + gl.program_id(0) * 2 + s)
 
 
 @gluon.jit
@@ -253,7 +248,7 @@ def _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready, k_em
 
 @gluon.jit
 def _consumer_item(b, h, m0, pid_m, qs, q_phase, j0, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                   q_smem, k_smem, v_smem, q_bars, q_empties, items, k_ready, v_ready, k_empty, v_empty, turn,
+                   q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
                    qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, Sq, Sk,
                    s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
                    row_layout: gl.constexpr, ROWS: gl.constexpr, SPLIT: gl.constexpr,
@@ -364,7 +359,7 @@ def _consumer_item(b, h, m0, pid_m, qs, q_phase, j0, QPOS, KPOS, QDOC, KDOC, RAN
 
 @gluon.jit
 def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-              q_smem, k_smem, v_smem, q_bars, q_empties, items, k_ready, v_ready, k_empty, v_empty, turn,
+              q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
               qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
               H, G, Sq, Sk, N_ITEMS, COUNTER,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
@@ -389,22 +384,22 @@ def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
         t = 0
         j0 = 0
         mbarrier.wait(q_bars.index(0), 0)
-        it = _read_item(items, 0)
+        it = _read_item(COUNTER, 0)
         while it < N_ITEMS:
             qs = t % 2
             b, h, hk, m0, pid_m = item_program(it, H, G, Sq, BH, BLOCK_M, CAUSAL)
             j0 = _consumer_item(b, h, m0, pid_m, qs, (t // 2) & 1, j0, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                                q_smem, k_smem, v_smem, q_bars, q_empties, items, k_ready, v_ready, k_empty, v_empty, turn,
+                                q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
                                 qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, Sq, Sk,
                                 s_layout, o_layout, p_layout, row_layout, ROWS, SPLIT, BLOCK_N, HEAD_DIM, STAGES,
                                 CAUSAL, WINDOW, DOCS, RANGED, FOLD, PINGPONG, PERSISTENT, WG)
             t += 1
             mbarrier.wait(q_bars.index(t % 2), (t // 2) & 1)
-            it = _read_item(items, t % 2)
+            it = _read_item(COUNTER, t % 2)
     else:
         b, h, hk, m0, pid_m = query_program(H, G, Sq, BLOCK_M, CAUSAL)
         _consumer_item(b, h, m0, pid_m, 0, 0, 0, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                       q_smem, k_smem, v_smem, q_bars, q_empties, items, k_ready, v_ready, k_empty, v_empty, turn,
+                       q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
                        qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, Sq, Sk,
                        s_layout, o_layout, p_layout, row_layout, ROWS, SPLIT, BLOCK_N, HEAD_DIM, STAGES,
                        CAUSAL, WINDOW, DOCS, RANGED, FOLD, PINGPONG, PERSISTENT, WG)
@@ -426,9 +421,8 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
 
-    q_bars = barriers(Q_SLOTS, 1)  # Q slot s landed (PERSISTENT: and its item index was written)
+    q_bars = barriers(Q_SLOTS, 1)  # Q slot s landed (PERSISTENT: and its item index, after COUNTER, was written)
     q_empties = barriers(Q_SLOTS, SPLIT)  # PERSISTENT: every consumer partition is done reading Q slot s
-    items = gl.allocate_shared_memory(gl.int32, [Q_SLOTS], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     k_ready = barriers(STAGES, 1)
     v_ready = barriers(STAGES, 1)
     k_empty = barriers(STAGES, SPLIT)  # one arrive per consumer partition frees a slot
@@ -442,12 +436,12 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT
         gl.warp_specialize(
             [
                 (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                             q_smem, k_smem, v_smem, q_bars, q_empties, items, k_ready, v_ready, k_empty, v_empty, turn,
+                             q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                              H, G, Sq, Sk, N_ITEMS, COUNTER, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
                              RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
                 (_producer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                             q_smem, k_smem, v_smem, q_bars, q_empties, items, k_ready, v_ready, k_empty, v_empty, turn,
+                             q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                              H, G, Sq, Sk, N_ITEMS, COUNTER, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
                              RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
@@ -460,17 +454,17 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT
         gl.warp_specialize(
             [
                 (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                             q_smem, k_smem, v_smem, q_bars, q_empties, items, k_ready, v_ready, k_empty, v_empty, turn,
+                             q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                              H, G, Sq, Sk, N_ITEMS, COUNTER, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
                              RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
                 (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                             q_smem, k_smem, v_smem, q_bars, q_empties, items, k_ready, v_ready, k_empty, v_empty, turn,
+                             q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                              H, G, Sq, Sk, N_ITEMS, COUNTER, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
                              RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 1)),
                 (_producer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                             q_smem, k_smem, v_smem, q_bars, q_empties, items, k_ready, v_ready, k_empty, v_empty, turn,
+                             q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                              H, G, Sq, Sk, N_ITEMS, COUNTER, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
                              RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),

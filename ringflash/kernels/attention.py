@@ -588,7 +588,8 @@ def _hopper_launch(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold, ranges)
     persistent = bool(HOPPER_FWD_PERSISTENT) and not pingpong
     if persistent:
         grid = (min(n_items, _sm_count(q.device)),)
-        counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # the next item to draw
+        # the next item to draw, then each program's two item slots
+        counter = torch.zeros(1 + 2 * grid[0], dtype=torch.int32, device=q.device)
     else:
         grid = (triton.cdiv(Sq, cfg.block_m), B * H)
         counter = lse  # never read
