@@ -105,13 +105,12 @@ def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
         # (q_empties), its index into this program's slot t % 2 after the counter, and its K/V
         # tiles continue the slot rounds where item t - 1's ended: they load while the consumers
         # finish item t - 1. The end is an index of N_ITEMS with no Q.
-        BH = N_ITEMS // ((Sq + BLOCK_M - 1) // BLOCK_M)
         t = 0
         j0 = 0
         it = gl.atomic_add(COUNTER, 1)
         while it < N_ITEMS:
             qs = t % 2
-            b, h, hk, m0, pid_m = item_program(it, H, G, Sq, BH, BLOCK_M, CAUSAL)
+            b, h, hk, m0, pid_m = item_program(it, H, G, Sq, BLOCK_M, CAUSAL)
             lo, flo, fhi, hi = ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
             mbarrier.wait(q_empties.index(qs), ((t // 2) & 1) ^ 1)
             _post_item(COUNTER, qs, it)
@@ -380,14 +379,13 @@ def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
 
     if PERSISTENT:
         # The producer's items, in turn from the two Q slots, until the index N_ITEMS.
-        BH = N_ITEMS // ((Sq + BLOCK_M - 1) // BLOCK_M)
         t = 0
         j0 = 0
         mbarrier.wait(q_bars.index(0), 0)
         it = _read_item(COUNTER, 0)
         while it < N_ITEMS:
             qs = t % 2
-            b, h, hk, m0, pid_m = item_program(it, H, G, Sq, BH, BLOCK_M, CAUSAL)
+            b, h, hk, m0, pid_m = item_program(it, H, G, Sq, BLOCK_M, CAUSAL)
             j0 = _consumer_item(b, h, m0, pid_m, qs, (t // 2) & 1, j0, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
                                 q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
                                 qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, Sq, Sk,

@@ -60,7 +60,7 @@ def query_program(H, G, Sq, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
 
 
 @gluon.jit
-def item_program(it, H, G, Sq, BH, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
+def item_program(it, H, G, Sq, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
     """:func:`query_program` for work item ``it`` of a persistent grid, in the same order: the
     query tiles of one (batch, head) after another, so that the programs running at once read
     the same head's K/V (from L2), the longest rows first under ``CAUSAL``."""

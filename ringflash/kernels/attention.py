@@ -730,7 +730,7 @@ def _hopper_bwd_launches(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale,
         if by_keys:
             args = (*head, dk, dv, *tail, dk.stride(0), dk.stride(1), dk.stride(2),
                     dv.stride(0), dv.stride(1), dv.stride(2), H, H // Hkv, Sq, Sk,
-                    dq, dq.stride(0), dq.stride(1), dq.stride(2), *_dq_semaphores(rng, B, H, Sq, Sk, cfg, q.device))
+                    dq, dq.stride(0), dq.stride(1), dq.stride(2), *_dq_semaphores(rng, B, H, Sq, Sk, cfg, q.device, lse))
             p_layout = _p_layout(cfg.block_m, cfg.block_n, q.dtype) if HOPPER_BWD_SMEM_P else None
             launches.append(((triton.cdiv(Sk, cfg.block_n), B * Hkv), args,
                              dict(meta, ACCUMULATE=acc_dkdv, SMEM_P=HOPPER_BWD_SMEM_P, P_LAYOUT=p_layout,
@@ -743,13 +743,12 @@ def _hopper_bwd_launches(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale,
     return launches
 
 
-def _dq_semaphores(ranges_kv, B, H, Sq, Sk, cfg: KernelConfig, device) -> tuple:
+def _dq_semaphores(ranges_kv, B, H, Sq, Sk, cfg: KernelConfig, device, unused: torch.Tensor) -> tuple:
     """(SEM, RANK) of the dK/dV kernel: with HOPPER_BWD_ORDERED_DQ a zeroed counter per (batch,
-    query head, query tile) and the order of :func:`_dq_order`; else placeholders never read."""
-    n_q = triton.cdiv(Sq, cfg.block_m)
+    query head, query tile) and the order of :func:`_dq_order`; else ``unused`` twice (never read)."""
     if not _ordered_dq():
-        placeholder = torch.empty(1, dtype=torch.int32, device=device)
-        return placeholder, placeholder
+        return unused, unused
+    n_q = triton.cdiv(Sq, cfg.block_m)
     sem = torch.zeros((B * H, n_q), dtype=torch.int32, device=device)
     return sem, _dq_order(ranges_kv, triton.cdiv(Sk, cfg.block_n), n_q, cfg.block_m, device)
 
