@@ -141,24 +141,21 @@ def make_fns(impl: str, q, k, v, dout, causal: bool):
 
         return tuple(triton_only(fn) for fn in make_fns("ringflash_default", q, k, v, dout, causal))
     if impl == "ringflash_default":
-        # The kernels return float32 O, dQ, dK and dV (the ring accumulates in them); the casts to
-        # the input dtype that flash_attention does are timed too, as SDPA returns bf16.
-        out, lse = kernels.forward(q, k, v, causal=causal)
-        out_lp = out.to(q.dtype)
+        # As flash_attention calls the kernels: O, dQ, dK and dV stored in the inputs' dtype, as
+        # SDPA returns them (the ring asks for float32, which it accumulates in).
+        out, lse = kernels.forward(q, k, v, causal=causal, out_dtype=q.dtype)
 
         def fwd():
-            o, l = kernels.forward(q, k, v, causal=causal)
-            return o.to(q.dtype), l
+            return kernels.forward(q, k, v, causal=causal, out_dtype=q.dtype)
 
         def bwd():
-            delta = kernels.backward_delta(out_lp, dout)
-            return [g.to(q.dtype) for g in kernels.backward(dout, q, k, v, lse, delta, causal=causal)]
+            delta = kernels.backward_delta(out, dout)
+            return kernels.backward(dout, q, k, v, lse, delta, causal=causal, grad_dtype=q.dtype)
 
         def fwdbwd():
-            o, l = kernels.forward(q, k, v, causal=causal)
-            o = o.to(q.dtype)
+            o, l = kernels.forward(q, k, v, causal=causal, out_dtype=q.dtype)
             delta = kernels.backward_delta(o, dout)
-            return [g.to(q.dtype) for g in kernels.backward(dout, q, k, v, l, delta, causal=causal)]
+            return kernels.backward(dout, q, k, v, l, delta, causal=causal, grad_dtype=q.dtype)
 
         return fwd, bwd, fwdbwd
 

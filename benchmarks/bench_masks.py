@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -82,15 +83,21 @@ def ringflash_fns(kern, q, k, v, dout, mask: str, cu, window: int):
     elif mask == "window":
         kw = dict(window=(window, 0))
 
+    # As flash_attention calls the kernels: results in the inputs' dtype. A kernels package of an
+    # earlier tree (--prev) without that option returns float32, cast here as that tree did.
+    direct = "out_dtype" in inspect.signature(kern.forward).parameters
+    fkw = dict(kw, out_dtype=q.dtype) if direct else kw
+    bkw = dict(kw, grad_dtype=q.dtype) if direct else kw
+
     def fwd():
-        o, l = kern.forward(q, k, v, causal=causal, **kw)
+        o, l = kern.forward(q, k, v, causal=causal, **fkw)
         return o.to(q.dtype), l
 
     def fwdbwd():
-        o, l = kern.forward(q, k, v, causal=causal, **kw)
+        o, l = kern.forward(q, k, v, causal=causal, **fkw)
         o = o.to(q.dtype)
         delta = kern.backward_delta(o, dout)
-        return [g.to(q.dtype) for g in kern.backward(dout, q, k, v, l, delta, causal=causal, **kw)]
+        return [g.to(q.dtype) for g in kern.backward(dout, q, k, v, l, delta, causal=causal, **bkw)]
 
     return {"fwd": fwd, "fwdbwd": fwdbwd}
 

@@ -90,6 +90,8 @@ def get_backend(backend, device: torch.device) -> SimpleNamespace:
             dkdv_hook=True,
             dkdv_store=True,
             serves_masks=True,
+            # forward(out_dtype=) / backward(grad_dtype=): results stored in the inputs' dtype
+            stores_input_dtype=True,
         )
     if backend in ("cudnn", "sdpa_flash"):
         from . import sdpa
@@ -235,7 +237,9 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, softmax_scale, be, masks):
         masks = {"q_pos": None, "k_pos": None, **masks}
-        out, lse = be.forward(q, k, v, causal=causal, softmax_scale=softmax_scale, **masks)
+        # One block, no fold: engines that can store O in the inputs' dtype skip the cast.
+        direct = {"out_dtype": q.dtype} if getattr(be, "stores_input_dtype", False) else {}
+        out, lse = be.forward(q, k, v, causal=causal, softmax_scale=softmax_scale, **masks, **direct)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal, ctx.softmax_scale, ctx.backend, ctx.masks = causal, softmax_scale, be, masks
@@ -248,11 +252,12 @@ class _FlashAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         be = ctx.backend
         dout = dout.to(q.dtype).contiguous()
+        direct = {"grad_dtype": q.dtype} if getattr(be, "stores_input_dtype", False) else {}
         with no_autocast(q.device):
             delta = be.backward_delta(out, dout)
             dq, dk, dv = be.backward(
                 dout, q, k, v, lse, delta,
-                causal=ctx.causal, softmax_scale=ctx.softmax_scale, **ctx.masks, **backward_extras(be, out),
+                causal=ctx.causal, softmax_scale=ctx.softmax_scale, **ctx.masks, **backward_extras(be, out), **direct,
             )
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 

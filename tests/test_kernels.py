@@ -358,6 +358,41 @@ def test_backward_store_dkdv(monkeypatch, group_split):
     assert_close(dv, ref[4], None, "dv", torch.float32)
 
 
+@pytest.mark.parametrize("group_split", [False, True], ids=["whole-group", "split-group"])
+@pytest.mark.parametrize("masks", ["causal", "window-docs"])
+def test_results_stored_in_the_inputs_dtype(monkeypatch, group_split, masks):
+    """``out_dtype`` / ``grad_dtype``: O and the gradients stored by the kernels in float16 are
+    the float32 results rounded once (bitwise what a cast afterwards gives); the default stays
+    float32, and a fold or another dtype is refused."""
+    attn = sys.modules[kernels.backward.__module__]
+    if group_split:
+        monkeypatch.setattr(attn, "_min_programs", lambda device: 10**9)
+    q, k, v, dout = make_qkv(1, 70, 70, 4, 2, 32, torch.float16, seed=14)
+    kw = dict(causal=True)
+    if masks == "window-docs":
+        doc = torch.tensor([0] * 23 + [1] * 1 + [2] * 46, dtype=torch.int32)
+        kw.update(window=(17, 3), causal=False, q_doc=doc, k_doc=doc)
+    out32, lse32 = kernels.forward(q, k, v, **kw)
+    out16, lse16 = kernels.forward(q, k, v, out_dtype=torch.float16, **kw)
+    assert out32.dtype == torch.float32 and out16.dtype == torch.float16
+    assert torch.equal(out16, out32.to(torch.float16)) and torch.equal(lse16, lse32)
+    delta = kernels.backward_delta(out16, dout)
+    g32 = kernels.backward(dout, q, k, v, lse32, delta, **kw)
+    g16 = kernels.backward(dout, q, k, v, lse32, delta, grad_dtype=torch.float16, **kw)
+    for name, a, b in zip(("dq", "dk", "dv"), g32, g16):
+        assert a.dtype == torch.float32 and b.dtype == torch.float16, name
+        assert torch.equal(b, a.to(torch.float16)), name
+    ref = oracle(q, k, v, dout, causal=True) if masks == "causal" else None
+    if ref is not None:
+        assert rel_err(out16, ref[0]) < 5e-3 and rel_err(g16[0], ref[2]) < 5e-3
+    with pytest.raises(ValueError, match="out_dtype"):
+        kernels.forward(q, k, v, out_dtype=torch.bfloat16, **kw)
+    with pytest.raises(ValueError, match="fold"):
+        kernels.forward(q, k, v, out=out32.clone(), lse=lse32.clone(), out_dtype=torch.float32, **kw)
+    with pytest.raises(ValueError, match="grad_dtype"):
+        kernels.backward(dout, q, k, v, lse32, delta, grad_dtype=torch.float64, **kw)
+
+
 def test_group_split_choice(monkeypatch):
     attn = sys.modules[kernels.backward.__module__]
     monkeypatch.setattr(attn, "_min_programs", lambda device: 264)

@@ -236,8 +236,8 @@ def _dkdv_program(
     if ACCUMULATE:
         dk += tl.load(dk_ptrs, mask=mask, other=0.0)
         dv += tl.load(dv_ptrs, mask=mask, other=0.0)
-    tl.store(dk_ptrs, dk, mask=mask)
-    tl.store(dv_ptrs, dv, mask=mask)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask)  # float32, or the inputs' dtype
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -395,7 +395,7 @@ def _dq_program(
     dq_ptrs = _rows_ptr(DQ + b * stride_dqb + h * stride_dqh, start_m, tile_m, stride_dqs, WIDE) + offs_d[None, :]
     if ACCUMULATE:
         dq += tl.load(dq_ptrs, mask=mask, other=0.0)
-    tl.store(dq_ptrs, dq, mask=mask)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)  # float32, or the inputs' dtype
 
 
 # One kernel, launched once per program kind (DO_DKDV / DO_DQ), or once with both kinds in one

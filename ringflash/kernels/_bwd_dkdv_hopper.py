@@ -215,8 +215,8 @@ def _store_dkdv(dk, dv, DK, DV, b, hk, n0, Sk, stride_kb, stride_ks, stride_kh, 
     if ACCUMULATE:
         dk += gl.load(dk_ptrs, mask=mask, other=0.0)
         dv += gl.load(dv_ptrs, mask=mask, other=0.0)
-    gl.store(dk_ptrs, dk, mask=mask)
-    gl.store(dv_ptrs, dv, mask=mask)
+    gl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask)  # float32, or the inputs' dtype
+    gl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
 
 
 @gluon.jit

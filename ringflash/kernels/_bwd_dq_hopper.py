@@ -136,7 +136,7 @@ def _consumer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
             + rows_o.to(gl.int64)[:, None] * stride_qs + cols_o[None, :])
     if ACCUMULATE:
         dq += gl.load(ptrs, mask=mask, other=0.0)
-    gl.store(ptrs, dq, mask=mask)
+    gl.store(ptrs, dq.to(DQ.dtype.element_ty), mask=mask)  # float32, or the inputs' dtype
 
 
 @gluon.jit

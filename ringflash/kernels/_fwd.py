@@ -215,5 +215,5 @@ def _attn_fwd(
         lse_old = tl.load(l_ptrs, mask=row_ok, other=float("-inf"))
         o_old = tl.load(o_ptrs, mask=o_mask, other=0.0)
         o, lse = _merge_states(o_old, lse_old, o, lse)
-    tl.store(o_ptrs, o, mask=o_mask)
+    tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=o_mask)  # float32, or the inputs' dtype
     tl.store(l_ptrs, lse, mask=row_ok)

@@ -351,7 +351,7 @@ def _consumer_item(b, h, m0, pid_m, qs, q_phase, j0, QPOS, KPOS, QDOC, KDOC, RAN
         lse = mx + gl.log(gl.exp(lse_old - mx) + gl.exp(lse_new - mx))
         ref = gl.where(lse == float("-inf"), 0.0, lse)
         o = o_old * gl.exp(lse_old - ref)[:, None] + o * gl.exp(lse_new - ref)[:, None]
-    gl.store(o_ptrs, o, mask=o_mask)
+    gl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=o_mask)  # float32, or the inputs' dtype
     gl.store(l_ptrs, lse, mask=row_ok)
     return j0 + n
 

@@ -155,14 +155,17 @@ HOPPER_FWD_SPLIT = 2
 # With HOPPER_FWD_SPLIT = 2: the two warpgroups take turns issuing their matrix products (FA3's
 # ping-pong), so that one's softmax runs while the other's products do. Measured no faster.
 HOPPER_FWD_PINGPONG = False
-# A persistent forward (RINGFLASH_HOPPER_FWD_PERSISTENT=1): one program per SM draws (query tile,
-# head) items from a global counter, and its producer loads the next item's Q (a second Q slot)
-# and K/V while the consumers finish the last one, so that an item's start-up and epilogue overlap
-# the work around it: they cost about 10 us per query tile on an H100 at D = 128, most of a short
-# document's or a narrow window's time (benchmarks/results/masks_h100_program_cost/). Not with
-# PINGPONG. Opt-in: not yet measured on a GPU in this form (a static assignment of the items was
-# slower: docs/performance.md, "Tried and not adopted").
-HOPPER_FWD_PERSISTENT = os.environ.get("RINGFLASH_HOPPER_FWD_PERSISTENT", "0") == "1"
+# A persistent forward: one program per SM draws (query tile, head) items from a global counter,
+# and its producer loads the next item's Q (a second Q slot) and K/V while the consumers finish
+# the last one, so that an item's start-up and epilogue overlap the work around it. Not with
+# PINGPONG. On an H100 (S = 32k, H = 32, D = 128, one run, benchmarks/results/masks_h100_persistent/)
+# it took 0.90-0.96x the time of one program per query tile under causal sliding windows of
+# 512-16k keys, 0.98x dense causal, and 1.02-1.08x with documents of 512-16k tokens (the items
+# are short there, and the draw from the counter is one more step per item). So it serves windows
+# without documents; RINGFLASH_HOPPER_FWD_PERSISTENT=1 takes it for every call, =0 never
+# (None: the rule above).
+_PERSISTENT_ENV = os.environ.get("RINGFLASH_HOPPER_FWD_PERSISTENT")
+HOPPER_FWD_PERSISTENT = None if _PERSISTENT_ENV is None else _PERSISTENT_ENV == "1"
 # Whether forward() / backward() take the Hopper kernels where they serve the call
 # (bfloat16/float16, a head dim they have, no block pattern or per-head attributes, an sm_90
 # GPU). The forward is on by default at the head dims where it was measured faster than the
@@ -447,6 +450,11 @@ def _check_accumulator(name, t, shape, device):
         raise ValueError(f"{name} must have a contiguous last dim; got strides {t.stride()}")
 
 
+def _check_out_dtype(name, dtype, input_dtype):
+    if dtype is not None and dtype not in (torch.float32, input_dtype):
+        raise ValueError(f"{name} must be torch.float32 or the inputs' dtype {input_dtype}; got {dtype}")
+
+
 # The stage counts that fit, per (kernel, constexprs, stages asked for): see _launch.
 _STAGES_FIT: dict = {}
 
@@ -585,7 +593,8 @@ def _hopper_launch(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold, ranges)
     split = HOPPER_FWD_SPLIT
     pingpong = bool(HOPPER_FWD_PINGPONG) and split == 2
     n_items = triton.cdiv(Sq, cfg.block_m) * B * H
-    persistent = bool(HOPPER_FWD_PERSISTENT) and not pingpong
+    persistent = bool(m.window and not m.docs) if HOPPER_FWD_PERSISTENT is None else bool(HOPPER_FWD_PERSISTENT)
+    persistent = persistent and not pingpong
     if persistent:
         grid = (min(n_items, _sm_count(q.device)),)
         # the next item to draw, then each program's two item slots
@@ -638,6 +647,7 @@ def forward(
     q_doc: torch.Tensor | None = None,
     k_doc: torch.Tensor | None = None,
     blocks=None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over ``k, v`` as float32 partials (see :func:`ringflash.reference.forward`).
 
@@ -649,19 +659,24 @@ def forward(
     and document ids (B, H, Sq) / (B, Hkv, Sk), each row sorted (:mod:`ringflash.sparse`). Returns
     ``out`` (B, Sq, H, D) float32 and ``lse`` (B, H, Sq) float32, natural log. If ``out`` and
     ``lse`` (float32, contiguous) are given, this block is folded into them in place.
+    ``out_dtype``: a new ``out`` in this dtype instead (float32 or q's dtype; the kernels store
+    it directly, so a caller that wants O in the inputs' dtype pays no cast).
     """
     check_inputs(q, k, v)
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     fold = out is not None or lse is not None
+    _check_out_dtype("out_dtype", out_dtype, q.dtype)
     if fold:
         if out is None or lse is None:
             raise ValueError("pass both out and lse to fold into a running result, or neither")
+        if out_dtype is not None:
+            raise ValueError("out_dtype is for a new result; a fold adds into the given float32 out")
         _check_accumulator("out", out, (B, Sq, H, D), q.device)
         _check_accumulator("lse", lse, (B, H, Sq), q.device)
     else:
-        out = torch.empty((B, Sq, H, D), dtype=torch.float32, device=q.device)
+        out = torch.empty((B, Sq, H, D), dtype=out_dtype or torch.float32, device=q.device)
         lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     if Sq == 0 or B == 0 or H == 0:
         return out, lse
@@ -823,6 +838,7 @@ def backward(
     q_doc: torch.Tensor | None = None,
     k_doc: torch.Tensor | None = None,
     blocks=None,
+    grad_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Add one block pair's gradients into float32 accumulators (see :func:`ringflash.reference.backward`).
 
@@ -835,6 +851,9 @@ def backward(
 
     ``store_dkdv``: the given ``dk``/``dv`` are overwritten with this block's gradients instead
     of added into, so a buffer reused across blocks needs no zero fill and is not read.
+
+    ``grad_dtype``: the gradients not passed in are new tensors of this dtype instead of float32
+    (float32 or q's dtype; stored directly by the kernels, so no cast follows).
     """
     check_inputs(q, k, v)
     B, Sq, H, D = q.shape
@@ -850,18 +869,20 @@ def backward(
         dout = dout.contiguous()
     lse = lse.to(torch.float32).contiguous()
     delta = delta.to(torch.float32).contiguous()
+    _check_out_dtype("grad_dtype", grad_dtype, q.dtype)
+    for name, t, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+        if t is not None:
+            _check_accumulator(name, t, like.shape, q.device)
     # Without accumulators the kernels store their result: no zero fill, no read of zeros.
     acc_dq = dq is not None
     acc_dkdv = (dk is not None or dv is not None) and not store_dkdv
+    new = grad_dtype or torch.float32
     if dq is None:
-        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        dq = torch.empty(q.shape, dtype=new, device=q.device)
     if dk is None:
-        dk = (torch.zeros if acc_dkdv else torch.empty)(k.shape, dtype=torch.float32, device=k.device)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if acc_dkdv else torch.empty(k.shape, dtype=new, device=k.device)
     if dv is None:
-        dv = (torch.zeros if acc_dkdv else torch.empty)(v.shape, dtype=torch.float32, device=v.device)
-    _check_accumulator("dq", dq, q.shape, q.device)
-    _check_accumulator("dk", dk, k.shape, q.device)
-    _check_accumulator("dv", dv, v.shape, q.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device) if acc_dkdv else torch.empty(v.shape, dtype=new, device=v.device)
     if Sq == 0 or Sk == 0 or B == 0 or H == 0:
         if not acc_dq:
             dq.zero_()
@@ -927,8 +948,10 @@ def backward(
             for acc, parts in ((dk, dk_out), (dv, dv_out)):
                 if acc_dkdv:
                     acc += parts.sum(0)
-                else:
+                elif acc.dtype == parts.dtype:
                     torch.sum(parts, 0, out=acc)
+                else:
+                    acc.copy_(parts.sum(0))
 
     n_dkdv *= split
     n_dq = triton.cdiv(Sq, c2.block_m) * B * H
