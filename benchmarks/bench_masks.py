@@ -17,9 +17,10 @@ backward), so masks compare at the rate of the work they must do. ``area_ratio``
 masked call over the time of its visible area at the dense-causal rate of the same run (1.0: a
 masked call costs exactly its share of a causal one).
 
-What is timed: ``fwd`` is ringflash ``forward`` and the cast of O to bf16 (Flex: its forward on
-inputs that require grad); ``fwdbwd`` adds ``backward_delta`` + ``backward`` and the casts of
-dQ/dK/dV (Flex: ``autograd.grad`` of a fresh forward). Medians of ``triton.testing.do_bench``.
+What is timed: ``fwd`` is ringflash ``forward`` as ``flash_attention`` calls it (O stored in bf16;
+Flex: its forward on inputs that require grad); ``fwdbwd`` adds ``backward_delta`` + ``backward``
+(dQ/dK/dV stored in bf16; Flex: ``autograd.grad`` of a fresh forward). Implementations: see
+``SETTINGS``. Medians of ``triton.testing.do_bench``.
 Each result is one JSON line (``--out``, default ``benchmarks/results/masks_<gpu>/masks.jsonl``: one folder per run) with impl, gpu, S, H, D, mask, mode, ms, tflops_visible.
 
 ``--prev DIR``: a copy of another tree's ``ringflash/kernels`` package (e.g. the commit before
@@ -102,25 +103,37 @@ def ringflash_fns(kern, q, k, v, dout, mask: str, cu, window: int):
     return {"fwd": fwd, "fwdbwd": fwdbwd}
 
 
-def hopper_fns(fns: dict, on: bool, persistent: bool = False) -> dict:
-    """``fns`` with the Hopper forward switched on during each call (``on``), one consumer
-    partition per warpgroup (HOPPER_FWD_SPLIT = 2, what forward() takes by default on sm_90 at
-    D = 128), as persistent programs with ``persistent`` (HOPPER_FWD_PERSISTENT), or off (the
-    Triton kernels alone). The backward stays on the Triton kernels, faster than the Hopper
-    backward (benchmarks/NOTES_kernels.md)."""
+# The kernels' module settings per implementation (ringflash.kernels.attention): ``ringflash``
+# the Triton kernels alone; ``ringflash_hopper`` the default on sm_90 (the Hopper forward with a
+# consumer partition per warpgroup, persistent programs where the rule in attention.py says so,
+# the Triton backward, faster than the Hopper backward: benchmarks/NOTES_kernels.md);
+# ``ringflash_hopper_persistent`` that forward always as persistent programs;
+# ``ringflash_hopper_fused_bwd`` the default with the backward's dK/dV and dQ programs in one grid.
+SETTINGS = {
+    "ringflash": dict(HOPPER_FORWARD=False, HOPPER_BACKWARD=False),
+    "ringflash_hopper": dict(HOPPER_FORWARD=True, HOPPER_FWD_SPLIT=2, HOPPER_BACKWARD=False, HOPPER_FWD_PERSISTENT=None),
+    "ringflash_hopper_persistent": dict(HOPPER_FORWARD=True, HOPPER_FWD_SPLIT=2, HOPPER_BACKWARD=False,
+                                        HOPPER_FWD_PERSISTENT=True),
+    "ringflash_hopper_fused_bwd": dict(HOPPER_FORWARD=True, HOPPER_FWD_SPLIT=2, HOPPER_BACKWARD=False,
+                                       HOPPER_FWD_PERSISTENT=None, BWD_FUSED=True),
+}
+
+
+def with_settings(fns: dict, impl: str) -> dict:
+    """``fns`` with the kernels' settings of ``impl`` (SETTINGS) in force during each call."""
     from ringflash.kernels import attention
 
-    names = ("HOPPER_FORWARD", "HOPPER_FWD_SPLIT", "HOPPER_BACKWARD", "HOPPER_FWD_PERSISTENT")
+    settings = SETTINGS.get(impl, SETTINGS["ringflash"])
 
     def wrap(fn):
         def run():
-            saved = [getattr(attention, n) for n in names]
-            for n, value in zip(names, (on, 2, False, persistent)):
+            saved = {n: getattr(attention, n) for n in settings}
+            for n, value in settings.items():
                 setattr(attention, n, value)
             try:
                 return fn()
             finally:
-                for n, value in zip(names, saved):
+                for n, value in saved.items():
                     setattr(attention, n, value)
         return run
 
@@ -172,9 +185,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seqlens", nargs="+", default=["32k", "128k"])
     ap.add_argument("--masks", nargs="+", default=["causal", "documents", "window"], choices=MASKS)
-    ap.add_argument("--impls", nargs="+", default=["ringflash", "flex"], choices=["ringflash", "ringflash_hopper", "ringflash_hopper_persistent", "flex"],
-                    help="ringflash: the Triton kernels alone; ringflash_hopper: the Gluon forward for sm_90 (the default there at D = 128); "
-                         "ringflash_hopper_persistent: that forward as persistent programs (RINGFLASH_HOPPER_FWD_PERSISTENT)")
+    ap.add_argument("--impls", nargs="+", default=["ringflash", "flex"], choices=[*SETTINGS, "flex"],
+                    help="the ringflash ones: see SETTINGS (ringflash_hopper is the default on sm_90 at D = 128)")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
@@ -207,7 +219,7 @@ def main() -> None:
                 fns = flex_fns(q, k, v, dout, mask, cu, args.window)
             else:
                 fns = ringflash_fns(prev if impl == "ringflash_prev" else kernels, q, k, v, dout, mask, cu, args.window)
-                fns = hopper_fns(fns, on=impl.startswith("ringflash_hopper"), persistent=impl == "ringflash_hopper_persistent")
+                fns = with_settings(fns, impl)
             vis = visible_pairs(mask, S, cu, args.window)
             for mode in args.modes:
                 ms = bench(fns[mode])

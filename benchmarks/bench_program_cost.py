@@ -5,9 +5,12 @@ of equal-length documents against the key tiles they leave, on one GPU.
     python benchmarks/bench_program_cost.py --analyze dir/program_cost.jsonl   # the table (CPU)
 
 S = 32k, H = 32, D = 128, bf16, B = 1; dense causal, windows of 512-16k keys and documents of
-512-32k tokens, each with the Triton kernels (forward and backward), with the Hopper forward
-(the default on sm_90 at D = 128) and, with ``--persistent``, with the Hopper forward as
-persistent programs (RINGFLASH_HOPPER_FWD_PERSISTENT), whose point is to hide that fixed part. The number of query-tile programs is the same in every case
+512-32k tokens, each with the Triton kernels (forward and backward), with the Hopper forward as
+one program per query tile and, with ``--persistent``, as persistent programs
+(RINGFLASH_HOPPER_FWD_PERSISTENT), whose point is to hide that fixed part; with ``--fused-bwd``,
+the Triton backward with its dK/dV and dQ programs in one grid (BWD_FUSED). Results are stored in
+bf16, as flash_attention asks (rows with ``stores``; earlier rows stored float32). The number of
+query-tile programs is the same in every case
 (S / 128 x H), so a least-squares fit of time against the tiles walked, time = a * tiles + c,
 splits each call into a per-tile rate ``a`` (compare with dense causal's time per tile) and a
 part ``c`` that does not shrink with the tiles: the programs' fixed cost. ``area`` is a call's
@@ -27,10 +30,12 @@ WINDOWS = (512, 1024, 2048, 4096, 8192, 16384)
 DOC_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
-VARIANTS = {"triton": (False, False), "hopper": (True, False), "hopper_persistent": (True, True)}
+# name: (Hopper forward, persistent Hopper forward, backward's two program kinds in one grid)
+VARIANTS = {"triton": (False, False, False), "hopper": (True, False, False), "hopper_persistent": (True, True, False),
+            "triton_fused_bwd": (False, False, True)}
 
 
-def measure(out_dir: str, persistent: bool = False) -> str:
+def measure(out_dir: str, persistent: bool = False, fused_bwd: bool = False) -> str:
     import torch
     import triton
 
@@ -48,18 +53,19 @@ def measure(out_dir: str, persistent: bool = False) -> str:
         cases.append(("docs", n, dict(causal=True, q_doc=d, k_doc=d)))
     gpu = torch.cuda.get_device_name()
     with open(path, "w") as f:
-        for variant, (hopper, persist) in VARIANTS.items():
-            if persist and not persistent:
+        for variant, (hopper, persist, fused) in VARIANTS.items():
+            if (persist and not persistent) or (fused and not fused_bwd):
                 continue
-            A.HOPPER_FORWARD, A.HOPPER_FWD_PERSISTENT = hopper, persist
+            A.HOPPER_FORWARD, A.HOPPER_FWD_PERSISTENT, A.BWD_FUSED = hopper, persist, fused
             for name, p, kw in cases:
                 row = dict(gpu=gpu, S=S, H=H, D=D, mask=name, param=p, hopper=hopper, variant=variant,
-                           fwd_ms=triton.testing.do_bench(lambda: kernels.forward(q, k, v, **kw), warmup=20, rep=100))
+                           fwd_ms=triton.testing.do_bench(lambda: kernels.forward(q, k, v, **kw, out_dtype=q.dtype),
+                                                          warmup=20, rep=100), stores=str(q.dtype))
                 if not hopper:  # the backward has no Hopper kernel by default
-                    out, lse = kernels.forward(q, k, v, **kw)
-                    delta = kernels.backward_delta(out.to(q.dtype), do)
+                    out, lse = kernels.forward(q, k, v, **kw, out_dtype=q.dtype)
+                    delta = kernels.backward_delta(out, do)
                     row["bwd_ms"] = triton.testing.do_bench(
-                        lambda: kernels.backward(do, q, k, v, lse, delta, **kw), warmup=20, rep=100)
+                        lambda: kernels.backward(do, q, k, v, lse, delta, **kw, grad_dtype=q.dtype), warmup=20, rep=100)
                 print(json.dumps(row), flush=True)
                 f.write(json.dumps(row) + "\n")
     return path
@@ -89,7 +95,8 @@ def analyze(path: str) -> None:
 
     rows = [json.loads(line) for line in open(path)]
     programs = S // BLOCK * H
-    titles = {"triton": "Triton kernels", "hopper": "Hopper forward", "hopper_persistent": "Hopper forward, persistent"}
+    titles = {"triton": "Triton kernels", "hopper": "Hopper forward", "hopper_persistent": "Hopper forward, persistent",
+              "triton_fused_bwd": "Triton kernels, backward in one grid"}
     for variant, title in titles.items():
         # rows written before the persistent variant existed carry only ``hopper``
         mine = [r for r in rows if r.get("variant", "hopper" if r["hopper"] else "triton") == variant]
@@ -121,12 +128,14 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/ringflash-program-cost")
     ap.add_argument("--analyze", metavar="JSONL", help="print the table of an earlier run (no GPU needed)")
     ap.add_argument("--persistent", action="store_true", help="also the persistent Hopper forward")
+    ap.add_argument("--fused-bwd", action="store_true",
+                    help="also the Triton backward with its dK/dV and dQ programs in one grid (BWD_FUSED)")
     a = ap.parse_args()
     if a.analyze:
         analyze(a.analyze)
         return
     os.makedirs(a.out, exist_ok=True)
-    analyze(measure(a.out, a.persistent))
+    analyze(measure(a.out, a.persistent, a.fused_bwd))
 
 
 if __name__ == "__main__":
