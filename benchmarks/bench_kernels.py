@@ -48,18 +48,14 @@ from ringflash import kernels  # noqa: E402
 # (HOPPER_FWD_SPLIT = 2); ringflash_hopper_pingpong: those partitions taking turns to issue their
 # matrix products (HOPPER_FWD_PINGPONG); ringflash_hopper_smem_p: the split forward and the
 # backward's dK/dV program with FA3's operand routes (HOPPER_BWD_SMEM_P);
-# ringflash_hopper_atomic_dq: that program also adding dQ with atomics (HOPPER_BWD_ATOMIC_DQ, not
-# deterministic); ringflash_hopper_persistent: the split forward as persistent programs drawing
-# work from a counter (HOPPER_FWD_PERSISTENT); ringflash_hopper_ordered_dq: dQ by atomics in
-# key-tile order (HOPPER_BWD_ORDERED_DQ, deterministic).
-# Values: (split, ping-pong, smem_p, atomic_dq, persistent, ordered_dq).
-HOPPER_IMPLS = {"ringflash_hopper": (1, False, False, False, False, False),
-                "ringflash_hopper_split": (2, False, False, False, False, False),
-                "ringflash_hopper_pingpong": (2, True, False, False, False, False),
-                "ringflash_hopper_smem_p": (2, False, True, False, False, False),
-                "ringflash_hopper_atomic_dq": (2, False, True, True, False, False),
-                "ringflash_hopper_ordered_dq": (2, False, True, True, False, True),
-                "ringflash_hopper_persistent": (2, False, False, False, True, False)}
+# ringflash_hopper_persistent: the split forward as persistent programs drawing work from a
+# counter (HOPPER_FWD_PERSISTENT).
+# Values: (split, ping-pong, smem_p, persistent).
+HOPPER_IMPLS = {"ringflash_hopper": (1, False, False, False),
+                "ringflash_hopper_split": (2, False, False, False),
+                "ringflash_hopper_pingpong": (2, True, False, False),
+                "ringflash_hopper_smem_p": (2, False, True, False),
+                "ringflash_hopper_persistent": (2, False, False, True)}
 IMPLS = ("ringflash", "ringflash_default", *HOPPER_IMPLS, "sdpa_flash", "sdpa_cudnn")
 MODES = ("fwd", "bwd", "fwdbwd")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -114,7 +110,7 @@ def make_fns(impl: str, q, k, v, dout, causal: bool):
         def hopper(fn):
             def run():
                 names = ("HOPPER_FORWARD", "HOPPER_BACKWARD", "HOPPER_FWD_SPLIT", "HOPPER_FWD_PINGPONG",
-                         "HOPPER_BWD_SMEM_P", "HOPPER_BWD_ATOMIC_DQ", "HOPPER_FWD_PERSISTENT", "HOPPER_BWD_ORDERED_DQ")
+                         "HOPPER_BWD_SMEM_P", "HOPPER_FWD_PERSISTENT")
                 saved = [getattr(attention, n) for n in names]
                 for n, value in zip(names, (True, True, *HOPPER_IMPLS[impl])):
                     setattr(attention, n, value)

@@ -72,10 +72,11 @@ def _compile(kernel, launch):
 
 
 def compile_variant(D, dtype, *, causal=False, window=None, docs=False, fold=False, pos_dtype=torch.int64,
-                    split=1, pingpong=False, persistent=False):
-    """Compile the forward kernel as forward() would launch it on these (CPU) inputs."""
+                    split=1, pingpong=False, persistent=False, out_dtype=torch.float32):
+    """Compile the forward kernel as forward() would launch it on these (CPU) inputs; ``out_dtype``:
+    O's dtype (float32, or the inputs' dtype, which the kernel stores directly)."""
     q, k, v, m, masked = _inputs(D, dtype, causal, window, docs, pos_dtype)
-    out = torch.empty(B, S, H, D, dtype=torch.float32)
+    out = torch.empty(B, S, H, D, dtype=out_dtype)
     lse = torch.empty(B, H, S, dtype=torch.float32)
     ranges = _ranges(masked, triton.cdiv(S, A.HOPPER_FWD_CONFIGS[D].block_m))
     saved = A.HOPPER_FWD_SPLIT, A.HOPPER_FWD_PINGPONG, A.HOPPER_FWD_PERSISTENT, A._sm_count
@@ -89,20 +90,22 @@ def compile_variant(D, dtype, *, causal=False, window=None, docs=False, fold=Fal
 
 
 def compile_backward(D, dtype, *, causal=False, window=None, docs=False, accumulate=False, pos_dtype=torch.int64,
-                     smem_p=False, atomic_dq=False, ordered_dq=False):
-    """Compile the dK/dV and dQ kernels as backward() would launch them: [(kernel, grid)] x 2."""
+                     smem_p=False, grad_dtype=torch.float32):
+    """Compile the dK/dV and dQ kernels as backward() would launch them: [(kernel, grid)] x 2;
+    ``grad_dtype``: dQ, dK and dV's dtype (float32, or without ``accumulate`` the inputs' dtype)."""
+    assert grad_dtype == torch.float32 or not accumulate, "accumulation adds into float32 gradients"
     q, k, v, m, masked = _inputs(D, dtype, causal, window, docs, pos_dtype)
     lse = torch.empty(B, H, S, dtype=torch.float32)
-    grads = [torch.empty(t.shape, dtype=torch.float32) for t in (q, k, v)]
-    saved = A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_ATOMIC_DQ, A.HOPPER_BWD_ORDERED_DQ
-    A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_ATOMIC_DQ, A.HOPPER_BWD_ORDERED_DQ = smem_p, atomic_dq, ordered_dq
+    grads = [torch.empty(t.shape, dtype=grad_dtype) for t in (q, k, v)]
+    saved = A.HOPPER_BWD_SMEM_P
+    A.HOPPER_BWD_SMEM_P = smem_p
     try:
         c1, c2 = A._dkdv_config(D), A.HOPPER_BWD_DQ_CONFIGS[D]
         launches = A._hopper_bwd_launches(q, q, k, v, lse, lse, m, causal, 0.125, *grads, accumulate, accumulate,
                                           _ranges(masked, triton.cdiv(S, c1.block_n)),
                                           _ranges(masked, triton.cdiv(S, c2.block_m)))
     finally:
-        A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_ATOMIC_DQ, A.HOPPER_BWD_ORDERED_DQ = saved
+        A.HOPPER_BWD_SMEM_P = saved
     return [_compile(kernel, launch) for kernel, launch in zip((_attn_bwd_dkdv_hopper, _attn_bwd_dq_hopper), launches)]
 
 
@@ -121,6 +124,8 @@ VARIANTS = [
     dict(D=128, dtype=torch.bfloat16, causal=True, fold=True, split=2, persistent=True),
     dict(D=128, dtype=torch.bfloat16, window=(64, 0), docs=True, pos_dtype=torch.int32, split=2, persistent=True),
     dict(D=64, dtype=torch.bfloat16, split=1, persistent=True),
+    # O stored directly in the inputs' dtype (forward(out_dtype=...))
+    dict(D=128, dtype=torch.bfloat16, causal=True, split=2, out_dtype=torch.bfloat16),
 ]
 
 
@@ -134,12 +139,8 @@ BACKWARD_VARIANTS = [
     dict(D=128, dtype=torch.bfloat16, causal=True, accumulate=True, smem_p=True),
     dict(D=128, dtype=torch.float16, window=(64, 0), docs=True, causal=True, pos_dtype=torch.int32, smem_p=True),
     dict(D=64, dtype=torch.bfloat16, causal=True, smem_p=True),
-    # ... and dQ from the same programs, by atomics (HOPPER_BWD_ATOMIC_DQ)
-    dict(D=128, dtype=torch.bfloat16, causal=True, smem_p=True, atomic_dq=True),
-    dict(D=64, dtype=torch.bfloat16, window=(32, 16), docs=True, accumulate=True, smem_p=True, atomic_dq=True),
-    # ... in key-tile order, bitwise repeatable (HOPPER_BWD_ORDERED_DQ)
-    dict(D=128, dtype=torch.bfloat16, causal=True, smem_p=True, atomic_dq=True, ordered_dq=True),
-    dict(D=64, dtype=torch.bfloat16, window=(32, 16), docs=True, smem_p=True, atomic_dq=True, ordered_dq=True),
+    # dQ, dK and dV stored directly in the inputs' dtype (backward(grad_dtype=...))
+    dict(D=128, dtype=torch.bfloat16, causal=True, grad_dtype=torch.bfloat16),
 ]
 
 
@@ -154,6 +155,7 @@ def _facts(kernel, grid) -> dict:
         tma=bool(re.search(r"cp\.async\.bulk\.tensor\.4d\.shared::\w+\.global", ptx)),
         setmaxnreg="setmaxnreg" in ptx,
         overlap="wgmma.wait_group.sync.aligned 1" in ptx,
+        store16=bool(re.search(r"st\.global(\.v\d)?\.b16", ptx)),  # results stored as 16-bit values
         num_warps=kernel.metadata.num_warps,
         shared=kernel.metadata.shared,
         grid=list(grid),
@@ -218,6 +220,7 @@ def test_compiles_for_sm90(variant, compiled):
     if variant.get("split", 1) == 1:
         assert facts["overlap"], "the softmax no longer overlaps the PV wgmma"
     assert facts["shared"] <= SMEM_SM90
+    assert facts["store16"] == (variant.get("out_dtype", torch.float32) != torch.float32)
     items = triton.cdiv(S, 128) * B * H
     if variant.get("persistent"):
         assert facts["grid"] == [min(items, SMS)]
@@ -232,6 +235,7 @@ def test_backward_compiles_for_sm90(variant, compiled):
         facts = compiled[f"{kind}-" + _name(variant)]
         assert facts["wgmma"] and facts["tma"] and facts["setmaxnreg"], (kind, facts)
         assert facts["shared"] <= SMEM_SM90
+        assert facts["store16"] == (variant.get("grad_dtype", torch.float32) != torch.float32), kind
     configs = A.HOPPER_BWD_DKDV_SMEM_P_CONFIGS if variant.get("smem_p") else A.HOPPER_BWD_DKDV_CONFIGS
     assert compiled["dkdv-" + _name(variant)]["grid"] == [triton.cdiv(S, configs[D].block_n), B * HKV]
     assert compiled["dq-" + _name(variant)]["grid"] == [triton.cdiv(S, A.HOPPER_BWD_DQ_CONFIGS[D].block_m), B * H]
@@ -244,8 +248,7 @@ def test_registers_fit(compiled):
     spills = compiled["spills-fwd-" + _name(FOLD_128)]
     assert spills and all(st <= 16 and ld <= 16 for st, ld in spills), spills
     for v in BACKWARD_VARIANTS:
-        # dQ by atomics: the 64 x D addresses beside dK and dV spill 60-152 bytes (NOTES_kernels.md)
-        if v.get("window") is None and not v.get("atomic_dq"):
+        if v.get("window") is None:
             for kind in ("dkdv", "dq"):
                 assert compiled[f"spills-{kind}-" + _name(v)] == [[0, 0]], (kind, v)
 
@@ -283,23 +286,34 @@ def test_defaults_and_environment(env, forward, head_dims, backward):
         assert tuple(got_dims) == head_dims
 
 
+@pytest.mark.parametrize("setting,causal,window,docs,want", [
+    (None, False, (64, 0), False, True),  # a window without documents
+    (None, True, (64, 32), False, True),
+    (None, True, None, False, False),  # dense causal
+    (None, False, None, False, False),  # dense full
+    (None, False, None, True, False),  # documents
+    (None, True, (64, 0), True, False),  # documents and a window
+    (True, False, None, False, True),  # forced on
+    (True, True, None, True, True),
+    (False, False, (64, 0), False, False),  # forced off
+])
+def test_persistent_forward_rule(setting, causal, window, docs, want):
+    """HOPPER_FWD_PERSISTENT = None (the default) takes the persistent forward for windows without
+    documents and the per-tile grid otherwise; True and False force it."""
+    q, k, v, m, masked = _inputs(128, torch.bfloat16, causal, window, docs, torch.int64)
+    out = torch.empty(B, S, H, 128, dtype=torch.float32)
+    lse = torch.empty(B, H, S, dtype=torch.float32)
+    ranges = _ranges(masked, triton.cdiv(S, A.HOPPER_FWD_CONFIGS[128].block_m))
+    saved = A.HOPPER_FWD_SPLIT, A.HOPPER_FWD_PINGPONG, A.HOPPER_FWD_PERSISTENT, A._sm_count
+    A.HOPPER_FWD_SPLIT, A.HOPPER_FWD_PINGPONG, A.HOPPER_FWD_PERSISTENT = 2, False, setting
+    A._sm_count = lambda device: SMS  # a CPU tensor has no SM count
+    try:
+        grid, _args, constexprs, _warps = A._hopper_launch(q, k, v, m, causal, 0.125, out, lse, False, ranges)
+    finally:
+        A.HOPPER_FWD_SPLIT, A.HOPPER_FWD_PINGPONG, A.HOPPER_FWD_PERSISTENT, A._sm_count = saved
+    assert constexprs["PERSISTENT"] is want
+    assert len(grid) == (1 if want else 2)
+
+
 if __name__ == "__main__":
     print(json.dumps(report()))
-
-
-def test_dq_order_counts_lower_key_tiles():
-    """HOPPER_BWD_ORDERED_DQ's order: for each key tile and query tile, the number of lower key
-    tiles whose query range [lo, hi) holds that query tile (what the program waits for), against
-    a count by loops; every query tile when there are no ranges."""
-    g = torch.Generator().manual_seed(0)
-    n_k, n_q, bm = 7, 9, 64
-    lo = torch.randint(0, n_q, (n_k,), generator=g) * bm
-    hi = torch.minimum(lo + torch.randint(0, 5, (n_k,), generator=g) * bm, torch.tensor(n_q * bm))
-    ranges = torch.stack([lo, lo, hi, hi], 1)[None].to(torch.int32)
-    order = A._dq_order(ranges, n_k, n_q, bm, "cpu")
-    for n in range(n_k):
-        for m in range(n_q):
-            want = sum(1 for j in range(n) if lo[j] <= m * bm < hi[j])
-            assert order[n, m] == want, (n, m)
-    full = A._dq_order(None, n_k, n_q, bm, "cpu")
-    assert torch.equal(full, torch.arange(n_k, dtype=torch.int32)[:, None].expand(n_k, n_q))

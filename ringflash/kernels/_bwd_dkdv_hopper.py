@@ -49,8 +49,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from ._hopper_common import (LOG2E, barriers, cta_barrier, fence_gpu, invalidate, ranges, red_add_pairs, tile_start,
-                             tma_load, visible)
+from ._hopper_common import LOG2E, barriers, cta_barrier, invalidate, ranges, tile_start, tma_load, visible
 
 
 @gluon.jit
@@ -88,11 +87,10 @@ def _query_stats(LSE, DELTA, b, h, rows, Sq, stride_lb, stride_lh):
 def _producer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
               k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
               sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
-              stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, DQ, stride_qb, stride_qs, stride_qh, SEM, RANK,
+              stride_vb, stride_vs, stride_vh, H, G, Sq, Sk,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr,
-              ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr,
-              FUSE_DQ: gl.constexpr, ORDERED_DQ: gl.constexpr):
+              ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr):
     b, hk, n0, pid_n = _program(H, G, BLOCK_N)
     lo, flo, fhi, hi = ranges(RANGES, pid_n, Sq, BLOCK_M, RANGED)
     n_m = (hi - lo) // BLOCK_M
@@ -117,17 +115,16 @@ def _producer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
 def _consumer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
               k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
               sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
-              stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, DQ, stride_qb, stride_qs, stride_qh, SEM, RANK,
+              stride_vb, stride_vs, stride_vh, H, G, Sq, Sk,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr,
-              ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr,
-              FUSE_DQ: gl.constexpr, ORDERED_DQ: gl.constexpr):
+              ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr):
     if SMEM_P:
         _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
                          k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty,
                          do_empty, sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks,
-                         stride_kh, stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, DQ, stride_qb, stride_qs, stride_qh, SEM, RANK, BLOCK_M, BLOCK_N, HEAD_DIM,
-                         STAGES, CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, q_desc.dtype, FUSE_DQ, ORDERED_DQ)
+                         stride_kh, stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM,
+                         STAGES, CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, q_desc.dtype)
         return
     NW: gl.constexpr = CONSUMER_WARPS
     # (keys x queries) products and (keys x head dim) accumulators, warps stacked along the keys.
@@ -223,11 +220,10 @@ def _store_dkdv(dk, dv, DK, DV, b, hk, n0, Sk, stride_kb, stride_ks, stride_kh, 
 def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
                      k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty,
                      do_empty, sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
-                     stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, DQ, stride_qb, stride_qs, stride_qh, SEM, RANK,
+                     stride_vb, stride_vs, stride_vh, H, G, Sq, Sk,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                      CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr,
-                     ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, dtype: gl.constexpr,
-                     FUSE_DQ: gl.constexpr, ORDERED_DQ: gl.constexpr):
+                     ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, dtype: gl.constexpr):
     """The consumers with FA3's operand routes (``HOPPER_BWD_SMEM_P``): S = Q K^T and dP = dO V^T
     with the queries as rows, the two warpgroups splitting the keys (warpgroup w computes key
     columns 64w..64w+63, which are also its rows of dK and dV), so that a query's LSE and delta
@@ -267,14 +263,6 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout)
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout)
-    # FUSE_DQ: dQ += dS K for the tile's queries, the warpgroups splitting the head dim
-    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW // 2, 2],
-                                                        instr_shape=[16, HEAD_DIM // 2, 16])
-    if HEAD_DIM == BLOCK_N:  # the same shape and layout as S: one zero tile (held across the loop) for both
-        dq_zero = s_zero
-    else:
-        dq_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=dq_layout)
-    dq_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dq_layout))
 
     mbarrier.wait(kv_bar, 0)
     for t in range(G * n_m):
@@ -315,36 +303,12 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
         fence_async_shared()
         cta_barrier()
         dk_tok = warpgroup_mma(dst_smem, q2, dk, is_async=True)
-        if FUSE_DQ:
-            dq_tok = warpgroup_mma(ds_smem, k2, dq_zero, use_acc=False, is_async=True)
-            dv, dk, dq, _p, _ds, _q2, _do2, _k2 = warpgroup_mma_wait(
-                num_outstanding=0, deps=(dv_tok, dk_tok, dq_tok, pt_smem, dst_smem, q2, do2, k2))
-        else:
-            dv, dk, _p, _ds, _q2, _do2 = warpgroup_mma_wait(num_outstanding=0,
-                                                            deps=(dv_tok, dk_tok, pt_smem, dst_smem, q2, do2))
+
+        dv, dk, _p, _ds, _q2, _do2 = warpgroup_mma_wait(num_outstanding=0,
+                                                        deps=(dv_tok, dk_tok, pt_smem, dst_smem, q2, do2))
         cta_barrier()
         mbarrier.arrive(q_empty.index(s))
         mbarrier.arrive(do_empty.index(s))
-        if FUSE_DQ:  # this tile's part of dQ
-            q_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
-            dq_ptrs = (DQ + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh
-                       + q_rows.to(gl.int64)[:, None] * stride_qs + dq_cols[None, :])
-            if ORDERED_DQ:
-                # In key-tile order: wait until the RANK[key tile, query tile] programs of lower
-                # key tiles that add into this query tile (launched before this one, so running
-                # or done) have added theirs, add, then count this one in. Bitwise repeatable.
-                n_q = (Sq + BLOCK_M - 1) // BLOCK_M
-                sem = SEM + (b * H + h) * n_q + m0 // BLOCK_M
-                want = gl.load(RANK + pid_n * n_q + m0 // BLOCK_M)
-                seen = gl.atomic_add(sem, 0, sem="acquire")
-                while seen != want:
-                    seen = gl.atomic_add(sem, 0, sem="acquire")
-            red_add_pairs(dq_ptrs, dq * sm_scale, (q_rows < Sq)[:, None] & (dq_cols < HEAD_DIM)[None, :])
-            if ORDERED_DQ:
-                fence_gpu()  # each thread's adds before the count that releases them
-                cta_barrier()
-                gl.atomic_add(sem, 1, sem="release")
-            # without ORDERED_DQ the programs add in whatever order they come: not deterministic
 
     _store_dkdv(dk * sm_scale, dv, DK, DV, b, hk, n0, Sk, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                 stride_vh, BLOCK_N, HEAD_DIM, ACCUMULATE, acc_layout)
@@ -353,13 +317,12 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
 @gluon.jit
 def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
                           sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
-                          stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, DQ, stride_qb, stride_qs, stride_qh, SEM, RANK,
+                          stride_vb, stride_vs, stride_vh, H, G, Sq, Sk,
                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                           STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
                           RANGED: gl.constexpr, ACCUMULATE: gl.constexpr,
                           PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                          CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr, P_LAYOUT: gl.constexpr,
-                          FUSE_DQ: gl.constexpr, ORDERED_DQ: gl.constexpr):
+                          CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr, P_LAYOUT: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
@@ -386,13 +349,13 @@ def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPO
             (_consumer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
                          k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
                          sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
-                         stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, DQ, stride_qb, stride_qs, stride_qh, SEM, RANK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                         CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, SMEM_P, FUSE_DQ, ORDERED_DQ)),
+                         stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                         CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, SMEM_P)),
             (_producer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
                          k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
                          sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
-                         stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, DQ, stride_qb, stride_qs, stride_qh, SEM, RANK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                         CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, SMEM_P, FUSE_DQ, ORDERED_DQ)),
+                         stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                         CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, SMEM_P)),
         ],
         [PRODUCER_WARPS], [PRODUCER_REGS])
 

@@ -140,35 +140,3 @@ def visible(qp, kp, qd, kd, wl, wr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, 
     if WINDOW >= 2:
         ok = ok & (kp <= qp + wr)
     return ok
-
-
-@gluon.jit
-def red_add_pairs(ptrs, vals, mask):
-    """``vals`` added into the float32 memory at ``ptrs`` where ``mask``, with no value returned.
-
-    ``gl.atomic_add`` compiles to ``atom`` under Triton 3.6 (each thread waits for the old value,
-    held in registers) and to ``red`` under newer releases; this is ``red`` on every release, two
-    neighbouring elements an instruction (``red.global.add.v2.f32``, sm_90). The pairs are the
-    elementwise packing of the wgmma accumulator layout: each thread holds its columns in pairs
-    (c, c + 1), c even, in one row, so a pair shares its row's mask and an 8-byte aligned address
-    (rows of a contiguous head dim of even length)."""
-    gl.inline_asm_elementwise(
-        """{
-        .reg .pred p;
-        setp.ne.b32 p, $4, 0;
-        @p red.global.add.v2.f32 [$2], {$6, $7};
-        mov.b32 $0, 0;
-        mov.b32 $1, 0;
-        }""",
-        # the addresses as integers: Triton 3.6 will not broadcast pointers against floats
-        "=r,=r,l,l,r,r,f,f", [ptrs.to(gl.int64, bitcast=False), mask.to(gl.int32), vals], dtype=gl.int32,
-        is_pure=False, pack=2)
-
-
-@gluon.jit
-def fence_gpu():
-    """``fence.acq_rel.gpu`` in every thread of the partition: its earlier writes (``red`` adds
-    included) are ordered before its later ones as the whole GPU sees them."""
-    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-    gl.inline_asm_elementwise("fence.acq_rel.gpu;\n mov.b32 $0, $1;", "=r,r", [gl.full([1], 0, gl.int32, layout)],
-                              dtype=gl.int32, is_pure=False, pack=1)

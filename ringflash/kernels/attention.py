@@ -124,19 +124,6 @@ HOPPER_BWD_DKDV_CONFIGS: dict = {
 # Off (RINGFLASH_HOPPER_BWD_SMEM_P=1 turns it on): on an H100 it ran 0.96-1.01x the Triton backward at
 # D = 128 and 0.77-0.90x at D = 64 (benchmarks/results/kernels_h100_fa3_bwd/).
 HOPPER_BWD_SMEM_P = os.environ.get("RINGFLASH_HOPPER_BWD_SMEM_P", "0") == "1"
-# HOPPER_BWD_ATOMIC_DQ (with HOPPER_BWD_SMEM_P): the dK/dV program also computes dQ += dS K and
-# adds it into dQ with float32 atomics, so the backward is one kernel of five products instead of
-# two kernels of seven; the order of the additions varies from run to run, so the result is not
-# bitwise repeatable. Off (RINGFLASH_HOPPER_BWD_ATOMIC_DQ=1 turns it on): 0.89-0.94x the form above
-# with its dQ kernel at D = 128 on an H100 (same folder) when its adds were Triton 3.6's `atom`
-# (returning the old value); they are now `red.global.add.v2.f32` (_hopper_common.red_add_pairs),
-# not yet measured.
-HOPPER_BWD_ATOMIC_DQ = os.environ.get("RINGFLASH_HOPPER_BWD_ATOMIC_DQ", "0") == "1"
-# HOPPER_BWD_ORDERED_DQ (with HOPPER_BWD_ATOMIC_DQ): those adds in a fixed order, key tile by key
-# tile for each query tile (a counter per query tile and head that each program waits on, as in
-# FA3's deterministic backward), so that the result is bitwise repeatable. Off
-# (RINGFLASH_HOPPER_BWD_ORDERED_DQ=1 turns it on): not yet run on a GPU.
-HOPPER_BWD_ORDERED_DQ = os.environ.get("RINGFLASH_HOPPER_BWD_ORDERED_DQ", "0") == "1"
 HOPPER_BWD_DKDV_SMEM_P_CONFIGS: dict = {
     64: KernelConfig(64, 128, 8, 3),
     128: KernelConfig(64, 128, 8, 2),
@@ -534,30 +521,6 @@ def _smem_layout(rows: int, head_dim: int, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for([1, rows, 1, head_dim], gdt)
 
 
-def _fused_dq() -> bool:
-    """Whether the dK/dV program also adds dQ (HOPPER_BWD_ATOMIC_DQ; only in FA3's form)."""
-    return HOPPER_BWD_ATOMIC_DQ and HOPPER_BWD_SMEM_P
-
-
-def _ordered_dq() -> bool:
-    """Whether the dK/dV programs add dQ in key-tile order (HOPPER_BWD_ORDERED_DQ)."""
-    return _fused_dq() and HOPPER_BWD_ORDERED_DQ
-
-
-def _dq_order(ranges_kv, n_k: int, n_q: int, block_m: int, device) -> torch.Tensor:
-    """(n_k, n_q) int32: for key tile n and query tile m (of ``block_m`` queries, the dK/dV
-    program's step), how many lower key tiles add into query tile m before n does, from the
-    query range [lo, hi) each key tile walks (``ranges_kv`` rows (lo, flo, fhi, hi), in queries;
-    every query tile when None). Built on the device from the ranges the programs walk, so every
-    count a program waits for is reached."""
-    if ranges_kv is None:
-        visits = torch.ones((n_k, n_q), dtype=torch.int32, device=device)
-    else:
-        starts = torch.arange(n_q, device=device, dtype=torch.int32)[None, :] * block_m
-        visits = ((starts >= ranges_kv[0, :, 0:1]) & (starts < ranges_kv[0, :, 3:4])).to(torch.int32)
-    return (torch.cumsum(visits, 0, dtype=torch.int32) - visits).contiguous()
-
-
 def _dkdv_config(D: int) -> KernelConfig:
     return (HOPPER_BWD_DKDV_SMEM_P_CONFIGS if HOPPER_BWD_SMEM_P else HOPPER_BWD_DKDV_CONFIGS)[D]
 
@@ -744,28 +707,16 @@ def _hopper_bwd_launches(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale,
                     RANGED=rng is not None, CONSUMER_WARPS=cfg.num_warps)
         if by_keys:
             args = (*head, dk, dv, *tail, dk.stride(0), dk.stride(1), dk.stride(2),
-                    dv.stride(0), dv.stride(1), dv.stride(2), H, H // Hkv, Sq, Sk,
-                    dq, dq.stride(0), dq.stride(1), dq.stride(2), *_dq_semaphores(rng, B, H, Sq, Sk, cfg, q.device, lse))
+                    dv.stride(0), dv.stride(1), dv.stride(2), H, H // Hkv, Sq, Sk)
             p_layout = _p_layout(cfg.block_m, cfg.block_n, q.dtype) if HOPPER_BWD_SMEM_P else None
             launches.append(((triton.cdiv(Sk, cfg.block_n), B * Hkv), args,
-                             dict(meta, ACCUMULATE=acc_dkdv, SMEM_P=HOPPER_BWD_SMEM_P, P_LAYOUT=p_layout,
-                                  FUSE_DQ=_fused_dq(), ORDERED_DQ=_ordered_dq()),
+                             dict(meta, ACCUMULATE=acc_dkdv, SMEM_P=HOPPER_BWD_SMEM_P, P_LAYOUT=p_layout),
                              cfg.num_warps))
         else:
             args = (*head, dq, *tail, dq.stride(0), dq.stride(1), dq.stride(2), H, H // Hkv, Sq, Sk)
             launches.append(((triton.cdiv(Sq, cfg.block_m), B * H), args, dict(meta, ACCUMULATE=acc_dq),
                              cfg.num_warps))
     return launches
-
-
-def _dq_semaphores(ranges_kv, B, H, Sq, Sk, cfg: KernelConfig, device, unused: torch.Tensor) -> tuple:
-    """(SEM, RANK) of the dK/dV kernel: with HOPPER_BWD_ORDERED_DQ a zeroed counter per (batch,
-    query head, query tile) and the order of :func:`_dq_order`; else ``unused`` twice (never read)."""
-    if not _ordered_dq():
-        return unused, unused
-    n_q = triton.cdiv(Sq, cfg.block_m)
-    sem = torch.zeros((B * H, n_q), dtype=torch.int32, device=device)
-    return sem, _dq_order(ranges_kv, triton.cdiv(Sk, cfg.block_n), n_q, cfg.block_m, device)
 
 
 def _backward_hopper(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale, dq, dk, dv, acc_dq, acc_dkdv,
@@ -779,17 +730,13 @@ def _backward_hopper(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale, dq,
     if causal or m.window or m.docs:
         c1, c2 = _dkdv_config(D), HOPPER_BWD_DQ_CONFIGS[D]
         ranges_kv = _tile_ranges(m, causal, Sq, Sk, c1.block_m, c1.block_n, by_keys=True, device=q.device)
-        if not _fused_dq():  # else no dQ kernel runs
-            ranges_q = _tile_ranges(m, causal, Sq, Sk, c2.block_m, c2.block_n, by_keys=False, device=q.device)
+        ranges_q = _tile_ranges(m, causal, Sq, Sk, c2.block_m, c2.block_n, by_keys=False, device=q.device)
     (g1, a1, m1, w1), (g2, a2, m2, w2) = _hopper_bwd_launches(
         dout, q, k, v, lse, delta, m, causal, scale, dq, dk, dv, acc_dq, acc_dkdv, ranges_kv, ranges_q)
-    if m1["FUSE_DQ"] and not acc_dq:
-        dq.zero_()  # the dK/dV programs add their parts of dQ into it
     _attn_bwd_dkdv_hopper[g1](*a1, **m1, num_warps=w1)
     if after_dkdv is not None:
         after_dkdv()
-    if not m1["FUSE_DQ"]:
-        _attn_bwd_dq_hopper[g2](*a2, **m2, num_warps=w2)
+    _attn_bwd_dq_hopper[g2](*a2, **m2, num_warps=w2)
     return dq, dk, dv
 
 
