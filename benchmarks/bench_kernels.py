@@ -56,9 +56,7 @@ HOPPER_IMPLS = {"ringflash_hopper": (1, False, False, False),
                 "ringflash_hopper_pingpong": (2, True, False, False),
                 "ringflash_hopper_smem_p": (2, False, True, False),
                 "ringflash_hopper_persistent": (2, False, False, True)}
-# ringflash_atomic_dq: the default with dQ added by the Triton dK/dV programs through TMA
-# reductions (BWD_ATOMIC_DQ; not deterministic, opt-in).
-IMPLS = ("ringflash", "ringflash_default", "ringflash_atomic_dq", *HOPPER_IMPLS, "sdpa_flash", "sdpa_cudnn")
+IMPLS = ("ringflash", "ringflash_default", *HOPPER_IMPLS, "sdpa_flash", "sdpa_cudnn")
 MODES = ("fwd", "bwd", "fwdbwd")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -124,20 +122,6 @@ def make_fns(impl: str, q, k, v, dout, causal: bool):
             return run
 
         return tuple(hopper(fn) for fn in make_fns("ringflash_default", q, k, v, dout, causal))
-    if impl == "ringflash_atomic_dq":
-        from ringflash.kernels import attention as attn_mod
-
-        def atomic(fn):
-            def run():
-                saved = attn_mod.BWD_ATOMIC_DQ
-                attn_mod.BWD_ATOMIC_DQ = True
-                try:
-                    return fn()
-                finally:
-                    attn_mod.BWD_ATOMIC_DQ = saved
-            return run
-
-        return tuple(atomic(fn) for fn in make_fns("ringflash_default", q, k, v, dout, causal))
     if impl == "ringflash":
         from ringflash.kernels import attention as attn_mod
 
@@ -366,7 +350,7 @@ def main() -> None:
         sys.exit("bench_kernels.py needs a CUDA GPU")
     if args.impls is None:
         hopper = torch.cuda.get_device_capability() == (9, 0)
-        args.impls = [i for i in IMPLS if hopper or i not in (*HOPPER_IMPLS, "ringflash_default", "ringflash_atomic_dq")]
+        args.impls = [i for i in IMPLS if hopper or i not in (*HOPPER_IMPLS, "ringflash_default")]
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     t0 = time.time()
     attn = sys.modules[kernels.backward.__module__]

@@ -9,7 +9,6 @@ scaled_dot_product_attention`` run in the same dtype on the same inputs.
 
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
@@ -189,66 +188,6 @@ def test_backward_is_deterministic():
     b = run_kernels(q, k, v, dout, causal=True)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
-
-
-@pytest.fixture
-def atomic_dq(monkeypatch):
-    """The backward with dQ added by the dK/dV programs (RINGFLASH_BWD_ATOMIC_DQ); skips where the
-    bulk reduction cannot run (before sm_90)."""
-    attn = sys.modules[kernels.backward.__module__]
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA reductions need sm_90 or later")
-    monkeypatch.setattr(attn, "BWD_ATOMIC_DQ", True)
-    launched = []
-    real = attn._atomic_dq
-    monkeypatch.setattr(attn, "_atomic_dq", lambda *a: launched.append(real(*a)) or launched[-1])
-    return launched
-
-
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("D,Hkv", [(128, 8), (128, 2), (64, 8), (64, 2)])
-def test_backward_atomic_dq(atomic_dq, D, Hkv, causal):
-    """dQ from the dK/dV programs by TMA reductions: against float64 like the two-kernel
-    backward, odd lengths (the reduction clips the last tile's rows), grouped queries, ring-step
-    positions; and added into a given accumulator."""
-    q, k, v, dout = make_qkv(2, 1111, 1111, 8, Hkv, D, torch.bfloat16, seed=7)
-    check_against_sdpa(q, k, v, dout, causal=causal)
-    assert atomic_dq and atomic_dq[-1][0] is not None  # the reduction ran
-    if causal:
-        q, k, v, dout = make_qkv(1, 2048, 2048, 8, Hkv, D, torch.bfloat16, seed=8)
-        check_against_sdpa(q, k, v, dout, causal=True, q_pos=zigzag(2048, 4, 2), k_pos=zigzag(2048, 4, 1))
-    out, lse = kernels.forward(q, k, v, causal=causal)
-    delta = kernels.backward_delta(out.to(q.dtype), dout)
-    fresh = kernels.backward(dout, q, k, v, lse, delta, causal=causal)
-    dq = torch.ones_like(fresh[0])
-    kernels.backward(dout, q, k, v, lse, delta, causal=causal, dq=dq)
-    assert torch.allclose(dq - 1, fresh[0], atol=1e-5, rtol=1e-4)
-
-
-def test_backward_atomic_dq_masks_and_dtype(atomic_dq):
-    """With a window and documents, and the gradients returned in bf16 (grad_dtype): against
-    float64, within SDPA's error with the same boolean mask."""
-    S = 3000
-    q, k, v, dout = make_qkv(1, S, S, 8, 2, 128, torch.bfloat16, seed=9)
-    cu = [0, 700, 701, 2100, S]
-    pos = torch.arange(S, device=DEV)
-    doc = (torch.searchsorted(torch.tensor(cu, device=DEV), pos, right=True) - 1).to(torch.int32)
-    kw = dict(causal=True, window=(500, 0), q_doc=doc, k_doc=doc)
-    out, lse = kernels.forward(q, k, v, **kw)
-    delta = kernels.backward_delta(out.to(q.dtype), dout)
-    got = kernels.backward(dout, q, k, v, lse, delta, grad_dtype=torch.bfloat16, **kw)
-    assert got[0].dtype == torch.bfloat16 and atomic_dq[-1][0] is not None
-    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref_out, _ = reference.attention(qd, kd, vd, causal=True, window=(500, 0), cu_seqlens=cu)
-    ref_out.backward(dout.double())
-    mask = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] <= 500)
-    qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    o = F.scaled_dot_product_attention(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2),
-                                       attn_mask=mask, enable_gqa=True).transpose(1, 2)
-    o.backward(dout)
-    for name, x, ref, base in (("dq", got[0], qd.grad, qs.grad), ("dk", got[1], kd.grad, ks.grad),
-                               ("dv", got[2], vd.grad, vs.grad)):
-        assert rel_err(x, ref) <= SDPA_FACTOR * rel_err(base, ref) + 1e-5, f"{name}: {rel_err(x, ref):.2e}"
 
 
 def test_fully_masked_block():

@@ -61,10 +61,10 @@ def _dkdv_tile(
     dk, dv, k, v, kp, kd, cols,
     q_base, do_base, stride_qs, stride_dos, LSE_row, DELTA_row, QPOS, QDOC,
     start_m, Sq, Sk, qk_scale, wl, wr, PAT, nb, bs,
-    offs_m, offs_d, DQ_DESC, b, h, sm_scale,
+    offs_m, offs_d,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
-    WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE: tl.constexpr, FUSE_DQ: tl.constexpr,
+    WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE: tl.constexpr,
 ):
     rows = start_m + offs_m
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -98,13 +98,6 @@ def _dkdv_tile(
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
     dsT = pT * (dpT - di[None, :])
     dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
-    if FUSE_DQ:
-        # This tile's part of dQ, added into the float32 dQ by one bulk TMA reduction
-        # (cp.reduce.async.bulk.tensor): no dQ programs, 5 products instead of 7, but the adds
-        # of the key tiles come in whatever order they finish, so not bitwise repeatable.
-        dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PREC) * sm_scale  # (BLOCK_M, D)
-        BLOCK_M: tl.constexpr = dq.shape[0]
-        DQ_DESC.atomic_add([b.to(tl.int32), start_m, h.to(tl.int32), 0], tl.reshape(dq, [1, BLOCK_M, 1, BLOCK_D]))
     return dk, dv
 
 
@@ -112,7 +105,7 @@ def _dkdv_tile(
 def _dkdv_program(
     pid_n, pid_bh, g_first, g_count,
     Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES_KV, DK, DV,
-    PAT, LIST_KV, COUNTS_KV, DQ_DESC,
+    PAT, LIST_KV, COUNTS_KV,
     sm_scale, qk_scale, wl, wr, nb, bs,
     stride_ab, stride_ah, stride_kab, stride_kah,
     stride_qb, stride_qs, stride_qh,
@@ -125,7 +118,7 @@ def _dkdv_program(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
-    WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE: tl.constexpr, FUSE_DQ: tl.constexpr,
+    WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE: tl.constexpr,
 ):
     Hkv = H // G
     b = (pid_bh // Hkv).to(tl.int64)
@@ -201,16 +194,14 @@ def _dkdv_program(
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, kp, kd, cols, q_base, do_base, stride_qs, stride_dos,
                     LSE_row, DELTA_row, QPOS_h, QDOC_h, start_m, Sq, Sk, qk_scale, wl, wr, PAT, nb, bs,
-                    offs_m, offs_d, DQ_DESC, b, h, sm_scale,
-                    HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE, FUSE_DQ,
+                    offs_m, offs_d, HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
                 )
             for i in range(0, n_full):
                 start_m = tl.load(LIST_KV + pid_n * num_m + i) * BLOCK_M
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, kp, kd, cols, q_base, do_base, stride_qs, stride_dos,
                     LSE_row, DELTA_row, QPOS_h, QDOC_h, start_m, Sq, Sk, qk_scale, wl, wr, PAT, nb, bs,
-                    offs_m, offs_d, DQ_DESC, b, h, sm_scale,
-                    HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE, FUSE_DQ,
+                    offs_m, offs_d, HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
                 )
         else:
             if WINDOW or DOCS:
@@ -220,22 +211,19 @@ def _dkdv_program(
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, kp, kd, cols, q_base, do_base, stride_qs, stride_dos,
                     LSE_row, DELTA_row, QPOS_h, QDOC_h, start_m, Sq, Sk, qk_scale, wl, wr, PAT, nb, bs,
-                    offs_m, offs_d, DQ_DESC, b, h, sm_scale,
-                    HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE, FUSE_DQ,
+                    offs_m, offs_d, HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
                 )
             for start_m in range(lo, mid, BLOCK_M):
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, kp, kd, cols, q_base, do_base, stride_qs, stride_dos,
                     LSE_row, DELTA_row, QPOS_h, QDOC_h, start_m, Sq, Sk, qk_scale, wl, wr, PAT, nb, bs,
-                    offs_m, offs_d, DQ_DESC, b, h, sm_scale,
-                    HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE, FUSE_DQ,
+                    offs_m, offs_d, HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
                 )
             for start_m in range(mid, even_end, BLOCK_M):
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, kp, kd, cols, q_base, do_base, stride_qs, stride_dos,
                     LSE_row, DELTA_row, QPOS_h, QDOC_h, start_m, Sq, Sk, qk_scale, wl, wr, PAT, nb, bs,
-                    offs_m, offs_d, DQ_DESC, b, h, sm_scale,
-                    HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE, FUSE_DQ,
+                    offs_m, offs_d, HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
                 )
 
     dk = dk * sm_scale
@@ -417,7 +405,7 @@ def _dq_program(
 @triton.jit
 def _attn_bwd(
     Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES_KV, RANGES_Q, DQ, DK, DV,
-    PAT, LIST_KV, COUNTS_KV, LIST_Q, COUNTS_Q, DQ_DESC,
+    PAT, LIST_KV, COUNTS_KV, LIST_Q, COUNTS_Q,
     sm_scale, qk_scale, wl, wr, nb, bs,
     stride_ab, stride_ah, stride_kab, stride_kah,
     stride_qb, stride_qs, stride_qh,
@@ -434,7 +422,7 @@ def _attn_bwd(
     BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     CAUSAL: tl.constexpr, ACC_DKDV: tl.constexpr, ACC_DQ: tl.constexpr,
     DOT_PREC: tl.constexpr, DO_DKDV: tl.constexpr, DO_DQ: tl.constexpr, WIDE: tl.constexpr,
-    WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE: tl.constexpr, FUSE_DQ: tl.constexpr,
+    WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_n = tl.cdiv(Sk, BLOCK_N1)
@@ -452,7 +440,7 @@ def _attn_bwd(
                 pid % num_n, rest // SPLIT, split * g_count, g_count,
                 Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES_KV,
                 DK + split * stride_dk_split, DV + split * stride_dv_split,
-                PAT, LIST_KV, COUNTS_KV, DQ_DESC,
+                PAT, LIST_KV, COUNTS_KV,
                 sm_scale, qk_scale, wl, wr, nb, bs,
                 stride_ab, stride_ah, stride_kab, stride_kah,
                 stride_qb, stride_qs, stride_qh,
@@ -463,7 +451,6 @@ def _attn_bwd(
                 stride_dvb, stride_dvs, stride_dvh,
                 H, G, Sq, Sk,
                 HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, CAUSAL, ACC_DKDV, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
-                FUSE_DQ,
             )
     if DO_DQ:
         if pid >= n_dkdv:

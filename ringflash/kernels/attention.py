@@ -171,11 +171,6 @@ _DELTA_BLOCK_M = 64
 # Launch the dK/dV and dQ programs as one grid (when their warps/stages agree) instead of two.
 # Measured 6-7% slower on H200 at S=16k (docs/performance.md), so off by default.
 BWD_FUSED = False
-# RINGFLASH_BWD_ATOMIC_DQ=1: the dK/dV programs also compute each tile's dQ = dS K and add it into
-# a float32 dQ with one bulk TMA reduction (plain Triton's tensor-descriptor atomic_add, sm_90 and
-# later); no dQ programs run (5 tile products instead of 7). The adds come in whatever order the
-# programs finish, so results are not bitwise repeatable: opt-in, never the default.
-BWD_ATOMIC_DQ = os.environ.get("RINGFLASH_BWD_ATOMIC_DQ", "0") == "1"
 
 
 _INT32_SPAN = 2**31
@@ -690,22 +685,6 @@ def forward(
     return out, lse
 
 
-def _atomic_dq(dq: torch.Tensor, acc_dq: bool, block_m: int):
-    """(float32 dQ the dK/dV programs add into, its TMA descriptor), or (None, dq) where the bulk
-    reduction cannot serve: not an sm_90+ GPU, a head dim that is not a power of two, or strides a
-    TMA descriptor cannot take (16-byte aligned)."""
-    B, S, H, D = dq.shape
-    if INTERPRETED or not dq.is_cuda or D != _block_d(D) or torch.cuda.get_device_capability(dq.device)[0] < 9:
-        return None, dq
-    from triton.tools.tensor_descriptor import TensorDescriptor
-    acc = dq if dq.dtype == torch.float32 else torch.empty(dq.shape, dtype=torch.float32, device=dq.device)
-    if any(st * 4 % 16 for st in acc.stride()[:-1]) or acc.data_ptr() % 16:
-        return None, dq
-    if not acc_dq:
-        acc.zero_()
-    return acc, TensorDescriptor(acc, list(acc.shape), list(acc.stride()), [1, block_m, 1, D])
-
-
 def _hopper_bwd_launches(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale, dq, dk, dv,
                          acc_dq, acc_dkdv, ranges_kv, ranges_q):
     """(grid, args, constexprs, warps) of the Hopper dK/dV and dQ kernels for a backward call;
@@ -882,7 +861,6 @@ def backward(
     q_pos, k_pos = (lse, lse) if m.q_pos is None else (m.q_pos, m.k_pos)  # None: never read
     q_doc, k_doc = (lse, lse) if m.q_doc is None else (m.q_doc, m.k_doc)
     pat, nb, bs = (m.blocks.on(q.device), m.blocks.num_blocks, m.blocks.block_size) if m.blocks is not None else (lse, 1, 1)
-    dq_acc, dq_desc = _atomic_dq(dq, acc_dq, c1.block_m) if BWD_ATOMIC_DQ else (None, dq)
     n_dkdv = triton.cdiv(Sk, c1.block_n) * B * Hkv
     split = _group_split(n_dkdv, H // Hkv, q.device)
     if split > 1:
@@ -892,7 +870,7 @@ def backward(
         dk_out, dv_out = dk[None], dv[None]
     args = (
         q, k, v, dout, lse, delta, q_pos, k_pos, q_doc, k_doc, ranges_kv, ranges_q, dq, dk_out[0], dv_out[0],
-        pat, lists_kv, counts_kv, lists_q, counts_q, dq_desc,
+        pat, lists_kv, counts_kv, lists_q, counts_q,
         scale, scale * LOG2E, m.wl, m.wr, nb, bs, *m.strides,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -909,7 +887,7 @@ def backward(
         BLOCK_M1=c1.block_m, BLOCK_N1=c1.block_n, BLOCK_M2=c2.block_m, BLOCK_N2=c2.block_n,
         CAUSAL=bool(causal), ACC_DKDV=acc_dkdv and split == 1, ACC_DQ=acc_dq, DOT_PREC=_dot_precision(q.dtype),
         WIDE=_wide(q, k, v, dout, dq, dk_out[0], dv_out[0]),
-        WINDOW=m.window, DOCS=m.docs, SPARSE=m.blocks is not None, FUSE_DQ=dq_acc is not None,
+        WINDOW=m.window, DOCS=m.docs, SPARSE=m.blocks is not None,
     )
 
     def sum_splits():
@@ -924,15 +902,7 @@ def backward(
 
     n_dkdv *= split
     n_dq = triton.cdiv(Sq, c2.block_m) * B * H
-    if dq_acc is not None:
-        _launch(_attn_bwd, (n_dkdv,), *args, **meta, DO_DKDV=True, DO_DQ=False,
-                num_warps=c1.num_warps, num_stages=c1.num_stages)
-        sum_splits()
-        if dq_acc is not dq:
-            dq.copy_(dq_acc)  # into the inputs' dtype
-        if after_dkdv is not None:
-            after_dkdv()
-    elif BWD_FUSED and (c1.num_warps, c1.num_stages) == (c2.num_warps, c2.num_stages):
+    if BWD_FUSED and (c1.num_warps, c1.num_stages) == (c2.num_warps, c2.num_stages):
         _launch(_attn_bwd, (n_dkdv + n_dq,), *args, **meta, DO_DKDV=True, DO_DQ=True,
                 num_warps=c1.num_warps, num_stages=c1.num_stages)
         sum_splits()
