@@ -344,6 +344,9 @@ def _ring_forward(q, k, v, mask: Mask, softmax_scale: float, layout: Layout, gro
     n = len(visits)
 
     out = lse = None
+    # One step (one rank, or a window that needs no other rank's keys): nothing to fold, so an
+    # engine that can store O in the inputs' dtype does, instead of float32 and a cast.
+    direct = {"out_dtype": q.dtype} if n == 1 and getattr(be, "stores_input_dtype", False) else {}
     kv, kv_next = _kv_buffers(ring, k, v, n)
     own = kv
     for i, (s, direction) in enumerate(visits):
@@ -356,7 +359,7 @@ def _ring_forward(q, k, v, mask: Mask, softmax_scale: float, layout: Layout, gro
             _head_start(be, q.device, P)
         if plan.need[r][src]:
             out, lse = be.forward(q, kv[0], kv[1], softmax_scale=softmax_scale, out=out, lse=lse,
-                                  **plan.kwargs(r, src, attrs))
+                                  **plan.kwargs(r, src, attrs), **direct)
         if pending is not None:
             pending.wait()
             kv, kv_next = _rotate(ring, kv, kv_next, more=i + 1 < n - 1)
@@ -390,6 +393,13 @@ def _ring_backward(dout, q, k, v, out, lse, mask: Mask, softmax_scale: float, la
 
         dout = dout.to(q.dtype).contiguous()
         delta = be.backward_delta(out, dout)
+        if visits == [(0, 1)] and getattr(be, "stores_input_dtype", False):
+            # One step on our own K/V: nothing moves or accumulates, so the gradients come out of
+            # the engine in the inputs' dtype (no float32 sums, zero fill or casts).
+            if not plan.need[r][r]:
+                return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+            return be.backward(dout, q, k, v, lse, delta, softmax_scale=softmax_scale, grad_dtype=q.dtype,
+                               **plan.kwargs(r, r, attrs), **extras)
         dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
         blocks = getattr(be, "backward_blocks", None)  # engines that return dK/dV fragments
         hook = getattr(be, "dkdv_hook", False)  # engines that can run a callback before their dQ work

@@ -393,6 +393,37 @@ def test_results_stored_in_the_inputs_dtype(monkeypatch, group_split, masks):
         kernels.backward(dout, q, k, v, lse32, delta, grad_dtype=torch.float64, **kw)
 
 
+@pytest.mark.parametrize("masks", ["causal", "window"])
+def test_single_step_calls_store_in_the_inputs_dtype(monkeypatch, masks):
+    """flash_attention and a ring of one step (one rank here) ask the kernels for O and the
+    gradients in the inputs' dtype (no float32 round trip); the results match float64 attention
+    and each other bitwise."""
+    import ringflash.kernels as kernels_pkg
+    from ringflash import flash_attention, ring_attention
+
+    asked = []
+    real_fwd, real_bwd = kernels_pkg.forward, kernels_pkg.backward
+    monkeypatch.setattr(kernels_pkg, "forward", lambda *a, **kw: asked.append(("fwd", kw.get("out_dtype"))) or real_fwd(*a, **kw))
+    monkeypatch.setattr(kernels_pkg, "backward", lambda *a, **kw: asked.append(("bwd", kw.get("grad_dtype"))) or real_bwd(*a, **kw))
+    q, k, v, dout = make_qkv(1, 45, 45, 4, 2, 32, torch.float16, seed=15)
+    kw = dict(causal=True) if masks == "causal" else dict(causal=True, window=(9, 0))
+    results = []
+    for fn in (flash_attention, ring_attention):
+        asked.clear()
+        qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        out = fn(qq, kk, vv, backend="triton", **kw)
+        out.backward(dout)
+        assert asked == [("fwd", torch.float16), ("bwd", torch.float16)], (fn.__name__, asked)
+        results.append([out.detach(), qq.grad, kk.grad, vv.grad])
+    for a, b in zip(*results):
+        assert a.dtype == torch.float16 and torch.equal(a, b)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = reference.attention(qd, kd, vd, **kw)
+    ref.backward(dout.double())
+    for got, want in zip(results[0], (ref, qd.grad, kd.grad, vd.grad)):
+        assert rel_err(got, want) < 5e-3
+
+
 def test_group_split_choice(monkeypatch):
     attn = sys.modules[kernels.backward.__module__]
     monkeypatch.setattr(attn, "_min_programs", lambda device: 264)
