@@ -115,7 +115,7 @@ VARIANTS = [
     FOLD_128,
     dict(D=128, dtype=torch.float16, causal=True),
     dict(D=128, dtype=torch.bfloat16, window=(64, 0), docs=True, fold=True, pos_dtype=torch.int32),
-    dict(D=64, dtype=torch.bfloat16, causal=True),
+    dict(D=64, dtype=torch.bfloat16, causal=True, out_dtype=torch.bfloat16),  # O stored in the inputs' dtype
     dict(D=64, dtype=torch.bfloat16, window=(32, 16), docs=True),
     dict(D=128, dtype=torch.bfloat16, causal=True, fold=True, split=2),
     dict(D=64, dtype=torch.bfloat16, window=(32, 16), docs=True, split=2),
@@ -124,13 +124,11 @@ VARIANTS = [
     dict(D=128, dtype=torch.bfloat16, causal=True, fold=True, split=2, persistent=True),
     dict(D=128, dtype=torch.bfloat16, window=(64, 0), docs=True, pos_dtype=torch.int32, split=2, persistent=True),
     dict(D=64, dtype=torch.bfloat16, split=1, persistent=True),
-    # O stored directly in the inputs' dtype (forward(out_dtype=...))
-    dict(D=128, dtype=torch.bfloat16, causal=True, split=2, out_dtype=torch.bfloat16),
 ]
 
 
 BACKWARD_VARIANTS = [
-    dict(D=128, dtype=torch.bfloat16),
+    dict(D=128, dtype=torch.bfloat16, grad_dtype=torch.bfloat16),  # dQ, dK, dV stored in the inputs' dtype
     dict(D=128, dtype=torch.bfloat16, causal=True, accumulate=True),
     dict(D=128, dtype=torch.float16, window=(64, 0), docs=True, causal=True, pos_dtype=torch.int32),
     dict(D=64, dtype=torch.bfloat16, window=(32, 16), docs=True, accumulate=True),
@@ -139,8 +137,6 @@ BACKWARD_VARIANTS = [
     dict(D=128, dtype=torch.bfloat16, causal=True, accumulate=True, smem_p=True),
     dict(D=128, dtype=torch.float16, window=(64, 0), docs=True, causal=True, pos_dtype=torch.int32, smem_p=True),
     dict(D=64, dtype=torch.bfloat16, causal=True, smem_p=True),
-    # dQ, dK and dV stored directly in the inputs' dtype (backward(grad_dtype=...))
-    dict(D=128, dtype=torch.bfloat16, causal=True, grad_dtype=torch.bfloat16),
 ]
 
 
