@@ -50,18 +50,12 @@ def query_program(H, G, Sq, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
     """(b, h, K/V head, first query row, query tile) of a program that owns a query tile; causal
     grids run the longest rows first, so that the grid's tail is short."""
     num_m = (Sq + BLOCK_M - 1) // BLOCK_M
-    pid_m = gl.program_id(0)
-    if CAUSAL:
-        pid_m = num_m - 1 - pid_m
-    pid_bh = gl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    return b, h, h // G, pid_m * BLOCK_M, pid_m
+    return item_program(gl.program_id(1) * num_m + gl.program_id(0), H, G, Sq, BLOCK_M, CAUSAL)
 
 
 @gluon.jit
 def item_program(it, H, G, Sq, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
-    """:func:`query_program` for work item ``it`` of a persistent grid, in the same order: the
+    """:func:`query_program` for work item ``it`` (a persistent grid's, or a program's own): the
     query tiles of one (batch, head) after another, so that the programs running at once read
     the same head's K/V (from L2), the longest rows first under ``CAUSAL``."""
     num_m = (Sq + BLOCK_M - 1) // BLOCK_M
