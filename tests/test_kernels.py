@@ -21,7 +21,7 @@ import torch
 
 os.environ["TRITON_INTERPRET"] = "1"  # process-wide: Triton also reads it at launch time
 from common import make_qkv, require_interpreter, striped_positions, zigzag_positions  # noqa: E402
-from ringflash import kernels, reference  # noqa: E402
+from ringflash import kernels, reference, sparse  # noqa: E402
 
 require_interpreter()
 
@@ -279,6 +279,30 @@ def test_grouped_dkdv_launch_config(monkeypatch):
     assert attn.BWD_DKDV_GROUPED_CONFIGS in seen and seen.count(attn.BWD_DKDV_GROUPED_CONFIGS) == 1
 
 
+def test_masked_dkdv_launch_config(monkeypatch):
+    """dK/dV under windows and documents takes the masked table where it has the head dim (two
+    programs per SM for short key ranges); dense calls and block patterns keep the plain one."""
+    attn = sys.modules[kernels.backward.__module__]
+    monkeypatch.setattr(attn, "INTERPRETED", False)
+    bf16 = torch.bfloat16
+    masked = attn.BWD_DKDV_MASKED_CONFIGS
+    assert attn._config(attn.BWD_DKDV_CONFIGS, None, 128, bf16, True, masked=masked) == masked[128]
+    assert attn._config(attn.BWD_DKDV_CONFIGS, None, 64, bf16, True, masked=masked) == attn.BWD_DKDV_CONFIGS[64]
+    seen = []
+    real = attn._config
+    monkeypatch.setattr(attn, "_config", lambda *a, **kw: (a[0] is attn.BWD_DKDV_CONFIGS and seen.append(kw.get("masked")))
+                        or real(*a, **kw))
+    monkeypatch.setattr(attn, "INTERPRETED", True)
+    q, k, v, dout = make_qkv(1, 16, 16, 2, 2, 16, torch.float32, seed=9)
+    out, lse = kernels.forward(q, k, v, causal=True)
+    delta = kernels.backward_delta(out, dout)
+    doc = torch.tensor([0] * 7 + [1] * 9, dtype=torch.int32)
+    for kw in (dict(), dict(window=(4, 0)), dict(q_doc=doc, k_doc=doc)):
+        kernels.backward(dout, q, k, v, lse, delta, causal=True, **kw)
+    kernels.backward(dout, q, k, v, lse, delta, causal=True, blocks=sparse.block_pattern(16, 8, local=1))
+    assert seen == [None, masked, masked, None]
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "striped", "zigzag"])
 @pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 2)])
 def test_backward_query_tiles_taller_than_key_tiles(monkeypatch, H, Hkv, layout):
@@ -319,7 +343,7 @@ def test_backward_split_group(monkeypatch, H, Hkv, causal):
         def __getitem__(self, grid):
             def launch(*args, **meta):
                 if meta["DO_DKDV"]:
-                    launched.append((grid, args[-3]))  # args end with (..., SPLIT, Sq, Sk)
+                    launched.append((grid, args[-5]))  # args end with (..., SPLIT, Sq, Sk, SWIZZLE_KV, SWIZZLE_Q)
                 return real_bwd[grid](*args, **meta)
             return launch
 
@@ -428,6 +452,38 @@ def test_single_step_calls_store_in_the_inputs_dtype(monkeypatch, masks):
     ref.backward(dout.double())
     for got, want in zip(results[0], (ref, qd.grad, kd.grad, vd.grad)):
         assert rel_err(got, want) < 5e-3
+
+
+@pytest.mark.parametrize("B,H,Hkv,budget", [(1, 3, 3, 2), (2, 3, 1, 1), (1, 6, 2, 4)])
+def test_causal_order_in_sections(monkeypatch, B, H, Hkv, budget):
+    """Causal grids run their tiles longest first across sections of heads sized to L2
+    (_lpt_item): with an L2 budget of ``budget`` heads' operands the sections hold one to
+    several heads, the last one short; every tile of every head is still computed once, in the
+    forward, dK/dV and dQ programs, and with the group split."""
+    attn = sys.modules[kernels.backward.__module__]
+    Sq, Sk, D = 70, 75, 16
+    monkeypatch.setattr(attn, "LPT_L2_BYTES", budget * 2 * max(Sq, Sk) * D * 4)
+    swizzles = []
+    real = attn._lpt_swizzle
+    monkeypatch.setattr(attn, "_lpt_swizzle", lambda *a: swizzles.append(real(*a)) or swizzles[-1])
+    monkeypatch.setattr(attn, "_min_programs", lambda device: 10**9)  # split the groups too
+    q, k, v, dout = make_qkv(B, Sq, Sk, H, Hkv, D, torch.float32, seed=21)
+    check_all(q, k, v, dout, causal=True)
+    G = H // Hkv
+    fits = budget * max(Sq, Sk) // Sk  # K/V heads of this many keys in the budget
+    assert swizzles[0] == (1 << (fits.bit_length() - 1)) * G  # the forward's sections
+    assert min(swizzles) < B * H  # at least one grid ran in several sections
+
+
+def test_lpt_swizzle():
+    attn = sys.modules[kernels.backward.__module__]
+    mb = 1 << 20
+    assert attn.LPT_L2_BYTES == 16 * mb
+    assert attn._lpt_swizzle(4 * mb) == 4  # K/V of 8k keys at D = 128 in bf16
+    assert attn._lpt_swizzle(4 * mb, 4) == 16  # four query heads on each K/V head
+    assert attn._lpt_swizzle(3 * mb) == 4  # a power of two
+    assert attn._lpt_swizzle(64 * mb) == 1  # one head's K/V already fills the budget
+    assert attn._lpt_swizzle(0) > 0
 
 
 def test_group_split_choice(monkeypatch):

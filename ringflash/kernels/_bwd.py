@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, _count_tiles, _load_ranges, _load_tile, _rows_ptr, _rule
+from ._common import LOG2E, _count_tiles, _load_ranges, _load_tile, _lpt_item, _rows_ptr, _rule
 
 
 @triton.jit
@@ -417,6 +417,7 @@ def _attn_bwd(
     stride_dvb, stride_dvs, stride_dvh,
     stride_dk_split, stride_dv_split,
     B, H, G, SPLIT, Sq, Sk,
+    SWIZZLE_KV, SWIZZLE_Q,  # rows per section of the causal orders (_lpt_item)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
     BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
@@ -433,11 +434,14 @@ def _attn_bwd(
         # of the group and stores into that split's slab of DK/DV (never accumulates).
         n_dkdv = num_n * B * (H // G) * SPLIT
         if pid < n_dkdv:
+            pid_n = pid % num_n
             rest = pid // num_n
+            if CAUSAL:
+                pid_n, rest = _lpt_item(pid, num_n, B * (H // G) * SPLIT, SWIZZLE_KV, True)
             split = (rest % SPLIT).to(tl.int64)
             g_count = G // SPLIT
             _dkdv_program(
-                pid % num_n, rest // SPLIT, split * g_count, g_count,
+                pid_n, rest // SPLIT, split * g_count, g_count,
                 Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES_KV,
                 DK + split * stride_dk_split, DV + split * stride_dv_split,
                 PAT, LIST_KV, COUNTS_KV,
@@ -457,11 +461,12 @@ def _attn_bwd(
             num_m = tl.cdiv(Sq, BLOCK_M2)
             p = pid - n_dkdv
             pid_m = p % num_m
+            pid_bh = p // num_m
             if CAUSAL:
                 # Heaviest first: later query tiles see the most keys.
-                pid_m = num_m - 1 - pid_m
+                pid_m, pid_bh = _lpt_item(p, num_m, B * H, SWIZZLE_Q, False)
             _dq_program(
-                pid_m, p // num_m,
+                pid_m, pid_bh,
                 Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES_Q, DQ,
                 PAT, LIST_Q, COUNTS_Q,
                 sm_scale, qk_scale, wl, wr, nb, bs,

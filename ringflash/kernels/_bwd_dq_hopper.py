@@ -37,11 +37,11 @@ from ._hopper_common import (LOG2E, barriers, cta_barrier, invalidate, load_kv_t
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DQ,
               q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
-              sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, H, G, Sq, Sk,
+              sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, H, G, Sq, Sk, SWIZZLE,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr,
               ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr):
-    b, h, hk, m0, pid_m = query_program(H, G, Sq, BLOCK_M, CAUSAL)
+    b, h, hk, m0, pid_m = query_program(H, G, Sq, SWIZZLE, BLOCK_M, CAUSAL)
     lo, flo, fhi, hi = ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
 
     mbarrier.expect(q_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
@@ -54,7 +54,7 @@ def _producer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
 @gluon.jit
 def _consumer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DQ,
               q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
-              sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, H, G, Sq, Sk,
+              sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_qb, stride_qs, stride_qh, H, G, Sq, Sk, SWIZZLE,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr,
               ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr):
@@ -68,7 +68,7 @@ def _consumer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
     col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
     dtype: gl.constexpr = q_desc.dtype
 
-    b, h, hk, m0, pid_m = query_program(H, G, Sq, BLOCK_M, CAUSAL)
+    b, h, hk, m0, pid_m = query_program(H, G, Sq, SWIZZLE, BLOCK_M, CAUSAL)
     lo, flo, fhi, hi = ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
     n = (hi - lo) // BLOCK_N
     n_full = (fhi - flo) // BLOCK_N
@@ -142,7 +142,7 @@ def _consumer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
 @gluon.jit
 def _attn_bwd_dq_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DQ,
                         sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_qb, stride_qs, stride_qh,
-                        H, G, Sq, Sk,
+                        H, G, Sq, Sk, SWIZZLE,
                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                         STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
                         RANGED: gl.constexpr, ACCUMULATE: gl.constexpr,
@@ -167,12 +167,12 @@ def _attn_bwd_dq_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS,
             (_consumer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DQ,
                          q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
                          sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_qb, stride_qs, stride_qh,
-                         H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS, RANGED,
+                         H, G, Sq, Sk, SWIZZLE, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS, RANGED,
                          ACCUMULATE, CONSUMER_WARPS)),
             (_producer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DQ,
                          q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
                          sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_qb, stride_qs, stride_qh,
-                         H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS, RANGED,
+                         H, G, Sq, Sk, SWIZZLE, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS, RANGED,
                          ACCUMULATE, CONSUMER_WARPS)),
         ],
         [PRODUCER_WARPS], [PRODUCER_REGS])

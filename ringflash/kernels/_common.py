@@ -58,6 +58,26 @@ def _count_tiles(
 
 
 @triton.jit
+def _lpt_item(it, num_t, rows, SWIZZLE, HEAVY_FIRST: tl.constexpr):
+    """(tile, row) of work item ``it`` of a causal grid of ``num_t`` tiles per row (a batch x
+    head): the longest-processing-time-first order in sections of ``SWIZZLE`` rows. Causal tiles
+    differ in length (a query tile's keys grow with its index, a key tile's queries shrink), and
+    the rows run one after another in launch order, so with each row's tiles heaviest first the
+    last row's long tiles still start near the end of the grid and leave SMs idle while they
+    finish. Within a section every row's heaviest tile comes first, then every row's next one;
+    a section has as many rows as have their K/V (or Q/dO) in L2 together, so the programs
+    running at once still share them (the host picks ``SWIZZLE``; the last section may be short).
+    ``HEAVY_FIRST``: tile 0 is the heaviest (key tiles), else the last one (query tiles)."""
+    first = it // (SWIZZLE * num_t) * SWIZZLE
+    n = tl.minimum(SWIZZLE, rows - first)
+    r = it - first * num_t
+    rank = r // n
+    if not HEAVY_FIRST:
+        rank = num_t - 1 - rank
+    return rank, first + r % n
+
+
+@triton.jit
 def _rows_ptr(base, start, offs, stride, WIDE: tl.constexpr):
     """``base + (start + offs)[:, None] * stride``: pointers to a tile's rows.
 

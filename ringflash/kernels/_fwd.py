@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import LN2, _count_tiles, _load_ranges, _load_tile, _merge_states, _rows_ptr, _rule
+from ._common import LN2, _count_tiles, _load_ranges, _load_tile, _lpt_item, _merge_states, _rows_ptr, _rule
 
 
 @triton.jit
@@ -77,6 +77,7 @@ def _attn_fwd(
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh, stride_ls,
     H, G, Sq, Sk,
+    SWIZZLE,  # rows per section of the causal order (_lpt_item)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, FOLD: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
@@ -84,10 +85,10 @@ def _attn_fwd(
 ):
     num_m = tl.cdiv(Sq, BLOCK_M)
     pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
     if CAUSAL:
         # Later query tiles see more keys: start them first so the tail of the grid is short.
-        pid_m = num_m - 1 - pid_m
-    pid_bh = tl.program_id(1)
+        pid_m, pid_bh = _lpt_item(pid_bh * num_m + pid_m, num_m, tl.num_programs(1), SWIZZLE, False)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     hk = (h // G).to(tl.int64)

@@ -94,7 +94,7 @@ from ._hopper_common import (LN2, barriers, cta_barrier, invalidate, item_progra
 def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
               q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
               qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-              H, G, Sq, Sk, N_ITEMS, COUNTER,
+              H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
               RANGED: gl.constexpr, FOLD: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
@@ -110,7 +110,7 @@ def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
         it = gl.atomic_add(COUNTER, 1)
         while it < N_ITEMS:
             qs = t % 2
-            b, h, hk, m0, pid_m = item_program(it, H, G, Sq, BLOCK_M, CAUSAL)
+            b, h, hk, m0, pid_m = item_program(it, N_ITEMS, H, G, Sq, SWIZZLE, BLOCK_M, CAUSAL)
             lo, flo, fhi, hi = ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
             mbarrier.wait(q_empties.index(qs), ((t // 2) & 1) ^ 1)
             _post_item(COUNTER, qs, it)
@@ -127,7 +127,7 @@ def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
         _post_item(COUNTER, qs, N_ITEMS)
         mbarrier.arrive(q_bars.index(qs))
     else:
-        b, h, hk, m0, pid_m = query_program(H, G, Sq, BLOCK_M, CAUSAL)
+        b, h, hk, m0, pid_m = query_program(H, G, Sq, SWIZZLE, BLOCK_M, CAUSAL)
         lo, flo, fhi, hi = ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
 
         mbarrier.expect(q_bars.index(0), SPLIT * q_desc.block_type.nbytes)
@@ -360,7 +360,7 @@ def _consumer_item(b, h, m0, pid_m, qs, q_phase, j0, QPOS, KPOS, QDOC, KDOC, RAN
 def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
               q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
               qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-              H, G, Sq, Sk, N_ITEMS, COUNTER,
+              H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
               RANGED: gl.constexpr, FOLD: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
@@ -385,7 +385,7 @@ def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
         it = _read_item(COUNTER, 0)
         while it < N_ITEMS:
             qs = t % 2
-            b, h, hk, m0, pid_m = item_program(it, H, G, Sq, BLOCK_M, CAUSAL)
+            b, h, hk, m0, pid_m = item_program(it, N_ITEMS, H, G, Sq, SWIZZLE, BLOCK_M, CAUSAL)
             j0 = _consumer_item(b, h, m0, pid_m, qs, (t // 2) & 1, j0, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
                                 q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
                                 qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, Sq, Sk,
@@ -395,7 +395,7 @@ def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
             mbarrier.wait(q_bars.index(t % 2), (t // 2) & 1)
             it = _read_item(COUNTER, t % 2)
     else:
-        b, h, hk, m0, pid_m = query_program(H, G, Sq, BLOCK_M, CAUSAL)
+        b, h, hk, m0, pid_m = query_program(H, G, Sq, SWIZZLE, BLOCK_M, CAUSAL)
         _consumer_item(b, h, m0, pid_m, 0, 0, 0, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
                        q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
                        qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, Sq, Sk,
@@ -406,7 +406,7 @@ def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
 @gluon.jit
 def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
                      qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                     H, G, Sq, Sk, N_ITEMS, COUNTER,
+                     H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                      DOCS: gl.constexpr, RANGED: gl.constexpr, FOLD: gl.constexpr,
@@ -436,12 +436,12 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT
                 (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
                              q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                             H, G, Sq, Sk, N_ITEMS, COUNTER, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                             H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
                              RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
                 (_producer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
                              q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                             H, G, Sq, Sk, N_ITEMS, COUNTER, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                             H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
                              RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
             ],
             [PRODUCER_WARPS], [PRODUCER_REGS])
@@ -454,17 +454,17 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT
                 (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
                              q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                             H, G, Sq, Sk, N_ITEMS, COUNTER, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                             H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
                              RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
                 (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
                              q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                             H, G, Sq, Sk, N_ITEMS, COUNTER, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                             H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
                              RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 1)),
                 (_producer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
                              q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                             H, G, Sq, Sk, N_ITEMS, COUNTER, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                             H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
                              RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
             ],
             [CONSUMER_WARPS // SPLIT, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])

@@ -46,23 +46,29 @@ def invalidate(bars, N: gl.constexpr):
 
 
 @gluon.jit
-def query_program(H, G, Sq, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
-    """(b, h, K/V head, first query row, query tile) of a program that owns a query tile; causal
-    grids run the longest rows first, so that the grid's tail is short."""
+def query_program(H, G, Sq, SWIZZLE, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
+    """(b, h, K/V head, first query row, query tile) of a program that owns a query tile, on a
+    (query tiles, batch x heads) grid; the order is :func:`item_program`'s."""
     num_m = (Sq + BLOCK_M - 1) // BLOCK_M
-    return item_program(gl.program_id(1) * num_m + gl.program_id(0), H, G, Sq, BLOCK_M, CAUSAL)
+    return item_program(gl.program_id(1) * num_m + gl.program_id(0), num_m * gl.num_programs(1), H, G, Sq,
+                        SWIZZLE, BLOCK_M, CAUSAL)
 
 
 @gluon.jit
-def item_program(it, H, G, Sq, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
-    """:func:`query_program` for work item ``it`` (a persistent grid's, or a program's own): the
-    query tiles of one (batch, head) after another, so that the programs running at once read
-    the same head's K/V (from L2), the longest rows first under ``CAUSAL``."""
+def item_program(it, n_items, H, G, Sq, SWIZZLE, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
+    """:func:`query_program` for work item ``it`` of ``n_items`` (a persistent grid's, or a
+    program's own): the query tiles of one (batch, head) after another, so that the programs
+    running at once read the same head's K/V (from L2); under ``CAUSAL`` the longest rows first
+    across sections of ``SWIZZLE`` heads (``_common._lpt_item``, the same order)."""
     num_m = (Sq + BLOCK_M - 1) // BLOCK_M
     pid_m = it % num_m
-    if CAUSAL:
-        pid_m = num_m - 1 - pid_m
     pid_bh = it // num_m
+    if CAUSAL:
+        first = it // (SWIZZLE * num_m) * SWIZZLE
+        n = gl.minimum(SWIZZLE, n_items // num_m - first)
+        r = it - first * num_m
+        pid_m = num_m - 1 - r // n
+        pid_bh = first + r % n
     b = pid_bh // H
     h = pid_bh % H
     return b, h, h // G, pid_m * BLOCK_M, pid_m

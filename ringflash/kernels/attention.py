@@ -41,6 +41,7 @@ __all__ = [
     "HOPPER_BWD_DQ_CONFIGS",
     "HOPPER_FWD_HEAD_DIMS",
     "BWD_DKDV_CONFIGS",
+    "BWD_DKDV_MASKED_CONFIGS",
     "BWD_DQ_CONFIGS",
     "INTERPRETED",
     "SUPPORTED_DTYPES",
@@ -92,6 +93,16 @@ BWD_DKDV_GROUPED_CONFIGS: dict = {
     16: KernelConfig(128, 64, 4, 3),
     32: KernelConfig(128, 64, 4, 3),
     64: KernelConfig(64, 64, 4, 3),
+}
+# dK/dV programs under windows and documents (and the per-head attributes of QK-dropping and
+# hashing), whose key tiles see few query tiles each: 4 warps over 64 x 64 tiles leave room
+# for two programs per SM, so one's loads and epilogue overlap the other's products. At S = 32k,
+# H = 32, bf16 (benchmarks/results/masks_h100_bwd_tiles/, masks_h200_bwd_tiles/), the backward
+# took 0.94-0.95x (H100) / 0.93-0.94x (H200) the time of the table's 64 x 128 tiles with
+# log-normal documents (median 4k) and a 4k window, 0.82-0.83x with documents of 512 tokens;
+# dense causal ran 0.95-0.98x as fast, so it keeps the table's.
+BWD_DKDV_MASKED_CONFIGS: dict = {
+    128: KernelConfig(64, 64, 4, 2),
 }
 BWD_DQ_CONFIGS: dict = {
     16: KernelConfig(128, 64, 4, 3),
@@ -201,6 +212,23 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
+# Causal grids run their tiles longest first across a section of rows (batch x head) whose
+# operands fit in this much L2 together (_common._lpt_item; FlashAttention-3's tile scheduler
+# takes 32 MB of the 50 MB L2 for K and V). On an H200 (B = 1, H = 32, bf16, three interleaved
+# rounds; benchmarks/results/kernels_h200_tile_order/), 16 MB ran causal calls 1.02-1.07x faster
+# than each head's tiles in turn (0) at 4k-8k, forward and backward, D = 128 and 64, and
+# 0.99-1.00x as fast at 16k; 32 MB gained less and ran the 16k forward at 0.98x.
+LPT_L2_BYTES = 16 << 20
+
+
+def _lpt_swizzle(bytes_per_row: int, share: int = 1) -> int:
+    """Rows per section of a causal grid's order: the largest power of two of rows whose
+    operands (``bytes_per_row``) fit in LPT_L2_BYTES (at least one), times ``share``, the
+    adjacent rows that read the same operands (the query heads of a K/V head)."""
+    fit = LPT_L2_BYTES // max(1, bytes_per_row)
+    return (1 << (fit.bit_length() - 1) if fit >= 1 else 1) * share
+
+
 def _min_programs(device: torch.device) -> int:
     """dK/dV programs wanted to fill ``device``; 0 under the interpreter (no split)."""
     if INTERPRETED or device.type != "cuda":
@@ -219,12 +247,13 @@ def _group_split(n_programs: int, group: int, device: torch.device) -> int:
 
 
 def _config(table: dict, interp: KernelConfig, head_dim: int, dtype, causal: bool,
-            grouped: dict | None = None) -> KernelConfig:
-    """The launch config for this head dim; ``grouped``: a table that takes precedence (GQA)."""
+            grouped: dict | None = None, masked: dict | None = None) -> KernelConfig:
+    """The launch config for this head dim; ``grouped`` (GQA), then ``masked`` (windows and
+    documents): tables that take precedence where they have the head dim."""
     if INTERPRETED:
         return interp
     bd = _block_d(head_dim)
-    cfg = (grouped or {}).get(bd) or table.get((bd, causal)) or table[bd]
+    cfg = (grouped or {}).get(bd) or (masked or {}).get(bd) or table.get((bd, causal)) or table[bd]
     if dtype == torch.float32:
         # float32 (a testing dtype) needs twice the shared memory per tile.
         cap = 64 if bd <= 128 else 32
@@ -571,7 +600,7 @@ def _hopper_launch(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold, ranges)
     args = (*descs, q_pos, k_pos, q_doc, k_doc, lse if ranges is None else ranges, out, lse,
             float(scale) * math.log2(math.e), m.wl, m.wr,
             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-            H, H // Hkv, Sq, Sk, n_items, counter)
+            H, H // Hkv, Sq, Sk, n_items, counter, _lpt_swizzle(2 * Sk * D * k.element_size(), H // Hkv))
     constexprs = dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, STAGES=cfg.num_stages,
         CAUSAL=bool(causal), WINDOW=m.window, DOCS=m.docs, RANGED=ranges is not None, FOLD=fold,
@@ -675,7 +704,7 @@ def forward(
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
-        H, H // Hkv, Sq, Sk,
+        H, H // Hkv, Sq, Sk, _lpt_swizzle(2 * Sk * D * k.element_size(), H // Hkv),
         HEAD_DIM=D, BLOCK_D=_block_d(D),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=bool(causal), FOLD=fold, DOT_PREC=_dot_precision(q.dtype), WIDE=_wide(q, k, v, out),
@@ -713,7 +742,8 @@ def _hopper_bwd_launches(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale,
                              dict(meta, ACCUMULATE=acc_dkdv, SMEM_P=HOPPER_BWD_SMEM_P, P_LAYOUT=p_layout),
                              cfg.num_warps))
         else:
-            args = (*head, dq, *tail, dq.stride(0), dq.stride(1), dq.stride(2), H, H // Hkv, Sq, Sk)
+            args = (*head, dq, *tail, dq.stride(0), dq.stride(1), dq.stride(2), H, H // Hkv, Sq, Sk,
+                    _lpt_swizzle(2 * Sk * D * k.element_size(), H // Hkv))
             launches.append(((triton.cdiv(Sq, cfg.block_m), B * H), args, dict(meta, ACCUMULATE=acc_dq),
                              cfg.num_warps))
     return launches
@@ -845,7 +875,8 @@ def backward(
                                 after_dkdv)
 
     c1 = _config(BWD_DKDV_CONFIGS, _INTERPRET_DKDV, D, q.dtype, bool(causal),
-                 grouped=BWD_DKDV_GROUPED_CONFIGS if Hkv < H else None)
+                 grouped=BWD_DKDV_GROUPED_CONFIGS if Hkv < H else None,
+                 masked=BWD_DKDV_MASKED_CONFIGS if (m.window or m.docs) and m.blocks is None else None)
     c2 = _config(BWD_DQ_CONFIGS, _INTERPRET_DQ, D, q.dtype, bool(causal))
     c1, c2 = _sparse_stages(c1, m), _sparse_stages(c2, m)
     ranges_kv = ranges_q = lists_kv = counts_kv = lists_q = counts_q = lse
@@ -881,6 +912,9 @@ def backward(
         dv_out.stride(1), dv_out.stride(2), dv_out.stride(3),
         dk_out.stride(0), dv_out.stride(0),
         B, H, H // Hkv, split, Sq, Sk,
+        # dK/dV rows (batch, K/V head, split) read their query heads' Q and dO; dQ rows read K/V
+        _lpt_swizzle(2 * (H // Hkv // split) * Sq * D * q.element_size()),
+        _lpt_swizzle(2 * Sk * D * k.element_size(), H // Hkv),
     )
     meta = dict(
         HEAD_DIM=D, BLOCK_D=_block_d(D),
