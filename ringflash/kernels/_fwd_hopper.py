@@ -64,9 +64,10 @@ Variants (constexprs, to be measured against each other):
   last item's PV and epilogue. The consumers wait ``q_bars[t % 2]`` with the parity of
   ``t // 2`` and read the index there; an index of ``N_ITEMS`` (with no Q) ends both loops.
 
-Key tiles come in the order of :mod:`._fwd`: ``[flo, fhi)`` fully visible (no mask
-arithmetic), then the boundary tiles ``[fhi, hi)`` and ``[lo, flo)`` (the mask rule on
-positions and document ids, and the sequence end); tiles outside ``[lo, hi)`` are never loaded.
+Key tiles come boundary first: ``[fhi, hi)`` and ``[lo, flo)`` (the mask rule on positions and
+document ids, and the sequence end), then ``[flo, fhi)`` fully visible (no mask arithmetic). The
+first tile is peeled and always masked, so a causal program's diagonal tile is that one; tiles
+outside ``[lo, hi)`` are never loaded.
 Both partitions map a tile's index to its keys with the same function (:func:`._hopper_common.tile_start`).
 TMA descriptors are 4-D over (B, S, H, D) with boxes [1, BLOCK, 1, D]: rows past the end of
 *this* batch's sequence are zero-filled (never the next batch's rows) and masked as keys.
@@ -119,7 +120,7 @@ def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
                 tma_load(q_desc, [b, m0 + w * (BLOCK_M // SPLIT), h, 0], q_bars.index(qs),
                          q_smem.index(qs * SPLIT + w))
             j0 = load_kv_tiles(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, b, hk,
-                               lo, flo, fhi, hi, BLOCK_N, STAGES, j0)
+                               lo, flo, fhi, hi, BLOCK_N, STAGES, j0, True)
             t += 1
             it = gl.atomic_add(COUNTER, 1)
         qs = t % 2
@@ -134,7 +135,7 @@ def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
         for w in gl.static_range(SPLIT):  # one Q tile per consumer partition
             tma_load(q_desc, [b, m0 + w * (BLOCK_M // SPLIT), h, 0], q_bars.index(0), q_smem.index(w))
         load_kv_tiles(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, b, hk, lo, flo, fhi, hi,
-                      BLOCK_N, STAGES, 0)
+                      BLOCK_N, STAGES, 0, True)
 
 
 @gluon.jit
@@ -233,7 +234,7 @@ def _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready, k_em
 
     n0 = 0
     if MASKED:
-        n0 = tile_start(j, lo, flo, fhi, hi, BLOCK_N)
+        n0 = tile_start(j, lo, flo, fhi, hi, BLOCK_N, True)
     p, m_i, l_i, alpha = _softmax_tile(s_acc, m_i, l_i, qp, qd, n0, KPOS, KDOC, Sk, qk_scale, wl, wr,
                                        s_layout, BLOCK_N, MASKED, CAUSAL, WINDOW, DOCS)
 
@@ -278,9 +279,12 @@ def _consumer_item(b, h, m0, pid_m, qs, q_phase, j0, QPOS, KPOS, QDOC, KDOC, RAN
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
 
     mbarrier.wait(q_bars.index(qs), q_phase)
+    n_masked = n - n_full
     if n > 0:
         # Tile 0, peeled (nothing to overlap its QK^T with), with the mask: right for a fully
-        # visible tile too.
+        # visible tile too. The boundary tiles come first (tile_start's BOUNDARY_FIRST), so that
+        # tile 0 is one of them where there are any: a dense causal program pays for one masked
+        # tile, its diagonal, not for the diagonal and a peeled visible tile.
         s0 = j0 % STAGES
         k2 = k_smem.index(s0).reshape([BLOCK_N, HEAD_DIM])
         _my_turn(turn, 0, WG, PINGPONG)
@@ -290,21 +294,21 @@ def _consumer_item(b, h, m0, pid_m, qs, q_phase, j0, QPOS, KPOS, QDOC, KDOC, RAN
         s_acc, _q, _k = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, q2, k2))
         cta_barrier()
         mbarrier.arrive(k_empty.index(s0))
-        n0 = tile_start(0, lo, flo, fhi, hi, BLOCK_N)
+        n0 = tile_start(0, lo, flo, fhi, hi, BLOCK_N, True)
         p, m_i, l_i, alpha = _softmax_tile(s_acc, m_i, l_i, qp, qd, n0, KPOS, KDOC, Sk, qk_scale, wl, wr,
                                            s_layout, BLOCK_N, True, CAUSAL, WINDOW, DOCS)
         p_op = gl.convert_layout(p.to(k2.dtype), p_layout)
 
-        for j in range(1, n_full):
-            p_op, acc, m_i, l_i = _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready,
-                                           k_empty, v_empty, turn, p_op, acc, m_i, l_i, s_zero, qp, qd,
-                                           KPOS, KDOC, Sk, qk_scale, wl, wr, s_layout, o_layout, p_layout,
-                                           BLOCK_N, HEAD_DIM, STAGES, False, CAUSAL, WINDOW, DOCS, PINGPONG, WG)
-        for j in range(gl.maximum(n_full, 1), n):
+        for j in range(1, n_masked):
             p_op, acc, m_i, l_i = _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready,
                                            k_empty, v_empty, turn, p_op, acc, m_i, l_i, s_zero, qp, qd,
                                            KPOS, KDOC, Sk, qk_scale, wl, wr, s_layout, o_layout, p_layout,
                                            BLOCK_N, HEAD_DIM, STAGES, True, CAUSAL, WINDOW, DOCS, PINGPONG, WG)
+        for j in range(gl.maximum(n_masked, 1), n):
+            p_op, acc, m_i, l_i = _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready,
+                                           k_empty, v_empty, turn, p_op, acc, m_i, l_i, s_zero, qp, qd,
+                                           KPOS, KDOC, Sk, qk_scale, wl, wr, s_layout, o_layout, p_layout,
+                                           BLOCK_N, HEAD_DIM, STAGES, False, CAUSAL, WINDOW, DOCS, PINGPONG, WG)
 
         # Every QK^T of this item has retired: the producer may load the next item's Q.
         if PERSISTENT:

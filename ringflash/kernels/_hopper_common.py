@@ -93,11 +93,17 @@ def ranges(RANGES, t, n, BLOCK: gl.constexpr, RANGED: gl.constexpr):
 
 
 @gluon.jit
-def tile_start(j, lo, flo, fhi, hi, BLOCK: gl.constexpr):
+def tile_start(j, lo, flo, fhi, hi, BLOCK: gl.constexpr, BOUNDARY_FIRST: gl.constexpr = False):
     """First row of the j-th tile walked: [flo, fhi) (fully visible), then the boundary tiles
-    [fhi, hi) and [lo, flo), as the Triton kernels walk them."""
+    [fhi, hi) and [lo, flo), as the Triton kernels walk them; with ``BOUNDARY_FIRST`` the
+    boundary tiles [fhi, hi) and [lo, flo) first, then [flo, fhi)."""
     n_full = (fhi - flo) // BLOCK
     n_right = (hi - fhi) // BLOCK
+    if BOUNDARY_FIRST:
+        n_left = (flo - lo) // BLOCK
+        start = flo + (j - n_right - n_left) * BLOCK
+        start = gl.where(j < n_right + n_left, lo + (j - n_right) * BLOCK, start)
+        return gl.where(j < n_right, fhi + j * BLOCK, start)
     start = lo + (j - n_full - n_right) * BLOCK
     start = gl.where(j < n_full + n_right, fhi + (j - n_full) * BLOCK, start)
     return gl.where(j < n_full, flo + j * BLOCK, start)
@@ -105,7 +111,7 @@ def tile_start(j, lo, flo, fhi, hi, BLOCK: gl.constexpr):
 
 @gluon.jit
 def load_kv_tiles(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, b, hk, lo, flo, fhi, hi,
-                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, j0=0):
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, j0=0, BOUNDARY_FIRST: gl.constexpr = False):
     """The producer's loop of a program that owns a query tile: K and V of every key tile it
     walks (:func:`tile_start`'s order) into slot ``(j0 + j) % STAGES``, each once both its readers
     have handed the slot back (the empty barriers, waited with the parity flipped so that the
@@ -115,7 +121,7 @@ def load_kv_tiles(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_e
     for j in range(n):
         s = (j0 + j) % STAGES
         ph = ((j0 + j) // STAGES) & 1
-        n0 = tile_start(j, lo, flo, fhi, hi, BLOCK_N)
+        n0 = tile_start(j, lo, flo, fhi, hi, BLOCK_N, BOUNDARY_FIRST)
         mbarrier.wait(k_empty.index(s), ph ^ 1)
         mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
         tma_load(k_desc, [b, n0, hk, 0], k_ready.index(s), k_smem.index(s))
