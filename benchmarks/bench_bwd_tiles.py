@@ -68,22 +68,24 @@ def inputs(mask: str):
     return q, k, v, do, kw
 
 
+_DEFAULTS: dict = {}  # the kernels' tables as imported, once per process
+
+
 def use(dkdv, dq, hopper) -> None:
     """Set the kernels' tables for one variant (None: leave the default's)."""
     from ringflash.kernels import attention as A
 
-    for table, cfg, saved in ((A.BWD_DKDV_CONFIGS, dkdv, "_dkdv"), (A.BWD_DQ_CONFIGS, dq, "_dq")):
-        if not hasattr(A, "_bench" + saved):
-            setattr(A, "_bench" + saved, dict(table))  # the defaults, once
+    tables = {"dkdv": A.BWD_DKDV_CONFIGS, "dq": A.BWD_DQ_CONFIGS, "masked": A.BWD_DKDV_MASKED_CONFIGS}
+    if not _DEFAULTS:
+        _DEFAULTS.update({name: dict(t) for name, t in tables.items()})
+    for name, table in tables.items():
         table.clear()
-        table.update(getattr(A, "_bench" + saved))
+        table.update(_DEFAULTS[name])
+    for table, cfg in ((A.BWD_DKDV_CONFIGS, dkdv), (A.BWD_DQ_CONFIGS, dq)):
         if cfg is not None:
             table[128] = A.KernelConfig(*cfg)
-    if not hasattr(A, "_bench_masked"):
-        A._bench_masked = dict(A.BWD_DKDV_MASKED_CONFIGS)
-    A.BWD_DKDV_MASKED_CONFIGS.clear()
-    if dkdv is None and dq is None and hopper is None:
-        A.BWD_DKDV_MASKED_CONFIGS.update(A._bench_masked)  # the default keeps its masked table
+    if not (dkdv is None and dq is None and hopper is None):
+        A.BWD_DKDV_MASKED_CONFIGS.clear()  # only the default keeps its masked table
     A.HOPPER_BACKWARD = hopper is not None
     A.HOPPER_BWD_SMEM_P = bool(hopper)
 
