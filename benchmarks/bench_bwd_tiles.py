@@ -4,7 +4,10 @@ tile shape with the other kind at the table's, and the Hopper backward, against 
     PYTHONPATH=. python benchmarks/bench_bwd_tiles.py --out dir      # dir/bwd_tiles.jsonl
 
 S = 32k, H = 32, D = 128, bf16, B = 1; dense causal, documents of 512 tokens, log-normal
-documents (median 4k, as bench_masks.py) and a causal window of 4k keys. The backward alone
+documents (median 4k, as bench_masks.py) and a causal window of 4k keys; with ``--masks``
+also the sparse modes' kernels on tokens sorted per head (``hash8``: 8 random buckets,
+``qkdrop50``: half the queries and keys dropped at random, as bench_sparse.py's "kernel"
+rows); ``--variants`` picks variants by name. The backward alone
 (kernels.backward with bf16 gradients, as flash_attention calls it), median of
 triton.testing.do_bench. Each variant's gradients are checked against the first variant's
 (``diff``: the largest relative difference of dQ, dK, dV; tile shapes change the order of the
@@ -24,6 +27,7 @@ import time
 
 S, H, D = 32768, 32, 128
 MASKS = ("causal", "docs512", "docs_lognormal", "window4096")
+SPARSE_MASKS = ("hash8", "qkdrop50")
 DKDV = {"64x128w8s3": (64, 128, 8, 3), "64x128w8s2": (64, 128, 8, 2), "32x128w8s3": (32, 128, 8, 3),
         "32x128w8s2": (32, 128, 8, 2), "64x64w4s2": (64, 64, 4, 2), "64x64w4s3": (64, 64, 4, 3),
         "32x64w4s3": (32, 64, 4, 3), "128x64w8s2": (128, 64, 8, 2), "64x64w8s3": (64, 64, 8, 3)}
@@ -54,6 +58,8 @@ def inputs(mask: str):
     torch.manual_seed(0)
     q, k, v, do = (torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     pos = torch.arange(S, device="cuda")
+    if mask in SPARSE_MASKS:
+        return sparse_inputs(mask, q, k, v, do, pos)
     if mask == "causal":
         kw = dict(causal=True)
     elif mask == "docs_lognormal":
@@ -66,6 +72,27 @@ def inputs(mask: str):
     else:
         kw = dict(causal=True, window=(int(mask[6:]) - 1, 0))
     return q, k, v, do, kw
+
+
+def sparse_inputs(mask: str, q, k, v, do, pos):
+    """The kernels' inputs of a hashing or QK-dropping call: tokens sorted per head, with their
+    per-head composite positions and documents (ringflash.sparse.run_sorted's)."""
+    import torch
+
+    from ringflash import sparse as sp
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    if mask == "hash8":
+        mode = sp.HashSparse(*(torch.randint(0, 8, (1, S, H), generator=g, device="cuda") for _ in range(2)), 8)
+    else:
+        mode = sp.QKDrop(*(torch.rand(1, S, H, generator=g, device="cuda") >= 0.5 for _ in range(2)))
+    q_cpos, q_cdoc, k_cpos, k_cdoc = sp.composite(mode, pos, pos, None, None, 1)
+    q_order, _ = sp.sort_order(q_cpos)
+    k_order, _ = sp.sort_order(k_cpos)
+    kw = dict(causal=True, q_pos=torch.gather(q_cpos, -1, q_order), q_doc=torch.gather(q_cdoc, -1, q_order),
+              k_pos=torch.gather(k_cpos, -1, k_order), k_doc=torch.gather(k_cdoc, -1, k_order))
+    return (sp.gather_tokens(q, q_order), sp.gather_tokens(k, k_order), sp.gather_tokens(v, k_order),
+            sp.gather_tokens(do, q_order), kw)
 
 
 _DEFAULTS: dict = {}  # the kernels' tables as imported, once per process
@@ -111,11 +138,12 @@ def _compile(job):
         return name, mask, f"{type(e).__name__}: {str(e)[:200]}"
 
 
-def measure(out_dir: str, workers: int) -> str:
+def measure(out_dir: str, workers: int, masks=MASKS, names=None) -> str:
     import torch
     import triton
 
-    jobs = [(*var, m) for var in variants() for m in MASKS]
+    chosen = [var for var in variants() if names is None or var[0] in names]
+    jobs = [(*var, m) for var in chosen for m in masks]
     t0 = time.time()
     failed = set()
     with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
@@ -127,10 +155,10 @@ def measure(out_dir: str, workers: int) -> str:
     gpu = torch.cuda.get_device_name()
     path = os.path.join(out_dir, "bwd_tiles.jsonl")
     with open(path, "w") as f:
-        for mask in MASKS:
+        for mask in masks:
             data = inputs(mask)
             ref = None
-            for name, dkdv, dq, hopper in variants():
+            for name, dkdv, dq, hopper in chosen:
                 if (name, mask) in failed:
                     continue
                 use(dkdv, dq, hopper)
@@ -160,8 +188,11 @@ def main() -> None:
     ap.add_argument("--out", default=".", help="directory for bwd_tiles.jsonl")
     ap.add_argument("--table", default=None, help="only print the table of this JSON-lines file (CPU)")
     ap.add_argument("--workers", type=int, default=12, help="processes that compile the variants")
+    ap.add_argument("--masks", nargs="+", default=list(MASKS), choices=MASKS + SPARSE_MASKS)
+    ap.add_argument("--variants", nargs="+", default=None, help="variant names (default: all)",
+                    choices=[var[0] for var in variants()])
     a = ap.parse_args()
-    table(a.table or measure(a.out, a.workers))
+    table(a.table or measure(a.out, a.workers, tuple(a.masks), a.variants))
 
 
 if __name__ == "__main__":
