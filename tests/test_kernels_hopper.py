@@ -47,18 +47,28 @@ SMS = 4  # the SM count the persistent grids are sized for here (fewer than the 
 B, S, H, HKV = 2, 300, 4, 2
 
 
-def _inputs(D, dtype, causal, window, docs, pos_dtype):
+def _inputs(D, dtype, causal, window, docs, pos_dtype, head_attrs=False):
+    """Inputs and mask arguments; ``head_attrs``: per-head composite positions and documents,
+    as the sparse modes pass them (:mod:`ringflash.sparse`)."""
     q = torch.randn(B, S, H, D, dtype=dtype)
     k = torch.randn(B, S, HKV, D, dtype=dtype)
     v = torch.randn(B, S, HKV, D, dtype=dtype)
     pos = torch.arange(S, dtype=pos_dtype)
     doc = (torch.arange(S) // 100).to(torch.int32) if docs else None
-    m = A._mask_args(pos, pos, causal, window, doc, doc, S, S, q.device)
+    if head_attrs:
+        def attrs(heads):
+            cdoc = torch.arange(S).expand(B, heads, S) // 64
+            return (cdoc << 31) | torch.arange(S), cdoc.to(torch.int32)
+
+        (q_pos, q_doc), (k_pos, k_doc) = attrs(H), attrs(HKV)
+        m = A._mask_args(q_pos, k_pos, causal, window, q_doc, k_doc, S, S, q.device, None, (B, H, HKV))
+    else:
+        m = A._mask_args(pos, pos, causal, window, doc, doc, S, S, q.device)
     return q, k, v, m, causal or bool(m.window) or m.docs
 
 
-def _ranges(masked, tiles):
-    return torch.zeros(1, tiles, 4, dtype=torch.int32) if masked else None
+def _ranges(masked, tiles, rows=1):
+    return torch.zeros(rows, tiles, 4, dtype=torch.int32) if masked else None
 
 
 def _compile(kernel, launch):
@@ -72,13 +82,14 @@ def _compile(kernel, launch):
 
 
 def compile_variant(D, dtype, *, causal=False, window=None, docs=False, fold=False, pos_dtype=torch.int64,
-                    split=1, pingpong=False, persistent=False, out_dtype=torch.float32):
+                    split=1, pingpong=False, persistent=False, out_dtype=torch.float32, head_attrs=False):
     """Compile the forward kernel as forward() would launch it on these (CPU) inputs; ``out_dtype``:
-    O's dtype (float32, or the inputs' dtype, which the kernel stores directly)."""
-    q, k, v, m, masked = _inputs(D, dtype, causal, window, docs, pos_dtype)
+    O's dtype (float32, or the inputs' dtype, which the kernel stores directly); ``head_attrs``:
+    per-head positions and documents (the sparse modes)."""
+    q, k, v, m, masked = _inputs(D, dtype, causal, window, docs, pos_dtype, head_attrs)
     out = torch.empty(B, S, H, D, dtype=out_dtype)
     lse = torch.empty(B, H, S, dtype=torch.float32)
-    ranges = _ranges(masked, triton.cdiv(S, A.HOPPER_FWD_CONFIGS[D].block_m))
+    ranges = _ranges(masked, triton.cdiv(S, A.HOPPER_FWD_CONFIGS[D].block_m), B * H if head_attrs else 1)
     saved = A.HOPPER_FWD_SPLIT, A.HOPPER_FWD_PINGPONG, A.HOPPER_FWD_PERSISTENT, A._sm_count
     A.HOPPER_FWD_SPLIT, A.HOPPER_FWD_PINGPONG, A.HOPPER_FWD_PERSISTENT = split, pingpong, persistent
     A._sm_count = lambda device: SMS  # a CPU tensor has no SM count
@@ -124,6 +135,10 @@ VARIANTS = [
     dict(D=128, dtype=torch.bfloat16, causal=True, fold=True, split=2, persistent=True),
     dict(D=128, dtype=torch.bfloat16, window=(64, 0), docs=True, pos_dtype=torch.int32, split=2, persistent=True),
     dict(D=64, dtype=torch.bfloat16, split=1, persistent=True),
+    # per-head positions and documents (QK-dropping, hash buckets)
+    dict(D=128, dtype=torch.bfloat16, causal=True, split=2, head_attrs=True),
+    dict(D=64, dtype=torch.bfloat16, causal=True, window=(32, 0), fold=True, split=2, head_attrs=True),
+    dict(D=128, dtype=torch.bfloat16, causal=True, split=2, persistent=True, head_attrs=True),
 ]
 
 

@@ -194,6 +194,56 @@ def test_ring_step_with_documents_and_window(hopper):
     check(q, k, v, hopper, causal=True, q_pos=qp, k_pos=kp, window=(500, 0), q_doc=doc_ids(cu, qp), k_doc=doc_ids(cu, kp))
 
 
+@pytest.mark.parametrize("mode,window,fold", [("hash", None, False), ("qkdrop", None, False),
+                                              ("hash", (300, 0), False), ("qkdrop", (200, 0), True)])
+def test_per_head_attributes(mode, window, fold, hopper, monkeypatch):
+    """QK-dropping and hash buckets: tokens sorted per head, with composite positions (document
+    << 31 | position, so bit 31 and above are set) and documents, as ringflash.sparse passes them.
+    The forward only (the Hopper backward takes no per-head attributes); its error against
+    float64 within SDPA_FACTOR x the Triton kernel's on the same inputs."""
+    from ringflash import sparse as sp
+
+    B, S, H, Hkv, D = 2, 2048, 8, 2, 128
+    g = torch.Generator(device=DEV).manual_seed(8)
+    q, k, v = make(B, S, S, H, Hkv, D, torch.bfloat16, seed=8)
+    if mode == "hash":
+        mask = sp.HashSparse(torch.randint(0, 4, (B, S, H), generator=g, device=DEV),
+                             torch.randint(0, 4, (B, S, Hkv), generator=g, device=DEV), 4)
+    else:
+        mask = sp.QKDrop(torch.rand(B, S, H, generator=g, device=DEV) > 0.4,
+                         torch.rand(B, S, Hkv, generator=g, device=DEV) > 0.4)
+    pos = torch.arange(S, device=DEV)
+    doc = doc_ids([0, 700, 1500, 1501, S], pos)
+    q_cpos, q_cdoc, k_cpos, k_cdoc = sp.composite(mask, pos, pos, doc, doc, 4)
+    assert (q_cpos >= 2**31).any()
+    q_order, _ = sp.sort_order(q_cpos)
+    k_order, _ = sp.sort_order(k_cpos)
+    q, k, v = sp.gather_tokens(q, q_order), sp.gather_tokens(k, k_order), sp.gather_tokens(v, k_order)
+    kw = dict(causal=True, window=window, q_pos=torch.gather(q_cpos, -1, q_order), q_doc=torch.gather(q_cdoc, -1, q_order),
+              k_pos=torch.gather(k_cpos, -1, k_order), k_doc=torch.gather(k_cdoc, -1, k_order))
+    run = {}
+    for name, on in (("hopper", True), ("triton", False)):
+        monkeypatch.setattr(attention, "HOPPER_FORWARD", on)
+        n = len(hopper)
+        if fold:  # a first half of the keys, then the rest folded in
+            half = {**kw, "k_pos": kw["k_pos"][..., : S // 2], "k_doc": kw["k_doc"][..., : S // 2]}
+            out, lse = kernels.forward(q, k[:, : S // 2], v[:, : S // 2], **half)
+            rest = {**kw, "k_pos": kw["k_pos"][..., S // 2:], "k_doc": kw["k_doc"][..., S // 2:]}
+            kernels.forward(q, k[:, S // 2:], v[:, S // 2:], **rest, out=out, lse=lse)
+        else:
+            out, lse = kernels.forward(q, k, v, **kw)
+        assert hopper[n:] == (["fwd"] * (1 + fold) if on else []), name
+        run[name] = out, lse
+    ref, ref_lse = reference.forward(q.double(), k.double(), v.double(), **kw)
+    fin = torch.isfinite(ref_lse)
+    (out, lse), (out_t, _) = run["hopper"], run["triton"]
+    assert torch.equal(fin, torch.isfinite(lse)) and (~fin).any()
+    assert (lse[fin].double() - ref_lse[fin]).abs().max().item() < 2e-3
+    assert torch.all(out.transpose(1, 2)[~fin] == 0)
+    err, err_t = rel_err(out, ref), rel_err(out_t, ref)
+    assert err <= SDPA_FACTOR * err_t + 1e-5, f"error {err:.2e} > {SDPA_FACTOR} x the Triton kernel's {err_t:.2e}"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_fold_matches_one_call(dtype, hopper):
     q, k, v = make(2, 2048, 4096, 8, 2, 128, dtype, seed=5)

@@ -43,10 +43,11 @@ def _mode(name: str, B: int, H: int, Hkv: int, g: torch.Generator):
                          torch.randint(0, 4, (B, S, Hkv), generator=g, device=DEV), 4)
 
 
-def _dense_mask(mode, causal: bool, H: int, Hkv: int) -> torch.Tensor:
-    """(B or 1, H, S, S) boolean mask of the mode, built directly."""
+def _dense_mask(mode, causal: bool, H: int, Hkv: int, window=None, cu=None) -> torch.Tensor:
+    """(B or 1, H, S, S) boolean mask of the mode (with a window and documents), built directly."""
     pos = torch.arange(S, device=DEV)
-    base = visible(pos, pos, causal=causal)
+    doc = None if cu is None else torch.bucketize(pos, torch.tensor(cu[1:], device=DEV), right=True)
+    base = visible(pos, pos, causal=causal, window=window, q_doc=doc, k_doc=doc)
     if isinstance(mode, sp.BlockSparse):
         blk = mode.pattern.to(DEV).repeat_interleave(mode.block_size, 0).repeat_interleave(mode.block_size, 1)
         return (blk if base is None else base & blk)[None, None]
@@ -62,11 +63,26 @@ def _dense_mask(mode, causal: bool, H: int, Hkv: int) -> torch.Tensor:
 
 CASES = [(m, 128, (8, 8), torch.bfloat16, True) for m in ("block", "block64", "qkdrop", "hash")]
 CASES += [(m, 64, (8, 2), torch.bfloat16, c) for m in ("block", "qkdrop", "hash") for c in (True, False)]
-CASES += [("hash", 128, (8, 2), torch.float16, True)]
+CASES += [("hash", 128, (8, 2), torch.float16, True), ("hash", 128, (8, 2), torch.bfloat16, False)]
+# With a window and documents: at D = 128 the token modes' forward is the Hopper kernel's on an
+# sm_90 GPU, whose window bounds take the global position out of the composite one.
+CU = [0, 700, 1500, 1501, S]
+MASKED_CASES = [(m, D, True, w, cu) for m in ("qkdrop", "hash") for D in (64, 128)
+                for w, cu in (((300, 0), None), (None, CU), ((200, 0), CU))]
+MASKED_CASES += [("hash", 128, False, (100, 50), CU)]
 
 
 @pytest.mark.parametrize("name,head_dim,heads,dtype,causal", CASES)
 def test_sparse_kernels_match_float64(name, head_dim, heads, dtype, causal):
+    _check_against_float64(name, head_dim, heads, dtype, causal)
+
+
+@pytest.mark.parametrize("name,head_dim,causal,window,cu", MASKED_CASES)
+def test_sparse_with_window_and_documents(name, head_dim, causal, window, cu):
+    _check_against_float64(name, head_dim, (8, 2), torch.bfloat16, causal, window, cu)
+
+
+def _check_against_float64(name, head_dim, heads, dtype, causal, window=None, cu=None):
     (H, Hkv), B = heads, 2
     g = torch.Generator(device=DEV).manual_seed(0)
     mk = lambda h: torch.randn(B, S, h, head_dim, generator=g, device=DEV).to(dtype)  # noqa: E731
@@ -74,12 +90,14 @@ def test_sparse_kernels_match_float64(name, head_dim, heads, dtype, causal):
     mode = _mode(name, B, H, Hkv, g)
 
     qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
-    ref, ref_lse = reference.attention(qd, kd, vd, causal=causal, sparsity=mode)
+    mask_kw = dict(window=window, cu_seqlens=cu)
+    ref, ref_lse = reference.attention(qd, kd, vd, causal=causal, sparsity=mode, **mask_kw)
     ref.backward(dout.double())
     refs = [ref.detach(), qd.grad, kd.grad, vd.grad]
 
     qt, kt, vt = (t.clone().requires_grad_() for t in (q, k, v))
-    out, lse = flash_attention(qt, kt, vt, causal=causal, sparsity=mode, return_lse=True, backend="triton")
+    out, lse = flash_attention(qt, kt, vt, causal=causal, sparsity=mode, return_lse=True, backend="triton",
+                               **mask_kw)
     out.backward(dout)
     ours = [out.detach(), qt.grad, kt.grad, vt.grad]
     fin = torch.isfinite(ref_lse)
@@ -87,7 +105,7 @@ def test_sparse_kernels_match_float64(name, head_dim, heads, dtype, causal):
     assert (lse[fin].double() - ref_lse[fin]).abs().max().item() < 2e-3
     assert (out.transpose(1, 2)[~fin] == 0).all()  # rows that see no key: O = 0
 
-    vis = _dense_mask(mode, causal, H, Hkv)
+    vis = _dense_mask(mode, causal, H, Hkv, window, cu)
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
     o_sdpa = F.scaled_dot_product_attention(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2),
                                             attn_mask=vis, enable_gqa=H != Hkv).transpose(1, 2)

@@ -2,7 +2,8 @@
 
 It serves the same contract as :mod:`._fwd` (float32 partials, a natural-log LSE, an in-place
 fold into a running result, positions, windows and documents through the tile ranges of
-:func:`._common._ranges_kernel`) for bfloat16/float16 at head dims 64 and 128; the launcher
+:func:`._common._ranges_kernel`, shared or per head as QK-dropping and hash buckets give them,
+:func:`._hopper_common.head_attrs`) for bfloat16/float16 at head dims 64 and 128; the launcher
 (:mod:`.attention`) sends everything else to the Triton kernel. Gluon kernels do not run under
 Triton's CPU interpreter: on the CPU they are only compiled (tests/test_kernels_hopper.py).
 
@@ -87,18 +88,19 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from ._hopper_common import (LN2, barriers, cta_barrier, invalidate, item_program, load_kv_tiles, max_of,
-                             query_program, ranges, sum_of, tile_start, tma_load, visible)
+from ._hopper_common import (LN2, barriers, cta_barrier, head_attrs, invalidate, item_program, load_kv_tiles,
+                             load_pos, max_of, query_program, ranges, sum_of, tile_start, tma_load, visible)
 
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
               q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
-              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+              qk_scale, wl, wr, stride_ab, stride_ah, stride_kab, stride_kah,
+              stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
               H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
-              RANGED: gl.constexpr, FOLD: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
+              RANGED: gl.constexpr, HEAD_ATTRS: gl.constexpr, FOLD: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
               SPLIT: gl.constexpr, PINGPONG: gl.constexpr, PERSISTENT: gl.constexpr, WG: gl.constexpr):
     if PERSISTENT:
         # Items come from a global counter, so programs that drew short items draw more. Item t
@@ -112,7 +114,9 @@ def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
         while it < N_ITEMS:
             qs = t % 2
             b, h, hk, m0, pid_m = item_program(it, N_ITEMS, H, G, Sq, SWIZZLE, BLOCK_M, CAUSAL)
-            lo, flo, fhi, hi = ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
+            _qp, _kp, _qd, _kd, ranges_h = head_attrs(b, h, hk, H, Sq, QPOS, KPOS, QDOC, KDOC, RANGES, stride_ab,
+                                                      stride_ah, stride_kab, stride_kah, BLOCK_M, HEAD_ATTRS)
+            lo, flo, fhi, hi = ranges(ranges_h, pid_m, Sk, BLOCK_N, RANGED)
             mbarrier.wait(q_empties.index(qs), ((t // 2) & 1) ^ 1)
             _post_item(COUNTER, qs, it)
             mbarrier.expect(q_bars.index(qs), SPLIT * q_desc.block_type.nbytes)
@@ -129,7 +133,9 @@ def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
         mbarrier.arrive(q_bars.index(qs))
     else:
         b, h, hk, m0, pid_m = query_program(H, G, Sq, SWIZZLE, BLOCK_M, CAUSAL)
-        lo, flo, fhi, hi = ranges(RANGES, pid_m, Sk, BLOCK_N, RANGED)
+        _qp, _kp, _qd, _kd, ranges_h = head_attrs(b, h, hk, H, Sq, QPOS, KPOS, QDOC, KDOC, RANGES, stride_ab,
+                                                  stride_ah, stride_kab, stride_kah, BLOCK_M, HEAD_ATTRS)
+        lo, flo, fhi, hi = ranges(ranges_h, pid_m, Sk, BLOCK_N, RANGED)
 
         mbarrier.expect(q_bars.index(0), SPLIT * q_desc.block_type.nbytes)
         for w in gl.static_range(SPLIT):  # one Q tile per consumer partition
@@ -157,7 +163,7 @@ def _read_item(COUNTER, s):
 @gluon.jit
 def _softmax_tile(s_acc, m_i, l_i, qp, qd, n0, KPOS, KDOC, Sk, qk_scale, wl, wr,
                   s_layout: gl.constexpr, BLOCK_N: gl.constexpr, MASKED: gl.constexpr,
-                  CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr):
+                  CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, HEAD_ATTRS: gl.constexpr):
     """Online-softmax step on one tile's float32 scores (log2 domain): P (unnormalised), the
     new running max and row sum, and alpha, the factor for the running O. A boundary tile
     (``MASKED``) applies the rule of :func:`._common._rule` and the sequence end."""
@@ -168,7 +174,7 @@ def _softmax_tile(s_acc, m_i, l_i, qp, qd, n0, KPOS, KDOC, Sk, qk_scale, wl, wr,
         kp = cols
         kd = cols
         if CAUSAL or WINDOW > 0:
-            kp = gl.load(KPOS + cols, mask=inside, other=0).to(gl.int32)
+            kp = load_pos(KPOS, cols, inside, HEAD_ATTRS, WINDOW)
         if DOCS:
             kd = gl.load(KDOC + cols, mask=inside, other=-1)
         ok = ok & visible(qp[:, None], kp[None, :], qd[:, None], kd[None, :], wl, wr, CAUSAL, WINDOW, DOCS)
@@ -209,7 +215,7 @@ def _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready, k_em
              s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
              BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
              MASKED: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
-             PINGPONG: gl.constexpr, WG: gl.constexpr):
+             HEAD_ATTRS: gl.constexpr, PINGPONG: gl.constexpr, WG: gl.constexpr):
     """Tile j >= 1: S_j = Q K_j^T beside O += P_{j-1} V_{j-1}, the softmax of S_j beside the PV.
     ``j0``: the tiles of the program's earlier items (a persistent program), which set the slot
     and its round."""
@@ -236,7 +242,7 @@ def _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready, k_em
     if MASKED:
         n0 = tile_start(j, lo, flo, fhi, hi, BLOCK_N, True)
     p, m_i, l_i, alpha = _softmax_tile(s_acc, m_i, l_i, qp, qd, n0, KPOS, KDOC, Sk, qk_scale, wl, wr,
-                                       s_layout, BLOCK_N, MASKED, CAUSAL, WINDOW, DOCS)
+                                       s_layout, BLOCK_N, MASKED, CAUSAL, WINDOW, DOCS, HEAD_ATTRS)
 
     acc, _p = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
     cta_barrier()
@@ -254,8 +260,8 @@ def _consumer_item(b, h, m0, pid_m, qs, q_phase, j0, QPOS, KPOS, QDOC, KDOC, RAN
                    row_layout: gl.constexpr, ROWS: gl.constexpr, SPLIT: gl.constexpr,
                    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
-                   RANGED: gl.constexpr, FOLD: gl.constexpr, PINGPONG: gl.constexpr, PERSISTENT: gl.constexpr,
-                   WG: gl.constexpr):
+                   RANGED: gl.constexpr, HEAD_ATTRS: gl.constexpr, FOLD: gl.constexpr, PINGPONG: gl.constexpr,
+                   PERSISTENT: gl.constexpr, WG: gl.constexpr):
     """One query tile (this warpgroup's ROWS rows of it) over its key tiles, and its epilogue.
     ``qs``: its Q slot and ``q_phase`` the parity of the slot barrier's phase; ``j0``: the key
     tiles the program walked before (slot rounds). Returns ``j0`` plus this item's tiles."""
@@ -268,7 +274,7 @@ def _consumer_item(b, h, m0, pid_m, qs, q_phase, j0, QPOS, KPOS, QDOC, KDOC, RAN
     qp = rows  # unused without positions
     qd = rows  # unused without documents
     if CAUSAL or WINDOW > 0:
-        qp = gl.load(QPOS + rows, mask=rows < Sq, other=0).to(gl.int32)
+        qp = load_pos(QPOS, rows, rows < Sq, HEAD_ATTRS, WINDOW)
     if DOCS:
         qd = gl.load(QDOC + rows, mask=rows < Sq, other=-2)
 
@@ -296,19 +302,21 @@ def _consumer_item(b, h, m0, pid_m, qs, q_phase, j0, QPOS, KPOS, QDOC, KDOC, RAN
         mbarrier.arrive(k_empty.index(s0))
         n0 = tile_start(0, lo, flo, fhi, hi, BLOCK_N, True)
         p, m_i, l_i, alpha = _softmax_tile(s_acc, m_i, l_i, qp, qd, n0, KPOS, KDOC, Sk, qk_scale, wl, wr,
-                                           s_layout, BLOCK_N, True, CAUSAL, WINDOW, DOCS)
+                                           s_layout, BLOCK_N, True, CAUSAL, WINDOW, DOCS, HEAD_ATTRS)
         p_op = gl.convert_layout(p.to(k2.dtype), p_layout)
 
         for j in range(1, n_masked):
             p_op, acc, m_i, l_i = _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready,
                                            k_empty, v_empty, turn, p_op, acc, m_i, l_i, s_zero, qp, qd,
                                            KPOS, KDOC, Sk, qk_scale, wl, wr, s_layout, o_layout, p_layout,
-                                           BLOCK_N, HEAD_DIM, STAGES, True, CAUSAL, WINDOW, DOCS, PINGPONG, WG)
+                                           BLOCK_N, HEAD_DIM, STAGES, True, CAUSAL, WINDOW, DOCS, HEAD_ATTRS,
+                                           PINGPONG, WG)
         for j in range(gl.maximum(n_masked, 1), n):
             p_op, acc, m_i, l_i = _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready,
                                            k_empty, v_empty, turn, p_op, acc, m_i, l_i, s_zero, qp, qd,
                                            KPOS, KDOC, Sk, qk_scale, wl, wr, s_layout, o_layout, p_layout,
-                                           BLOCK_N, HEAD_DIM, STAGES, False, CAUSAL, WINDOW, DOCS, PINGPONG, WG)
+                                           BLOCK_N, HEAD_DIM, STAGES, False, CAUSAL, WINDOW, DOCS, HEAD_ATTRS,
+                                           PINGPONG, WG)
 
         # Every QK^T of this item has retired: the producer may load the next item's Q.
         if PERSISTENT:
@@ -363,11 +371,12 @@ def _consumer_item(b, h, m0, pid_m, qs, q_phase, j0, QPOS, KPOS, QDOC, KDOC, RAN
 @gluon.jit
 def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
               q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
-              qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+              qk_scale, wl, wr, stride_ab, stride_ah, stride_kab, stride_kah,
+              stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
               H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
-              RANGED: gl.constexpr, FOLD: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
+              RANGED: gl.constexpr, HEAD_ATTRS: gl.constexpr, FOLD: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
               SPLIT: gl.constexpr, PINGPONG: gl.constexpr, PERSISTENT: gl.constexpr, WG: gl.constexpr):
     # With SPLIT = 2 this partition is one warpgroup and owns ROWS = 64 of the tile's rows.
     NW: gl.constexpr = CONSUMER_WARPS // SPLIT
@@ -390,30 +399,35 @@ def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
         while it < N_ITEMS:
             qs = t % 2
             b, h, hk, m0, pid_m = item_program(it, N_ITEMS, H, G, Sq, SWIZZLE, BLOCK_M, CAUSAL)
-            j0 = _consumer_item(b, h, m0, pid_m, qs, (t // 2) & 1, j0, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
+            qpos, kpos, qdoc, kdoc, ranges_h = head_attrs(b, h, hk, H, Sq, QPOS, KPOS, QDOC, KDOC, RANGES, stride_ab,
+                                                          stride_ah, stride_kab, stride_kah, BLOCK_M, HEAD_ATTRS)
+            j0 = _consumer_item(b, h, m0, pid_m, qs, (t // 2) & 1, j0, qpos, kpos, qdoc, kdoc, ranges_h, OUT, LSE,
                                 q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
                                 qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, Sq, Sk,
                                 s_layout, o_layout, p_layout, row_layout, ROWS, SPLIT, BLOCK_N, HEAD_DIM, STAGES,
-                                CAUSAL, WINDOW, DOCS, RANGED, FOLD, PINGPONG, PERSISTENT, WG)
+                                CAUSAL, WINDOW, DOCS, RANGED, HEAD_ATTRS, FOLD, PINGPONG, PERSISTENT, WG)
             t += 1
             mbarrier.wait(q_bars.index(t % 2), (t // 2) & 1)
             it = _read_item(COUNTER, t % 2)
     else:
         b, h, hk, m0, pid_m = query_program(H, G, Sq, SWIZZLE, BLOCK_M, CAUSAL)
-        _consumer_item(b, h, m0, pid_m, 0, 0, 0, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
+        qpos, kpos, qdoc, kdoc, ranges_h = head_attrs(b, h, hk, H, Sq, QPOS, KPOS, QDOC, KDOC, RANGES, stride_ab,
+                                                      stride_ah, stride_kab, stride_kah, BLOCK_M, HEAD_ATTRS)
+        _consumer_item(b, h, m0, pid_m, 0, 0, 0, qpos, kpos, qdoc, kdoc, ranges_h, OUT, LSE,
                        q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
                        qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, Sq, Sk,
                        s_layout, o_layout, p_layout, row_layout, ROWS, SPLIT, BLOCK_N, HEAD_DIM, STAGES,
-                       CAUSAL, WINDOW, DOCS, RANGED, FOLD, PINGPONG, PERSISTENT, WG)
+                       CAUSAL, WINDOW, DOCS, RANGED, HEAD_ATTRS, FOLD, PINGPONG, PERSISTENT, WG)
 
 
 @gluon.jit
 def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
-                     qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                     qk_scale, wl, wr, stride_ab, stride_ah, stride_kab, stride_kah,
+                     stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                      H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
-                     DOCS: gl.constexpr, RANGED: gl.constexpr, FOLD: gl.constexpr,
+                     DOCS: gl.constexpr, RANGED: gl.constexpr, HEAD_ATTRS: gl.constexpr, FOLD: gl.constexpr,
                      PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                      CONSUMER_WARPS: gl.constexpr, CONSUMER_REGS: gl.constexpr, SPLIT: gl.constexpr,
                      PINGPONG: gl.constexpr, PERSISTENT: gl.constexpr):
@@ -439,14 +453,16 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT
             [
                 (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
                              q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
-                             qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                             qk_scale, wl, wr, stride_ab, stride_ah, stride_kab, stride_kah,
+                             stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                              H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
-                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
+                             RANGED, HEAD_ATTRS, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
                 (_producer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
                              q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
-                             qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                             qk_scale, wl, wr, stride_ab, stride_ah, stride_kab, stride_kah,
+                             stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                              H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
-                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
+                             RANGED, HEAD_ATTRS, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
             ],
             [PRODUCER_WARPS], [PRODUCER_REGS])
     else:
@@ -457,19 +473,22 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT
             [
                 (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
                              q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
-                             qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                             qk_scale, wl, wr, stride_ab, stride_ah, stride_kab, stride_kah,
+                             stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                              H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
-                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
+                             RANGED, HEAD_ATTRS, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
                 (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
                              q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
-                             qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                             qk_scale, wl, wr, stride_ab, stride_ah, stride_kab, stride_kah,
+                             stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                              H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
-                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 1)),
+                             RANGED, HEAD_ATTRS, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 1)),
                 (_producer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
                              q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
-                             qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                             qk_scale, wl, wr, stride_ab, stride_ah, stride_kab, stride_kah,
+                             stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                              H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
-                             RANGED, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
+                             RANGED, HEAD_ATTRS, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
             ],
             [CONSUMER_WARPS // SPLIT, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])
 

@@ -132,6 +132,36 @@ def load_kv_tiles(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_e
 
 
 @gluon.jit
+def head_attrs(b, h, hk, H, Sq, QPOS, KPOS, QDOC, KDOC, RANGES, stride_ab, stride_ah, stride_kab, stride_kah,
+               BLOCK_M: gl.constexpr, HEAD_ATTRS: gl.constexpr):
+    """The positions, document ids and query-tile ranges of (batch ``b``, query head ``h``, K/V
+    head ``hk``) where each head has its own (``HEAD_ATTRS``: the sparse modes' tokens, sorted
+    per head, :mod:`ringflash.sparse`); shared ones as they are."""
+    if HEAD_ATTRS:
+        qo = b.to(gl.int64) * stride_ab + h.to(gl.int64) * stride_ah
+        ko = b.to(gl.int64) * stride_kab + hk.to(gl.int64) * stride_kah
+        QPOS += qo
+        QDOC += qo
+        KPOS += ko
+        KDOC += ko
+        RANGES += (b * H + h).to(gl.int64) * ((Sq + BLOCK_M - 1) // BLOCK_M) * 4
+    return QPOS, KPOS, QDOC, KDOC, RANGES
+
+
+@gluon.jit
+def load_pos(POS, idx, inside, HEAD_ATTRS: gl.constexpr, WINDOW: gl.constexpr):
+    """Positions at ``idx`` as int32 (see :func:`visible`). Per-head positions are composite
+    (``document << 31 | position``, int64) and a boundary tile compares them only inside one
+    composite document (DOCS). There their low 32 bits order them alike (bit 31 is the same for
+    both), which the causal compare needs; a window's bounds (``q - left``) need the position
+    itself, the low 31 bits."""
+    p = gl.load(POS + idx, mask=inside, other=0).to(gl.int32)
+    if HEAD_ATTRS and WINDOW > 0:
+        p = p & 0x7FFFFFFF
+    return p
+
+
+@gluon.jit
 def visible(qp, kp, qd, kd, wl, wr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr):
     """The rule of :func:`._common._rule` on operands already broadcast against each other
     (positions as int32: one sequence stays below 2**31 tokens, and 64-bit compares over a

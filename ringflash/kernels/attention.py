@@ -498,14 +498,15 @@ def _launch(kernel, grid, *args, num_warps: int, num_stages: int, **constexprs) 
 _HOPPER_DEVICES: dict = {}
 
 
-def _hopper_serves(q: torch.Tensor, m: _MaskArgs, enabled: bool, head_dims=None) -> bool:
+def _hopper_serves(q: torch.Tensor, m: _MaskArgs, enabled: bool, head_dims=None, per_head: bool = False) -> bool:
     """Whether the Hopper kernels take this call (``enabled``: HOPPER_FORWARD or HOPPER_BACKWARD;
-    ``head_dims``: those taken, default every one the kernels have)."""
+    ``head_dims``: those taken, default every one the kernels have; ``per_head``: the kernel
+    takes per-head attributes, as the forward does)."""
     if not enabled or INTERPRETED or q.device.type != "cuda":
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[3] not in (HOPPER_FWD_CONFIGS if head_dims is None else head_dims):
         return False
-    if m.blocks is not None or m.strides[1] or q.shape[0] * q.shape[2] > 65535:
+    if m.blocks is not None or (m.strides[1] and not per_head) or q.shape[0] * q.shape[2] > 65535:
         return False
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     if index not in _HOPPER_DEVICES:
@@ -598,12 +599,13 @@ def _hopper_launch(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold, ranges)
     q_pos, k_pos = (lse, lse) if m.q_pos is None else (m.q_pos, m.k_pos)  # None: never read
     q_doc, k_doc = (lse, lse) if m.q_doc is None else (m.q_doc, m.k_doc)
     args = (*descs, q_pos, k_pos, q_doc, k_doc, lse if ranges is None else ranges, out, lse,
-            float(scale) * math.log2(math.e), m.wl, m.wr,
+            float(scale) * math.log2(math.e), m.wl, m.wr, *m.strides,
             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
             H, H // Hkv, Sq, Sk, n_items, counter, _lpt_swizzle(2 * Sk * D * k.element_size(), H // Hkv))
     constexprs = dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, STAGES=cfg.num_stages,
-        CAUSAL=bool(causal), WINDOW=m.window, DOCS=m.docs, RANGED=ranges is not None, FOLD=fold,
+        CAUSAL=bool(causal), WINDOW=m.window, DOCS=m.docs, RANGED=ranges is not None,
+        HEAD_ATTRS=bool(m.strides[1]), FOLD=fold,
         PRODUCER_WARPS=HOPPER_PRODUCER[0], PRODUCER_REGS=HOPPER_PRODUCER[1], CONSUMER_WARPS=cfg.num_warps,
         CONSUMER_REGS=HOPPER_CONSUMER_REGS, SPLIT=split, PINGPONG=pingpong, PERSISTENT=persistent,
     )
@@ -618,7 +620,7 @@ def _forward_hopper(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold):
     if causal or m.window or m.docs:
         cfg = HOPPER_FWD_CONFIGS[q.shape[3]]
         ranges = _tile_ranges(m, causal, q.shape[1], k.shape[1], cfg.block_m, cfg.block_n, by_keys=False,
-                              device=q.device)
+                              device=q.device, heads=(q.shape[0], q.shape[2], q.shape[2] // k.shape[2]))
     grid, args, constexprs, num_warps = _hopper_launch(q, k, v, m, causal, scale, out, lse, fold, ranges)
     _attn_fwd_hopper[grid](*args, **constexprs, num_warps=num_warps)
     return out, lse
@@ -678,7 +680,7 @@ def forward(
             lse.fill_(-math.inf)
         return out, lse
     m = _mask_args(q_pos, k_pos, causal, window, q_doc, k_doc, Sq, Sk, q.device, blocks, (B, H, Hkv))
-    if _hopper_serves(q, m, HOPPER_FORWARD, HOPPER_FWD_HEAD_DIMS):
+    if _hopper_serves(q, m, HOPPER_FORWARD, HOPPER_FWD_HEAD_DIMS, per_head=True):
         try:
             return _forward_hopper(q, k, v, m, causal, scale, out, lse, fold)
         except TritonError as e:  # raised while compiling, before anything ran
