@@ -390,17 +390,20 @@ def composite_positions(sparsity, q_pos, k_pos, q_doc, k_doc, num_docs: int):
             raise ValueError(
                 f"{num_docs} documents x {nb} buckets is too many composite documents (at most {_DROP_Q - 1})"
             )
-        q_c, k_c = sparsity.q_buckets.to(torch.int64), sparsity.k_buckets.to(torch.int64)
+        # (B, heads, S), laid out so: the kernels read each head's attributes as one row
+        # (strided ones would be copied at every kernel call).
+        q_c, k_c = (t.transpose(1, 2).to(torch.int64, memory_format=torch.contiguous_format)
+                    for t in (sparsity.q_buckets, sparsity.k_buckets))
         if q_doc is not None:
-            q_c = q_c + q_doc.to(torch.int64)[None, :, None] * nb
-            k_c = k_c + k_doc.to(torch.int64)[None, :, None] * nb
+            q_c = q_c + q_doc.to(torch.int64) * nb
+            k_c = k_c + k_doc.to(torch.int64) * nb
     else:
         qd = 0 if q_doc is None else q_doc.to(torch.int64)[None, :, None]
         kd = 0 if k_doc is None else k_doc.to(torch.int64)[None, :, None]
-        q_c = torch.where(sparsity.q_keep, qd, _DROP_Q)
-        k_c = torch.where(sparsity.k_keep, kd, _DROP_K)
-    q_cpos = (q_c.transpose(1, 2) << POS_BITS) | q_pos.to(torch.int64)  # (B, H, S)
-    k_cpos = (k_c.transpose(1, 2) << POS_BITS) | k_pos.to(torch.int64)
+        q_c = torch.where(sparsity.q_keep, qd, _DROP_Q).transpose(1, 2).contiguous()
+        k_c = torch.where(sparsity.k_keep, kd, _DROP_K).transpose(1, 2).contiguous()
+    q_cpos = (q_c << POS_BITS) | q_pos.to(torch.int64)  # (B, H, S)
+    k_cpos = (k_c << POS_BITS) | k_pos.to(torch.int64)
     return q_cpos, k_cpos
 
 

@@ -373,3 +373,26 @@ def test_flash_attention_triton_sparse(mode, causal, docs):
                        ("dv", v32.grad, v64.grad)):
         assert_close(a.detach(), b.detach(), None, name, torch.float32)
     assert_lse(lse, ref_lse)
+
+
+@pytest.mark.parametrize("mode", ["hash", "hash_docs", "qkdrop", "qkdrop_docs"])
+def test_composite_attributes_are_rows(mode):
+    """Composite positions come out as one contiguous row per head (B, heads, S) with the values
+    ``composite document << 31 | position``: the kernels would copy strided attributes at every
+    call (twice per ring step)."""
+    B, S, H, Hkv = 2, 50, 4, 2
+    g = torch.Generator().manual_seed(3)
+    pos = torch.arange(S) + 7
+    doc = (torch.arange(S) >= 20).to(torch.int32) + (torch.arange(S) >= 31).to(torch.int32)
+    docs = doc if mode.endswith("docs") else None
+    if mode.startswith("hash"):
+        m = sp.HashSparse(torch.randint(0, 5, (B, S, H), generator=g, dtype=torch.int32),
+                          torch.randint(0, 5, (B, S, Hkv), generator=g, dtype=torch.int32), 5)
+        want_q = m.q_buckets.long() + (0 if docs is None else docs.long()[None, :, None] * 5)
+    else:
+        m = sp.QKDrop(torch.rand(B, S, H, generator=g) > 0.5, torch.rand(B, S, Hkv, generator=g) > 0.5)
+        want_q = torch.where(m.q_keep, 0 if docs is None else docs.long()[None, :, None], 2**30)
+    q_cpos, k_cpos = sp.composite_positions(m, pos, pos, docs, docs, 3)
+    assert q_cpos.shape == (B, H, S) and k_cpos.shape == (B, Hkv, S)
+    assert q_cpos.is_contiguous() and k_cpos.is_contiguous()
+    assert torch.equal(q_cpos, (want_q.transpose(1, 2) << 31) | pos)
