@@ -692,7 +692,7 @@ def test_hopper_forward_that_does_not_compile_falls_back(monkeypatch):
         raise CompilationError("kernel source", None, "a Gluon name this Triton lacks")
 
     monkeypatch.setattr(attn, "_HOPPER_DEVICES", {})
-    monkeypatch.setattr(attn, "_hopper_serves", lambda q, m, enabled, head_dims=None: attn._HOPPER_DEVICES.get(-1, True))
+    monkeypatch.setattr(attn, "_hopper_serves", lambda q, m, enabled, *a, **kw: attn._HOPPER_DEVICES.get(-1, True))
     monkeypatch.setattr(attn, "_forward_hopper", broken)
     q, k, v, _ = make_qkv(1, 40, 40, 2, 2, 16, torch.float32, seed=3)
     with pytest.warns(RuntimeWarning, match="Hopper forward kernel did not compile"):
