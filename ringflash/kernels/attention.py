@@ -229,6 +229,12 @@ def _lpt_swizzle(bytes_per_row: int, share: int = 1) -> int:
     return (1 << (fit.bit_length() - 1) if fit >= 1 else 1) * share
 
 
+def _kv_swizzle(k: torch.Tensor, group: int) -> int:
+    """:func:`_lpt_swizzle` of a grid of query tiles (forward, dQ): each row reads one K/V head's
+    K and V, shared by the ``group`` query heads of that K/V head."""
+    return _lpt_swizzle(2 * k.shape[1] * k.shape[3] * k.element_size(), group)
+
+
 def _min_programs(device: torch.device) -> int:
     """dK/dV programs wanted to fill ``device``; 0 under the interpreter (no split)."""
     if INTERPRETED or device.type != "cuda":
@@ -601,7 +607,7 @@ def _hopper_launch(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold, ranges)
     args = (*descs, q_pos, k_pos, q_doc, k_doc, lse if ranges is None else ranges, out, lse,
             float(scale) * math.log2(math.e), m.wl, m.wr, *m.strides,
             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-            H, H // Hkv, Sq, Sk, n_items, counter, _lpt_swizzle(2 * Sk * D * k.element_size(), H // Hkv))
+            H, H // Hkv, Sq, Sk, n_items, counter, _kv_swizzle(k, H // Hkv))
     constexprs = dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, STAGES=cfg.num_stages,
         CAUSAL=bool(causal), WINDOW=m.window, DOCS=m.docs, RANGED=ranges is not None,
@@ -706,7 +712,7 @@ def forward(
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
-        H, H // Hkv, Sq, Sk, _lpt_swizzle(2 * Sk * D * k.element_size(), H // Hkv),
+        H, H // Hkv, Sq, Sk, _kv_swizzle(k, H // Hkv),
         HEAD_DIM=D, BLOCK_D=_block_d(D),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=bool(causal), FOLD=fold, DOT_PREC=_dot_precision(q.dtype), WIDE=_wide(q, k, v, out),
@@ -745,7 +751,7 @@ def _hopper_bwd_launches(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale,
                              cfg.num_warps))
         else:
             args = (*head, dq, *tail, dq.stride(0), dq.stride(1), dq.stride(2), H, H // Hkv, Sq, Sk,
-                    _lpt_swizzle(2 * Sk * D * k.element_size(), H // Hkv))
+                    _kv_swizzle(k, H // Hkv))
             launches.append(((triton.cdiv(Sq, cfg.block_m), B * H), args, dict(meta, ACCUMULATE=acc_dq),
                              cfg.num_warps))
     return launches
@@ -916,7 +922,7 @@ def backward(
         B, H, H // Hkv, split, Sq, Sk,
         # dK/dV rows (batch, K/V head, split) read their query heads' Q and dO; dQ rows read K/V
         _lpt_swizzle(2 * (H // Hkv // split) * Sq * D * q.element_size()),
-        _lpt_swizzle(2 * Sk * D * k.element_size(), H // Hkv),
+        _kv_swizzle(k, H // Hkv),
     )
     meta = dict(
         HEAD_DIM=D, BLOCK_D=_block_d(D),
