@@ -23,9 +23,10 @@ How they run. A block pattern is a rule on global positions: the ring skips step
 see no pattern block, and the kernels visit, per query tile, a list of the key tiles with any
 visible pair (full ones first, without mask arithmetic; partial ones with the element rule),
 built once per call on the device. For QK-dropping and hashing the tokens of every rank are
-reordered **per head**: sorted by (document, bucket, position), dropped tokens last. In that
-order the rule is the packed-documents rule on a *composite* document ``doc * buckets +
-bucket`` and a composite position ``composite document * 2**31 + position``, both increasing,
+reordered **per head**: sorted by (bucket, document, position), dropped tokens last (on a GPU
+one launch of a counting sort, :mod:`ringflash.kernels.tokens`). In that order the rule is the
+packed-documents rule on a *composite* document ``bucket * documents + doc`` and a composite
+position ``composite document * 2**31 + position``, both increasing,
 so the kernels' tile ranges skip whole tiles of other buckets, of dropped tokens and of later
 positions. The outputs go back to the caller's order. Keys' composite positions and documents
 are gathered from every rank once per call (12 bytes per token and K/V head).
@@ -392,11 +393,13 @@ def composite_positions(sparsity, q_pos, k_pos, q_doc, k_doc, num_docs: int):
             )
         # (B, heads, S), laid out so: the kernels read each head's attributes as one row
         # (strided ones would be copied at every kernel call).
-        q_c, k_c = (t.transpose(1, 2).to(torch.int64, memory_format=torch.contiguous_format)
+        # Bucket-major (bucket * num_docs + document): sorted by it, a head's tokens are sorted by
+        # bucket and, inside one, keep the call's order (ringflash.kernels.tokens sorts so).
+        q_c, k_c = (t.transpose(1, 2).to(torch.int64, memory_format=torch.contiguous_format) * num_docs
                     for t in (sparsity.q_buckets, sparsity.k_buckets))
         if q_doc is not None:
-            q_c = q_c + q_doc.to(torch.int64) * nb
-            k_c = k_c + k_doc.to(torch.int64) * nb
+            q_c = q_c + q_doc.to(torch.int64)
+            k_c = k_c + k_doc.to(torch.int64)
     else:
         qd = 0 if q_doc is None else q_doc.to(torch.int64)[None, :, None]
         kd = 0 if k_doc is None else k_doc.to(torch.int64)[None, :, None]
@@ -433,6 +436,32 @@ def gather_tokens(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, idx)
 
 
+def _sorts_on_device(sparsity, q: torch.Tensor) -> bool:
+    """Whether :func:`ringflash.kernels.tokens.sort_tokens` sorts this call (a GPU, or Triton's
+    interpreter on the CPU; at most ``MAX_BUCKETS`` buckets), rather than two PyTorch sorts."""
+    from .kernels import INTERPRETED
+    from .kernels.tokens import MAX_BUCKETS
+
+    if q.device.type != "cuda" and not INTERPRETED:
+        return False
+    return not isinstance(sparsity, HashSparse) or sparsity.num_buckets <= MAX_BUCKETS
+
+
+def _sort_on_device(sparsity, q_pos, k_pos, q_doc, k_doc, num_docs: int):
+    """:func:`run_sorted`'s order and attributes from one launch of the counting sort."""
+    from .kernels.tokens import sort_tokens
+
+    if isinstance(sparsity, HashSparse):
+        if num_docs * sparsity.num_buckets >= _DROP_Q:
+            raise ValueError(f"{num_docs} documents x {sparsity.num_buckets} buckets is too many composite "
+                             f"documents (at most {_DROP_Q - 1})")
+        return sort_tokens(sparsity.q_buckets, sparsity.k_buckets, sparsity.num_buckets, q_pos, k_pos,
+                           q_doc, k_doc, num_docs)
+    # QK-dropping: kept tokens first, then the dropped ones.
+    return sort_tokens(sparsity.q_keep, sparsity.k_keep, 2, q_pos, k_pos, q_doc, k_doc, num_docs,
+                       drop=(_DROP_Q, _DROP_K))
+
+
 class TokenAttrs:
     """Per-head attributes of a QK-dropping or hashing call, in sorted order: this rank's queries
     (``q_pos``, ``q_doc``: (B, H, S)) and every rank's keys (``k_pos[r]``, ``k_doc[r]``:
@@ -451,12 +480,16 @@ def run_sorted(sparsity, q, k, v, q_pos, k_pos, q_doc, k_doc, num_docs: int, cal
 
     ``gather_keys(t)``: every rank's copy of a key attribute tensor, as a list (the ring's
     all-gather); None for one device."""
-    q_cpos, k_cpos = composite_positions(sparsity, q_pos, k_pos, q_doc, k_doc, num_docs)
-    # Composite positions are distinct in a row: the sorted values are the kernels' attributes.
-    q_cpos, q_order = torch.sort(q_cpos, dim=-1)
-    k_cpos, k_order = torch.sort(k_cpos, dim=-1)
-    q_inverse = _inverse(q_order)
-    q_cdoc, k_cdoc = (q_cpos >> POS_BITS).to(torch.int32), (k_cpos >> POS_BITS).to(torch.int32)
+    if _sorts_on_device(sparsity, q):
+        q_order, q_inverse, q_cpos, q_cdoc, k_order, k_cpos, k_cdoc = _sort_on_device(
+            sparsity, q_pos, k_pos, q_doc, k_doc, num_docs)
+    else:
+        q_cpos, k_cpos = composite_positions(sparsity, q_pos, k_pos, q_doc, k_doc, num_docs)
+        # Composite positions are distinct in a row: the sorted values are the kernels' attributes.
+        q_cpos, q_order = torch.sort(q_cpos, dim=-1)
+        k_cpos, k_order = torch.sort(k_cpos, dim=-1)
+        q_inverse = _inverse(q_order)
+        q_cdoc, k_cdoc = (q_cpos >> POS_BITS).to(torch.int32), (k_cpos >> POS_BITS).to(torch.int32)
     if gather_keys is None:
         k_pos_all, k_doc_all = [k_cpos], [k_cdoc]
     else:

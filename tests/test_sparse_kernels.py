@@ -388,7 +388,7 @@ def test_composite_attributes_are_rows(mode):
     if mode.startswith("hash"):
         m = sp.HashSparse(torch.randint(0, 5, (B, S, H), generator=g, dtype=torch.int32),
                           torch.randint(0, 5, (B, S, Hkv), generator=g, dtype=torch.int32), 5)
-        want_q = m.q_buckets.long() + (0 if docs is None else docs.long()[None, :, None] * 5)
+        want_q = m.q_buckets.long() * 3 + (0 if docs is None else docs.long()[None, :, None])
     else:
         m = sp.QKDrop(torch.rand(B, S, H, generator=g) > 0.5, torch.rand(B, S, Hkv, generator=g) > 0.5)
         want_q = torch.where(m.q_keep, 0 if docs is None else docs.long()[None, :, None], 2**30)
@@ -396,3 +396,57 @@ def test_composite_attributes_are_rows(mode):
     assert q_cpos.shape == (B, H, S) and k_cpos.shape == (B, Hkv, S)
     assert q_cpos.is_contiguous() and k_cpos.is_contiguous()
     assert torch.equal(q_cpos, (want_q.transpose(1, 2) << 31) | pos)
+
+
+@pytest.mark.parametrize("mode", ["hash", "hash_docs", "qkdrop", "qkdrop_docs", "hash1", "hash_gqa_odd"])
+def test_counting_sort_matches_sort(mode):
+    """``kernels.tokens.sort_tokens`` (one launch: a stable counting sort by bucket) gives
+    ``run_sorted`` exactly what two PyTorch sorts of the composite positions give: the
+    permutations, the inverse and the sorted composite positions and documents; the order keeps
+    the call's token order inside a bucket and puts dropped tokens last."""
+    from ringflash.kernels.tokens import sort_tokens
+
+    B, S, H, Hkv, nb = (2, 77, 4, 2, 5) if mode != "hash_gqa_odd" else (3, 129, 6, 1, 19)
+    nb = 1 if mode == "hash1" else nb
+    g = torch.Generator().manual_seed(len(mode))
+    pos = torch.arange(S) * 2 + 3  # increasing, not 0..S-1: a rank's positions in a layout
+    cu = [0, 1, 9, 10, 40, S] if mode.endswith("docs") else [0, S]
+    doc = torch.repeat_interleave(torch.arange(len(cu) - 1), torch.tensor(cu).diff()).to(torch.int32)
+    docs = doc if mode.endswith("docs") else None
+    if mode.startswith("hash"):
+        m = sp.HashSparse(torch.randint(0, nb, (B, S, H), generator=g, dtype=torch.int32),
+                          torch.randint(0, nb, (B, S, Hkv), generator=g), nb)
+        got = sort_tokens(m.q_buckets, m.k_buckets, nb, pos, pos, docs, docs, len(cu) - 1)
+    else:
+        m = sp.QKDrop(torch.rand(B, S, H, generator=g) > 0.5, torch.rand(B, S, Hkv, generator=g) > 0.5)
+        got = sort_tokens(m.q_keep, m.k_keep, 2, pos, pos, docs, docs, len(cu) - 1, drop=(2**30, 2**30 + 1))
+    q_cpos, k_cpos = sp.composite_positions(m, pos, pos, docs, docs, len(cu) - 1)
+    (q_sorted, q_order), (k_sorted, k_order) = torch.sort(q_cpos, -1), torch.sort(k_cpos, -1)
+    want = (q_order, sp._inverse(q_order), q_sorted, (q_sorted >> 31).int(), k_order, k_sorted, (k_sorted >> 31).int())
+    names = ("q_order", "q_inverse", "q_cpos", "q_cdoc", "k_order", "k_cpos", "k_cdoc")
+    for name, a, b in zip(names, got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a, b), name
+
+
+def test_many_buckets_sort_with_pytorch():
+    """More buckets than the counting sort takes: run_sorted sorts with PyTorch, and the result
+    still matches the float64 reference."""
+    from ringflash.kernels.tokens import MAX_BUCKETS
+
+    B, S, H, nb = 1, 40, 2, MAX_BUCKETS + 1
+    g = torch.Generator().manual_seed(5)
+    q, k, v, dout = (torch.randn(B, S, H, 16, generator=g) for _ in range(4))
+    ids = [torch.randint(0, 3, (B, S, H), generator=g) * (MAX_BUCKETS // 2 - 1) for _ in range(2)]  # below 256
+    many, fits = sp.HashSparse(*ids, nb), sp.HashSparse(*ids, MAX_BUCKETS)
+    assert not sp._sorts_on_device(many, q) and sp._sorts_on_device(fits, q)
+    outs = []
+    for m in (many, fits):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        out = flash_attention(qq, kk, vv, causal=True, sparsity=m, backend="triton")
+        out.backward(dout)
+        outs.append((out, qq.grad, kk.grad, vv.grad))
+    ref = reference.attention(q.double(), k.double(), v.double(), causal=True, sparsity=many)[0]
+    assert_close(outs[0][0].detach(), ref, None, "out", torch.float32)
+    for a, b in zip(outs[0], outs[1]):  # the same mask, sorted two ways: the same tokens in the same order
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
