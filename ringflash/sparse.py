@@ -481,22 +481,61 @@ def run_sorted(sparsity, q, k, v, q_pos, k_pos, q_doc, k_doc, num_docs: int, cal
     ``gather_keys(t)``: every rank's copy of a key attribute tensor, as a list (the ring's
     all-gather); None for one device."""
     if _sorts_on_device(sparsity, q):
-        q_order, q_inverse, q_cpos, q_cdoc, k_order, k_cpos, k_cdoc = _sort_on_device(
+        q_order, q_inverse, q_cpos, q_cdoc, k_order, k_inverse, k_cpos, k_cdoc = _sort_on_device(
             sparsity, q_pos, k_pos, q_doc, k_doc, num_docs)
     else:
         q_cpos, k_cpos = composite_positions(sparsity, q_pos, k_pos, q_doc, k_doc, num_docs)
         # Composite positions are distinct in a row: the sorted values are the kernels' attributes.
         q_cpos, q_order = torch.sort(q_cpos, dim=-1)
         k_cpos, k_order = torch.sort(k_cpos, dim=-1)
-        q_inverse = _inverse(q_order)
+        q_inverse, k_inverse = _inverse(q_order), _inverse(k_order)
         q_cdoc, k_cdoc = (q_cpos >> POS_BITS).to(torch.int32), (k_cpos >> POS_BITS).to(torch.int32)
     if gather_keys is None:
         k_pos_all, k_doc_all = [k_cpos], [k_cdoc]
     else:
         k_pos_all, k_doc_all = gather_keys(k_cpos), gather_keys(k_cdoc)
     attrs = TokenAttrs(q_cpos, q_cdoc, k_pos_all, k_doc_all)
-    out, lse = call(gather_tokens(q, q_order), gather_tokens(k, k_order), gather_tokens(v, k_order), attrs)
-    return gather_tokens(out, q_inverse), torch.gather(lse, -1, q_inverse)
+    if not _moves_on_device(q):
+        out, lse = call(gather_tokens(q, q_order), gather_tokens(k, k_order), gather_tokens(v, k_order), attrs)
+        return gather_tokens(out, q_inverse), torch.gather(lse, -1, q_inverse)
+    (qs,) = _Permute.apply(q_order, q_inverse, None, q)
+    if k.shape == v.shape and k.dtype == v.dtype:
+        ks, vs = _Permute.apply(k_order, k_inverse, None, k, v)
+    else:
+        (ks,), (vs,) = _Permute.apply(k_order, k_inverse, None, k), _Permute.apply(k_order, k_inverse, None, v)
+    out, lse = call(qs, ks, vs, attrs)
+    return _Permute.apply(q_inverse, q_order, lse, out)
+
+
+def _moves_on_device(q: torch.Tensor) -> bool:
+    from .kernels import INTERPRETED
+
+    return q.device.type == "cuda" or INTERPRETED
+
+
+class _Permute(torch.autograd.Function):
+    """``kernels.tokens.permute_tokens`` of one or two tensors by ``order``; the gradient moves
+    back by ``inverse``. With ``lse`` (no gradient), also the LSE, as the last output."""
+
+    @staticmethod
+    def forward(ctx, order, inverse, lse, *xs):
+        from .kernels.tokens import permute_tokens
+
+        ctx.save_for_backward(inverse)
+        out = permute_tokens(xs, order, lse)
+        if lse is not None:
+            ctx.mark_non_differentiable(out[-1])
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        from .kernels.tokens import permute_tokens
+
+        (inverse,) = ctx.saved_tensors
+        grads = grads[: len(ctx.needs_input_grad) - 3]  # the LSE's (if any) is not one
+        if not any(ctx.needs_input_grad[3:]):
+            return (None, None, None, *(None for _ in grads))
+        return (None, None, None, *permute_tokens(grads, inverse))
 
 
 # -- the training job's --sparsity -------------------------------------------------------------------

@@ -422,8 +422,9 @@ def test_counting_sort_matches_sort(mode):
         got = sort_tokens(m.q_keep, m.k_keep, 2, pos, pos, docs, docs, len(cu) - 1, drop=(2**30, 2**30 + 1))
     q_cpos, k_cpos = sp.composite_positions(m, pos, pos, docs, docs, len(cu) - 1)
     (q_sorted, q_order), (k_sorted, k_order) = torch.sort(q_cpos, -1), torch.sort(k_cpos, -1)
-    want = (q_order, sp._inverse(q_order), q_sorted, (q_sorted >> 31).int(), k_order, k_sorted, (k_sorted >> 31).int())
-    names = ("q_order", "q_inverse", "q_cpos", "q_cdoc", "k_order", "k_cpos", "k_cdoc")
+    want = (q_order, sp._inverse(q_order), q_sorted, (q_sorted >> 31).int(), k_order, sp._inverse(k_order), k_sorted,
+            (k_sorted >> 31).int())
+    names = ("q_order", "q_inverse", "q_cpos", "q_cdoc", "k_order", "k_inverse", "k_cpos", "k_cdoc")
     for name, a, b in zip(names, got, want):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert torch.equal(a, b), name
@@ -450,3 +451,30 @@ def test_many_buckets_sort_with_pytorch():
     assert_close(outs[0][0].detach(), ref, None, "out", torch.float32)
     for a, b in zip(outs[0], outs[1]):  # the same mask, sorted two ways: the same tokens in the same order
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("two", [False, True])
+def test_permute_tokens_and_gradient(two):
+    """``sparse._Permute`` (``kernels.tokens.permute_tokens``) moves every head's rows as
+    ``gather_tokens`` does, on strided inputs (K and V as views of one fused tensor), with the
+    LSE alongside, and its gradient is ``torch.gather``'s (the move back by the inverse)."""
+    B, S, H, D = 2, 37, 3, 24
+    g = torch.Generator().manual_seed(11)
+    fused = torch.randn(B, S, 2, H, D, generator=g)
+    xs = [fused[:, :, i] for i in range(2 if two else 1)]
+    order = torch.stack([torch.randperm(S, generator=g) for _ in range(B * H)]).view(B, H, S)
+    inverse = sp._inverse(order)
+    lse = torch.randn(B, H, S, generator=g)
+    leaves = [x.detach().clone().requires_grad_() for x in xs]
+    strided = [leaf.transpose(1, 2).contiguous().transpose(1, 2) for leaf in leaves]  # (B, S, H, D), strided
+    got = sp._Permute.apply(order, inverse, lse, *strided)
+    want = [sp.gather_tokens(x, order) for x in xs]
+    for a, b in zip(got[:-1], want):
+        assert torch.equal(a, b)
+    assert torch.equal(got[-1], torch.gather(lse, -1, order)) and not got[-1].requires_grad
+    douts = [torch.randn(B, S, H, D, generator=g) for _ in xs]
+    torch.autograd.backward(list(got[:-1]), douts)
+    refs = [x.detach().clone().requires_grad_() for x in xs]
+    torch.autograd.backward([sp.gather_tokens(r, order) for r in refs], douts)
+    for leaf, ref in zip(leaves, refs):
+        assert torch.equal(leaf.grad, ref.grad)
