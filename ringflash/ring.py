@@ -829,7 +829,7 @@ def _apply_sorted(q, k, v, mask, softmax_scale, layout, group, be, sparsity):
         n_docs = 1 if mask.cu_seqlens is None else len(mask.cu_seqlens) - 1
 
         def gather(t):
-            return list(comm.all_gather_tensor(t, group).unbind(0)) if world_size > 1 else [t]
+            return comm.all_gather_tensor(t, group)
 
         def call(qs, ks, vs, attrs):
             return _RingAttention.apply(qs, ks, vs, mask, softmax_scale, layout, group, be, attrs)

@@ -29,7 +29,8 @@ packed-documents rule on a *composite* document ``bucket * documents + doc`` and
 position ``composite document * 2**31 + position``, both increasing,
 so the kernels' tile ranges skip whole tiles of other buckets, of dropped tokens and of later
 positions. The outputs go back to the caller's order. Keys' composite positions and documents
-are gathered from every rank once per call (12 bytes per token and K/V head).
+are gathered from every rank once per call (one all-gather of 8 bytes per token and K/V head;
+the documents follow from the positions).
 """
 
 from __future__ import annotations
@@ -478,7 +479,7 @@ def run_sorted(sparsity, q, k, v, q_pos, k_pos, q_doc, k_doc, num_docs: int, cal
     """Run ``call(q, k, v, attrs)`` -> (out, lse) on tokens reordered per head for a QK-dropping or
     hashing ``sparsity``, and return (out, lse) in the caller's order (differentiable in q, k, v).
 
-    ``gather_keys(t)``: every rank's copy of a key attribute tensor, as a list (the ring's
+    ``gather_keys(t)``: every rank's copy of the keys' composite positions, stacked (the ring's
     all-gather); None for one device."""
     if _sorts_on_device(sparsity, q):
         q_order, q_inverse, q_cpos, q_cdoc, k_order, k_inverse, k_cpos, k_cdoc = _sort_on_device(
@@ -493,7 +494,8 @@ def run_sorted(sparsity, q, k, v, q_pos, k_pos, q_doc, k_doc, num_docs: int, cal
     if gather_keys is None:
         k_pos_all, k_doc_all = [k_cpos], [k_cdoc]
     else:
-        k_pos_all, k_doc_all = gather_keys(k_cpos), gather_keys(k_cdoc)
+        every = gather_keys(k_cpos)  # (ranks, B, Hkv, Sk): one collective; documents from the positions
+        k_pos_all, k_doc_all = list(every.unbind(0)), list((every >> POS_BITS).to(torch.int32).unbind(0))
     attrs = TokenAttrs(q_cpos, q_cdoc, k_pos_all, k_doc_all)
     if not _moves_on_device(q):
         out, lse = call(gather_tokens(q, q_order), gather_tokens(k, k_order), gather_tokens(v, k_order), attrs)
