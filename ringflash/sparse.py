@@ -24,7 +24,7 @@ see no pattern block, and the kernels visit, per query tile, a list of the key t
 visible pair (full ones first, without mask arithmetic; partial ones with the element rule),
 built once per call on the device. For QK-dropping and hashing the tokens of every rank are
 reordered **per head**: sorted by (bucket, document, position), dropped tokens last (on a GPU
-one launch of a counting sort, :mod:`ringflash.kernels.tokens`). In that order the rule is the
+a counting sort, :mod:`ringflash.kernels.tokens`). In that order the rule is the
 packed-documents rule on a *composite* document ``bucket * documents + doc`` and a composite
 position ``composite document * 2**31 + position``, both increasing,
 so the kernels' tile ranges skip whole tiles of other buckets, of dropped tokens and of later
@@ -449,7 +449,7 @@ def _sorts_on_device(sparsity, q: torch.Tensor) -> bool:
 
 
 def _sort_on_device(sparsity, q_pos, k_pos, q_doc, k_doc, num_docs: int):
-    """:func:`run_sorted`'s order and attributes from one launch of the counting sort."""
+    """:func:`run_sorted`'s order and attributes from the counting sort (two launches)."""
     from .kernels.tokens import sort_tokens
 
     if isinstance(sparsity, HashSparse):

@@ -398,7 +398,7 @@ def test_composite_attributes_are_rows(mode):
     assert torch.equal(q_cpos, (want_q.transpose(1, 2) << 31) | pos)
 
 
-@pytest.mark.parametrize("mode", ["hash", "hash_docs", "qkdrop", "qkdrop_docs", "hash1", "hash_gqa_odd"])
+@pytest.mark.parametrize("mode", ["hash", "hash_docs", "qkdrop", "qkdrop_docs", "hash1", "hash_gqa_odd", "hash_short_q"])
 def test_counting_sort_matches_sort(mode):
     """``kernels.tokens.sort_tokens`` (one launch: a stable counting sort by bucket) gives
     ``run_sorted`` exactly what two PyTorch sorts of the composite positions give: the
@@ -408,19 +408,21 @@ def test_counting_sort_matches_sort(mode):
 
     B, S, H, Hkv, nb = (2, 77, 4, 2, 5) if mode != "hash_gqa_odd" else (3, 129, 6, 1, 19)
     nb = 1 if mode == "hash1" else nb
+    Sq = 20 if mode == "hash_short_q" else S  # fewer queries than keys: the last ones
     g = torch.Generator().manual_seed(len(mode))
     pos = torch.arange(S) * 2 + 3  # increasing, not 0..S-1: a rank's positions in a layout
+    q_pos = pos[S - Sq:]
     cu = [0, 1, 9, 10, 40, S] if mode.endswith("docs") else [0, S]
     doc = torch.repeat_interleave(torch.arange(len(cu) - 1), torch.tensor(cu).diff()).to(torch.int32)
     docs = doc if mode.endswith("docs") else None
     if mode.startswith("hash"):
-        m = sp.HashSparse(torch.randint(0, nb, (B, S, H), generator=g, dtype=torch.int32),
+        m = sp.HashSparse(torch.randint(0, nb, (B, Sq, H), generator=g, dtype=torch.int32),
                           torch.randint(0, nb, (B, S, Hkv), generator=g), nb)
-        got = sort_tokens(m.q_buckets, m.k_buckets, nb, pos, pos, docs, docs, len(cu) - 1)
+        got = sort_tokens(m.q_buckets, m.k_buckets, nb, q_pos, pos, docs, docs, len(cu) - 1)
     else:
         m = sp.QKDrop(torch.rand(B, S, H, generator=g) > 0.5, torch.rand(B, S, Hkv, generator=g) > 0.5)
         got = sort_tokens(m.q_keep, m.k_keep, 2, pos, pos, docs, docs, len(cu) - 1, drop=(2**30, 2**30 + 1))
-    q_cpos, k_cpos = sp.composite_positions(m, pos, pos, docs, docs, len(cu) - 1)
+    q_cpos, k_cpos = sp.composite_positions(m, q_pos, pos, docs, docs, len(cu) - 1)
     (q_sorted, q_order), (k_sorted, k_order) = torch.sort(q_cpos, -1), torch.sort(k_cpos, -1)
     want = (q_order, sp._inverse(q_order), q_sorted, (q_sorted >> 31).int(), k_order, sp._inverse(k_order), k_sorted,
             (k_sorted >> 31).int())

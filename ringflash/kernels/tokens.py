@@ -1,4 +1,4 @@
-"""Reorder every head's tokens for QK-dropping and hash buckets: one launch to sort, one per move.
+"""Reorder every head's tokens for QK-dropping and hash buckets: two launches to sort, one per move.
 
 QK-dropping and hashing (:mod:`ringflash.sparse`) run the kernels on tokens reordered per head
 so that tokens that may see each other sit together. The order is by *bucket* (the hash
@@ -6,15 +6,18 @@ bucket; kept before dropped for QK-dropping), and inside a bucket by the tokens'
 call, along which global positions and document ids already increase in every layout. So a
 stable counting sort over the bucket ids gives it: no comparison sort is needed.
 
-``sort_tokens`` does that for the queries and the keys of a call in one launch, one program per
-(batch row, head) of either: a first pass over the row counts each bucket, a second gives each
-token its place (the tokens of lower buckets, plus those of its bucket earlier in the row) and
-writes the permutation, its inverse and, in sorted order, the composite document (what the
-kernels compare as document ids: ``bucket * num_docs + document`` for hashing; the document,
-or a drop value after every kept one, for QK-dropping) and the composite position
-(``composite document << 31 | position``). One launch instead of two PyTorch sorts and about
-fifteen element-wise operations: the sorts alone took 170 us of host time each on an H100
-machine (cub's segmented sort is several launches).
+``sort_tokens`` does that for the queries and the keys of a call, one program per chunk of a
+(batch row, head) row of either: the first launch counts each chunk's tokens per bucket; in the
+second, each chunk's program sums the counts of its row into where its tokens of each bucket
+start (the row's tokens of lower buckets, plus those of the same bucket in earlier chunks),
+gives each token its place and writes the permutation, its inverse and, in sorted order, the
+composite document (what the kernels compare as document ids: ``bucket * num_docs +
+document`` for hashing; the document, or a drop value after every kept one, for QK-dropping)
+and the composite position (``composite document << 31 | position``). Two launches instead of
+two PyTorch sorts and about fifteen element-wise operations: the sorts alone took 170 us of
+host time each on an H100 machine (cub's segmented sort is several launches). Up to
+``MAX_BUCKETS`` buckets: the one-hot counts grow with the bucket count, and beyond it callers
+sort with PyTorch.
 
 ``permute_tokens`` moves rows of (B, S, H, D) tensors by such a permutation (K and V in one
 launch; the output with its LSE). Its gradient is the same move by the inverse permutation:
@@ -31,11 +34,17 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention import INTERPRETED
+
 __all__ = ["sort_tokens", "permute_tokens", "MAX_BUCKETS"]
 
-MAX_BUCKETS = 256  # more buckets: the one-hot count of a chunk grows too wide; callers sort with PyTorch
-_CHUNK = 4096  # tokens x buckets counted at once
+MAX_BUCKETS = 32  # more: the one-hot counts of a chunk and the prefix over chunks grow; PyTorch sorts
 NUM_WARPS = 4
+
+
+def _chunk(num_buckets: int) -> int:
+    """Tokens per program of the sort: chunk x buckets one-hot entries stay at most 16k."""
+    return max(256, min(1024, 16384 // triton.next_power_of_2(max(num_buckets, 2))))
 
 
 @triton.jit
@@ -47,77 +56,114 @@ def _bucket(ids, num_buckets, DROP: tl.constexpr):
 
 
 @triton.jit
-def _sort_row(
-    BKT, stride_bb, stride_bs, stride_bh,
-    POS, DOC, ORDER, INV, CPOS, CDOC,
-    b, h, heads, S, num_buckets, num_docs, drop_value,
-    NB: tl.constexpr, BLOCK: tl.constexpr, DOCS: tl.constexpr, DROP: tl.constexpr,
-):
-    """One (batch row, head): a stable counting sort of its S tokens by bucket id."""
-    bkt_row = BKT + b * stride_bb + h * stride_bh
-    out_row = (b * heads + h) * S  # ORDER, INV, CPOS, CDOC: (B, heads, S), contiguous
-    ids = tl.arange(0, NB)
-    # Pass 1: tokens per bucket, then each bucket's first place (an exclusive prefix sum).
-    counts = tl.zeros([NB], dtype=tl.int32)
-    for start in range(0, S, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        ok = offs < S
-        bk = tl.load(bkt_row + offs.to(tl.int64) * stride_bs, mask=ok, other=0).to(tl.int32)
-        bk = _bucket(bk, num_buckets, DROP)
-        hit = (bk[:, None] == ids[None, :]) & ok[:, None]
-        counts += tl.sum(hit.to(tl.int32), axis=0)
-    first = tl.cumsum(counts, axis=0) - counts
-    # Pass 2: a token's place is its bucket's next free one, taken in token order.
-    for start in range(0, S, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        ok = offs < S
-        bk = tl.load(bkt_row + offs.to(tl.int64) * stride_bs, mask=ok, other=0).to(tl.int32)
-        bk = _bucket(bk, num_buckets, DROP)
-        hit = ((bk[:, None] == ids[None, :]) & ok[:, None]).to(tl.int32)
-        seen = tl.cumsum(hit, axis=0)  # per bucket, this chunk's tokens up to and including each
-        place = tl.sum(hit * (seen - 1 + first[None, :]), axis=1)
-        first += tl.sum(hit, axis=0)
-        pos = tl.load(POS + offs, mask=ok, other=0).to(tl.int64)
-        if DOCS:
-            doc = tl.load(DOC + offs, mask=ok, other=0).to(tl.int64)
-        else:
-            doc = tl.zeros([BLOCK], dtype=tl.int64)
-        if DROP:  # the ids are keep flags: bucket 0 = kept, 1 = dropped
-            cdoc = tl.where(bk == 0, doc, drop_value)
-        else:
-            cdoc = bk.to(tl.int64) * num_docs + doc
-        dst = out_row + place.to(tl.int64)
-        tl.store(ORDER + dst, offs.to(tl.int64), mask=ok)
-        tl.store(CPOS + dst, (cdoc << 31) | pos, mask=ok)
-        tl.store(CDOC + dst, cdoc.to(tl.int32), mask=ok)
-        tl.store(INV + out_row + offs, place.to(tl.int64), mask=ok)
+def _row(pid_r, q_rows, H, Hkv):
+    """Program row ``pid_r`` -> (is a query row, batch row, head): queries first, then keys."""
+    is_q = pid_r < q_rows
+    r = tl.where(is_q, pid_r, pid_r - q_rows)
+    heads = tl.where(is_q, H, Hkv)
+    return is_q, (r // heads).to(tl.int64), (r % heads).to(tl.int64), heads
 
 
 @triton.jit
-def _sort_tokens_kernel(
+def _chunk_hits(BKT, stride_bb, stride_bs, stride_bh, b, h, S, start, num_buckets,
+                NB: tl.constexpr, BLOCK: tl.constexpr, DROP: tl.constexpr):
+    """A chunk's tokens: their offsets, in-range flags, buckets and (BLOCK, NB) one-hot rows."""
+    offs = start + tl.arange(0, BLOCK)
+    ok = offs < S
+    bk = tl.load(BKT + b * stride_bb + h * stride_bh + offs.to(tl.int64) * stride_bs, mask=ok, other=0)
+    bk = _bucket(bk.to(tl.int32), num_buckets, DROP)
+    hit = ((bk[:, None] == tl.arange(0, NB)[None, :]) & ok[:, None]).to(tl.int32)
+    return offs, ok, bk, hit
+
+
+@triton.jit
+def _count_kernel(
+    QB, stride_qbb, stride_qbs, stride_qbh,
+    KB, stride_kbb, stride_kbs, stride_kbh,
+    COUNTS, q_rows, H, Hkv, Sq, Sk, num_buckets,
+    NB: tl.constexpr, BLOCK: tl.constexpr, DROP: tl.constexpr,
+):
+    """Pass 1, one program per (chunk, row): the chunk's tokens per bucket into COUNTS (rows,
+    chunks, NB); zeros for chunks past a shorter row's end."""
+    pid_c, pid_r = tl.program_id(0), tl.program_id(1)
+    is_q, b, h, heads = _row(pid_r, q_rows, H, Hkv)
+    if is_q:
+        _, _, _, hit = _chunk_hits(QB, stride_qbb, stride_qbs, stride_qbh, b, h, Sq, pid_c * BLOCK, num_buckets,
+                                   NB=NB, BLOCK=BLOCK, DROP=DROP)
+    else:
+        _, _, _, hit = _chunk_hits(KB, stride_kbb, stride_kbs, stride_kbh, b, h, Sk, pid_c * BLOCK, num_buckets,
+                                   NB=NB, BLOCK=BLOCK, DROP=DROP)
+    dst = COUNTS + (pid_r.to(tl.int64) * tl.num_programs(0) + pid_c) * NB + tl.arange(0, NB)
+    tl.store(dst, tl.sum(hit, axis=0))
+
+
+@triton.jit
+def _place_chunk(
+    BKT, stride_bb, stride_bs, stride_bh, POS, DOC, ORDER, INV, CPOS, CDOC, COUNTS,
+    pid_c, pid_r, n_chunks, b, h, heads, S, num_buckets, num_docs, drop_value,
+    NB: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr, DOCS: tl.constexpr, DROP: tl.constexpr,
+):
+    # Where this chunk's tokens of each bucket start: the row's tokens of lower buckets, plus
+    # those of the same bucket in earlier chunks.
+    total = tl.zeros([NB], dtype=tl.int32)
+    earlier = tl.zeros([NB], dtype=tl.int32)
+    row_counts = COUNTS + pid_r.to(tl.int64) * n_chunks * NB
+    for c0 in range(0, n_chunks, CB):
+        c = c0 + tl.arange(0, CB)
+        n = tl.load(row_counts + c[:, None] * NB + tl.arange(0, NB)[None, :], mask=(c < n_chunks)[:, None], other=0)
+        total += tl.sum(n, axis=0)
+        earlier += tl.sum(tl.where((c < pid_c)[:, None], n, 0), axis=0)
+    first = tl.cumsum(total, axis=0) - total + earlier
+    offs, ok, bk, hit = _chunk_hits(BKT, stride_bb, stride_bs, stride_bh, b, h, S, pid_c * BLOCK, num_buckets,
+                                    NB=NB, BLOCK=BLOCK, DROP=DROP)
+    seen = tl.cumsum(hit, axis=0)  # per bucket, the chunk's tokens up to and including each
+    place = tl.sum(hit * (seen - 1 + first[None, :]), axis=1)
+    pos = tl.load(POS + offs, mask=ok, other=0).to(tl.int64)
+    if DOCS:
+        doc = tl.load(DOC + offs, mask=ok, other=0).to(tl.int64)
+    else:
+        doc = tl.zeros([BLOCK], dtype=tl.int64)
+    if DROP:  # the ids are keep flags: bucket 0 = kept, 1 = dropped
+        cdoc = tl.where(bk == 0, doc, drop_value)
+    else:
+        cdoc = bk.to(tl.int64) * num_docs + doc
+    out_row = (b * heads + h) * S  # ORDER, INV, CPOS, CDOC: (B, heads, S), contiguous
+    dst = out_row + place.to(tl.int64)
+    tl.store(ORDER + dst, offs.to(tl.int64), mask=ok)
+    tl.store(CPOS + dst, (cdoc << 31) | pos, mask=ok)
+    tl.store(CDOC + dst, cdoc.to(tl.int32), mask=ok)
+    tl.store(INV + out_row + offs, place.to(tl.int64), mask=ok)
+
+
+@triton.jit
+def _place_kernel(
     QB, stride_qbb, stride_qbs, stride_qbh,
     KB, stride_kbb, stride_kbs, stride_kbh,
     Q_POS, K_POS, Q_DOC, K_DOC,
     Q_ORDER, Q_INV, Q_CPOS, Q_CDOC,
     K_ORDER, K_INV, K_CPOS, K_CDOC,
-    q_rows, H, Hkv, Sq, Sk, num_buckets, num_docs, q_drop, k_drop,
-    NB: tl.constexpr, BLOCK: tl.constexpr, DOCS: tl.constexpr, DROP: tl.constexpr,
+    COUNTS, q_rows, H, Hkv, Sq, Sk, num_buckets, num_docs, q_drop, k_drop,
+    NB: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr, DOCS: tl.constexpr, DROP: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    if pid < q_rows:  # the first B * H programs take the queries, the others the keys
-        _sort_row(QB, stride_qbb, stride_qbs, stride_qbh, Q_POS, Q_DOC, Q_ORDER, Q_INV, Q_CPOS, Q_CDOC,
-                  (pid // H).to(tl.int64), (pid % H).to(tl.int64), H, Sq, num_buckets, num_docs, q_drop,
-                  NB=NB, BLOCK=BLOCK, DOCS=DOCS, DROP=DROP)
+    """Pass 2, one program per (chunk, row): each token's place in its row's sorted order."""
+    pid_c, pid_r = tl.program_id(0), tl.program_id(1)
+    n_chunks = tl.num_programs(0)
+    is_q, b, h, heads = _row(pid_r, q_rows, H, Hkv)
+    if is_q:
+        if pid_c * BLOCK < Sq:
+            _place_chunk(QB, stride_qbb, stride_qbs, stride_qbh, Q_POS, Q_DOC, Q_ORDER, Q_INV, Q_CPOS, Q_CDOC,
+                         COUNTS, pid_c, pid_r, n_chunks, b, h, heads, Sq, num_buckets, num_docs, q_drop,
+                         NB=NB, BLOCK=BLOCK, CB=CB, DOCS=DOCS, DROP=DROP)
     else:
-        r = pid - q_rows
-        _sort_row(KB, stride_kbb, stride_kbs, stride_kbh, K_POS, K_DOC, K_ORDER, K_INV, K_CPOS, K_CDOC,
-                  (r // Hkv).to(tl.int64), (r % Hkv).to(tl.int64), Hkv, Sk, num_buckets, num_docs, k_drop,
-                  NB=NB, BLOCK=BLOCK, DOCS=DOCS, DROP=DROP)
+        if pid_c * BLOCK < Sk:
+            _place_chunk(KB, stride_kbb, stride_kbs, stride_kbh, K_POS, K_DOC, K_ORDER, K_INV, K_CPOS, K_CDOC,
+                         COUNTS, pid_c, pid_r, n_chunks, b, h, heads, Sk, num_buckets, num_docs, k_drop,
+                         NB=NB, BLOCK=BLOCK, CB=CB, DOCS=DOCS, DROP=DROP)
 
 
 def sort_tokens(q_buckets: torch.Tensor, k_buckets: torch.Tensor, num_buckets: int, q_pos: torch.Tensor,
                 k_pos: torch.Tensor, q_doc, k_doc, num_docs: int, drop: tuple | None = None):
-    """Every head's tokens sorted by bucket, stably, for queries and keys in one launch.
+    """Every head's tokens sorted by bucket, stably, for queries and keys in two launches.
 
     Args:
         q_buckets, k_buckets: (B, Sq, H) / (B, Sk, Hkv) integer (or boolean) bucket ids in
@@ -146,14 +192,18 @@ def sort_tokens(q_buckets: torch.Tensor, k_buckets: torch.Tensor, num_buckets: i
     k_cdoc = torch.empty((B, Hkv, Sk), dtype=torch.int32, device=dev)
     docs = q_doc is not None
     nb = triton.next_power_of_2(max(num_buckets, 2))
-    block = max(16, min(1024, _CHUNK // nb))
+    block = _chunk(num_buckets) if not INTERPRETED else 16  # small chunks: tests cross chunk edges
+    grid = (triton.cdiv(max(Sq, Sk, 1), block), B * (H + Hkv))
+    counts = torch.empty((grid[1], grid[0], nb), dtype=torch.int32, device=dev)
+    buckets = (q_buckets, *q_buckets.stride(), k_buckets, *k_buckets.stride())
+    _count_kernel[grid](*buckets, counts, B * H, H, Hkv, Sq, Sk, num_buckets,
+                        NB=nb, BLOCK=block, DROP=drop is not None, num_warps=NUM_WARPS)
     q_drop, k_drop = drop if drop is not None else (0, 0)
-    _sort_tokens_kernel[(B * (H + Hkv),)](
-        q_buckets, *q_buckets.stride(), k_buckets, *k_buckets.stride(),
-        q_pos, k_pos, q_doc if docs else q_pos, k_doc if docs else k_pos,
+    _place_kernel[grid](
+        *buckets, q_pos, k_pos, q_doc if docs else q_pos, k_doc if docs else k_pos,
         q_order, q_inv, q_cpos, q_cdoc, k_order, k_inv, k_cpos, k_cdoc,
-        B * H, H, Hkv, Sq, Sk, num_buckets, num_docs, q_drop, k_drop,
-        NB=nb, BLOCK=block, DOCS=docs, DROP=drop is not None, num_warps=NUM_WARPS,
+        counts, B * H, H, Hkv, Sq, Sk, num_buckets, num_docs, q_drop, k_drop,
+        NB=nb, BLOCK=block, CB=max(1, 4096 // nb) if not INTERPRETED else 2, DOCS=docs, DROP=drop is not None, num_warps=NUM_WARPS,
     )
     return q_order, q_inv, q_cpos, q_cdoc, k_order, k_inv, k_cpos, k_cdoc
 
