@@ -29,7 +29,7 @@ What is timed (medians of ``triton.testing.do_bench``, as benchmarks/bench_kerne
 
 * ``impl = "ringflash"``: ``flash_attention(q, k, v, causal=True, sparsity=sp)`` as a user calls it
   (inputs that require grad; ``fwd+bwd`` adds ``autograd.grad``). For qkdrop and hash this
-  includes the per-head sort of the tokens, the gathers and the unsort. For block patterns the
+  includes the per-head sort of the tokens, their moves and the unsort. For block patterns the
   tile lists are cached by position tensors, and ``flash_attention``'s default positions are made
   once per shape, so calls after the first reuse them (``lists_built_per_call`` in the rows counts
   the lists built by a call after the first: 0).
