@@ -380,6 +380,14 @@ def keep_random(positions: torch.Tensor, batch: int, heads: int, fraction: float
 # -- composite attributes: what the kernels see for QK-dropping and hashing -------------------------
 
 
+def _check_composite_count(num_docs: int, num_buckets: int) -> None:
+    """Composite documents of hash buckets must stay below the drop ids."""
+    if num_docs * num_buckets >= _DROP_Q:
+        raise ValueError(
+            f"{num_docs} documents x {num_buckets} buckets is too many composite documents (at most {_DROP_Q - 1})"
+        )
+
+
 def composite_positions(sparsity, q_pos, k_pos, q_doc, k_doc, num_docs: int):
     """Per-head composite positions ``(q_cpos (B, H, Sq), k_cpos (B, Hkv, Sk))``, int64, in the
     caller's token order: composite document ``<< POS_BITS | position``.
@@ -387,11 +395,7 @@ def composite_positions(sparsity, q_pos, k_pos, q_doc, k_doc, num_docs: int):
     ``q_pos``/``k_pos``: global positions (Sq,)/(Sk,); ``q_doc``/``k_doc``: document ids or None.
     """
     if isinstance(sparsity, HashSparse):
-        nb = sparsity.num_buckets
-        if num_docs * nb >= _DROP_Q:
-            raise ValueError(
-                f"{num_docs} documents x {nb} buckets is too many composite documents (at most {_DROP_Q - 1})"
-            )
+        _check_composite_count(num_docs, sparsity.num_buckets)
         # (B, heads, S), laid out so: the kernels read each head's attributes as one row
         # (strided ones would be copied at every kernel call).
         # Bucket-major (bucket * num_docs + document): sorted by it, a head's tokens are sorted by
@@ -443,7 +447,7 @@ def _sorts_on_device(sparsity, q: torch.Tensor) -> bool:
     interpreter would be slower; the tests check the kernels against that path directly)."""
     from .kernels.tokens import MAX_BUCKETS
 
-    if q.device.type != "cuda":
+    if not _moves_on_device(q):
         return False
     return not isinstance(sparsity, HashSparse) or sparsity.num_buckets <= MAX_BUCKETS
 
@@ -453,9 +457,7 @@ def _sort_on_device(sparsity, q_pos, k_pos, q_doc, k_doc, num_docs: int):
     from .kernels.tokens import sort_tokens
 
     if isinstance(sparsity, HashSparse):
-        if num_docs * sparsity.num_buckets >= _DROP_Q:
-            raise ValueError(f"{num_docs} documents x {sparsity.num_buckets} buckets is too many composite "
-                             f"documents (at most {_DROP_Q - 1})")
+        _check_composite_count(num_docs, sparsity.num_buckets)
         return sort_tokens(sparsity.q_buckets, sparsity.k_buckets, sparsity.num_buckets, q_pos, k_pos,
                            q_doc, k_doc, num_docs)
     # QK-dropping: kept tokens first, then the dropped ones.

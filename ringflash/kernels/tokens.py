@@ -199,11 +199,12 @@ def sort_tokens(q_buckets: torch.Tensor, k_buckets: torch.Tensor, num_buckets: i
     _count_kernel[grid](*buckets, counts, B * H, H, Hkv, Sq, Sk, num_buckets,
                         NB=nb, BLOCK=block, DROP=drop is not None, num_warps=NUM_WARPS)
     q_drop, k_drop = drop if drop is not None else (0, 0)
+    chunks_at_once = max(1, 4096 // nb) if not INTERPRETED else 2  # of the counts summed per step
     _place_kernel[grid](
         *buckets, q_pos, k_pos, q_doc if docs else q_pos, k_doc if docs else k_pos,
         q_order, q_inv, q_cpos, q_cdoc, k_order, k_inv, k_cpos, k_cdoc,
         counts, B * H, H, Hkv, Sq, Sk, num_buckets, num_docs, q_drop, k_drop,
-        NB=nb, BLOCK=block, CB=max(1, 4096 // nb) if not INTERPRETED else 2, DOCS=docs, DROP=drop is not None, num_warps=NUM_WARPS,
+        NB=nb, BLOCK=block, CB=chunks_at_once, DOCS=docs, DROP=drop is not None, num_warps=NUM_WARPS,
     )
     return q_order, q_inv, q_cpos, q_cdoc, k_order, k_inv, k_cpos, k_cdoc
 
