@@ -233,6 +233,22 @@ def resolve_scale(softmax_scale, head_dim: int) -> float:
     return scale
 
 
+_POSITIONS: dict = {}
+
+
+def _default_positions(seqlen_q: int, seqlen_k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`reference.default_positions`, made once per shape and device (read only: three
+    small launches fewer per call)."""
+    key = (seqlen_q, seqlen_k, torch.device(device))
+    hit = _POSITIONS.get(key)
+    if hit is None:
+        if len(_POSITIONS) >= 16:
+            _POSITIONS.clear()
+        with torch.inference_mode(False):
+            hit = _POSITIONS[key] = reference.default_positions(seqlen_q, seqlen_k, device)
+    return hit
+
+
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, softmax_scale, be, masks):
@@ -332,7 +348,7 @@ def flash_attention(
         q_doc = k_doc
     with no_autocast(q.device):
         if is_token_sparsity(sparsity):
-            q_pos, k_pos = reference.default_positions(q.shape[1], k.shape[1], q.device)
+            q_pos, k_pos = _default_positions(q.shape[1], k.shape[1], q.device)
 
             def call(qs, ks, vs, attrs):
                 return _FlashAttention.apply(qs, ks, vs, mask.causal, float(softmax_scale), be,

@@ -502,13 +502,13 @@ def run_sorted(sparsity, q, k, v, q_pos, k_pos, q_doc, k_doc, num_docs: int, cal
     if not _moves_on_device(q):
         out, lse = call(gather_tokens(q, q_order), gather_tokens(k, k_order), gather_tokens(v, k_order), attrs)
         return gather_tokens(out, q_inverse), torch.gather(lse, -1, q_inverse)
-    (qs,) = _Permute.apply(q_order, q_inverse, None, q)
-    if k.shape == v.shape and k.dtype == v.dtype:
-        ks, vs = _Permute.apply(k_order, k_inverse, None, k, v)
+    if k.shape == v.shape and q.shape[-1] == k.shape[-1] and q.dtype == k.dtype == v.dtype:  # one launch
+        qs, ks, vs = _Permute.apply((q_order, q_inverse, 1), (k_order, k_inverse, 2), None, q, k, v)
     else:
-        (ks,), (vs,) = _Permute.apply(k_order, k_inverse, None, k), _Permute.apply(k_order, k_inverse, None, v)
+        (qs,) = _Permute.apply((q_order, q_inverse, 1), None, None, q)
+        (ks,), (vs,) = (_Permute.apply((k_order, k_inverse, 1), None, None, t) for t in (k, v))
     out, lse = call(qs, ks, vs, attrs)
-    return _Permute.apply(q_inverse, q_order, lse, out)
+    return _Permute.apply((q_inverse, q_order, 1), None, lse, out)
 
 
 def _moves_on_device(q: torch.Tensor) -> bool:
@@ -517,15 +517,18 @@ def _moves_on_device(q: torch.Tensor) -> bool:
 
 
 class _Permute(torch.autograd.Function):
-    """``kernels.tokens.permute_tokens`` of one or two tensors by ``order``; the gradient moves
-    back by ``inverse``. With ``lse`` (no gradient), also the LSE, as the last output."""
+    """``kernels.tokens.permute_tokens`` in one launch: group ``a`` = ``(order, inverse, n)`` moves
+    the first ``n`` (1 or 2) tensors of ``xs`` by ``order``, group ``b`` (or None) the rest; the
+    gradient moves back by the inverses, in one launch too. With ``lse`` (no gradient), also the
+    LSE by group a's order, as the last output."""
 
     @staticmethod
-    def forward(ctx, order, inverse, lse, *xs):
+    def forward(ctx, a, b, lse, *xs):
         from .kernels.tokens import permute_tokens
 
-        ctx.save_for_backward(inverse)
-        out = permute_tokens(xs, order, lse)
+        groups = [(a, xs[: a[2]])] + ([(b, xs[a[2]:])] if b is not None else [])
+        ctx.inverses = [(inverse, len(part)) for (_, inverse, _), part in groups]
+        out = permute_tokens([(part, order) for (order, _, _), part in groups], lse)
         if lse is not None:
             ctx.mark_non_differentiable(out[-1])
         return out
@@ -534,11 +537,19 @@ class _Permute(torch.autograd.Function):
     def backward(ctx, *grads):
         from .kernels.tokens import permute_tokens
 
-        (inverse,) = ctx.saved_tensors
-        grads = grads[: len(ctx.needs_input_grad) - 3]  # the LSE's (if any) is not one
-        if not any(ctx.needs_input_grad[3:]):
-            return (None, None, None, *(None for _ in grads))
-        return (None, None, None, *permute_tokens(grads, inverse))
+        needs = ctx.needs_input_grad[3:]
+        groups, at, slots = [], 0, []
+        for inverse, n in ctx.inverses:
+            take = [i for i in range(at, at + n) if needs[i]]
+            if take:
+                groups.append(([grads[i] for i in take], inverse))
+                slots += take
+            at += n
+        result = [None] * len(needs)
+        if groups:
+            for i, g in zip(slots, permute_tokens(groups)):
+                result[i] = g
+        return (None, None, None, *result)
 
 
 # -- the training job's --sparsity -------------------------------------------------------------------

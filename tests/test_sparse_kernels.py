@@ -458,28 +458,51 @@ def test_many_buckets_sort_with_pytorch():
         assert_close(a.detach(), b.detach(), None, name, torch.float32)
 
 
-@pytest.mark.parametrize("two", [False, True])
-def test_permute_tokens_and_gradient(two):
-    """``sparse._Permute`` (``kernels.tokens.permute_tokens``) moves every head's rows as
-    ``gather_tokens`` does, on strided inputs (K and V as views of one fused tensor), with the
-    LSE alongside, and its gradient is ``torch.gather``'s (the move back by the inverse)."""
+def test_permute_tokens_output_and_lse():
+    """``sparse._Permute`` (``kernels.tokens.permute_tokens``) of one tensor with the LSE (the
+    output's move back): rows move per head as ``gather_tokens`` moves them, on a strided input,
+    the LSE alongside without a gradient; the gradient is ``torch.gather``'s."""
     B, S, H, D = 2, 37, 3, 24
     g = torch.Generator().manual_seed(11)
-    fused = torch.randn(B, S, 2, H, D, generator=g)
-    xs = [fused[:, :, i] for i in range(2 if two else 1)]
     order = torch.stack([torch.randperm(S, generator=g) for _ in range(B * H)]).view(B, H, S)
     inverse = sp._inverse(order)
     lse = torch.randn(B, H, S, generator=g)
-    leaves = [x.detach().clone().requires_grad_() for x in xs]
-    strided = [leaf.transpose(1, 2).contiguous().transpose(1, 2) for leaf in leaves]  # (B, S, H, D), strided
-    got = sp._Permute.apply(order, inverse, lse, *strided)
-    want = [sp.gather_tokens(x, order) for x in xs]
-    for a, b in zip(got[:-1], want):
-        assert torch.equal(a, b)
-    assert torch.equal(got[-1], torch.gather(lse, -1, order)) and not got[-1].requires_grad
-    douts = [torch.randn(B, S, H, D, generator=g) for _ in xs]
-    torch.autograd.backward(list(got[:-1]), douts)
-    refs = [x.detach().clone().requires_grad_() for x in xs]
-    torch.autograd.backward([sp.gather_tokens(r, order) for r in refs], douts)
-    for leaf, ref in zip(leaves, refs):
+    leaf = torch.randn(B, H, S, D, generator=g).requires_grad_()
+    x = leaf.transpose(1, 2)  # (B, S, H, D), strided
+    got, got_lse = sp._Permute.apply((order, inverse, 1), None, lse, x)
+    assert torch.equal(got, sp.gather_tokens(x, order))
+    assert torch.equal(got_lse, torch.gather(lse, -1, order)) and not got_lse.requires_grad
+    dout = torch.randn(B, S, H, D, generator=g)
+    got.backward(dout)
+    ref = leaf.detach().clone().requires_grad_()
+    sp.gather_tokens(ref.transpose(1, 2), order).backward(dout)
+    assert torch.equal(leaf.grad, ref.grad)
+
+
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, True), (False, True, False)])
+def test_permute_tokens_two_groups_and_gradient(needs):
+    """Q by its order and K, V (fewer heads and tokens, views of one fused tensor) by theirs, in
+    one launch: each as ``gather_tokens`` moves it; the gradients of those that need one equal
+    ``torch.gather``'s, the others get none."""
+    B, Sq, Sk, H, Hkv, D = 2, 37, 29, 4, 2, 24
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(B, Sq, H, D, generator=g)
+    kv = torch.randn(B, Sk, 2, Hkv, D, generator=g)
+    xs = [q, kv[:, :, 0], kv[:, :, 1]]
+    q_order = torch.stack([torch.randperm(Sq, generator=g) for _ in range(B * H)]).view(B, H, Sq)
+    k_order = torch.stack([torch.randperm(Sk, generator=g) for _ in range(B * Hkv)]).view(B, Hkv, Sk)
+    orders = [q_order, k_order, k_order]
+    leaves = [x.detach().clone().requires_grad_(n) for x, n in zip(xs, needs)]
+    got = sp._Permute.apply((q_order, sp._inverse(q_order), 1), (k_order, sp._inverse(k_order), 2), None, *leaves)
+    assert len(got) == 3
+    for a, x, o in zip(got, xs, orders):
+        assert torch.equal(a, sp.gather_tokens(x, o))
+    douts = [torch.randn(a.shape, generator=g) for a in got]
+    torch.autograd.backward([a for a, n in zip(got, needs) if n], [d for d, n in zip(douts, needs) if n])
+    for leaf, x, o, d, n in zip(leaves, xs, orders, douts, needs):
+        if not n:
+            assert leaf.grad is None
+            continue
+        ref = x.detach().clone().requires_grad_()
+        sp.gather_tokens(ref, o).backward(d)
         assert torch.equal(leaf.grad, ref.grad)

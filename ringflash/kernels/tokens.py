@@ -19,9 +19,10 @@ host time each on an H100 machine (cub's segmented sort is several launches). Up
 ``MAX_BUCKETS`` buckets: the one-hot counts grow with the bucket count, and beyond it callers
 sort with PyTorch.
 
-``permute_tokens`` moves rows of (B, S, H, D) tensors by such a permutation (K and V in one
-launch; the output with its LSE). Its gradient is the same move by the inverse permutation:
-plain reads and writes, where ``torch.gather``'s gradient zero-fills and adds with atomics.
+``permute_tokens`` moves rows of (B, S, H, D) tensors by such permutations, in one launch for
+up to two groups (Q by the queries' order with K and V by the keys'; the output with its LSE).
+Its gradient is the same move by the inverse permutations: plain reads and writes, where
+``torch.gather``'s gradient zero-fills and adds with atomics.
 
 Bucket ids outside ``[0, num_buckets)`` are the caller's error (:class:`~ringflash.sparse.HashSparse`
 checks them unless told not to); here they are clamped into range so that the permutation stays
@@ -210,54 +211,82 @@ def sort_tokens(q_buckets: torch.Tensor, k_buckets: torch.Tensor, num_buckets: i
 
 
 @triton.jit
-def _permute_kernel(
-    X0, X1, Y0, Y1, IDX, L, LY,
-    stride_x0b, stride_x0s, stride_x0h, stride_x0d,
-    stride_x1b, stride_x1s, stride_x1h, stride_x1d,
-    stride_lb, stride_lh, stride_ls,
-    S, H, D,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, TWO: tl.constexpr, LSE: tl.constexpr,
-):
-    """Y[b, s, h, :] = X[b, IDX[b, h, s], h, :] for one or two tensors (Y contiguous), and with
-    ``LSE`` the same permutation of L (B, H, S) into LY (B, H, S, contiguous)."""
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b, h = pid_bh // H, pid_bh % H
+def _move_group(X0, X1, Y0, Y1, IDX, s0b, s0s, s0h, s0d, s1b, s1s, s1h, s1d, bh, S, H, D, pid_s,
+                BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, TWO: tl.constexpr):
+    """Rows ``pid_s`` of (batch x head) row ``bh`` of one group: Y[b, s, h, :] = X[b, IDX[b, h, s], h, :]
+    for one or two tensors (Y contiguous). Returns the rows' sources and which rows exist."""
+    b, h = bh // H, bh % H
     rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     ok = rows < S
-    src = tl.load(IDX + pid_bh * S + rows, mask=ok, other=0).to(tl.int64)
+    src = tl.load(IDX + bh * S + rows, mask=ok, other=0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     m = ok[:, None] & (cols[None, :] < D)
     dst = ((b * S + rows.to(tl.int64)) * H + h)[:, None] * D + cols[None, :]
-    x = tl.load(X0 + b * stride_x0b + h * stride_x0h + src[:, None] * stride_x0s + cols[None, :] * stride_x0d, mask=m)
+    x = tl.load(X0 + b * s0b + h * s0h + src[:, None] * s0s + cols[None, :] * s0d, mask=m)
     tl.store(Y0 + dst, x, mask=m)
     if TWO:
-        x = tl.load(X1 + b * stride_x1b + h * stride_x1h + src[:, None] * stride_x1s + cols[None, :] * stride_x1d,
-                    mask=m)
+        x = tl.load(X1 + b * s1b + h * s1h + src[:, None] * s1s + cols[None, :] * s1d, mask=m)
         tl.store(Y1 + dst, x, mask=m)
-    if LSE:
-        lse = tl.load(L + b * stride_lb + h * stride_lh + src * stride_ls, mask=ok)
-        tl.store(LY + pid_bh * S + rows, lse, mask=ok)
+    return src, ok, rows
 
 
-def permute_tokens(xs, index: torch.Tensor, lse: torch.Tensor | None = None):
-    """Every head's tokens of ``xs`` (one or two (B, S, H, D) tensors of one shape and dtype, any
-    strides) in the order ``index`` (B, H, S): ``y[b, s, h] = x[b, index[b, h, s], h]``, as new
-    contiguous tensors; with ``lse`` (B, H, S), also ``lse`` so permuted (appended)."""
-    x0 = xs[0]
-    B, S, H, D = x0.shape
-    assert len(xs) in (1, 2) and all(x.shape == x0.shape and x.dtype == x0.dtype for x in xs)
-    assert index.shape == (B, H, S)
-    index = index.contiguous()
-    ys = [torch.empty((B, S, H, D), dtype=x0.dtype, device=x0.device) for _ in xs]
-    x1, y1 = (xs[1], ys[1]) if len(xs) == 2 else (x0, ys[0])
-    ly = torch.empty((B, H, S), dtype=lse.dtype, device=lse.device) if lse is not None else index
+@triton.jit
+def _permute_kernel(
+    XA0, XA1, YA0, YA1, IDXA, XB0, XB1, YB0, YB1, IDXB, L, LY,
+    sa0b, sa0s, sa0h, sa0d, sa1b, sa1s, sa1h, sa1d,
+    sb0b, sb0s, sb0h, sb0d, sb1b, sb1s, sb1h, sb1d,
+    stride_lb, stride_lh, stride_ls,
+    rows_a, SA, HA, SB, HB, D,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, NA: tl.constexpr, NB: tl.constexpr, LSE: tl.constexpr,
+):
+    """Two groups of moves in one launch: program rows ``[0, rows_a)`` move group A (``NA``
+    tensors by IDXA, (B, HA, SA)), the rest group B (``NB`` tensors, 0 for none, by IDXB); with
+    ``LSE``, L (B, HA, SA) moves by IDXA into LY (contiguous)."""
+    pid_s = tl.program_id(0)
+    pid_r = tl.program_id(1).to(tl.int64)
+    if pid_r < rows_a:
+        src, ok, rows = _move_group(XA0, XA1, YA0, YA1, IDXA, sa0b, sa0s, sa0h, sa0d, sa1b, sa1s, sa1h, sa1d,
+                                    pid_r, SA, HA, D, pid_s, BLOCK_S, BLOCK_D, NA == 2)
+        if LSE:
+            b, h = pid_r // HA, pid_r % HA
+            lse = tl.load(L + b * stride_lb + h * stride_lh + src * stride_ls, mask=ok)
+            tl.store(LY + pid_r * SA + rows, lse, mask=ok)
+    elif NB > 0:
+        _move_group(XB0, XB1, YB0, YB1, IDXB, sb0b, sb0s, sb0h, sb0d, sb1b, sb1s, sb1h, sb1d,
+                    pid_r - rows_a, SB, HB, D, pid_s, BLOCK_S, BLOCK_D, NB == 2)
+
+
+def permute_tokens(groups, lse: torch.Tensor | None = None):
+    """Every head's tokens moved into a new order, one launch for everything given.
+
+    ``groups``: one or two ``(xs, index)`` pairs: ``xs`` one or two (B, S, H, D) tensors of one
+    shape (any strides), ``index`` (B, H, S); ``y[b, s, h] = x[b, index[b, h, s], h]``, as new
+    contiguous tensors. Every tensor shares B, D and the dtype (the groups may differ in S and
+    H: queries, and keys with values). With ``lse`` (B, H, S of the first group), also ``lse``
+    moved by the first group's index. Returns the moved tensors in the order given, then the
+    LSE's."""
+    assert 1 <= len(groups) <= 2 and all(1 <= len(xs) <= 2 for xs, _ in groups)
+    x0 = groups[0][0][0]
+    B, D, dtype = x0.shape[0], x0.shape[3], x0.dtype
+    slots, outs = [], []
+    for xs, index in groups:
+        _, S, H, _ = xs[0].shape
+        assert all(x.shape == (B, S, H, D) and x.dtype == dtype for x in xs) and index.shape == (B, H, S)
+        ys = [torch.empty((B, S, H, D), dtype=dtype, device=x0.device) for _ in xs]
+        outs += ys
+        pair = (xs[0], xs[-1], ys[0], ys[-1], index.contiguous())
+        strides = (*xs[0].stride(), *(xs[1].stride() if len(xs) == 2 else (0,) * 4))
+        slots.append((pair, strides, S, H, len(xs)))
+    (pa, sa, SA, HA, NA) = slots[0]
+    (pb, sb, SB, HB, NB) = slots[1] if len(slots) == 2 else ((pa[4],) * 5, (0,) * 8, 0, 0, 0)
+    ly = torch.empty((B, HA, SA), dtype=lse.dtype, device=lse.device) if lse is not None else pa[4]
     block_d = triton.next_power_of_2(D)
     block_s = max(1, min(64, 4096 // block_d))
-    _permute_kernel[(triton.cdiv(S, block_s), B * H)](
-        x0, x1, ys[0], y1, index, lse if lse is not None else index, ly,
-        *x0.stride(), *x1.stride(), *(lse.stride() if lse is not None else (0, 0, 0)),
-        S, H, D, BLOCK_S=block_s, BLOCK_D=block_d, TWO=len(xs) == 2, LSE=lse is not None,
-        num_warps=NUM_WARPS,
+    grid = (triton.cdiv(max(SA, SB), block_s), B * (HA + HB))
+    _permute_kernel[grid](
+        *pa, *pb, lse if lse is not None else pa[4], ly,
+        *sa, *sb, *(lse.stride() if lse is not None else (0, 0, 0)),
+        B * HA, SA, HA, SB, HB, D,
+        BLOCK_S=block_s, BLOCK_D=block_d, NA=NA, NB=NB, LSE=lse is not None, num_warps=NUM_WARPS,
     )
-    return (*ys, ly) if lse is not None else tuple(ys)
+    return (*outs, ly) if lse is not None else tuple(outs)
