@@ -353,3 +353,24 @@ def test_program_cost_counts_and_fit(tmp_path, capsys):
     pc.analyze(str(path))
     out = capsys.readouterr().out
     assert "fwd: 20.00 ms per million tiles" in out and "fixed part 0.500 ms" in out, out
+
+
+def test_host_breakdown_times_each_function_and_restores_them():
+    """profile_sparse_host.py --breakdown: inside ``timed_functions`` every reference to a timed
+    function (here ``ringflash.flash_attention``, also exported by the package) and the autograd
+    Function's methods count their calls; on exit the originals are back."""
+    import torch
+
+    import ringflash
+    from ringflash import ops
+    from profile_sparse_host import timed_functions
+
+    before = (ringflash.flash_attention, ops.flash_attention, ops._FlashAttention.__dict__["forward"])
+    q, k, v = (torch.randn(1, 8, 2, 16, requires_grad=True) for _ in range(3))
+    with timed_functions() as totals:
+        assert ringflash.flash_attention is not before[0] and ops.flash_attention is not before[1]
+        for _ in range(2):
+            ringflash.flash_attention(q, k, v, causal=True, backend="reference").sum().backward()
+    assert totals["ops.flash_attention"][1] == 2 and totals["ops.flash_attention"][0] > 0
+    assert totals["_FlashAttention.forward"][1] == 2 and totals["_FlashAttention.backward"][1] == 2
+    assert (ringflash.flash_attention, ops.flash_attention, ops._FlashAttention.__dict__["forward"]) == before
