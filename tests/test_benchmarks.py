@@ -374,3 +374,32 @@ def test_host_breakdown_times_each_function_and_restores_them():
     assert totals["ops.flash_attention"][1] == 2 and totals["ops.flash_attention"][0] > 0
     assert totals["_FlashAttention.forward"][1] == 2 and totals["_FlashAttention.backward"][1] == 2
     assert (ringflash.flash_attention, ops.flash_attention, ops._FlashAttention.__dict__["forward"]) == before
+
+
+def test_token_tile_model_covers_every_visible_pair():
+    """model_token_tiles.py's counts from the kernels' tile ranges, against brute force on a small
+    hash call: the computed pairs cover every tile that holds a visible pair (and at most every
+    causal tile of its bucket run), and every tile counted fully visible is."""
+    import torch
+
+    from model_token_tiles import computed, visible_pairs
+    from ringflash import sparse
+    from ringflash.kernels import attention as katt
+
+    S, H, nb, bm, bn = 96, 2, 3, 16, 8
+    g = torch.Generator().manual_seed(5)
+    mode = sparse.HashSparse(*(torch.randint(0, nb, (1, S, H), generator=g, dtype=torch.int32) for _ in range(2)), nb)
+    pos = torch.arange(S)
+    q_c, k_c = (torch.sort(c, -1).values for c in sparse.composite_positions(mode, pos, pos, None, None, 1))
+    vis = (q_c[0, :, :, None] >> 31 == k_c[0, :, None, :] >> 31) & (
+        (q_c[0, :, :, None] & (2**31 - 1)) >= (k_c[0, :, None, :] & (2**31 - 1)))  # (H, S, S)
+    assert int(vis.sum()) == visible_pairs(mode)
+    tiles = vis.view(H, S // bm, bm, S // bn, bn)
+    any_vis, all_vis = tiles.any(4).any(2), tiles.all(4).all(2)
+    m = katt._mask_args(q_c, k_c, True, None, (q_c >> 31).int(), (k_c >> 31).int(), S, S, torch.device("cpu"),
+                        shape=(1, H, H))
+    c = computed(m, S, H, bm, bn, by_keys=False)
+    assert c["computed"] >= int(any_vis.sum()) * bm * bn >= int(vis.sum())
+    assert c["tiles"] >= int(any_vis.sum()) and c["full_tiles"] <= int(all_vis.sum())
+    ck = computed(m, S, H, bm, bn, by_keys=True)
+    assert ck["computed"] >= int(any_vis.sum()) * bm * bn and ck["full_tiles"] <= int(all_vis.sum())
