@@ -49,13 +49,17 @@ from ringflash import kernels  # noqa: E402
 # matrix products (HOPPER_FWD_PINGPONG); ringflash_hopper_smem_p: the split forward and the
 # backward's dK/dV program with FA3's operand routes (HOPPER_BWD_SMEM_P);
 # ringflash_hopper_persistent: the split forward as persistent programs drawing work from a
-# counter (HOPPER_FWD_PERSISTENT).
-# Values: (split, ping-pong, smem_p, persistent).
-HOPPER_IMPLS = {"ringflash_hopper": (1, False, False, False),
-                "ringflash_hopper_split": (2, False, False, False),
-                "ringflash_hopper_pingpong": (2, True, False, False),
-                "ringflash_hopper_smem_p": (2, False, True, False),
-                "ringflash_hopper_persistent": (2, False, False, True)}
+# counter (HOPPER_FWD_PERSISTENT); ringflash_hopper_atomic_dq / _ordered_dq: the split forward and
+# the backward in one kernel, the dK/dV programs adding dQ by bulk TMA reductions in any order /
+# in key-tile order (HOPPER_BWD_DQ "atomic" / "ordered").
+# Values: (split, ping-pong, smem_p, persistent, dQ).
+HOPPER_IMPLS = {"ringflash_hopper": (1, False, False, False, "kernel"),
+                "ringflash_hopper_split": (2, False, False, False, "kernel"),
+                "ringflash_hopper_pingpong": (2, True, False, False, "kernel"),
+                "ringflash_hopper_smem_p": (2, False, True, False, "kernel"),
+                "ringflash_hopper_persistent": (2, False, False, True, "kernel"),
+                "ringflash_hopper_atomic_dq": (2, False, True, False, "atomic"),
+                "ringflash_hopper_ordered_dq": (2, False, True, False, "ordered")}
 IMPLS = ("ringflash", "ringflash_default", *HOPPER_IMPLS, "sdpa_flash", "sdpa_cudnn")
 MODES = ("fwd", "bwd", "fwdbwd")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -110,7 +114,7 @@ def make_fns(impl: str, q, k, v, dout, causal: bool):
         def hopper(fn):
             def run():
                 names = ("HOPPER_FORWARD", "HOPPER_BACKWARD", "HOPPER_FWD_SPLIT", "HOPPER_FWD_PINGPONG",
-                         "HOPPER_BWD_SMEM_P", "HOPPER_FWD_PERSISTENT")
+                         "HOPPER_BWD_SMEM_P", "HOPPER_FWD_PERSISTENT", "HOPPER_BWD_DQ")
                 saved = [getattr(attention, n) for n in names]
                 for n, value in zip(names, (True, True, *HOPPER_IMPLS[impl])):
                     setattr(attention, n, value)

@@ -101,22 +101,23 @@ def compile_variant(D, dtype, *, causal=False, window=None, docs=False, fold=Fal
 
 
 def compile_backward(D, dtype, *, causal=False, window=None, docs=False, accumulate=False, pos_dtype=torch.int64,
-                     smem_p=False, grad_dtype=torch.float32):
-    """Compile the dK/dV and dQ kernels as backward() would launch them: [(kernel, grid)] x 2;
-    ``grad_dtype``: dQ, dK and dV's dtype (float32, or without ``accumulate`` the inputs' dtype)."""
+                     smem_p=False, grad_dtype=torch.float32, dq_mode="kernel"):
+    """Compile the dK/dV and dQ kernels as backward() would launch them: [(kernel, grid)] x 2 (x 1
+    where the dK/dV kernel adds dQ, ``dq_mode`` "atomic" or "ordered"); ``grad_dtype``: dQ, dK and
+    dV's dtype (float32, or without ``accumulate`` the inputs' dtype)."""
     assert grad_dtype == torch.float32 or not accumulate, "accumulation adds into float32 gradients"
     q, k, v, m, masked = _inputs(D, dtype, causal, window, docs, pos_dtype)
     lse = torch.empty(B, H, S, dtype=torch.float32)
     grads = [torch.empty(t.shape, dtype=grad_dtype) for t in (q, k, v)]
-    saved = A.HOPPER_BWD_SMEM_P
-    A.HOPPER_BWD_SMEM_P = smem_p
+    saved = A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_DQ
+    A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_DQ = smem_p, dq_mode
     try:
         c1, c2 = A._dkdv_config(D), A.HOPPER_BWD_DQ_CONFIGS[D]
         launches = A._hopper_bwd_launches(q, q, k, v, lse, lse, m, causal, 0.125, *grads, accumulate, accumulate,
                                           _ranges(masked, triton.cdiv(S, c1.block_n)),
                                           _ranges(masked, triton.cdiv(S, c2.block_m)))
     finally:
-        A.HOPPER_BWD_SMEM_P = saved
+        A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_DQ = saved
     return [_compile(kernel, launch) for kernel, launch in zip((_attn_bwd_dkdv_hopper, _attn_bwd_dq_hopper), launches)]
 
 
@@ -152,6 +153,11 @@ BACKWARD_VARIANTS = [
     dict(D=128, dtype=torch.bfloat16, causal=True, accumulate=True, smem_p=True),
     dict(D=128, dtype=torch.float16, window=(64, 0), docs=True, causal=True, pos_dtype=torch.int32, smem_p=True),
     dict(D=64, dtype=torch.bfloat16, causal=True, smem_p=True),
+    # dQ added by the dK/dV programs with bulk TMA reductions (HOPPER_BWD_DQ), no dQ kernel
+    dict(D=128, dtype=torch.bfloat16, causal=True, dq_mode="atomic"),
+    dict(D=128, dtype=torch.bfloat16, causal=True, accumulate=True, dq_mode="ordered"),
+    dict(D=128, dtype=torch.float16, window=(64, 0), docs=True, causal=True, pos_dtype=torch.int32, dq_mode="ordered"),
+    dict(D=64, dtype=torch.bfloat16, dq_mode="ordered"),
 ]
 
 
@@ -167,6 +173,9 @@ def _facts(kernel, grid) -> dict:
         setmaxnreg="setmaxnreg" in ptx,
         overlap="wgmma.wait_group.sync.aligned 1" in ptx,
         store16=bool(re.search(r"st\.global(\.v\d)?\.b16", ptx)),  # results stored as 16-bit values
+        tma_reduce="cp.reduce.async.bulk.tensor.4d.global.shared::cta.add" in ptx,
+        bulk_complete=bool(re.search(r"cp\.async\.bulk\.wait_group\s+0;", ptx)),  # not .read: writes landed
+        release=bool(re.search(r"(atom|red)\.global\.gpu\.release\.add", ptx)),
         num_warps=kernel.metadata.num_warps,
         shared=kernel.metadata.shared,
         grid=list(grid),
@@ -196,7 +205,7 @@ def _report_one(job: tuple) -> dict:
         if v == FOLD_128:
             out["spills-fwd-" + _name(v)] = _spills(kernel)
         return out
-    for kind, (kernel, grid) in zip(("dkdv", "dq"), compile_backward(**v)):
+    for kind, (kernel, grid) in zip(("dkdv", "dq"), compile_backward(**v)):  # no dq where dQ is fused
         out[f"{kind}-" + _name(v)] = _facts(kernel, grid)
         if v.get("window") is None:  # what test_registers_fit checks
             out[f"spills-{kind}-" + _name(v)] = _spills(kernel)
@@ -242,26 +251,38 @@ def test_compiles_for_sm90(variant, compiled):
 @pytest.mark.parametrize("variant", BACKWARD_VARIANTS, ids=_name)
 def test_backward_compiles_for_sm90(variant, compiled):
     D = variant["D"]
-    for kind in ("dkdv", "dq"):
+    dq_mode = variant.get("dq_mode", "kernel")
+    kinds = ("dkdv", "dq") if dq_mode == "kernel" else ("dkdv",)
+    assert ("dq-" + _name(variant) in compiled) == (dq_mode == "kernel"), "a dQ kernel where the dK/dV one adds dQ"
+    for kind in kinds:
         facts = compiled[f"{kind}-" + _name(variant)]
         assert facts["wgmma"] and facts["tma"] and facts["setmaxnreg"], (kind, facts)
         assert facts["shared"] <= SMEM_SM90
         assert facts["store16"] == (variant.get("grad_dtype", torch.float32) != torch.float32), kind
-    configs = A.HOPPER_BWD_DKDV_SMEM_P_CONFIGS if variant.get("smem_p") else A.HOPPER_BWD_DKDV_CONFIGS
-    assert compiled["dkdv-" + _name(variant)]["grid"] == [triton.cdiv(S, configs[D].block_n), B * HKV]
-    assert compiled["dq-" + _name(variant)]["grid"] == [triton.cdiv(S, A.HOPPER_BWD_DQ_CONFIGS[D].block_m), B * H]
+    dkdv = compiled["dkdv-" + _name(variant)]
+    # dQ by bulk reductions; in key-tile order each program waits for its own to land, then counts itself in
+    assert dkdv["tma_reduce"] == (dq_mode != "kernel")
+    assert dkdv["bulk_complete"] == dkdv["release"] == (dq_mode == "ordered")
+    configs = A.HOPPER_BWD_DKDV_SMEM_P_CONFIGS if variant.get("smem_p") or dq_mode != "kernel" else A.HOPPER_BWD_DKDV_CONFIGS
+    assert dkdv["grid"] == [triton.cdiv(S, configs[D].block_n), B * HKV]
+    if dq_mode == "kernel":
+        assert compiled["dq-" + _name(variant)]["grid"] == [triton.cdiv(S, A.HOPPER_BWD_DQ_CONFIGS[D].block_m), B * H]
 
 
 def test_registers_fit(compiled):
     """ptxas' own report: the consumers fit their registers at D = 128 (a word or two of spill,
     as some ptxas versions report for the fold, costs nothing measurable), and the backward
-    kernels spill nothing in their unmasked and causal variants."""
+    kernels spill nothing in their unmasked and causal variants; a dK/dV program that adds dQ
+    holds the dQ tile beside dK and dV and spills a few words at D = 128 (under 128 bytes)."""
     spills = compiled["spills-fwd-" + _name(FOLD_128)]
     assert spills and all(st <= 16 and ld <= 16 for st, ld in spills), spills
     for v in BACKWARD_VARIANTS:
         if v.get("window") is None:
-            for kind in ("dkdv", "dq"):
-                assert compiled[f"spills-{kind}-" + _name(v)] == [[0, 0]], (kind, v)
+            if v.get("dq_mode", "kernel") == "kernel":
+                for kind in ("dkdv", "dq"):
+                    assert compiled[f"spills-{kind}-" + _name(v)] == [[0, 0]], (kind, v)
+            else:
+                assert all(st < 128 and ld < 128 for st, ld in compiled["spills-dkdv-" + _name(v)]), v
 
 
 def test_not_taken_where_it_cannot_run():

@@ -49,7 +49,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from ._hopper_common import LOG2E, barriers, cta_barrier, invalidate, ranges, tile_start, tma_load, visible
+from triton.experimental.gluon.language.nvidia.hopper import tma
+
+from ._hopper_common import (LOG2E, barriers, bulk_wait, cta_barrier, fence_gpu, invalidate, ranges, tile_start,
+                             tma_load, tma_reduce_add, visible)
 
 
 @gluon.jit
@@ -62,14 +65,25 @@ def _program(H, G, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
+def _tile(j, lo, flo, fhi, hi, BLOCK_M: gl.constexpr, DESCENDING: gl.constexpr):
+    """(first query row, boundary tile?) of the j-th query tile a program walks: fully visible
+    tiles first, then the boundary ones (:func:`._hopper_common.tile_start`); with ``DESCENDING``
+    every tile from the last down to the first (the ordered dQ's walk, :func:`_consumer_smem_p`)."""
+    if DESCENDING:
+        m0 = hi - (j + 1) * BLOCK_M
+        return m0, (m0 < flo) | (m0 >= fhi)
+    return tile_start(j, lo, flo, fhi, hi, BLOCK_M), j >= (fhi - flo) // BLOCK_M
+
+
+@gluon.jit
 def _step(t, n_m, hk, G, lo, flo, fhi, hi, q_smem, do_smem, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
-          STAGES: gl.constexpr):
-    """Step ``t`` of a program: (query head, tile index, first query row, slot, phase, Q, dO)."""
-    j = t % n_m
+          STAGES: gl.constexpr, DESCENDING: gl.constexpr = False):
+    """Step ``t`` of a program: (query head, boundary tile?, first query row, slot, phase, Q, dO)."""
     s = t % STAGES
     q2 = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
     do2 = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
-    return hk * G + t // n_m, j, tile_start(j, lo, flo, fhi, hi, BLOCK_M), s, (t // STAGES) & 1, q2, do2
+    m0, boundary = _tile(t % n_m, lo, flo, fhi, hi, BLOCK_M, DESCENDING)
+    return hk * G + t // n_m, boundary, m0, s, (t // STAGES) & 1, q2, do2
 
 
 @gluon.jit
@@ -90,7 +104,8 @@ def _producer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
               stride_vb, stride_vs, stride_vh, H, G, Sq, Sk,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr,
-              ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr):
+              ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr,
+              dq_desc, dq_smem, SEM, RANK, DQ_MODE: gl.constexpr):
     b, hk, n0, pid_n = _program(H, G, BLOCK_N)
     lo, flo, fhi, hi = ranges(RANGES, pid_n, Sq, BLOCK_M, RANGED)
     n_m = (hi - lo) // BLOCK_M
@@ -100,7 +115,7 @@ def _producer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
     tma_load(v_desc, [b, n0, hk, 0], kv_bar, v_smem)
     for t in range(G * n_m):
         h = hk * G + t // n_m
-        m0 = tile_start(t % n_m, lo, flo, fhi, hi, BLOCK_M)
+        m0, _boundary = _tile(t % n_m, lo, flo, fhi, hi, BLOCK_M, DQ_MODE == 2)
         s = t % STAGES
         ph = (t // STAGES) & 1
         mbarrier.wait(q_empty.index(s), ph ^ 1)
@@ -118,13 +133,15 @@ def _consumer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
               stride_vb, stride_vs, stride_vh, H, G, Sq, Sk,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr,
-              ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr):
+              ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr,
+              dq_desc, dq_smem, SEM, RANK, DQ_MODE: gl.constexpr):
     if SMEM_P:
         _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
                          k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty,
                          do_empty, sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks,
                          stride_kh, stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM,
-                         STAGES, CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, q_desc.dtype)
+                         STAGES, CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, q_desc.dtype,
+                         dq_desc, dq_smem, SEM, RANK, DQ_MODE)
         return
     NW: gl.constexpr = CONSUMER_WARPS
     # (keys x queries) products and (keys x head dim) accumulators, warps stacked along the keys.
@@ -140,7 +157,6 @@ def _consumer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
     b, hk, n0, pid_n = _program(H, G, BLOCK_N)
     lo, flo, fhi, hi = ranges(RANGES, pid_n, Sq, BLOCK_M, RANGED)
     n_m = (hi - lo) // BLOCK_M
-    n_full = (fhi - flo) // BLOCK_M
 
     keys = n0 + gl.arange(0, BLOCK_N, layout=key_layout)
     kp = keys
@@ -158,7 +174,8 @@ def _consumer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
 
     mbarrier.wait(kv_bar, 0)
     for t in range(G * n_m):
-        h, j, m0, s, ph, q2, do2 = _step(t, n_m, hk, G, lo, flo, fhi, hi, q_smem, do_smem, BLOCK_M, HEAD_DIM, STAGES)
+        h, boundary, m0, s, ph, q2, do2 = _step(t, n_m, hk, G, lo, flo, fhi, hi, q_smem, do_smem, BLOCK_M, HEAD_DIM,
+                                                STAGES)
         mbarrier.wait(q_ready.index(s), ph)
         st_tok = warpgroup_mma(k2, q2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
         mbarrier.wait(do_ready.index(s), ph)
@@ -170,7 +187,7 @@ def _consumer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
 
         st, _k, _q = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, k2, q2))
         pt = gl.exp2(st * qk_scale - lse2[None, :])
-        if j >= n_full:  # a boundary tile: the rule, the sequence ends
+        if boundary:  # a boundary tile: the rule, the sequence ends
             ok = row_ok[None, :] & (keys < Sk)[:, None]
             qp = rows
             qd = rows
@@ -223,7 +240,8 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
                      stride_vb, stride_vs, stride_vh, H, G, Sq, Sk,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                      CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr,
-                     ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, dtype: gl.constexpr):
+                     ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, dtype: gl.constexpr,
+                     dq_desc, dq_smem, SEM, RANK, DQ_MODE: gl.constexpr):
     """The consumers with FA3's operand routes (``HOPPER_BWD_SMEM_P``): S = Q K^T and dP = dO V^T
     with the queries as rows, the two warpgroups splitting the keys (warpgroup w computes key
     columns 64w..64w+63, which are also its rows of dK and dV), so that a query's LSE and delta
@@ -254,7 +272,6 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
     b, hk, n0, pid_n = _program(H, G, BLOCK_N)
     lo, flo, fhi, hi = ranges(RANGES, pid_n, Sq, BLOCK_M, RANGED)
     n_m = (hi - lo) // BLOCK_M
-    n_full = (fhi - flo) // BLOCK_M
 
     k2 = k_smem.reshape([BLOCK_N, HEAD_DIM])
     v2 = v_smem.reshape([BLOCK_N, HEAD_DIM])
@@ -263,10 +280,21 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout)
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout)
+    # DQ_MODE > 0: dQ_tile = dS K, the warpgroups splitting the head dim
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW // 2, 2],
+                                                        instr_shape=[16, HEAD_DIM // 2, 16])
+    if DQ_MODE > 0:
+        if HEAD_DIM == BLOCK_N:  # the same shape and layout as S: one zero tile for both
+            dq_zero = s_zero
+        else:
+            dq_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=dq_layout)
+        dq2 = dq_smem.reshape([BLOCK_M, HEAD_DIM])
+        n_q = (Sq + BLOCK_M - 1) // BLOCK_M
 
     mbarrier.wait(kv_bar, 0)
     for t in range(G * n_m):
-        h, j, m0, s, ph, q2, do2 = _step(t, n_m, hk, G, lo, flo, fhi, hi, q_smem, do_smem, BLOCK_M, HEAD_DIM, STAGES)
+        h, boundary, m0, s, ph, q2, do2 = _step(t, n_m, hk, G, lo, flo, fhi, hi, q_smem, do_smem, BLOCK_M, HEAD_DIM,
+                                                STAGES, DQ_MODE == 2)
         mbarrier.wait(q_ready.index(s), ph)
         s_tok = warpgroup_mma(q2, k2.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         mbarrier.wait(do_ready.index(s), ph)
@@ -277,7 +305,7 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
 
         st, _k, _q = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, k2, q2))
         p = gl.exp2(st * qk_scale - lse2[:, None])
-        if j >= n_full:  # a boundary tile: the rule, the sequence ends (key attributes loaded here only)
+        if boundary:  # a boundary tile: the rule, the sequence ends (key attributes loaded here only)
             keys = n0 + gl.arange(0, BLOCK_N, layout=key_layout)
             ok = row_ok[:, None] & (keys < Sk)[None, :]
             qp = rows
@@ -303,13 +331,45 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
         fence_async_shared()
         cta_barrier()
         dk_tok = warpgroup_mma(dst_smem, q2, dk, is_async=True)
+        if DQ_MODE == 0:
+            dv, dk, _p, _ds, _q2, _do2 = warpgroup_mma_wait(num_outstanding=0,
+                                                            deps=(dv_tok, dk_tok, pt_smem, dst_smem, q2, do2))
+            cta_barrier()
+            mbarrier.arrive(q_empty.index(s))
+            mbarrier.arrive(do_empty.index(s))
+        else:
+            dq_tok = warpgroup_mma(ds_smem, k2, dq_zero, use_acc=False, is_async=True)
+            dv, dk, dq, _p, _ds, _q2, _do2, _k2 = warpgroup_mma_wait(
+                num_outstanding=0, deps=(dv_tok, dk_tok, dq_tok, pt_smem, dst_smem, q2, do2, k2))
+            # The last step's reduction has read dq_smem (its issuing thread waits; the barrier
+            # holds the others), and both warpgroups are past their wgmmas on this slot.
+            tma.store_wait(0)
+            cta_barrier()
+            mbarrier.arrive(q_empty.index(s))
+            mbarrier.arrive(do_empty.index(s))
+            dq2.store(dq * sm_scale)
+            fence_async_shared()  # the generic-proxy writes before the TMA unit reads them
+            cta_barrier()
+            if DQ_MODE == 2:
+                # Key-tile order: wait until the RANK lower key tiles that add into this query
+                # tile have added theirs (they were launched before this program: see the
+                # launcher's grid), add, then count this one in. Bitwise repeatable.
+                sem = SEM + (b * H + h) * n_q + m0 // BLOCK_M
+                want = pid_n
+                if RANGED:
+                    want = gl.load(RANK + pid_n * n_q + m0 // BLOCK_M)
+                seen = gl.atomic_add(sem, 0, sem="acquire")
+                while seen != want:
+                    seen = gl.atomic_add(sem, 0, sem="acquire")
+            tma_reduce_add(dq_desc, [b, m0, h, 0], dq_smem)
+            if DQ_MODE == 2:
+                bulk_wait()  # the add has landed in global memory
+                fence_gpu()
+                cta_barrier()
+                gl.atomic_add(sem, 1, sem="release")
 
-        dv, dk, _p, _ds, _q2, _do2 = warpgroup_mma_wait(num_outstanding=0,
-                                                        deps=(dv_tok, dk_tok, pt_smem, dst_smem, q2, do2))
-        cta_barrier()
-        mbarrier.arrive(q_empty.index(s))
-        mbarrier.arrive(do_empty.index(s))
-
+    if DQ_MODE > 0:
+        tma.store_wait(0)
     _store_dkdv(dk * sm_scale, dv, DK, DV, b, hk, n0, Sk, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                 stride_vh, BLOCK_N, HEAD_DIM, ACCUMULATE, acc_layout)
 
@@ -317,12 +377,13 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
 @gluon.jit
 def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
                           sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
-                          stride_vb, stride_vs, stride_vh, H, G, Sq, Sk,
+                          stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, dq_desc, SEM, RANK,
                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                           STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
                           RANGED: gl.constexpr, ACCUMULATE: gl.constexpr,
                           PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                          CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr, P_LAYOUT: gl.constexpr):
+                          CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr, P_LAYOUT: gl.constexpr,
+                          DQ_MODE: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
@@ -334,6 +395,10 @@ def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPO
     else:
         p_smem = k_smem  # never read
         ds_smem = k_smem
+    if DQ_MODE > 0:  # one float32 dQ tile, the source of each step's reduction
+        dq_smem = gl.allocate_shared_memory(gl.float32, dq_desc.block_type.shape, dq_desc.layout)
+    else:
+        dq_smem = k_smem  # never read
 
     kv_bars = barriers(1, 1)
     kv_bar = kv_bars.index(0)
@@ -350,12 +415,14 @@ def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPO
                          k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
                          sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                          stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                         CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, SMEM_P)),
+                         CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
+                         dq_desc, dq_smem, SEM, RANK, DQ_MODE)),
             (_producer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
                          k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
                          sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                          stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                         CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, SMEM_P)),
+                         CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
+                         dq_desc, dq_smem, SEM, RANK, DQ_MODE)),
         ],
         [PRODUCER_WARPS], [PRODUCER_REGS])
 

@@ -6,13 +6,28 @@ visibility rule of a boundary tile.
 
 from __future__ import annotations
 
+from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language import _core as gl_core
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 # Triton 3.6 (the GPU machines) and the newer releases on PyPI name these differently.
 tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+
+
+
+@gl_core.builtin
+def tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+    """Add the shared-memory tile ``src`` into global memory at ``coord`` of ``tensor_desc`` with
+    one bulk TMA reduction (``cp.reduce.async.bulk.tensor ... .add``), issued by one thread and
+    committed as a bulk group (:func:`bulk_wait` / ``tma.store_wait`` wait for it). Newer Triton
+    releases name it ``tma.async_atomic_add``; Triton 3.6 has the operation in its Gluon builder
+    only."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
+
 
 LOG2E: gl.constexpr = gl.constexpr(1.4426950408889634)
 LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
@@ -176,3 +191,22 @@ def visible(qp, kp, qd, kd, wl, wr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, 
     if WINDOW >= 2:
         ok = ok & (kp <= qp + wr)
     return ok
+
+
+@gluon.jit
+def bulk_wait():
+    """``cp.async.bulk.wait_group 0`` in every thread of the partition: the bulk TMA operations the
+    thread issued have completed, their writes included (``tma.store_wait`` waits only until their
+    sources are read). A no-op in threads that issued none."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    gl.inline_asm_elementwise("cp.async.bulk.wait_group 0;\n mov.b32 $0, $1;", "=r,r",
+                              [gl.full([1], 0, gl.int32, layout)], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def fence_gpu():
+    """``fence.acq_rel.gpu`` in every thread of the partition: its earlier writes are ordered
+    before its later ones as the whole GPU sees them."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    gl.inline_asm_elementwise("fence.acq_rel.gpu;\n mov.b32 $0, $1;", "=r,r", [gl.full([1], 0, gl.int32, layout)],
+                              dtype=gl.int32, is_pure=False, pack=1)

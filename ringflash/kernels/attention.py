@@ -135,6 +135,14 @@ HOPPER_BWD_DKDV_CONFIGS: dict = {
 # Off (RINGFLASH_HOPPER_BWD_SMEM_P=1 turns it on): on an H100 it ran 0.96-1.01x the Triton backward at
 # D = 128 and 0.77-0.90x at D = 64 (benchmarks/results/kernels_h100_fa3_bwd/).
 HOPPER_BWD_SMEM_P = os.environ.get("RINGFLASH_HOPPER_BWD_SMEM_P", "0") == "1"
+# HOPPER_BWD_DQ: where the Hopper backward computes dQ. "kernel": the dQ kernel (seven tile
+# products in two kernels). "atomic": the dK/dV programs in FA3's form (as with HOPPER_BWD_SMEM_P)
+# also compute each step's dQ tile = dS K and add it into a float32 dQ with one bulk TMA reduction
+# from shared memory, in whatever order the programs come (five products in one kernel; not
+# bitwise repeatable). "ordered": those reductions in key-tile order, each program waiting on a
+# counter per (head, query tile) for the lower key tiles (FA3's deterministic form; bitwise
+# repeatable). RINGFLASH_HOPPER_BWD_DQ sets it.
+HOPPER_BWD_DQ = os.environ.get("RINGFLASH_HOPPER_BWD_DQ", "kernel")
 HOPPER_BWD_DKDV_SMEM_P_CONFIGS: dict = {
     64: KernelConfig(64, 128, 8, 3),
     128: KernelConfig(64, 128, 8, 2),
@@ -553,12 +561,35 @@ def _smem_layout(rows: int, head_dim: int, dtype: torch.dtype):
     builds descriptors on every step)."""
     from triton.experimental.gluon import language as gl
 
-    gdt = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    gdt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[dtype]
     return gl.NVMMASharedLayout.get_default_for([1, rows, 1, head_dim], gdt)
 
 
+def _dq_mode() -> int:
+    """HOPPER_BWD_DQ as the dK/dV kernel's DQ_MODE: 0 (the dQ kernel), 1 (atomic), 2 (ordered)."""
+    modes = {"kernel": 0, "atomic": 1, "ordered": 2}
+    if HOPPER_BWD_DQ not in modes:
+        raise ValueError(f"RINGFLASH_HOPPER_BWD_DQ must be one of {sorted(modes)}; got {HOPPER_BWD_DQ!r}")
+    return modes[HOPPER_BWD_DQ]
+
+
+def _smem_p() -> bool:
+    """Whether the dK/dV program takes FA3's operand routes (HOPPER_BWD_SMEM_P, or dQ in it)."""
+    return HOPPER_BWD_SMEM_P or _dq_mode() > 0
+
+
 def _dkdv_config(D: int) -> KernelConfig:
-    return (HOPPER_BWD_DKDV_SMEM_P_CONFIGS if HOPPER_BWD_SMEM_P else HOPPER_BWD_DKDV_CONFIGS)[D]
+    return (HOPPER_BWD_DKDV_SMEM_P_CONFIGS if _smem_p() else HOPPER_BWD_DKDV_CONFIGS)[D]
+
+
+def _dq_order(ranges_kv, n_k: int, n_q: int, block_m: int, device) -> torch.Tensor:
+    """(n_k, n_q) int32: for key tile n and query tile m (of ``block_m`` queries, the dK/dV
+    program's step), how many lower key tiles add into query tile m before n does, from the query
+    range [lo, hi) each key tile walks (``ranges_kv`` rows (lo, flo, fhi, hi), in queries). Made on
+    the device from the ranges the programs walk, so every count a program waits for is reached."""
+    starts = torch.arange(n_q, device=device, dtype=torch.int32)[None, :] * block_m
+    visits = ((starts >= ranges_kv[0, :, 0:1]) & (starts < ranges_kv[0, :, 3:4])).to(torch.int32)
+    return (torch.cumsum(visits, 0, dtype=torch.int32) - visits).contiguous()
 
 
 @functools.lru_cache(maxsize=None)
@@ -724,7 +755,8 @@ def forward(
 
 def _hopper_bwd_launches(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale, dq, dk, dv,
                          acc_dq, acc_dkdv, ranges_kv, ranges_q):
-    """(grid, args, constexprs, warps) of the Hopper dK/dV and dQ kernels for a backward call;
+    """(grid, args, constexprs, warps) of the Hopper dK/dV and dQ kernels for a backward call (the
+    dK/dV kernel's alone where it adds dQ itself, HOPPER_BWD_DQ);
     ``ranges_kv`` / ``ranges_q``: the key tiles' query ranges and the query tiles' key ranges
     (_tile_ranges) where the mask has any, else None."""
     B, Sq, H, D = q.shape
@@ -736,18 +768,30 @@ def _hopper_bwd_launches(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale,
                   PRODUCER_WARPS=HOPPER_PRODUCER[0], PRODUCER_REGS=HOPPER_PRODUCER[1])
     log2e = math.log2(math.e)
     launches = []
-    for cfg, rng, by_keys in ((c1, ranges_kv, True), (c2, ranges_q, False)):
+    kernels_ = ((c1, ranges_kv, True), (c2, ranges_q, False))
+    for cfg, rng, by_keys in kernels_[:1] if _dq_mode() else kernels_:  # no dQ kernel where dQ is fused
         descs = _descriptors(((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n), (dout, cfg.block_m)))
         head = (*descs, lse, delta, q_pos, k_pos, q_doc, k_doc, lse if rng is None else rng)
         tail = (float(scale), float(scale) * log2e, m.wl, m.wr, lse.stride(0), lse.stride(1))
         meta = dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages,
                     RANGED=rng is not None, CONSUMER_WARPS=cfg.num_warps)
         if by_keys:
+            mode = _dq_mode()
+            if mode:  # dQ added by these programs: its float32 TMA descriptor, the order's counters
+                dq_desc = _descriptors(((dq, cfg.block_m),))[0]
+                sem = rank = lse  # never read
+                if mode == 2:
+                    n_q = triton.cdiv(Sq, cfg.block_m)
+                    sem = torch.zeros((B * H, n_q), dtype=torch.int32, device=q.device)
+                    if rng is not None:
+                        rank = _dq_order(rng, triton.cdiv(Sk, cfg.block_n), n_q, cfg.block_m, q.device)
+            else:
+                dq_desc, sem, rank = descs[1], lse, lse  # never read
             args = (*head, dk, dv, *tail, dk.stride(0), dk.stride(1), dk.stride(2),
-                    dv.stride(0), dv.stride(1), dv.stride(2), H, H // Hkv, Sq, Sk)
-            p_layout = _p_layout(cfg.block_m, cfg.block_n, q.dtype) if HOPPER_BWD_SMEM_P else None
+                    dv.stride(0), dv.stride(1), dv.stride(2), H, H // Hkv, Sq, Sk, dq_desc, sem, rank)
+            p_layout = _p_layout(cfg.block_m, cfg.block_n, q.dtype) if _smem_p() else None
             launches.append(((triton.cdiv(Sk, cfg.block_n), B * Hkv), args,
-                             dict(meta, ACCUMULATE=acc_dkdv, SMEM_P=HOPPER_BWD_SMEM_P, P_LAYOUT=p_layout),
+                             dict(meta, ACCUMULATE=acc_dkdv, SMEM_P=_smem_p(), P_LAYOUT=p_layout, DQ_MODE=mode),
                              cfg.num_warps))
         else:
             args = (*head, dq, *tail, dq.stride(0), dq.stride(1), dq.stride(2), H, H // Hkv, Sq, Sk,
@@ -764,17 +808,36 @@ def _backward_hopper(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale, dq,
     from ._bwd_dq_hopper import _attn_bwd_dq_hopper
 
     Sq, D, Sk = q.shape[1], q.shape[3], k.shape[1]
+    fused = _dq_mode() > 0
     ranges_kv = ranges_q = None
     if causal or m.window or m.docs:
         c1, c2 = _dkdv_config(D), HOPPER_BWD_DQ_CONFIGS[D]
         ranges_kv = _tile_ranges(m, causal, Sq, Sk, c1.block_m, c1.block_n, by_keys=True, device=q.device)
-        ranges_q = _tile_ranges(m, causal, Sq, Sk, c2.block_m, c2.block_n, by_keys=False, device=q.device)
-    (g1, a1, m1, w1), (g2, a2, m2, w2) = _hopper_bwd_launches(
-        dout, q, k, v, lse, delta, m, causal, scale, dq, dk, dv, acc_dq, acc_dkdv, ranges_kv, ranges_q)
+        if not fused:
+            ranges_q = _tile_ranges(m, causal, Sq, Sk, c2.block_m, c2.block_n, by_keys=False, device=q.device)
+    dq_sum = dq
+    if fused:
+        # The reductions add into a float32 dQ that TMA can address: the given one, or a new one
+        # that is added (or copied) into it afterwards.
+        if dq.dtype == torch.float32 and _tma_ready(dq) is dq:
+            if not acc_dq:
+                dq.zero_()
+        else:
+            dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    launches = _hopper_bwd_launches(dout, q, k, v, lse, delta, m, causal, scale, dq_sum, dk, dv, acc_dq, acc_dkdv,
+                                    ranges_kv, ranges_q)
+    g1, a1, m1, w1 = launches[0]
     _attn_bwd_dkdv_hopper[g1](*a1, **m1, num_warps=w1)
     if after_dkdv is not None:
         after_dkdv()
-    _attn_bwd_dq_hopper[g2](*a2, **m2, num_warps=w2)
+    if not fused:
+        g2, a2, m2, w2 = launches[1]
+        _attn_bwd_dq_hopper[g2](*a2, **m2, num_warps=w2)
+    elif dq_sum is not dq:
+        if acc_dq:
+            dq += dq_sum
+        else:
+            dq.copy_(dq_sum)
     return dq, dk, dv
 
 
