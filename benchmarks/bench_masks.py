@@ -108,7 +108,9 @@ def ringflash_fns(kern, q, k, v, dout, mask: str, cu, window: int):
 # consumer partition per warpgroup, persistent programs where the rule in attention.py says so,
 # the Triton backward, faster than the Hopper backward: benchmarks/NOTES_kernels.md);
 # ``ringflash_hopper_persistent`` that forward always as persistent programs;
-# ``ringflash_hopper_fused_bwd`` the default with the backward's dK/dV and dQ programs in one grid.
+# ``ringflash_hopper_fused_bwd`` the default with the backward's dK/dV and dQ programs in one grid;
+# ``ringflash_hopper_atomic_dq`` / ``_ordered_dq`` the default forward with the Hopper backward whose
+# dK/dV programs add dQ by bulk TMA reductions, in any order / in key-tile order (HOPPER_BWD_DQ).
 SETTINGS = {
     "ringflash": dict(HOPPER_FORWARD=False, HOPPER_BACKWARD=False),
     "ringflash_hopper": dict(HOPPER_FORWARD=True, HOPPER_FWD_SPLIT=2, HOPPER_BACKWARD=False, HOPPER_FWD_PERSISTENT=None),
@@ -116,6 +118,10 @@ SETTINGS = {
                                         HOPPER_FWD_PERSISTENT=True),
     "ringflash_hopper_fused_bwd": dict(HOPPER_FORWARD=True, HOPPER_FWD_SPLIT=2, HOPPER_BACKWARD=False,
                                        HOPPER_FWD_PERSISTENT=None, BWD_FUSED=True),
+    "ringflash_hopper_atomic_dq": dict(HOPPER_FORWARD=True, HOPPER_FWD_SPLIT=2, HOPPER_BACKWARD=True,
+                                       HOPPER_FWD_PERSISTENT=None, HOPPER_BWD_DQ="atomic"),
+    "ringflash_hopper_ordered_dq": dict(HOPPER_FORWARD=True, HOPPER_FWD_SPLIT=2, HOPPER_BACKWARD=True,
+                                        HOPPER_FWD_PERSISTENT=None, HOPPER_BWD_DQ="ordered"),
 }
 
 
