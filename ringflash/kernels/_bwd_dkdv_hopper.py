@@ -105,7 +105,7 @@ def _producer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr,
               ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr,
-              dq_desc, dq_smem, SEM, RANK, DQ_MODE: gl.constexpr):
+              dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE: gl.constexpr):
     b, hk, n0, pid_n = _program(H, G, BLOCK_N)
     lo, flo, fhi, hi = ranges(RANGES, pid_n, Sq, BLOCK_M, RANGED)
     n_m = (hi - lo) // BLOCK_M
@@ -134,14 +134,14 @@ def _consumer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr,
               ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr,
-              dq_desc, dq_smem, SEM, RANK, DQ_MODE: gl.constexpr):
+              dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE: gl.constexpr):
     if SMEM_P:
         _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
                          k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty,
                          do_empty, sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks,
                          stride_kh, stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM,
                          STAGES, CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, q_desc.dtype,
-                         dq_desc, dq_smem, SEM, RANK, DQ_MODE)
+                         dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE)
         return
     NW: gl.constexpr = CONSUMER_WARPS
     # (keys x queries) products and (keys x head dim) accumulators, warps stacked along the keys.
@@ -241,7 +241,7 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                      CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr,
                      ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, dtype: gl.constexpr,
-                     dq_desc, dq_smem, SEM, RANK, DQ_MODE: gl.constexpr):
+                     dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE: gl.constexpr):
     """The consumers with FA3's operand routes (``HOPPER_BWD_SMEM_P``): S = Q K^T and dP = dO V^T
     with the queries as rows, the two warpgroups splitting the keys (warpgroup w computes key
     columns 64w..64w+63, which are also its rows of dK and dV), so that a query's LSE and delta
@@ -288,8 +288,6 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
             dq_zero = s_zero
         else:
             dq_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=dq_layout)
-        dq2 = dq_smem.reshape([BLOCK_M, HEAD_DIM])
-        n_q = (Sq + BLOCK_M - 1) // BLOCK_M
 
     mbarrier.wait(kv_bar, 0)
     for t in range(G * n_m):
@@ -341,37 +339,64 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
             dq_tok = warpgroup_mma(ds_smem, k2, dq_zero, use_acc=False, is_async=True)
             dv, dk, dq, _p, _ds, _q2, _do2, _k2 = warpgroup_mma_wait(
                 num_outstanding=0, deps=(dv_tok, dk_tok, dq_tok, pt_smem, dst_smem, q2, do2, k2))
-            # The last step's reduction has read dq_smem (its issuing thread waits; the barrier
-            # holds the others), and both warpgroups are past their wgmmas on this slot.
-            tma.store_wait(0)
-            cta_barrier()
+            cta_barrier()  # both warpgroups past their wgmmas on this slot
             mbarrier.arrive(q_empty.index(s))
             mbarrier.arrive(do_empty.index(s))
-            dq2.store(dq * sm_scale)
+            # The dQ tile into its buffer once the writer's reduction from it two steps ago has
+            # read it; the writer adds it (_dq_writer), so no wait for the addition lands here.
+            buf = t % 2
+            mbarrier.wait(dq_empty.index(buf), ((t // 2) & 1) ^ 1)
+            dq_smem.index(buf).reshape([BLOCK_M, HEAD_DIM]).store(dq * sm_scale)
             fence_async_shared()  # the generic-proxy writes before the TMA unit reads them
             cta_barrier()
-            if DQ_MODE == 2:
-                # Key-tile order: wait until the RANK lower key tiles that add into this query
-                # tile have added theirs (they were launched before this program: see the
-                # launcher's grid), add, then count this one in. Bitwise repeatable.
-                sem = SEM + (b * H + h) * n_q + m0 // BLOCK_M
-                want = pid_n
-                if RANGED:
-                    want = gl.load(RANK + pid_n * n_q + m0 // BLOCK_M)
-                seen = gl.atomic_add(sem, 0, sem="acquire")
-                while seen != want:
-                    seen = gl.atomic_add(sem, 0, sem="acquire")
-            tma_reduce_add(dq_desc, [b, m0, h, 0], dq_smem)
-            if DQ_MODE == 2:
-                bulk_wait()  # the add has landed in global memory
-                fence_gpu()
-                cta_barrier()
-                gl.atomic_add(sem, 1, sem="release")
+            mbarrier.arrive(dq_full.index(buf))
 
-    if DQ_MODE > 0:
-        tma.store_wait(0)
     _store_dkdv(dk * sm_scale, dv, DK, DV, b, hk, n0, Sk, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                 stride_vh, BLOCK_N, HEAD_DIM, ACCUMULATE, acc_layout)
+
+
+@gluon.jit
+def _dq_writer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
+               k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+               sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
+               stride_vb, stride_vs, stride_vh, H, G, Sq, Sk,
+               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr,
+               ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr,
+               dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE: gl.constexpr):
+    """The dQ writer (DQ_MODE > 0), one warp: each step's dQ tile, once the consumers have put it
+    in its buffer (``dq_full``), added into the float32 dQ with one bulk TMA reduction; the buffer
+    goes back (``dq_empty``) once the reduction has read it. With DQ_MODE = 2 the additions into
+    a query tile come in key-tile order: the writer waits until the counter of (batch, query
+    head, query tile) says that the lower key tiles that walk it (``RANK``, or all lower ones
+    without ranges) have added theirs, adds, waits until its addition has landed, and counts
+    itself in. Those programs were launched before this one (the grid runs key tiles fastest),
+    so the wait ends. The consumers go on meanwhile, two buffers ahead at most."""
+    b, hk, n0, pid_n = _program(H, G, BLOCK_N)
+    lo, flo, fhi, hi = ranges(RANGES, pid_n, Sq, BLOCK_M, RANGED)
+    n_m = (hi - lo) // BLOCK_M
+    n_q = (Sq + BLOCK_M - 1) // BLOCK_M
+    for t in range(G * n_m):
+        h = hk * G + t // n_m
+        m0, _boundary = _tile(t % n_m, lo, flo, fhi, hi, BLOCK_M, DQ_MODE == 2)
+        buf = t % 2
+        mbarrier.wait(dq_full.index(buf), (t // 2) & 1)
+        if DQ_MODE == 2:
+            sem = SEM + (b * H + h) * n_q + m0 // BLOCK_M
+            want = pid_n
+            if RANGED:
+                want = gl.load(RANK + pid_n * n_q + m0 // BLOCK_M)
+            seen = gl.atomic_add(sem, 0, sem="acquire")
+            while seen != want:
+                seen = gl.atomic_add(sem, 0, sem="acquire")
+        tma_reduce_add(dq_desc, [b, m0, h, 0], dq_smem.index(buf))
+        if DQ_MODE == 2:
+            bulk_wait()  # the addition has landed in global memory
+            fence_gpu()
+            gl.atomic_add(sem, 1, sem="release")
+        else:
+            tma.store_wait(0)  # the reduction has read the buffer
+        mbarrier.arrive(dq_empty.index(buf))
 
 
 @gluon.jit
@@ -395,10 +420,12 @@ def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPO
     else:
         p_smem = k_smem  # never read
         ds_smem = k_smem
-    if DQ_MODE > 0:  # one float32 dQ tile, the source of each step's reduction
-        dq_smem = gl.allocate_shared_memory(gl.float32, dq_desc.block_type.shape, dq_desc.layout)
+    if DQ_MODE > 0:  # two float32 dQ tiles, the sources of the writer's reductions
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2] + dq_desc.block_type.shape, dq_desc.layout)
     else:
         dq_smem = k_smem  # never read
+    dq_full = barriers(2, 1)
+    dq_empty = barriers(2, 1)
 
     kv_bars = barriers(1, 1)
     kv_bar = kv_bars.index(0)
@@ -409,25 +436,51 @@ def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPO
     fence_async_shared()
 
     # Argument tuples written out in the call (see _fwd_hopper.py: constexprs stay constexprs).
-    gl.warp_specialize(
-        [
-            (_consumer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
-                         k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
-                         sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
-                         stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                         CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
-                         dq_desc, dq_smem, SEM, RANK, DQ_MODE)),
-            (_producer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
-                         k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
-                         sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
-                         stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                         CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
-                         dq_desc, dq_smem, SEM, RANK, DQ_MODE)),
-        ],
-        [PRODUCER_WARPS], [PRODUCER_REGS])
+    if DQ_MODE > 0:
+        gl.warp_specialize(
+            [
+                (_consumer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
+                             k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+                             sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
+                             stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                             CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
+                             dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE)),
+                (_producer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
+                             k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+                             sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
+                             stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                             CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
+                             dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE)),
+                (_dq_writer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
+                              k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+                              sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
+                              stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                              CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
+                              dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE)),
+            ],
+            [PRODUCER_WARPS, 1], [PRODUCER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize(
+            [
+                (_consumer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
+                             k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+                             sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
+                             stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                             CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
+                             dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE)),
+                (_producer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
+                             k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+                             sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
+                             stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                             CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
+                             dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE)),
+            ],
+            [PRODUCER_WARPS], [PRODUCER_REGS])
 
     invalidate(kv_bars, 1)
     invalidate(q_ready, STAGES)
     invalidate(do_ready, STAGES)
     invalidate(q_empty, STAGES)
     invalidate(do_empty, STAGES)
+    invalidate(dq_full, 2)
+    invalidate(dq_empty, 2)
