@@ -115,6 +115,7 @@ def use(dkdv, dq, hopper) -> None:
         A.BWD_DKDV_MASKED_CONFIGS.clear()  # only the default keeps its masked table
     A.HOPPER_BACKWARD = hopper is not None
     A.HOPPER_BWD_SMEM_P = bool(hopper)
+    A.HOPPER_BWD_DQ = "kernel"  # the FA3-form dK/dV program with its dQ kernel, as these tiles were measured
 
 
 def backward_fn(q, k, v, do, kw):

@@ -41,25 +41,27 @@ from ringflash import kernels  # noqa: E402
 
 # ringflash: the Triton kernels alone (the Hopper kernels switched off); ringflash_default: the
 # kernels forward() and backward() choose by default on this GPU (on sm_90 at D = 128: the Hopper
-# forward and the Triton backward).
-# ringflash_hopper: the same calls with the Gluon kernels for Hopper switched on
-# (kernels.attention.HOPPER_FORWARD and HOPPER_BACKWARD; sm_90 only, bf16/fp16 at D = 64 and 128);
-# ringflash_hopper_split: the same with a consumer partition per warpgroup in the forward
-# (HOPPER_FWD_SPLIT = 2); ringflash_hopper_pingpong: those partitions taking turns to issue their
-# matrix products (HOPPER_FWD_PINGPONG); ringflash_hopper_smem_p: the split forward and the
-# backward's dK/dV program with FA3's operand routes (HOPPER_BWD_SMEM_P);
+# forward and the Hopper backward adding dQ in key-tile order).
+# The others set kernels.attention's switches (sm_90 only, bf16/fp16 at D = 64 and 128), the
+# Hopper forward always on: ringflash_hopper: one consumer partition in the forward, the Hopper
+# backward (HOPPER_BACKWARD); ringflash_hopper_split: a consumer partition per warpgroup in the
+# forward (HOPPER_FWD_SPLIT = 2); ringflash_hopper_pingpong: those partitions taking turns to
+# issue their matrix products (HOPPER_FWD_PINGPONG); ringflash_hopper_smem_p: the backward's dK/dV
+# program with FA3's operand routes and the dQ kernel (HOPPER_BWD_SMEM_P, HOPPER_BWD_DQ "kernel");
 # ringflash_hopper_persistent: the split forward as persistent programs drawing work from a
-# counter (HOPPER_FWD_PERSISTENT); ringflash_hopper_atomic_dq / _ordered_dq: the split forward and
-# the backward in one kernel, the dK/dV programs adding dQ by bulk TMA reductions in any order /
-# in key-tile order (HOPPER_BWD_DQ "atomic" / "ordered").
-# Values: (split, ping-pong, smem_p, persistent, dQ).
-HOPPER_IMPLS = {"ringflash_hopper": (1, False, False, False, "kernel"),
-                "ringflash_hopper_split": (2, False, False, False, "kernel"),
-                "ringflash_hopper_pingpong": (2, True, False, False, "kernel"),
-                "ringflash_hopper_smem_p": (2, False, True, False, "kernel"),
-                "ringflash_hopper_persistent": (2, False, False, True, "kernel"),
-                "ringflash_hopper_atomic_dq": (2, False, True, False, "atomic"),
-                "ringflash_hopper_ordered_dq": (2, False, True, False, "ordered")}
+# counter (HOPPER_FWD_PERSISTENT); ringflash_hopper_atomic_dq / _ordered_dq: the backward in one
+# kernel, the dK/dV programs adding dQ by bulk TMA reductions in any order / in key-tile order
+# (HOPPER_BWD_DQ "atomic" / "ordered"); ringflash_triton_bwd: the split Hopper forward with the
+# Triton backward (the default on sm_90 before the Hopper backward was).
+# Values: (backward, split, ping-pong, smem_p, persistent, dQ).
+HOPPER_IMPLS = {"ringflash_hopper": (True, 1, False, False, False, "ordered"),
+                "ringflash_hopper_split": (True, 2, False, False, False, "ordered"),
+                "ringflash_hopper_pingpong": (True, 2, True, False, False, "ordered"),
+                "ringflash_hopper_smem_p": (True, 2, False, True, False, "kernel"),
+                "ringflash_hopper_persistent": (True, 2, False, False, True, "ordered"),
+                "ringflash_hopper_atomic_dq": (True, 2, False, True, False, "atomic"),
+                "ringflash_hopper_ordered_dq": (True, 2, False, True, False, "ordered"),
+                "ringflash_triton_bwd": (False, 2, False, False, False, "ordered")}
 IMPLS = ("ringflash", "ringflash_default", *HOPPER_IMPLS, "sdpa_flash", "sdpa_cudnn")
 MODES = ("fwd", "bwd", "fwdbwd")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -114,9 +116,9 @@ def make_fns(impl: str, q, k, v, dout, causal: bool):
         def hopper(fn):
             def run():
                 names = ("HOPPER_FORWARD", "HOPPER_BACKWARD", "HOPPER_FWD_SPLIT", "HOPPER_FWD_PINGPONG",
-                         "HOPPER_BWD_SMEM_P", "HOPPER_FWD_PERSISTENT", "HOPPER_BWD_DQ")
+                         "HOPPER_BWD_SMEM_P", "HOPPER_FWD_PERSISTENT", "HOPPER_BWD_DQ", "HOPPER_BWD_HEAD_DIMS")
                 saved = [getattr(attention, n) for n in names]
-                for n, value in zip(names, (True, True, *HOPPER_IMPLS[impl])):
+                for n, value in zip(names, (True, *HOPPER_IMPLS[impl], (64, 128))):
                     setattr(attention, n, value)
                 try:
                     return fn()

@@ -104,13 +104,14 @@ def ringflash_fns(kern, q, k, v, dout, mask: str, cu, window: int):
 
 
 # The kernels' module settings per implementation (ringflash.kernels.attention): ``ringflash``
-# the Triton kernels alone; ``ringflash_hopper`` the default on sm_90 (the Hopper forward with a
-# consumer partition per warpgroup, persistent programs where the rule in attention.py says so,
-# the Triton backward, faster than the Hopper backward: benchmarks/NOTES_kernels.md);
+# the Triton kernels alone; ``ringflash_hopper`` the Hopper forward with a consumer partition per
+# warpgroup, persistent programs where the rule in attention.py says so, and the Triton backward
+# (the default on sm_90 before the Hopper backward that adds dQ itself: benchmarks/NOTES_kernels.md);
 # ``ringflash_hopper_persistent`` that forward always as persistent programs;
 # ``ringflash_hopper_fused_bwd`` the default with the backward's dK/dV and dQ programs in one grid;
-# ``ringflash_hopper_atomic_dq`` / ``_ordered_dq`` the default forward with the Hopper backward whose
-# dK/dV programs add dQ by bulk TMA reductions, in any order / in key-tile order (HOPPER_BWD_DQ).
+# ``ringflash_hopper_atomic_dq`` / ``_ordered_dq`` that forward with the Hopper backward whose dK/dV
+# programs add dQ by bulk TMA reductions, in any order / in key-tile order (HOPPER_BWD_DQ; the
+# ordered one is the default on sm_90 at D = 128).
 SETTINGS = {
     "ringflash": dict(HOPPER_FORWARD=False, HOPPER_BACKWARD=False),
     "ringflash_hopper": dict(HOPPER_FORWARD=True, HOPPER_FWD_SPLIT=2, HOPPER_BACKWARD=False, HOPPER_FWD_PERSISTENT=None),

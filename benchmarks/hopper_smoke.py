@@ -31,8 +31,9 @@ def main() -> None:
     bwd = a.variant.startswith("bwd")
     A.HOPPER_FORWARD = not bwd
     A.HOPPER_BACKWARD = bwd
+    A.HOPPER_BWD_HEAD_DIMS = (64, 128)
     A.HOPPER_BWD_SMEM_P = a.variant == "bwd_smem_p"
-    A.HOPPER_BWD_DQ = {"bwd_atomic_dq": "atomic", "bwd_ordered_dq": "ordered"}.get(a.variant, "kernel")
+    A.HOPPER_BWD_DQ = {"bwd_atomic_dq": "atomic", "bwd_ordered_dq": "ordered"}.get(a.variant, "kernel")  # bwd: the two kernels
     A.HOPPER_FWD_SPLIT, A.HOPPER_FWD_PINGPONG = VARIANTS[a.variant]
     A.HOPPER_FWD_PERSISTENT = a.variant == "fwd_persistent"
     served = []

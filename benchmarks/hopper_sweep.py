@@ -61,6 +61,7 @@ def main() -> None:
               f"{r.get('variant', ''):>8}  {extra}", flush=True)
 
     A.HOPPER_FORWARD = A.HOPPER_BACKWARD = True
+    A.HOPPER_BWD_DQ = "kernel"  # the dK/dV and dQ kernels, each timed alone
     for D in a.head_dims:
         q, k, v, do = inputs(B, S, H, D, torch.bfloat16)
         for causal in (True, False):

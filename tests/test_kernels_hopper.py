@@ -297,25 +297,31 @@ def test_not_taken_where_it_cannot_run():
         A.HOPPER_FORWARD = saved
 
 
-@pytest.mark.parametrize("env,forward,head_dims,backward", [
-    ({}, True, (128,), False),
-    ({"RINGFLASH_HOPPER_FORWARD": "1"}, True, (64, 128), False),
-    ({"RINGFLASH_HOPPER_FORWARD": "0"}, False, None, False),
-    ({"RINGFLASH_HOPPER_BACKWARD": "1"}, True, (128,), True),
+@pytest.mark.parametrize("env,forward,head_dims,backward,bwd_dims,dq", [
+    ({}, True, (128,), True, (128,), "ordered"),
+    ({"RINGFLASH_HOPPER_FORWARD": "1"}, True, (64, 128), True, (128,), "ordered"),
+    ({"RINGFLASH_HOPPER_FORWARD": "0"}, False, None, True, (128,), "ordered"),
+    ({"RINGFLASH_HOPPER_BACKWARD": "1"}, True, (128,), True, (64, 128), "ordered"),
+    ({"RINGFLASH_HOPPER_BACKWARD": "0"}, True, (128,), False, None, "ordered"),
+    ({"RINGFLASH_HOPPER_BWD_DQ": "atomic"}, True, (128,), True, (128,), "atomic"),
 ])
-def test_defaults_and_environment(env, forward, head_dims, backward):
-    """By default an sm_90 GPU gets the Hopper forward (split consumers) at D = 128 and the Triton
-    backward; RINGFLASH_HOPPER_FORWARD=1 widens the forward to every head dim it has, =0 turns it
-    off; RINGFLASH_HOPPER_BACKWARD=1 turns the backward on."""
+def test_defaults_and_environment(env, forward, head_dims, backward, bwd_dims, dq):
+    """By default an sm_90 GPU gets the Hopper forward (split consumers) and the Hopper backward
+    (dQ added by the dK/dV programs in key-tile order) at D = 128; RINGFLASH_HOPPER_FORWARD /
+    _BACKWARD =1 widens each to every head dim it has, =0 turns it off; RINGFLASH_HOPPER_BWD_DQ
+    picks where dQ is computed."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RINGFLASH_HOPPER")}
     code = ("import json; from ringflash.kernels import attention as A; print(json.dumps("
-            "[A.HOPPER_FORWARD, list(A.HOPPER_FWD_HEAD_DIMS), A.HOPPER_BACKWARD, A.HOPPER_FWD_SPLIT]))")
+            "[A.HOPPER_FORWARD, list(A.HOPPER_FWD_HEAD_DIMS), A.HOPPER_BACKWARD, list(A.HOPPER_BWD_HEAD_DIMS),"
+            " A.HOPPER_BWD_DQ, A.HOPPER_FWD_SPLIT]))")
     out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parents[1])
-    got_fwd, got_dims, got_bwd, split = json.loads(out.stdout)
-    assert got_fwd == forward and got_bwd == backward and split == 2
+    got_fwd, got_dims, got_bwd, got_bwd_dims, got_dq, split = json.loads(out.stdout)
+    assert got_fwd == forward and got_bwd == backward and split == 2 and got_dq == dq
     if forward:
         assert tuple(got_dims) == head_dims
+    if backward:
+        assert tuple(got_bwd_dims) == bwd_dims
 
 
 @pytest.mark.parametrize("setting,causal,window,docs,want", [

@@ -44,6 +44,7 @@ def hopper(monkeypatch):
     monkeypatch.setattr(attention, "HOPPER_FORWARD", True)
     monkeypatch.setattr(attention, "HOPPER_BACKWARD", True)
     monkeypatch.setattr(attention, "HOPPER_FWD_HEAD_DIMS", tuple(attention.HOPPER_FWD_CONFIGS))
+    monkeypatch.setattr(attention, "HOPPER_BWD_HEAD_DIMS", tuple(attention.HOPPER_FWD_CONFIGS))
     monkeypatch.setattr(attention, "_forward_hopper", counted("fwd", attention._forward_hopper))
     monkeypatch.setattr(attention, "_backward_hopper", counted("bwd", attention._backward_hopper))
     return calls
@@ -432,19 +433,21 @@ def test_backward_fa3_form(dq_mode, D, case, hopper, monkeypatch):
 
 def test_default_choice(monkeypatch):
     """Without the fixture's switches: the module's defaults on this GPU. forward() takes the Hopper
-    kernel at D = 128 (bf16 and fp16) and the Triton kernel at D = 64 and for float32; backward()
-    stays on the Triton kernels."""
+    kernel at D = 128 (bf16 and fp16) and the Triton kernel at D = 64 and for float32, and so does
+    backward()."""
     import importlib
 
     monkeypatch.delenv("RINGFLASH_HOPPER_FORWARD", raising=False)
     monkeypatch.delenv("RINGFLASH_HOPPER_BACKWARD", raising=False)
+    monkeypatch.delenv("RINGFLASH_HOPPER_BWD_DQ", raising=False)
     fresh = importlib.reload(attention)
     try:
         calls = []
         for name in ("_forward_hopper", "_backward_hopper"):
             real = getattr(fresh, name)
             monkeypatch.setattr(fresh, name, lambda *a, _r=real, _n=name, **kw: (calls.append(_n), _r(*a, **kw))[1])
-        for D, dtype, want in ((128, torch.bfloat16, ["_forward_hopper"]), (128, torch.float16, ["_forward_hopper"]),
+        both = ["_forward_hopper", "_backward_hopper"]
+        for D, dtype, want in ((128, torch.bfloat16, both), (128, torch.float16, both),
                                (64, torch.bfloat16, []), (128, torch.float32, [])):
             calls.clear()
             q, k, v = make(1, 700, 700, 4, 2, D, dtype, seed=13)

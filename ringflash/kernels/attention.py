@@ -142,7 +142,7 @@ HOPPER_BWD_SMEM_P = os.environ.get("RINGFLASH_HOPPER_BWD_SMEM_P", "0") == "1"
 # bitwise repeatable). "ordered": those reductions in key-tile order, each program waiting on a
 # counter per (head, query tile) for the lower key tiles (FA3's deterministic form; bitwise
 # repeatable). RINGFLASH_HOPPER_BWD_DQ sets it.
-HOPPER_BWD_DQ = os.environ.get("RINGFLASH_HOPPER_BWD_DQ", "kernel")
+HOPPER_BWD_DQ = os.environ.get("RINGFLASH_HOPPER_BWD_DQ", "ordered")
 HOPPER_BWD_DKDV_SMEM_P_CONFIGS: dict = {
     64: KernelConfig(64, 128, 8, 3),
     128: KernelConfig(64, 128, 8, 2),
@@ -174,14 +174,16 @@ _PERSISTENT_ENV = os.environ.get("RINGFLASH_HOPPER_FWD_PERSISTENT")
 HOPPER_FWD_PERSISTENT = None if _PERSISTENT_ENV is None else _PERSISTENT_ENV == "1"
 # Whether forward() / backward() take the Hopper kernels where they serve the call
 # (bfloat16/float16, a head dim they have, no block pattern or per-head attributes, an sm_90
-# GPU). The forward is on by default at the head dims where it was measured faster than the
-# Triton kernel (D = 128: 1.2x; at D = 64 it was not); RINGFLASH_HOPPER_FORWARD=1 takes it at
-# every head dim it has, =0 never. The backward (two kernels, no atomics) was measured slower
-# than the Triton one, so it is taken only with RINGFLASH_HOPPER_BACKWARD=1.
+# GPU). Each is on by default at the head dims where it was measured faster than the Triton
+# kernels: D = 128 (forward 1.2x; backward, one kernel adding dQ in key-tile order, HOPPER_BWD_DQ,
+# BWD_MEASURED); at D = 64 neither was. RINGFLASH_HOPPER_FORWARD / RINGFLASH_HOPPER_BACKWARD =1
+# takes the kernel at every head dim it has, =0 never.
 _HOPPER_ENV = os.environ.get("RINGFLASH_HOPPER_FORWARD", "")
 HOPPER_FORWARD = _HOPPER_ENV != "0"
 HOPPER_FWD_HEAD_DIMS: tuple = tuple(HOPPER_FWD_CONFIGS) if _HOPPER_ENV == "1" else (128,)
-HOPPER_BACKWARD = os.environ.get("RINGFLASH_HOPPER_BACKWARD", "0") == "1"
+_HOPPER_BWD_ENV = os.environ.get("RINGFLASH_HOPPER_BACKWARD", "")
+HOPPER_BACKWARD = _HOPPER_BWD_ENV != "0"
+HOPPER_BWD_HEAD_DIMS: tuple = tuple(HOPPER_FWD_CONFIGS) if _HOPPER_BWD_ENV == "1" else (128,)
 # Small tiles under the interpreter: tests then cross many tile boundaries on short inputs.
 _INTERPRET_FWD = KernelConfig(32, 16, 1, 1)
 _INTERPRET_DKDV = KernelConfig(16, 32, 1, 1)
@@ -941,7 +943,7 @@ def backward(
             after_dkdv()
         return dq, dk, dv
     m = _mask_args(q_pos, k_pos, causal, window, q_doc, k_doc, Sq, Sk, q.device, blocks, (B, H, Hkv))
-    if _hopper_serves(q, m, HOPPER_BACKWARD):
+    if _hopper_serves(q, m, HOPPER_BACKWARD, HOPPER_BWD_HEAD_DIMS):
         return _backward_hopper(dout, q, k, v, lse, delta, m, causal, scale, dq, dk, dv, acc_dq, acc_dkdv,
                                 after_dkdv)
 
