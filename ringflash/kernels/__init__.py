@@ -5,9 +5,9 @@ and contract; ``check_inputs`` says what the kernels take before anything is lau
 
 On the CPU the kernels run under Triton's interpreter: set ``TRITON_INTERPRET=1`` before
 this package is first imported. On sm_90 GPUs, kernels written in Gluon with FlashAttention-3's
-pieces (``*_hopper.py``) take the calls they serve: the forward at D = 128 by default (at every
-head dim it has with ``RINGFLASH_HOPPER_FORWARD=1``, never with ``=0``), the backward only with
-``RINGFLASH_HOPPER_BACKWARD=1`` (see ``attention.py``). The interpreter does not run them.
+pieces (``*_hopper.py``) take the calls they serve at D = 128 by default (at every head dim they
+have with ``RINGFLASH_HOPPER_FORWARD=1`` / ``RINGFLASH_HOPPER_BACKWARD=1``, never with ``=0``;
+see ``attention.py``). The interpreter does not run them.
 """
 
 from .attention import (
