@@ -704,6 +704,42 @@ def test_hopper_forward_that_does_not_compile_falls_back(monkeypatch):
     assert tries == [1]
 
 
+def test_hopper_backward_that_does_not_compile_falls_back(monkeypatch):
+    """The Hopper backward is on by default on sm_90 at D = 128 too: if it fails to compile,
+    backward() warns once, serves the call (accumulators and the after_dkdv hook included) on the
+    Triton kernels, does not try the Hopper backward again on that device, and leaves the Hopper
+    forward on."""
+    from triton.compiler.errors import CompilationError
+
+    attn = sys.modules[kernels.forward.__module__]
+    tries = []
+
+    def broken(*args, **kwargs):
+        tries.append(1)
+        raise CompilationError("kernel source", None, "a Gluon name this Triton lacks")
+
+    monkeypatch.setattr(attn, "_HOPPER_DEVICES", {})
+    monkeypatch.setattr(attn, "_HOPPER_BWD_FAILED", set())
+    monkeypatch.setattr(attn, "_hopper_serves", lambda q, m, enabled, *a, **kw: attn._HOPPER_DEVICES.get(-1, True))
+    monkeypatch.setattr(attn, "_backward_hopper", broken)
+    q, k, v, _ = make_qkv(1, 40, 40, 2, 2, 16, torch.float32, seed=4)
+    dout = make_qkv(1, 40, 40, 2, 2, 16, torch.float32, seed=5)[0]
+    ref, ref_lse = reference.forward(q.double(), k.double(), v.double(), causal=True)
+    delta = reference.backward_delta(ref, dout.double())
+    want = reference.backward(dout.double(), q.double(), k.double(), v.double(), ref_lse, delta, causal=True)
+    acc = [torch.full_like(t, 0.5) for t in (q, k, v)]
+    hooked = []
+    with pytest.warns(RuntimeWarning, match="Hopper backward kernel did not compile"):
+        kernels.backward(dout, q, k, v, ref_lse.float(), delta.float(), causal=True, dq=acc[0], dk=acc[1],
+                         dv=acc[2], after_dkdv=lambda: hooked.append(1))
+    for got, w in zip(acc, want):
+        assert ((got.double() - 0.5 - w).norm() / w.norm()).item() < 1e-5
+    assert hooked == [1]
+    assert attn._HOPPER_BWD_FAILED == {-1} and attn._HOPPER_DEVICES == {}
+    kernels.backward(dout, q, k, v, ref_lse.float(), delta.float(), causal=True)
+    assert tries == [1]
+
+
 def test_launch_drops_stages_that_do_not_fit():
     """attention._launch: a launch the compiler finds too big for shared memory is retried with one
     stage fewer until it fits, the count that fit is remembered for those constexprs, and a

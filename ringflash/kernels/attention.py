@@ -536,18 +536,30 @@ def _hopper_serves(q: torch.Tensor, m: _MaskArgs, enabled: bool, head_dims=None,
     return _HOPPER_DEVICES[index]
 
 
-def _hopper_failed(q: torch.Tensor, error: Exception) -> None:
-    """The Hopper forward did not compile here (a Triton whose Gluon it does not build on, say):
-    warn once and leave this GPU to the Triton kernels. It is on by default, so a failure to
-    build it must not fail calls that the Triton kernels serve."""
+_HOPPER_BWD_FAILED: set = set()  # devices where the Hopper backward did not compile
+
+
+def _device_index(q: torch.Tensor) -> int:
     index = q.device.index
     if index is None:
         index = torch.cuda.current_device() if q.device.type == "cuda" else -1
-    _HOPPER_DEVICES[index] = False
+    return index
+
+
+def _hopper_failed(q: torch.Tensor, error: Exception, kind: str = "forward") -> None:
+    """A Hopper kernel did not compile here (a Triton whose Gluon it does not build on, say):
+    warn once and leave this GPU's calls of that kind (``kind``: "forward", which also turns the
+    backward off, or "backward") to the Triton kernels. Both are on by default, so a failure to
+    build one must not fail calls that the Triton kernels serve."""
+    index = _device_index(q)
+    if kind == "forward":
+        _HOPPER_DEVICES[index] = False
+    else:
+        _HOPPER_BWD_FAILED.add(index)
     warnings.warn(
-        f"ringflash: the Hopper forward kernel did not compile on this GPU with Triton {triton.__version__} "
+        f"ringflash: the Hopper {kind} kernel did not compile on this GPU with Triton {triton.__version__} "
         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); using the Triton kernels. "
-        f"RINGFLASH_HOPPER_FORWARD=0 skips the attempt.", RuntimeWarning, stacklevel=3)
+        f"RINGFLASH_HOPPER_{kind.upper()}=0 skips the attempt.", RuntimeWarning, stacklevel=3)
 
 
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
@@ -943,9 +955,12 @@ def backward(
             after_dkdv()
         return dq, dk, dv
     m = _mask_args(q_pos, k_pos, causal, window, q_doc, k_doc, Sq, Sk, q.device, blocks, (B, H, Hkv))
-    if _hopper_serves(q, m, HOPPER_BACKWARD, HOPPER_BWD_HEAD_DIMS):
-        return _backward_hopper(dout, q, k, v, lse, delta, m, causal, scale, dq, dk, dv, acc_dq, acc_dkdv,
-                                after_dkdv)
+    if _hopper_serves(q, m, HOPPER_BACKWARD, HOPPER_BWD_HEAD_DIMS) and _device_index(q) not in _HOPPER_BWD_FAILED:
+        try:
+            return _backward_hopper(dout, q, k, v, lse, delta, m, causal, scale, dq, dk, dv, acc_dq, acc_dkdv,
+                                    after_dkdv)
+        except TritonError as e:  # raised while compiling, before anything ran or was written
+            _hopper_failed(q, e, "backward")
 
     c1 = _config(BWD_DKDV_CONFIGS, _INTERPRET_DKDV, D, q.dtype, bool(causal),
                  grouped=BWD_DKDV_GROUPED_CONFIGS if Hkv < H else None,
