@@ -678,10 +678,9 @@ def test_interpreter_refuses_bfloat16_and_half_positions():
         kernels.check_inputs(q[..., :0], q[..., :0], q[..., :0])
 
 
-def test_hopper_forward_that_does_not_compile_falls_back(monkeypatch):
-    """The Hopper forward is on by default on sm_90: if it fails to compile (another Triton's
-    Gluon, say), forward() warns once, serves the call on the Triton kernel, and does not try the
-    Hopper kernel again on that device."""
+def _hopper_that_does_not_compile(monkeypatch, name: str):
+    """kernels.attention with the Hopper kernels serving every call on a fresh device record, and
+    its ``name`` (_forward_hopper / _backward_hopper) failing to compile: (module, tries)."""
     from triton.compiler.errors import CompilationError
 
     attn = sys.modules[kernels.forward.__module__]
@@ -692,8 +691,17 @@ def test_hopper_forward_that_does_not_compile_falls_back(monkeypatch):
         raise CompilationError("kernel source", None, "a Gluon name this Triton lacks")
 
     monkeypatch.setattr(attn, "_HOPPER_DEVICES", {})
+    monkeypatch.setattr(attn, "_HOPPER_BWD_FAILED", set())
     monkeypatch.setattr(attn, "_hopper_serves", lambda q, m, enabled, *a, **kw: attn._HOPPER_DEVICES.get(-1, True))
-    monkeypatch.setattr(attn, "_forward_hopper", broken)
+    monkeypatch.setattr(attn, name, broken)
+    return attn, tries
+
+
+def test_hopper_forward_that_does_not_compile_falls_back(monkeypatch):
+    """The Hopper forward is on by default on sm_90: if it fails to compile (another Triton's
+    Gluon, say), forward() warns once, serves the call on the Triton kernel, and does not try the
+    Hopper kernel again on that device."""
+    attn, tries = _hopper_that_does_not_compile(monkeypatch, "_forward_hopper")
     q, k, v, _ = make_qkv(1, 40, 40, 2, 2, 16, torch.float32, seed=3)
     with pytest.warns(RuntimeWarning, match="Hopper forward kernel did not compile"):
         out, lse = kernels.forward(q, k, v, causal=True)
@@ -709,19 +717,7 @@ def test_hopper_backward_that_does_not_compile_falls_back(monkeypatch):
     backward() warns once, serves the call (accumulators and the after_dkdv hook included) on the
     Triton kernels, does not try the Hopper backward again on that device, and leaves the Hopper
     forward on."""
-    from triton.compiler.errors import CompilationError
-
-    attn = sys.modules[kernels.forward.__module__]
-    tries = []
-
-    def broken(*args, **kwargs):
-        tries.append(1)
-        raise CompilationError("kernel source", None, "a Gluon name this Triton lacks")
-
-    monkeypatch.setattr(attn, "_HOPPER_DEVICES", {})
-    monkeypatch.setattr(attn, "_HOPPER_BWD_FAILED", set())
-    monkeypatch.setattr(attn, "_hopper_serves", lambda q, m, enabled, *a, **kw: attn._HOPPER_DEVICES.get(-1, True))
-    monkeypatch.setattr(attn, "_backward_hopper", broken)
+    attn, tries = _hopper_that_does_not_compile(monkeypatch, "_backward_hopper")
     q, k, v, _ = make_qkv(1, 40, 40, 2, 2, 16, torch.float32, seed=4)
     dout = make_qkv(1, 40, 40, 2, 2, 16, torch.float32, seed=5)[0]
     ref, ref_lse = reference.forward(q.double(), k.double(), v.double(), causal=True)
