@@ -36,6 +36,19 @@ The producer runs ahead by the number of slots, so the next tile's loads overlap
 
 With ``SMEM_P`` (``attention.HOPPER_BWD_SMEM_P``) the consumers take FA3's routes instead
 (:func:`_consumer_smem_p`): S and dP with the queries as rows, P and dS through shared memory.
+
+With ``DQ_MODE`` > 0 (``attention.HOPPER_BWD_DQ``, FA3's routes) the program computes dQ too, and
+no dQ kernel runs: five tile products per step instead of seven in two kernels. The consumers
+compute each step's dQ tile = dS K and put it into one of two float32 tiles in shared memory; a
+third partition, one warp (:func:`_dq_writer`), adds each into the float32 dQ with one bulk TMA
+reduction. Two more barriers of count 1 per buffer: ``dq_full[b]`` (consumers -> writer: the
+tile is in buffer b) and ``dq_empty[b]`` (writer -> consumers: the reduction has read it). The
+consumers therefore never wait for an addition to land, only, at most, for the reduction issued
+two steps before to have read its buffer. With DQ_MODE = 2 the additions into each query tile
+come in key-tile order (bitwise repeatable): a counter per (batch, query head, query tile) in
+global memory, which the writer waits on before its reduction and raises once the reduction has
+landed; every program then walks its query tiles from the last down, so that the programs of a
+head reach a query tile together, in key-tile order, and none waits for one steps behind it.
 """
 
 from __future__ import annotations
@@ -45,11 +58,10 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
+    tma,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
-
-from triton.experimental.gluon.language.nvidia.hopper import tma
 
 from ._hopper_common import (LOG2E, barriers, bulk_wait, cta_barrier, fence_gpu, invalidate, ranges, tile_start,
                              tma_load, tma_reduce_add, visible)

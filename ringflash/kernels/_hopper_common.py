@@ -1,7 +1,8 @@
 """Gluon helpers shared by the Hopper kernels (``_fwd_hopper.py``, ``_bwd_dkdv_hopper.py``,
 ``_bwd_dq_hopper.py``): the names that moved between Triton releases, row reductions that
-compile under ``TRITON_INTERPRET``, the order in which a program walks its tiles, and the
-visibility rule of a boundary tile.
+compile under ``TRITON_INTERPRET``, the order in which a program walks its tiles, the
+visibility rule of a boundary tile, and the bulk reduction, wait and fence of the backward's
+dQ writer.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 # Triton 3.6 (the GPU machines) and the newer releases on PyPI name these differently.
 tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
-
 
 
 @gl_core.builtin
