@@ -141,7 +141,8 @@ HOPPER_BWD_SMEM_P = os.environ.get("RINGFLASH_HOPPER_BWD_SMEM_P", "0") == "1"
 # from shared memory, in whatever order the programs come (five products in one kernel; not
 # bitwise repeatable). "ordered": those reductions in key-tile order, each program waiting on a
 # counter per (head, query tile) for the lower key tiles (FA3's deterministic form; bitwise
-# repeatable). RINGFLASH_HOPPER_BWD_DQ sets it.
+# repeatable): the default, 0.93-1.18x the Triton backward at D = 128 on an H100 (atomic:
+# 1.11-1.18x; benchmarks/results/kernels_h100_hopper_tma_dq/). RINGFLASH_HOPPER_BWD_DQ sets it.
 HOPPER_BWD_DQ = os.environ.get("RINGFLASH_HOPPER_BWD_DQ", "ordered")
 HOPPER_BWD_DKDV_SMEM_P_CONFIGS: dict = {
     64: KernelConfig(64, 128, 8, 3),
@@ -175,8 +176,9 @@ HOPPER_FWD_PERSISTENT = None if _PERSISTENT_ENV is None else _PERSISTENT_ENV == 
 # Whether forward() / backward() take the Hopper kernels where they serve the call
 # (bfloat16/float16, a head dim they have, no block pattern or per-head attributes, an sm_90
 # GPU). Each is on by default at the head dims where it was measured faster than the Triton
-# kernels: D = 128 (forward 1.2x; backward, one kernel adding dQ in key-tile order, HOPPER_BWD_DQ,
-# BWD_MEASURED); at D = 64 neither was. RINGFLASH_HOPPER_FORWARD / RINGFLASH_HOPPER_BACKWARD =1
+# kernels: D = 128 (forward 1.2x; backward, one kernel adding dQ in key-tile order, HOPPER_BWD_DQ:
+# forward + backward 1.01-1.15x on an H100, benchmarks/results/kernels_h100_hopper_tma_dq/); at
+# D = 64 neither was. RINGFLASH_HOPPER_FORWARD / RINGFLASH_HOPPER_BACKWARD =1
 # takes the kernel at every head dim it has, =0 never.
 _HOPPER_ENV = os.environ.get("RINGFLASH_HOPPER_FORWARD", "")
 HOPPER_FORWARD = _HOPPER_ENV != "0"
@@ -959,7 +961,7 @@ def backward(
         try:
             return _backward_hopper(dout, q, k, v, lse, delta, m, causal, scale, dq, dk, dv, acc_dq, acc_dkdv,
                                     after_dkdv)
-        except TritonError as e:  # raised while compiling, before anything ran or was written
+        except TritonError as e:  # raised while compiling, before any kernel ran
             _hopper_failed(q, e, "backward")
 
     c1 = _config(BWD_DKDV_CONFIGS, _INTERPRET_DKDV, D, q.dtype, bool(causal),
