@@ -142,7 +142,7 @@ HOPPER_BWD_SMEM_P = os.environ.get("RINGFLASH_HOPPER_BWD_SMEM_P", "0") == "1"
 # bitwise repeatable). "ordered": those reductions in key-tile order, each program waiting on a
 # counter per (head, query tile) for the lower key tiles (FA3's deterministic form; bitwise
 # repeatable): the default, 0.93-1.18x the Triton backward at D = 128 on an H100 (atomic:
-# 1.11-1.18x; benchmarks/results/kernels_h100_hopper_tma_dq/). RINGFLASH_HOPPER_BWD_DQ sets it.
+# 1.10-1.18x; benchmarks/results/kernels_h100_hopper_tma_dq/). RINGFLASH_HOPPER_BWD_DQ sets it.
 HOPPER_BWD_DQ = os.environ.get("RINGFLASH_HOPPER_BWD_DQ", "ordered")
 HOPPER_BWD_DKDV_SMEM_P_CONFIGS: dict = {
     64: KernelConfig(64, 128, 8, 3),
