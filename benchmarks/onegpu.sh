@@ -19,7 +19,7 @@ echo "== $(python3 -c 'import torch; print(torch.cuda.get_device_name())'); torc
 echo "== smoke: each Hopper kernel variant, each in its own process under a timeout"
 : > "$OUT/smoke.log"
 OK=""
-for variant in fwd fwd_split fwd_pingpong fwd_persistent bwd bwd_smem_p; do
+for variant in fwd fwd_split fwd_pingpong fwd_persistent bwd bwd_smem_p bwd_atomic_dq bwd_ordered_dq; do
   if timeout ${SMOKE_TIMEOUT:-60} python3 benchmarks/hopper_smoke.py $variant --case causal >> "$OUT/smoke.log" 2>&1; then
     OK="$OK $variant"
     for case in full masks gqa; do
@@ -37,9 +37,14 @@ case "$OK" in *fwd_split*) HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_split";;
 case "$OK" in *fwd_pingpong*) HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_pingpong";; esac
 case "$OK" in *fwd_persistent*) HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_persistent";; esac
 case "$OK" in *bwd_smem_p*) HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_smem_p";; esac
+# the default backward on sm_90 (dQ in key-tile order) beside the Triton backward, and the unordered form
+case "$OK" in *bwd_ordered_dq*) HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_ordered_dq ringflash_triton_bwd";; esac
+case "$OK" in *bwd_atomic_dq*) HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_atomic_dq";; esac
 MASK_IMPLS="ringflash flex"
 case "$OK" in *" fwd"*) MASK_IMPLS="ringflash ringflash_hopper flex";; esac
 case "$OK" in *fwd_persistent*) MASK_IMPLS="$MASK_IMPLS ringflash_hopper_persistent";; esac
+case "$OK" in *bwd_ordered_dq*) MASK_IMPLS="$MASK_IMPLS ringflash_hopper_ordered_dq";; esac
+case "$OK" in *bwd_atomic_dq*) MASK_IMPLS="$MASK_IMPLS ringflash_hopper_atomic_dq";; esac
 # A hang would eat every later timeout: the GPU tests run only when every variant came back.
 MODES="fwd bwd fwdbwd"
 case "$OK" in *bwd*) ;; *) TESTS=0 MODES="fwd";; esac
