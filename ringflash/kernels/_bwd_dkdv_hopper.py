@@ -421,6 +421,7 @@ def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPO
                           PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                           CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr, P_LAYOUT: gl.constexpr,
                           DQ_MODE: gl.constexpr):
+    gl.static_assert(SMEM_P or DQ_MODE == 0, "dQ in the dK/dV program needs FA3's routes (SMEM_P)")
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)

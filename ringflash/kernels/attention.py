@@ -564,11 +564,17 @@ def _hopper_failed(q: torch.Tensor, error: Exception, kind: str = "forward") -> 
         f"RINGFLASH_HOPPER_{kind.upper()}=0 skips the attempt.", RuntimeWarning, stacklevel=3)
 
 
+def _tma_addressable(t: torch.Tensor) -> bool:
+    """Whether TMA can address ``t`` (B, S, H, D) as it is: 16-byte aligned base and strides, a
+    contiguous last dim."""
+    return (t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:3])
+            and t.stride(3) == 1)
+
+
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
-    """``t``, or a contiguous copy where TMA cannot read it (16-byte aligned base and strides)."""
-    aligned = t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:3])
+    """``t``, or a contiguous copy where TMA cannot read it (:func:`_tma_addressable`)."""
     # clone, not contiguous(): a contiguous view at an unaligned address would come back as is
-    return t if aligned and t.stride(3) == 1 else t.clone(memory_format=torch.contiguous_format)
+    return t if _tma_addressable(t) else t.clone(memory_format=torch.contiguous_format)
 
 
 @functools.lru_cache(maxsize=None)
@@ -784,8 +790,8 @@ def _hopper_bwd_launches(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale,
                   PRODUCER_WARPS=HOPPER_PRODUCER[0], PRODUCER_REGS=HOPPER_PRODUCER[1])
     log2e = math.log2(math.e)
     launches = []
-    kernels_ = ((c1, ranges_kv, True), (c2, ranges_q, False))
-    for cfg, rng, by_keys in kernels_[:1] if _dq_mode() else kernels_:  # no dQ kernel where dQ is fused
+    both = ((c1, ranges_kv, True), (c2, ranges_q, False))
+    for cfg, rng, by_keys in both[:1] if _dq_mode() else both:  # no dQ kernel where dQ is fused
         descs = _descriptors(((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n), (dout, cfg.block_m)))
         head = (*descs, lse, delta, q_pos, k_pos, q_doc, k_doc, lse if rng is None else rng)
         tail = (float(scale), float(scale) * log2e, m.wl, m.wr, lse.stride(0), lse.stride(1))
@@ -835,7 +841,7 @@ def _backward_hopper(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale, dq,
     if fused:
         # The reductions add into a float32 dQ that TMA can address: the given one, or a new one
         # that is added (or copied) into it afterwards.
-        if dq.dtype == torch.float32 and _tma_ready(dq) is dq:
+        if dq.dtype == torch.float32 and _tma_addressable(dq):
             if not acc_dq:
                 dq.zero_()
         else:
