@@ -6,7 +6,7 @@
 # Writes tests_shard<i>.log under $OUT; exits non-zero if any shard failed or timed out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=. PYTHONUNBUFFERED=1
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}." PYTHONUNBUFFERED=1  # a PYTHONPATH given first: another tree's package
 OUT=${OUT:-/tmp/ringflash-out}; mkdir -p "$OUT"
 N=${N:-4}
 [ $# -gt 0 ] || { echo "usage: [OUT=dir] [N=4] bash benchmarks/gpu_tests.sh TEST_FILE... [pytest args]" >&2; exit 2; }

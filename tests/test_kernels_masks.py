@@ -308,3 +308,71 @@ def test_flash_attention_triton_with_masks(Sq, Sk, causal, window, cu):
                        ("dv", v32.grad, v64.grad)):
         assert_close(a.detach(), b.detach(), None, name, torch.float32)
     assert_lse(lse, ref_lse)
+
+
+
+def _ordered_dq_schedule(ranges_kv, n_q, block_m, slots):
+    """Replay the ordered dQ of the Hopper backward (_bwd_dkdv_hopper.py) on the CPU, one query
+    tile a program per time step: the grid launches key tile 0 first, at most ``slots`` programs
+    run at once (the SMs), a program walks its query tiles [lo, hi) from the last down and adds
+    into tile m once the counter of m equals its rank there (:func:`attention._dq_order`); an
+    addition counts from the next step on (it lands, then counts itself in). Returns the key
+    tiles in the order each query tile took their additions; fails if the programs stop moving."""
+    n_k = ranges_kv.shape[1]
+    rank = kernels.attention._dq_order(ranges_kv, n_k, n_q, block_m, ranges_kv.device)
+    walks = {n: list(range(int(ranges_kv[0, n, 3]) // block_m - 1, int(ranges_kv[0, n, 0]) // block_m - 1, -1))
+             for n in range(n_k)}
+    counter, order = [0] * n_q, [[] for _ in range(n_q)]
+    running, launch = [], list(range(n_k))
+    while launch or running:
+        while launch and len(running) < slots:
+            running.append(launch.pop(0))
+        added = []
+        for n in running:
+            m = walks[n][0]
+            if counter[m] == int(rank[n, m]):
+                order[m].append(n)
+                added.append(m)
+                walks[n].pop(0)
+        for m in added:
+            counter[m] += 1
+        finished = [n for n in running if not walks[n]]
+        assert added or finished, f"the ordered dQ stalls: counters {counter}, running {running}"
+        running = [n for n in running if walks[n]]
+    return order
+
+
+@pytest.mark.parametrize("case", ["causal", "full", "window", "docs", "striped step"])
+def test_ordered_dq_schedule(case):
+    """The order of the ordered dQ's additions (a bitwise-repeatable sum needs one fixed order),
+    from the tile ranges the Hopper backward walks: every query tile takes one addition from each
+    key tile that sees it, in key-tile order, and the programs never stop moving, whatever
+    number of them runs at once."""
+    require_interpreter()
+    block_m, block_n = 64, 128
+    S = 1000
+    pos = torch.arange(S)
+    q_pos = k_pos = pos
+    causal, window, docs, cu = case != "full", None, None, None
+    if case == "window":
+        window = (300, 0)
+    if case == "docs":
+        cu = random_docs(S, 3)
+        docs = mask_mod.doc_ids(torch.tensor(cu), pos).to(torch.int32)
+    if case == "striped step":  # a ring step of the striped layout, keys one token later
+        q_pos, k_pos = striped(S, 4, 1), striped(S, 4, 2)
+    m = kernels.attention._mask_args(q_pos, k_pos, causal, window, docs, docs, S, S, torch.device("cpu"))
+    n_q, n_k = math.ceil(S / block_m), math.ceil(S / block_n)
+    if case == "full":
+        ranges = torch.tensor([[[0, 0, S // block_m * block_m, n_q * block_m]] * n_k], dtype=torch.int32)
+    else:
+        ranges = kernels.attention._tile_ranges(m, causal, S, S, block_m, block_n, by_keys=True,
+                                                device=torch.device("cpu"))
+    vis = rule(q_pos, k_pos, causal, window, cu)
+    for slots in (1, 3, n_k):
+        order = _ordered_dq_schedule(ranges, n_q, block_m, slots)
+        for t in range(n_q):
+            seen = vis[t * block_m:(t + 1) * block_m]
+            needed = {n for n in range(n_k) if seen[:, n * block_n:(n + 1) * block_n].any()}
+            assert needed <= set(order[t]), f"tile {t}: key tiles {needed - set(order[t])} never add"
+            assert order[t] == sorted(order[t]), f"tile {t}: additions in order {order[t]}"
