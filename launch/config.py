@@ -304,12 +304,17 @@ def _parallel_problems(cfg: TrainConfig, world_size: int) -> list[str]:
         layout = get_layout(cfg.layout)
         m = layout.multiple(cp) if cp > 1 else 1  # one rank holds the whole sequence: any length
         if cfg.seq_len % m != 0:
-            lower, upper = cfg.seq_len // m * m, (cfg.seq_len // m + 1) * m
             return [
                 f"--seq-len {cfg.seq_len} cannot be split by the {cfg.layout} layout over {cp} "
-                f"context-parallel ranks: it must be a multiple of {m} (e.g. {lower or upper} or {upper})"
+                f"context-parallel ranks: it must be a multiple of {m} (e.g. {_multiples(cfg.seq_len, m)})"
             ]
     return []
+
+
+def _multiples(n: int, m: int) -> str:
+    """The multiples of ``m`` nearest ``n`` (n not one of them), for an error message."""
+    lower, upper = n // m * m, (n // m + 1) * m
+    return f"{lower} or {upper}" if lower else f"{upper}"
 
 
 def _head_problems(cfg: TrainConfig) -> list[str]:
@@ -380,11 +385,10 @@ def _sparsity_problems(cfg: TrainConfig) -> list[str]:
     if spec.kind == "block" and cfg.seq_len >= 1:
         size = spec.block_size
         if cfg.seq_len % size:
-            lower, upper = cfg.seq_len // size * size, (cfg.seq_len // size + 1) * size
             problems.append(
                 f"--sparsity {spec}: the block pattern must tile the whole sequence, but --seq-len "
                 f"{cfg.seq_len} is not a multiple of its block size {size}; use a --seq-len such as "
-                f"{lower or upper} or {upper}, or a size= that divides {cfg.seq_len}")
+                f"{_multiples(cfg.seq_len, size)}, or a size= that divides {cfg.seq_len}")
         elif spec.global_ > cfg.seq_len // size:
             problems.append(
                 f"--sparsity {spec}: global={spec.global_} blocks, but --seq-len {cfg.seq_len} holds "

@@ -37,9 +37,9 @@ from .comm import HybridGroup, resolve_group, world_and_rank
 from .layout import Layout, get_layout
 from .mask import check_cu_seqlens, check_window, doc_positions
 from .ring import ring_attention
-from .sparse import HashSparse, QKDrop, hash_buckets, hash_projection, keep_random, parse_sparsity
+from .sparse import BlockSparse, HashSparse, QKDrop, hash_buckets, hash_projection, keep_random, parse_sparsity
 
-_MODULE = object()  # forward(window=...) not given: the module's own window
+_MODULE = object()  # forward(window=... / sparsity=...) not given: the module's own
 
 __all__ = ["RingAttention", "MultiheadAttention", "rotary_tables", "apply_rotary"]
 
@@ -228,7 +228,8 @@ class MultiheadAttention(_SharesGroup, nn.Module):
         group: the context-parallel group (ProcessGroup, 1-D DeviceMesh or None), as :class:`RingAttention`.
         backend: the local attention kernel, as :class:`RingAttention`.
         sparsity: None (dense), or a sparse mode of :mod:`ringflash.sparse` as a string (the
-            training job's ``--sparsity``) or :class:`~ringflash.sparse.SparsitySpec`:
+            training job's ``--sparsity``) or :class:`~ringflash.sparse.SparsitySpec`, computed
+            by the module at every forward:
 
             * ``"hash:BUCKETS"``: hash-sparse attention. q and k (before rotary) are hashed per
               K/V head with fixed random projections (:func:`~ringflash.sparse.hash_buckets`,
@@ -242,7 +243,11 @@ class MultiheadAttention(_SharesGroup, nn.Module):
               (:func:`~ringflash.sparse.block_pattern`; e.g. ``block:size=128,local=4,global=1``).
 
             A query that sees no key (dropped, or alone in its bucket) gets zero attention output,
-            so the block's residual path passes its input through unchanged.
+            so the block's residual path passes its input through unchanged. Or the caller's
+            own mode, used as it is at every forward: a :class:`~ringflash.sparse.BlockSparse`
+            pattern over the global sequence, or :class:`~ringflash.sparse.QKDrop` keep-sets /
+            :class:`~ringflash.sparse.HashSparse` bucket ids of this rank's tokens (per batch,
+            so more often given to :meth:`forward` per call).
         sparsity_seed: seeds the projections and draws (give each layer its own).
 
     Shapes:
@@ -295,11 +300,11 @@ class MultiheadAttention(_SharesGroup, nn.Module):
         self.attn = RingAttention(causal=causal, window=window, layout=self.layout, group=group, backend=backend)
         self.out = nn.Linear(num_heads * head_dim, dim, bias=bias)
         self._rotary_cache: dict = {}
-        self.sparsity = parse_sparsity(sparsity)
+        self.sparsity = sparsity if isinstance(sparsity, (BlockSparse, QKDrop, HashSparse)) else parse_sparsity(sparsity)
         self.sparsity_seed = int(sparsity_seed)
         self._draws = 0  # QK-dropping: training forwards so far (each draws new keep flags)
         self._patterns: dict = {}
-        if self.sparsity is not None and self.sparsity.kind == "hash":
+        if getattr(self.sparsity, "kind", None) == "hash":
             # Fixed per layer; a buffer so that it follows the module's device (not a parameter).
             self.register_buffer("hash_projection", hash_projection(
                 num_kv_heads, head_dim, self.sparsity.buckets, seed=self.sparsity_seed), persistent=False)
@@ -307,8 +312,8 @@ class MultiheadAttention(_SharesGroup, nn.Module):
     def _sparse_call(self, q: torch.Tensor, k: torch.Tensor, causal: bool):
         """This forward's sparse mode for q, k (B, S, heads, D) before rotary, or None."""
         sp = self.sparsity
-        if sp is None:
-            return None
+        if sp is None or isinstance(sp, (BlockSparse, QKDrop, HashSparse)):  # none, or the caller's
+            return sp
         world_size, rank = _world_and_rank(self.group)
         S = q.shape[1]
         if sp.kind == "block":
@@ -373,7 +378,7 @@ class MultiheadAttention(_SharesGroup, nn.Module):
         return tables
 
     def forward(self, x: torch.Tensor, *, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cu_seqlens=None, window=_MODULE) -> torch.Tensor:
+                cu_seqlens=None, window=_MODULE, sparsity=_MODULE) -> torch.Tensor:
         """Self-attention of this rank's tokens over the whole sequence.
 
         A collective over ``group``: see the cross-rank contract in the class docstring.
@@ -387,6 +392,12 @@ class MultiheadAttention(_SharesGroup, nn.Module):
                 ``[0, end_0, ..., seqlen]`` (see :func:`ringflash.ring_attention`): a token attends
                 only inside its document, and rotary positions restart at every document.
             window: ``(left, right)`` for this call instead of the module's ``window``.
+            sparsity: the caller's sparse mode for this call instead of the module's ``sparsity``
+                (see :func:`ringflash.ring_attention`): a :class:`~ringflash.sparse.BlockSparse`
+                pattern, :class:`~ringflash.sparse.QKDrop` keep-sets ``q_keep`` (batch_size,
+                local_seqlen, num_heads) and ``k_keep`` (..., num_kv_heads), or
+                :class:`~ringflash.sparse.HashSparse` bucket ids of the same shapes, for this
+                rank's tokens; None: dense.
 
         Returns:
             (batch_size, local_seqlen, dim) in x's dtype, this rank's shard of the output.
@@ -395,7 +406,9 @@ class MultiheadAttention(_SharesGroup, nn.Module):
             ValueError: ``x`` is not a 3-D tensor or its last dimension is not ``dim``; with
                 ``rope``, a local length the layout cannot give over this group (from
                 :meth:`rotary`) or ``rotary`` tables of the wrong shape; and the checks of
-                :meth:`RingAttention.forward` (e.g. an unknown ``backend``).
+                :meth:`RingAttention.forward` (e.g. an unknown ``backend``, keep-sets or bucket
+                ids of the wrong shape or dtype).
+            TypeError: ``sparsity`` that is not a mode of :mod:`ringflash.sparse` or None.
         """
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -419,16 +432,27 @@ class MultiheadAttention(_SharesGroup, nn.Module):
         q = rearrange(q, "b s (h d) -> b s h d", d=self.head_dim)
         k = rearrange(k, "b s (h d) -> b s h d", d=self.head_dim)
         v = rearrange(v, "b s (h d) -> b s h d", d=self.head_dim)
-        sparsity = self._sparse_call(q, k, self.attn.causal)
+        if sparsity is _MODULE:
+            sparsity = self._sparse_call(q, k, self.attn.causal)
+        elif sparsity is not None and not isinstance(sparsity, (BlockSparse, QKDrop, HashSparse)):
+            raise TypeError("forward(sparsity=...) takes a ringflash.sparse BlockSparse, QKDrop or HashSparse "
+                            f"(or None); got {type(sparsity).__name__} (a string like 'hash:8' belongs to the "
+                            "constructor)")
         if self.rope:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = self.attn(q, k, v, cu_seqlens=cu_seqlens, window=window, sparsity=sparsity)  # (B, S, H, D)
         return self.out(rearrange(o, "b s h d -> b s (h d)"))
+
+    def _sparsity_repr(self) -> str:
+        if isinstance(self.sparsity, (QKDrop, HashSparse)):  # the caller's tensors: their shapes
+            t = self.sparsity.q_keep if isinstance(self.sparsity, QKDrop) else self.sparsity.q_buckets
+            return f"{type(self.sparsity).__name__}(batch, seqlen, heads = {tuple(t.shape)})"
+        return str(self.sparsity)
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
             f"rope={self.rope}, rope_base={self.rope_base}, layout={self.layout!r}"
             + ("" if self.attn.window is None else f", window={self.attn.window}")
-            + ("" if self.sparsity is None else f", sparsity={self.sparsity}")
+            + ("" if self.sparsity is None else f", sparsity={self._sparsity_repr()}")
         )

@@ -27,6 +27,7 @@ import torch
 from einops import rearrange
 
 from . import mask as _mask
+from . import sparse as _sparse
 
 __all__ = [
     "attention",
@@ -282,10 +283,14 @@ def attention(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     window = _mask.check_window(window)
     cu = _mask.check_cu_seqlens(cu_seqlens)
+    _sparse.check_sparsity(sparsity, q, k, Sq if q_pos is None and Sq == Sk else None)
     blocks = sparsity if _is_blocks(sparsity) else None
     if (cu is not None or blocks is not None) and (q_pos is None or k_pos is None):
         _both_or_neither(q_pos, k_pos)
         q_pos, k_pos = default_positions(Sq, Sk, q.device)
+    if blocks is not None and max(int(q_pos.max()), int(k_pos.max())) >= blocks.seqlen:
+        raise ValueError(f"the block pattern covers {blocks.seqlen} tokens; positions reach "
+                         f"{max(int(q_pos.max()), int(k_pos.max()))}")
     q_pos, k_pos = _resolve(Sq, Sk, q.device, q_pos, k_pos, causal, window, None, None)
     q_doc = k_doc = None
     if cu is not None:

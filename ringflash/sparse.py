@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import operator
 import re
 from dataclasses import dataclass
 
@@ -67,6 +68,18 @@ _DROP_K = 2**30 + 1  # and never equal to each other or to a kept token's
 # -- block-sparse ---------------------------------------------------------------------------------
 
 
+
+def _integer(x):
+    """``x`` as an int where it is an integer (Python's, NumPy's, a one-element integer tensor),
+    else None; booleans are not integers here."""
+    if isinstance(x, bool):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
+
+
 class BlockSparse:
     """A block-sparse pattern over the global sequence.
 
@@ -82,8 +95,10 @@ class BlockSparse:
     """
 
     def __init__(self, pattern, block_size: int):
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        b = _integer(block_size)
+        if b is None or b < 1:
             raise ValueError(f"block_size must be a positive int; got {block_size!r}")
+        block_size = b
         try:
             p = torch.as_tensor(pattern)
         except (TypeError, ValueError, RuntimeError) as e:
@@ -174,8 +189,9 @@ class BlockSparse:
 
 def _grid(seqlen: int, block_size: int) -> int:
     for name, x in (("seqlen", seqlen), ("block_size", block_size)):
-        if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+        if _integer(x) is None or _integer(x) < 1:
             raise ValueError(f"{name} must be a positive int; got {x!r}")
+    seqlen, block_size = _integer(seqlen), _integer(block_size)
     if seqlen % block_size:
         raise ValueError(
             f"a block pattern must tile the sequence: seqlen {seqlen} is not a multiple of block_size {block_size}"
@@ -187,8 +203,9 @@ def local_blocks(seqlen: int, block_size: int, width: int) -> BlockSparse:
     """Each block sees the blocks within ``width - 1`` of it on either side (``width`` = 1: its
     own block only); with ``causal`` only the earlier side remains."""
     n = _grid(seqlen, block_size)
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+    if _integer(width) is None or _integer(width) < 1:
         raise ValueError(f"the local width must be a positive number of blocks; got {width!r}")
+    width = _integer(width)
     i = torch.arange(n)
     return BlockSparse((i[:, None] - i[None, :]).abs() < width, block_size)
 
@@ -196,8 +213,9 @@ def local_blocks(seqlen: int, block_size: int, width: int) -> BlockSparse:
 def global_blocks(seqlen: int, block_size: int, count: int) -> BlockSparse:
     """The first ``count`` blocks are global: they see every block and every block sees them."""
     n = _grid(seqlen, block_size)
-    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= n:
+    if _integer(count) is None or not 0 <= _integer(count) <= n:
         raise ValueError(f"the number of global blocks must be an int in [0, {n}]; got {count!r}")
+    count = _integer(count)
     p = torch.zeros(n, n, dtype=torch.bool)
     p[:count, :] = True
     p[:, :count] = True
@@ -208,8 +226,9 @@ def random_blocks(seqlen: int, block_size: int, count: int, *, seed: int = 0, ca
     """Each block row sees ``count`` blocks drawn at random (without replacement; with
     ``causal`` from the blocks at or before it, so none is wasted), reproducibly from ``seed``."""
     n = _grid(seqlen, block_size)
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+    if _integer(count) is None or _integer(count) < 0:
         raise ValueError(f"the number of random blocks must be a non-negative int; got {count!r}")
+    count = _integer(count)
     g = torch.Generator().manual_seed(int(seed))
     scores = torch.rand(n, n, generator=g)
     if causal:
@@ -261,6 +280,10 @@ class HashSparse:
     num_buckets: int
     checked: bool = False
 
+    def __post_init__(self):
+        if _integer(self.num_buckets) is not None:  # a NumPy or tensor integer as a Python int
+            object.__setattr__(self, "num_buckets", _integer(self.num_buckets))
+
 
 def _check_attr(name: str, t, shape: tuple, device, kind: str) -> None:
     if not isinstance(t, torch.Tensor):
@@ -307,7 +330,7 @@ def check_sparsity(sparsity, q: torch.Tensor, k: torch.Tensor, seqlen: int | Non
         _check_attr("k_keep", sparsity.k_keep, (B, Sk, Hkv), q.device, "bool")
     elif isinstance(sparsity, HashSparse):
         n = sparsity.num_buckets
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if _integer(n) is None or _integer(n) < 1:
             raise ValueError(f"num_buckets must be an int >= 1; got {n!r}")
         _check_attr("q_buckets", sparsity.q_buckets, (B, Sq, H), q.device, "int")
         _check_attr("k_buckets", sparsity.k_buckets, (B, Sk, Hkv), q.device, "int")
@@ -330,8 +353,9 @@ def is_token_sparsity(sparsity) -> bool:
 def hash_projection(heads: int, head_dim: int, num_buckets: int, *, seed: int = 0) -> torch.Tensor:
     """Random projections for :func:`hash_buckets`: (heads, head_dim, ceil(num_buckets / 2)),
     standard normal, reproducible from ``seed`` (fixed per layer)."""
-    if isinstance(num_buckets, bool) or not isinstance(num_buckets, int) or num_buckets < 1:
+    if _integer(num_buckets) is None or _integer(num_buckets) < 1:
         raise ValueError(f"the number of buckets must be an int >= 1; got {num_buckets!r}")
+    num_buckets = _integer(num_buckets)
     g = torch.Generator().manual_seed(int(seed))
     return torch.randn(heads, head_dim, (num_buckets + 1) // 2, generator=g)
 

@@ -290,7 +290,7 @@ def _backend_cases(local_seqlen, world_size):
         "hash": HashSparse(torch.zeros(2, L, HEADS, dtype=torch.int32),
                            torch.zeros(2, L, KV_HEADS, dtype=torch.int32), 2),
     }
-    return {f"{name}-{backend}": ({"sparsity": s, "backend": backend}, ValueError, "needs backend='triton'")
+    return {f"{name}-{backend}": ({"sparsity": s, "backend": backend}, ValueError, 'needs backend="triton"')
             for name, s in modes.items() for backend in ("cudnn", "sdpa_flash")}
 
 
@@ -681,6 +681,57 @@ def test_mha_sparsity_in_repr_and_hash_projection_buffer():
     assert "hash_projection" not in m.state_dict()  # fixed by the seed, not saved
     with pytest.raises(ValueError, match="hash:BUCKETS"):
         MultiheadAttention(MHA_DIM, MHA_HEADS, sparsity="hash:0")
+
+
+@pytest.mark.parametrize("where", ["constructor", "forward"])
+@pytest.mark.parametrize("mode", ["block", "qkdrop", "hash"])
+def test_mha_caller_given_modes(mode, where):
+    """Keep-sets, bucket ids and block patterns given by the caller, to the constructor (used at
+    every forward) or to one forward: the module's output is its projections around the float64
+    reference of that mask; ``sparsity=None`` in forward is dense; a string there is a TypeError."""
+    B, S = 2, 24
+    g = torch.Generator().manual_seed(_SEED + 7)
+    heads = (B, S, MHA_HEADS)
+    kv = (B, S, MHA_KV_HEADS)
+    given = {
+        "block": sp.block_pattern(S, 4, local=2, global_=1, causal=True),
+        "qkdrop": QKDrop(torch.rand(heads, generator=g) > 0.4, torch.rand(kv, generator=g) > 0.4),
+        "hash": HashSparse(torch.randint(0, 3, heads, generator=g), torch.randint(0, 3, kv, generator=g), 3),
+    }[mode]
+    torch.manual_seed(_SEED)
+    m = MultiheadAttention(MHA_DIM, MHA_HEADS, num_kv_heads=MHA_KV_HEADS, rope=False, backend="reference",
+                           sparsity=given if where == "constructor" else None).double()
+    x = torch.randn(B, S, MHA_DIM, generator=g, dtype=torch.float64)
+    y = m(x) if where == "constructor" else m(x, sparsity=given)
+    D = MHA_DIM // MHA_HEADS
+    q, k, v = m.qkv(x).split([MHA_HEADS * D, MHA_KV_HEADS * D, MHA_KV_HEADS * D], dim=-1)
+    o, _ = reference.attention(q.reshape(B, S, MHA_HEADS, D), k.reshape(B, S, MHA_KV_HEADS, D),
+                               v.reshape(B, S, MHA_KV_HEADS, D), causal=True, sparsity=given)
+    want = m.out(o.reshape(B, S, MHA_DIM))
+    assert rel(y, want) < 1e-12, f"seed {_SEED}: {rel(y, want):.2e}"
+    dense = m(x, sparsity=None)
+    assert rel(dense, y) > 1e-3, f"{mode} changed nothing; seed {_SEED}"
+    with pytest.raises(TypeError, match="constructor"):
+        m(x, sparsity="hash:8")
+
+
+@pytest.mark.quick
+def test_integer_sizes_of_any_kind_and_the_reference_checks():
+    """Block sizes, widths and bucket counts as NumPy integers become ints; the float64
+    reference rejects a pattern that does not tile the sequence and out-of-range bucket ids."""
+    np = pytest.importorskip("numpy")
+    p = sp.local_blocks(np.int64(16), np.int64(4), np.int64(2))
+    assert p.block_size == 4 and type(p.block_size) is int
+    ids = torch.zeros(1, 4, 2, dtype=torch.int32)
+    assert type(HashSparse(ids, ids, np.int64(3)).num_buckets) is int
+    with pytest.raises(ValueError, match="block_size"):
+        BlockSparse(torch.ones(2, 2, dtype=torch.bool), np.float64(4))
+    q = torch.randn(1, 16, 2, 8, dtype=torch.float64)
+    for pattern in (BlockSparse(torch.ones(3, 3, dtype=torch.bool), 4), BlockSparse(torch.ones(5, 5, dtype=torch.bool), 4)):
+        with pytest.raises(ValueError, match="global sequence has 16"):
+            reference.attention(q, q, q, causal=True, sparsity=pattern)
+    with pytest.raises(ValueError, match="num_buckets"):
+        reference.attention(q, q, q, sparsity=HashSparse(torch.full((1, 16, 2), 5), torch.zeros(1, 16, 2, dtype=torch.long), 4))
 
 
 # -- one device -------------------------------------------------------------------------
