@@ -80,7 +80,7 @@ def shard_batch(
             (the next document's first token is not its continuation). With ``pad_id``, the
             padding becomes one more document, so the real tokens never see it.
         check: with more than one rank, compare every rank's sequence length and
-            ``cu_seqlens`` (one all-gather of three integers, on ``input_ids``' device, or on
+            ``cu_seqlens`` (one all-gather of four integers, on ``input_ids``' device, or on
             this rank's GPU for CPU ids in an NCCL group) and
             raise ``ValueError`` on every rank if they differ: a silent mismatch would give wrong
             attention. A collective when on: every rank of the group must call it.
@@ -102,7 +102,9 @@ def shard_batch(
             without ``pad_id``, a sequence length the layout cannot split over the group (a
             multiple of ``layout.multiple(world_size)`` is needed); a bad ``cu_seqlens`` (not
             starting at 0, not ending at the sequence length, not strictly increasing, float or
-            not 1-D); with ``check``, ranks holding different lengths or boundaries.
+            not 1-D; with ``check`` and more than one rank, every rank raises: the rank with bad
+            boundaries their own error, the others a ``ValueError`` naming it); with ``check``,
+            ranks holding different lengths or boundaries.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be 2-D (batch, seqlen); got shape {tuple(input_ids.shape)}")
@@ -114,9 +116,17 @@ def shard_batch(
     group = resolve_group(group)
     world_size, rank = world_and_rank(group)
     seqlen = input_ids.shape[1]
-    cu = check_cu_seqlens(cu_seqlens, seqlen) if cu_seqlens is not None else None
-    if check and world_size > 1:
-        _check_same_batch(seqlen, cu, group, world_size, input_ids.device)
+    checked = check and world_size > 1
+    cu, problem = None, None
+    if cu_seqlens is not None:
+        try:
+            cu = check_cu_seqlens(cu_seqlens, seqlen)
+        except (TypeError, ValueError) as e:
+            if not checked:
+                raise
+            problem = e  # raised after the check below, which tells the other ranks too
+    if checked:
+        _check_same_batch(seqlen, cu, group, world_size, input_ids.device, problem)
     if shift:
         labels = shift_labels(labels, cu, ignore_index)
     if pad_id is not None:
@@ -148,13 +158,21 @@ def shift_labels(labels: torch.Tensor, cu_seqlens=None, ignore_index: int = IGNO
     return labels
 
 
-def _check_same_batch(seqlen: int, cu, group, world_size: int, device) -> None:
-    """Raise ``ValueError`` on every rank unless every rank holds the same length and boundaries."""
+def _check_same_batch(seqlen: int, cu, group, world_size: int, device, problem: Exception | None = None) -> None:
+    """Raise on every rank unless every rank holds the same length and valid, equal boundaries:
+    this rank's own ``problem`` (its boundaries' error) where it has one, else ``ValueError``."""
     digest = zlib.crc32(repr(cu).encode())
-    mine = torch.tensor([seqlen, 0 if cu is None else len(cu), digest], dtype=torch.int64, device=device)
+    mine = torch.tensor([seqlen, 0 if cu is None else len(cu), digest, problem is not None], dtype=torch.int64,
+                        device=device)
     rows = [tuple(t) for t in all_gather_tensor(mine, group).tolist()]
+    if problem is not None:
+        raise problem
+    bad = [r for r, row in enumerate(rows) if row[3]]
+    if bad:
+        raise ValueError(f"shard_batch was given bad cu_seqlens on rank(s) {bad} of its group (see the error "
+                         f"there); every rank of the context-parallel group must pass the same valid boundaries")
     if len(set(rows)) > 1:
-        detail = ", ".join(f"rank {r}: seqlen {n}, {max(c - 1, 0)} documents" for r, (n, c, _) in enumerate(rows))
+        detail = ", ".join(f"rank {r}: seqlen {n}, {max(c - 1, 0)} documents" for r, (n, c, _, _) in enumerate(rows))
         raise ValueError(
             f"shard_batch was given different batches on the ranks of its group ({detail}; boundaries "
             f"{'equal' if len({row[2] for row in rows}) == 1 else 'differ'}). Every rank of the "

@@ -73,13 +73,18 @@ def check_cu_seqlens(cu_seqlens, seqlen: int | None = None) -> tuple[int, ...] |
     """Document boundaries as a tuple of host ints, or None for one document (or none given).
 
     ``cu_seqlens``: ``[0, end_0, ..., seqlen]``, strictly increasing; a list or tuple of ints, or
-    a 1-D integer tensor (a CUDA tensor is copied to the host: one device synchronisation).
+    a 1-D integer tensor or NumPy array (a CUDA tensor is copied to the host: one device
+    synchronisation).
     ``seqlen``: the global sequence length the last boundary must equal (None: not checked).
 
     Raises ``ValueError`` (``TypeError`` for a non-sequence) naming what to change.
     """
     if cu_seqlens is None:
         return None
+    if _is_int(cu_seqlens):
+        raise ValueError(f"cu_seqlens must be 1-D, [0, end_0, ..., seqlen]; got the single number {cu_seqlens!r}")
+    if not isinstance(cu_seqlens, (torch.Tensor, list, tuple)) and hasattr(cu_seqlens, "__array__"):
+        cu_seqlens = torch.as_tensor(cu_seqlens)  # a NumPy array
     if isinstance(cu_seqlens, torch.Tensor):
         if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
             raise ValueError(f"cu_seqlens must be an integer tensor (int32 or int64); got {cu_seqlens.dtype}")

@@ -39,8 +39,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .batch import IGNORE_INDEX, sharded_cross_entropy
 from .layout import Layout
-from .mask import check_cu_seqlens
-from .nn import MultiheadAttention, _SharesGroup, _world_and_rank
+from .mask import check_cu_seqlens, check_window
+from .nn import _MODULE, MultiheadAttention, _SharesGroup, _world_and_rank
 
 __all__ = ["GPTConfig", "GPT", "Block", "MLP"]
 
@@ -61,9 +61,23 @@ class GPTConfig:
     bias: bool = False  # biases in the Linear layers
     tie_embeddings: bool = True  # the output head shares the token embedding's weight
     checkpoint: bool = False  # activation checkpointing: recompute each block in the backward
-    window: int | None = None  # sliding-window attention: each token sees itself and `window` tokens before it
+    # Sliding-window attention: an int N, each token sees itself and the N tokens before it (N, 0);
+    # or flash-attn's (left, right) on global positions (-1: unbounded; with causal, right is moot).
+    window: int | tuple[int, int] | None = None
     sparsity: str | None = None  # sparse attention (ringflash.sparse): "hash:8", "qkdrop:0.5", "block:size=128,local=4"
     init_std: float = 0.02  # std of the normal init; output projections get init_std / sqrt(2 * n_layers)
+
+
+def _config_window(window):
+    """``GPTConfig.window`` as the attention's ``(left, right)`` or None; ``ValueError`` unless it is
+    None, an int >= 0 or a window :func:`ringflash.mask.check_window` takes."""
+    if window is None:
+        return None
+    if isinstance(window, int) and not isinstance(window, bool):
+        if window < 0:
+            raise ValueError(f"window must be None, an int >= 0 (keys before each token) or (left, right); got {window}")
+        return (window, 0)
+    return check_window(window)
 
 
 class MLP(nn.Module):
@@ -87,15 +101,16 @@ class Block(nn.Module):
         self.attn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.attn = MultiheadAttention(
             config.dim, config.n_heads, num_kv_heads=config.n_kv_heads, causal=True,
-            window=None if config.window is None else (config.window, 0), layout=config.layout,
+            window=_config_window(config.window), layout=config.layout,
             rope=True, rope_base=config.rope_base, bias=config.bias, group=group, backend=backend,
             sparsity=config.sparsity, sparsity_seed=index,
         )
         self.mlp_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rotary=(cos, sin), cu_seqlens=cu_seqlens)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens=None,
+                window=_MODULE) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rotary=(cos, sin), cu_seqlens=cu_seqlens, window=window)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -137,9 +152,7 @@ class GPT(_SharesGroup, nn.Module):
         super().__init__()
         if config.n_layers < 1:
             raise ValueError(f"n_layers must be at least 1; got {config.n_layers}")
-        if config.window is not None and (isinstance(config.window, bool) or not isinstance(config.window, int)
-                                          or config.window < 0):
-            raise ValueError(f"window must be None or an int >= 0 (keys before each token); got {config.window!r}")
+        _config_window(config.window)  # ValueError here, not at the first forward
         self.config = config
         self.group = group
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
@@ -165,7 +178,7 @@ class GPT(_SharesGroup, nn.Module):
                 nn.init.normal_(p, std=std)
 
     def forward(self, input_ids_local: torch.Tensor, labels_local: torch.Tensor | None = None, *,
-                cu_seqlens=None):
+                cu_seqlens=None, window=_MODULE):
         """Logits of this rank's tokens and, with labels, the mean loss over the whole group.
 
         Args:
@@ -176,6 +189,9 @@ class GPT(_SharesGroup, nn.Module):
                 (a list or a CPU tensor; the same on every rank): tokens attend only inside their
                 own document and rotary positions restart at each document. Decided once per
                 call for every layer.
+            window: ``(left, right)`` (flash-attn's ``window_size`` on global positions, -1:
+                unbounded) or None (no window) for every layer of this call, instead of
+                ``config.window``.
 
         Returns:
             logits_local: (batch_size, local_seqlen, vocab_size); loss: the mean cross-entropy over
@@ -199,6 +215,8 @@ class GPT(_SharesGroup, nn.Module):
                 f"labels_local must have input_ids_local's shape {tuple(input_ids_local.shape)}; "
                 f"got {tuple(labels_local.shape)}"
             )
+        if window is not _MODULE:
+            window = check_window(window)  # before any communication, once for every layer
         x = self.tok_emb(input_ids_local)  # (B, S, dim)
         # Rotary tables of this rank's global positions, once for every layer (this also
         # checks the shard length against the layout, before any communication).
@@ -209,9 +227,9 @@ class GPT(_SharesGroup, nn.Module):
         cos, sin = self.blocks[0].attn.rotary(input_ids_local.shape[1], x.device, x.dtype, cu_seqlens=cu_seqlens)
         for block in self.blocks:
             if self.config.checkpoint and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, cu_seqlens, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, cu_seqlens, window, use_reentrant=False)
             else:
-                x = block(x, cos, sin, cu_seqlens)
+                x = block(x, cos, sin, cu_seqlens, window)
         return self._output(x, labels_local)
 
     def _output(self, x: torch.Tensor, labels_local: torch.Tensor | None):

@@ -141,8 +141,8 @@ def check_mask_backend(backend, mask: Mask) -> None:
     ok, name = _serves_masks(backend)
     if not ok:
         raise ValueError(
-            f"backend={name!r} serves causal and full attention only; this call's mask ({mask.describe()}) "
-            f"needs backend='triton' (CUDA) or backend='reference'"
+            f'backend="{name}" serves causal and full attention only; this call\'s mask ({mask.describe()}) '
+            f'needs backend="triton" (CUDA) or backend="reference"'
         )
 
 
@@ -166,8 +166,8 @@ def check_sparsity_backend(backend, sparsity) -> None:
     ok, name = _serves_masks(backend)
     if not ok:
         raise ValueError(
-            f"backend={name!r} serves causal and full attention only; sparse attention "
-            f"({type(sparsity).__name__}) needs backend='triton' (CUDA) or backend='reference'"
+            f'backend="{name}" serves causal and full attention only; sparse attention '
+            f'({type(sparsity).__name__}) needs backend="triton" (CUDA) or backend="reference"'
         )
 
 

@@ -86,7 +86,7 @@ def decompose(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, *, max_pie
         if len(pieces) > max_pieces:
             raise ValueError(
                 f"this mask needs more than {max_pieces} full/causal pieces for the SDPA engines "
-                f"(e.g. stripes wider than one token); use backend='triton', which masks by position"
+                f'(e.g. stripes wider than one token); use backend="triton", which masks by position'
             )
 
     row = 0  # the first row not yet in a piece

@@ -282,10 +282,10 @@ def bad_masks(local_seqlen: int, world_size: int) -> dict:
         "window-three": ({"window": (1, 2, 3)}, "must be a pair of ints (left, right)"),
         "window-float": ({"window": (1.5, 2)}, "must be a pair of ints (left, right)"),
         "window-bool": ({"window": (True, 1)}, "must be a pair of ints (left, right)"),
-        "window-cudnn": ({"window": (4, 0), "backend": "cudnn"}, "backend='triton'"),
-        "window-sdpa_flash": ({"window": (4, 0), "backend": "sdpa_flash"}, "backend='triton'"),
-        "docs-cudnn": ({"cu_seqlens": [0, 5, S], "backend": "cudnn"}, "backend='triton'"),
-        "docs-sdpa_flash": ({"cu_seqlens": [0, 5, S], "backend": "sdpa_flash"}, "backend='triton'"),
+        "window-cudnn": ({"window": (4, 0), "backend": "cudnn"}, 'backend="triton"'),
+        "window-sdpa_flash": ({"window": (4, 0), "backend": "sdpa_flash"}, 'backend="triton"'),
+        "docs-cudnn": ({"cu_seqlens": [0, 5, S], "backend": "cudnn"}, 'backend="triton"'),
+        "docs-sdpa_flash": ({"cu_seqlens": [0, 5, S], "backend": "sdpa_flash"}, 'backend="triton"'),
     }
 
 

@@ -249,3 +249,27 @@ def test_forward_errors():
         shard_batch(torch.zeros(8, dtype=torch.long))
     _, _, pos = shard_batch(torch.zeros(2, 7, dtype=torch.long), layout="zigzag")  # one process
     assert torch.equal(pos, torch.arange(7))
+
+
+@pytest.mark.quick
+def test_window_per_call_and_in_the_config():
+    """``GPT.forward(window=...)`` sets every layer's window for that call; ``GPTConfig.window``
+    takes N (each token sees the N before it) or flash-attn's (left, right); both checked."""
+    ids, labels = _batch(3, 24)
+    base = _model(3).double()
+    windowed = _model(3, window=4).double()
+    windowed.load_state_dict(base.state_dict())
+    pair = _model(3, window=(4, -1)).double()  # causal: the right side is moot
+    pair.load_state_dict(base.state_dict())
+    want, _ = windowed(ids, labels)
+    assert rel(base(ids, labels, window=(4, 0))[0], want) < 1e-12
+    assert rel(pair(ids, labels)[0], want) < 1e-12
+    assert rel(windowed(ids, labels, window=None)[0], base(ids, labels)[0]) < 1e-12
+    assert rel(want, base(ids, labels)[0]) > 1e-3  # the window changes the logits
+    cu = [0, 10, 24]
+    assert rel(base(ids, labels, cu_seqlens=cu, window=(4, 0))[0], windowed(ids, labels, cu_seqlens=cu)[0]) < 1e-12
+    for bad in (-1, (4,), (4, -2), 2.5):
+        with pytest.raises(ValueError, match="window"):
+            GPT(dataclasses.replace(_model(3).config, window=bad))
+    with pytest.raises(ValueError, match="window"):
+        base(ids, labels, window=(-3, 0))

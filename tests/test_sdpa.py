@@ -67,7 +67,7 @@ def test_wide_stripes_are_refused_with_the_engine_that_can():
     lay = Striped(stripe=4)
     q_pos = lay.local_positions(64, rank=1, world_size=2)
     k_pos = lay.local_positions(64, rank=0, world_size=2)
-    with pytest.raises(ValueError, match="backend='triton'"):
+    with pytest.raises(ValueError, match='backend="triton"'):
         decompose(q_pos, k_pos, True)
 
 

@@ -57,13 +57,31 @@ def _ranks(rank, world_size):
         out["length"] = "no error"
     except ValueError as e:
         out["length"] = str(e)
+    # Different lengths with the same boundaries: rank 1's end at 16 is wrong for its 32 tokens.
+    try:
+        shard_batch(other, layout="striped", cu_seqlens=[0, 5, 16])
+        out["length_docs"] = "no error"
+    except ValueError as e:
+        out["length_docs"] = str(e)
+    # Boundaries that are bad on one rank only.
+    try:
+        shard_batch(ids, layout="striped", cu_seqlens=[0, 5, 16] if rank == 0 else [0, 5, 5, 16])
+        out["bad_one"] = "no error"
+    except ValueError as e:
+        out["bad_one"] = str(e)
     return out
 
 
 def test_ranks_with_different_batches_all_raise():
-    for rank, out in enumerate(spawn(_ranks, 2)):
+    outs = spawn(_ranks, 2)
+    for rank, out in enumerate(outs):
         pos = get_layout("striped").positions(16, rank=rank, world_size=2)
         assert out["pos"] == pos.tolist()
         assert out["doc_pos"] == [p - (5 if p >= 5 else 0) for p in pos.tolist()]
         assert "different batches" in out["mismatch"], out
         assert "different batches" in out["length"], out
+    # A rank whose boundaries fail raises their error; the others learn it from the check's all-gather.
+    assert "must end at the global sequence length" in outs[1]["length_docs"], outs[1]
+    assert "bad cu_seqlens on rank(s) [1]" in outs[0]["length_docs"], outs[0]
+    assert "strictly increasing" in outs[1]["bad_one"], outs[1]
+    assert "bad cu_seqlens on rank(s) [1]" in outs[0]["bad_one"], outs[0]
