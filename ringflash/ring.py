@@ -844,7 +844,8 @@ def _op_cu_seqlens(cu_seqlens):
     if not isinstance(cu_seqlens, torch.Tensor):
         cu = check_cu_seqlens(cu_seqlens)
         return None if cu is None else torch.tensor(cu, dtype=torch.int64)
-    elif cu_seqlens.is_floating_point() or cu_seqlens.dim() != 1:
+    elif cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool \
+            or cu_seqlens.dim() != 1:
         check_cu_seqlens(cu_seqlens)  # raises the eager call's ValueError
     return cu_seqlens.to("cpu", torch.int64)
 
