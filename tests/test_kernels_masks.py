@@ -376,3 +376,29 @@ def test_ordered_dq_schedule(case):
             needed = {n for n in range(n_k) if seen[:, n * block_n:(n + 1) * block_n].any()}
             assert needed <= set(order[t]), f"tile {t}: key tiles {needed - set(order[t])} never add"
             assert order[t] == sorted(order[t]), f"tile {t}: additions in order {order[t]}"
+
+
+def test_tile_ranges_made_once_for_the_same_attributes(monkeypatch):
+    """The tile ranges of a mask are made once while the same position and document tensors
+    come back (as the ring's plan hands every layer the same ones), again after those tensors
+    change in place, and the results stay those of a fresh computation."""
+    require_interpreter()
+    A = kernels.attention
+    launches = []
+    real = A._make_ranges
+    monkeypatch.setattr(A, "_make_ranges", lambda *a: launches.append(1) or real(*a))
+    S = 200
+    q_pos, k_pos = striped(S, 2, 1), striped(S, 2, 0)
+    docs = mask_mod.doc_ids(torch.tensor([0, 37, 38, 2 * S]), torch.arange(2 * S))
+    q_doc, k_doc = docs[q_pos].to(torch.int32), docs[k_pos].to(torch.int32)
+    m = A._mask_args(q_pos, k_pos, True, (50, 0), q_doc, k_doc, S, S, torch.device("cpu"))
+    kw = dict(by_keys=True, device=torch.device("cpu"))
+    first = A._tile_ranges(m, True, S, S, 64, 128, **kw)
+    assert torch.equal(A._tile_ranges(m, True, S, S, 64, 128, **kw), first) and len(launches) == 1
+    A._tile_ranges(m, True, S, S, 64, 64, **kw)  # another tiling: made anew
+    assert len(launches) == 2
+    q_doc[:40] = 5  # changed in place: made anew, as from scratch
+    again = A._tile_ranges(m, True, S, S, 64, 128, **kw)
+    assert len(launches) == 3
+    fresh = A._make_ranges(m, True, S, S, 64, 128, True, torch.device("cpu"), (1, 1, 1))
+    assert torch.equal(again, fresh) and not torch.equal(again, first)

@@ -17,6 +17,7 @@ import functools
 import math
 import os
 import warnings
+from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
@@ -341,6 +342,27 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 _DEFAULT_POSITIONS: dict = {}
+_DERIVED: OrderedDict = OrderedDict()  # _cached: what was made from attribute tensors
+_DERIVED_KEPT = 64
+
+
+def _cached(tensors: tuple, key: tuple, make):
+    """``make()``, kept while the same tensors (the same objects, not modified in place since)
+    come back with the same ``key``; tensors without a version counter (made under inference
+    mode) are not cached by."""
+    try:
+        full = (tuple((id(t), t._version) for t in tensors), key)
+    except RuntimeError:
+        return make()
+    hit = _DERIVED.get(full)
+    if hit is not None and all(a is b for a, b in zip(hit[0], tensors)):
+        _DERIVED.move_to_end(full)
+        return hit[1]
+    value = make()
+    _DERIVED[full] = (tensors, value)
+    while len(_DERIVED) > _DERIVED_KEPT:
+        _DERIVED.popitem(last=False)
+    return value
 
 
 def _positions(q_pos, k_pos, Sq, Sk, device):
@@ -444,7 +466,18 @@ def _tile_ranges(m: _MaskArgs, causal, Sq, Sk, block_m, block_n, *, by_keys: boo
                  heads: tuple = (1, 1, 1)) -> torch.Tensor:
     """(B * H, tiles, 4) int32 ranges of every query tile (key tile with ``by_keys``) for the
     mask, with ``heads`` = (B, H, G) for per-head attributes; for shared ones (1, tiles, 4),
-    shared by every batch row and head of the attention launch that reads it. One small launch."""
+    shared by every batch row and head of the attention launch that reads it. One small launch;
+    shared ones are made once while the same attribute tensors come back (the ring makes them
+    once per step for a whole stack of layers, as FlexAttention's BlockMask is made once)."""
+    if not m.strides[1]:
+        tensors = tuple(t for t in (m.q_pos, m.k_pos, m.q_doc, m.k_doc) if t is not None)
+        key = (bool(causal), m.wl, m.wr, m.window, m.docs, Sq, Sk, block_m, block_n, by_keys, str(device))
+        return _cached(tensors, key, lambda: _make_ranges(m, causal, Sq, Sk, block_m, block_n, by_keys, device,
+                                                          (1, 1, 1)))
+    return _make_ranges(m, causal, Sq, Sk, block_m, block_n, by_keys, device, heads)
+
+
+def _make_ranges(m: _MaskArgs, causal, Sq, Sk, block_m, block_n, by_keys, device, heads) -> torch.Tensor:
     tiles = triton.cdiv(Sk if by_keys else Sq, block_n if by_keys else block_m)
     B, H, G = heads if m.strides[1] else (1, 1, 1)
     ranges = torch.empty((B * H, tiles, 4), dtype=torch.int32, device=device)
@@ -806,7 +839,9 @@ def _hopper_bwd_launches(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale,
                     n_q = triton.cdiv(Sq, cfg.block_m)
                     sem = torch.zeros((B * H, n_q), dtype=torch.int32, device=q.device)
                     if rng is not None:
-                        rank = _dq_order(rng, triton.cdiv(Sk, cfg.block_n), n_q, cfg.block_m, q.device)
+                        n_k = triton.cdiv(Sk, cfg.block_n)
+                        rank = _cached((rng,), ("dq_order", n_k, n_q, cfg.block_m),
+                                       lambda: _dq_order(rng, n_k, n_q, cfg.block_m, q.device))
             else:
                 dq_desc, sem, rank = descs[1], lse, lse  # never read
             args = (*head, dk, dv, *tail, dk.stride(0), dk.stride(1), dk.stride(2),
