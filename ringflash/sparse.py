@@ -43,6 +43,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .mask import _is_int
+
 __all__ = [
     "BlockSparse",
     "QKDrop",
@@ -70,14 +72,9 @@ _DROP_K = 2**30 + 1  # and never equal to each other or to a kept token's
 
 
 def _integer(x):
-    """``x`` as an int where it is an integer (Python's, NumPy's, a one-element integer tensor),
-    else None; booleans are not integers here."""
-    if isinstance(x, bool):
-        return None
-    try:
-        return operator.index(x)
-    except TypeError:
-        return None
+    """``x`` as an int where it is an integer (:func:`ringflash.mask._is_int`: Python's, NumPy's,
+    a one-element integer tensor; not a bool), else None."""
+    return operator.index(x) if _is_int(x) else None
 
 
 class BlockSparse:

@@ -28,7 +28,7 @@ from triton.runtime.errors import OutOfResources
 from ._bwd import _attn_bwd, _bwd_delta
 from ._common import LOG2E, _ranges_kernel
 from ._fwd import _attn_fwd
-from .blocks import cached_tile_lists
+from .blocks import tile_lists
 
 __all__ = [
     "forward",
@@ -501,10 +501,10 @@ def _lists(m: _MaskArgs, causal, Sq, Sk, block_m, block_n, *, by_keys: bool, dev
     """The block pattern's tile lists and counts for one launch (:mod:`.blocks`), cached while
     the same attribute tensors come back."""
     tensors = tuple(t for t in (m.q_pos, m.k_pos, m.q_doc, m.k_doc) if t is not None)
-    return cached_tile_lists(
-        lambda: _tile_ranges(m, causal, Sq, Sk, block_m, block_n, by_keys=by_keys, device=device),
-        tensors, (bool(causal), m.window, m.wl, m.wr, m.docs), m.q_pos, m.k_pos, m.blocks, block_m, block_n,
-        by_keys=by_keys)
+    key = ("lists", bool(causal), m.window, m.wl, m.wr, m.docs, m.blocks, block_m, block_n, by_keys)
+    return _cached(tensors, key, lambda: tile_lists(
+        _tile_ranges(m, causal, Sq, Sk, block_m, block_n, by_keys=by_keys, device=device),
+        m.q_pos, m.k_pos, m.blocks, block_m, block_n, by_keys=by_keys))
 
 
 def _check_accumulator(name, t, shape, device):

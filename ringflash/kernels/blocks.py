@@ -1,8 +1,9 @@
 """Tile lists of a block-sparse pattern: which tiles each attention program visits.
 
 A block pattern (:class:`ringflash.sparse.BlockSparse`) is not monotone along a layout's local
-order, so tile ranges cannot classify it. Instead, once per call (and cached while the same
-position tensors are reused, as the ring reuses them for every layer), every query tile gets
+order, so tile ranges cannot classify it. Instead, once per call (cached by the launcher,
+``attention._cached``, while the same position tensors are reused, as the ring reuses them for
+every layer), every query tile gets
 the list of key tiles it must visit (every key tile the list of query tiles, for dK/dV), fully
 visible tiles first, then partial ones, and the counts of each; FlexAttention's ``BlockMask``
 is the model.
@@ -19,15 +20,10 @@ and its element rule does the rest.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 import triton
 
 __all__ = ["tile_lists"]
-
-_CACHE: OrderedDict = OrderedDict()
-_CACHE_KEPT = 64
 
 
 def _incidence(pos: torch.Tensor, tile: int, num_blocks: int, block_size: int) -> torch.Tensor:
@@ -76,22 +72,4 @@ def tile_lists(ranges: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, b
     rank = torch.where(full, 0, torch.where(visit, 1, 2)) * cols + torch.arange(cols, device=full.device)
     lists = torch.argsort(rank, dim=1).to(torch.int32).contiguous()
     counts = torch.stack([full.sum(1), visit.sum(1)], dim=1).to(torch.int32).contiguous()
-    return lists, counts
-
-
-def cached_tile_lists(ranges_fn, tensors: tuple, rules: tuple, q_pos, k_pos, blocks, block_m, block_n, *,
-                      by_keys: bool):
-    """:func:`tile_lists` of ``ranges_fn()``, cached while the same attribute tensors come back
-    (``tensors``: positions and document ids; the ring makes them once per shape, so lists are
-    made once per step for a whole stack of layers, not once per call). ``rules``: the other
-    rules' settings (causal, window)."""
-    key = (tuple(id(t) for t in tensors), rules, blocks, block_m, block_n, by_keys)
-    hit = _CACHE.get(key)
-    if hit is not None and all(a is b for a, b in zip(hit[0], tensors)):
-        _CACHE.move_to_end(key)
-        return hit[1], hit[2]
-    lists, counts = tile_lists(ranges_fn(), q_pos, k_pos, blocks, block_m, block_n, by_keys=by_keys)
-    _CACHE[key] = (tensors, lists, counts)
-    while len(_CACHE) > _CACHE_KEPT:
-        _CACHE.popitem(last=False)
     return lists, counts
