@@ -313,41 +313,47 @@ def test_flash_attention_triton_with_masks(Sq, Sk, causal, window, cu):
 
 def _ordered_dq_schedule(ranges_kv, n_q, block_m, slots):
     """Replay the ordered dQ of the Hopper backward (_bwd_dkdv_hopper.py) on the CPU, one query
-    tile a program per time step: the grid launches key tile 0 first, at most ``slots`` programs
-    run at once (the SMs), a program walks its query tiles [lo, hi) from the last down and adds
+    tile a program per time step: the grid launches key tile n_k - 1 first, at most ``slots``
+    programs run at once (the SMs), a program walks its query tiles [lo, hi) upwards and adds
     into tile m once the counter of m equals its rank there (:func:`attention._dq_order`); an
-    addition counts from the next step on (it lands, then counts itself in). Returns the key
-    tiles in the order each query tile took their additions; fails if the programs stop moving."""
+    addition counts from the next step on (it lands, then counts itself in). Returns (the key
+    tiles in the order each query tile took their additions, the steps programs spent waiting);
+    fails if the programs stop moving."""
     n_k = ranges_kv.shape[1]
     rank = kernels.attention._dq_order(ranges_kv, n_k, n_q, block_m, ranges_kv.device)
-    walks = {n: list(range(int(ranges_kv[0, n, 3]) // block_m - 1, int(ranges_kv[0, n, 0]) // block_m - 1, -1))
+    walks = {n: list(range(int(ranges_kv[0, n, 0]) // block_m, int(ranges_kv[0, n, 3]) // block_m))
              for n in range(n_k)}
     counter, order = [0] * n_q, [[] for _ in range(n_q)]
-    running, launch = [], list(range(n_k))
+    waiting, running, launch = 0, [], list(range(n_k - 1, -1, -1))
     while launch or running:
         while launch and len(running) < slots:
             running.append(launch.pop(0))
         added = []
         for n in running:
+            if not walks[n]:
+                continue
             m = walks[n][0]
             if counter[m] == int(rank[n, m]):
                 order[m].append(n)
                 added.append(m)
                 walks[n].pop(0)
+            else:
+                waiting += 1
         for m in added:
             counter[m] += 1
         finished = [n for n in running if not walks[n]]
         assert added or finished, f"the ordered dQ stalls: counters {counter}, running {running}"
         running = [n for n in running if walks[n]]
-    return order
+    return order, waiting
 
 
 @pytest.mark.parametrize("case", ["causal", "full", "window", "docs", "striped step"])
 def test_ordered_dq_schedule(case):
     """The order of the ordered dQ's additions (a bitwise-repeatable sum needs one fixed order),
     from the tile ranges the Hopper backward walks: every query tile takes one addition from each
-    key tile that sees it, in key-tile order, and the programs never stop moving, whatever
-    number of them runs at once."""
+    key tile that sees it, from the last key tile down, and the programs never stop moving,
+    whatever number of them runs at once; under a causal mask with every program running, no
+    program ever waits (each reaches a query tile one step after the key tile above it did)."""
     require_interpreter()
     block_m, block_n = 64, 128
     S = 1000
@@ -370,12 +376,14 @@ def test_ordered_dq_schedule(case):
                                                 device=torch.device("cpu"))
     vis = rule(q_pos, k_pos, causal, window, cu)
     for slots in (1, 3, n_k):
-        order = _ordered_dq_schedule(ranges, n_q, block_m, slots)
+        order, waiting = _ordered_dq_schedule(ranges, n_q, block_m, slots)
         for t in range(n_q):
             seen = vis[t * block_m:(t + 1) * block_m]
             needed = {n for n in range(n_k) if seen[:, n * block_n:(n + 1) * block_n].any()}
             assert needed <= set(order[t]), f"tile {t}: key tiles {needed - set(order[t])} never add"
-            assert order[t] == sorted(order[t]), f"tile {t}: additions in order {order[t]}"
+            assert order[t] == sorted(order[t], reverse=True), f"tile {t}: additions in order {order[t]}"
+        if case == "causal" and slots == n_k:
+            assert waiting == 0, f"{waiting} steps spent waiting with every program running"
 
 
 def test_tile_ranges_made_once_for_the_same_attributes(monkeypatch):

@@ -45,10 +45,14 @@ reduction. Two more barriers of count 1 per buffer: ``dq_full[b]`` (consumers ->
 tile is in buffer b) and ``dq_empty[b]`` (writer -> consumers: the reduction has read it). The
 consumers therefore never wait for an addition to land, only, at most, for the reduction issued
 two steps before to have read its buffer. With DQ_MODE = 2 the additions into each query tile
-come in key-tile order (bitwise repeatable): a counter per (batch, query head, query tile) in
+come in a fixed order (bitwise repeatable): a counter per (batch, query head, query tile) in
 global memory, which the writer waits on before its reduction and raises once the reduction has
-landed; every program then walks its query tiles from the last down, so that the programs of a
-head reach a query tile together, in key-tile order, and none waits for one steps behind it.
+landed. The order is FA3's "shortest processing time first": the grid launches the last key
+tile first, each query tile takes the additions of its key tiles from the last down, and every
+program walks its query tiles upwards. Under a causal mask the program of key tile n then
+reaches query tile m one step after the program of key tile n + 1 did (it starts one tile
+higher), so the addition it waits for was issued a step earlier and has usually landed; the
+programs a writer waits for were launched before its own, so every wait ends.
 """
 
 from __future__ import annotations
@@ -68,33 +72,36 @@ from ._hopper_common import (LOG2E, barriers, bulk_wait, cta_barrier, fence_gpu,
 
 
 @gluon.jit
-def _program(H, G, BLOCK_N: gl.constexpr):
-    """(b, K/V head, first key, key tile) of this program."""
-    pid_n = gl.program_id(0)
+def _program(H, G, BLOCK_N: gl.constexpr, LAST_FIRST: gl.constexpr):
+    """(b, K/V head, first key, key tile) of this program; with ``LAST_FIRST`` (the ordered dQ)
+    the grid runs the key tiles from the last down."""
+    n = gl.program_id(0)
+    if LAST_FIRST:
+        n = gl.num_programs(0) - 1 - n
     pid_bh = gl.program_id(1)
     Hkv = H // G
-    return pid_bh // Hkv, pid_bh % Hkv, pid_n * BLOCK_N, pid_n
+    return pid_bh // Hkv, pid_bh % Hkv, n * BLOCK_N, n
 
 
 @gluon.jit
-def _tile(j, lo, flo, fhi, hi, BLOCK_M: gl.constexpr, DESCENDING: gl.constexpr):
+def _tile(j, lo, flo, fhi, hi, BLOCK_M: gl.constexpr, ASCENDING: gl.constexpr):
     """(first query row, boundary tile?) of the j-th query tile a program walks: fully visible
-    tiles first, then the boundary ones (:func:`._hopper_common.tile_start`); with ``DESCENDING``
-    every tile from the last down to the first (the ordered dQ's walk, :func:`_consumer_smem_p`)."""
-    if DESCENDING:
-        m0 = hi - (j + 1) * BLOCK_M
+    tiles first, then the boundary ones (:func:`._hopper_common.tile_start`); with ``ASCENDING``
+    every tile from the first up (the ordered dQ's walk)."""
+    if ASCENDING:
+        m0 = lo + j * BLOCK_M
         return m0, (m0 < flo) | (m0 >= fhi)
     return tile_start(j, lo, flo, fhi, hi, BLOCK_M), j >= (fhi - flo) // BLOCK_M
 
 
 @gluon.jit
 def _step(t, n_m, hk, G, lo, flo, fhi, hi, q_smem, do_smem, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
-          STAGES: gl.constexpr, DESCENDING: gl.constexpr = False):
+          STAGES: gl.constexpr, ASCENDING: gl.constexpr = False):
     """Step ``t`` of a program: (query head, boundary tile?, first query row, slot, phase, Q, dO)."""
     s = t % STAGES
     q2 = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
     do2 = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
-    m0, boundary = _tile(t % n_m, lo, flo, fhi, hi, BLOCK_M, DESCENDING)
+    m0, boundary = _tile(t % n_m, lo, flo, fhi, hi, BLOCK_M, ASCENDING)
     return hk * G + t // n_m, boundary, m0, s, (t // STAGES) & 1, q2, do2
 
 
@@ -118,8 +125,8 @@ def _producer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr,
               ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr,
               dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE: gl.constexpr):
-    b, hk, n0, pid_n = _program(H, G, BLOCK_N)
-    lo, flo, fhi, hi = ranges(RANGES, pid_n, Sq, BLOCK_M, RANGED)
+    b, hk, n0, n = _program(H, G, BLOCK_N, DQ_MODE == 2)
+    lo, flo, fhi, hi = ranges(RANGES, n, Sq, BLOCK_M, RANGED)
     n_m = (hi - lo) // BLOCK_M
 
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
@@ -166,8 +173,8 @@ def _consumer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
     query_layout: gl.constexpr = gl.SliceLayout(0, st_layout)
     dtype: gl.constexpr = q_desc.dtype
 
-    b, hk, n0, pid_n = _program(H, G, BLOCK_N)
-    lo, flo, fhi, hi = ranges(RANGES, pid_n, Sq, BLOCK_M, RANGED)
+    b, hk, n0, n = _program(H, G, BLOCK_N, DQ_MODE == 2)
+    lo, flo, fhi, hi = ranges(RANGES, n, Sq, BLOCK_M, RANGED)
     n_m = (hi - lo) // BLOCK_M
 
     keys = n0 + gl.arange(0, BLOCK_N, layout=key_layout)
@@ -281,8 +288,8 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
     query_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     key_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
 
-    b, hk, n0, pid_n = _program(H, G, BLOCK_N)
-    lo, flo, fhi, hi = ranges(RANGES, pid_n, Sq, BLOCK_M, RANGED)
+    b, hk, n0, n = _program(H, G, BLOCK_N, DQ_MODE == 2)
+    lo, flo, fhi, hi = ranges(RANGES, n, Sq, BLOCK_M, RANGED)
     n_m = (hi - lo) // BLOCK_M
 
     k2 = k_smem.reshape([BLOCK_N, HEAD_DIM])
@@ -340,28 +347,31 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
         ds_smem.store(ds.to(dtype))
         fence_async_shared()
         cta_barrier()
-        dk_tok = warpgroup_mma(dst_smem, q2, dk, is_async=True)
         if DQ_MODE == 0:
+            dk_tok = warpgroup_mma(dst_smem, q2, dk, is_async=True)
             dv, dk, _p, _ds, _q2, _do2 = warpgroup_mma_wait(num_outstanding=0,
                                                             deps=(dv_tok, dk_tok, pt_smem, dst_smem, q2, do2))
             cta_barrier()
             mbarrier.arrive(q_empty.index(s))
             mbarrier.arrive(do_empty.index(s))
         else:
+            # dQ before dK (FA3's order): the dQ tile goes into shared memory while dK += dS^T Q
+            # runs. Groups retire in order, so wait(1) leaves only the dK product in flight.
             dq_tok = warpgroup_mma(ds_smem, k2, dq_zero, use_acc=False, is_async=True)
-            dv, dk, dq, _p, _ds, _q2, _do2, _k2 = warpgroup_mma_wait(
-                num_outstanding=0, deps=(dv_tok, dk_tok, dq_tok, pt_smem, dst_smem, q2, do2, k2))
-            cta_barrier()  # both warpgroups past their wgmmas on this slot
-            mbarrier.arrive(q_empty.index(s))
-            mbarrier.arrive(do_empty.index(s))
+            dk_tok = warpgroup_mma(dst_smem, q2, dk, is_async=True)
+            dv, dq, _p, _do2, _k2 = warpgroup_mma_wait(num_outstanding=1, deps=(dv_tok, dq_tok, pt_smem, do2, k2))
             # The dQ tile into its buffer once the writer's reduction from it two steps ago has
             # read it; the writer adds it (_dq_writer), so no wait for the addition lands here.
             buf = t % 2
             mbarrier.wait(dq_empty.index(buf), ((t // 2) & 1) ^ 1)
             dq_smem.index(buf).reshape([BLOCK_M, HEAD_DIM]).store(dq * sm_scale)
             fence_async_shared()  # the generic-proxy writes before the TMA unit reads them
-            cta_barrier()
+            cta_barrier()  # also: both warpgroups past their dV products, the last readers of dO
             mbarrier.arrive(dq_full.index(buf))
+            mbarrier.arrive(do_empty.index(s))
+            dk, _ds, _q2 = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, dst_smem, q2))
+            cta_barrier()  # both warpgroups past their dK products, the last readers of Q
+            mbarrier.arrive(q_empty.index(s))
 
     _store_dkdv(dk * sm_scale, dv, DK, DV, b, hk, n0, Sk, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                 stride_vh, BLOCK_N, HEAD_DIM, ACCUMULATE, acc_layout)
@@ -379,13 +389,13 @@ def _dq_writer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KD
     """The dQ writer (DQ_MODE > 0), one warp: each step's dQ tile, once the consumers have put it
     in its buffer (``dq_full``), added into the float32 dQ with one bulk TMA reduction; the buffer
     goes back (``dq_empty``) once the reduction has read it. With DQ_MODE = 2 the additions into
-    a query tile come in key-tile order: the writer waits until the counter of (batch, query
-    head, query tile) says that the lower key tiles that walk it (``RANK``, or all lower ones
-    without ranges) have added theirs, adds, waits until its addition has landed, and counts
-    itself in. Those programs were launched before this one (the grid runs key tiles fastest),
-    so the wait ends. The consumers go on meanwhile, two buffers ahead at most."""
-    b, hk, n0, pid_n = _program(H, G, BLOCK_N)
-    lo, flo, fhi, hi = ranges(RANGES, pid_n, Sq, BLOCK_M, RANGED)
+    a query tile come from the last key tile down: the writer waits until the counter of (batch,
+    query head, query tile) says that the higher key tiles that walk it (``RANK``, or all higher
+    ones without ranges) have added theirs, adds, waits until its addition has landed, and counts
+    itself in. Those programs were launched before this one (the grid runs key tiles fastest,
+    the last first), so the wait ends. The consumers go on meanwhile, two buffers ahead at most."""
+    b, hk, n0, n = _program(H, G, BLOCK_N, DQ_MODE == 2)
+    lo, flo, fhi, hi = ranges(RANGES, n, Sq, BLOCK_M, RANGED)
     n_m = (hi - lo) // BLOCK_M
     n_q = (Sq + BLOCK_M - 1) // BLOCK_M
     for t in range(G * n_m):
@@ -395,9 +405,9 @@ def _dq_writer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KD
         mbarrier.wait(dq_full.index(buf), (t // 2) & 1)
         if DQ_MODE == 2:
             sem = SEM + (b * H + h) * n_q + m0 // BLOCK_M
-            want = pid_n
+            want = gl.num_programs(0) - 1 - n
             if RANGED:
-                want = gl.load(RANK + pid_n * n_q + m0 // BLOCK_M)
+                want = gl.load(RANK + n * n_q + m0 // BLOCK_M)
             seen = gl.atomic_add(sem, 0, sem="acquire")
             while seen != want:
                 seen = gl.atomic_add(sem, 0, sem="acquire")

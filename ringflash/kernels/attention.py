@@ -639,12 +639,13 @@ def _dkdv_config(D: int) -> KernelConfig:
 
 def _dq_order(ranges_kv, n_k: int, n_q: int, block_m: int, device) -> torch.Tensor:
     """(n_k, n_q) int32: for key tile n and query tile m (of ``block_m`` queries, the dK/dV
-    program's step), how many lower key tiles add into query tile m before n does, from the query
-    range [lo, hi) each key tile walks (``ranges_kv`` rows (lo, flo, fhi, hi), in queries). Made on
-    the device from the ranges the programs walk, so every count a program waits for is reached."""
+    program's step), how many higher key tiles add into query tile m before n does (the ordered
+    dQ's order, last key tile first), from the query range [lo, hi) each key tile walks
+    (``ranges_kv`` rows (lo, flo, fhi, hi), in queries). Made on the device from the ranges the
+    programs walk, so every count a program waits for is reached."""
     starts = torch.arange(n_q, device=device, dtype=torch.int32)[None, :] * block_m
     visits = ((starts >= ranges_kv[0, :, 0:1]) & (starts < ranges_kv[0, :, 3:4])).to(torch.int32)
-    return (torch.cumsum(visits, 0, dtype=torch.int32) - visits).contiguous()
+    return (visits.sum(0, keepdim=True, dtype=torch.int32) - torch.cumsum(visits, 0, dtype=torch.int32)).contiguous()
 
 
 @functools.lru_cache(maxsize=None)
