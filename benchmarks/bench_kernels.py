@@ -41,7 +41,7 @@ from ringflash import kernels  # noqa: E402
 
 # ringflash: the Triton kernels alone (the Hopper kernels switched off); ringflash_default: the
 # kernels forward() and backward() choose by default on this GPU (on sm_90 at D = 128: the Hopper
-# forward and the Hopper backward adding dQ in key-tile order).
+# forward and the Hopper backward adding dQ in a fixed order).
 # The others set kernels.attention's switches (sm_90 only, bf16/fp16 at D = 64 and 128), the
 # Hopper forward always on: ringflash_hopper: one consumer partition in the forward, the Hopper
 # backward (HOPPER_BACKWARD); ringflash_hopper_split: a consumer partition per warpgroup in the
@@ -50,7 +50,7 @@ from ringflash import kernels  # noqa: E402
 # program with FA3's operand routes and the dQ kernel (HOPPER_BWD_SMEM_P, HOPPER_BWD_DQ "kernel");
 # ringflash_hopper_persistent: the split forward as persistent programs drawing work from a
 # counter (HOPPER_FWD_PERSISTENT); ringflash_hopper_atomic_dq / _ordered_dq: the backward in one
-# kernel, the dK/dV programs adding dQ by bulk TMA reductions in any order / in key-tile order
+# kernel, the dK/dV programs adding dQ by bulk TMA reductions in any order / in a fixed order
 # (HOPPER_BWD_DQ "atomic" / "ordered"); ringflash_triton_bwd: the split Hopper forward with the
 # Triton backward (the default on sm_90 before the Hopper backward was).
 # Values: (backward, split, ping-pong, smem_p, persistent, dQ).

@@ -110,7 +110,7 @@ def ringflash_fns(kern, q, k, v, dout, mask: str, cu, window: int):
 # ``ringflash_hopper_persistent`` that forward always as persistent programs;
 # ``ringflash_hopper_fused_bwd`` the default with the backward's dK/dV and dQ programs in one grid;
 # ``ringflash_hopper_atomic_dq`` / ``_ordered_dq`` that forward with the Hopper backward whose dK/dV
-# programs add dQ by bulk TMA reductions, in any order / in key-tile order (HOPPER_BWD_DQ; the
+# programs add dQ by bulk TMA reductions, in any order / in a fixed order (HOPPER_BWD_DQ; the
 # ordered one is the default on sm_90 at D = 128).
 SETTINGS = {
     "ringflash": dict(HOPPER_FORWARD=False, HOPPER_BACKWARD=False),

@@ -260,7 +260,7 @@ def test_backward_compiles_for_sm90(variant, compiled):
         assert facts["shared"] <= SMEM_SM90
         assert facts["store16"] == (variant.get("grad_dtype", torch.float32) != torch.float32), kind
     dkdv = compiled["dkdv-" + _name(variant)]
-    # dQ by bulk reductions; in key-tile order each program waits for its own to land, then counts itself in
+    # dQ by bulk reductions; in the fixed order each program waits for its own to land, then counts itself in
     assert dkdv["tma_reduce"] == (dq_mode != "kernel")
     assert dkdv["bulk_complete"] == dkdv["release"] == (dq_mode == "ordered")
     configs = A.HOPPER_BWD_DKDV_SMEM_P_CONFIGS if variant.get("smem_p") or dq_mode != "kernel" else A.HOPPER_BWD_DKDV_CONFIGS
@@ -307,7 +307,7 @@ def test_not_taken_where_it_cannot_run():
 ])
 def test_defaults_and_environment(env, forward, head_dims, backward, bwd_dims, dq):
     """By default an sm_90 GPU gets the Hopper forward (split consumers) and the Hopper backward
-    (dQ added by the dK/dV programs in key-tile order) at D = 128; RINGFLASH_HOPPER_FORWARD /
+    (dQ added by the dK/dV programs in a fixed order) at D = 128; RINGFLASH_HOPPER_FORWARD /
     _BACKWARD =1 widens each to every head dim it has, =0 turns it off; RINGFLASH_HOPPER_BWD_DQ
     picks where dQ is computed."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RINGFLASH_HOPPER")}

@@ -394,7 +394,7 @@ def test_forward_persistent(D, split, case, hopper, monkeypatch):
 def test_backward_fa3_form(dq_mode, D, case, hopper, monkeypatch):
     """The dK/dV program with FA3's operand routes (HOPPER_BWD_SMEM_P: queries as rows, P and dS
     through shared memory, 64 queries a step), with its dQ kernel or adding dQ itself by bulk TMA
-    reductions (HOPPER_BWD_DQ "atomic": any order; "ordered": key-tile order): against float64 as
+    reductions (HOPPER_BWD_DQ "atomic": any order; "ordered": a fixed order, the last key tile first): against float64 as
     every backward here, on odd lengths, GQA, a ring step, windows with documents; it accumulates
     into given buffers, and two runs are bitwise equal (three for the ordered reductions) but with
     the unordered ones, whose sums come in varying order."""

@@ -140,8 +140,8 @@ HOPPER_BWD_SMEM_P = os.environ.get("RINGFLASH_HOPPER_BWD_SMEM_P", "0") == "1"
 # products in two kernels). "atomic": the dK/dV programs in FA3's form (as with HOPPER_BWD_SMEM_P)
 # also compute each step's dQ tile = dS K and add it into a float32 dQ with one bulk TMA reduction
 # from shared memory, in whatever order the programs come (five products in one kernel; not
-# bitwise repeatable). "ordered": those reductions in key-tile order, each program waiting on a
-# counter per (head, query tile) for the lower key tiles (FA3's deterministic form; bitwise
+# bitwise repeatable). "ordered": those reductions in a fixed order, each program waiting on a
+# counter per (head, query tile) for the higher key tiles (FA3's deterministic form; bitwise
 # repeatable): the default, 0.93-1.18x the Triton backward at D = 128 on an H100 (atomic:
 # 1.10-1.18x; benchmarks/results/kernels_h100_hopper_tma_dq/). RINGFLASH_HOPPER_BWD_DQ sets it.
 HOPPER_BWD_DQ = os.environ.get("RINGFLASH_HOPPER_BWD_DQ", "ordered")
@@ -177,8 +177,9 @@ HOPPER_FWD_PERSISTENT = None if _PERSISTENT_ENV is None else _PERSISTENT_ENV == 
 # Whether forward() / backward() take the Hopper kernels where they serve the call
 # (bfloat16/float16, a head dim they have, no block pattern or per-head attributes, an sm_90
 # GPU). Each is on by default at the head dims where it was measured faster than the Triton
-# kernels: D = 128 (forward 1.2x; backward, one kernel adding dQ in key-tile order, HOPPER_BWD_DQ:
-# forward + backward 1.01-1.15x on an H100, benchmarks/results/kernels_h100_hopper_tma_dq/); at
+# kernels: D = 128 (forward 1.2x; backward, one kernel adding dQ in a fixed order, HOPPER_BWD_DQ:
+# forward + backward 1.01-1.15x on an H100, benchmarks/results/kernels_h100_hopper_tma_dq/; FA3's
+# order since, 0.99-1.07x that, benchmarks/results/kernels_h100_spt_dq/); at
 # D = 64 neither was. RINGFLASH_HOPPER_FORWARD / RINGFLASH_HOPPER_BACKWARD =1
 # takes the kernel at every head dim it has, =0 never.
 _HOPPER_ENV = os.environ.get("RINGFLASH_HOPPER_FORWARD", "")
