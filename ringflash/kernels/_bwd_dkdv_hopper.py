@@ -274,9 +274,17 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
         issue dK += dS^T Q                  (A: ds_smem transposed)
         wait(0); release Q and dO
 
+    With ``DQ_MODE`` > 0 the step ends in FA3's order instead:
+
+        issue dQ = dS K                     (A: ds_smem)
+        issue dK += dS^T Q
+        wait(1): dV and dQ done; dQ tile -> dq_smem[t % 2] (once the writer has read it out);
+                 release dO (dV was its last reader)                     <- overlaps dK
+        wait(0); release Q
+
     The partition barrier after each store orders every thread's writes (both warpgroups') before
-    the wgmma that reads them, and wait(0) retires those wgmmas before the next tile overwrites
-    the tiles. Registers a consumer thread holds at D = 128 and 64 queries a step: dK and dV
+    the wgmma or the TMA unit that reads them, and the waits retire those wgmmas before the next
+    tile overwrites the tiles. Registers a consumer thread holds at D = 128 and 64 queries a step: dK and dV
     (64 + 64), S/P and dP (32 + 32), a query's LSE and delta (2 + 2); ptxas reports no spill
     (tests/test_kernels_hopper.py), where the transposed form spilled 356-700 bytes.
     """
