@@ -288,9 +288,8 @@ def attention(
     if (cu is not None or blocks is not None) and (q_pos is None or k_pos is None):
         _both_or_neither(q_pos, k_pos)
         q_pos, k_pos = default_positions(Sq, Sk, q.device)
-    if blocks is not None and max(int(q_pos.max()), int(k_pos.max())) >= blocks.seqlen:
-        raise ValueError(f"the block pattern covers {blocks.seqlen} tokens; positions reach "
-                         f"{max(int(q_pos.max()), int(k_pos.max()))}")
+    if blocks is not None and (last := max(int(q_pos.max()), int(k_pos.max()))) >= blocks.seqlen:
+        raise ValueError(f"the block pattern covers {blocks.seqlen} tokens; positions reach {last}")
     q_pos, k_pos = _resolve(Sq, Sk, q.device, q_pos, k_pos, causal, window, None, None)
     q_doc = k_doc = None
     if cu is not None:

@@ -70,11 +70,13 @@ _DROP_K = 2**30 + 1  # and never equal to each other or to a kept token's
 # -- block-sparse ---------------------------------------------------------------------------------
 
 
-
-def _integer(x):
+def _int_in(x, low: int, high: int | None = None):
     """``x`` as an int where it is an integer (:func:`ringflash.mask._is_int`: Python's, NumPy's,
-    a one-element integer tensor; not a bool), else None."""
-    return operator.index(x) if _is_int(x) else None
+    a one-element integer tensor; not a bool) in [low, high], else None."""
+    if not _is_int(x):
+        return None
+    v = operator.index(x)
+    return v if v >= low and (high is None or v <= high) else None
 
 
 class BlockSparse:
@@ -92,8 +94,8 @@ class BlockSparse:
     """
 
     def __init__(self, pattern, block_size: int):
-        b = _integer(block_size)
-        if b is None or b < 1:
+        b = _int_in(block_size, 1)
+        if b is None:
             raise ValueError(f"block_size must be a positive int; got {block_size!r}")
         block_size = b
         try:
@@ -186,9 +188,9 @@ class BlockSparse:
 
 def _grid(seqlen: int, block_size: int) -> int:
     for name, x in (("seqlen", seqlen), ("block_size", block_size)):
-        if _integer(x) is None or _integer(x) < 1:
+        if _int_in(x, 1) is None:
             raise ValueError(f"{name} must be a positive int; got {x!r}")
-    seqlen, block_size = _integer(seqlen), _integer(block_size)
+    seqlen, block_size = _int_in(seqlen, 1), _int_in(block_size, 1)
     if seqlen % block_size:
         raise ValueError(
             f"a block pattern must tile the sequence: seqlen {seqlen} is not a multiple of block_size {block_size}"
@@ -200,9 +202,9 @@ def local_blocks(seqlen: int, block_size: int, width: int) -> BlockSparse:
     """Each block sees the blocks within ``width - 1`` of it on either side (``width`` = 1: its
     own block only); with ``causal`` only the earlier side remains."""
     n = _grid(seqlen, block_size)
-    if _integer(width) is None or _integer(width) < 1:
+    if _int_in(width, 1) is None:
         raise ValueError(f"the local width must be a positive number of blocks; got {width!r}")
-    width = _integer(width)
+    width = _int_in(width, 1)
     i = torch.arange(n)
     return BlockSparse((i[:, None] - i[None, :]).abs() < width, block_size)
 
@@ -210,9 +212,9 @@ def local_blocks(seqlen: int, block_size: int, width: int) -> BlockSparse:
 def global_blocks(seqlen: int, block_size: int, count: int) -> BlockSparse:
     """The first ``count`` blocks are global: they see every block and every block sees them."""
     n = _grid(seqlen, block_size)
-    if _integer(count) is None or not 0 <= _integer(count) <= n:
+    if _int_in(count, 0, n) is None:
         raise ValueError(f"the number of global blocks must be an int in [0, {n}]; got {count!r}")
-    count = _integer(count)
+    count = _int_in(count, 0, n)
     p = torch.zeros(n, n, dtype=torch.bool)
     p[:count, :] = True
     p[:, :count] = True
@@ -223,9 +225,9 @@ def random_blocks(seqlen: int, block_size: int, count: int, *, seed: int = 0, ca
     """Each block row sees ``count`` blocks drawn at random (without replacement; with
     ``causal`` from the blocks at or before it, so none is wasted), reproducibly from ``seed``."""
     n = _grid(seqlen, block_size)
-    if _integer(count) is None or _integer(count) < 0:
+    if _int_in(count, 0) is None:
         raise ValueError(f"the number of random blocks must be a non-negative int; got {count!r}")
-    count = _integer(count)
+    count = _int_in(count, 0)
     g = torch.Generator().manual_seed(int(seed))
     scores = torch.rand(n, n, generator=g)
     if causal:
@@ -278,8 +280,8 @@ class HashSparse:
     checked: bool = False
 
     def __post_init__(self):
-        if _integer(self.num_buckets) is not None:  # a NumPy or tensor integer as a Python int
-            object.__setattr__(self, "num_buckets", _integer(self.num_buckets))
+        if _is_int(self.num_buckets):  # a NumPy or tensor integer as a Python int
+            object.__setattr__(self, "num_buckets", operator.index(self.num_buckets))
 
 
 def _check_attr(name: str, t, shape: tuple, device, kind: str) -> None:
@@ -327,7 +329,7 @@ def check_sparsity(sparsity, q: torch.Tensor, k: torch.Tensor, seqlen: int | Non
         _check_attr("k_keep", sparsity.k_keep, (B, Sk, Hkv), q.device, "bool")
     elif isinstance(sparsity, HashSparse):
         n = sparsity.num_buckets
-        if _integer(n) is None or _integer(n) < 1:
+        if _int_in(n, 1) is None:
             raise ValueError(f"num_buckets must be an int >= 1; got {n!r}")
         _check_attr("q_buckets", sparsity.q_buckets, (B, Sq, H), q.device, "int")
         _check_attr("k_buckets", sparsity.k_buckets, (B, Sk, Hkv), q.device, "int")
@@ -350,9 +352,9 @@ def is_token_sparsity(sparsity) -> bool:
 def hash_projection(heads: int, head_dim: int, num_buckets: int, *, seed: int = 0) -> torch.Tensor:
     """Random projections for :func:`hash_buckets`: (heads, head_dim, ceil(num_buckets / 2)),
     standard normal, reproducible from ``seed`` (fixed per layer)."""
-    if _integer(num_buckets) is None or _integer(num_buckets) < 1:
+    if _int_in(num_buckets, 1) is None:
         raise ValueError(f"the number of buckets must be an int >= 1; got {num_buckets!r}")
-    num_buckets = _integer(num_buckets)
+    num_buckets = _int_in(num_buckets, 1)
     g = torch.Generator().manual_seed(int(seed))
     return torch.randn(heads, head_dim, (num_buckets + 1) // 2, generator=g)
 
