@@ -13,7 +13,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from ringflash import get_layout, reference, ring_attention, shard_batch, sparse
+from ringflash import MultiheadAttention, get_layout, reference, ring_attention, shard_batch, sparse
 from ringflash.models import GPT, GPTConfig
 
 parser = argparse.ArgumentParser()
@@ -56,7 +56,8 @@ for name, mode in modes.items():
     worst = max(worst, err)
     if rank == 0:
         print(f"{name}: relative error {err:.1e}")
-
+mha = MultiheadAttention(128, H, num_kv_heads=Hkv, causal=True, layout=layout).to(device, dtype)  # your model's layer
+y_l = mha(shard(torch.randn(1, S, 128)).to(dtype), sparsity=local)  # this batch's bucket ids (local: hash), one call
 model = GPT(GPTConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, layout="zigzag", sparsity="hash:4")).to(device)
 optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
 tokens = torch.randint(0, 256, (1, S))
