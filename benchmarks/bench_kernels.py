@@ -1,4 +1,5 @@
-"""Throughput of the ringflash kernels next to PyTorch SDPA (flash and cuDNN backends).
+"""Throughput of the ringflash kernels next to PyTorch SDPA (flash and cuDNN backends) and
+FlexAttention (``torch.compile``d ``flex_attention``: a causal block mask, none for full attention).
 
     PYTHONPATH=. python benchmarks/bench_kernels.py                      # full grid, bf16, B=1, H=32
     PYTHONPATH=. python benchmarks/bench_kernels.py --seqlens 8k 16k --head-dims 128 --modes fwd bwd
@@ -17,6 +18,7 @@ What is timed:
   stored, not zero-filled) and their casts to the input dtype; SDPA ``autograd.grad`` of a
   saved output with ``retain_graph`` (its delta preprocess and dQ conversion included).
 * ``fwdbwd``: both, back to back.
+* ``flex``: as SDPA (forward on inputs that require grad, ``autograd.grad``).
 
 Tensors are ``(B, S, H, D)`` for every implementation (SDPA gets transposed views), so all
 read the same memory layout. Results go to ``benchmarks/results/kernels_<gpu>.jsonl`` (one
@@ -62,7 +64,7 @@ HOPPER_IMPLS = {"ringflash_hopper": (True, 1, False, False, False, "ordered"),
                 "ringflash_hopper_atomic_dq": (True, 2, False, True, False, "atomic"),
                 "ringflash_hopper_ordered_dq": (True, 2, False, True, False, "ordered"),
                 "ringflash_triton_bwd": (False, 2, False, False, False, "ordered")}
-IMPLS = ("ringflash", "ringflash_default", *HOPPER_IMPLS, "sdpa_flash", "sdpa_cudnn")
+IMPLS = ("ringflash", "ringflash_default", *HOPPER_IMPLS, "sdpa_flash", "sdpa_cudnn", "flex")
 MODES = ("fwd", "bwd", "fwdbwd")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -162,6 +164,8 @@ def make_fns(impl: str, q, k, v, dout, causal: bool):
         return fwd, bwd, fwdbwd
 
     qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    if impl == "flex":
+        return flex_fns(qg, kg, vg, dout, causal)
 
     def run_fwd():
         with sdpa_backend(impl):
@@ -183,6 +187,33 @@ def make_fns(impl: str, q, k, v, dout, causal: bool):
             return torch.autograd.grad(o, (qg, kg, vg), dout_t)
 
     return run_fwd, bwd, fwdbwd
+
+
+def flex_fns(qg, kg, vg, dout, causal: bool):
+    """FlexAttention (``torch.compile``d ``flex_attention``): a causal block mask, or none for full
+    attention; grouped queries through ``enable_gqa``."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    S = qg.shape[1]
+    compiled = torch.compile(flex_attention, dynamic=False)
+    block_mask = (create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, S, S, device=qg.device, _compile=True)
+                  if causal else None)
+    qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (qg, kg, vg))
+    dt = dout.transpose(1, 2).contiguous()
+    gqa = kt.shape[1] != qt.shape[1]
+
+    def fwd():
+        return compiled(qt, kt, vt, block_mask=block_mask, enable_gqa=gqa)
+
+    saved = fwd()
+
+    def bwd():
+        return torch.autograd.grad(saved, (qt, kt, vt), dt, retain_graph=True)
+
+    def fwdbwd():
+        return torch.autograd.grad(fwd(), (qt, kt, vt), dt)
+
+    return fwd, bwd, fwdbwd
 
 
 def inputs(B, S, H, D, dtype, seed=0, Hkv=None):
@@ -419,9 +450,10 @@ def main() -> None:
                         cells = " ".join(f"{r[i]:11.1f}" if i in r else f"{'-':>11}" for i in args.impls)
                         ratio = lambda other, mine="ringflash": (  # noqa: E731
                             f"{r[mine] / r[other]:8.2f}" if r.get(mine) and r.get(other) else f"{'-':>8}")
-                        hop = "".join(f"  {name}/cudnn {ratio('sdpa_cudnn', impl)}"
+                        hop = "".join(f"  {name}/{base} {ratio(other, impl)}"
                                       for name, impl in (("default", "ringflash_default"), ("hopper", "ringflash_hopper"))
-                                      if impl in r)
+                                      for base, other in (("cudnn", "sdpa_cudnn"), ("flex", "flex"))
+                                      if impl in r and other in r)
                         print(f"{S:>6} {D:>4} {Hkv:>4} {'causal' if causal else 'full':>6} {mode:>7} {cells}  "
                               f"{ratio('sdpa_flash')} {ratio('sdpa_cudnn')}{hop}", flush=True)
                     del q, k, v, dout
