@@ -61,6 +61,16 @@ def invalidate(bars, N: gl.constexpr):
 
 
 @gluon.jit
+def load_acquire(ptr):
+    """``ld.acquire.gpu`` of the int32 at ``ptr`` (a plain load, not a read-modify-write): what a
+    spin on a counter polls."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    v = gl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l",
+                                  [ptr + gl.full([1], 0, gl.int32, layout)], dtype=gl.int32, is_pure=False, pack=1)
+    return gl.reduce(v, 0, max_of)
+
+
+@gluon.jit
 def query_program(H, G, Sq, SWIZZLE, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
     """(b, h, K/V head, first query row, query tile) of a program that owns a query tile, on a
     (query tiles, batch x heads) grid; the order is :func:`item_program`'s."""
