@@ -192,9 +192,13 @@ def make_fns(impl: str, q, k, v, dout, causal: bool):
 def flex_fns(qg, kg, vg, dout, causal: bool):
     """FlexAttention (``torch.compile``d ``flex_attention``): a causal block mask, or none for full
     attention; grouped queries through ``enable_gqa``."""
+    import torch._functorch.config
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     S = qg.shape[1]
+    # ``bwd`` runs the backward of one saved forward again and again (retain_graph), which a
+    # compiled backward that donates its saved buffers refuses (it did at S = 16k, causal).
+    torch._functorch.config.donated_buffer = False
     compiled = torch.compile(flex_attention, dynamic=False)
     block_mask = (create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, S, S, device=qg.device, _compile=True)
                   if causal else None)
