@@ -401,8 +401,9 @@ def _dq_writer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KD
     query head, query tile) says that the higher key tiles that walk it (``RANK``, or all higher
     ones without ranges) have added theirs, adds, waits until its addition has landed, and counts
     itself in; it polls the counter with plain acquire loads (an atomic read of it, the form
-    before, ran the backward 2-4% slower). Those programs were launched before this one (the grid runs key tiles fastest,
-    the last first), so the wait ends. The consumers go on meanwhile, two buffers ahead at most."""
+    before, ran the backward 2-4% slower). Those programs were launched before this one (the grid
+    runs key tiles fastest, the last first), so the wait ends. The consumers go on meanwhile, two
+    buffers ahead at most."""
     b, hk, n0, n = _program(H, G, BLOCK_N, DQ_MODE == 2)
     lo, flo, fhi, hi = ranges(RANGES, n, Sq, BLOCK_M, RANGED)
     n_m = (hi - lo) // BLOCK_M
