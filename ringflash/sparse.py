@@ -187,10 +187,12 @@ class BlockSparse:
 
 
 def _grid(seqlen: int, block_size: int) -> int:
+    values = []
     for name, x in (("seqlen", seqlen), ("block_size", block_size)):
-        if _int_in(x, 1) is None:
+        if (v := _int_in(x, 1)) is None:
             raise ValueError(f"{name} must be a positive int; got {x!r}")
-    seqlen, block_size = _int_in(seqlen, 1), _int_in(block_size, 1)
+        values.append(v)
+    seqlen, block_size = values
     if seqlen % block_size:
         raise ValueError(
             f"a block pattern must tile the sequence: seqlen {seqlen} is not a multiple of block_size {block_size}"
@@ -202,9 +204,9 @@ def local_blocks(seqlen: int, block_size: int, width: int) -> BlockSparse:
     """Each block sees the blocks within ``width - 1`` of it on either side (``width`` = 1: its
     own block only); with ``causal`` only the earlier side remains."""
     n = _grid(seqlen, block_size)
-    if _int_in(width, 1) is None:
+    if (w := _int_in(width, 1)) is None:
         raise ValueError(f"the local width must be a positive number of blocks; got {width!r}")
-    width = _int_in(width, 1)
+    width = w
     i = torch.arange(n)
     return BlockSparse((i[:, None] - i[None, :]).abs() < width, block_size)
 
@@ -212,9 +214,9 @@ def local_blocks(seqlen: int, block_size: int, width: int) -> BlockSparse:
 def global_blocks(seqlen: int, block_size: int, count: int) -> BlockSparse:
     """The first ``count`` blocks are global: they see every block and every block sees them."""
     n = _grid(seqlen, block_size)
-    if _int_in(count, 0, n) is None:
+    if (c := _int_in(count, 0, n)) is None:
         raise ValueError(f"the number of global blocks must be an int in [0, {n}]; got {count!r}")
-    count = _int_in(count, 0, n)
+    count = c
     p = torch.zeros(n, n, dtype=torch.bool)
     p[:count, :] = True
     p[:, :count] = True
@@ -225,9 +227,9 @@ def random_blocks(seqlen: int, block_size: int, count: int, *, seed: int = 0, ca
     """Each block row sees ``count`` blocks drawn at random (without replacement; with
     ``causal`` from the blocks at or before it, so none is wasted), reproducibly from ``seed``."""
     n = _grid(seqlen, block_size)
-    if _int_in(count, 0) is None:
+    if (c := _int_in(count, 0)) is None:
         raise ValueError(f"the number of random blocks must be a non-negative int; got {count!r}")
-    count = _int_in(count, 0)
+    count = c
     g = torch.Generator().manual_seed(int(seed))
     scores = torch.rand(n, n, generator=g)
     if causal:
@@ -352,9 +354,9 @@ def is_token_sparsity(sparsity) -> bool:
 def hash_projection(heads: int, head_dim: int, num_buckets: int, *, seed: int = 0) -> torch.Tensor:
     """Random projections for :func:`hash_buckets`: (heads, head_dim, ceil(num_buckets / 2)),
     standard normal, reproducible from ``seed`` (fixed per layer)."""
-    if _int_in(num_buckets, 1) is None:
+    if (nb := _int_in(num_buckets, 1)) is None:
         raise ValueError(f"the number of buckets must be an int >= 1; got {num_buckets!r}")
-    num_buckets = _int_in(num_buckets, 1)
+    num_buckets = nb
     g = torch.Generator().manual_seed(int(seed))
     return torch.randn(heads, head_dim, (num_buckets + 1) // 2, generator=g)
 
