@@ -1,6 +1,6 @@
-"""Masked attention on one GPU: ringflash's Triton kernels with packed documents and a sliding
-window, next to FlexAttention (``torch.compile``d ``flex_attention`` with the same mask) and to
-ringflash's dense causal kernel, in one run.
+"""Masked attention on one GPU: ringflash's kernels (the library's defaults, ``ringflash``) with
+packed documents and a sliding window, next to FlexAttention (``torch.compile``d
+``flex_attention`` with the same mask) and to ringflash's dense causal kernel, in one run.
 
     PYTHONPATH=. python benchmarks/bench_masks.py                          # S = 32k and 128k
     PYTHONPATH=. python benchmarks/bench_masks.py --seqlens 32k --masks documents --impls ringflash
@@ -20,7 +20,8 @@ masked call costs exactly its share of a causal one).
 What is timed: ``fwd`` is ringflash ``forward`` as ``flash_attention`` calls it (O stored in bf16;
 Flex: its forward on inputs that require grad); ``fwdbwd`` adds ``backward_delta`` + ``backward``
 (dQ/dK/dV stored in bf16; Flex: ``autograd.grad`` of a fresh forward). Implementations: see
-``SETTINGS``. Medians of ``triton.testing.do_bench``.
+``SETTINGS`` (``ringflash``: whatever the library picks for the call; ``ringflash_triton``: the
+Triton kernels, never the Hopper ones; the others: Hopper variants). Medians of ``triton.testing.do_bench``.
 Each result is one JSON line (``--out``, default ``benchmarks/results/masks_<gpu>/masks.jsonl``: one folder per run) with impl, gpu, S, H, D, mask, mode, ms, tflops_visible.
 
 ``--prev DIR``: a copy of another tree's ``ringflash/kernels`` package (e.g. the commit before
@@ -113,7 +114,8 @@ def ringflash_fns(kern, q, k, v, dout, mask: str, cu, window: int):
 # programs add dQ by bulk TMA reductions, in any order / in a fixed order (HOPPER_BWD_DQ; the
 # ordered one is the default on sm_90 at D = 128).
 SETTINGS = {
-    "ringflash": dict(HOPPER_FORWARD=False, HOPPER_BACKWARD=False),
+    "ringflash": {},  # the library's defaults (on sm_90 at D = 128: the Hopper kernels)
+    "ringflash_triton": dict(HOPPER_FORWARD=False, HOPPER_BACKWARD=False),
     "ringflash_hopper": dict(HOPPER_FORWARD=True, HOPPER_FWD_SPLIT=2, HOPPER_BACKWARD=False, HOPPER_FWD_PERSISTENT=None),
     "ringflash_hopper_persistent": dict(HOPPER_FORWARD=True, HOPPER_FWD_SPLIT=2, HOPPER_BACKWARD=False,
                                         HOPPER_FWD_PERSISTENT=True),
@@ -193,7 +195,8 @@ def main() -> None:
     ap.add_argument("--seqlens", nargs="+", default=["32k", "128k"])
     ap.add_argument("--masks", nargs="+", default=["causal", "documents", "window"], choices=MASKS)
     ap.add_argument("--impls", nargs="+", default=["ringflash", "flex"], choices=[*SETTINGS, "flex"],
-                    help="the ringflash ones: see SETTINGS (ringflash_hopper is the default on sm_90 at D = 128)")
+                    help="the ringflash ones: see SETTINGS (ringflash: the library's defaults; ringflash_triton: the "
+                         "Triton kernels only)")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
