@@ -105,8 +105,8 @@ def ringflash_fns(kern, q, k, v, dout, mask: str, cu, window: int):
 
 
 # The kernels' module settings per implementation (ringflash.kernels.attention): ``ringflash``
-# the Triton kernels alone; ``ringflash_hopper`` the Hopper forward with a consumer partition per
-# warpgroup, persistent programs where the rule in attention.py says so, and the Triton backward
+# the library's defaults; ``ringflash_triton`` the Triton kernels alone; ``ringflash_hopper``
+# the Hopper forward with a consumer partition per warpgroup, persistent programs where the rule in attention.py says so, and the Triton backward
 # (the default on sm_90 before the Hopper backward that adds dQ itself: benchmarks/NOTES_kernels.md);
 # ``ringflash_hopper_persistent`` that forward always as persistent programs;
 # ``ringflash_hopper_fused_bwd`` the default with the backward's dK/dV and dQ programs in one grid;
