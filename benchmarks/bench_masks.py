@@ -21,7 +21,8 @@ What is timed: ``fwd`` is ringflash ``forward`` as ``flash_attention`` calls it 
 Flex: its forward on inputs that require grad); ``fwdbwd`` adds ``backward_delta`` + ``backward``
 (dQ/dK/dV stored in bf16; Flex: ``autograd.grad`` of a fresh forward). Implementations: see
 ``SETTINGS`` (``ringflash``: whatever the library picks for the call; ``ringflash_triton``: the
-Triton kernels, never the Hopper ones; the others: Hopper variants). Medians of ``triton.testing.do_bench``.
+Triton kernels, never the Hopper ones; the others: Hopper variants). Medians of
+``triton.testing.do_bench``.
 Each result is one JSON line (``--out``, default ``benchmarks/results/masks_<gpu>/masks.jsonl``: one folder per run) with impl, gpu, S, H, D, mask, mode, ms, tflops_visible.
 
 ``--prev DIR``: a copy of another tree's ``ringflash/kernels`` package (e.g. the commit before
@@ -106,7 +107,8 @@ def ringflash_fns(kern, q, k, v, dout, mask: str, cu, window: int):
 
 # The kernels' module settings per implementation (ringflash.kernels.attention): ``ringflash``
 # the library's defaults; ``ringflash_triton`` the Triton kernels alone; ``ringflash_hopper``
-# the Hopper forward with a consumer partition per warpgroup, persistent programs where the rule in attention.py says so, and the Triton backward
+# the Hopper forward with a consumer partition per warpgroup, persistent programs where the rule
+# in attention.py says so, and the Triton backward
 # (the default on sm_90 before the Hopper backward that adds dQ itself: benchmarks/NOTES_kernels.md);
 # ``ringflash_hopper_persistent`` that forward always as persistent programs;
 # ``ringflash_hopper_fused_bwd`` the default with the backward's dK/dV and dQ programs in one grid;
