@@ -86,7 +86,8 @@ def main() -> None:
     n = ((hi - lo) // block).clamp(min=0)
     full = ((fhi - flo) // block).clamp(min=0)
     print(f"{args.case}: items {r.shape[0] * reps}, key tiles {int(n.sum()) * reps}, "
-          f"boundary tiles {int((n - full).sum()) * reps}, mean tiles an item {n.float().mean():.2f}, max {int(n.max())}")
+          f"boundary tiles {int((n - full).sum()) * reps}, mean tiles an item {n.float().mean():.2f}, "
+          f"max {int(n.max())}")
     for name in ("fwd", "fwd+bwd"):
         times = []
         for _ in range(20):
