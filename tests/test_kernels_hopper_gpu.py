@@ -458,3 +458,63 @@ def test_default_choice(monkeypatch):
             assert calls == want, (D, dtype, calls)
     finally:
         importlib.reload(attention)
+
+
+@pytest.mark.parametrize("case", ["odd_causal_gqa", "window", "two_sided", "documents", "ring_step_documents_window",
+                                  "persistent_window", "fold", "hash", "qkdrop_window"])
+def test_row_bounds_match_per_tile_masks(case, hopper, monkeypatch):
+    """HOPPER_FWD_ROW_BOUNDS (boundary tiles masked by each row's run of visible keys) gives the
+    per-tile mask's results bitwise: the same elements are masked, the rest is the same code."""
+    from ringflash import sparse as sp
+
+    S, H, Hkv, D = 2048, 8, 2, 128
+    q, k, v = make(1, S, S, H, Hkv, D, torch.bfloat16, seed=11)
+    pos = torch.arange(S, device=DEV)
+    doc = doc_ids([0, 700, 1500, 1501, S], pos)
+    kw = dict(causal=True)
+    if case == "odd_causal_gqa":
+        q, k, v = q[:, :1111], k[:, :1111], v[:, :1111]
+    elif case in ("window", "persistent_window"):
+        kw = dict(causal=True, window=(300, 0))
+        if case == "persistent_window":
+            monkeypatch.setattr(attention, "HOPPER_FWD_PERSISTENT", True)
+    elif case == "two_sided":
+        kw = dict(causal=False, window=(200, 77), q_pos=pos, k_pos=pos)
+    elif case == "documents":
+        kw = dict(causal=True, q_doc=doc, k_doc=doc)
+    elif case == "ring_step_documents_window":
+        P = 4  # ranks 2 (queries) and 1 (keys) of a striped sequence of S * P tokens
+        qp, kp = striped(S * P, P, 2), striped(S * P, P, 1)
+        cu = [0, 5, 1200, 1201, 3000, S * P]
+        kw = dict(causal=True, q_pos=qp, k_pos=kp, window=(500, 0), q_doc=doc_ids(cu, qp), k_doc=doc_ids(cu, kp))
+    elif case in ("hash", "qkdrop_window"):
+        g = torch.Generator(device=DEV).manual_seed(12)
+        if case == "hash":
+            mask = sp.HashSparse(torch.randint(0, 4, (1, S, H), generator=g, device=DEV),
+                                 torch.randint(0, 4, (1, S, Hkv), generator=g, device=DEV), 4)
+        else:
+            mask = sp.QKDrop(torch.rand(1, S, H, generator=g, device=DEV) > 0.4,
+                             torch.rand(1, S, Hkv, generator=g, device=DEV) > 0.4)
+        q_cpos, q_cdoc, k_cpos, k_cdoc = sp.composite(mask, pos, pos, doc, doc, 4)
+        q_order, _ = sp.sort_order(q_cpos)
+        k_order, _ = sp.sort_order(k_cpos)
+        q, k, v = sp.gather_tokens(q, q_order), sp.gather_tokens(k, k_order), sp.gather_tokens(v, k_order)
+        kw = dict(causal=True, q_pos=torch.gather(q_cpos, -1, q_order), q_doc=torch.gather(q_cdoc, -1, q_order),
+                  k_pos=torch.gather(k_cpos, -1, k_order), k_doc=torch.gather(k_cdoc, -1, k_order))
+        if case == "qkdrop_window":
+            kw["window"] = (200, 0)
+    run = {}
+    for on in (False, True):
+        monkeypatch.setattr(attention, "HOPPER_FWD_ROW_BOUNDS", on)
+        n = len(hopper)
+        if case == "fold":  # the first half of the keys, then the rest folded in
+            out, lse = kernels.forward(q, k[:, : S // 2], v[:, : S // 2], q_pos=pos, k_pos=pos[: S // 2], causal=True,
+                                       q_doc=doc, k_doc=doc[: S // 2])
+            kernels.forward(q, k[:, S // 2:], v[:, S // 2:], q_pos=pos, k_pos=pos[S // 2:], causal=True,
+                            q_doc=doc, k_doc=doc[S // 2:], out=out, lse=lse)
+        else:
+            out, lse = kernels.forward(q, k, v, **kw)
+        assert hopper[n:] and set(hopper[n:]) == {"fwd"}, "the Hopper forward did not serve the call"
+        run[on] = out, lse
+    (o0, l0), (o1, l1) = run[False], run[True]
+    assert torch.equal(l0, l1) and torch.equal(o0, o1), f"rel diff {rel_err(o1, o0):.2e}"

@@ -410,3 +410,72 @@ def test_tile_ranges_made_once_for_the_same_attributes(monkeypatch):
     assert len(launches) == 3
     fresh = A._make_ranges(m, True, S, S, 64, 128, True, torch.device("cpu"), (1, 1, 1))
     assert torch.equal(again, fresh) and not torch.equal(again, first)
+
+
+def _runs_of(vis: torch.Tensor) -> torch.Tensor:
+    """(..., Sq, 2): each row's [first, end) of its visible keys, (0, 0) for a row with none; and
+    asserts that every row's visible keys are one run (what the row bounds rely on)."""
+    idx = torch.arange(vis.shape[-1])
+    n = vis.sum(-1)
+    first = torch.where(n > 0, torch.where(vis, idx, vis.shape[-1]).amin(-1), 0)
+    end = torch.where(n > 0, torch.where(vis, idx, -1).amax(-1) + 1, 0)
+    assert torch.equal(end - first, n), "a row's visible keys are not one run"
+    return torch.stack([first, end], -1)
+
+
+def _bounds_as_runs(bounds: torch.Tensor) -> torch.Tensor:
+    """The kernel's bounds with every empty run written (0, 0), as _runs_of writes it."""
+    empty = bounds[..., 1] <= bounds[..., 0]
+    return torch.where(empty[..., None], 0, bounds.long())
+
+
+ROW_BOUND_MASKS = [(causal, window, docs) for causal, window in [(True, None), (True, (5, -1)), (False, (7, 3)),
+                                                                  (False, (-1, 4)), (True, (0, 0)), (False, None)]
+                   for docs in (False, True) if causal or window or docs]  # full attention has no ranges
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "striped", "zigzag"])
+@pytest.mark.parametrize("causal,window,docs", ROW_BOUND_MASKS)
+def test_row_bounds_are_each_rows_visible_keys(layout, causal, window, docs):
+    """The Hopper forward's row bounds (``_row_bounds``, off by default): for one ring step's
+    query and key blocks of every layout, each row's [first, end) equals its visible keys under
+    the rule stated by brute force (1-token documents, rows that see nothing included)."""
+    from ringflash.kernels import attention as A
+
+    L, P, rng = 32, 3, random.Random(7)
+    S = L * P
+    positions = {"contiguous": lambda r: torch.arange(r * L, (r + 1) * L),
+                 "striped": lambda r: striped(L, P, r), "zigzag": lambda r: zigzag(L, P, r)}[layout]
+    q_pos, k_pos = positions(2), positions(1)
+    cu = sorted({0, S, 40, 41, *rng.sample(range(1, S), 4)}) if docs else None
+    q_doc = mask_mod.doc_ids(cu, q_pos) if docs else None
+    k_doc = mask_mod.doc_ids(cu, k_pos) if docs else None
+    m = A._mask_args(q_pos, k_pos, causal, window, q_doc, k_doc, len(q_pos), len(k_pos), torch.device("cpu"))
+    got = A._row_bounds(m, causal, len(q_pos), len(k_pos), device=torch.device("cpu"))
+    want = _runs_of(rule(q_pos, k_pos, causal, window, cu))
+    assert torch.equal(_bounds_as_runs(got[0]), want)
+
+
+@pytest.mark.parametrize("window", [None, (6, -1)])
+def test_row_bounds_per_head(window):
+    """Per-head attributes (hash buckets, sorted per head as the sparse modes pass them, GQA):
+    the bounds of every (batch, head) row are its visible keys."""
+    from ringflash import sparse as sp
+    from ringflash.kernels import attention as A
+
+    B, H, Hkv, S, nb = 2, 4, 2, 50, 3
+    g = torch.Generator().manual_seed(3)
+    qb = torch.randint(0, nb, (B, S, H), generator=g, dtype=torch.int32)
+    kb = torch.randint(0, nb, (B, S, Hkv), generator=g, dtype=torch.int32)
+    pos = torch.arange(S)
+    qc, qcd, kc, kcd = sp.composite(sp.HashSparse(qb, kb, nb), pos, pos, None, None, 1)
+    qo, ko = sp.sort_order(qc)[0], sp.sort_order(kc)[0]
+    qc, qcd = torch.gather(qc, -1, qo), torch.gather(qcd, -1, qo)
+    kc, kcd = torch.gather(kc, -1, ko), torch.gather(kcd, -1, ko)
+    m = A._mask_args(qc, kc, True, window, qcd, kcd, S, S, torch.device("cpu"), shape=(B, H, Hkv))
+    got = A._row_bounds(m, True, S, S, device=torch.device("cpu"), heads=(B, H, H // Hkv))
+    qp, kp = (qc & 0x7FFFFFFF)[..., :, None], (kc & 0x7FFFFFFF).repeat_interleave(H // Hkv, 1)[..., None, :]
+    vis = (qcd[..., :, None] == kcd.repeat_interleave(H // Hkv, 1)[..., None, :]) & (kp <= qp)
+    if window is not None:
+        vis &= kp >= qp - window[0]
+    assert torch.equal(_bounds_as_runs(got.view(B, H, S, 2)), _runs_of(vis))

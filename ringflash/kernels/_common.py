@@ -246,6 +246,17 @@ def _rule(qp, kp, qd, kd, wl, wr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DO
 
 
 @triton.jit
+def _head_attrs(QPOS, QDOC, KPOS, KDOC, bh, stride_ab, stride_ah, stride_kab, stride_kah, H, G):
+    """The attribute pointers of (batch, query head) ``bh`` and of its K/V head ``h // G``; shared
+    attributes have zero strides."""
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // G
+    return (QPOS + b * stride_ab + h * stride_ah, QDOC + b * stride_ab + h * stride_ah,
+            KPOS + b * stride_kab + hk * stride_kah, KDOC + b * stride_kab + hk * stride_kah)
+
+
+@triton.jit
 def _ranges_kernel(
     QPOS, QDOC, KPOS, KDOC, RANGES, Sq, Sk, wl, wr,
     stride_ab, stride_ah, stride_kab, stride_kah, H, G,
@@ -259,13 +270,7 @@ def _ranges_kernel(
     ``h // G``; shared attributes have zero strides and a grid of one (b, h)."""
     t = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hk = h // G
-    QPOS += b * stride_ab + h * stride_ah
-    QDOC += b * stride_ab + h * stride_ah
-    KPOS += b * stride_kab + hk * stride_kah
-    KDOC += b * stride_kab + hk * stride_kah
+    QPOS, QDOC, KPOS, KDOC = _head_attrs(QPOS, QDOC, KPOS, KDOC, bh, stride_ab, stride_ah, stride_kab, stride_kah, H, G)
     RANGES += bh.to(tl.int64) * tl.num_programs(0) * 4
     if BY_KEYS:
         lo, flo, fhi, hi = _query_ranges(QPOS, QDOC, KPOS, KDOC, t * BLOCK_N, Sq, Sk, wl, wr,
@@ -284,3 +289,80 @@ def _ranges_kernel(
 def _load_ranges(RANGES, t):
     base = RANGES + t * 4
     return tl.load(base), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3)
+
+
+@triton.jit
+def _row_key_below(KPOS, KDOC, idx, d, p, POS: tl.constexpr, HEAD_ATTRS: tl.constexpr, DOCS: tl.constexpr,
+                   STRICT: tl.constexpr):
+    """Whether key ``idx`` comes before (document ``d``, position ``p``) in the keys' order
+    (``STRICT``: strictly before; else at or before): documents first, then positions."""
+    if POS:
+        kp = tl.load(KPOS + idx).to(tl.int64)
+        if HEAD_ATTRS:
+            kp = kp & 0x7FFFFFFF  # the position of a composite (document << 31 | position)
+        if STRICT:
+            below = kp < p
+        else:
+            below = kp <= p
+    else:  # no position rule: p is -inf (STRICT) or +inf
+        below = idx < 0 if STRICT else idx >= 0
+    if DOCS:
+        kd = tl.load(KDOC + idx)
+        below = (kd < d) | ((kd == d) & below)
+    return below
+
+
+@triton.jit
+def _keys_below(KPOS, KDOC, Sk, steps, d, p, POS: tl.constexpr, HEAD_ATTRS: tl.constexpr, DOCS: tl.constexpr,
+                STRICT: tl.constexpr):
+    """Per row, the number of keys before (document ``d``, position ``p``) (``STRICT``) or at or
+    before it: a binary search of ``steps`` loads over the keys' order."""
+    lo = d * 0
+    hi = d * 0 + Sk
+    for _ in range(steps):
+        mid = (lo + hi) // 2
+        below = (lo < hi) & _row_key_below(KPOS, KDOC, tl.minimum(mid, Sk - 1), d, p, POS, HEAD_ATTRS, DOCS, STRICT)
+        hi = tl.where((lo < hi) & ~below, mid, hi)
+        lo = tl.where(below, mid + 1, lo)
+    return lo
+
+
+@triton.jit
+def _row_bounds_kernel(
+    QPOS, QDOC, KPOS, KDOC, BOUNDS, Sq, Sk, steps, wl, wr,
+    stride_ab, stride_ah, stride_kab, stride_kah, H, G,
+    BLOCK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOCS: tl.constexpr,
+    HEAD_ATTRS: tl.constexpr,
+):
+    """BOUNDS[bh, row] = (first, end): the keys query ``row`` sees are exactly ``[first, end)`` of
+    the local key order (empty when end <= first), int32. Every rule the ranges serve leaves a
+    row one such run, because positions increase inside each document and documents along the
+    order: the run starts at the first key at or after (row's document, position - left) and ends
+    before the first key after (row's document, position [+ right]). Two binary searches of
+    ``steps`` = ceil(log2(Sk + 1)) loads per row."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    bh = tl.program_id(1)
+    QPOS, QDOC, KPOS, KDOC = _head_attrs(QPOS, QDOC, KPOS, KDOC, bh, stride_ab, stride_ah, stride_kab, stride_kah, H, G)
+    ok = rows < Sq
+    POS: tl.constexpr = CAUSAL or WINDOW > 0
+    qp = rows.to(tl.int64) * 0
+    if POS:
+        qp = tl.load(QPOS + rows, mask=ok, other=0).to(tl.int64)
+        if HEAD_ATTRS:
+            qp = qp & 0x7FFFFFFF
+    qd = rows * 0
+    if DOCS:
+        qd = tl.load(QDOC + rows, mask=ok, other=0)
+    # first: the number of keys strictly before (qd, qp - wl); without a left bound, before (qd, -inf)
+    lo_p = qp - wl if WINDOW % 2 == 1 else qp * 0 - (1 << 40)
+    # end: the number of keys at or before (qd, qp [+ wr]); without a right bound, (qd, +inf)
+    hi_p = qp * 0 + (1 << 40)
+    if CAUSAL:
+        hi_p = qp
+    if WINDOW >= 2:
+        hi_p = tl.minimum(hi_p, qp + wr)
+    first = _keys_below(KPOS, KDOC, Sk, steps, qd, lo_p, POS, HEAD_ATTRS, DOCS, True)
+    end = _keys_below(KPOS, KDOC, Sk, steps, qd, hi_p, POS, HEAD_ATTRS, DOCS, False)
+    base = BOUNDS + bh.to(tl.int64) * Sq * 2 + rows * 2
+    tl.store(base, first.to(tl.int32), mask=ok)
+    tl.store(base + 1, end.to(tl.int32), mask=ok)

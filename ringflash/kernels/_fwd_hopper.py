@@ -69,6 +69,11 @@ Key tiles come boundary first: ``[fhi, hi)`` and ``[lo, flo)`` (the mask rule on
 document ids, and the sequence end), then ``[flo, fhi)`` fully visible (no mask arithmetic). The
 first tile is peeled and always masked, so a causal program's diagonal tile is that one; tiles
 outside ``[lo, hi)`` are never loaded.
+With ``ROWB`` (``attention.HOPPER_FWD_ROW_BOUNDS``) a boundary tile is masked by each row's run
+of visible keys instead, ``[first, end)`` in the local key order (:func:`._common._row_bounds_kernel`,
+made once per call): positions and document ids increase along that order under every rule the
+ranges serve, so the keys a row sees are one run, and the mask is two compares of a column index,
+with no per-tile loads of the keys' positions and ids (the rows' ``qp``, ``qd`` carry the bounds).
 Both partitions map a tile's index to its keys with the same function (:func:`._hopper_common.tile_start`).
 TMA descriptors are 4-D over (B, S, H, D) with boxes [1, BLOCK, 1, D]: rows past the end of
 *this* batch's sequence are zero-filled (never the next batch's rows) and masked as keys.
@@ -93,14 +98,15 @@ from ._hopper_common import (LN2, barriers, cta_barrier, head_attrs, invalidate,
 
 
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
+def _producer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, OUT, LSE,
               q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
               qk_scale, wl, wr, stride_ab, stride_ah, stride_kab, stride_kah,
               stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
               H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
-              RANGED: gl.constexpr, HEAD_ATTRS: gl.constexpr, FOLD: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
+              RANGED: gl.constexpr, HEAD_ATTRS: gl.constexpr, ROWB: gl.constexpr,
+              FOLD: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
               SPLIT: gl.constexpr, PINGPONG: gl.constexpr, PERSISTENT: gl.constexpr, WG: gl.constexpr):
     if PERSISTENT:
         # Items come from a global counter, so programs that drew short items draw more. Item t
@@ -163,21 +169,26 @@ def _read_item(COUNTER, s):
 @gluon.jit
 def _softmax_tile(s_acc, m_i, l_i, qp, qd, n0, KPOS, KDOC, Sk, qk_scale, wl, wr,
                   s_layout: gl.constexpr, BLOCK_N: gl.constexpr, MASKED: gl.constexpr,
-                  CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, HEAD_ATTRS: gl.constexpr):
+                  CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, HEAD_ATTRS: gl.constexpr,
+                  ROWB: gl.constexpr = False):
     """Online-softmax step on one tile's float32 scores (log2 domain): P (unnormalised), the
     new running max and row sum, and alpha, the factor for the running O. A boundary tile
     (``MASKED``) applies the rule of :func:`._common._rule` and the sequence end."""
     if MASKED:
         cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        inside = cols < Sk
-        ok = inside[None, :]
-        kp = cols
-        kd = cols
-        if CAUSAL or WINDOW > 0:
-            kp = load_pos(KPOS, cols, inside, HEAD_ATTRS, WINDOW)
-        if DOCS:
-            kd = gl.load(KDOC + cols, mask=inside, other=-1)
-        ok = ok & visible(qp[:, None], kp[None, :], qd[:, None], kd[None, :], wl, wr, CAUSAL, WINDOW, DOCS)
+        if ROWB:
+            # qp, qd: each row's run of visible keys [first, end) (_row_bounds_kernel; end <= Sk)
+            ok = (cols[None, :] >= qp[:, None]) & (cols[None, :] < qd[:, None])
+        else:
+            inside = cols < Sk
+            ok = inside[None, :]
+            kp = cols
+            kd = cols
+            if CAUSAL or WINDOW > 0:
+                kp = load_pos(KPOS, cols, inside, HEAD_ATTRS, WINDOW)
+            if DOCS:
+                kd = gl.load(KDOC + cols, mask=inside, other=-1)
+            ok = ok & visible(qp[:, None], kp[None, :], qd[:, None], kd[None, :], wl, wr, CAUSAL, WINDOW, DOCS)
         qk = gl.where(ok, s_acc * qk_scale, float("-inf"))
         m_new = gl.maximum(m_i, gl.reduce(qk, 1, max_of))
         # A row with nothing visible yet keeps m = -inf: shift it by 0 so exp2 gives 0, not NaN.
@@ -190,6 +201,14 @@ def _softmax_tile(s_acc, m_i, l_i, qp, qd, n0, KPOS, KDOC, Sk, qk_scale, wl, wr,
     alpha = gl.exp2(m_i - m_use)
     l_i = l_i * alpha + gl.reduce(p, 1, sum_of)
     return p, m_new, l_i, alpha
+
+
+@gluon.jit
+def _row_bounds_of(BOUNDS, b, h, H, Sq, HEAD_ATTRS: gl.constexpr):
+    """The rows' bounds of (batch ``b``, head ``h``): per head with per-head attributes, else shared."""
+    if HEAD_ATTRS:
+        BOUNDS += (b * H + h).to(gl.int64) * Sq * 2
+    return BOUNDS
 
 
 @gluon.jit
@@ -215,7 +234,7 @@ def _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready, k_em
              s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
              BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
              MASKED: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
-             HEAD_ATTRS: gl.constexpr, PINGPONG: gl.constexpr, WG: gl.constexpr):
+             HEAD_ATTRS: gl.constexpr, PINGPONG: gl.constexpr, WG: gl.constexpr, ROWB: gl.constexpr = False):
     """Tile j >= 1: S_j = Q K_j^T beside O += P_{j-1} V_{j-1}, the softmax of S_j beside the PV.
     ``j0``: the tiles of the program's earlier items (a persistent program), which set the slot
     and its round."""
@@ -242,7 +261,7 @@ def _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready, k_em
     if MASKED:
         n0 = tile_start(j, lo, flo, fhi, hi, BLOCK_N, True)
     p, m_i, l_i, alpha = _softmax_tile(s_acc, m_i, l_i, qp, qd, n0, KPOS, KDOC, Sk, qk_scale, wl, wr,
-                                       s_layout, BLOCK_N, MASKED, CAUSAL, WINDOW, DOCS, HEAD_ATTRS)
+                                       s_layout, BLOCK_N, MASKED, CAUSAL, WINDOW, DOCS, HEAD_ATTRS, ROWB)
 
     acc, _p = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
     cta_barrier()
@@ -253,14 +272,15 @@ def _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready, k_em
 
 
 @gluon.jit
-def _consumer_item(b, h, m0, pid_m, qs, q_phase, j0, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
+def _consumer_item(b, h, m0, pid_m, qs, q_phase, j0, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, OUT, LSE,
                    q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
                    qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, Sq, Sk,
                    s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
                    row_layout: gl.constexpr, ROWS: gl.constexpr, SPLIT: gl.constexpr,
                    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
-                   RANGED: gl.constexpr, HEAD_ATTRS: gl.constexpr, FOLD: gl.constexpr, PINGPONG: gl.constexpr,
+                   RANGED: gl.constexpr, HEAD_ATTRS: gl.constexpr, ROWB: gl.constexpr,
+                   FOLD: gl.constexpr, PINGPONG: gl.constexpr,
                    PERSISTENT: gl.constexpr, WG: gl.constexpr):
     """One query tile (this warpgroup's ROWS rows of it) over its key tiles, and its epilogue.
     ``qs``: its Q slot and ``q_phase`` the parity of the slot barrier's phase; ``j0``: the key
@@ -273,10 +293,15 @@ def _consumer_item(b, h, m0, pid_m, qs, q_phase, j0, QPOS, KPOS, QDOC, KDOC, RAN
     rows = m0 + gl.arange(0, ROWS, layout=row_layout)
     qp = rows  # unused without positions
     qd = rows  # unused without documents
-    if CAUSAL or WINDOW > 0:
-        qp = load_pos(QPOS, rows, rows < Sq, HEAD_ATTRS, WINDOW)
-    if DOCS:
-        qd = gl.load(QDOC + rows, mask=rows < Sq, other=-2)
+    if ROWB:
+        # Each row's run of visible keys [first, end), in qp and qd (an empty run past the end).
+        qp = gl.load(BOUNDS + rows * 2, mask=rows < Sq, other=1)
+        qd = gl.load(BOUNDS + rows * 2 + 1, mask=rows < Sq, other=0)
+    else:
+        if CAUSAL or WINDOW > 0:
+            qp = load_pos(QPOS, rows, rows < Sq, HEAD_ATTRS, WINDOW)
+        if DOCS:
+            qd = gl.load(QDOC + rows, mask=rows < Sq, other=-2)
 
     q2 = q_smem.index(qs * SPLIT + WG).reshape([ROWS, HEAD_DIM])
     m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
@@ -302,7 +327,7 @@ def _consumer_item(b, h, m0, pid_m, qs, q_phase, j0, QPOS, KPOS, QDOC, KDOC, RAN
         mbarrier.arrive(k_empty.index(s0))
         n0 = tile_start(0, lo, flo, fhi, hi, BLOCK_N, True)
         p, m_i, l_i, alpha = _softmax_tile(s_acc, m_i, l_i, qp, qd, n0, KPOS, KDOC, Sk, qk_scale, wl, wr,
-                                           s_layout, BLOCK_N, True, CAUSAL, WINDOW, DOCS, HEAD_ATTRS)
+                                           s_layout, BLOCK_N, True, CAUSAL, WINDOW, DOCS, HEAD_ATTRS, ROWB)
         p_op = gl.convert_layout(p.to(k2.dtype), p_layout)
 
         for j in range(1, n_masked):
@@ -310,13 +335,13 @@ def _consumer_item(b, h, m0, pid_m, qs, q_phase, j0, QPOS, KPOS, QDOC, KDOC, RAN
                                            k_empty, v_empty, turn, p_op, acc, m_i, l_i, s_zero, qp, qd,
                                            KPOS, KDOC, Sk, qk_scale, wl, wr, s_layout, o_layout, p_layout,
                                            BLOCK_N, HEAD_DIM, STAGES, True, CAUSAL, WINDOW, DOCS, HEAD_ATTRS,
-                                           PINGPONG, WG)
+                                           PINGPONG, WG, ROWB)
         for j in range(gl.maximum(n_masked, 1), n):
             p_op, acc, m_i, l_i = _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready,
                                            k_empty, v_empty, turn, p_op, acc, m_i, l_i, s_zero, qp, qd,
                                            KPOS, KDOC, Sk, qk_scale, wl, wr, s_layout, o_layout, p_layout,
                                            BLOCK_N, HEAD_DIM, STAGES, False, CAUSAL, WINDOW, DOCS, HEAD_ATTRS,
-                                           PINGPONG, WG)
+                                           PINGPONG, WG, ROWB)
 
         # Every QK^T of this item has retired: the producer may load the next item's Q.
         if PERSISTENT:
@@ -369,14 +394,15 @@ def _consumer_item(b, h, m0, pid_m, qs, q_phase, j0, QPOS, KPOS, QDOC, KDOC, RAN
 
 
 @gluon.jit
-def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
+def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, OUT, LSE,
               q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
               qk_scale, wl, wr, stride_ab, stride_ah, stride_kab, stride_kah,
               stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
               H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
-              RANGED: gl.constexpr, HEAD_ATTRS: gl.constexpr, FOLD: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
+              RANGED: gl.constexpr, HEAD_ATTRS: gl.constexpr, ROWB: gl.constexpr,
+              FOLD: gl.constexpr, CONSUMER_WARPS: gl.constexpr,
               SPLIT: gl.constexpr, PINGPONG: gl.constexpr, PERSISTENT: gl.constexpr, WG: gl.constexpr):
     # With SPLIT = 2 this partition is one warpgroup and owns ROWS = 64 of the tile's rows.
     NW: gl.constexpr = CONSUMER_WARPS // SPLIT
@@ -401,11 +427,13 @@ def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
             b, h, hk, m0, pid_m = item_program(it, N_ITEMS, H, G, Sq, SWIZZLE, BLOCK_M, CAUSAL)
             qpos, kpos, qdoc, kdoc, ranges_h = head_attrs(b, h, hk, H, Sq, QPOS, KPOS, QDOC, KDOC, RANGES, stride_ab,
                                                           stride_ah, stride_kab, stride_kah, BLOCK_M, HEAD_ATTRS)
-            j0 = _consumer_item(b, h, m0, pid_m, qs, (t // 2) & 1, j0, qpos, kpos, qdoc, kdoc, ranges_h, OUT, LSE,
+            bounds_h = _row_bounds_of(BOUNDS, b, h, H, Sq, HEAD_ATTRS)
+            j0 = _consumer_item(b, h, m0, pid_m, qs, (t // 2) & 1, j0, qpos, kpos, qdoc, kdoc, ranges_h,
+                                bounds_h, OUT, LSE,
                                 q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
                                 qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, Sq, Sk,
                                 s_layout, o_layout, p_layout, row_layout, ROWS, SPLIT, BLOCK_N, HEAD_DIM, STAGES,
-                                CAUSAL, WINDOW, DOCS, RANGED, HEAD_ATTRS, FOLD, PINGPONG, PERSISTENT, WG)
+                                CAUSAL, WINDOW, DOCS, RANGED, HEAD_ATTRS, ROWB, FOLD, PINGPONG, PERSISTENT, WG)
             t += 1
             mbarrier.wait(q_bars.index(t % 2), (t // 2) & 1)
             it = _read_item(COUNTER, t % 2)
@@ -413,21 +441,23 @@ def _consumer(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
         b, h, hk, m0, pid_m = query_program(H, G, Sq, SWIZZLE, BLOCK_M, CAUSAL)
         qpos, kpos, qdoc, kdoc, ranges_h = head_attrs(b, h, hk, H, Sq, QPOS, KPOS, QDOC, KDOC, RANGES, stride_ab,
                                                       stride_ah, stride_kab, stride_kah, BLOCK_M, HEAD_ATTRS)
-        _consumer_item(b, h, m0, pid_m, 0, 0, 0, qpos, kpos, qdoc, kdoc, ranges_h, OUT, LSE,
+        bounds_h = _row_bounds_of(BOUNDS, b, h, H, Sq, HEAD_ATTRS)
+        _consumer_item(b, h, m0, pid_m, 0, 0, 0, qpos, kpos, qdoc, kdoc, ranges_h, bounds_h, OUT, LSE,
                        q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
                        qk_scale, wl, wr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, Sq, Sk,
                        s_layout, o_layout, p_layout, row_layout, ROWS, SPLIT, BLOCK_N, HEAD_DIM, STAGES,
-                       CAUSAL, WINDOW, DOCS, RANGED, HEAD_ATTRS, FOLD, PINGPONG, PERSISTENT, WG)
+                       CAUSAL, WINDOW, DOCS, RANGED, HEAD_ATTRS, ROWB, FOLD, PINGPONG, PERSISTENT, WG)
 
 
 @gluon.jit
-def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
+def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, OUT, LSE,
                      qk_scale, wl, wr, stride_ab, stride_ah, stride_kab, stride_kah,
                      stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                      H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
-                     DOCS: gl.constexpr, RANGED: gl.constexpr, HEAD_ATTRS: gl.constexpr, FOLD: gl.constexpr,
+                     DOCS: gl.constexpr, RANGED: gl.constexpr, HEAD_ATTRS: gl.constexpr, ROWB: gl.constexpr,
+                     FOLD: gl.constexpr,
                      PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                      CONSUMER_WARPS: gl.constexpr, CONSUMER_REGS: gl.constexpr, SPLIT: gl.constexpr,
                      PINGPONG: gl.constexpr, PERSISTENT: gl.constexpr):
@@ -451,18 +481,18 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT
     if SPLIT == 1:
         gl.warp_specialize(
             [
-                (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
+                (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, OUT, LSE,
                              q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ab, stride_ah, stride_kab, stride_kah,
                              stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                              H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
-                             RANGED, HEAD_ATTRS, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
-                (_producer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
+                             RANGED, HEAD_ATTRS, ROWB, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
+                (_producer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, OUT, LSE,
                              q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ab, stride_ah, stride_kab, stride_kah,
                              stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                              H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
-                             RANGED, HEAD_ATTRS, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
+                             RANGED, HEAD_ATTRS, ROWB, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
             ],
             [PRODUCER_WARPS], [PRODUCER_REGS])
     else:
@@ -471,24 +501,24 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT
         # one's softmax beside the other's matrix products.
         gl.warp_specialize(
             [
-                (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
+                (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, OUT, LSE,
                              q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ab, stride_ah, stride_kab, stride_kah,
                              stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                              H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
-                             RANGED, HEAD_ATTRS, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
-                (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
+                             RANGED, HEAD_ATTRS, ROWB, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
+                (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, OUT, LSE,
                              q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ab, stride_ah, stride_kab, stride_kah,
                              stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                              H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
-                             RANGED, HEAD_ATTRS, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 1)),
-                (_producer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
+                             RANGED, HEAD_ATTRS, ROWB, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 1)),
+                (_producer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, OUT, LSE,
                              q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
                              qk_scale, wl, wr, stride_ab, stride_ah, stride_kab, stride_kah,
                              stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                              H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
-                             RANGED, HEAD_ATTRS, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
+                             RANGED, HEAD_ATTRS, ROWB, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
             ],
             [CONSUMER_WARPS // SPLIT, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])
 

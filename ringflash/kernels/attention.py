@@ -26,7 +26,7 @@ from triton.errors import TritonError
 from triton.runtime.errors import OutOfResources
 
 from ._bwd import _attn_bwd, _bwd_delta
-from ._common import LOG2E, _ranges_kernel
+from ._common import LOG2E, _ranges_kernel, _row_bounds_kernel
 from ._fwd import _attn_fwd
 from .blocks import tile_lists
 
@@ -492,6 +492,29 @@ def _make_ranges(m: _MaskArgs, causal, Sq, Sk, block_m, block_n, by_keys, device
     return ranges
 
 
+def _row_bounds(m: _MaskArgs, causal, Sq, Sk, *, device, heads: tuple = (1, 1, 1)) -> torch.Tensor:
+    """(B * H, Sq, 2) int32 ``[first, end)`` of the keys each query row sees
+    (``_row_bounds_kernel``), made and cached as :func:`_tile_ranges` makes its ranges; (1, Sq, 2)
+    for shared attributes. Not for block patterns (their visible keys are not one run)."""
+    def make():
+        B, H, G = heads if m.strides[1] else (1, 1, 1)
+        bounds = torch.empty((B * H, Sq, 2), dtype=torch.int32, device=device)
+        q_pos, k_pos = (m.q_pos, m.k_pos) if m.q_pos is not None else (bounds, bounds)
+        q_doc, k_doc = (m.q_doc, m.k_doc) if m.q_doc is not None else (bounds, bounds)
+        block = 128
+        _row_bounds_kernel[(triton.cdiv(Sq, block), B * H)](
+            q_pos, q_doc, k_pos, k_doc, bounds, Sq, Sk, max(1, int(Sk).bit_length()), m.wl, m.wr, *m.strides,
+            H, G,
+            BLOCK=block, CAUSAL=bool(causal), WINDOW=m.window, DOCS=m.docs, HEAD_ATTRS=bool(m.strides[1]),
+            num_warps=4)
+        return bounds
+
+    if not m.strides[1]:
+        tensors = tuple(t for t in (m.q_pos, m.k_pos, m.q_doc, m.k_doc) if t is not None)
+        return _cached(tensors, ("rows", bool(causal), m.wl, m.wr, m.window, m.docs, Sq, Sk, str(device)), make)
+    return make()
+
+
 def _sparse_stages(cfg: KernelConfig, m: _MaskArgs) -> KernelConfig:
     """Block-sparse launches pipeline two stages: with the tile list's indirection, three stages
     of 128 x 128 tiles at D = 128 asked for 235520 bytes of shared memory on H100 (232448 there)."""
@@ -671,7 +694,15 @@ def _descriptors(tensors_rows):
     return descs
 
 
-def _hopper_launch(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold, ranges):
+# The Hopper forward's boundary tiles masked by each row's run of visible keys (_row_bounds, two
+# compares of a column index an element) instead of the keys' positions and documents loaded per
+# tile and compared with the rows' (an ncu profile: a boundary tile costs 3.6x the instructions of a
+# fully visible one, benchmarks/results/sparse_h100_ncu/). Off until measured on a GPU;
+# RINGFLASH_HOPPER_FWD_ROW_BOUNDS=1 turns it on.
+HOPPER_FWD_ROW_BOUNDS = os.environ.get("RINGFLASH_HOPPER_FWD_ROW_BOUNDS", "0") == "1"
+
+
+def _hopper_launch(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold, ranges, bounds=None):
     """The Hopper kernel's grid, arguments, constexprs and warps (_fwd_hopper.py) for a forward
     call; ``ranges``: the query tiles' key ranges (_tile_ranges) where the mask has any."""
     B, Sq, H, D = q.shape
@@ -692,14 +723,15 @@ def _hopper_launch(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold, ranges)
     descs = _descriptors(((q, cfg.block_m // split), (k, cfg.block_n), (v, cfg.block_n)))
     q_pos, k_pos = (lse, lse) if m.q_pos is None else (m.q_pos, m.k_pos)  # None: never read
     q_doc, k_doc = (lse, lse) if m.q_doc is None else (m.q_doc, m.k_doc)
-    args = (*descs, q_pos, k_pos, q_doc, k_doc, lse if ranges is None else ranges, out, lse,
+    args = (*descs, q_pos, k_pos, q_doc, k_doc, lse if ranges is None else ranges,
+            lse if bounds is None else bounds, out, lse,
             float(scale) * math.log2(math.e), m.wl, m.wr, *m.strides,
             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
             H, H // Hkv, Sq, Sk, n_items, counter, _kv_swizzle(k, H // Hkv))
     constexprs = dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, STAGES=cfg.num_stages,
         CAUSAL=bool(causal), WINDOW=m.window, DOCS=m.docs, RANGED=ranges is not None,
-        HEAD_ATTRS=bool(m.strides[1]), FOLD=fold,
+        HEAD_ATTRS=bool(m.strides[1]), ROWB=bounds is not None, FOLD=fold,
         PRODUCER_WARPS=HOPPER_PRODUCER[0], PRODUCER_REGS=HOPPER_PRODUCER[1], CONSUMER_WARPS=cfg.num_warps,
         CONSUMER_REGS=HOPPER_CONSUMER_REGS, SPLIT=split, PINGPONG=pingpong, PERSISTENT=persistent,
     )
@@ -715,7 +747,11 @@ def _forward_hopper(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold):
         cfg = HOPPER_FWD_CONFIGS[q.shape[3]]
         ranges = _tile_ranges(m, causal, q.shape[1], k.shape[1], cfg.block_m, cfg.block_n, by_keys=False,
                               device=q.device, heads=(q.shape[0], q.shape[2], q.shape[2] // k.shape[2]))
-    grid, args, constexprs, num_warps = _hopper_launch(q, k, v, m, causal, scale, out, lse, fold, ranges)
+    bounds = None
+    if ranges is not None and HOPPER_FWD_ROW_BOUNDS:
+        bounds = _row_bounds(m, causal, q.shape[1], k.shape[1], device=q.device,
+                             heads=(q.shape[0], q.shape[2], q.shape[2] // k.shape[2]))
+    grid, args, constexprs, num_warps = _hopper_launch(q, k, v, m, causal, scale, out, lse, fold, ranges, bounds)
     _attn_fwd_hopper[grid](*args, **constexprs, num_warps=num_warps)
     return out, lse
 
