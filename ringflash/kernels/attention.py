@@ -463,29 +463,38 @@ def _mask_args(q_pos, k_pos, causal, window, q_doc, k_doc, Sq, Sk, device, block
     return _MaskArgs(q_pos, k_pos, q_doc, k_doc, wl, wr, flags, docs, (0, 0, 0, 0), blocks)
 
 
+def _derived(m: _MaskArgs, key: tuple, make):
+    """``make()`` of a mask's derived tensor: for shared attributes made once while the same
+    attribute tensors come back with the same ``key`` (the ring makes them once per step for a
+    whole stack of layers, as FlexAttention's BlockMask is made once); per-head ones every call."""
+    if m.strides[1]:
+        return make()
+    return _cached(tuple(t for t in (m.q_pos, m.k_pos, m.q_doc, m.k_doc) if t is not None), key, make)
+
+
+def _attr_args(m: _MaskArgs, dummy: torch.Tensor) -> tuple:
+    """(q_pos, q_doc, k_pos, k_doc) for a launch, ``dummy`` where the mask has none (never read)."""
+    q_pos, k_pos = (m.q_pos, m.k_pos) if m.q_pos is not None else (dummy, dummy)
+    q_doc, k_doc = (m.q_doc, m.k_doc) if m.q_doc is not None else (dummy, dummy)
+    return q_pos, q_doc, k_pos, k_doc
+
+
 def _tile_ranges(m: _MaskArgs, causal, Sq, Sk, block_m, block_n, *, by_keys: bool, device,
                  heads: tuple = (1, 1, 1)) -> torch.Tensor:
     """(B * H, tiles, 4) int32 ranges of every query tile (key tile with ``by_keys``) for the
     mask, with ``heads`` = (B, H, G) for per-head attributes; for shared ones (1, tiles, 4),
-    shared by every batch row and head of the attention launch that reads it. One small launch;
-    shared ones are made once while the same attribute tensors come back (the ring makes them
-    once per step for a whole stack of layers, as FlexAttention's BlockMask is made once)."""
-    if not m.strides[1]:
-        tensors = tuple(t for t in (m.q_pos, m.k_pos, m.q_doc, m.k_doc) if t is not None)
-        key = (bool(causal), m.wl, m.wr, m.window, m.docs, Sq, Sk, block_m, block_n, by_keys, str(device))
-        return _cached(tensors, key, lambda: _make_ranges(m, causal, Sq, Sk, block_m, block_n, by_keys, device,
-                                                          (1, 1, 1)))
-    return _make_ranges(m, causal, Sq, Sk, block_m, block_n, by_keys, device, heads)
+    shared by every batch row and head of the attention launch that reads it, and made once
+    while the same attribute tensors come back (:func:`_derived`). One small launch."""
+    return _derived(m, (bool(causal), m.wl, m.wr, m.window, m.docs, Sq, Sk, block_m, block_n, by_keys, str(device)),
+                    lambda: _make_ranges(m, causal, Sq, Sk, block_m, block_n, by_keys, device, heads))
 
 
 def _make_ranges(m: _MaskArgs, causal, Sq, Sk, block_m, block_n, by_keys, device, heads) -> torch.Tensor:
     tiles = triton.cdiv(Sk if by_keys else Sq, block_n if by_keys else block_m)
     B, H, G = heads if m.strides[1] else (1, 1, 1)
     ranges = torch.empty((B * H, tiles, 4), dtype=torch.int32, device=device)
-    q_pos, k_pos = (m.q_pos, m.k_pos) if m.q_pos is not None else (ranges, ranges)
-    q_doc, k_doc = (m.q_doc, m.k_doc) if m.q_doc is not None else (ranges, ranges)
     _ranges_kernel[(tiles, B * H)](
-        q_pos, q_doc, k_pos, k_doc, ranges, Sq, Sk, m.wl, m.wr, *m.strides, H, G,
+        *_attr_args(m, ranges), ranges, Sq, Sk, m.wl, m.wr, *m.strides, H, G,
         BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), WINDOW=m.window, DOCS=m.docs, BY_KEYS=by_keys,
         num_warps=4,
     )
@@ -494,25 +503,21 @@ def _make_ranges(m: _MaskArgs, causal, Sq, Sk, block_m, block_n, by_keys, device
 
 def _row_bounds(m: _MaskArgs, causal, Sq, Sk, *, device, heads: tuple = (1, 1, 1)) -> torch.Tensor:
     """(B * H, Sq, 2) int32 ``[first, end)`` of the keys each query row sees
-    (``_row_bounds_kernel``), made and cached as :func:`_tile_ranges` makes its ranges; (1, Sq, 2)
-    for shared attributes. Not for block patterns (their visible keys are not one run)."""
+    (``_row_bounds_kernel``), made as :func:`_tile_ranges` makes its ranges; (1, Sq, 2) for shared
+    attributes. Not for block patterns (their visible keys are not one run)."""
+    assert m.blocks is None, "a block pattern's visible keys are not one run a row"
+
     def make():
         B, H, G = heads if m.strides[1] else (1, 1, 1)
         bounds = torch.empty((B * H, Sq, 2), dtype=torch.int32, device=device)
-        q_pos, k_pos = (m.q_pos, m.k_pos) if m.q_pos is not None else (bounds, bounds)
-        q_doc, k_doc = (m.q_doc, m.k_doc) if m.q_doc is not None else (bounds, bounds)
         block = 128
         _row_bounds_kernel[(triton.cdiv(Sq, block), B * H)](
-            q_pos, q_doc, k_pos, k_doc, bounds, Sq, Sk, max(1, int(Sk).bit_length()), m.wl, m.wr, *m.strides,
-            H, G,
+            *_attr_args(m, bounds), bounds, Sq, Sk, max(1, int(Sk).bit_length()), m.wl, m.wr, *m.strides, H, G,
             BLOCK=block, CAUSAL=bool(causal), WINDOW=m.window, DOCS=m.docs, HEAD_ATTRS=bool(m.strides[1]),
             num_warps=4)
         return bounds
 
-    if not m.strides[1]:
-        tensors = tuple(t for t in (m.q_pos, m.k_pos, m.q_doc, m.k_doc) if t is not None)
-        return _cached(tensors, ("rows", bool(causal), m.wl, m.wr, m.window, m.docs, Sq, Sk, str(device)), make)
-    return make()
+    return _derived(m, ("rows", bool(causal), m.wl, m.wr, m.window, m.docs, Sq, Sk, str(device)), make)
 
 
 def _sparse_stages(cfg: KernelConfig, m: _MaskArgs) -> KernelConfig:
