@@ -114,8 +114,10 @@ def ringflash_fns(kern, q, k, v, dout, mask: str, cu, window: int):
 # ``ringflash_hopper_fused_bwd`` the default with the backward's dK/dV and dQ programs in one grid;
 # ``ringflash_hopper_atomic_dq`` / ``_ordered_dq`` that forward with the Hopper backward whose dK/dV
 # programs add dQ by bulk TMA reductions, in any order / in a fixed order (HOPPER_BWD_DQ; the
-# ordered one is the default on sm_90 at D = 128); ``ringflash_row_bounds`` the defaults with the
-# Hopper forward's boundary tiles masked by each row's run of visible keys (HOPPER_FWD_ROW_BOUNDS).
+# ordered one is the default on sm_90 at D = 128); ``ringflash_tile_loads`` the defaults with the
+# Hopper forward's boundary tiles masked by the keys' positions and documents loaded per tile, not
+# by each row's run of visible keys (HOPPER_FWD_ROW_BOUNDS off; the default before
+# benchmarks/results/masks_h100_row_bounds/).
 SETTINGS = {
     "ringflash": {},  # the library's defaults (on sm_90 at D = 128: the Hopper kernels)
     "ringflash_triton": dict(HOPPER_FORWARD=False, HOPPER_BACKWARD=False),
@@ -126,7 +128,7 @@ SETTINGS = {
                                        HOPPER_FWD_PERSISTENT=None, BWD_FUSED=True),
     "ringflash_hopper_atomic_dq": dict(HOPPER_FORWARD=True, HOPPER_FWD_SPLIT=2, HOPPER_BACKWARD=True,
                                        HOPPER_FWD_PERSISTENT=None, HOPPER_BWD_DQ="atomic"),
-    "ringflash_row_bounds": dict(HOPPER_FWD_ROW_BOUNDS=True),  # the defaults, boundary tiles by row bounds
+    "ringflash_tile_loads": dict(HOPPER_FWD_ROW_BOUNDS=False),  # the defaults, boundary tiles by per-tile loads
     "ringflash_hopper_ordered_dq": dict(HOPPER_FORWARD=True, HOPPER_FWD_SPLIT=2, HOPPER_BACKWARD=True,
                                         HOPPER_FWD_PERSISTENT=None, HOPPER_BWD_DQ="ordered"),
 }

@@ -437,7 +437,7 @@ ROW_BOUND_MASKS = [(causal, window, docs) for causal, window in [(True, None), (
 @pytest.mark.parametrize("layout", ["contiguous", "striped", "zigzag"])
 @pytest.mark.parametrize("causal,window,docs", ROW_BOUND_MASKS)
 def test_row_bounds_are_each_rows_visible_keys(layout, causal, window, docs):
-    """The Hopper forward's row bounds (``_row_bounds``, off by default): for one ring step's
+    """The Hopper forward's row bounds (``_row_bounds``, HOPPER_FWD_ROW_BOUNDS): for one ring step's
     query and key blocks of every layout, each row's [first, end) equals its visible keys under
     the rule stated by brute force (1-token documents, rows that see nothing included)."""
     from ringflash.kernels import attention as A
