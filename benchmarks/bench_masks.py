@@ -117,10 +117,12 @@ def ringflash_fns(kern, q, k, v, dout, mask: str, cu, window: int):
 # ordered one is the default on sm_90 at D = 128); ``ringflash_tile_loads`` the defaults with the
 # Hopper forward's boundary tiles masked by the keys' positions and documents loaded per tile, not
 # by each row's run of visible keys (HOPPER_FWD_ROW_BOUNDS off; the default before
-# benchmarks/results/masks_h100_row_bounds/).
+# benchmarks/results/masks_h100_row_bounds/); ``ringflash_triton_tile_loads`` the Triton kernels
+# with the same per-tile loads (ROW_BOUNDS off).
 SETTINGS = {
     "ringflash": {},  # the library's defaults (on sm_90 at D = 128: the Hopper kernels)
     "ringflash_triton": dict(HOPPER_FORWARD=False, HOPPER_BACKWARD=False),
+    "ringflash_triton_tile_loads": dict(HOPPER_FORWARD=False, HOPPER_BACKWARD=False, ROW_BOUNDS=False),
     "ringflash_hopper": dict(HOPPER_FORWARD=True, HOPPER_FWD_SPLIT=2, HOPPER_BACKWARD=False, HOPPER_FWD_PERSISTENT=None),
     "ringflash_hopper_persistent": dict(HOPPER_FORWARD=True, HOPPER_FWD_SPLIT=2, HOPPER_BACKWARD=False,
                                         HOPPER_FWD_PERSISTENT=True),

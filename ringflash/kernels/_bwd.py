@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, _count_tiles, _load_ranges, _load_tile, _lpt_item, _rows_ptr, _rule
+from ._common import LOG2E, _count_tiles, _in_run, _load_bounds, _load_ranges, _load_tile, _lpt_item, _rows_ptr, _rule
 
 
 @triton.jit
@@ -59,12 +59,12 @@ def _lse2(LSE_row, rows, Sq, MASKED: tl.constexpr):
 @triton.jit
 def _dkdv_tile(
     dk, dv, k, v, kp, kd, cols,
-    q_base, do_base, stride_qs, stride_dos, LSE_row, DELTA_row, QPOS, QDOC,
+    q_base, do_base, stride_qs, stride_dos, LSE_row, DELTA_row, QPOS, QDOC, BOUNDS,
     start_m, Sq, Sk, qk_scale, wl, wr, PAT, nb, bs,
     offs_m, offs_d,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
-    WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE: tl.constexpr,
+    WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE: tl.constexpr, ROWB: tl.constexpr,
 ):
     rows = start_m + offs_m
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -75,7 +75,10 @@ def _dkdv_tile(
     pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
     if MASKED:
         visible = (rows < Sq)[None, :] & (cols < Sk)[:, None]
-        if WINDOW or DOCS or SPARSE:
+        if ROWB:  # each row's run of visible keys [first, end): two loads a row, no rule
+            first, end = _load_bounds(BOUNDS, rows, Sq)
+            visible = _in_run(cols[:, None], first[None, :], end[None, :])
+        elif WINDOW or DOCS or SPARSE:
             qp = rows
             qd = rows
             if CAUSAL or WINDOW or SPARSE:
@@ -105,7 +108,7 @@ def _dkdv_tile(
 def _dkdv_program(
     pid_n, pid_bh, g_first, g_count,
     Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES_KV, DK, DV,
-    PAT, LIST_KV, COUNTS_KV,
+    PAT, LIST_KV, COUNTS_KV, BOUNDS,
     sm_scale, qk_scale, wl, wr, nb, bs,
     stride_ab, stride_ah, stride_kab, stride_kah,
     stride_qb, stride_qs, stride_qh,
@@ -118,7 +121,7 @@ def _dkdv_program(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
-    WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE: tl.constexpr,
+    WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE: tl.constexpr, ROWB: tl.constexpr,
 ):
     Hkv = H // G
     b = (pid_bh // Hkv).to(tl.int64)
@@ -158,9 +161,9 @@ def _dkdv_program(
         # Windows and documents: the same three loops over the ranges of every rule.
         lo, mid, even_end, hi = _load_ranges(RANGES_KV, pid_n)
         kp = cols
-        if CAUSAL or WINDOW:
+        if (CAUSAL or WINDOW) and not ROWB:
             kp = tl.load(KPOS + cols, mask=cols < Sk, other=0)
-        if DOCS:
+        if DOCS and not ROWB:
             kd = tl.load(KDOC + cols, mask=cols < Sk, other=-1)
     elif CAUSAL:
         last_n = tl.minimum(start_n + BLOCK_N, Sk) - 1
@@ -188,20 +191,23 @@ def _dkdv_program(
         # This query head's attributes (per-head attributes; zero strides when shared).
         QPOS_h = QPOS + b * stride_ab + h * stride_ah
         QDOC_h = QDOC + b * stride_ab + h * stride_ah
+        BOUNDS_h = BOUNDS
+        if stride_ah != 0:
+            BOUNDS_h = BOUNDS + (b * H + h) * Sq * 2
         if SPARSE:
             for i in range(n_full, n_any):
                 start_m = tl.load(LIST_KV + pid_n * num_m + i) * BLOCK_M
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, kp, kd, cols, q_base, do_base, stride_qs, stride_dos,
-                    LSE_row, DELTA_row, QPOS_h, QDOC_h, start_m, Sq, Sk, qk_scale, wl, wr, PAT, nb, bs,
-                    offs_m, offs_d, HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
+                    LSE_row, DELTA_row, QPOS_h, QDOC_h, BOUNDS_h, start_m, Sq, Sk, qk_scale, wl, wr, PAT, nb, bs,
+                    offs_m, offs_d, HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE, ROWB,
                 )
             for i in range(0, n_full):
                 start_m = tl.load(LIST_KV + pid_n * num_m + i) * BLOCK_M
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, kp, kd, cols, q_base, do_base, stride_qs, stride_dos,
-                    LSE_row, DELTA_row, QPOS_h, QDOC_h, start_m, Sq, Sk, qk_scale, wl, wr, PAT, nb, bs,
-                    offs_m, offs_d, HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
+                    LSE_row, DELTA_row, QPOS_h, QDOC_h, BOUNDS_h, start_m, Sq, Sk, qk_scale, wl, wr, PAT, nb, bs,
+                    offs_m, offs_d, HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE, ROWB,
                 )
         else:
             if WINDOW or DOCS:
@@ -210,20 +216,20 @@ def _dkdv_program(
             for start_m in range(even_end, hi, BLOCK_M):
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, kp, kd, cols, q_base, do_base, stride_qs, stride_dos,
-                    LSE_row, DELTA_row, QPOS_h, QDOC_h, start_m, Sq, Sk, qk_scale, wl, wr, PAT, nb, bs,
-                    offs_m, offs_d, HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
+                    LSE_row, DELTA_row, QPOS_h, QDOC_h, BOUNDS_h, start_m, Sq, Sk, qk_scale, wl, wr, PAT, nb, bs,
+                    offs_m, offs_d, HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE, ROWB,
                 )
             for start_m in range(lo, mid, BLOCK_M):
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, kp, kd, cols, q_base, do_base, stride_qs, stride_dos,
-                    LSE_row, DELTA_row, QPOS_h, QDOC_h, start_m, Sq, Sk, qk_scale, wl, wr, PAT, nb, bs,
-                    offs_m, offs_d, HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
+                    LSE_row, DELTA_row, QPOS_h, QDOC_h, BOUNDS_h, start_m, Sq, Sk, qk_scale, wl, wr, PAT, nb, bs,
+                    offs_m, offs_d, HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE, ROWB,
                 )
             for start_m in range(mid, even_end, BLOCK_M):
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, kp, kd, cols, q_base, do_base, stride_qs, stride_dos,
-                    LSE_row, DELTA_row, QPOS_h, QDOC_h, start_m, Sq, Sk, qk_scale, wl, wr, PAT, nb, bs,
-                    offs_m, offs_d, HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
+                    LSE_row, DELTA_row, QPOS_h, QDOC_h, BOUNDS_h, start_m, Sq, Sk, qk_scale, wl, wr, PAT, nb, bs,
+                    offs_m, offs_d, HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE, ROWB,
                 )
 
     dk = dk * sm_scale
@@ -248,7 +254,7 @@ def _dq_tile(
     offs_n, offs_d,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
-    WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE: tl.constexpr,
+    WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE: tl.constexpr, ROWB: tl.constexpr,
 ):
     cols = start_n + offs_n
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -260,7 +266,9 @@ def _dq_tile(
     p = tl.math.exp2(qk * qk_scale - lse2[:, None])
     if MASKED:
         visible = (cols < Sk)[None, :]
-        if WINDOW or DOCS or SPARSE:
+        if ROWB:  # qp, qd: each row's run of visible keys [first, end)
+            visible = _in_run(cols[None, :], qp[:, None], qd[:, None])
+        elif WINDOW or DOCS or SPARSE:
             kp = cols
             kd = cols
             if CAUSAL or WINDOW or SPARSE:
@@ -283,7 +291,7 @@ def _dq_tile(
 def _dq_program(
     pid_m, pid_bh,
     Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES_Q, DQ,
-    PAT, LIST_Q, COUNTS_Q,
+    PAT, LIST_Q, COUNTS_Q, BOUNDS,
     sm_scale, qk_scale, wl, wr, nb, bs,
     stride_ab, stride_ah, stride_kab, stride_kah,
     stride_qb, stride_qs, stride_qh,
@@ -295,7 +303,7 @@ def _dq_program(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
-    WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE: tl.constexpr,
+    WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE: tl.constexpr, ROWB: tl.constexpr,
 ):
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
@@ -307,6 +315,7 @@ def _dq_program(
     KDOC += b * stride_kab + hk * stride_kah
     if stride_ah != 0:
         RANGES_Q += (b * H + h) * tl.cdiv(Sq, BLOCK_M) * 4
+        BOUNDS += (b * H + h) * Sq * 2
 
     start_m = pid_m * BLOCK_M
     tile_m = tl.arange(0, BLOCK_M)
@@ -336,10 +345,13 @@ def _dq_program(
     elif WINDOW or DOCS:
         lo, full_start, full_end, hi = _load_ranges(RANGES_Q, pid_m)
         qp = rows
-        if CAUSAL or WINDOW:
-            qp = tl.load(QPOS + rows, mask=rows < Sq, other=0)
-        if DOCS:
-            qd = tl.load(QDOC + rows, mask=rows < Sq, other=-2)
+        if ROWB:  # qp, qd carry each row's run of visible keys [first, end)
+            qp, qd = _load_bounds(BOUNDS, rows, Sq)
+        else:
+            if CAUSAL or WINDOW:
+                qp = tl.load(QPOS + rows, mask=rows < Sq, other=0)
+            if DOCS:
+                qd = tl.load(QDOC + rows, mask=rows < Sq, other=-2)
     elif CAUSAL:
         last_m = tl.minimum(start_m + BLOCK_M, Sq) - 1
         q_first = tl.load(QPOS + start_m)
@@ -360,32 +372,32 @@ def _dq_program(
             start_n = tl.load(LIST_Q + pid_m * num_n + i) * BLOCK_N
             dq = _dq_tile(dq, q, do, lse2, di, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
                           start_n, Sk, qk_scale, wl, wr, PAT, nb, bs, offs_n, offs_d,
-                          HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE)
+                          HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE, ROWB)
         for i in range(0, n_full):
             start_n = tl.load(LIST_Q + pid_m * num_n + i) * BLOCK_N
             dq = _dq_tile(dq, q, do, lse2, di, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
                           start_n, Sk, qk_scale, wl, wr, PAT, nb, bs, offs_n, offs_d,
-                          HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE)
+                          HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE, ROWB)
     else:
         for start_n in range(full_end, hi, BLOCK_N):
             dq = _dq_tile(dq, q, do, lse2, di, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
                           start_n, Sk, qk_scale, wl, wr, PAT, nb, bs, offs_n, offs_d,
-                          HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE)
+                          HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE, ROWB)
     if not SPARSE:
         if WINDOW or DOCS:
             for start_n in range(lo, full_start, BLOCK_N):
                 dq = _dq_tile(dq, q, do, lse2, di, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
                               start_n, Sk, qk_scale, wl, wr, PAT, nb, bs, offs_n, offs_d,
-                              HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE)
+                              HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE, ROWB)
             for start_n in range(full_start, full_end, BLOCK_N):
                 dq = _dq_tile(dq, q, do, lse2, di, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
                               start_n, Sk, qk_scale, wl, wr, PAT, nb, bs, offs_n, offs_d,
-                              HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE)
+                              HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE, ROWB)
         else:
             for start_n in range(0, full_end, BLOCK_N):
                 dq = _dq_tile(dq, q, do, lse2, di, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
                               start_n, Sk, qk_scale, wl, wr, PAT, nb, bs, offs_n, offs_d,
-                              HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE)
+                              HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE, ROWB)
 
     dq = dq * sm_scale
     if EVEN_D:
@@ -406,6 +418,7 @@ def _dq_program(
 def _attn_bwd(
     Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES_KV, RANGES_Q, DQ, DK, DV,
     PAT, LIST_KV, COUNTS_KV, LIST_Q, COUNTS_Q,
+    BOUNDS,  # each query row's run of visible keys (ROWB; _row_bounds_kernel)
     sm_scale, qk_scale, wl, wr, nb, bs,
     stride_ab, stride_ah, stride_kab, stride_kah,
     stride_qb, stride_qs, stride_qh,
@@ -423,8 +436,9 @@ def _attn_bwd(
     BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     CAUSAL: tl.constexpr, ACC_DKDV: tl.constexpr, ACC_DQ: tl.constexpr,
     DOT_PREC: tl.constexpr, DO_DKDV: tl.constexpr, DO_DQ: tl.constexpr, WIDE: tl.constexpr,
-    WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE: tl.constexpr,
+    WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE: tl.constexpr, ROWB: tl.constexpr,
 ):
+    tl.static_assert(not ROWB or ((WINDOW or DOCS) and not SPARSE), "row bounds serve the ranged masks")
     pid = tl.program_id(0)
     num_n = tl.cdiv(Sk, BLOCK_N1)
     n_dkdv = 0
@@ -444,7 +458,7 @@ def _attn_bwd(
                 pid_n, rest // SPLIT, split * g_count, g_count,
                 Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES_KV,
                 DK + split * stride_dk_split, DV + split * stride_dv_split,
-                PAT, LIST_KV, COUNTS_KV,
+                PAT, LIST_KV, COUNTS_KV, BOUNDS,
                 sm_scale, qk_scale, wl, wr, nb, bs,
                 stride_ab, stride_ah, stride_kab, stride_kah,
                 stride_qb, stride_qs, stride_qh,
@@ -454,7 +468,7 @@ def _attn_bwd(
                 stride_dkb, stride_dks, stride_dkh,
                 stride_dvb, stride_dvs, stride_dvh,
                 H, G, Sq, Sk,
-                HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, CAUSAL, ACC_DKDV, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
+                HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, CAUSAL, ACC_DKDV, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE, ROWB,
             )
     if DO_DQ:
         if pid >= n_dkdv:
@@ -468,7 +482,7 @@ def _attn_bwd(
             _dq_program(
                 pid_m, pid_bh,
                 Q, K, V, DO, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES_Q, DQ,
-                PAT, LIST_Q, COUNTS_Q,
+                PAT, LIST_Q, COUNTS_Q, BOUNDS,
                 sm_scale, qk_scale, wl, wr, nb, bs,
                 stride_ab, stride_ah, stride_kab, stride_kah,
                 stride_qb, stride_qs, stride_qh,
@@ -477,5 +491,5 @@ def _attn_bwd(
                 stride_dob, stride_dos, stride_doh,
                 stride_dqb, stride_dqs, stride_dqh,
                 H, G, Sq, Sk,
-                HEAD_DIM, BLOCK_D, BLOCK_M2, BLOCK_N2, CAUSAL, ACC_DQ, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
+                HEAD_DIM, BLOCK_D, BLOCK_M2, BLOCK_N2, CAUSAL, ACC_DQ, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE, ROWB,
             )

@@ -292,6 +292,21 @@ def _load_ranges(RANGES, t):
 
 
 @triton.jit
+def _load_bounds(BOUNDS, rows, Sq):
+    """(first, end) of ``rows`` from :func:`_row_bounds_kernel`'s table (one head's); rows past
+    ``Sq`` get the empty run (0, 0), so they see no key."""
+    ok = rows < Sq
+    return tl.load(BOUNDS + rows * 2, mask=ok, other=0), tl.load(BOUNDS + rows * 2 + 1, mask=ok, other=0)
+
+
+@triton.jit
+def _in_run(cols, first, end):
+    """A key column inside a row's run of visible keys ``[first, end)`` (end <= Sk, so this also
+    masks the sequence end)."""
+    return (cols >= first) & (cols < end)
+
+
+@triton.jit
 def _row_key_below(KPOS, KDOC, idx, d, p, POS: tl.constexpr, HEAD_ATTRS: tl.constexpr, DOCS: tl.constexpr,
                    STRICT: tl.constexpr):
     """Whether key ``idx`` comes before (document ``d``, position ``p``) in the keys' order

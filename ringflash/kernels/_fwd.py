@@ -14,7 +14,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import LN2, _count_tiles, _load_ranges, _load_tile, _lpt_item, _merge_states, _rows_ptr, _rule
+from ._common import (LN2, _count_tiles, _in_run, _load_bounds, _load_ranges, _load_tile, _lpt_item, _merge_states,
+                      _rows_ptr, _rule)
 
 
 @triton.jit
@@ -25,7 +26,7 @@ def _fwd_tile(
     offs_n, offs_d,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
-    WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE: tl.constexpr,
+    WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE: tl.constexpr, ROWB: tl.constexpr,
 ):
     cols = start_n + offs_n
     k = _load_tile(_rows_ptr(k_base, start_n, offs_n, stride_ks, WIDE) + offs_d[None, :],
@@ -33,7 +34,9 @@ def _fwd_tile(
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
     if MASKED:
         visible = (cols < Sk)[None, :]
-        if WINDOW or DOCS or SPARSE:
+        if ROWB:  # qp, qd: each row's run of visible keys [first, end)
+            visible = _in_run(cols[None, :], qp[:, None], qd[:, None])
+        elif WINDOW or DOCS or SPARSE:
             kp = cols
             kd = cols
             if CAUSAL or WINDOW or SPARSE:
@@ -67,6 +70,7 @@ def _fwd_tile(
 def _attn_fwd(
     Q, K, V, QPOS, KPOS, QDOC, KDOC, RANGES, OUT, LSE,
     PAT, LIST, COUNTS,  # block pattern and per-tile key-tile lists (SPARSE)
+    BOUNDS,  # each row's run of visible keys (ROWB; _row_bounds_kernel)
     qk_scale,  # softmax_scale * log2(e)
     wl, wr,  # window sides; read only where WINDOW says the side is bounded
     nb, bs,  # the block pattern's blocks per side and block size (SPARSE)
@@ -81,8 +85,9 @@ def _attn_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, FOLD: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
-    WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE: tl.constexpr,
+    WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE: tl.constexpr, ROWB: tl.constexpr,
 ):
+    tl.static_assert(not ROWB or ((WINDOW or DOCS) and not SPARSE), "row bounds serve the ranged masks")
     num_m = tl.cdiv(Sq, BLOCK_M)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -100,6 +105,7 @@ def _attn_fwd(
     KDOC += b * stride_kab + hk * stride_kah
     if stride_ah != 0:
         RANGES += (b * H + h) * num_m * 4
+        BOUNDS += (b * H + h) * Sq * 2
 
     start_m = pid_m * BLOCK_M
     tile_m = tl.arange(0, BLOCK_M)
@@ -130,10 +136,15 @@ def _attn_fwd(
     elif WINDOW or DOCS:
         lo, full_start, full_end, hi = _load_ranges(RANGES, pid_m)  # _ranges_kernel's
         qp = offs_m
-        if CAUSAL or WINDOW:
-            qp = tl.load(QPOS + offs_m, mask=offs_m < Sq, other=0)
-        if DOCS:
-            qd = tl.load(QDOC + offs_m, mask=offs_m < Sq, other=-2)
+        if ROWB:
+            # Boundary tiles by each row's run of visible keys: qp, qd carry [first, end), and
+            # no key attribute is loaded in the loop.
+            qp, qd = _load_bounds(BOUNDS, offs_m, Sq)
+        else:
+            if CAUSAL or WINDOW:
+                qp = tl.load(QPOS + offs_m, mask=offs_m < Sq, other=0)
+            if DOCS:
+                qd = tl.load(QDOC + offs_m, mask=offs_m < Sq, other=-2)
     elif CAUSAL:
         last_m = tl.minimum(start_m + BLOCK_M, Sq) - 1
         q_first = tl.load(QPOS + start_m)
@@ -156,46 +167,46 @@ def _attn_fwd(
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
                 start_n, Sk, qk_scale, wl, wr, PAT, nb, bs, offs_n, offs_d,
-                HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
+                HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE, ROWB,
             )
         for i in range(n_full, n_any):
             start_n = tl.load(LIST + pid_m * num_n + i) * BLOCK_N
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
                 start_n, Sk, qk_scale, wl, wr, PAT, nb, bs, offs_n, offs_d,
-                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
+                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE, ROWB,
             )
     elif WINDOW or DOCS:
         for start_n in range(full_start, full_end, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
                 start_n, Sk, qk_scale, wl, wr, PAT, nb, bs, offs_n, offs_d,
-                HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
+                HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE, ROWB,
             )
         for start_n in range(full_end, hi, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
                 start_n, Sk, qk_scale, wl, wr, PAT, nb, bs, offs_n, offs_d,
-                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
+                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE, ROWB,
             )
         for start_n in range(lo, full_start, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
                 start_n, Sk, qk_scale, wl, wr, PAT, nb, bs, offs_n, offs_d,
-                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
+                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE, ROWB,
             )
     else:
         for start_n in range(0, full_end, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
                 start_n, Sk, qk_scale, wl, wr, PAT, nb, bs, offs_n, offs_d,
-                HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
+                HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE, ROWB,
             )
         for start_n in range(full_end, hi, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, qp, qd, k_base, v_base, stride_ks, stride_vs, KPOS, KDOC,
                 start_n, Sk, qk_scale, wl, wr, PAT, nb, bs, offs_n, offs_d,
-                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE,
+                HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PREC, WIDE, WINDOW, DOCS, SPARSE, ROWB,
             )
 
     # A row that saw no key: O = 0, LSE = -inf.

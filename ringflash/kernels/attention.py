@@ -520,6 +520,20 @@ def _row_bounds(m: _MaskArgs, causal, Sq, Sk, *, device, heads: tuple = (1, 1, 1
     return _derived(m, ("rows", bool(causal), m.wl, m.wr, m.window, m.docs, Sq, Sk, str(device)), make)
 
 
+# The Triton kernels' boundary tiles under windows, documents and the sparse modes' per-head
+# attributes masked by each query row's run of visible keys (:func:`_row_bounds`), as the Hopper
+# forward's (HOPPER_FWD_ROW_BOUNDS); RINGFLASH_ROW_BOUNDS=0 turns it off. Causal-only and full
+# calls and block patterns keep their own masks.
+ROW_BOUNDS = os.environ.get("RINGFLASH_ROW_BOUNDS", "1") != "0"
+
+
+def _triton_row_bounds(m: _MaskArgs, causal, Sq, Sk, device, heads) -> torch.Tensor | None:
+    """The row bounds a Triton forward or backward launch takes (ROW_BOUNDS), or None."""
+    if not ROW_BOUNDS or m.blocks is not None or not (m.window or m.docs):
+        return None
+    return _row_bounds(m, causal, Sq, Sk, device=device, heads=heads)
+
+
 def _sparse_stages(cfg: KernelConfig, m: _MaskArgs) -> KernelConfig:
     """Block-sparse launches pipeline two stages: with the tile list's indirection, three stages
     of 128 x 128 tiles at D = 128 asked for 235520 bytes of shared memory on H100 (232448 there)."""
@@ -829,13 +843,14 @@ def forward(
     elif m.window or m.docs:
         ranges = _tile_ranges(m, causal, Sq, Sk, cfg.block_m, cfg.block_n, by_keys=False, device=q.device,
                               heads=(B, H, H // Hkv))
+    bounds = _triton_row_bounds(m, causal, Sq, Sk, q.device, (B, H, H // Hkv))
     q_pos, k_pos = (lse, lse) if m.q_pos is None else (m.q_pos, m.k_pos)  # None: never read
     q_doc, k_doc = (lse, lse) if m.q_doc is None else (m.q_doc, m.k_doc)
     pat, nb, bs = (m.blocks.on(q.device), m.blocks.num_blocks, m.blocks.block_size) if m.blocks is not None else (lse, 1, 1)
     grid = (triton.cdiv(Sq, cfg.block_m), B * H)
     _launch(
         _attn_fwd, grid, q, k, v, q_pos, k_pos, q_doc, k_doc, ranges, out, lse,
-        pat, lists, counts,
+        pat, lists, counts, lse if bounds is None else bounds,
         scale * LOG2E, m.wl, m.wr, nb, bs, *m.strides,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -846,7 +861,7 @@ def forward(
         HEAD_DIM=D, BLOCK_D=_block_d(D),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=bool(causal), FOLD=fold, DOT_PREC=_dot_precision(q.dtype), WIDE=_wide(q, k, v, out),
-        WINDOW=m.window, DOCS=m.docs, SPARSE=m.blocks is not None,
+        WINDOW=m.window, DOCS=m.docs, SPARSE=m.blocks is not None, ROWB=bounds is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
@@ -1064,6 +1079,7 @@ def backward(
                                  heads=heads)
         ranges_q = _tile_ranges(m, causal, Sq, Sk, c2.block_m, c2.block_n, by_keys=False, device=q.device,
                                 heads=heads)
+    bounds = _triton_row_bounds(m, causal, Sq, Sk, q.device, (B, H, H // Hkv))
     q_pos, k_pos = (lse, lse) if m.q_pos is None else (m.q_pos, m.k_pos)  # None: never read
     q_doc, k_doc = (lse, lse) if m.q_doc is None else (m.q_doc, m.k_doc)
     pat, nb, bs = (m.blocks.on(q.device), m.blocks.num_blocks, m.blocks.block_size) if m.blocks is not None else (lse, 1, 1)
@@ -1076,7 +1092,7 @@ def backward(
         dk_out, dv_out = dk[None], dv[None]
     args = (
         q, k, v, dout, lse, delta, q_pos, k_pos, q_doc, k_doc, ranges_kv, ranges_q, dq, dk_out[0], dv_out[0],
-        pat, lists_kv, counts_kv, lists_q, counts_q,
+        pat, lists_kv, counts_kv, lists_q, counts_q, lse if bounds is None else bounds,
         scale, scale * LOG2E, m.wl, m.wr, nb, bs, *m.strides,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -1096,7 +1112,7 @@ def backward(
         BLOCK_M1=c1.block_m, BLOCK_N1=c1.block_n, BLOCK_M2=c2.block_m, BLOCK_N2=c2.block_n,
         CAUSAL=bool(causal), ACC_DKDV=acc_dkdv and split == 1, ACC_DQ=acc_dq, DOT_PREC=_dot_precision(q.dtype),
         WIDE=_wide(q, k, v, dout, dq, dk_out[0], dv_out[0]),
-        WINDOW=m.window, DOCS=m.docs, SPARSE=m.blocks is not None,
+        WINDOW=m.window, DOCS=m.docs, SPARSE=m.blocks is not None, ROWB=bounds is not None,
     )
 
     def sum_splits():
