@@ -722,12 +722,6 @@ def _descriptors(tensors_rows):
 HOPPER_FWD_ROW_BOUNDS = os.environ.get("RINGFLASH_HOPPER_FWD_ROW_BOUNDS", "1") != "0"
 
 
-# The same in the Hopper backward's dK/dV program (FA3's routes): a boundary tile's P masked by its
-# query rows' runs of visible keys, two loads a row, instead of both sides' positions and
-# documents. RINGFLASH_HOPPER_BWD_ROW_BOUNDS=1 turns it on (off until timed on a GPU).
-HOPPER_BWD_ROW_BOUNDS = os.environ.get("RINGFLASH_HOPPER_BWD_ROW_BOUNDS", "0") == "1"
-
-
 def _hopper_launch(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold, ranges, bounds=None):
     """The Hopper kernel's grid, arguments, constexprs and warps (_fwd_hopper.py) for a forward
     call; ``ranges``: the query tiles' key ranges (_tile_ranges) where the mask has any."""
@@ -874,12 +868,11 @@ def forward(
 
 
 def _hopper_bwd_launches(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale, dq, dk, dv,
-                         acc_dq, acc_dkdv, ranges_kv, ranges_q, bounds=None):
+                         acc_dq, acc_dkdv, ranges_kv, ranges_q):
     """(grid, args, constexprs, warps) of the Hopper dK/dV and dQ kernels for a backward call (the
     dK/dV kernel's alone where it adds dQ itself, HOPPER_BWD_DQ);
     ``ranges_kv`` / ``ranges_q``: the key tiles' query ranges and the query tiles' key ranges
-    (_tile_ranges) where the mask has any, else None; ``bounds``: the rows' runs of visible keys
-    (_row_bounds) for the dK/dV program's boundary tiles (FA3's routes only), or None."""
+    (_tile_ranges) where the mask has any, else None."""
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     c1, c2 = _dkdv_config(D), HOPPER_BWD_DQ_CONFIGS[D]
@@ -910,13 +903,11 @@ def _hopper_bwd_launches(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale,
                                        lambda: _dq_order(rng, n_k, n_q, cfg.block_m, q.device))
             else:
                 dq_desc, sem, rank = descs[1], lse, lse  # never read
-            rowb = bounds is not None and rng is not None and _smem_p()
-            args = (*head, bounds if rowb else lse, dk, dv, *tail, dk.stride(0), dk.stride(1), dk.stride(2),
+            args = (*head, dk, dv, *tail, dk.stride(0), dk.stride(1), dk.stride(2),
                     dv.stride(0), dv.stride(1), dv.stride(2), H, H // Hkv, Sq, Sk, dq_desc, sem, rank)
             p_layout = _p_layout(cfg.block_m, cfg.block_n, q.dtype) if _smem_p() else None
             launches.append(((triton.cdiv(Sk, cfg.block_n), B * Hkv), args,
-                             dict(meta, ACCUMULATE=acc_dkdv, SMEM_P=_smem_p(), P_LAYOUT=p_layout, DQ_MODE=mode,
-                                  ROWB=rowb),
+                             dict(meta, ACCUMULATE=acc_dkdv, SMEM_P=_smem_p(), P_LAYOUT=p_layout, DQ_MODE=mode),
                              cfg.num_warps))
         else:
             args = (*head, dq, *tail, dq.stride(0), dq.stride(1), dq.stride(2), H, H // Hkv, Sq, Sk,
@@ -949,11 +940,8 @@ def _backward_hopper(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale, dq,
                 dq.zero_()
         else:
             dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    bounds = None
-    if ranges_kv is not None and HOPPER_BWD_ROW_BOUNDS and _smem_p():
-        bounds = _row_bounds(m, causal, Sq, Sk, device=q.device)
     launches = _hopper_bwd_launches(dout, q, k, v, lse, delta, m, causal, scale, dq_sum, dk, dv, acc_dq, acc_dkdv,
-                                    ranges_kv, ranges_q, bounds)
+                                    ranges_kv, ranges_q)
     g1, a1, m1, w1 = launches[0]
     _attn_bwd_dkdv_hopper[g1](*a1, **m1, num_warps=w1)
     if after_dkdv is not None:
