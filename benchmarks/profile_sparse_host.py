@@ -150,10 +150,11 @@ def main() -> None:
                 for _ in range(a.calls):
                     step(sp)
                 torch.cuda.synchronize()
-            rec["breakdown_us"] = {k: v[0] / a.calls * 1e6 for k, v in totals.items()}
+            rec["breakdown_us"] = {label: t[0] / a.calls * 1e6 for label, t in totals.items()}
             print("inclusive host time per fwd+bwd call (us; calls per call), backward on this thread:")
-            for k, (sec, n) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
-                print(f"  {k:40s} {sec / a.calls * 1e6:9.1f}  ({n / a.calls:g})")
+            # (names other than q, k, v: step() reads those for the next mode)
+            for label, (sec, n) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
+                print(f"  {label:40s} {sec / a.calls * 1e6:9.1f}  ({n / a.calls:g})")
         else:
             from torch.profiler import ProfilerActivity, profile
 
