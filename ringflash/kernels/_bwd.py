@@ -20,7 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, _count_tiles, _in_run, _load_bounds, _load_ranges, _load_tile, _lpt_item, _rows_ptr, _rule
+from ._common import (LOG2E, _count_tiles, _in_run, _load_bounds, _load_ranges, _load_tile, _lpt_item, _query_attrs,
+                      _rows_ptr, _rule)
 
 
 @triton.jit
@@ -344,14 +345,8 @@ def _dq_program(
             qd = tl.load(QDOC + rows, mask=rows < Sq, other=-2)
     elif WINDOW or DOCS:
         lo, full_start, full_end, hi = _load_ranges(RANGES_Q, pid_m)
-        qp = rows
-        if ROWB:  # qp, qd carry each row's run of visible keys [first, end)
-            qp, qd = _load_bounds(BOUNDS, rows, Sq)
-        else:
-            if CAUSAL or WINDOW:
-                qp = tl.load(QPOS + rows, mask=rows < Sq, other=0)
-            if DOCS:
-                qd = tl.load(QDOC + rows, mask=rows < Sq, other=-2)
+        # with ROWB, qp and qd carry each row's run of visible keys [first, end)
+        qp, qd = _query_attrs(QPOS, QDOC, BOUNDS, rows, Sq, CAUSAL, WINDOW, DOCS, ROWB)
     elif CAUSAL:
         last_m = tl.minimum(start_m + BLOCK_M, Sq) - 1
         q_first = tl.load(QPOS + start_m)

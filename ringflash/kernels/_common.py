@@ -300,6 +300,24 @@ def _load_bounds(BOUNDS, rows, Sq):
 
 
 @triton.jit
+def _query_attrs(QPOS, QDOC, BOUNDS, rows, Sq, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOCS: tl.constexpr,
+                 ROWB: tl.constexpr):
+    """(qp, qd) a query-tile program holds for its boundary tiles under windows and documents:
+    the rows' positions (where the rule reads them) and document ids, or with ``ROWB`` each
+    row's run of visible keys ``[first, end)`` (:func:`_load_bounds`)."""
+    qp = rows
+    qd = rows
+    if ROWB:
+        qp, qd = _load_bounds(BOUNDS, rows, Sq)
+    else:
+        if CAUSAL or WINDOW:
+            qp = tl.load(QPOS + rows, mask=rows < Sq, other=0)
+        if DOCS:
+            qd = tl.load(QDOC + rows, mask=rows < Sq, other=-2)
+    return qp, qd
+
+
+@triton.jit
 def _in_run(cols, first, end):
     """A key column inside a row's run of visible keys ``[first, end)`` (end <= Sk, so this also
     masks the sequence end)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import (LN2, _count_tiles, _in_run, _load_bounds, _load_ranges, _load_tile, _lpt_item, _merge_states,
+from ._common import (LN2, _count_tiles, _in_run, _load_ranges, _load_tile, _lpt_item, _merge_states, _query_attrs,
                       _rows_ptr, _rule)
 
 
@@ -135,16 +135,9 @@ def _attn_fwd(
             qd = tl.load(QDOC + offs_m, mask=offs_m < Sq, other=-2)
     elif WINDOW or DOCS:
         lo, full_start, full_end, hi = _load_ranges(RANGES, pid_m)  # _ranges_kernel's
-        qp = offs_m
-        if ROWB:
-            # Boundary tiles by each row's run of visible keys: qp, qd carry [first, end), and
-            # no key attribute is loaded in the loop.
-            qp, qd = _load_bounds(BOUNDS, offs_m, Sq)
-        else:
-            if CAUSAL or WINDOW:
-                qp = tl.load(QPOS + offs_m, mask=offs_m < Sq, other=0)
-            if DOCS:
-                qd = tl.load(QDOC + offs_m, mask=offs_m < Sq, other=-2)
+        # With ROWB, boundary tiles by each row's run of visible keys: qp, qd carry [first, end),
+        # and no key attribute is loaded in the loop.
+        qp, qd = _query_attrs(QPOS, QDOC, BOUNDS, offs_m, Sq, CAUSAL, WINDOW, DOCS, ROWB)
     elif CAUSAL:
         last_m = tl.minimum(start_m + BLOCK_M, Sq) - 1
         q_first = tl.load(QPOS + start_m)
