@@ -344,7 +344,10 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 _DEFAULT_POSITIONS: dict = {}
 _DERIVED: OrderedDict = OrderedDict()  # _cached: what was made from attribute tensors
-_DERIVED_KEPT = 64
+# A masked ring step derives up to four tables a layer reuses (the forward's tile ranges and row
+# bounds, the backward's ranges by keys and the ordered dQ's rank table): 128 entries keep every
+# step of a ring of 32 ranks (the entries are small: row bounds, the largest, are 8 bytes a token).
+_DERIVED_KEPT = 128
 
 
 def _cached(tensors: tuple, key: tuple, make):
