@@ -75,22 +75,23 @@ def _dkdv_tile(
     qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
     pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
     if MASKED:
-        visible = (rows < Sq)[None, :] & (cols < Sk)[:, None]
         if ROWB:  # each row's run of visible keys [first, end): two loads a row, no rule
             first, end = _load_bounds(BOUNDS, rows, Sq)
             visible = _in_run(cols[:, None], first[None, :], end[None, :])
-        elif WINDOW or DOCS or SPARSE:
-            qp = rows
-            qd = rows
-            if CAUSAL or WINDOW or SPARSE:
+        else:
+            visible = (rows < Sq)[None, :] & (cols < Sk)[:, None]
+            if WINDOW or DOCS or SPARSE:
+                qp = rows
+                qd = rows
+                if CAUSAL or WINDOW or SPARSE:
+                    qp = tl.load(QPOS + rows, mask=rows < Sq, other=0)
+                if DOCS:
+                    qd = tl.load(QDOC + rows, mask=rows < Sq, other=-2)
+                visible = visible & _rule(qp[None, :], kp[:, None], qd[None, :], kd[:, None], wl, wr,
+                                          CAUSAL, WINDOW, DOCS, PAT, nb, bs, SPARSE)
+            elif CAUSAL:
                 qp = tl.load(QPOS + rows, mask=rows < Sq, other=0)
-            if DOCS:
-                qd = tl.load(QDOC + rows, mask=rows < Sq, other=-2)
-            visible = visible & _rule(qp[None, :], kp[:, None], qd[None, :], kd[:, None], wl, wr,
-                                      CAUSAL, WINDOW, DOCS, PAT, nb, bs, SPARSE)
-        elif CAUSAL:
-            qp = tl.load(QPOS + rows, mask=rows < Sq, other=0)
-            visible = visible & (qp[None, :] >= kp[:, None])
+                visible = visible & (qp[None, :] >= kp[:, None])
         pT = tl.where(visible, pT, 0.0)
     do = _load_tile(_rows_ptr(do_base, start_m, offs_m, stride_dos, WIDE) + offs_d[None, :],
                     rows, MASKED, Sq, offs_d, not EVEN_D, HEAD_DIM)
@@ -266,21 +267,22 @@ def _dq_tile(
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
     p = tl.math.exp2(qk * qk_scale - lse2[:, None])
     if MASKED:
-        visible = (cols < Sk)[None, :]
         if ROWB:  # qp, qd: each row's run of visible keys [first, end)
             visible = _in_run(cols[None, :], qp[:, None], qd[:, None])
-        elif WINDOW or DOCS or SPARSE:
-            kp = cols
-            kd = cols
-            if CAUSAL or WINDOW or SPARSE:
+        else:
+            visible = (cols < Sk)[None, :]
+            if WINDOW or DOCS or SPARSE:
+                kp = cols
+                kd = cols
+                if CAUSAL or WINDOW or SPARSE:
+                    kp = tl.load(KPOS + cols, mask=cols < Sk, other=0)
+                if DOCS:
+                    kd = tl.load(KDOC + cols, mask=cols < Sk, other=-1)
+                visible = visible & _rule(qp[:, None], kp[None, :], qd[:, None], kd[None, :], wl, wr,
+                                          CAUSAL, WINDOW, DOCS, PAT, nb, bs, SPARSE)
+            elif CAUSAL:
                 kp = tl.load(KPOS + cols, mask=cols < Sk, other=0)
-            if DOCS:
-                kd = tl.load(KDOC + cols, mask=cols < Sk, other=-1)
-            visible = visible & _rule(qp[:, None], kp[None, :], qd[:, None], kd[None, :], wl, wr,
-                                      CAUSAL, WINDOW, DOCS, PAT, nb, bs, SPARSE)
-        elif CAUSAL:
-            kp = tl.load(KPOS + cols, mask=cols < Sk, other=0)
-            visible = visible & (qp[:, None] >= kp[None, :])
+                visible = visible & (qp[:, None] >= kp[None, :])
         p = tl.where(visible, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - di[:, None])

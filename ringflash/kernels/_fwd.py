@@ -33,21 +33,22 @@ def _fwd_tile(
                    cols, MASKED, Sk, offs_d, HEAD_DIM != BLOCK_D, HEAD_DIM)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
     if MASKED:
-        visible = (cols < Sk)[None, :]
         if ROWB:  # qp, qd: each row's run of visible keys [first, end)
             visible = _in_run(cols[None, :], qp[:, None], qd[:, None])
-        elif WINDOW or DOCS or SPARSE:
-            kp = cols
-            kd = cols
-            if CAUSAL or WINDOW or SPARSE:
+        else:
+            visible = (cols < Sk)[None, :]
+            if WINDOW or DOCS or SPARSE:
+                kp = cols
+                kd = cols
+                if CAUSAL or WINDOW or SPARSE:
+                    kp = tl.load(KPOS + cols, mask=cols < Sk, other=0)
+                if DOCS:
+                    kd = tl.load(KDOC + cols, mask=cols < Sk, other=-1)
+                visible = visible & _rule(qp[:, None], kp[None, :], qd[:, None], kd[None, :], wl, wr,
+                                          CAUSAL, WINDOW, DOCS, PAT, nb, bs, SPARSE)
+            elif CAUSAL:
                 kp = tl.load(KPOS + cols, mask=cols < Sk, other=0)
-            if DOCS:
-                kd = tl.load(KDOC + cols, mask=cols < Sk, other=-1)
-            visible = visible & _rule(qp[:, None], kp[None, :], qd[:, None], kd[None, :], wl, wr,
-                                      CAUSAL, WINDOW, DOCS, PAT, nb, bs, SPARSE)
-        elif CAUSAL:
-            kp = tl.load(KPOS + cols, mask=cols < Sk, other=0)
-            visible = visible & (qp[:, None] >= kp[None, :])
+                visible = visible & (qp[:, None] >= kp[None, :])
         qk = tl.where(visible, qk * qk_scale, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         # A row with nothing visible yet keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.

@@ -719,8 +719,8 @@ def _descriptors(tensors_rows):
 # The Hopper forward's boundary tiles masked by each row's run of visible keys (_row_bounds, two
 # compares of a column index an element) instead of the keys' positions and documents loaded per
 # tile and compared with the rows' (an ncu profile: a boundary tile cost 3.6x the instructions of a
-# fully visible one, benchmarks/results/sparse_h100_ncu/). On an H100 the forward ran 1.16x faster
-# with documents at 32k and 128k, 1.57x with hash:8, 1.03-1.04x causal and windowed
+# fully visible one, benchmarks/results/sparse_h100_ncu/). On an H100 the forward ran 1.12x / 1.25x
+# faster with documents at 32k / 128k, 1.37-1.63x with hash:8, 0.99-1.05x causal and windowed
 # (benchmarks/results/masks_h100_row_bounds/). RINGFLASH_HOPPER_FWD_ROW_BOUNDS=0 turns it off.
 HOPPER_FWD_ROW_BOUNDS = os.environ.get("RINGFLASH_HOPPER_FWD_ROW_BOUNDS", "1") != "0"
 
