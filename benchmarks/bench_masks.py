@@ -118,7 +118,10 @@ def ringflash_fns(kern, q, k, v, dout, mask: str, cu, window: int):
 # Hopper forward's boundary tiles masked by the keys' positions and documents loaded per tile, not
 # by each row's run of visible keys (HOPPER_FWD_ROW_BOUNDS off; the default before
 # benchmarks/results/masks_h100_row_bounds/); ``ringflash_triton_tile_loads`` the Triton kernels
-# with the same per-tile loads (ROW_BOUNDS off).
+# with the same per-tile loads (ROW_BOUNDS off); ``ringflash_bwd_row_bounds`` /
+# ``ringflash_bwd_tile_loads`` the defaults with the Hopper backward's boundary tiles by row bounds
+# under every mask / under none (HOPPER_BWD_ROW_BOUNDS "1" / "0"; the default takes them under
+# short windows).
 SETTINGS = {
     "ringflash": {},  # the library's defaults (on sm_90 at D = 128: the Hopper kernels)
     "ringflash_triton": dict(HOPPER_FORWARD=False, HOPPER_BACKWARD=False),
@@ -131,6 +134,8 @@ SETTINGS = {
     "ringflash_hopper_atomic_dq": dict(HOPPER_FORWARD=True, HOPPER_FWD_SPLIT=2, HOPPER_BACKWARD=True,
                                        HOPPER_FWD_PERSISTENT=None, HOPPER_BWD_DQ="atomic"),
     "ringflash_tile_loads": dict(HOPPER_FWD_ROW_BOUNDS=False),  # the defaults, boundary tiles by per-tile loads
+    "ringflash_bwd_row_bounds": dict(HOPPER_BWD_ROW_BOUNDS="1"),  # the defaults, the Hopper backward's always
+    "ringflash_bwd_tile_loads": dict(HOPPER_BWD_ROW_BOUNDS="0"),  # the defaults, the Hopper backward's never
     "ringflash_hopper_ordered_dq": dict(HOPPER_FORWARD=True, HOPPER_FWD_SPLIT=2, HOPPER_BACKWARD=True,
                                         HOPPER_FWD_PERSISTENT=None, HOPPER_BWD_DQ="ordered"),
 }

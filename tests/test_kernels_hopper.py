@@ -106,10 +106,11 @@ def compile_variant(D, dtype, *, causal=False, window=None, docs=False, fold=Fal
 
 
 def compile_backward(D, dtype, *, causal=False, window=None, docs=False, accumulate=False, pos_dtype=torch.int64,
-                     smem_p=False, grad_dtype=torch.float32, dq_mode="kernel"):
+                     smem_p=False, grad_dtype=torch.float32, dq_mode="kernel", row_bounds=False):
     """Compile the dK/dV and dQ kernels as backward() would launch them: [(kernel, grid)] x 2 (x 1
     where the dK/dV kernel adds dQ, ``dq_mode`` "atomic" or "ordered"); ``grad_dtype``: dQ, dK and
-    dV's dtype (float32, or without ``accumulate`` the inputs' dtype)."""
+    dV's dtype (float32, or without ``accumulate`` the inputs' dtype); ``row_bounds``: the dK/dV
+    program's boundary tiles masked by each query row's run of visible keys (HOPPER_BWD_ROW_BOUNDS)."""
     assert grad_dtype == torch.float32 or not accumulate, "accumulation adds into float32 gradients"
     q, k, v, m, masked = _inputs(D, dtype, causal, window, docs, pos_dtype)
     lse = torch.empty(B, H, S, dtype=torch.float32)
@@ -118,9 +119,10 @@ def compile_backward(D, dtype, *, causal=False, window=None, docs=False, accumul
     A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_DQ = smem_p, dq_mode
     try:
         c1, c2 = A._dkdv_config(D), A.HOPPER_BWD_DQ_CONFIGS[D]
+        bounds = torch.zeros(1, S, 2, dtype=torch.int32) if row_bounds else None  # values do not matter here
         launches = A._hopper_bwd_launches(q, q, k, v, lse, lse, m, causal, 0.125, *grads, accumulate, accumulate,
                                           _ranges(masked, triton.cdiv(S, c1.block_n)),
-                                          _ranges(masked, triton.cdiv(S, c2.block_m)))
+                                          _ranges(masked, triton.cdiv(S, c2.block_m)), bounds)
     finally:
         A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_DQ = saved
     return [_compile(kernel, launch) for kernel, launch in zip((_attn_bwd_dkdv_hopper, _attn_bwd_dq_hopper), launches)]
@@ -174,6 +176,13 @@ BACKWARD_VARIANTS = [
     dict(D=128, dtype=torch.float16, window=(64, 0), docs=True, causal=True, pos_dtype=torch.int32, dq_mode="ordered"),
     dict(D=64, dtype=torch.bfloat16, dq_mode="ordered"),
 ]
+# the dK/dV program's boundary tiles by each query row's run of visible keys (HOPPER_BWD_ROW_BOUNDS)
+BACKWARD_ROW_BOUND_VARIANTS = [
+    dict(D=128, dtype=torch.bfloat16, causal=True, dq_mode="ordered", row_bounds=True),
+    dict(D=128, dtype=torch.bfloat16, window=(64, 0), docs=True, causal=True, dq_mode="ordered", row_bounds=True),
+    dict(D=64, dtype=torch.float16, window=(32, 16), docs=True, accumulate=True, smem_p=True, row_bounds=True),
+]
+BACKWARD_VARIANTS += BACKWARD_ROW_BOUND_VARIANTS
 
 
 def _name(variant: dict) -> str:
@@ -222,7 +231,7 @@ def _report_one(job: tuple) -> dict:
         return out
     for kind, (kernel, grid) in zip(("dkdv", "dq"), compile_backward(**v)):  # no dq where dQ is fused
         out[f"{kind}-" + _name(v)] = _facts(kernel, grid)
-        if v.get("window") is None:  # what test_registers_fit checks
+        if v.get("window") is None or v.get("row_bounds"):  # what the register tests check
             out[f"spills-{kind}-" + _name(v)] = _spills(kernel)
     return out
 
@@ -305,6 +314,39 @@ def test_row_bounds_forward_fits_registers(variant, compiled):
     """With each row's run of visible keys, a boundary tile loads nothing per tile: the masked
     forwards, per-head attributes included, spill nothing (the per-tile loads spill a few words)."""
     assert compiled["spills-fwd-" + _name(variant)] == [[0, 0]]
+
+
+@pytest.mark.parametrize("variant", BACKWARD_ROW_BOUND_VARIANTS, ids=_name)
+def test_row_bounds_backward_fits_registers(variant, compiled):
+    """The dK/dV program with row bounds holds no key attributes: the masked variants, documents
+    and windows included, spill no more than the unmasked ones (under 128 bytes where it adds dQ)."""
+    for st, ld in compiled["spills-dkdv-" + _name(variant)]:
+        assert st < 128 and ld < 128, variant
+
+
+@pytest.mark.parametrize("causal, window, docs, setting, expected", [
+    (True, (4096, 0), False, "auto", True),      # a causal window: short walks
+    (False, (8000, 8000), True, "auto", True),   # two-sided, with documents, span 16000
+    (False, (16384, 1), False, "auto", False),   # span past HOPPER_BWD_ROW_BOUNDS_SPAN
+    (True, (32768, 0), False, "auto", False),    # a long causal window walks far
+    (True, None, False, "auto", False),          # causal alone
+    (True, None, True, "auto", False),           # documents of any length
+    (False, (4096, -1), False, "auto", False),   # unbounded on the right
+    (True, None, True, "1", True),
+    (True, (64, 0), False, "0", False),
+])
+def test_backward_row_bounds_rule(causal, window, docs, setting, expected, monkeypatch):
+    """HOPPER_BWD_ROW_BOUNDS: by default only a window bounded on both sides (causal bounds the
+    right) of a span up to HOPPER_BWD_ROW_BOUNDS_SPAN keys takes row bounds in the backward."""
+    S = 64
+    pos = torch.arange(S)
+    doc = (pos // 16).to(torch.int32) if docs else None
+    m = A._mask_args(pos, pos, causal, window, doc, doc, S, S, pos.device)
+    monkeypatch.setattr(A, "HOPPER_BWD_ROW_BOUNDS", setting)
+    assert A._hopper_bwd_row_bounds(m, causal) == expected
+    monkeypatch.setattr(A, "HOPPER_BWD_ROW_BOUNDS", "yes")
+    with pytest.raises(ValueError, match="RINGFLASH_HOPPER_BWD_ROW_BOUNDS"):
+        A._hopper_bwd_row_bounds(m, causal)
 
 
 def test_not_taken_where_it_cannot_run():

@@ -529,3 +529,53 @@ def test_row_bounds_match_per_tile_masks(case, hopper, monkeypatch):
     assert torch.equal(fin, torch.isfinite(l1)) and torch.all(o1.transpose(1, 2)[~fin] == 0)
     err, err_t = rel_err(o1, ref), rel_err(out_t, ref)
     assert err <= SDPA_FACTOR * err_t + 1e-5, f"error {err:.2e} > {SDPA_FACTOR} x the Triton kernel's {err_t:.2e}"
+
+
+@pytest.mark.parametrize("case", ["odd_causal_gqa", "window", "documents", "ring_step_documents_window", "accumulate"])
+def test_backward_row_bounds_match_per_tile_masks(case, hopper, monkeypatch):
+    """HOPPER_BWD_ROW_BOUNDS (the dK/dV program's boundary tiles masked by each query row's run of
+    visible keys) gives the per-tile mask's dQ, dK and dV bitwise under the deterministic dQ order,
+    and against float64 an error within SDPA_FACTOR x the Triton backward's."""
+    S, H, Hkv, D = 2048, 8, 2, 128
+    q, k, v = make(1, S, S, H, Hkv, D, torch.bfloat16, seed=21)
+    dout = torch.randn_like(q)
+    pos = torch.arange(S, device=DEV)
+    doc = doc_ids([0, 700, 1500, 1501, S], pos)
+    kw = dict(causal=True)
+    if case == "odd_causal_gqa":
+        q, k, v, dout = q[:, :1111], k[:, :1111], v[:, :1111], dout[:, :1111]
+    elif case == "window":
+        kw = dict(causal=True, window=(300, 0))
+    elif case in ("documents", "accumulate"):
+        kw = dict(causal=True, q_doc=doc, k_doc=doc)
+    else:
+        P = 4  # ranks 2 (queries) and 1 (keys) of a striped sequence of S * P tokens
+        qp, kp = striped(S * P, P, 2), striped(S * P, P, 1)
+        cu = [0, 5, 1200, 1201, 3000, S * P]
+        kw = dict(causal=True, q_pos=qp, k_pos=kp, window=(500, 0), q_doc=doc_ids(cu, qp), k_doc=doc_ids(cu, kp))
+    monkeypatch.setattr(attention, "HOPPER_BWD_DQ", "ordered")
+    out, lse = kernels.forward(q, k, v, **kw)
+    delta = kernels.backward_delta(out, dout)
+    run = {}
+    for on in (False, True):
+        monkeypatch.setattr(attention, "HOPPER_BWD_ROW_BOUNDS", "1" if on else "0")
+        n = len(hopper)
+        if case == "accumulate":  # into float32 gradients that hold something already
+            grads = [torch.full(t.shape, 0.5, dtype=torch.float32, device=DEV) for t in (q, k, v)]
+            kernels.backward(dout, q, k, v, lse, delta, dq=grads[0], dk=grads[1], dv=grads[2], **kw)
+        else:
+            grads = kernels.backward(dout, q, k, v, lse, delta, **kw)
+        assert hopper[n:] == ["bwd"], "the Hopper backward did not serve the call"
+        run[on] = grads
+    for name, a, b in zip(("dq", "dk", "dv"), run[False], run[True]):
+        assert torch.equal(a, b), f"{name}: rel diff {rel_err(b, a):.2e}"
+    if case == "accumulate":
+        return
+    ref, ref_lse = reference.forward(q.double(), k.double(), v.double(), **kw)
+    refs = reference.backward(dout.double(), q.double(), k.double(), v.double(), ref_lse,
+                              reference.backward_delta(ref, dout.double()), **kw)
+    monkeypatch.setattr(attention, "HOPPER_BACKWARD", False)
+    tri = kernels.backward(dout, q, k, v, lse, delta, **kw)
+    for name, got, t, ref in zip(("dq", "dk", "dv"), run[True], tri, refs):
+        err, err_t = rel_err(got, ref), rel_err(t, ref)
+        assert err <= SDPA_FACTOR * err_t + 1e-5, f"{name}: {err:.2e} > {SDPA_FACTOR} x the Triton backward's {err_t:.2e}"

@@ -117,12 +117,12 @@ def _query_stats(LSE, DELTA, b, h, rows, Sq, stride_lb, stride_lh):
 
 
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
+def _producer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
               k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
               sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
               stride_vb, stride_vs, stride_vh, H, G, Sq, Sk,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-              CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr,
+              CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr, ROWB: gl.constexpr,
               ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr,
               dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE: gl.constexpr):
     b, hk, n0, n = _program(H, G, BLOCK_N, DQ_MODE == 2)
@@ -146,20 +146,20 @@ def _producer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
 
 
 @gluon.jit
-def _consumer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
+def _consumer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
               k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
               sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
               stride_vb, stride_vs, stride_vh, H, G, Sq, Sk,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-              CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr,
+              CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr, ROWB: gl.constexpr,
               ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr,
               dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE: gl.constexpr):
     if SMEM_P:
-        _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
+        _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
                          k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty,
                          do_empty, sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks,
                          stride_kh, stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM,
-                         STAGES, CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, q_desc.dtype,
+                         STAGES, CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, q_desc.dtype,
                          dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE)
         return
     NW: gl.constexpr = CONSUMER_WARPS
@@ -253,12 +253,12 @@ def _store_dkdv(dk, dv, DK, DV, b, hk, n0, Sk, stride_kb, stride_ks, stride_kh, 
 
 
 @gluon.jit
-def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
+def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
                      k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty,
                      do_empty, sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                      stride_vb, stride_vs, stride_vh, H, G, Sq, Sk,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                     CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr,
+                     CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr, ROWB: gl.constexpr,
                      ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, dtype: gl.constexpr,
                      dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE: gl.constexpr):
     """The consumers with FA3's operand routes (``HOPPER_BWD_SMEM_P``): S = Q K^T and dP = dO V^T
@@ -330,7 +330,14 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
 
         st, _k, _q = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, k2, q2))
         p = gl.exp2(st * qk_scale - lse2[:, None])
-        if boundary:  # a boundary tile: the rule, the sequence ends (key attributes loaded here only)
+        if boundary and ROWB:
+            # each query row's run of visible keys [first, end) (_row_bounds_kernel; end <= Sk):
+            # two loads a row and two compares an element, no key attribute
+            keys = n0 + gl.arange(0, BLOCK_N, layout=key_layout)
+            first = gl.load(BOUNDS + rows * 2, mask=row_ok, other=0)
+            end = gl.load(BOUNDS + rows * 2 + 1, mask=row_ok, other=0)
+            p = gl.where((keys[None, :] >= first[:, None]) & (keys[None, :] < end[:, None]), p, 0.0)
+        elif boundary:  # a boundary tile: the rule, the sequence ends (key attributes loaded here only)
             keys = n0 + gl.arange(0, BLOCK_N, layout=key_layout)
             ok = row_ok[:, None] & (keys < Sk)[None, :]
             qp = rows
@@ -386,12 +393,12 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
 
 
 @gluon.jit
-def _dq_writer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
+def _dq_writer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
                k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
                sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                stride_vb, stride_vs, stride_vh, H, G, Sq, Sk,
                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr,
+               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr, ROWB: gl.constexpr,
                ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr,
                dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE: gl.constexpr):
     """The dQ writer (DQ_MODE > 0), one warp: each step's dQ tile, once the consumers have put it
@@ -432,16 +439,17 @@ def _dq_writer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KD
 
 
 @gluon.jit
-def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
+def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
                           sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                           stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, dq_desc, SEM, RANK,
                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                           STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
-                          RANGED: gl.constexpr, ACCUMULATE: gl.constexpr,
+                          RANGED: gl.constexpr, ROWB: gl.constexpr, ACCUMULATE: gl.constexpr,
                           PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                           CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr, P_LAYOUT: gl.constexpr,
                           DQ_MODE: gl.constexpr):
     gl.static_assert(SMEM_P or DQ_MODE == 0, "dQ in the dK/dV program needs FA3's routes (SMEM_P)")
+    gl.static_assert(SMEM_P or not ROWB, "row bounds are read by FA3's routes (SMEM_P) only")
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
@@ -472,40 +480,40 @@ def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPO
     if DQ_MODE > 0:
         gl.warp_specialize(
             [
-                (_consumer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
+                (_consumer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
                              k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
                              sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                              stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                             CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
+                             CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
                              dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE)),
-                (_producer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
+                (_producer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
                              k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
                              sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                              stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                             CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
+                             CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
                              dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE)),
-                (_dq_writer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
+                (_dq_writer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
                               k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
                               sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                               stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                              CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
+                              CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
                               dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE)),
             ],
             [PRODUCER_WARPS, 1], [PRODUCER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize(
             [
-                (_consumer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
+                (_consumer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
                              k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
                              sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                              stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                             CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
+                             CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
                              dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE)),
-                (_producer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, DK, DV,
+                (_producer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
                              k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
                              sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                              stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                             CAUSAL, WINDOW, DOCS, RANGED, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
+                             CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
                              dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE)),
             ],
             [PRODUCER_WARPS], [PRODUCER_REGS])

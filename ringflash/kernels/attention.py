@@ -725,6 +725,28 @@ def _descriptors(tensors_rows):
 HOPPER_FWD_ROW_BOUNDS = os.environ.get("RINGFLASH_HOPPER_FWD_ROW_BOUNDS", "1") != "0"
 
 
+# The same in the Hopper backward's dK/dV program (FA3's routes): a boundary tile's P masked by its
+# query rows' runs of visible keys, two loads a row, instead of both sides' positions and
+# documents. "auto" (the default): under a window bounded on both sides (a causal mask bounds
+# the right) whose span is at most HOPPER_BWD_ROW_BOUNDS_SPAN keys; "1": under every mask; "0":
+# never. With the dQ additions in a fixed order, long walks ran much slower with them (causal
+# backward 1.58x the time at 64k, 1.95x at 128k; the same kernel adding dQ in any order did not
+# slow down), while a window's walks are short
+# (benchmarks/results/kernels_h100_bwd_row_bounds/). RINGFLASH_HOPPER_BWD_ROW_BOUNDS sets it.
+HOPPER_BWD_ROW_BOUNDS = os.environ.get("RINGFLASH_HOPPER_BWD_ROW_BOUNDS", "auto")
+HOPPER_BWD_ROW_BOUNDS_SPAN = 16384
+
+
+def _hopper_bwd_row_bounds(m: _MaskArgs, causal) -> bool:
+    """HOPPER_BWD_ROW_BOUNDS for a backward call's mask."""
+    if HOPPER_BWD_ROW_BOUNDS not in ("auto", "0", "1"):
+        raise ValueError(f"RINGFLASH_HOPPER_BWD_ROW_BOUNDS must be auto, 0 or 1; got {HOPPER_BWD_ROW_BOUNDS!r}")
+    if HOPPER_BWD_ROW_BOUNDS != "auto":
+        return HOPPER_BWD_ROW_BOUNDS == "1"
+    bounded = bool(m.window & 1) and (bool(m.window & 2) or bool(causal))
+    return bounded and m.wl + m.wr <= HOPPER_BWD_ROW_BOUNDS_SPAN
+
+
 def _hopper_launch(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold, ranges, bounds=None):
     """The Hopper kernel's grid, arguments, constexprs and warps (_fwd_hopper.py) for a forward
     call; ``ranges``: the query tiles' key ranges (_tile_ranges) where the mask has any."""
@@ -871,11 +893,12 @@ def forward(
 
 
 def _hopper_bwd_launches(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale, dq, dk, dv,
-                         acc_dq, acc_dkdv, ranges_kv, ranges_q):
+                         acc_dq, acc_dkdv, ranges_kv, ranges_q, bounds=None):
     """(grid, args, constexprs, warps) of the Hopper dK/dV and dQ kernels for a backward call (the
     dK/dV kernel's alone where it adds dQ itself, HOPPER_BWD_DQ);
     ``ranges_kv`` / ``ranges_q``: the key tiles' query ranges and the query tiles' key ranges
-    (_tile_ranges) where the mask has any, else None."""
+    (_tile_ranges) where the mask has any, else None; ``bounds``: the rows' runs of visible keys
+    (_row_bounds) for the dK/dV program's boundary tiles (FA3's routes only), or None."""
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     c1, c2 = _dkdv_config(D), HOPPER_BWD_DQ_CONFIGS[D]
@@ -906,11 +929,13 @@ def _hopper_bwd_launches(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale,
                                        lambda: _dq_order(rng, n_k, n_q, cfg.block_m, q.device))
             else:
                 dq_desc, sem, rank = descs[1], lse, lse  # never read
-            args = (*head, dk, dv, *tail, dk.stride(0), dk.stride(1), dk.stride(2),
+            rowb = bounds is not None and rng is not None and _smem_p()
+            args = (*head, bounds if rowb else lse, dk, dv, *tail, dk.stride(0), dk.stride(1), dk.stride(2),
                     dv.stride(0), dv.stride(1), dv.stride(2), H, H // Hkv, Sq, Sk, dq_desc, sem, rank)
             p_layout = _p_layout(cfg.block_m, cfg.block_n, q.dtype) if _smem_p() else None
             launches.append(((triton.cdiv(Sk, cfg.block_n), B * Hkv), args,
-                             dict(meta, ACCUMULATE=acc_dkdv, SMEM_P=_smem_p(), P_LAYOUT=p_layout, DQ_MODE=mode),
+                             dict(meta, ACCUMULATE=acc_dkdv, SMEM_P=_smem_p(), P_LAYOUT=p_layout, DQ_MODE=mode,
+                                  ROWB=rowb),
                              cfg.num_warps))
         else:
             args = (*head, dq, *tail, dq.stride(0), dq.stride(1), dq.stride(2), H, H // Hkv, Sq, Sk,
@@ -943,8 +968,11 @@ def _backward_hopper(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale, dq,
                 dq.zero_()
         else:
             dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    bounds = None
+    if ranges_kv is not None and _smem_p() and _hopper_bwd_row_bounds(m, causal):
+        bounds = _row_bounds(m, causal, Sq, Sk, device=q.device)
     launches = _hopper_bwd_launches(dout, q, k, v, lse, delta, m, causal, scale, dq_sum, dk, dv, acc_dq, acc_dkdv,
-                                    ranges_kv, ranges_q)
+                                    ranges_kv, ranges_q, bounds)
     g1, a1, m1, w1 = launches[0]
     _attn_bwd_dkdv_hopper[g1](*a1, **m1, num_warps=w1)
     if after_dkdv is not None:
