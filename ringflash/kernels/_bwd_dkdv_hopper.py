@@ -282,6 +282,11 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
                  release dO (dV was its last reader)                     <- overlaps dK
         wait(0); release Q
 
+    With ``ROWB`` a boundary tile's P is masked by its query rows' runs of visible keys
+    ([first, end) from ``BOUNDS``, two loads a row) instead of both sides' positions and
+    documents; the launcher takes it under short windows only (``attention.HOPPER_BWD_ROW_BOUNDS``:
+    with the ordered dQ, long walks slowed down with it).
+
     The partition barrier after each store orders every thread's writes (both warpgroups') before
     the wgmma or the TMA unit that reads them, and the waits retire those wgmmas before the next
     tile overwrites the tiles. Registers a consumer thread holds at D = 128 and 64 queries a step: dK and dV
