@@ -412,6 +412,58 @@ def test_tile_ranges_made_once_for_the_same_attributes(monkeypatch):
     assert torch.equal(again, fresh) and not torch.equal(again, first)
 
 
+def test_per_head_tables_kept_with_their_attributes(monkeypatch):
+    """Per-head attributes (the sparse modes': new tensors every call) keep what was made from
+    them with the tensors themselves: the backward of a call reuses its forward's row bounds and,
+    where the tiling is the same, its tile ranges; nothing outlives the attributes, a change in
+    place or other tensors make them anew, and the gradients are those of tables made afresh."""
+    require_interpreter()
+    import gc
+    import weakref
+
+    A = kernels.attention
+    made = []
+    real_ranges, real_bounds = A._make_ranges, A._row_bounds_kernel
+    monkeypatch.setattr(A, "_make_ranges", lambda *a: made.append("ranges") or real_ranges(*a))
+
+    class Counting:
+        def __getitem__(self, grid):
+            made.append("bounds")
+            return real_bounds[grid]
+
+    monkeypatch.setattr(A, "_row_bounds_kernel", Counting())
+    B, S, H, Hkv, D = 1, 96, 2, 1, 32
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(B, S, n, D) for n in (H, Hkv, Hkv))
+    dout = torch.randn(B, S, H, D)
+    pos = torch.arange(S)
+    q_pos, k_pos = pos.expand(B, H, S).contiguous(), pos.expand(B, Hkv, S).contiguous()
+    q_doc = (torch.arange(S).expand(B, H, S) // 40).to(torch.int32).contiguous()
+    k_doc = (torch.arange(S).expand(B, Hkv, S) // 40).to(torch.int32).contiguous()
+    kw = dict(q_pos=q_pos, k_pos=k_pos, q_doc=q_doc, k_doc=k_doc, causal=True)
+    out, lse = kernels.forward(q, k, v, **kw)
+    delta = kernels.backward_delta(out, dout)
+    n_fwd = len(made)
+    assert made.count("bounds") == 1
+    grads = kernels.backward(dout, q, k, v, lse, delta, **kw)
+    assert made[n_fwd:].count("bounds") == 0, "the backward made the row bounds again"
+    # the same attributes as other tensors: made anew, with the same gradients
+    kw2 = {name: t.clone() for name, t in kw.items() if name != "causal"}
+    n = len(made)
+    again = kernels.backward(dout, q, k, v, lse, delta, causal=True, **kw2)
+    assert made[n:].count("bounds") == 1
+    for a, b in zip(grads, again):
+        assert torch.equal(a, b)
+    q_doc[:, :, :10] = 7  # changed in place: made anew
+    n = len(made)
+    kernels.forward(q, k, v, **kw)
+    assert made[n:].count("bounds") == 1
+    probe = weakref.ref(kw2["q_pos"])
+    del kw2, again
+    gc.collect()
+    assert probe() is None, "what was made from the attributes keeps them alive"
+
+
 def _runs_of(vis: torch.Tensor) -> torch.Tensor:
     """(..., Sq, 2): each row's [first, end) of its visible keys, (0, 0) for a row with none; and
     asserts that every row's visible keys are one run (what the row bounds rely on)."""

@@ -469,10 +469,34 @@ def _mask_args(q_pos, k_pos, causal, window, q_doc, k_doc, Sq, Sk, device, block
 def _derived(m: _MaskArgs, key: tuple, make):
     """``make()`` of a mask's derived tensor: for shared attributes made once while the same
     attribute tensors come back with the same ``key`` (the ring makes them once per step for a
-    whole stack of layers, as FlexAttention's BlockMask is made once); per-head ones every call."""
+    whole stack of layers, as FlexAttention's BlockMask is made once); for per-head ones (new
+    tensors every call) kept with the attribute tensors themselves, so that a call's backward
+    reuses what its forward made (:func:`_attached`)."""
+    tensors = tuple(t for t in (m.q_pos, m.k_pos, m.q_doc, m.k_doc) if t is not None)
     if m.strides[1]:
+        return _attached(tensors, key, make)
+    return _cached(tensors, key, make)
+
+
+def _attached(tensors: tuple, key: tuple, make):
+    """``make()``, kept in an attribute of ``tensors[0]`` while it and the other tensors (the
+    same objects, not modified in place since) come back with the same ``key``. It lives exactly
+    as long as that tensor: per-head attributes are saved for the backward and freed with the
+    autograd graph, and so is what was made from them. The other tensors are held weakly (no
+    reference cycle through the attribute)."""
+    import weakref
+
+    try:
+        versions = tuple(t._version for t in tensors)
+    except RuntimeError:  # inference tensors: no version counter
         return make()
-    return _cached(tuple(t for t in (m.q_pos, m.k_pos, m.q_doc, m.k_doc) if t is not None), key, make)
+    store = tensors[0].__dict__.setdefault("_ringflash_derived", {})
+    hit = store.get(key)
+    if hit is not None and hit[0] == versions and all(r() is t for r, t in zip(hit[1], tensors)):
+        return hit[2]
+    value = make()
+    store[key] = (versions, tuple(weakref.ref(t) for t in tensors), value)
+    return value
 
 
 def _attr_args(m: _MaskArgs, dummy: torch.Tensor) -> tuple:
