@@ -303,13 +303,18 @@ def _check_attr(name: str, t, shape: tuple, device, kind: str) -> None:
 
 
 def bucket_range_problem(sparsity: "HashSparse") -> str:
-    """What is wrong with the range of the bucket ids ("" if nothing): one device sync."""
+    """What is wrong with the range of the bucket ids ("" if nothing): one device sync for both
+    tensors' extremes."""
     n = sparsity.num_buckets
-    for name, t in (("q_buckets", sparsity.q_buckets), ("k_buckets", sparsity.k_buckets)):
-        if t.numel():
-            lo, hi = int(t.min()), int(t.max())
-            if lo < 0 or hi >= n:
-                return f"{name} must lie in [0, num_buckets) = [0, {n}); got values in [{lo}, {hi}]"
+    named = [(name, t) for name, t in (("q_buckets", sparsity.q_buckets), ("k_buckets", sparsity.k_buckets))
+             if t.numel()]
+    if not named:
+        return ""
+    extremes = torch.stack([e.to(torch.int64) for _, t in named for e in t.aminmax()]).tolist()
+    for i, (name, _) in enumerate(named):
+        lo, hi = extremes[2 * i], extremes[2 * i + 1]
+        if lo < 0 or hi >= n:
+            return f"{name} must lie in [0, num_buckets) = [0, {n}); got values in [{lo}, {hi}]"
     return ""
 
 
