@@ -483,7 +483,8 @@ def _attached(tensors: tuple, key: tuple, make):
     same objects, not modified in place since) come back with the same ``key``. It lives exactly
     as long as that tensor: per-head attributes are saved for the backward and freed with the
     autograd graph, and so is what was made from them. The other tensors are held weakly (no
-    reference cycle through the attribute)."""
+    reference cycle through the attribute). One entry a key: queries used with several key
+    blocks (a ring's steps) keep the last block's, so the memory stays one table a kind."""
     import weakref
 
     try:
