@@ -310,7 +310,7 @@ def bucket_range_problem(sparsity: "HashSparse") -> str:
              if t.numel()]
     if not named:
         return ""
-    extremes = torch.stack([e.to(torch.int64) for _, t in named for e in t.aminmax()]).tolist()
+    extremes = torch.stack([e.to(torch.int64) for _, t in named for e in (t.min(), t.max())]).tolist()
     for i, (name, _) in enumerate(named):
         lo, hi = extremes[2 * i], extremes[2 * i + 1]
         if lo < 0 or hi >= n:

@@ -17,6 +17,7 @@ import functools
 import math
 import os
 import warnings
+import weakref
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -485,8 +486,6 @@ def _attached(tensors: tuple, key: tuple, make):
     autograd graph, and so is what was made from them. The other tensors are held weakly (no
     reference cycle through the attribute). One entry a key: queries used with several key
     blocks (a ring's steps) keep the last block's, so the memory stays one table a kind."""
-    import weakref
-
     try:
         versions = tuple(t._version for t in tensors)
     except RuntimeError:  # inference tensors: no version counter
@@ -756,8 +755,8 @@ HOPPER_FWD_ROW_BOUNDS = os.environ.get("RINGFLASH_HOPPER_FWD_ROW_BOUNDS", "1") !
 # the right) whose span is at most HOPPER_BWD_ROW_BOUNDS_SPAN keys; "1": under every mask; "0":
 # never. With the dQ additions in a fixed order, long walks ran much slower with them (causal
 # backward 1.58x the time at 64k, 1.95x at 128k; the same kernel adding dQ in any order did not
-# slow down), while a window's walks are short
-# (benchmarks/results/kernels_h100_bwd_row_bounds/). RINGFLASH_HOPPER_BWD_ROW_BOUNDS sets it.
+# slow down), while a window's walks are short (benchmarks/results/kernels_h100_bwd_row_bounds/;
+# the span: masks_h100_bwd_row_bounds_windows/). RINGFLASH_HOPPER_BWD_ROW_BOUNDS sets it.
 HOPPER_BWD_ROW_BOUNDS = os.environ.get("RINGFLASH_HOPPER_BWD_ROW_BOUNDS", "auto")
 HOPPER_BWD_ROW_BOUNDS_SPAN = 16384
 
