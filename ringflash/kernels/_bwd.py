@@ -20,8 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import (LOG2E, _count_tiles, _in_run, _load_bounds, _load_ranges, _load_tile, _lpt_item, _query_attrs,
-                      _rows_ptr, _rule)
+from ._common import (LOG2E, _count_tiles, _in_run, _keys_visible, _load_bounds, _load_ranges, _load_tile, _lpt_item,
+                      _query_attrs, _rows_ptr, _rule)
 
 
 @triton.jit
@@ -267,22 +267,8 @@ def _dq_tile(
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
     p = tl.math.exp2(qk * qk_scale - lse2[:, None])
     if MASKED:
-        if ROWB:  # qp, qd: each row's run of visible keys [first, end)
-            visible = _in_run(cols[None, :], qp[:, None], qd[:, None])
-        else:
-            visible = (cols < Sk)[None, :]
-            if WINDOW or DOCS or SPARSE:
-                kp = cols
-                kd = cols
-                if CAUSAL or WINDOW or SPARSE:
-                    kp = tl.load(KPOS + cols, mask=cols < Sk, other=0)
-                if DOCS:
-                    kd = tl.load(KDOC + cols, mask=cols < Sk, other=-1)
-                visible = visible & _rule(qp[:, None], kp[None, :], qd[:, None], kd[None, :], wl, wr,
-                                          CAUSAL, WINDOW, DOCS, PAT, nb, bs, SPARSE)
-            elif CAUSAL:
-                kp = tl.load(KPOS + cols, mask=cols < Sk, other=0)
-                visible = visible & (qp[:, None] >= kp[None, :])
+        visible = _keys_visible(cols, qp, qd, KPOS, KDOC, Sk, wl, wr, CAUSAL, WINDOW, DOCS, PAT, nb, bs, SPARSE,
+                                ROWB)
         p = tl.where(visible, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - di[:, None])

@@ -325,6 +325,32 @@ def _in_run(cols, first, end):
 
 
 @triton.jit
+def _keys_visible(cols, qp, qd, KPOS, KDOC, Sk, wl, wr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                  DOCS: tl.constexpr, PAT, nb, bs, SPARSE: tl.constexpr, ROWB: tl.constexpr):
+    """Which pairs of a boundary tile with the queries as rows see each other (the forward's and
+    the dQ program's): ``cols`` the tile's key indices; ``qp``/``qd`` the rows' positions and
+    documents (:func:`_query_attrs`), or with ``ROWB`` each row's run [first, end) of visible keys.
+    The key attributes are loaded here, only where the rule reads them."""
+    if ROWB:
+        visible = _in_run(cols[None, :], qp[:, None], qd[:, None])
+    else:
+        visible = (cols < Sk)[None, :]
+        if WINDOW or DOCS or SPARSE:
+            kp = cols
+            kd = cols
+            if CAUSAL or WINDOW or SPARSE:
+                kp = tl.load(KPOS + cols, mask=cols < Sk, other=0)
+            if DOCS:
+                kd = tl.load(KDOC + cols, mask=cols < Sk, other=-1)
+            visible = visible & _rule(qp[:, None], kp[None, :], qd[:, None], kd[None, :], wl, wr,
+                                      CAUSAL, WINDOW, DOCS, PAT, nb, bs, SPARSE)
+        elif CAUSAL:
+            kp = tl.load(KPOS + cols, mask=cols < Sk, other=0)
+            visible = visible & (qp[:, None] >= kp[None, :])
+    return visible
+
+
+@triton.jit
 def _row_key_below(KPOS, KDOC, idx, d, p, POS: tl.constexpr, HEAD_ATTRS: tl.constexpr, DOCS: tl.constexpr,
                    STRICT: tl.constexpr):
     """Whether key ``idx`` comes before (document ``d``, position ``p``) in the keys' order

@@ -14,8 +14,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import (LN2, _count_tiles, _in_run, _load_ranges, _load_tile, _lpt_item, _merge_states, _query_attrs,
-                      _rows_ptr, _rule)
+from ._common import (LN2, _count_tiles, _keys_visible, _load_ranges, _load_tile, _lpt_item, _merge_states,
+                      _query_attrs, _rows_ptr)
 
 
 @triton.jit
@@ -33,22 +33,8 @@ def _fwd_tile(
                    cols, MASKED, Sk, offs_d, HEAD_DIM != BLOCK_D, HEAD_DIM)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
     if MASKED:
-        if ROWB:  # qp, qd: each row's run of visible keys [first, end)
-            visible = _in_run(cols[None, :], qp[:, None], qd[:, None])
-        else:
-            visible = (cols < Sk)[None, :]
-            if WINDOW or DOCS or SPARSE:
-                kp = cols
-                kd = cols
-                if CAUSAL or WINDOW or SPARSE:
-                    kp = tl.load(KPOS + cols, mask=cols < Sk, other=0)
-                if DOCS:
-                    kd = tl.load(KDOC + cols, mask=cols < Sk, other=-1)
-                visible = visible & _rule(qp[:, None], kp[None, :], qd[:, None], kd[None, :], wl, wr,
-                                          CAUSAL, WINDOW, DOCS, PAT, nb, bs, SPARSE)
-            elif CAUSAL:
-                kp = tl.load(KPOS + cols, mask=cols < Sk, other=0)
-                visible = visible & (qp[:, None] >= kp[None, :])
+        visible = _keys_visible(cols, qp, qd, KPOS, KDOC, Sk, wl, wr, CAUSAL, WINDOW, DOCS, PAT, nb, bs, SPARSE,
+                                ROWB)
         qk = tl.where(visible, qk * qk_scale, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         # A row with nothing visible yet keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.
