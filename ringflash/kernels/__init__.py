@@ -15,6 +15,7 @@ from .attention import (
     BWD_DQ_CONFIGS,
     FWD_CONFIGS,
     INTERPRETED,
+    TOKEN_ALIGN,
     KernelConfig,
     backward,
     backward_delta,
@@ -32,4 +33,5 @@ __all__ = [
     "BWD_DKDV_CONFIGS",
     "BWD_DQ_CONFIGS",
     "INTERPRETED",
+    "TOKEN_ALIGN",
 ]
