@@ -35,7 +35,7 @@ What is timed (medians of ``triton.testing.do_bench``, as benchmarks/bench_kerne
   the lists built by a call after the first: 0).
 * ``impl = "ringflash-kernel"``: the kernels alone (``ringflash.kernels.forward``, then
   ``backward_delta`` + ``backward``, and the casts to bf16): for qkdrop and hash on inputs
-  sorted once beforehand (``ringflash.sparse.sort_tokens_torch``, buckets tile-aligned as a call aligns them),
+  sorted once beforehand, with the per-head composite attributes of ``ringflash.sparse.composite``;
   for block patterns with fixed position tensors, so the tile lists come from the cache (as in
   the ring, which keeps its positions).
 * ``impl = "sdpa_flash"``: PyTorch SDPA's flash backend, dense causal, as a reference.
@@ -92,19 +92,19 @@ from ringflash.kernels import attention as katt  # noqa: E402
 from ringflash.kernels import blocks as kblocks  # noqa: E402
 from ringflash.layout import Striped, get_layout  # noqa: E402
 from ringflash.mask import block_visible, make_mask  # noqa: E402
-from ringflash.ops import flash_attention, get_backend  # noqa: E402
+from ringflash.ops import flash_attention  # noqa: E402
 from ringflash.reference import default_positions  # noqa: E402
 from ringflash.sparse import (  # noqa: E402
     BlockSparse,
     HashSparse,
     QKDrop,
-    alignment,
     block_pattern,
+    composite,
     gather_tokens,
     hash_buckets,
     hash_projection,
     keep_random,
-    sort_tokens_torch,
+    sort_order,
 )
 
 MASKS = ("causal", "hash", "qkdrop", "block_sparse")
@@ -253,21 +253,18 @@ def user_fns(qg, kg, vg, dout, sp):
 
 def kernel_fns(q, k, v, dout, sp):
     """The kernels alone: dense causal; token sparsity on inputs sorted once beforehand with
-    their per-head composite attributes, buckets tile-aligned as a call aligns them (``align``,
-    ``slots``; ``inverse`` puts the output back in the caller's order); block patterns with
-    fixed position tensors."""
+    their per-head composite attributes; block patterns with fixed position tensors."""
     S, dtype = q.shape[1], q.dtype
     kw: dict = {}
-    extra: dict = {}
     if isinstance(sp, (HashSparse, QKDrop)):
         q_pos, k_pos = default_positions(S, S, q.device)
-        align = alignment(get_backend("triton", q.device), sp, S)
-        q_order, q_inverse, q_cpos, q_cdoc, k_order, _, k_cpos, k_cdoc = sort_tokens_torch(
-            sp, q_pos, k_pos, None, None, 1, align)
-        kw = dict(q_pos=q_cpos, q_doc=q_cdoc, k_pos=k_cpos, k_doc=k_cdoc)
+        q_cpos, q_cdoc, k_cpos, k_cdoc = composite(sp, q_pos, k_pos, None, None, 1)
+        q_order, _ = sort_order(q_cpos)
+        k_order, _ = sort_order(k_cpos)
+        kw = dict(q_pos=torch.gather(q_cpos, -1, q_order), q_doc=torch.gather(q_cdoc, -1, q_order),
+                  k_pos=torch.gather(k_cpos, -1, k_order), k_doc=torch.gather(k_cdoc, -1, k_order))
         q, dout = gather_tokens(q, q_order), gather_tokens(dout, q_order)
         k, v = gather_tokens(k, k_order), gather_tokens(v, k_order)
-        extra = dict(align=align, slots=q.shape[1], inverse=q_inverse)
     elif isinstance(sp, BlockSparse):
         pos = torch.arange(S, device=q.device, dtype=torch.int64)
         kw = dict(q_pos=pos, k_pos=pos, blocks=sp)
@@ -282,7 +279,7 @@ def kernel_fns(q, k, v, dout, sp):
         delta = kernels.backward_delta(o, dout)
         return [g.to(dtype) for g in kernels.backward(dout, q, k, v, lse, delta, causal=True, **kw)]
 
-    return {"fwd": fwd, "fwd+bwd": fwdbwd, **extra}
+    return {"fwd": fwd, "fwd+bwd": fwdbwd}
 
 
 def sdpa_fns(q, k, v, dout):
@@ -355,7 +352,6 @@ def kernel_part(args, device, dtype, timer, gpu, write) -> list[dict]:
                             fns = user_fns(qg, kg, vg, dout, st["sp"])
                         elif impl == "ringflash-kernel":
                             fns = kernel_fns(q, k, v, dout, st["sp"])
-                            base.update({f: fns[f] for f in ("align", "slots") if f in fns})
                         else:
                             fns = sdpa_fns(q, k, v, dout)
                         if isinstance(st["sp"], BlockSparse) and impl != "sdpa_flash":

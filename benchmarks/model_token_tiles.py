@@ -11,9 +11,7 @@ pairs computed (rows x keys of every visited tile). ``tile_density`` = visible p
 pairs: the share of a launch's products that are visible. Its inverse bounds the work
 efficiency of the kernels' main loop (time / dense time / density) from below, with dense causal
 at the same length as the comparison (``dense_tile_density``). Random ids per head (B = 1 and
-``--heads`` heads; the counts are per head, so a few heads give them). ``--align``: the bucket
-alignments compared (1: none; 128: what a call on a GPU takes where each bucket averages at
-least ``ringflash.sparse.MIN_ALIGNED_TILES`` tiles); padded rows count as computed.
+``--heads`` heads; the counts are per head, so a few heads give them).
 """
 
 from __future__ import annotations
@@ -84,14 +82,12 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--hash-buckets", nargs="+", type=int, default=[4, 8, 16])
     ap.add_argument("--qkdrop", nargs="+", type=float, default=[0.5, 0.7])
-    ap.add_argument("--align", nargs="+", type=int, default=[1, 128],
-                    help="bucket alignments (1: none; 128: a GPU call's, ringflash.sparse.alignment)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     assert katt.BWD_DKDV_CONFIGS[64][:2] == katt.BWD_DKDV_MASKED_CONFIGS[128][:2]
     rows = []
-    print(f"{'S':>6} {'mode':>11} {'align':>5} {'launch':>26} {'density':>8} {'tile density':>12} {'dense causal':>12} "
+    print(f"{'S':>6} {'mode':>11} {'launch':>26} {'density':>8} {'tile density':>12} {'dense causal':>12} "
           f"{'tiles':>8} {'full':>6}")
     for S in map(parse_len, a.seqlens):
         H = a.heads
@@ -100,21 +96,20 @@ def main() -> None:
         dense_m = katt._mask_args(pos, pos, True, None, None, None, S, S, torch.device("cpu"))
         dense = {name: computed(dense_m, S, 1, c.block_m, c.block_n, bk) for name, c, bk in LAUNCHES}
         for name, mode in modes(S, H, a.hash_buckets, a.qkdrop, a.seed):
+            q_c, k_c = sparse.composite_positions(mode, pos, pos, None, None, 1)
+            q_c, k_c = torch.sort(q_c, -1).values, torch.sort(k_c, -1).values
+            q_d, k_d = (q_c >> sparse.POS_BITS).to(torch.int32), (k_c >> sparse.POS_BITS).to(torch.int32)
+            m = katt._mask_args(q_c, k_c, True, None, q_d, k_d, S, S, torch.device("cpu"), shape=(1, H, H))
             vis = visible_pairs(mode)
-            for align in a.align:
-                # The order and attributes a call makes (tile-aligned buckets padded with align > 1).
-                _, _, q_c, q_d, _, _, k_c, k_d = sparse.sort_tokens_torch(mode, pos, pos, None, None, 1, align)
-                Sp = q_c.shape[-1]
-                m = katt._mask_args(q_c, k_c, True, None, q_d, k_d, Sp, Sp, torch.device("cpu"), shape=(1, H, H))
-                for launch, cfg, by_keys in LAUNCHES:
-                    c = computed(m, Sp, H, cfg.block_m, cfg.block_n, by_keys)
-                    d = dense[launch]
-                    r = dict(S=S, heads=H, mode=name, align=align, slots=Sp, launch=launch, block_m=cfg.block_m,
-                             block_n=cfg.block_n, density=vis / causal_pairs, visible=vis, **c,
-                             tile_density=vis / c["computed"], dense_tile_density=(S * (S + 1) // 2) / d["computed"])
-                    rows.append(r)
-                    print(f"{S:6d} {name:>11} {align:5d} {launch:>26} {r['density']:8.4f} {r['tile_density']:12.3f} "
-                          f"{r['dense_tile_density']:12.3f} {c['tiles']:8d} {c['full_tiles']:6d}", flush=True)
+            for launch, cfg, by_keys in LAUNCHES:
+                c = computed(m, S, H, cfg.block_m, cfg.block_n, by_keys)
+                d = dense[launch]
+                r = dict(S=S, heads=H, mode=name, launch=launch, block_m=cfg.block_m, block_n=cfg.block_n,
+                         density=vis / causal_pairs, visible=vis, **c, tile_density=vis / c["computed"],
+                         dense_tile_density=(S * (S + 1) // 2) / d["computed"])
+                rows.append(r)
+                print(f"{S:6d} {name:>11} {launch:>26} {r['density']:8.4f} {r['tile_density']:12.3f} "
+                      f"{r['dense_tile_density']:12.3f} {c['tiles']:8d} {c['full_tiles']:6d}", flush=True)
     if a.out:
         with open(a.out, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

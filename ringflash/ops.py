@@ -37,7 +37,7 @@ import torch
 
 from . import reference
 from .mask import Mask, doc_ids, make_mask
-from .sparse import BlockSparse, alignment, check_sparsity, is_token_sparsity, run_sorted
+from .sparse import BlockSparse, check_sparsity, is_token_sparsity, run_sorted
 
 __all__ = ["flash_attention", "get_backend", "backend_name", "check_backend_inputs", "check_mask_backend",
            "check_sparsity_backend", "mask_kwargs", "check_qkv", "no_autocast", "BACKENDS"]
@@ -92,8 +92,6 @@ def get_backend(backend, device: torch.device) -> SimpleNamespace:
             serves_masks=True,
             # forward(out_dtype=) / backward(grad_dtype=): results stored in the inputs' dtype
             stores_input_dtype=True,
-            # QK-dropping's and hashing's buckets start at multiples of the largest tile
-            token_align=kernels.TOKEN_ALIGN,
         )
     if backend in ("cudnn", "sdpa_flash"):
         from . import sdpa
@@ -357,8 +355,7 @@ def flash_attention(
                                              dict(mask_kwargs(mask), **attrs.kwargs(0)))
 
             n_docs = 1 if mask.cu_seqlens is None else len(mask.cu_seqlens) - 1
-            align = alignment(be, sparsity, min(q.shape[1], k.shape[1]))
-            out, lse = run_sorted(sparsity, q, k, v, q_pos, k_pos, q_doc, k_doc, n_docs, call, align=align)
+            out, lse = run_sorted(sparsity, q, k, v, q_pos, k_pos, q_doc, k_doc, n_docs, call)
         else:
             out, lse = _FlashAttention.apply(q, k, v, mask.causal, float(softmax_scale), be,
                                              mask_kwargs(mask, q_doc, k_doc))

@@ -41,8 +41,7 @@ from .comm import Exchange, check_group_device, check_transport, make_ring, reso
 from .layout import Contiguous, Layout, Striped, Zigzag, get_layout
 from .mask import Mask, block_visible, check_cu_seqlens, check_window, doc_ids, make_mask
 from .sdpa import accumulate
-from .sparse import (BlockSparse, HashSparse, alignment, bucket_range_problem, check_sparsity, is_token_sparsity,
-                     run_sorted)
+from .sparse import BlockSparse, HashSparse, bucket_range_problem, check_sparsity, is_token_sparsity, run_sorted
 from .ops import (backend_name, backward_extras, check_backend_inputs, check_mask_backend, check_qkv,
                   check_sparsity_backend, get_backend, mask_kwargs, no_autocast, resolve_scale)
 
@@ -318,13 +317,7 @@ def _check_consistency(signature: dict, group, world_size: int, device) -> None:
     )
 
 
-def _tokens(q: torch.Tensor, attrs=None) -> int:
-    """A rank's tokens in the layout: the rows of q, or before the padding of tile-aligned buckets
-    (:class:`ringflash.sparse.TokenAttrs`)."""
-    return attrs.seqlen if attrs is not None and attrs.seqlen is not None else q.shape[1]
-
-
-def _preflight(q, k, mask: Mask, softmax_scale: float, layout: Layout, group, be, tokens: int | None = None) -> None:
+def _preflight(q, k, mask: Mask, softmax_scale: float, layout: Layout, group, be) -> None:
     """The checks that need the resolved engine, before any communication of a ring forward
     (eager and compiled calls alike): the ranks' agreement (:data:`CHECK_CONSISTENCY`), then
     whether the engine can cut every step's mask (the SDPA engines)."""
@@ -335,16 +328,16 @@ def _preflight(q, k, mask: Mask, softmax_scale: float, layout: Layout, group, be
         _check_consistency(_call_signature(q, k, mask, softmax_scale, layout, be), group, world_size, q.device)
     check_layout = getattr(be, "check_layout", None)
     if check_layout is not None:
-        check_layout(layout, q.shape[1] if tokens is None else tokens, world_size, mask.causal)
+        check_layout(layout, q.shape[1], world_size, mask.causal)
 
 
 def _ring_forward(q, k, v, mask: Mask, softmax_scale: float, layout: Layout, group, be, attrs=None):
     """(out in q's dtype, float32 lse) of ring attention; the input checks are the caller's.
     ``attrs``: per-head attributes of QK-dropping or hashing (:class:`ringflash.sparse.TokenAttrs`)."""
-    _preflight(q, k, mask, softmax_scale, layout, group, be, _tokens(q, attrs))
+    _preflight(q, k, mask, softmax_scale, layout, group, be)
     ring = make_ring(group, q.device, recv_bytes=2 * _kv_bytes(k))
     P, r = ring.world_size, ring.rank
-    plan = _plan(layout, mask, _tokens(q, attrs), P, q.device, getattr(be, "host_positions", False))
+    plan = _plan(layout, mask, q.shape[1], P, q.device, getattr(be, "host_positions", False))
     # The forward moves K/V one hop at a time (any transport stops early); both ways where the
     # plan says so and the transport can.
     visits = _visits(plan, ring)
@@ -386,7 +379,7 @@ def _ring_backward(dout, q, k, v, out, lse, mask: Mask, softmax_scale: float, la
         # Receive buffers held at once: two K/V, two float32 dK/dV sums, the last hop.
         ring = make_ring(group, q.device, recv_bytes=3 * _kv_bytes(k) + 2 * (_kv_bytes(k) // k.element_size()) * acc_size)
         P, r = ring.world_size, ring.rank
-        plan = _plan(layout, mask, _tokens(q, attrs), P, q.device, getattr(be, "host_positions", False))
+        plan = _plan(layout, mask, q.shape[1], P, q.device, getattr(be, "host_positions", False))
         # A ring cut short returns the finished dK/dV sums to their owners in one message of
         # several hops, which only a transport with any-hop messages sends; others run every step
         # (skipping the compute of those no rank needs). A plan that moves both ways runs two
@@ -841,8 +834,7 @@ def _apply_sorted(q, k, v, mask, softmax_scale, layout, group, be, sparsity):
         def call(qs, ks, vs, attrs):
             return _RingAttention.apply(qs, ks, vs, mask, softmax_scale, layout, group, be, attrs)
 
-        return run_sorted(sparsity, q, k, v, plan.pos[rank], plan.pos[rank], docs, docs, n_docs, call, gather,
-                          align=alignment(be, sparsity, q.shape[1]))
+        return run_sorted(sparsity, q, k, v, plan.pos[rank], plan.pos[rank], docs, docs, n_docs, call, gather)
 
 
 def _op_cu_seqlens(cu_seqlens):

@@ -25,14 +25,10 @@ visible pair (full ones first, without mask arithmetic; partial ones with the el
 built once per call on the device. For QK-dropping and hashing the tokens of every rank are
 reordered **per head**: sorted by (bucket, document, position), dropped tokens last (on a GPU
 a counting sort, :mod:`ringflash.kernels.tokens`). In that order the rule is the
-packed-documents rule on a *composite* document ``2 * (bucket * documents + doc)`` and a
-composite position ``composite document * 2**31 + position``, both increasing,
+packed-documents rule on a *composite* document ``bucket * documents + doc`` and a composite
+position ``composite document * 2**31 + position``, both increasing,
 so the kernels' tile ranges skip whole tiles of other buckets, of dropped tokens and of later
-positions. Where each bucket holds a few tiles' worth of tokens, every bucket starts at a
-multiple of the engine's largest tile (:func:`alignment`), its last tile padded: padded queries
-copy the bucket's last query (their output is dropped and their gradient is zero), padded keys
-take the odd composite document after the bucket's, which no query has. So no tile holds two
-buckets. The outputs go back to the caller's order. Keys' composite positions and documents
+positions. The outputs go back to the caller's order. Keys' composite positions and documents
 are gathered from every rank once per call (one all-gather of 8 bytes per token and K/V head;
 the documents follow from the positions).
 """
@@ -42,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import math
 import operator
-import os
 import re
 from dataclasses import dataclass
 
@@ -70,18 +65,6 @@ __all__ = [
 POS_BITS = 31  # composite position = composite document << POS_BITS | position
 _DROP_Q = 2**30  # composite documents of dropped queries and keys: after every kept token,
 _DROP_K = 2**30 + 1  # and never equal to each other or to a kept token's
-_PAD_POS = 2**31 - 1  # the position of padding slots (TokenOrder): after every token's
-
-# Tile-aligned buckets: QK-dropping and hashing sort each head's tokens by bucket; with
-# alignment every bucket (the kept tokens for QK-dropping) starts at a multiple of the engine's
-# largest tile (``token_align`` of the engine: 128 for the Triton kernels on a GPU), its last
-# tile padded, so that no tile holds two buckets: a tile that did walked the key tiles of both,
-# and the keys' tiles at bucket edges were boundary tiles. Taken where each bucket averages at
-# least MIN_ALIGNED_TILES tiles (the padding is at most one tile a bucket).
-# RINGFLASH_SPARSE_ALIGN: "auto" (the default), or a number of slots (0 or 1: no padding).
-_ALIGN_ENV = os.environ.get("RINGFLASH_SPARSE_ALIGN", "auto")
-TOKEN_ALIGN: int | None = None if _ALIGN_ENV == "auto" else int(_ALIGN_ENV)
-MIN_ALIGNED_TILES = 4
 
 
 # -- block-sparse ---------------------------------------------------------------------------------
@@ -428,19 +411,16 @@ def keep_random(positions: torch.Tensor, batch: int, heads: int, fraction: float
 
 
 def _check_composite_count(num_docs: int, num_buckets: int) -> None:
-    """Composite documents of hash buckets (even, with the padding's odd ones between) must stay
-    below the drop ids."""
-    if 2 * num_docs * num_buckets > _DROP_Q:
+    """Composite documents of hash buckets must stay below the drop ids."""
+    if num_docs * num_buckets >= _DROP_Q:
         raise ValueError(
-            f"{num_docs} documents x {num_buckets} buckets is too many composite documents (at most {_DROP_Q // 2})"
+            f"{num_docs} documents x {num_buckets} buckets is too many composite documents (at most {_DROP_Q - 1})"
         )
 
 
 def composite_positions(sparsity, q_pos, k_pos, q_doc, k_doc, num_docs: int):
     """Per-head composite positions ``(q_cpos (B, H, Sq), k_cpos (B, Hkv, Sk))``, int64, in the
-    caller's token order: composite document ``<< POS_BITS | position``. Composite documents
-    are even: 2 x (bucket x num_docs + document) for hashing, 2 x document for kept tokens
-    (dropped ones: ``_DROP_Q``/``_DROP_K``), which leaves the odd ones to padding.
+    caller's token order: composite document ``<< POS_BITS | position``.
 
     ``q_pos``/``k_pos``: global positions (Sq,)/(Sk,); ``q_doc``/``k_doc``: document ids or None.
     """
@@ -455,10 +435,9 @@ def composite_positions(sparsity, q_pos, k_pos, q_doc, k_doc, num_docs: int):
         if q_doc is not None:
             q_c = q_c + q_doc.to(torch.int64)
             k_c = k_c + k_doc.to(torch.int64)
-        q_c, k_c = 2 * q_c, 2 * k_c
     else:
-        qd = 0 if q_doc is None else 2 * q_doc.to(torch.int64)[None, :, None]
-        kd = 0 if k_doc is None else 2 * k_doc.to(torch.int64)[None, :, None]
+        qd = 0 if q_doc is None else q_doc.to(torch.int64)[None, :, None]
+        kd = 0 if k_doc is None else k_doc.to(torch.int64)[None, :, None]
         q_c = torch.where(sparsity.q_keep, qd, _DROP_Q).transpose(1, 2).contiguous()
         k_c = torch.where(sparsity.k_keep, kd, _DROP_K).transpose(1, 2).contiguous()
     q_cpos = (q_c << POS_BITS) | q_pos.to(torch.int64)  # (B, H, S)
@@ -487,79 +466,14 @@ def _inverse(order: torch.Tensor) -> torch.Tensor:
 
 
 def gather_tokens(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """``x`` (B, S, H, D) reordered per head by ``order`` (B, H, S'): row s of head h is row
-    ``order[b, h, s]`` of ``x``, or zeros where that is -1 (padding); differentiable."""
-    pad = order < 0
-    idx = order.clamp(min=0).transpose(1, 2)[..., None].expand(-1, -1, -1, x.shape[-1])
-    return torch.gather(x, 1, idx).masked_fill(pad.transpose(1, 2)[..., None], 0)
-
-
-def alignment(engine, sparsity, seqlen: int) -> int:
-    """The slots every bucket of a QK-dropping or hashing call starts at a multiple of (1: no
-    padding): the engine's ``token_align`` (or :data:`TOKEN_ALIGN`), where the ``seqlen`` tokens
-    a row sorts hold at least :data:`MIN_ALIGNED_TILES` tiles a bucket."""
-    align = TOKEN_ALIGN if TOKEN_ALIGN is not None else getattr(engine, "token_align", 1)
-    groups = sparsity.num_buckets if isinstance(sparsity, HashSparse) else 1
-    if align <= 1 or seqlen < MIN_ALIGNED_TILES * groups * align:
-        return 1
-    return int(align)
-
-
-def _groups(sparsity):
-    """(query groups (B, H, Sq), key groups (B, Hkv, Sk), groups, aligned groups): the bucket
-    of each token (1 = dropped for QK-dropping), in rows per head."""
-    if isinstance(sparsity, HashSparse):
-        q_g, k_g = sparsity.q_buckets, sparsity.k_buckets
-        n, aligned = sparsity.num_buckets, sparsity.num_buckets
-    else:
-        q_g, k_g = ~sparsity.q_keep, ~sparsity.k_keep
-        n, aligned = 2, 1
-    return (q_g.transpose(1, 2).to(torch.int64), k_g.transpose(1, 2).to(torch.int64), n, aligned)
-
-
-def _place(cpos, groups, n: int, aligned: int, align: int, num_docs: int, copy_pads: bool, drop: int):
-    """PyTorch's form of :func:`ringflash.kernels.tokens.sort_tokens` for one side: (order,
-    inverse, sorted composite positions, documents), padded as it pads."""
-    from .kernels.tokens import padded_length
-
-    B, H, S = cpos.shape
-    sorted_cpos, order = torch.sort(cpos, dim=-1)  # composite positions are distinct in a row
-    inverse = _inverse(order)
-    if align <= 1:
-        return order, inverse, sorted_cpos, (sorted_cpos >> POS_BITS).to(torch.int32)
-    S_out = padded_length(S, aligned, align)
-    dev = cpos.device
-    g_sorted = torch.gather(groups, -1, order)
-    counts = torch.nn.functional.one_hot(g_sorted, n).sum(-2)  # (B, H, n)
-    is_aligned = torch.arange(n, device=dev) < aligned
-    slots = torch.where(is_aligned, (counts + align - 1) // align * align, counts)
-    start = slots.cumsum(-1) - slots
-    shift = torch.gather(start - (counts.cumsum(-1) - counts), -1, g_sorted)
-    place = torch.arange(S, device=dev) + shift  # sorted index -> slot
-    # One extra slot takes the writes of absent padding; it is cut off at the end.
-    out_order = torch.full((B, H, S_out + 1), -1, dtype=torch.int64, device=dev)
-    out_cpos = torch.full((B, H, S_out + 1), (drop << POS_BITS) | _PAD_POS, dtype=torch.int64, device=dev)
-    out_order.scatter_(-1, place, order)
-    out_cpos.scatter_(-1, place, sorted_cpos)
-    j = torch.arange(align, device=dev)
-    pads = (counts > 0) & is_aligned  # (B, H, n)
-    at = (start + counts)[..., None] + j  # (B, H, n, align)
-    real = pads[..., None] & (j < (slots - counts)[..., None])
-    if copy_pads:  # the bucket's last query
-        value = torch.gather(out_cpos, -1, (start + counts - 1).clamp(min=0))
-    else:  # the odd composite document after the bucket's
-        doc = 2 * (torch.arange(n, device=dev, dtype=torch.int64) + 1) * num_docs - 1
-        value = ((doc << POS_BITS) | _PAD_POS).expand(B, H, n)
-    at = torch.where(real, at, S_out).flatten(-2)
-    out_cpos.scatter_(-1, at, value[..., None].expand(-1, -1, -1, align).flatten(-2))
-    out_order, out_cpos = out_order[..., :S_out], out_cpos[..., :S_out]
-    inverse = torch.gather(place, -1, inverse)
-    return out_order, inverse, out_cpos, (out_cpos >> POS_BITS).to(torch.int32)
+    """``x`` (B, S, H, D) reordered per head by ``order`` (B, H, S): differentiable."""
+    idx = order.transpose(1, 2)[..., None].expand(-1, -1, -1, x.shape[-1])
+    return torch.gather(x, 1, idx)
 
 
 def _sorts_on_device(sparsity, q: torch.Tensor) -> bool:
     """Whether :func:`ringflash.kernels.tokens.sort_tokens` sorts this call (a GPU, at most
-    ``MAX_BUCKETS`` buckets), rather than PyTorch. On the CPU PyTorch sorts (Triton's
+    ``MAX_BUCKETS`` buckets), rather than two PyTorch sorts. On the CPU PyTorch sorts (Triton's
     interpreter would be slower; the tests check the kernels against that path directly)."""
     from .kernels.tokens import MAX_BUCKETS
 
@@ -568,63 +482,53 @@ def _sorts_on_device(sparsity, q: torch.Tensor) -> bool:
     return not isinstance(sparsity, HashSparse) or sparsity.num_buckets <= MAX_BUCKETS
 
 
-def sort_tokens_torch(sparsity, q_pos, k_pos, q_doc, k_doc, num_docs: int, align: int = 1):
-    """:func:`ringflash.kernels.tokens.sort_tokens`' result, made with PyTorch's sort: the same
-    order, inverses and (padded) composite attributes."""
-    q_cpos, k_cpos = composite_positions(sparsity, q_pos, k_pos, q_doc, k_doc, num_docs)
-    q_g, k_g, n, aligned = _groups(sparsity)
-    return (*_place(q_cpos, q_g, n, aligned, align, num_docs, True, _DROP_Q),
-            *_place(k_cpos, k_g, n, aligned, align, num_docs, False, _DROP_K))
-
-
-def _sort_on_device(sparsity, q_pos, k_pos, q_doc, k_doc, num_docs: int, align: int = 1):
+def _sort_on_device(sparsity, q_pos, k_pos, q_doc, k_doc, num_docs: int):
     """:func:`run_sorted`'s order and attributes from the counting sort (two launches)."""
     from .kernels.tokens import sort_tokens
 
     if isinstance(sparsity, HashSparse):
         _check_composite_count(num_docs, sparsity.num_buckets)
         return sort_tokens(sparsity.q_buckets, sparsity.k_buckets, sparsity.num_buckets, q_pos, k_pos,
-                           q_doc, k_doc, num_docs, (_DROP_Q, _DROP_K), align)
+                           q_doc, k_doc, num_docs)
     # QK-dropping: kept tokens first, then the dropped ones.
     return sort_tokens(sparsity.q_keep, sparsity.k_keep, 2, q_pos, k_pos, q_doc, k_doc, num_docs,
-                       (_DROP_Q, _DROP_K), align)
+                       drop=(_DROP_Q, _DROP_K))
 
 
 class TokenAttrs:
     """Per-head attributes of a QK-dropping or hashing call, in sorted order: this rank's queries
-    (``q_pos``, ``q_doc``: (B, H, slots)) and every rank's keys (``k_pos[r]``, ``k_doc[r]``:
-    (B, Hkv, slots)), which the ring hands to the engine for each step's key block;
-    ``seqlen``: the tokens of the call before padding (a ring's plan is made for them)."""
+    (``q_pos``, ``q_doc``: (B, H, S)) and every rank's keys (``k_pos[r]``, ``k_doc[r]``:
+    (B, Hkv, S)), which the ring hands to the engine for each step's key block."""
 
-    def __init__(self, q_pos, q_doc, k_pos: list, k_doc: list, seqlen: int | None = None):
+    def __init__(self, q_pos, q_doc, k_pos: list, k_doc: list):
         self.q_pos, self.q_doc, self.k_pos, self.k_doc = q_pos, q_doc, k_pos, k_doc
-        self.seqlen = seqlen
 
     def kwargs(self, src: int) -> dict:
         return dict(q_pos=self.q_pos, k_pos=self.k_pos[src], q_doc=self.q_doc, k_doc=self.k_doc[src])
 
 
-def run_sorted(sparsity, q, k, v, q_pos, k_pos, q_doc, k_doc, num_docs: int, call, gather_keys=None, align: int = 1):
+def run_sorted(sparsity, q, k, v, q_pos, k_pos, q_doc, k_doc, num_docs: int, call, gather_keys=None):
     """Run ``call(q, k, v, attrs)`` -> (out, lse) on tokens reordered per head for a QK-dropping or
     hashing ``sparsity``, and return (out, lse) in the caller's order (differentiable in q, k, v).
 
     ``gather_keys(t)``: every rank's copy of the keys' composite positions, stacked (the ring's
-    all-gather); None for one device. ``align``: every bucket starts at a multiple of it
-    (:func:`alignment`; padding rows are zero, and their results are dropped)."""
+    all-gather); None for one device."""
     if _sorts_on_device(sparsity, q):
         q_order, q_inverse, q_cpos, q_cdoc, k_order, k_inverse, k_cpos, k_cdoc = _sort_on_device(
-            sparsity, q_pos, k_pos, q_doc, k_doc, num_docs, align)
+            sparsity, q_pos, k_pos, q_doc, k_doc, num_docs)
     else:
-        if isinstance(sparsity, HashSparse):
-            _check_composite_count(num_docs, sparsity.num_buckets)
-        q_order, q_inverse, q_cpos, q_cdoc, k_order, k_inverse, k_cpos, k_cdoc = sort_tokens_torch(
-            sparsity, q_pos, k_pos, q_doc, k_doc, num_docs, align)
+        q_cpos, k_cpos = composite_positions(sparsity, q_pos, k_pos, q_doc, k_doc, num_docs)
+        # Composite positions are distinct in a row: the sorted values are the kernels' attributes.
+        q_cpos, q_order = torch.sort(q_cpos, dim=-1)
+        k_cpos, k_order = torch.sort(k_cpos, dim=-1)
+        q_inverse, k_inverse = _inverse(q_order), _inverse(k_order)
+        q_cdoc, k_cdoc = (q_cpos >> POS_BITS).to(torch.int32), (k_cpos >> POS_BITS).to(torch.int32)
     if gather_keys is None:
         k_pos_all, k_doc_all = [k_cpos], [k_cdoc]
     else:
-        every = gather_keys(k_cpos)  # (ranks, B, Hkv, slots): one collective; documents from the positions
+        every = gather_keys(k_cpos)  # (ranks, B, Hkv, Sk): one collective; documents from the positions
         k_pos_all, k_doc_all = list(every.unbind(0)), list((every >> POS_BITS).to(torch.int32).unbind(0))
-    attrs = TokenAttrs(q_cpos, q_cdoc, k_pos_all, k_doc_all, q.shape[1])
+    attrs = TokenAttrs(q_cpos, q_cdoc, k_pos_all, k_doc_all)
     if not _moves_on_device(q):
         out, lse = call(gather_tokens(q, q_order), gather_tokens(k, k_order), gather_tokens(v, k_order), attrs)
         return gather_tokens(out, q_inverse), torch.gather(lse, -1, q_inverse)

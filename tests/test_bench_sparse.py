@@ -136,7 +136,8 @@ def test_layout_rows(rows):
 def test_kernel_level_calls_compute_what_flash_attention_does():
     """The ``ringflash-kernel`` callables (inputs sorted beforehand, fixed positions) give
     flash_attention's output, once put back in the caller's order."""
-    from ringflash.sparse import gather_tokens
+    from ringflash.reference import default_positions
+    from ringflash.sparse import composite, gather_tokens, sort_order
 
     g = torch.Generator().manual_seed(1)
     q, k, v, dout = (torch.randn(1, S, H, D, generator=g) for _ in range(4))
@@ -144,10 +145,10 @@ def test_kernel_level_calls_compute_what_flash_attention_does():
         if s["sparsity"].endswith(":lsh") or "density" in s["label"]:
             continue
         want = bs.user_fns(q, k, v, dout, s["sp"])["fwd"]()
-        fns = bs.kernel_fns(q, k, v, dout, s["sp"])
-        got, _ = fns["fwd"]()
+        got, _ = bs.kernel_fns(q, k, v, dout, s["sp"])["fwd"]()
         if s["mask"] in ("hash", "qkdrop"):
-            got = gather_tokens(got, fns["inverse"])
+            q_cpos = composite(s["sp"], *default_positions(S, S), None, None, 1)[0]
+            got = gather_tokens(got, sort_order(q_cpos)[1])
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=s["sparsity"])
 
 

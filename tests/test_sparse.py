@@ -81,32 +81,6 @@ CASES += [(m, LAYOUTS[(i + 2) % 3], True, (6, 0), False, "float32") for i, m in 
 CASES += [(m, LAYOUTS[i % 3], True, None, False, "bfloat16") for i, m in enumerate(MODES)]
 
 
-# The token modes again with tile-aligned buckets forced on (every bucket -- the kept tokens for
-# QK-dropping -- starting at a multiple of ALIGNED slots, padded; on 8 tokens a rank and 3
-# buckets a row holds 20 slots): the ring moves and masks the padded rows, and every result
-# must stay exact.
-ALIGNED = 4
-ALIGNED_CASES = [("qkdrop", "contiguous", True, None, False, "float32"),
-                 ("hash", "striped", True, None, True, "float32"),
-                 ("hash", "zigzag", False, (5, 2), False, "float32"),
-                 ("qkdrop", "striped", False, None, True, "float32"),
-                 ("hash", "contiguous", True, None, False, "bfloat16")]
-
-
-class forced_alignment:
-    """Tile-aligned buckets at ``align`` slots for any engine and length, inside the block."""
-
-    def __init__(self, align: int):
-        self.align = align
-
-    def __enter__(self):
-        self.saved = sp.TOKEN_ALIGN, sp.MIN_ALIGNED_TILES
-        sp.TOKEN_ALIGN, sp.MIN_ALIGNED_TILES = self.align, 0
-
-    def __exit__(self, *exc):
-        sp.TOKEN_ALIGN, sp.MIN_ALIGNED_TILES = self.saved
-
-
 def case_id(case) -> str:
     mode, layout, causal, window, docs, dtype = case
     parts = [mode, layout, "causal" if causal else "full"]
@@ -473,18 +447,11 @@ def _ring_triton(rank, world_size, group, seed):
 GROUP_RANKS = {4: None, 3: [1, 2, 3], 1: [0], 2: [1, 3]}
 
 
-def _aligned_case(rank, world_size, group, seed, i, case):
-    with forced_alignment(ALIGNED):
-        return _case(rank, world_size, group, seed + 500_000, i, case)
-
-
 def _world(rank, world_size, group, seed):
     """The grid of one world size, on this rank (``rank`` its rank in ``group``)."""
     results = {}
     for i, case in enumerate(CASES):
         _guard(results, case, lambda: _case(rank, world_size, group, seed, i, case))
-    for i, case in enumerate(ALIGNED_CASES):
-        _guard(results, ("aligned", *case), lambda: _aligned_case(rank, world_size, group, seed, i, case))
     if world_size == 4:
         results["transfers"] = _transfers(rank, world_size, group, seed)
     return results
@@ -573,22 +540,12 @@ def check_against_oracle(got, ref, ref_lse, ctx, single=None, lse=None, lse_ref=
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
 def test_ring_sparse_matches_float64(world_size, case):
-    _check_ring_case(world_size, case, case, case_seed(_SEED, CASES.index(case)))
-
-
-@pytest.mark.parametrize("world_size", WORLD_SIZES)
-@pytest.mark.parametrize("case", ALIGNED_CASES, ids=[case_id(c) for c in ALIGNED_CASES])
-def test_ring_sparse_aligned_buckets_match_float64(world_size, case):
-    """QK-dropping and hashing with tile-aligned buckets forced on (padded rows in the ring)."""
-    _check_ring_case(world_size, case, ("aligned", *case), case_seed(_SEED + 500_000, ALIGNED_CASES.index(case)))
-
-
-def _check_ring_case(world_size, case, key, seed):
     mode, layout_name, causal, window, docs, dtype_name = case
+    i = CASES.index(case)
     layout = get_layout(layout_name)
-    per_rank = [unpack(_entry(res, key)) for res in grid(world_size)]
+    per_rank = [unpack(_entry(res, case)) for res in grid(world_size)]
     got = _assemble(per_rank, layout)
-    q, k, v, dout, sparsity, cu = make_data(seed, grid_seqlen(world_size), mode, causal, docs)
+    q, k, v, dout, sparsity, cu = make_data(case_seed(_SEED, i), grid_seqlen(world_size), mode, causal, docs)
     ref, ref_lse = oracle(q, k, v, dout, sparsity, causal, window, cu)
     dtype = getattr(torch, dtype_name)
     assert got[0].dtype == dtype and got[4].dtype == torch.float32

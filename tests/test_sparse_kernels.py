@@ -388,17 +388,24 @@ def test_composite_attributes_are_rows(mode):
     if mode.startswith("hash"):
         m = sp.HashSparse(torch.randint(0, 5, (B, S, H), generator=g, dtype=torch.int32),
                           torch.randint(0, 5, (B, S, Hkv), generator=g, dtype=torch.int32), 5)
-        want_q = 2 * (m.q_buckets.long() * 3 + (0 if docs is None else docs.long()[None, :, None]))
+        want_q = m.q_buckets.long() * 3 + (0 if docs is None else docs.long()[None, :, None])
     else:
         m = sp.QKDrop(torch.rand(B, S, H, generator=g) > 0.5, torch.rand(B, S, Hkv, generator=g) > 0.5)
-        want_q = torch.where(m.q_keep, 0 if docs is None else 2 * docs.long()[None, :, None], 2**30)
+        want_q = torch.where(m.q_keep, 0 if docs is None else docs.long()[None, :, None], 2**30)
     q_cpos, k_cpos = sp.composite_positions(m, pos, pos, docs, docs, 3)
     assert q_cpos.shape == (B, H, S) and k_cpos.shape == (B, Hkv, S)
     assert q_cpos.is_contiguous() and k_cpos.is_contiguous()
     assert torch.equal(q_cpos, (want_q.transpose(1, 2) << 31) | pos)
 
 
-def _sort_case(mode):
+@pytest.mark.parametrize("mode", ["hash", "hash_docs", "qkdrop", "qkdrop_docs", "hash1", "hash_gqa_odd", "hash_short_q"])
+def test_counting_sort_matches_sort(mode):
+    """``kernels.tokens.sort_tokens`` (one launch: a stable counting sort by bucket) gives
+    ``run_sorted`` exactly what two PyTorch sorts of the composite positions give: the
+    permutations, the inverse and the sorted composite positions and documents; the order keeps
+    the call's token order inside a bucket and puts dropped tokens last."""
+    from ringflash.kernels.tokens import sort_tokens
+
     B, S, H, Hkv, nb = (2, 77, 4, 2, 5) if mode != "hash_gqa_odd" else (3, 129, 6, 1, 19)
     nb = 1 if mode == "hash1" else nb
     Sq = 20 if mode == "hash_short_q" else S  # fewer queries than keys: the last ones
@@ -411,91 +418,18 @@ def _sort_case(mode):
     if mode.startswith("hash"):
         m = sp.HashSparse(torch.randint(0, nb, (B, Sq, H), generator=g, dtype=torch.int32),
                           torch.randint(0, nb, (B, S, Hkv), generator=g), nb)
+        got = sort_tokens(m.q_buckets, m.k_buckets, nb, q_pos, pos, docs, docs, len(cu) - 1)
     else:
         m = sp.QKDrop(torch.rand(B, S, H, generator=g) > 0.5, torch.rand(B, S, Hkv, generator=g) > 0.5)
-    return m, q_pos, pos, docs, len(cu) - 1
-
-
-SORT_MODES = ["hash", "hash_docs", "qkdrop", "qkdrop_docs", "hash1", "hash_gqa_odd", "hash_short_q"]
-
-
-@pytest.mark.parametrize("align", [1, 8, 32])
-@pytest.mark.parametrize("mode", SORT_MODES)
-def test_counting_sort_matches_sort(mode, align):
-    """``kernels.tokens.sort_tokens`` (two launches: a stable counting sort by bucket) gives
-    ``run_sorted`` exactly what PyTorch's path gives (``sparse.sort_tokens_torch``: a sort of
-    the composite positions, then the padding of tile-aligned buckets): the maps, the inverses
-    and the sorted composite positions and documents."""
-    from ringflash.kernels.tokens import sort_tokens
-
-    m, q_pos, pos, docs, n_docs = _sort_case(mode)
-    if isinstance(m, sp.HashSparse):
-        got = sort_tokens(m.q_buckets, m.k_buckets, m.num_buckets, q_pos, pos, docs, docs, n_docs,
-                          (2**30, 2**30 + 1), align)
-    else:
-        got = sort_tokens(m.q_keep, m.k_keep, 2, q_pos, pos, docs, docs, n_docs, (2**30, 2**30 + 1), align)
-    want = sp.sort_tokens_torch(m, q_pos, pos, docs, docs, n_docs, align)
+        got = sort_tokens(m.q_keep, m.k_keep, 2, pos, pos, docs, docs, len(cu) - 1, drop=(2**30, 2**30 + 1))
+    q_cpos, k_cpos = sp.composite_positions(m, q_pos, pos, docs, docs, len(cu) - 1)
+    (q_sorted, q_order), (k_sorted, k_order) = torch.sort(q_cpos, -1), torch.sort(k_cpos, -1)
+    want = (q_order, sp._inverse(q_order), q_sorted, (q_sorted >> 31).int(), k_order, sp._inverse(k_order), k_sorted,
+            (k_sorted >> 31).int())
     names = ("q_order", "q_inverse", "q_cpos", "q_cdoc", "k_order", "k_inverse", "k_cpos", "k_cdoc")
     for name, a, b in zip(names, got, want):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert torch.equal(a, b), name
-
-
-@pytest.mark.parametrize("align", [1, 8, 32])
-@pytest.mark.parametrize("mode", SORT_MODES)
-def test_sorted_order_and_padding(mode, align):
-    """What the sorted order is, checked from its definition: inside a bucket the call's token
-    order, dropped tokens last, composite documents and positions non-decreasing (the kernels'
-    ranges rely on it); with ``align`` > 1 every bucket that holds tokens (the kept ones for
-    QK-dropping) starts at a multiple of ``align``; padded queries copy their bucket's last
-    query, padded keys have a composite document no query has, and the slots after the last
-    bucket see nothing; the inverses map every token to its slot."""
-    from ringflash.kernels.tokens import padded_length
-
-    m, q_pos, k_pos, docs, n_docs = _sort_case(mode)
-    got = sp.sort_tokens_torch(m, q_pos, k_pos, docs, docs, n_docs, align)
-    hashing = isinstance(m, sp.HashSparse)
-    groups = m.num_buckets if hashing else 1
-    for side, (order, inverse, cpos, cdoc), ids, pos in (
-        ("q", got[:4], m.q_buckets if hashing else ~m.q_keep, q_pos),
-        ("k", got[4:], m.k_buckets if hashing else ~m.k_keep, k_pos),
-    ):
-        B, S, heads = ids.shape
-        assert order.shape == cpos.shape == cdoc.shape == (B, heads, padded_length(S, groups, align))
-        assert inverse.shape == (B, heads, S)
-        assert torch.all(cpos[..., 1:] >= cpos[..., :-1]), side  # non-decreasing
-        assert torch.equal(cdoc, (cpos >> 31).int())
-        for b in range(B):
-            for h in range(heads):
-                o, c = order[b, h], cpos[b, h]
-                real = o >= 0
-                assert torch.equal(torch.sort(o[real]).values, torch.arange(S)), side  # a permutation
-                assert torch.equal(o[inverse[b, h]], torch.arange(S))
-                bucket = ids[b, :, h].long()[o[real]]
-                assert torch.all(bucket[1:] >= bucket[:-1])  # by bucket ...
-                same = bucket[1:] == bucket[:-1]
-                assert torch.all(o[real][1:][same] > o[real][:-1][same])  # ... stably
-                doc = 0 if docs is None else docs.long()[o[real]]
-                want_doc = 2 * (bucket * n_docs + doc) if hashing else torch.where(bucket == 0, 2 * doc, sp._DROP_Q + (side == "k"))
-                assert torch.equal(c[real], (want_doc << 31) | pos[o[real]])
-                slots = torch.nonzero(real).flatten()
-                if align > 1:
-                    aligned = torch.unique(bucket) if hashing else torch.tensor([0])
-                    for g in aligned:
-                        at = slots[bucket == g]
-                        if len(at):
-                            assert at[0] % align == 0 and at[-1] - at[0] + 1 == len(at)
-                            pad = torch.arange(int(at[-1]) + 1, -(-(int(at[-1]) + 1) // align) * align)
-                            assert torch.all(o[pad] == -1)
-                            if side == "q":
-                                assert torch.all(c[pad] == c[at[-1]])  # the bucket's last query
-                            else:  # odd: no query's document
-                                assert torch.all((cdoc[b, h][pad] % 2 == 1) & ((c[pad] & (2**31 - 1)) == 2**31 - 1))
-                    after = torch.arange(int(slots[-1]) + 1, len(o)) if len(slots) else torch.arange(len(o))
-                    tail = after[(o[after] == -1) & ((c[after] >> 31) >= 2**30)]
-                    assert torch.all(c[tail] == ((sp._DROP_Q + (side == "k")) << 31) | (2**31 - 1))
-                else:
-                    assert bool(real.all())
 
 
 def test_many_buckets_sort_with_pytorch():
@@ -572,92 +506,3 @@ def test_permute_tokens_two_groups_and_gradient(needs):
         ref = x.detach().clone().requires_grad_()
         sp.gather_tokens(ref, o).backward(d)
         assert torch.equal(leaf.grad, ref.grad)
-
-
-# -- tile-aligned buckets ---------------------------------------------------------------------
-
-
-def test_alignment_rule():
-    """Buckets are tile-aligned with the engine's ``token_align`` where a row averages at least
-    ``MIN_ALIGNED_TILES`` tiles a bucket (QK-dropping aligns its one kept group); never for an
-    engine without one; ``TOKEN_ALIGN`` overrides the engine."""
-    import types
-
-    triton_like, plain = types.SimpleNamespace(token_align=128), types.SimpleNamespace()
-    ids = torch.zeros(1, 4, 1, dtype=torch.int32)
-    h8, drop = HashSparse(ids, ids, 8), QKDrop(ids > 0, ids > 0)
-    n = sp.MIN_ALIGNED_TILES * 128
-    assert sp.alignment(triton_like, h8, 8 * n) == 128 and sp.alignment(triton_like, h8, 8 * n - 1) == 1
-    assert sp.alignment(triton_like, drop, n) == 128 and sp.alignment(triton_like, drop, n - 1) == 1
-    assert sp.alignment(plain, h8, 1 << 20) == 1
-    assert kernels.TOKEN_ALIGN == 32  # the interpreter's largest tile edge (128 on a GPU)
-    from ringflash.kernels.tokens import padded_length
-
-    assert padded_length(100, 3, 1) == 100 and padded_length(100, 3, 32) == 224 and padded_length(0, 2, 8) == 16
-
-
-def test_permute_tokens_padding_and_other_lengths():
-    """``permute_tokens`` into more rows than the input has (a map with -1 for padding: zero rows,
-    LSE -inf) and back into fewer (the inverse); the gradient of each move is the other one."""
-    B, S, H, D, pad = 2, 11, 3, 16, 5
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(B, S, H, D, generator=g)
-    order = torch.stack([torch.stack([torch.randperm(S + pad, generator=g) for _ in range(H)]) for _ in range(B)])
-    order = torch.where(order >= S, -1, order)  # S + pad slots, pad of them padding
-    inverse = torch.empty(B, H, S, dtype=torch.int64)
-    for b in range(B):
-        for h in range(H):
-            real = torch.nonzero(order[b, h] >= 0).flatten()
-            inverse[b, h, order[b, h, real]] = real
-    xs = x.clone().requires_grad_()
-    (moved,) = sp._Permute.apply((order, inverse, 1), None, None, xs)
-    assert moved.shape == (B, S + pad, H, D)
-    assert torch.equal(moved, sp.gather_tokens(x, order))
-    assert torch.all(moved.transpose(1, 2)[order < 0] == 0)
-    lse = torch.randn(B, H, S + pad, generator=g)
-    back, lse_back = sp._Permute.apply((inverse, order, 1), None, lse, moved)
-    assert torch.equal(back, x) and torch.equal(lse_back, torch.gather(lse, -1, inverse))
-    dout = torch.randn(B, S, H, D, generator=g)
-    back.backward(dout)
-    assert torch.equal(xs.grad, dout)  # there and back: the identity, and so is its gradient
-
-
-@pytest.mark.parametrize("mode,causal", [("hash", True), ("qkdrop", False)])
-def test_flash_attention_aligned_buckets(mode, causal):
-    """With enough tokens a bucket, ``flash_attention(backend="triton")`` aligns the buckets to
-    the kernels' tiles by itself (the kernels see the padded rows) and stays exact: out, LSE
-    and gradients against float64 ``reference.attention``."""
-    from ringflash.kernels.tokens import padded_length
-
-    B, H, Hkv, nb = 1, 2, 1, 2
-    groups = nb if mode == "hash" else 1
-    S = sp.MIN_ALIGNED_TILES * groups * kernels.TOKEN_ALIGN
-    g = torch.Generator().manual_seed(S + nb)
-    q, dout = (torch.randn(B, S, H, 16, generator=g, dtype=torch.float64) for _ in range(2))
-    k, v = (torch.randn(B, S, Hkv, 16, generator=g, dtype=torch.float64) for _ in range(2))
-    if mode == "hash":
-        sparsity = HashSparse(torch.randint(0, nb, (B, S, H), generator=g), torch.randint(0, nb, (B, S, Hkv), generator=g), nb)
-    else:
-        sparsity = QKDrop(torch.rand(B, S, H, generator=g) > 0.5, torch.rand(B, S, Hkv, generator=g) > 0.5)
-    seen = []
-    forward = kernels.forward
-
-    def spy(q, *args, **kwargs):
-        seen.append(q.shape[1])
-        return forward(q, *args, **kwargs)
-
-    q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
-    kernels.forward = spy  # the engine takes it when flash_attention builds it
-    try:
-        out, lse = flash_attention(q32, k32, v32, causal=causal, sparsity=sparsity, backend="triton", return_lse=True)
-    finally:
-        kernels.forward = forward
-    assert seen == [padded_length(S, groups, kernels.TOKEN_ALIGN)]
-    out.backward(dout.float())
-    q64, k64, v64 = (t.clone().requires_grad_() for t in (q, k, v))
-    ref, ref_lse = reference.attention(q64, k64, v64, causal=causal, sparsity=sparsity)
-    ref.backward(dout)
-    for name, a, b in (("out", out, ref), ("dq", q32.grad, q64.grad), ("dk", k32.grad, k64.grad),
-                       ("dv", v32.grad, v64.grad)):
-        assert_close(a.detach(), b.detach(), None, name, torch.float32)
-    assert_lse(lse, ref_lse)

@@ -15,7 +15,6 @@ from .attention import (
     BWD_DQ_CONFIGS,
     FWD_CONFIGS,
     INTERPRETED,
-    TOKEN_ALIGN,
     KernelConfig,
     backward,
     backward_delta,
@@ -33,5 +32,4 @@ __all__ = [
     "BWD_DKDV_CONFIGS",
     "BWD_DQ_CONFIGS",
     "INTERPRETED",
-    "TOKEN_ALIGN",
 ]

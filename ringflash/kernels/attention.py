@@ -47,7 +47,6 @@ __all__ = [
     "BWD_DQ_CONFIGS",
     "INTERPRETED",
     "SUPPORTED_DTYPES",
-    "TOKEN_ALIGN",
 ]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -191,10 +190,6 @@ _HOPPER_BWD_ENV = os.environ.get("RINGFLASH_HOPPER_BACKWARD", "")
 HOPPER_BACKWARD = _HOPPER_BWD_ENV != "0"
 HOPPER_BWD_HEAD_DIMS: tuple = tuple(HOPPER_FWD_CONFIGS) if _HOPPER_BWD_ENV == "1" else (128,)
 # Small tiles under the interpreter: tests then cross many tile boundaries on short inputs.
-# QK-dropping and hashing start every bucket at a multiple of this many sorted slots
-# (ringflash.sparse.alignment): a multiple of every tile edge of the launches here, so that no
-# tile of any launch holds two buckets.
-TOKEN_ALIGN = 32 if INTERPRETED else 128
 _INTERPRET_FWD = KernelConfig(32, 16, 1, 1)
 _INTERPRET_DKDV = KernelConfig(16, 32, 1, 1)
 _INTERPRET_DQ = KernelConfig(32, 16, 1, 1)

@@ -41,7 +41,6 @@ __all__ = ["sort_tokens", "permute_tokens", "MAX_BUCKETS"]
 
 MAX_BUCKETS = 32  # more: the one-hot counts of a chunk and the prefix over chunks grow; PyTorch sorts
 NUM_WARPS = 4
-_MAX_POS = tl.constexpr(2**31 - 1)  # the position of padding slots: after every token's
 
 
 def _chunk(num_buckets: int) -> int:
@@ -102,13 +101,11 @@ def _count_kernel(
 @triton.jit
 def _place_chunk(
     BKT, stride_bb, stride_bs, stride_bh, POS, DOC, ORDER, INV, CPOS, CDOC, COUNTS,
-    pid_c, pid_r, n_chunks, b, h, heads, S, S_out, num_buckets, num_docs, drop_value, copy_pads,
+    pid_c, pid_r, n_chunks, b, h, heads, S, num_buckets, num_docs, drop_value,
     NB: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr, DOCS: tl.constexpr, DROP: tl.constexpr,
-    ALIGN: tl.constexpr,
 ):
-    # Where this chunk's tokens of each bucket start: the row's slots of lower buckets, plus its
-    # tokens of the same bucket in earlier chunks. With ALIGN > 1 every bucket (the kept one
-    # for QK-dropping) takes a whole number of ALIGN-slot tiles, its last ones padded.
+    # Where this chunk's tokens of each bucket start: the row's tokens of lower buckets, plus
+    # those of the same bucket in earlier chunks.
     total = tl.zeros([NB], dtype=tl.int32)
     earlier = tl.zeros([NB], dtype=tl.int32)
     row_counts = COUNTS + pid_r.to(tl.int64) * n_chunks * NB
@@ -117,57 +114,26 @@ def _place_chunk(
         n = tl.load(row_counts + c[:, None] * NB + tl.arange(0, NB)[None, :], mask=(c < n_chunks)[:, None], other=0)
         total += tl.sum(n, axis=0)
         earlier += tl.sum(tl.where((c < pid_c)[:, None], n, 0), axis=0)
-    groups = tl.arange(0, NB)
-    aligned = groups < (1 if DROP else num_buckets)
-    slots = tl.where(aligned, (total + ALIGN - 1) // ALIGN * ALIGN, total)
-    start = tl.cumsum(slots, axis=0) - slots
+    first = tl.cumsum(total, axis=0) - total + earlier
     offs, ok, bk, hit = _chunk_hits(BKT, stride_bb, stride_bs, stride_bh, b, h, S, pid_c * BLOCK, num_buckets,
                                     NB=NB, BLOCK=BLOCK, DROP=DROP)
     seen = tl.cumsum(hit, axis=0)  # per bucket, the chunk's tokens up to and including each
-    place = tl.sum(hit * (seen - 1 + start[None, :] + earlier[None, :]), axis=1)
+    place = tl.sum(hit * (seen - 1 + first[None, :]), axis=1)
     pos = tl.load(POS + offs, mask=ok, other=0).to(tl.int64)
     if DOCS:
         doc = tl.load(DOC + offs, mask=ok, other=0).to(tl.int64)
     else:
         doc = tl.zeros([BLOCK], dtype=tl.int64)
-    # Composite documents are even (2 x (bucket x num_docs + document)), so that the padding
-    # after a bucket takes the odd one between it and the next.
     if DROP:  # the ids are keep flags: bucket 0 = kept, 1 = dropped
-        cdoc = tl.where(bk == 0, doc * 2, drop_value)
+        cdoc = tl.where(bk == 0, doc, drop_value)
     else:
-        cdoc = (bk.to(tl.int64) * num_docs + doc) * 2
-    cpos = (cdoc << 31) | pos
-    out_row = (b * heads + h) * S_out  # ORDER, CPOS, CDOC: (B, heads, S_out); INV: (B, heads, S)
+        cdoc = bk.to(tl.int64) * num_docs + doc
+    out_row = (b * heads + h) * S  # ORDER, INV, CPOS, CDOC: (B, heads, S), contiguous
     dst = out_row + place.to(tl.int64)
     tl.store(ORDER + dst, offs.to(tl.int64), mask=ok)
-    tl.store(CPOS + dst, cpos, mask=ok)
+    tl.store(CPOS + dst, (cdoc << 31) | pos, mask=ok)
     tl.store(CDOC + dst, cdoc.to(tl.int32), mask=ok)
-    tl.store(INV + (b * heads + h) * S + offs, place.to(tl.int64), mask=ok)
-    if ALIGN > 1:
-        # The padding of each aligned bucket, written by the program that holds the bucket's
-        # last token: queries copy that token (they see what it sees; their gradient is zero),
-        # keys take the odd composite document after the bucket's (no query has it).
-        last = hit.to(tl.int1) & (place[:, None] == (start + total - 1)[None, :])  # (BLOCK, NB)
-        has_last = (tl.sum(last.to(tl.int32), axis=0) > 0) & aligned
-        last_cpos = tl.sum(tl.where(last, cpos[:, None], 0), axis=0)
-        pad_doc = (groups.to(tl.int64) + 1) * num_docs * 2 - 1
-        pad_cpos = tl.where(copy_pads != 0, last_cpos, (pad_doc << 31) | _MAX_POS)
-        j = tl.arange(0, ALIGN)
-        pad = has_last[:, None] & (j[None, :] < (slots - total)[:, None])  # (NB, ALIGN)
-        pdst = out_row + (start + total)[:, None].to(tl.int64) + j[None, :]
-        pvals = tl.broadcast_to(pad_cpos[:, None], (NB, ALIGN))
-        tl.store(ORDER + pdst, tl.full((NB, ALIGN), -1, tl.int64), mask=pad)
-        tl.store(CPOS + pdst, pvals, mask=pad)
-        tl.store(CDOC + pdst, (pvals >> 31).to(tl.int32), mask=pad)
-        if pid_c == 0:  # the slots after the last bucket: nobody's, and they see nothing
-            end = tl.sum(slots, axis=0)
-            trail = (drop_value.to(tl.int64) << 31) | _MAX_POS
-            for t0 in range(end, S_out, ALIGN):
-                t = t0 + j
-                tm = t < S_out
-                tl.store(ORDER + out_row + t, tl.full((ALIGN,), -1, tl.int64), mask=tm)
-                tl.store(CPOS + out_row + t, tl.full((ALIGN,), 0, tl.int64) + trail, mask=tm)
-                tl.store(CDOC + out_row + t, tl.full((ALIGN,), 0, tl.int32) + drop_value, mask=tm)
+    tl.store(INV + out_row + offs, place.to(tl.int64), mask=ok)
 
 
 @triton.jit
@@ -177,37 +143,27 @@ def _place_kernel(
     Q_POS, K_POS, Q_DOC, K_DOC,
     Q_ORDER, Q_INV, Q_CPOS, Q_CDOC,
     K_ORDER, K_INV, K_CPOS, K_CDOC,
-    COUNTS, q_rows, H, Hkv, Sq, Sk, Sq_out, Sk_out, num_buckets, num_docs, q_drop, k_drop,
+    COUNTS, q_rows, H, Hkv, Sq, Sk, num_buckets, num_docs, q_drop, k_drop,
     NB: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr, DOCS: tl.constexpr, DROP: tl.constexpr,
-    ALIGN: tl.constexpr,
 ):
-    """Pass 2, one program per (chunk, row): each token's place in its row's sorted order (and,
-    with ``ALIGN`` > 1, the padding slots')."""
+    """Pass 2, one program per (chunk, row): each token's place in its row's sorted order."""
     pid_c, pid_r = tl.program_id(0), tl.program_id(1)
     n_chunks = tl.num_programs(0)
     is_q, b, h, heads = _row(pid_r, q_rows, H, Hkv)
     if is_q:
-        if pid_c * BLOCK < tl.maximum(Sq, 1):
+        if pid_c * BLOCK < Sq:
             _place_chunk(QB, stride_qbb, stride_qbs, stride_qbh, Q_POS, Q_DOC, Q_ORDER, Q_INV, Q_CPOS, Q_CDOC,
-                         COUNTS, pid_c, pid_r, n_chunks, b, h, heads, Sq, Sq_out, num_buckets, num_docs, q_drop, 1,
-                         NB=NB, BLOCK=BLOCK, CB=CB, DOCS=DOCS, DROP=DROP, ALIGN=ALIGN)
+                         COUNTS, pid_c, pid_r, n_chunks, b, h, heads, Sq, num_buckets, num_docs, q_drop,
+                         NB=NB, BLOCK=BLOCK, CB=CB, DOCS=DOCS, DROP=DROP)
     else:
-        if pid_c * BLOCK < tl.maximum(Sk, 1):
+        if pid_c * BLOCK < Sk:
             _place_chunk(KB, stride_kbb, stride_kbs, stride_kbh, K_POS, K_DOC, K_ORDER, K_INV, K_CPOS, K_CDOC,
-                         COUNTS, pid_c, pid_r, n_chunks, b, h, heads, Sk, Sk_out, num_buckets, num_docs, k_drop, 0,
-                         NB=NB, BLOCK=BLOCK, CB=CB, DOCS=DOCS, DROP=DROP, ALIGN=ALIGN)
-
-
-def padded_length(seqlen: int, groups: int, align: int) -> int:
-    """Slots of a row whose first ``groups`` buckets each start at a multiple of ``align``: room
-    for every bucket's last tile padded, rounded up to whole tiles (``seqlen`` if align <= 1)."""
-    if align <= 1:
-        return seqlen
-    return -(-(seqlen + groups * (align - 1)) // align) * align
+                         COUNTS, pid_c, pid_r, n_chunks, b, h, heads, Sk, num_buckets, num_docs, k_drop,
+                         NB=NB, BLOCK=BLOCK, CB=CB, DOCS=DOCS, DROP=DROP)
 
 
 def sort_tokens(q_buckets: torch.Tensor, k_buckets: torch.Tensor, num_buckets: int, q_pos: torch.Tensor,
-                k_pos: torch.Tensor, q_doc, k_doc, num_docs: int, drop: tuple, align: int = 1):
+                k_pos: torch.Tensor, q_doc, k_doc, num_docs: int, drop: tuple | None = None):
     """Every head's tokens sorted by bucket, stably, for queries and keys in two launches.
 
     Args:
@@ -215,42 +171,26 @@ def sort_tokens(q_buckets: torch.Tensor, k_buckets: torch.Tensor, num_buckets: i
             ``[0, num_buckets)``, any strides.
         q_pos, k_pos: (Sq,) / (Sk,) global positions, increasing; ``q_doc``, ``k_doc``: (Sq,) /
             (Sk,) document ids, non-decreasing, or None.
-        drop: ``(q_drop, k_drop)``, the composite documents of tokens that see nothing and
-            nobody sees: QK-dropping's dropped tokens (the ids are then keep flags, ``num_buckets``
-            2, kept tokens first, with composite document 2 x document), and the slots after
-            the last bucket. For hash buckets the composite document is
-            ``2 x (bucket x num_docs + document)``.
-        align: with ``align`` > 1 every bucket (the kept tokens for QK-dropping) starts at a
-            multiple of ``align`` slots, so that no tile of that many rows holds two buckets.
-            A bucket's last tile is padded: padded queries copy the bucket's last query (they
-            see what it sees; nothing flows from them, as their output gradient is zero),
-            padded keys take the odd composite document after the bucket's (nobody sees them),
-            and the slots after the last bucket take the drop documents. Rows have
-            :func:`padded_length` slots.
+        drop: None for hash buckets (composite document ``bucket * num_docs + document``). For
+            QK-dropping, ``(q_drop, k_drop)``: the composite documents of dropped queries and
+            keys; the ids are then keep flags (``num_buckets`` 2), kept tokens first, with their
+            document.
 
     Returns ``(q_order, q_inverse, q_cpos, q_cdoc, k_order, k_inverse, k_cpos, k_cdoc)``: int64
-    maps (B, heads, slots) from sorted slot to token (-1 for padding; the inverses (B, heads, S)
-    from token to slot), the composite positions (int64, ``composite document << 31 |
-    position``; padding at position 2**31 - 1) and documents (int32) in sorted order.
+    permutations (B, heads, S) from sorted place to token (the inverses the other way), the
+    composite positions (int64) and documents (int32) in sorted order.
     """
     B, Sq, H = q_buckets.shape
     Sk, Hkv = k_buckets.shape[1], k_buckets.shape[2]
     dev = q_buckets.device
     if not 1 <= num_buckets <= MAX_BUCKETS:
         raise ValueError(f"sort_tokens takes 1 to {MAX_BUCKETS} buckets; got {num_buckets}")
-    if align & (align - 1):
-        raise ValueError(f"align must be a power of two; got {align}")
-    dropping = q_buckets.dtype == torch.bool
-    if dropping:  # Triton takes no pointer to bool
+    if q_buckets.dtype == torch.bool:  # Triton takes no pointer to bool
         q_buckets, k_buckets = q_buckets.view(torch.uint8), k_buckets.view(torch.uint8)
-    groups = 1 if dropping else num_buckets
-    Sq_out, Sk_out = padded_length(Sq, groups, align), padded_length(Sk, groups, align)
-    q_order, q_cpos = (torch.empty((B, H, Sq_out), dtype=torch.int64, device=dev) for _ in range(2))
-    q_inv = torch.empty((B, H, Sq), dtype=torch.int64, device=dev)
-    q_cdoc = torch.empty((B, H, Sq_out), dtype=torch.int32, device=dev)
-    k_order, k_cpos = (torch.empty((B, Hkv, Sk_out), dtype=torch.int64, device=dev) for _ in range(2))
-    k_inv = torch.empty((B, Hkv, Sk), dtype=torch.int64, device=dev)
-    k_cdoc = torch.empty((B, Hkv, Sk_out), dtype=torch.int32, device=dev)
+    q_order, q_inv, q_cpos = (torch.empty((B, H, Sq), dtype=torch.int64, device=dev) for _ in range(3))
+    q_cdoc = torch.empty((B, H, Sq), dtype=torch.int32, device=dev)
+    k_order, k_inv, k_cpos = (torch.empty((B, Hkv, Sk), dtype=torch.int64, device=dev) for _ in range(3))
+    k_cdoc = torch.empty((B, Hkv, Sk), dtype=torch.int32, device=dev)
     docs = q_doc is not None
     nb = triton.next_power_of_2(max(num_buckets, 2))
     block = _chunk(num_buckets) if not INTERPRETED else 16  # small chunks: tests cross chunk edges
@@ -258,13 +198,14 @@ def sort_tokens(q_buckets: torch.Tensor, k_buckets: torch.Tensor, num_buckets: i
     counts = torch.empty((grid[1], grid[0], nb), dtype=torch.int32, device=dev)
     buckets = (q_buckets, *q_buckets.stride(), k_buckets, *k_buckets.stride())
     _count_kernel[grid](*buckets, counts, B * H, H, Hkv, Sq, Sk, num_buckets,
-                        NB=nb, BLOCK=block, DROP=dropping, num_warps=NUM_WARPS)
+                        NB=nb, BLOCK=block, DROP=drop is not None, num_warps=NUM_WARPS)
+    q_drop, k_drop = drop if drop is not None else (0, 0)
     chunks_at_once = max(1, 4096 // nb) if not INTERPRETED else 2  # of the counts summed per step
     _place_kernel[grid](
         *buckets, q_pos, k_pos, q_doc if docs else q_pos, k_doc if docs else k_pos,
         q_order, q_inv, q_cpos, q_cdoc, k_order, k_inv, k_cpos, k_cdoc,
-        counts, B * H, H, Hkv, Sq, Sk, Sq_out, Sk_out, num_buckets, num_docs, drop[0], drop[1],
-        NB=nb, BLOCK=block, CB=chunks_at_once, DOCS=docs, DROP=dropping, ALIGN=max(align, 1), num_warps=NUM_WARPS,
+        counts, B * H, H, Hkv, Sq, Sk, num_buckets, num_docs, q_drop, k_drop,
+        NB=nb, BLOCK=block, CB=chunks_at_once, DOCS=docs, DROP=drop is not None, num_warps=NUM_WARPS,
     )
     return q_order, q_inv, q_cpos, q_cdoc, k_order, k_inv, k_cpos, k_cdoc
 
@@ -273,8 +214,7 @@ def sort_tokens(q_buckets: torch.Tensor, k_buckets: torch.Tensor, num_buckets: i
 def _move_group(X0, X1, Y0, Y1, IDX, s0b, s0s, s0h, s0d, s1b, s1s, s1h, s1d, bh, S, H, D, pid_s,
                 BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, TWO: tl.constexpr):
     """Rows ``pid_s`` of (batch x head) row ``bh`` of one group: Y[b, s, h, :] = X[b, IDX[b, h, s], h, :]
-    for one or two tensors (Y contiguous, S rows; zero where IDX is -1, a padding slot).
-    Returns the rows' sources and which rows exist with a source."""
+    for one or two tensors (Y contiguous). Returns the rows' sources and which rows exist."""
     b, h = bh // H, bh % H
     rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     ok = rows < S
@@ -282,14 +222,12 @@ def _move_group(X0, X1, Y0, Y1, IDX, s0b, s0s, s0h, s0d, s1b, s1s, s1h, s1d, bh,
     cols = tl.arange(0, BLOCK_D)
     m = ok[:, None] & (cols[None, :] < D)
     dst = ((b * S + rows.to(tl.int64)) * H + h)[:, None] * D + cols[None, :]
-    real = ok & (src >= 0)
-    mr = m & real[:, None]
-    x = tl.load(X0 + b * s0b + h * s0h + src[:, None] * s0s + cols[None, :] * s0d, mask=mr, other=0.0)
+    x = tl.load(X0 + b * s0b + h * s0h + src[:, None] * s0s + cols[None, :] * s0d, mask=m)
     tl.store(Y0 + dst, x, mask=m)
     if TWO:
-        x = tl.load(X1 + b * s1b + h * s1h + src[:, None] * s1s + cols[None, :] * s1d, mask=mr, other=0.0)
+        x = tl.load(X1 + b * s1b + h * s1h + src[:, None] * s1s + cols[None, :] * s1d, mask=m)
         tl.store(Y1 + dst, x, mask=m)
-    return src, real, rows
+    return src, ok, rows
 
 
 @triton.jit
@@ -311,8 +249,8 @@ def _permute_kernel(
                                     pid_r, SA, HA, D, pid_s, BLOCK_S, BLOCK_D, NA == 2)
         if LSE:
             b, h = pid_r // HA, pid_r % HA
-            lse = tl.load(L + b * stride_lb + h * stride_lh + src * stride_ls, mask=ok, other=float("-inf"))
-            tl.store(LY + pid_r * SA + rows, lse, mask=rows < SA)
+            lse = tl.load(L + b * stride_lb + h * stride_lh + src * stride_ls, mask=ok)
+            tl.store(LY + pid_r * SA + rows, lse, mask=ok)
     elif NB > 0:
         _move_group(XB0, XB1, YB0, YB1, IDXB, sb0b, sb0s, sb0h, sb0d, sb1b, sb1s, sb1h, sb1d,
                     pid_r - rows_a, SB, HB, D, pid_s, BLOCK_S, BLOCK_D, NB == 2)
@@ -321,21 +259,19 @@ def _permute_kernel(
 def permute_tokens(groups, lse: torch.Tensor | None = None):
     """Every head's tokens moved into a new order, one launch for everything given.
 
-    ``groups``: one or two ``(xs, index)`` pairs: ``xs`` one or two (B, S_in, H, D) tensors of one
-    shape (any strides), ``index`` (B, H, S) with values in ``[0, S_in)`` or -1;
-    ``y[b, s, h] = x[b, index[b, h, s], h]`` (zero where the index is -1: padding), as new
-    contiguous (B, S, H, D) tensors. Every tensor shares B, D and the dtype (the groups may
-    differ in S and H: queries, and keys with values). With ``lse`` (B, H, S_in of the first
-    group), also ``lse`` moved by the first group's index (-inf for padding). Returns the moved
-    tensors in the order given, then the LSE's."""
+    ``groups``: one or two ``(xs, index)`` pairs: ``xs`` one or two (B, S, H, D) tensors of one
+    shape (any strides), ``index`` (B, H, S); ``y[b, s, h] = x[b, index[b, h, s], h]``, as new
+    contiguous tensors. Every tensor shares B, D and the dtype (the groups may differ in S and
+    H: queries, and keys with values). With ``lse`` (B, H, S of the first group), also ``lse``
+    moved by the first group's index. Returns the moved tensors in the order given, then the
+    LSE's."""
     assert 1 <= len(groups) <= 2 and all(1 <= len(xs) <= 2 for xs, _ in groups)
     x0 = groups[0][0][0]
     B, D, dtype = x0.shape[0], x0.shape[3], x0.dtype
     slots, outs = [], []
     for xs, index in groups:
-        _, S_in, H, _ = xs[0].shape
-        S = index.shape[-1]
-        assert all(x.shape == (B, S_in, H, D) and x.dtype == dtype for x in xs) and index.shape == (B, H, S)
+        _, S, H, _ = xs[0].shape
+        assert all(x.shape == (B, S, H, D) and x.dtype == dtype for x in xs) and index.shape == (B, H, S)
         ys = [torch.empty((B, S, H, D), dtype=dtype, device=x0.device) for _ in xs]
         outs += ys
         pair = (xs[0], xs[-1], ys[0], ys[-1], index.contiguous())
