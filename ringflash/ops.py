@@ -260,12 +260,15 @@ class _FlashAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal, ctx.softmax_scale, ctx.backend, ctx.masks = causal, softmax_scale, be, masks
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the LSE: a launch fewer
         return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # a gradient of the gradient is refused, not wrong
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:  # only the LSE was used: nothing flows back
+            return None, None, None, None, None, None, None
         be = ctx.backend
         dout = dout.to(q.dtype).contiguous()
         direct = {"grad_dtype": q.dtype} if getattr(be, "stores_input_dtype", False) else {}

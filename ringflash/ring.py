@@ -573,12 +573,17 @@ class _RingAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (mask, softmax_scale, layout, group, be, attrs)
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the LSE: a launch fewer
         return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # a gradient of the gradient is refused, not wrong
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            # Only the LSE was used. Every rank still runs the ring's backward (its collectives
+            # must match the other ranks'), with a zero output gradient.
+            dout = torch.zeros_like(out)
         return (*_ring_backward(dout, q, k, v, out, lse, *ctx.args), None, None, None, None, None, None)
 
 

@@ -561,6 +561,9 @@ class _Permute(torch.autograd.Function):
         out = permute_tokens([(part, order) for (order, _, _), part in groups], lse)
         if lse is not None:
             ctx.mark_non_differentiable(out[-1])
+        # No zero-filled gradient for the LSE (or an unused output): one allocation and launch
+        # fewer per backward.
+        ctx.set_materialize_grads(False)
         return out
 
     @staticmethod
@@ -570,7 +573,7 @@ class _Permute(torch.autograd.Function):
         needs = ctx.needs_input_grad[3:]
         groups, at, slots = [], 0, []
         for inverse, n in ctx.inverses:
-            take = [i for i in range(at, at + n) if needs[i]]
+            take = [i for i in range(at, at + n) if needs[i] and grads[i] is not None]
             if take:
                 groups.append(([grads[i] for i in take], inverse))
                 slots += take

@@ -78,3 +78,42 @@ def test_reference_blockwise_equals_whole(causal):
     dq, dk, dv = reference.backward(dout, q, k, v, lse, reference.backward_delta(out, dout), causal=causal, block=7)
     for got, ref in ((out, want), (lse, want_lse), (dq, qq.grad), (dk, kk.grad), (dv, vv.grad)):
         assert torch.allclose(got, ref.detach(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "hash"])
+def test_backward_makes_no_zero_lse_gradient(sparse):
+    """The LSE has no gradient, so the backward is not handed a zero-filled one (autograd would
+    otherwise allocate and fill a (B, H, S) tensor per call); the gradients stay those of the
+    float64 reference."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ringflash.sparse import HashSparse
+
+    class CountFills(TorchDispatchMode):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape, self.fills = shape, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            zeroing = (torch.ops.aten.fill_, torch.ops.aten.zero_, torch.ops.aten.zeros)
+            if func.overloadpacket in zeroing and isinstance(out, torch.Tensor) and tuple(out.shape) == self.shape:
+                self.fills += 1
+            return out
+
+    B, S, H, D = 1, 32, 2, 16
+    g = torch.Generator().manual_seed(4)
+    q, k, v, dout = (torch.randn(B, S, H, D, generator=g, dtype=torch.float64) for _ in range(4))
+    sparsity = None
+    if sparse:
+        sparsity = HashSparse(*(torch.randint(0, 2, (B, S, H), generator=g) for _ in range(2)), 2)
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    out, lse = flash_attention(qq, kk, vv, causal=True, return_lse=True, sparsity=sparsity)
+    with CountFills((B, H, S)) as count:
+        out.backward(dout)
+    assert count.fills == 0
+    q64, k64, v64 = (t.clone().requires_grad_() for t in (q, k, v))
+    ref, _ = reference.attention(q64, k64, v64, causal=True, sparsity=sparsity)
+    ref.backward(dout)
+    for a, b in ((qq.grad, q64.grad), (kk.grad, k64.grad), (vv.grad, v64.grad)):
+        assert rel(a, b) < 1e-12

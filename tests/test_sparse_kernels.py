@@ -479,6 +479,24 @@ def test_permute_tokens_output_and_lse():
     assert torch.equal(leaf.grad, ref.grad)
 
 
+def test_permute_tokens_unused_output():
+    """An output nothing depends on gets no gradient (no zero-filled one is made): its input's
+    gradient is None, the others' are the moves of theirs."""
+    B, S, H, D = 1, 19, 2, 16
+    g = torch.Generator().manual_seed(6)
+    xs = [torch.randn(B, S, H, D, generator=g) for _ in range(3)]
+    order = torch.stack([torch.randperm(S, generator=g) for _ in range(B * H)]).view(B, H, S)
+    group = (order, sp._inverse(order), 1)
+    leaves = [x.clone().requires_grad_() for x in xs]
+    got = sp._Permute.apply(group, (order, sp._inverse(order), 2), None, *leaves)
+    dout = torch.randn(got[0].shape, generator=g)
+    (got[0] * dout).sum().backward(retain_graph=True)  # only the first output is used
+    assert leaves[1].grad is None and leaves[2].grad is None
+    assert torch.equal(leaves[0].grad, sp.gather_tokens(dout, sp._inverse(order)))
+    (got[2] * dout).sum().backward()  # one of a group of two
+    assert leaves[1].grad is None and torch.equal(leaves[2].grad, sp.gather_tokens(dout, sp._inverse(order)))
+
+
 @pytest.mark.parametrize("needs", [(True, True, True), (True, False, True), (False, True, False)])
 def test_permute_tokens_two_groups_and_gradient(needs):
     """Q by its order and K, V (fewer heads and tokens, views of one fused tensor) by theirs, in
