@@ -106,17 +106,18 @@ def compile_variant(D, dtype, *, causal=False, window=None, docs=False, fold=Fal
 
 
 def compile_backward(D, dtype, *, causal=False, window=None, docs=False, accumulate=False, pos_dtype=torch.int64,
-                     smem_p=False, grad_dtype=torch.float32, dq_mode="kernel", row_bounds=False):
+                     smem_p=False, grad_dtype=torch.float32, dq_mode="kernel", row_bounds=False, dq_writers=1):
     """Compile the dK/dV and dQ kernels as backward() would launch them: [(kernel, grid)] x 2 (x 1
     where the dK/dV kernel adds dQ, ``dq_mode`` "atomic" or "ordered"); ``grad_dtype``: dQ, dK and
     dV's dtype (float32, or without ``accumulate`` the inputs' dtype); ``row_bounds``: the dK/dV
-    program's boundary tiles masked by each query row's run of visible keys (HOPPER_BWD_ROW_BOUNDS)."""
+    program's boundary tiles masked by each query row's run of visible keys (HOPPER_BWD_ROW_BOUNDS);
+    ``dq_writers``: the writer warps adding dQ (HOPPER_BWD_DQ_WRITERS)."""
     assert grad_dtype == torch.float32 or not accumulate, "accumulation adds into float32 gradients"
     q, k, v, m, masked = _inputs(D, dtype, causal, window, docs, pos_dtype)
     lse = torch.empty(B, H, S, dtype=torch.float32)
     grads = [torch.empty(t.shape, dtype=grad_dtype) for t in (q, k, v)]
-    saved = A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_DQ
-    A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_DQ = smem_p, dq_mode
+    saved = A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_DQ, A.HOPPER_BWD_DQ_WRITERS
+    A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_DQ, A.HOPPER_BWD_DQ_WRITERS = smem_p, dq_mode, str(dq_writers)
     try:
         c1, c2 = A._dkdv_config(D), A.HOPPER_BWD_DQ_CONFIGS[D]
         bounds = torch.zeros(1, S, 2, dtype=torch.int32) if row_bounds else None  # values do not matter here
@@ -124,7 +125,7 @@ def compile_backward(D, dtype, *, causal=False, window=None, docs=False, accumul
                                           _ranges(masked, triton.cdiv(S, c1.block_n)),
                                           _ranges(masked, triton.cdiv(S, c2.block_m)), bounds)
     finally:
-        A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_DQ = saved
+        A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_DQ, A.HOPPER_BWD_DQ_WRITERS = saved
     return [_compile(kernel, launch) for kernel, launch in zip((_attn_bwd_dkdv_hopper, _attn_bwd_dq_hopper), launches)]
 
 
@@ -183,6 +184,14 @@ BACKWARD_ROW_BOUND_VARIANTS = [
     dict(D=64, dtype=torch.float16, window=(32, 16), docs=True, accumulate=True, smem_p=True, row_bounds=True),
 ]
 BACKWARD_VARIANTS += BACKWARD_ROW_BOUND_VARIANTS
+# two dQ writers, the even and the odd steps (HOPPER_BWD_DQ_WRITERS)
+BACKWARD_WRITER_VARIANTS = [
+    dict(D=128, dtype=torch.bfloat16, causal=True, accumulate=True, dq_mode="ordered", dq_writers=2),
+    dict(D=128, dtype=torch.bfloat16, window=(64, 0), docs=True, causal=True, dq_mode="ordered", row_bounds=True,
+         dq_writers=2),
+    dict(D=128, dtype=torch.bfloat16, dq_mode="atomic", dq_writers=2),
+]
+BACKWARD_VARIANTS += BACKWARD_WRITER_VARIANTS
 
 
 def _name(variant: dict) -> str:
@@ -198,6 +207,7 @@ def _facts(kernel, grid) -> dict:
         overlap="wgmma.wait_group.sync.aligned 1" in ptx,
         store16=bool(re.search(r"st\.global(\.v\d)?\.b16", ptx)),  # results stored as 16-bit values
         tma_reduce="cp.reduce.async.bulk.tensor.4d.global.shared::cta.add" in ptx,
+        tma_reduces=len(re.findall(r"cp\.reduce\.async\.bulk\.tensor", ptx)),
         bulk_complete=bool(re.search(r"cp\.async\.bulk\.wait_group\s+0;", ptx)),  # not .read: writes landed
         release=bool(re.search(r"(atom|red)\.global\.gpu\.release\.add", ptx)),
         num_warps=kernel.metadata.num_warps,
@@ -287,6 +297,8 @@ def test_backward_compiles_for_sm90(variant, compiled):
     # dQ by bulk reductions; in the fixed order each program waits for its own to land, then counts itself in
     assert dkdv["tma_reduce"] == (dq_mode != "kernel")
     assert dkdv["bulk_complete"] == dkdv["release"] == (dq_mode == "ordered")
+    if dq_mode != "kernel":  # each writer's reduction: 128-byte-wide messages of float32 rows
+        assert dkdv["tma_reduces"] == variant.get("dq_writers", 1) * D * 4 // 128
     configs = A.HOPPER_BWD_DKDV_SMEM_P_CONFIGS if variant.get("smem_p") or dq_mode != "kernel" else A.HOPPER_BWD_DKDV_CONFIGS
     assert dkdv["grid"] == [triton.cdiv(S, configs[D].block_n), B * HKV]
     if dq_mode == "kernel":
@@ -347,6 +359,16 @@ def test_backward_row_bounds_rule(causal, window, docs, setting, expected, monke
     monkeypatch.setattr(A, "HOPPER_BWD_ROW_BOUNDS", "yes")
     with pytest.raises(ValueError, match="RINGFLASH_HOPPER_BWD_ROW_BOUNDS"):
         A._hopper_bwd_row_bounds(m, causal)
+
+
+def test_dq_writers_setting(monkeypatch):
+    """HOPPER_BWD_DQ_WRITERS: 1 (the default) or 2; anything else is refused by name."""
+    assert A._dq_writers() == 1
+    monkeypatch.setattr(A, "HOPPER_BWD_DQ_WRITERS", "2")
+    assert A._dq_writers() == 2
+    monkeypatch.setattr(A, "HOPPER_BWD_DQ_WRITERS", "3")
+    with pytest.raises(ValueError, match="RINGFLASH_HOPPER_BWD_DQ_WRITERS must be 1 or 2"):
+        A._dq_writers()
 
 
 def test_not_taken_where_it_cannot_run():

@@ -431,6 +431,43 @@ def test_backward_fa3_form(dq_mode, D, case, hopper, monkeypatch):
             assert torch.allclose(x, y + 1, rtol=1e-5 if unordered else 0, atol=1e-4 if unordered else 1e-5)
 
 
+@pytest.mark.parametrize("case", ["causal_gqa", "documents_window", "accumulate"])
+@pytest.mark.parametrize("dq_mode", ["ordered", "atomic"])
+def test_two_dq_writers(dq_mode, case, hopper, monkeypatch):
+    """Two dQ writers (HOPPER_BWD_DQ_WRITERS = 2, the even and the odd steps): against float64 as
+    every backward here; ordered, bitwise the gradients of one writer (the additions into each
+    query tile keep their order), run after run."""
+    monkeypatch.setattr(attention, "HOPPER_BWD_DQ", dq_mode)
+    pos = torch.arange(2048, device=DEV)
+    doc = doc_ids([0, 900, 901, 2048], pos)
+    kw = dict(causal=True)
+    if case == "documents_window":
+        kw.update(q_pos=pos, k_pos=pos, window=(256, 0), q_doc=doc, k_doc=doc)
+    q, k, v = make(2, 2048, 2048, 8, 2, 128, torch.bfloat16, seed=41)
+    dout = make(2, 2048, 2048, 8, 2, 128, torch.bfloat16, seed=42)[0]
+    out, lse = kernels.forward(q, k, v, **kw)
+    delta = kernels.backward_delta(out, dout)
+    runs = {}
+    for writers in ("1", "2", "2"):
+        monkeypatch.setattr(attention, "HOPPER_BWD_DQ_WRITERS", writers)
+        if case == "accumulate":
+            acc = [torch.ones(t.shape, dtype=torch.float32, device=DEV) for t in (q, k, v)]
+            kernels.backward(dout, q, k, v, lse, delta, dq=acc[0], dk=acc[1], dv=acc[2], **kw)
+            runs.setdefault(writers, []).append(acc)
+        else:
+            runs.setdefault(writers, []).append(kernels.backward(dout, q, k, v, lse, delta, **kw))
+    assert hopper.count("bwd") == 3
+    if dq_mode == "ordered":
+        for got in runs["2"]:
+            assert all(torch.equal(x, y) for x, y in zip(got, runs["1"][0]))
+    else:
+        for x, y in zip(runs["2"][0], runs["1"][0]):
+            assert torch.allclose(x, y, rtol=1e-5, atol=1e-4)
+    monkeypatch.setattr(attention, "HOPPER_BWD_DQ_WRITERS", "2")
+    if case != "accumulate":
+        check(q, k, v, hopper, **kw)
+
+
 def test_default_choice(monkeypatch):
     """Without the fixture's switches: the module's defaults on this GPU. forward() takes the Hopper
     kernel at D = 128 (bf16 and fp16) and the Triton kernel at D = 64 and for float32, and so does

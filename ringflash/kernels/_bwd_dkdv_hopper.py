@@ -40,8 +40,8 @@ With ``SMEM_P`` (``attention.HOPPER_BWD_SMEM_P``) the consumers take FA3's route
 With ``DQ_MODE`` > 0 (``attention.HOPPER_BWD_DQ``, FA3's routes) the program computes dQ too, and
 no dQ kernel runs: five tile products per step instead of seven in two kernels. The consumers
 compute each step's dQ tile = dS K and put it into one of two float32 tiles in shared memory; a
-third partition, one warp (:func:`_dq_writer`), adds each into the float32 dQ with one bulk TMA
-reduction. Two more barriers of count 1 per buffer: ``dq_full[b]`` (consumers -> writer: the
+third partition, one warp (:func:`_dq_writer`; two with ``DQ_WRITERS`` = 2, taking the even and
+the odd steps), adds each into the float32 dQ with one bulk TMA reduction. Two more barriers of count 1 per buffer: ``dq_full[b]`` (consumers -> writer: the
 tile is in buffer b) and ``dq_empty[b]`` (writer -> consumers: the reduction has read it). The
 consumers therefore never wait for an addition to land, only, at most, for the reduction issued
 two steps before to have read its buffer. With DQ_MODE = 2 the additions into each query tile
@@ -124,7 +124,8 @@ def _producer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr, ROWB: gl.constexpr,
               ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr,
-              dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE: gl.constexpr):
+              dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE: gl.constexpr,
+              DQ_WRITERS: gl.constexpr, W: gl.constexpr):
     b, hk, n0, n = _program(H, G, BLOCK_N, DQ_MODE == 2)
     lo, flo, fhi, hi = ranges(RANGES, n, Sq, BLOCK_M, RANGED)
     n_m = (hi - lo) // BLOCK_M
@@ -153,7 +154,8 @@ def _consumer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr, ROWB: gl.constexpr,
               ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr,
-              dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE: gl.constexpr):
+              dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE: gl.constexpr,
+              DQ_WRITERS: gl.constexpr, W: gl.constexpr):
     if SMEM_P:
         _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
                          k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty,
@@ -405,7 +407,8 @@ def _dq_writer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KD
                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr, ROWB: gl.constexpr,
                ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr,
-               dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE: gl.constexpr):
+               dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE: gl.constexpr,
+               DQ_WRITERS: gl.constexpr, W: gl.constexpr):
     """The dQ writer (DQ_MODE > 0), one warp: each step's dQ tile, once the consumers have put it
     in its buffer (``dq_full``), added into the float32 dQ with one bulk TMA reduction; the buffer
     goes back (``dq_empty``) once the reduction has read it. With DQ_MODE = 2 the additions into
@@ -415,12 +418,19 @@ def _dq_writer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KD
     itself in; it polls the counter with plain acquire loads (an atomic read of it, the form
     before, ran the backward 2-4% slower). Those programs were launched before this one (the grid
     runs key tiles fastest, the last first), so the wait ends. The consumers go on meanwhile, two
-    buffers ahead at most."""
+    buffers ahead at most.
+
+    Ordered, one writer has one addition in flight: once an addition takes longer to land than
+    the consumers take for a step, the writer sets the pace (benchmarks/model_dq_writer.py: 1.5x
+    the time at 1.5 steps). With ``DQ_WRITERS`` = 2 (``attention.HOPPER_BWD_DQ_WRITERS``) two
+    writers, ``W`` = 0 and 1, take the even and the odd steps, each with its own buffer: two
+    additions in flight, into two different query tiles, each still added after the higher key
+    tiles' and counted in once landed, so the sum and its order are the same."""
     b, hk, n0, n = _program(H, G, BLOCK_N, DQ_MODE == 2)
     lo, flo, fhi, hi = ranges(RANGES, n, Sq, BLOCK_M, RANGED)
     n_m = (hi - lo) // BLOCK_M
     n_q = (Sq + BLOCK_M - 1) // BLOCK_M
-    for t in range(G * n_m):
+    for t in range(W, G * n_m, DQ_WRITERS):  # with two writers, buffer t % 2 is this writer's
         h = hk * G + t // n_m
         m0, _boundary = _tile(t % n_m, lo, flo, fhi, hi, BLOCK_M, DQ_MODE == 2)
         buf = t % 2
@@ -452,8 +462,9 @@ def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPO
                           RANGED: gl.constexpr, ROWB: gl.constexpr, ACCUMULATE: gl.constexpr,
                           PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                           CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr, P_LAYOUT: gl.constexpr,
-                          DQ_MODE: gl.constexpr):
+                          DQ_MODE: gl.constexpr, DQ_WRITERS: gl.constexpr):
     gl.static_assert(SMEM_P or DQ_MODE == 0, "dQ in the dK/dV program needs FA3's routes (SMEM_P)")
+    gl.static_assert(DQ_WRITERS == 1 or (DQ_WRITERS == 2 and DQ_MODE > 0), "one or two dQ writers (DQ_MODE > 0)")
     gl.static_assert(SMEM_P or not ROWB, "row bounds are read by FA3's routes (SMEM_P) only")
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
@@ -482,7 +493,7 @@ def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPO
     fence_async_shared()
 
     # Argument tuples written out in the call (see _fwd_hopper.py: constexprs stay constexprs).
-    if DQ_MODE > 0:
+    if DQ_WRITERS == 2:  # a second writer, one warp, for the odd steps
         gl.warp_specialize(
             [
                 (_consumer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
@@ -490,19 +501,48 @@ def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPO
                              sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                              stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
                              CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
-                             dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE)),
+                             dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE, DQ_WRITERS, 0)),
                 (_producer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
                              k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
                              sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                              stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
                              CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
-                             dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE)),
+                             dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE, DQ_WRITERS, 0)),
                 (_dq_writer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
                               k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
                               sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                               stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
                               CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
-                              dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE)),
+                              dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE, DQ_WRITERS, 0)),
+                (_dq_writer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
+                              k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+                              sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
+                              stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                              CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
+                              dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE, DQ_WRITERS, 1)),
+            ],
+            [PRODUCER_WARPS, 1, 1], [PRODUCER_REGS, PRODUCER_REGS, PRODUCER_REGS])
+    elif DQ_MODE > 0:
+        gl.warp_specialize(
+            [
+                (_consumer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
+                             k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+                             sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
+                             stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                             CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
+                             dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE, DQ_WRITERS, 0)),
+                (_producer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
+                             k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+                             sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
+                             stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                             CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
+                             dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE, DQ_WRITERS, 0)),
+                (_dq_writer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
+                              k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+                              sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
+                              stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                              CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
+                              dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE, DQ_WRITERS, 0)),
             ],
             [PRODUCER_WARPS, 1], [PRODUCER_REGS, PRODUCER_REGS])
     else:
@@ -513,13 +553,13 @@ def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPO
                              sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                              stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
                              CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
-                             dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE)),
+                             dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE, DQ_WRITERS, 0)),
                 (_producer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
                              k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
                              sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                              stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
                              CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
-                             dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE)),
+                             dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE, DQ_WRITERS, 0)),
             ],
             [PRODUCER_WARPS], [PRODUCER_REGS])
 

@@ -146,6 +146,15 @@ HOPPER_BWD_SMEM_P = os.environ.get("RINGFLASH_HOPPER_BWD_SMEM_P", "0") == "1"
 # repeatable): the default, 0.93-1.18x the Triton backward at D = 128 on an H100 (atomic:
 # 1.10-1.18x; benchmarks/results/kernels_h100_hopper_tma_dq/). RINGFLASH_HOPPER_BWD_DQ sets it.
 HOPPER_BWD_DQ = os.environ.get("RINGFLASH_HOPPER_BWD_DQ", "ordered")
+# HOPPER_BWD_DQ_WRITERS: writer warps adding the dK/dV programs' dQ tiles (HOPPER_BWD_DQ "atomic" or
+# "ordered"). 1: one writer, which under "ordered" waits for each addition to land before the
+# next. 2: two writers take the even and the odd steps, so that two additions are in flight; the
+# order of the additions into each query tile, and so the result, stays the same. A schedule
+# model (benchmarks/model_dq_writer.py) says one writer sets the pace once an addition takes
+# longer to land than a step takes; on an H100 the ordered backward ran 0.90x the unordered one
+# at 64k causal and 0.96-0.97x at 8k-16k. Not yet run on a GPU: 1 stays the default
+# (RINGFLASH_HOPPER_BWD_DQ_WRITERS=2 turns it on).
+HOPPER_BWD_DQ_WRITERS = os.environ.get("RINGFLASH_HOPPER_BWD_DQ_WRITERS", "1")
 HOPPER_BWD_DKDV_SMEM_P_CONFIGS: dict = {
     64: KernelConfig(64, 128, 8, 3),
     128: KernelConfig(64, 128, 8, 2),
@@ -698,6 +707,13 @@ def _dq_mode() -> int:
     return modes[HOPPER_BWD_DQ]
 
 
+def _dq_writers() -> int:
+    """HOPPER_BWD_DQ_WRITERS as the dK/dV kernel's DQ_WRITERS: 1 or 2."""
+    if str(HOPPER_BWD_DQ_WRITERS) not in ("1", "2"):
+        raise ValueError(f"RINGFLASH_HOPPER_BWD_DQ_WRITERS must be 1 or 2; got {HOPPER_BWD_DQ_WRITERS!r}")
+    return int(HOPPER_BWD_DQ_WRITERS)
+
+
 def _smem_p() -> bool:
     """Whether the dK/dV program takes FA3's operand routes (HOPPER_BWD_SMEM_P, or dQ in it)."""
     return HOPPER_BWD_SMEM_P or _dq_mode() > 0
@@ -959,7 +975,7 @@ def _hopper_bwd_launches(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale,
             p_layout = _p_layout(cfg.block_m, cfg.block_n, q.dtype) if _smem_p() else None
             launches.append(((triton.cdiv(Sk, cfg.block_n), B * Hkv), args,
                              dict(meta, ACCUMULATE=acc_dkdv, SMEM_P=_smem_p(), P_LAYOUT=p_layout, DQ_MODE=mode,
-                                  ROWB=rowb),
+                                  DQ_WRITERS=_dq_writers() if mode else 1, ROWB=rowb),
                              cfg.num_warps))
         else:
             args = (*head, dq, *tail, dq.stride(0), dq.stride(1), dq.stride(2), H, H // Hkv, Sq, Sk,
