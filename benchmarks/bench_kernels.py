@@ -53,7 +53,8 @@ from ringflash import kernels  # noqa: E402
 # ringflash_hopper_persistent: the split forward as persistent programs drawing work from a
 # counter (HOPPER_FWD_PERSISTENT); ringflash_hopper_atomic_dq / _ordered_dq: the backward in one
 # kernel, the dK/dV programs adding dQ by bulk TMA reductions in any order / in a fixed order
-# (HOPPER_BWD_DQ "atomic" / "ordered"); ringflash_triton_bwd: the split Hopper forward with the
+# (HOPPER_BWD_DQ "atomic" / "ordered"), with "_2w" two dQ writers (HOPPER_BWD_DQ_WRITERS = 2);
+# ringflash_triton_bwd: the split Hopper forward with the
 # Triton backward (the default on sm_90 before the Hopper backward was).
 # Values: (backward, split, ping-pong, smem_p, persistent, dQ).
 HOPPER_IMPLS = {"ringflash_hopper": (True, 1, False, False, False, "ordered"),
@@ -63,6 +64,8 @@ HOPPER_IMPLS = {"ringflash_hopper": (True, 1, False, False, False, "ordered"),
                 "ringflash_hopper_persistent": (True, 2, False, False, True, "ordered"),
                 "ringflash_hopper_atomic_dq": (True, 2, False, True, False, "atomic"),
                 "ringflash_hopper_ordered_dq": (True, 2, False, True, False, "ordered"),
+                "ringflash_hopper_ordered_dq_2w": (True, 2, False, True, False, "ordered"),
+                "ringflash_hopper_atomic_dq_2w": (True, 2, False, True, False, "atomic"),
                 "ringflash_triton_bwd": (False, 2, False, False, False, "ordered")}
 IMPLS = ("ringflash", "ringflash_default", *HOPPER_IMPLS, "sdpa_flash", "sdpa_cudnn", "flex")
 MODES = ("fwd", "bwd", "fwdbwd")
@@ -118,9 +121,11 @@ def make_fns(impl: str, q, k, v, dout, causal: bool):
         def hopper(fn):
             def run():
                 names = ("HOPPER_FORWARD", "HOPPER_BACKWARD", "HOPPER_FWD_SPLIT", "HOPPER_FWD_PINGPONG",
-                         "HOPPER_BWD_SMEM_P", "HOPPER_FWD_PERSISTENT", "HOPPER_BWD_DQ", "HOPPER_BWD_HEAD_DIMS")
+                         "HOPPER_BWD_SMEM_P", "HOPPER_FWD_PERSISTENT", "HOPPER_BWD_DQ", "HOPPER_BWD_HEAD_DIMS",
+                         "HOPPER_BWD_DQ_WRITERS")
                 saved = [getattr(attention, n) for n in names]
-                for n, value in zip(names, (True, *HOPPER_IMPLS[impl], (64, 128))):
+                writers = "2" if impl.endswith("_2w") else "1"
+                for n, value in zip(names, (True, *HOPPER_IMPLS[impl], (64, 128), writers)):
                     setattr(attention, n, value)
                 try:
                     return fn()

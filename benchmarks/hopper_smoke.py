@@ -1,6 +1,6 @@
 """One Hopper kernel variant once, against float64: the first check on a new GPU or Triton.
 
-    PYTHONPATH=. python benchmarks/hopper_smoke.py fwd|fwd_split|fwd_pingpong|fwd_persistent|bwd|bwd_smem_p|bwd_atomic_dq|bwd_ordered_dq [--case causal|full|masks|gqa]
+    PYTHONPATH=. python benchmarks/hopper_smoke.py fwd|fwd_split|fwd_pingpong|fwd_persistent|bwd|bwd_smem_p|bwd_atomic_dq|bwd_ordered_dq|bwd_ordered_dq_2w [--case causal|full|masks|gqa]
 
 Each variant runs in its own process (benchmarks/onegpu.sh puts each under a timeout), because a
 wrong barrier phase hangs the GPU rather than failing. Prints the relative error of O (and of
@@ -17,7 +17,8 @@ from ringflash import kernels, reference
 from ringflash.kernels import attention as A
 
 VARIANTS = {"fwd": (1, False), "fwd_split": (2, False), "fwd_pingpong": (2, True), "fwd_persistent": (2, False),
-            "bwd": (1, False), "bwd_smem_p": (1, False), "bwd_atomic_dq": (1, False), "bwd_ordered_dq": (1, False)}
+            "bwd": (1, False), "bwd_smem_p": (1, False), "bwd_atomic_dq": (1, False), "bwd_ordered_dq": (1, False),
+            "bwd_ordered_dq_2w": (1, False)}  # _2w: two dQ writers (HOPPER_BWD_DQ_WRITERS = 2)
 
 
 def main() -> None:
@@ -33,7 +34,9 @@ def main() -> None:
     A.HOPPER_BACKWARD = bwd
     A.HOPPER_BWD_HEAD_DIMS = (64, 128)
     A.HOPPER_BWD_SMEM_P = a.variant == "bwd_smem_p"
-    A.HOPPER_BWD_DQ = {"bwd_atomic_dq": "atomic", "bwd_ordered_dq": "ordered"}.get(a.variant, "kernel")  # bwd: the two kernels
+    A.HOPPER_BWD_DQ = {"bwd_atomic_dq": "atomic", "bwd_ordered_dq": "ordered",
+                       "bwd_ordered_dq_2w": "ordered"}.get(a.variant, "kernel")  # bwd: the two kernels
+    A.HOPPER_BWD_DQ_WRITERS = "2" if a.variant.endswith("_2w") else "1"
     A.HOPPER_FWD_SPLIT, A.HOPPER_FWD_PINGPONG = VARIANTS[a.variant]
     A.HOPPER_FWD_PERSISTENT = a.variant == "fwd_persistent"
     served = []

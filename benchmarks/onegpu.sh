@@ -19,7 +19,7 @@ echo "== $(python3 -c 'import torch; print(torch.cuda.get_device_name())'); torc
 echo "== smoke: each Hopper kernel variant, each in its own process under a timeout"
 : > "$OUT/smoke.log"
 OK=""
-for variant in fwd fwd_split fwd_pingpong fwd_persistent bwd bwd_smem_p bwd_atomic_dq bwd_ordered_dq; do
+for variant in fwd fwd_split fwd_pingpong fwd_persistent bwd bwd_smem_p bwd_atomic_dq bwd_ordered_dq bwd_ordered_dq_2w; do
   if timeout ${SMOKE_TIMEOUT:-60} python3 benchmarks/hopper_smoke.py $variant --case causal >> "$OUT/smoke.log" 2>&1; then
     OK="$OK $variant"
     for case in full masks gqa; do
@@ -40,6 +40,8 @@ case "$OK" in *bwd_smem_p*) HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_smem_p"
 # the default backward on sm_90 (dQ in key-tile order) beside the Triton backward, and the unordered form
 case "$OK" in *bwd_ordered_dq*) HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_ordered_dq ringflash_triton_bwd";; esac
 case "$OK" in *bwd_atomic_dq*) HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_atomic_dq";; esac
+# two dQ writers (HOPPER_BWD_DQ_WRITERS = 2), ordered and unordered, where their smoke check passed
+case "$OK" in *bwd_ordered_dq_2w*) HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_ordered_dq_2w ringflash_hopper_atomic_dq_2w";; esac
 MASK_IMPLS="ringflash flex"
 case "$OK" in *" fwd"*) MASK_IMPLS="ringflash ringflash_triton ringflash_hopper flex";; esac
 case "$OK" in *fwd_persistent*) MASK_IMPLS="$MASK_IMPLS ringflash_hopper_persistent";; esac
