@@ -41,10 +41,11 @@ With ``DQ_MODE`` > 0 (``attention.HOPPER_BWD_DQ``, FA3's routes) the program com
 no dQ kernel runs: five tile products per step instead of seven in two kernels. The consumers
 compute each step's dQ tile = dS K and put it into one of two float32 tiles in shared memory; a
 third partition, one warp (:func:`_dq_writer`; two with ``DQ_WRITERS`` = 2, taking the even and
-the odd steps), adds each into the float32 dQ with one bulk TMA reduction. Two more barriers of count 1 per buffer: ``dq_full[b]`` (consumers -> writer: the
-tile is in buffer b) and ``dq_empty[b]`` (writer -> consumers: the reduction has read it). The
-consumers therefore never wait for an addition to land, only, at most, for the reduction issued
-two steps before to have read its buffer. With DQ_MODE = 2 the additions into each query tile
+the odd steps), adds each into the float32 dQ with one bulk TMA reduction. Two more barriers of
+count 1 per buffer: ``dq_full[b]`` (consumers -> writer: the tile is in buffer b) and
+``dq_empty[b]`` (writer -> consumers: the reduction has read it). The consumers therefore never
+wait for an addition to land, only, at most, for the reduction issued two steps before to have
+read its buffer. With DQ_MODE = 2 the additions into each query tile
 come in a fixed order (bitwise repeatable): a counter per (batch, query head, query tile) in
 global memory, which the writer waits on before its reduction and raises once the reduction has
 landed. The order is FA3's "shortest processing time first": the grid launches the last key
