@@ -31,22 +31,23 @@ for variant in fwd fwd_split fwd_pingpong fwd_persistent bwd bwd_smem_p bwd_atom
   fi
 done
 grep -v "^\s" "$OUT/smoke.log" | grep -i "err\|fail\|error" | tail -40
+passed() { case "$OK " in *" $1 "*) return 0;; esac; return 1; }  # that variant's smoke check passed (exact name)
 HOPPER_IMPLS=""
-case "$OK" in *" fwd"*) HOPPER_IMPLS="ringflash_hopper";; esac
-case "$OK" in *fwd_split*) HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_split";; esac
-case "$OK" in *fwd_pingpong*) HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_pingpong";; esac
-case "$OK" in *fwd_persistent*) HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_persistent";; esac
-case "$OK" in *bwd_smem_p*) HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_smem_p";; esac
+passed fwd && HOPPER_IMPLS="ringflash_hopper"
+passed fwd_split && HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_split"
+passed fwd_pingpong && HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_pingpong"
+passed fwd_persistent && HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_persistent"
+passed bwd_smem_p && HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_smem_p"
 # the default backward on sm_90 (dQ in key-tile order) beside the Triton backward, and the unordered form
-case "$OK" in *bwd_ordered_dq*) HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_ordered_dq ringflash_triton_bwd";; esac
-case "$OK" in *bwd_atomic_dq*) HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_atomic_dq";; esac
+passed bwd_ordered_dq && HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_ordered_dq ringflash_triton_bwd"
+passed bwd_atomic_dq && HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_atomic_dq"
 # two dQ writers (HOPPER_BWD_DQ_WRITERS = 2), ordered and unordered, where their smoke check passed
-case "$OK" in *bwd_ordered_dq_2w*) HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_ordered_dq_2w ringflash_hopper_atomic_dq_2w";; esac
+passed bwd_ordered_dq_2w && HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_ordered_dq_2w ringflash_hopper_atomic_dq_2w"
 MASK_IMPLS="ringflash flex"
-case "$OK" in *" fwd"*) MASK_IMPLS="ringflash ringflash_triton ringflash_hopper flex";; esac
-case "$OK" in *fwd_persistent*) MASK_IMPLS="$MASK_IMPLS ringflash_hopper_persistent";; esac
-case "$OK" in *bwd_ordered_dq*) MASK_IMPLS="$MASK_IMPLS ringflash_hopper_ordered_dq";; esac
-case "$OK" in *bwd_atomic_dq*) MASK_IMPLS="$MASK_IMPLS ringflash_hopper_atomic_dq";; esac
+passed fwd && MASK_IMPLS="ringflash ringflash_triton ringflash_hopper flex"
+passed fwd_persistent && MASK_IMPLS="$MASK_IMPLS ringflash_hopper_persistent"
+passed bwd_ordered_dq && MASK_IMPLS="$MASK_IMPLS ringflash_hopper_ordered_dq"
+passed bwd_atomic_dq && MASK_IMPLS="$MASK_IMPLS ringflash_hopper_atomic_dq"
 # A hang would eat every later timeout: the GPU tests run only when every variant came back.
 MODES="fwd bwd fwdbwd"
 case "$OK" in *bwd*) ;; *) TESTS=0 MODES="fwd";; esac
@@ -75,7 +76,7 @@ fi
 if [ "${PROGRAM_COST:-0}" = 1 ]; then
   echo "== masked calls' fixed cost per program (windows, equal documents), with the persistent Hopper forward"
   PERSIST=""
-  case "$OK" in *fwd_persistent*) PERSIST="--persistent";; esac
+  passed fwd_persistent && PERSIST="--persistent"
   timeout ${PROGRAM_COST_TIMEOUT:-300} python3 benchmarks/bench_program_cost.py $PERSIST --out "$OUT" \
     > "$OUT/bench_program_cost.log" 2>&1
   tail -40 "$OUT/bench_program_cost.log"
