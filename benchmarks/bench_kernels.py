@@ -53,20 +53,21 @@ from ringflash import kernels  # noqa: E402
 # ringflash_hopper_persistent: the split forward as persistent programs drawing work from a
 # counter (HOPPER_FWD_PERSISTENT); ringflash_hopper_atomic_dq / _ordered_dq: the backward in one
 # kernel, the dK/dV programs adding dQ by bulk TMA reductions in any order / in a fixed order
-# (HOPPER_BWD_DQ "atomic" / "ordered"), with "_2w" two dQ writers (HOPPER_BWD_DQ_WRITERS = 2);
+# (HOPPER_BWD_DQ "atomic" / "ordered") with one dQ writer, with "_2w" two (HOPPER_BWD_DQ_WRITERS;
+# the others take the module's default, two);
 # ringflash_triton_bwd: the split Hopper forward with the
 # Triton backward (the default on sm_90 before the Hopper backward was).
-# Values: (backward, split, ping-pong, smem_p, persistent, dQ).
-HOPPER_IMPLS = {"ringflash_hopper": (True, 1, False, False, False, "ordered"),
-                "ringflash_hopper_split": (True, 2, False, False, False, "ordered"),
-                "ringflash_hopper_pingpong": (True, 2, True, False, False, "ordered"),
-                "ringflash_hopper_smem_p": (True, 2, False, True, False, "kernel"),
-                "ringflash_hopper_persistent": (True, 2, False, False, True, "ordered"),
-                "ringflash_hopper_atomic_dq": (True, 2, False, True, False, "atomic"),
-                "ringflash_hopper_ordered_dq": (True, 2, False, True, False, "ordered"),
-                "ringflash_hopper_ordered_dq_2w": (True, 2, False, True, False, "ordered"),
-                "ringflash_hopper_atomic_dq_2w": (True, 2, False, True, False, "atomic"),
-                "ringflash_triton_bwd": (False, 2, False, False, False, "ordered")}
+# Values: (backward, split, ping-pong, smem_p, persistent, dQ, dQ writers or None: the default).
+HOPPER_IMPLS = {"ringflash_hopper": (True, 1, False, False, False, "ordered", None),
+                "ringflash_hopper_split": (True, 2, False, False, False, "ordered", None),
+                "ringflash_hopper_pingpong": (True, 2, True, False, False, "ordered", None),
+                "ringflash_hopper_smem_p": (True, 2, False, True, False, "kernel", None),
+                "ringflash_hopper_persistent": (True, 2, False, False, True, "ordered", None),
+                "ringflash_hopper_atomic_dq": (True, 2, False, True, False, "atomic", "1"),
+                "ringflash_hopper_ordered_dq": (True, 2, False, True, False, "ordered", "1"),
+                "ringflash_hopper_ordered_dq_2w": (True, 2, False, True, False, "ordered", "2"),
+                "ringflash_hopper_atomic_dq_2w": (True, 2, False, True, False, "atomic", "2"),
+                "ringflash_triton_bwd": (False, 2, False, False, False, "ordered", None)}
 IMPLS = ("ringflash", "ringflash_default", *HOPPER_IMPLS, "sdpa_flash", "sdpa_cudnn", "flex")
 MODES = ("fwd", "bwd", "fwdbwd")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -124,8 +125,8 @@ def make_fns(impl: str, q, k, v, dout, causal: bool):
                          "HOPPER_BWD_SMEM_P", "HOPPER_FWD_PERSISTENT", "HOPPER_BWD_DQ", "HOPPER_BWD_HEAD_DIMS",
                          "HOPPER_BWD_DQ_WRITERS")
                 saved = [getattr(attention, n) for n in names]
-                writers = "2" if impl.endswith("_2w") else "1"
-                for n, value in zip(names, (True, *HOPPER_IMPLS[impl], (64, 128), writers)):
+                *switches, writers = HOPPER_IMPLS[impl]
+                for n, value in zip(names, (True, *switches, (64, 128), writers or saved[-1])):
                     setattr(attention, n, value)
                 try:
                     return fn()

@@ -38,7 +38,8 @@ passed fwd_split && HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_split"
 passed fwd_pingpong && HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_pingpong"
 passed fwd_persistent && HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_persistent"
 passed bwd_smem_p && HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_smem_p"
-# the default backward on sm_90 (dQ in key-tile order) beside the Triton backward, and the unordered form
+# the Hopper backward with one dQ writer (in key-tile order, and unordered) beside the Triton backward;
+# "ringflash" is the default (two writers)
 passed bwd_ordered_dq && HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_ordered_dq ringflash_triton_bwd"
 passed bwd_atomic_dq && HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_atomic_dq"
 # two dQ writers (HOPPER_BWD_DQ_WRITERS = 2), ordered and unordered, where their smoke check passed

@@ -111,7 +111,7 @@ def compile_backward(D, dtype, *, causal=False, window=None, docs=False, accumul
     where the dK/dV kernel adds dQ, ``dq_mode`` "atomic" or "ordered"); ``grad_dtype``: dQ, dK and
     dV's dtype (float32, or without ``accumulate`` the inputs' dtype); ``row_bounds``: the dK/dV
     program's boundary tiles masked by each query row's run of visible keys (HOPPER_BWD_ROW_BOUNDS);
-    ``dq_writers``: the writer warps adding dQ (HOPPER_BWD_DQ_WRITERS)."""
+    ``dq_writers``: the writer warps adding dQ (HOPPER_BWD_DQ_WRITERS; one here, two by default)."""
     assert grad_dtype == torch.float32 or not accumulate, "accumulation adds into float32 gradients"
     q, k, v, m, masked = _inputs(D, dtype, causal, window, docs, pos_dtype)
     lse = torch.empty(B, H, S, dtype=torch.float32)
@@ -184,7 +184,8 @@ BACKWARD_ROW_BOUND_VARIANTS = [
     dict(D=64, dtype=torch.float16, window=(32, 16), docs=True, accumulate=True, smem_p=True, row_bounds=True),
 ]
 BACKWARD_VARIANTS += BACKWARD_ROW_BOUND_VARIANTS
-# two dQ writers, the even and the odd steps (HOPPER_BWD_DQ_WRITERS)
+# two dQ writers, the even and the odd steps (HOPPER_BWD_DQ_WRITERS = 2, the module's default; the
+# variants above have one)
 BACKWARD_WRITER_VARIANTS = [
     dict(D=128, dtype=torch.bfloat16, causal=True, accumulate=True, dq_mode="ordered", dq_writers=2),
     dict(D=128, dtype=torch.bfloat16, window=(64, 0), docs=True, causal=True, dq_mode="ordered", row_bounds=True,
@@ -362,10 +363,10 @@ def test_backward_row_bounds_rule(causal, window, docs, setting, expected, monke
 
 
 def test_dq_writers_setting(monkeypatch):
-    """HOPPER_BWD_DQ_WRITERS: 1 (the default) or 2; anything else is refused by name."""
-    assert A._dq_writers() == 1
-    monkeypatch.setattr(A, "HOPPER_BWD_DQ_WRITERS", "2")
+    """HOPPER_BWD_DQ_WRITERS: 2 (the default) or 1; anything else is refused by name."""
     assert A._dq_writers() == 2
+    monkeypatch.setattr(A, "HOPPER_BWD_DQ_WRITERS", "1")
+    assert A._dq_writers() == 1
     monkeypatch.setattr(A, "HOPPER_BWD_DQ_WRITERS", "3")
     with pytest.raises(ValueError, match="RINGFLASH_HOPPER_BWD_DQ_WRITERS must be 1 or 2"):
         A._dq_writers()

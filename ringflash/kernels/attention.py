@@ -148,13 +148,14 @@ HOPPER_BWD_SMEM_P = os.environ.get("RINGFLASH_HOPPER_BWD_SMEM_P", "0") == "1"
 HOPPER_BWD_DQ = os.environ.get("RINGFLASH_HOPPER_BWD_DQ", "ordered")
 # HOPPER_BWD_DQ_WRITERS: writer warps adding the dK/dV programs' dQ tiles (HOPPER_BWD_DQ "atomic" or
 # "ordered"). 1: one writer, which under "ordered" waits for each addition to land before the
-# next. 2: two writers take the even and the odd steps, so that two additions are in flight; the
-# order of the additions into each query tile, and so the result, stays the same. A schedule
-# model (benchmarks/model_dq_writer.py) says one writer sets the pace once an addition takes
-# longer to land than a step takes; on an H100 the ordered backward ran 0.90x the unordered one
-# at 64k causal and 0.96-0.97x at 8k-16k. Not yet run on a GPU: 1 stays the default
-# (RINGFLASH_HOPPER_BWD_DQ_WRITERS=2 turns it on).
-HOPPER_BWD_DQ_WRITERS = os.environ.get("RINGFLASH_HOPPER_BWD_DQ_WRITERS", "1")
+# next, so it sets the pace once an addition takes longer to land than a step takes (a schedule
+# model, benchmarks/model_dq_writer.py). 2 (the default): two writers take the even and the odd
+# steps, so that two additions are in flight; the order of the additions into each query tile,
+# and so the result, stays the same (bitwise, tests/test_kernels_hopper_gpu.py). On an H100 the
+# ordered backward ran 1.16x faster at 16k causal (two calls), 1.09x at 64k causal, 0.98-1.06x
+# elsewhere at 8k-32k (benchmarks/results/kernels_h100_dq_writers/). RINGFLASH_HOPPER_BWD_DQ_WRITERS
+# sets it.
+HOPPER_BWD_DQ_WRITERS = os.environ.get("RINGFLASH_HOPPER_BWD_DQ_WRITERS", "2")
 HOPPER_BWD_DKDV_SMEM_P_CONFIGS: dict = {
     64: KernelConfig(64, 128, 8, 3),
     128: KernelConfig(64, 128, 8, 2),
