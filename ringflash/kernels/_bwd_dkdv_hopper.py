@@ -40,8 +40,8 @@ With ``SMEM_P`` (``attention.HOPPER_BWD_SMEM_P``) the consumers take FA3's route
 With ``DQ_MODE`` > 0 (``attention.HOPPER_BWD_DQ``, FA3's routes) the program computes dQ too, and
 no dQ kernel runs: five tile products per step instead of seven in two kernels. The consumers
 compute each step's dQ tile = dS K and put it into one of two float32 tiles in shared memory; a
-third partition, one warp (:func:`_dq_writer`; two with ``DQ_WRITERS`` = 2, taking the even and
-the odd steps), adds each into the float32 dQ with one bulk TMA reduction. Two more barriers of
+third partition, one warp (:func:`_dq_writer`; two with ``DQ_WRITERS`` = 2, the launcher's default,
+taking the even and the odd steps), adds each into the float32 dQ with one bulk TMA reduction. Two more barriers of
 count 1 per buffer: ``dq_full[b]`` (consumers -> writer: the tile is in buffer b) and
 ``dq_empty[b]`` (writer -> consumers: the reduction has read it). The consumers therefore never
 wait for an addition to land, only, at most, for the reduction issued two steps before to have
