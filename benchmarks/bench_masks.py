@@ -121,7 +121,8 @@ def ringflash_fns(kern, q, k, v, dout, mask: str, cu, window: int):
 # with the same per-tile loads (ROW_BOUNDS off); ``ringflash_bwd_row_bounds`` /
 # ``ringflash_bwd_tile_loads`` the defaults with the Hopper backward's boundary tiles by row bounds
 # under every mask / under none (HOPPER_BWD_ROW_BOUNDS "1" / "0"; the default takes them under
-# short windows).
+# short windows); ``ringflash_one_dq_writer`` the defaults with one dQ writer in the Hopper backward
+# (HOPPER_BWD_DQ_WRITERS "1"; two by default since benchmarks/results/kernels_h100_dq_writers/).
 SETTINGS = {
     "ringflash": {},  # the library's defaults (on sm_90 at D = 128: the Hopper kernels)
     "ringflash_triton": dict(HOPPER_FORWARD=False, HOPPER_BACKWARD=False),
@@ -138,6 +139,7 @@ SETTINGS = {
     "ringflash_bwd_tile_loads": dict(HOPPER_BWD_ROW_BOUNDS="0"),  # the defaults, the Hopper backward's never
     "ringflash_hopper_ordered_dq": dict(HOPPER_FORWARD=True, HOPPER_FWD_SPLIT=2, HOPPER_BACKWARD=True,
                                         HOPPER_FWD_PERSISTENT=None, HOPPER_BWD_DQ="ordered"),
+    "ringflash_one_dq_writer": dict(HOPPER_BWD_DQ_WRITERS="1"),  # the defaults, one dQ writer (two by default)
 }
 
 

@@ -47,7 +47,7 @@ passed bwd_ordered_dq_2w && HOPPER_IMPLS="$HOPPER_IMPLS ringflash_hopper_ordered
 MASK_IMPLS="ringflash flex"
 passed fwd && MASK_IMPLS="ringflash ringflash_triton ringflash_hopper flex"
 passed fwd_persistent && MASK_IMPLS="$MASK_IMPLS ringflash_hopper_persistent"
-passed bwd_ordered_dq && MASK_IMPLS="$MASK_IMPLS ringflash_hopper_ordered_dq"
+passed bwd_ordered_dq && MASK_IMPLS="$MASK_IMPLS ringflash_hopper_ordered_dq ringflash_one_dq_writer"
 passed bwd_atomic_dq && MASK_IMPLS="$MASK_IMPLS ringflash_hopper_atomic_dq"
 # A hang would eat every later timeout: the GPU tests run only when every variant came back.
 MODES="fwd bwd fwdbwd"
