@@ -517,6 +517,35 @@ def test_backward_delta():
     assert rel_err(kernels.backward_delta(out, dout), ref) < 1e-6
 
 
+@pytest.mark.parametrize("mode", ["in_place", "cast", "accumulate"])
+def test_finish_dq(mode):
+    """What follows the Hopper backward's ordered additions into a dQ that was not zeroed
+    (attention._finish_dq): the rows of query tiles whose counter is 0 (no key tile added into
+    them) become 0, in place in the float32 sum or in the cast into dQ's dtype (added into dQ with
+    ``accumulate``); every other row is the sum, cast. On memory full of NaN, so a row the kernel
+    leaves alone shows."""
+    from ringflash.kernels import attention
+
+    B, S, H, D, tile = 2, 45, 3, 48, 8  # a ragged last tile, a head dim that is not a power of two
+    n_tiles = -(-S // tile)
+    g = torch.Generator().manual_seed(5)
+    counters = torch.randint(0, 3, (B * H, n_tiles), generator=g, dtype=torch.int32)
+    counters[0, 0] = counters[-1, -1] = 0  # the first and the ragged last tile unwalked somewhere
+    added = counters.view(B, H, n_tiles).repeat_interleave(tile, dim=2)[:, :, :S].transpose(1, 2) > 0  # (B, S, H)
+    dq_sum = torch.randn(B, S, H, D, generator=g)
+    dq_sum[~added] = float("nan")  # what the kernel left there: anything
+    want = torch.where(added[..., None], dq_sum, torch.zeros(()))
+    if mode == "in_place":
+        attention._finish_dq(dq_sum, dq_sum, counters, tile, False)
+        assert torch.equal(dq_sum, want)
+        return
+    dq = torch.randn(B, S, H, D, generator=g).to(torch.float16)
+    prior = dq.clone()
+    attention._finish_dq(dq_sum, dq, counters, tile, mode == "accumulate")
+    expect = (want + prior.float()).to(torch.float16) if mode == "accumulate" else want.to(torch.float16)
+    assert torch.equal(dq, expect)
+
+
 def test_strided_inputs():
     """Any layout whose head_dim is contiguous: here q, k, v are views of one packed qkv."""
     qkv = torch.randn(1, 50, 3, 4, 32)

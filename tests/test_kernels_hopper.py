@@ -106,12 +106,14 @@ def compile_variant(D, dtype, *, causal=False, window=None, docs=False, fold=Fal
 
 
 def compile_backward(D, dtype, *, causal=False, window=None, docs=False, accumulate=False, pos_dtype=torch.int64,
-                     smem_p=False, grad_dtype=torch.float32, dq_mode="kernel", row_bounds=False, dq_writers=1):
+                     smem_p=False, grad_dtype=torch.float32, dq_mode="kernel", row_bounds=False, dq_writers=1,
+                     fresh=False):
     """Compile the dK/dV and dQ kernels as backward() would launch them: [(kernel, grid)] x 2 (x 1
     where the dK/dV kernel adds dQ, ``dq_mode`` "atomic" or "ordered"); ``grad_dtype``: dQ, dK and
     dV's dtype (float32, or without ``accumulate`` the inputs' dtype); ``row_bounds``: the dK/dV
     program's boundary tiles masked by each query row's run of visible keys (HOPPER_BWD_ROW_BOUNDS);
-    ``dq_writers``: the writer warps adding dQ (HOPPER_BWD_DQ_WRITERS; one here, two by default)."""
+    ``dq_writers``: the writer warps adding dQ (HOPPER_BWD_DQ_WRITERS; one here, two by default);
+    ``fresh``: ordered additions into a dQ that was not zeroed, the first into each tile a store."""
     assert grad_dtype == torch.float32 or not accumulate, "accumulation adds into float32 gradients"
     q, k, v, m, masked = _inputs(D, dtype, causal, window, docs, pos_dtype)
     lse = torch.empty(B, H, S, dtype=torch.float32)
@@ -123,7 +125,7 @@ def compile_backward(D, dtype, *, causal=False, window=None, docs=False, accumul
         bounds = torch.zeros(1, S, 2, dtype=torch.int32) if row_bounds else None  # values do not matter here
         launches = A._hopper_bwd_launches(q, q, k, v, lse, lse, m, causal, 0.125, *grads, accumulate, accumulate,
                                           _ranges(masked, triton.cdiv(S, c1.block_n)),
-                                          _ranges(masked, triton.cdiv(S, c2.block_m)), bounds)
+                                          _ranges(masked, triton.cdiv(S, c2.block_m)), bounds, fresh=fresh)
     finally:
         A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_DQ, A.HOPPER_BWD_DQ_WRITERS = saved
     return [_compile(kernel, launch) for kernel, launch in zip((_attn_bwd_dkdv_hopper, _attn_bwd_dq_hopper), launches)]
@@ -191,6 +193,11 @@ BACKWARD_WRITER_VARIANTS = [
     dict(D=128, dtype=torch.bfloat16, window=(64, 0), docs=True, causal=True, dq_mode="ordered", row_bounds=True,
          dq_writers=2),
     dict(D=128, dtype=torch.bfloat16, dq_mode="atomic", dq_writers=2),
+    # into a dQ that was not zeroed: the first addition into each query tile a store (DQ_MODE = 3,
+    # what flash_attention's bf16 dQ takes)
+    dict(D=128, dtype=torch.bfloat16, causal=True, dq_mode="ordered", dq_writers=2, fresh=True),
+    dict(D=128, dtype=torch.float16, window=(64, 0), docs=True, causal=True, pos_dtype=torch.int32, dq_mode="ordered",
+         dq_writers=2, fresh=True),
 ]
 BACKWARD_VARIANTS += BACKWARD_WRITER_VARIANTS
 
@@ -209,6 +216,7 @@ def _facts(kernel, grid) -> dict:
         store16=bool(re.search(r"st\.global(\.v\d)?\.b16", ptx)),  # results stored as 16-bit values
         tma_reduce="cp.reduce.async.bulk.tensor.4d.global.shared::cta.add" in ptx,
         tma_reduces=len(re.findall(r"cp\.reduce\.async\.bulk\.tensor", ptx)),
+        tma_stores=len(re.findall(r"cp\.async\.bulk\.tensor\.4d\.global\.shared::cta", ptx)),
         bulk_complete=bool(re.search(r"cp\.async\.bulk\.wait_group\s+0;", ptx)),  # not .read: writes landed
         release=bool(re.search(r"(atom|red)\.global\.gpu\.release\.add", ptx)),
         num_warps=kernel.metadata.num_warps,
@@ -300,6 +308,8 @@ def test_backward_compiles_for_sm90(variant, compiled):
     assert dkdv["bulk_complete"] == dkdv["release"] == (dq_mode == "ordered")
     if dq_mode != "kernel":  # each writer's reduction: 128-byte-wide messages of float32 rows
         assert dkdv["tma_reduces"] == variant.get("dq_writers", 1) * D * 4 // 128
+    # into a dQ not zeroed first, each writer's first addition into a query tile stores it, in as many messages
+    assert dkdv["tma_stores"] == (variant.get("dq_writers", 1) * D * 4 // 128 if variant.get("fresh") else 0)
     configs = A.HOPPER_BWD_DKDV_SMEM_P_CONFIGS if variant.get("smem_p") or dq_mode != "kernel" else A.HOPPER_BWD_DKDV_CONFIGS
     assert dkdv["grid"] == [triton.cdiv(S, configs[D].block_n), B * HKV]
     if dq_mode == "kernel":

@@ -468,6 +468,46 @@ def test_two_dq_writers(dq_mode, case, hopper, monkeypatch):
         check(q, k, v, hopper, **kw)
 
 
+@pytest.mark.parametrize("case", ["offset", "documents_window", "nothing_visible", "full"])
+def test_dq_not_zeroed_first(case, hopper):
+    """Ordered (the default), a new dQ is not zeroed before the backward: the first addition into
+    each query tile stores it (DQ_MODE = 3), and the tiles no key tile walks are zeroed after
+    (float32) or left out of the cast (bf16). On memory full of NaN, the gradients are bitwise
+    those added into float32 zeros (0 + x = x), the unwalked rows exact zeros."""
+    assert attention._dq_mode() == 2
+    S = 1500
+    kw = dict(causal=True)
+    if case == "offset":  # queries 0-699 (the first tiles) see no key
+        kw.update(q_pos=torch.arange(S, device=DEV), k_pos=torch.arange(S, device=DEV) + 700)
+    elif case == "nothing_visible":
+        kw.update(q_pos=torch.arange(S, device=DEV), k_pos=torch.arange(S, device=DEV) + S)
+    elif case == "documents_window":
+        pos = torch.arange(S, device=DEV)
+        doc = doc_ids([0, 1, 700, 701, S], pos)
+        kw.update(q_pos=pos, k_pos=pos, window=(100, 0), q_doc=doc, k_doc=doc)
+    else:
+        kw.update(causal=False)
+    q, k, v = make(2, S, S, 8, 2, 128, torch.bfloat16, seed=51)
+    dout = make(2, S, S, 8, 2, 128, torch.bfloat16, seed=52)[0]
+    out, lse = kernels.forward(q, k, v, **kw)
+    delta = kernels.backward_delta(out, dout)
+    acc = [torch.zeros(t.shape, dtype=torch.float32, device=DEV) for t in (q, k, v)]
+    kernels.backward(dout, q, k, v, lse, delta, dq=acc[0], dk=acc[1], dv=acc[2], **kw)  # into zeros
+    for grad_dtype in (torch.float32, torch.bfloat16):
+        poison = [torch.full(q.shape, float("nan"), dtype=torch.float32, device=DEV) for _ in range(4)]
+        del poison  # the caching allocator hands these blocks out again
+        probe = torch.empty(q.shape, dtype=torch.float32, device=DEV)
+        assert torch.isnan(probe).all(), "the poisoned block was not reused"
+        del probe
+        n = len(hopper)
+        got = kernels.backward(dout, q, k, v, lse, delta, grad_dtype=grad_dtype, **kw)
+        assert hopper[n:] == ["bwd"]
+        for x, ref in zip(got, acc):
+            assert x.dtype == grad_dtype and torch.equal(x, ref.to(grad_dtype))
+    if case == "nothing_visible":
+        assert acc[0].abs().max() == 0
+
+
 def test_default_choice(monkeypatch):
     """Without the fixture's switches: the module's defaults on this GPU. forward() takes the Hopper
     kernel at D = 128 (bf16 and fp16) and the Triton kernel at D = 64 and for float32, and so does

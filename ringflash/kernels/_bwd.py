@@ -48,6 +48,41 @@ def _bwd_delta(
 
 
 @triton.jit
+def _bwd_dq_finish(
+    SRC, DST, SEM,
+    stride_sb, stride_ss, stride_sh,
+    stride_db, stride_ds, stride_dh,
+    H, Sq, n_tiles,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, TILE: tl.constexpr,
+    IN_PLACE: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    """dQ after the Hopper backward's ordered additions into a dQ that was not set first (its
+    DQ_MODE = 3): ``SEM[b * H + h, i]`` counts the additions into query tile i of ``TILE`` rows,
+    so a row whose count is 0 was walked by no key tile and its dQ is 0. With ``IN_PLACE`` (dQ is
+    the float32 sum itself) those rows are zeroed and nothing else is touched; otherwise ``DST``
+    gets the float32 sum ``SRC`` cast to its dtype (added to it with ``ACCUMULATE``), 0 where
+    nothing was added. One pass over dQ, as the cast it replaces."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    inside = rows < Sq
+    added = tl.load(SEM + pid_bh.to(tl.int64) * n_tiles + rows // TILE, mask=inside, other=0) > 0
+    tile_ok = inside[:, None] & (cols < HEAD_DIM)[None, :]
+    src = SRC + b * stride_sb + h * stride_sh + rows.to(tl.int64)[:, None] * stride_ss + cols[None, :]
+    if IN_PLACE:
+        tl.store(src, tl.zeros([BLOCK_M, BLOCK_D], tl.float32), mask=tile_ok & ~added[:, None])
+    else:
+        dq = tl.load(src, mask=tile_ok & added[:, None], other=0.0)
+        dst = DST + b * stride_db + h * stride_dh + rows.to(tl.int64)[:, None] * stride_ds + cols[None, :]
+        if ACCUMULATE:
+            dq += tl.load(dst, mask=tile_ok, other=0.0).to(tl.float32)
+        tl.store(dst, dq.to(DST.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
 def _lse2(LSE_row, rows, Sq, MASKED: tl.constexpr):
     # Base-2 LSE; a row that sees no key anywhere (LSE = -inf) gets +inf so its P is 0.
     if MASKED:

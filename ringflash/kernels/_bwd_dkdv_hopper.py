@@ -45,7 +45,7 @@ taking the even and the odd steps), adds each into the float32 dQ with one bulk 
 count 1 per buffer: ``dq_full[b]`` (consumers -> writer: the tile is in buffer b) and
 ``dq_empty[b]`` (writer -> consumers: the reduction has read it). The consumers therefore never
 wait for an addition to land, only, at most, for the reduction issued two steps before to have
-read its buffer. With DQ_MODE = 2 the additions into each query tile
+read its buffer. With DQ_MODE >= 2 the additions into each query tile
 come in a fixed order (bitwise repeatable): a counter per (batch, query head, query tile) in
 global memory, which the writer waits on before its reduction and raises once the reduction has
 landed. The order is FA3's "shortest processing time first": the grid launches the last key
@@ -53,7 +53,11 @@ tile first, each query tile takes the additions of its key tiles from the last d
 program walks its query tiles upwards. Under a causal mask the program of key tile n then
 reaches query tile m one step after the program of key tile n + 1 did (it starts one tile
 higher), so the addition it waits for was issued a step earlier and has usually landed; the
-programs a writer waits for were launched before its own, so every wait ends.
+programs a writer waits for were launched before its own, so every wait ends. DQ_MODE = 3 is
+the same order into a dQ whose contents do not matter (a new buffer, or one the call overwrites):
+the first addition into each query tile is a plain TMA store, so nothing has to zero dQ first;
+the launcher then zeros (or leaves out of its cast) the query tiles that no key tile walked,
+whose counters are still 0 (``_bwd._bwd_dq_finish``).
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from ._hopper_common import (LOG2E, barriers, bulk_wait, cta_barrier, fence_gpu, invalidate, load_acquire, ranges,
-                             tile_start, tma_load, tma_reduce_add, visible)
+                             tile_start, tma_load, tma_reduce_add, tma_store, visible)
 
 
 @gluon.jit
@@ -127,7 +131,7 @@ def _producer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
               ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr,
               dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE: gl.constexpr,
               DQ_WRITERS: gl.constexpr, W: gl.constexpr):
-    b, hk, n0, n = _program(H, G, BLOCK_N, DQ_MODE == 2)
+    b, hk, n0, n = _program(H, G, BLOCK_N, DQ_MODE >= 2)
     lo, flo, fhi, hi = ranges(RANGES, n, Sq, BLOCK_M, RANGED)
     n_m = (hi - lo) // BLOCK_M
 
@@ -136,7 +140,7 @@ def _producer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
     tma_load(v_desc, [b, n0, hk, 0], kv_bar, v_smem)
     for t in range(G * n_m):
         h = hk * G + t // n_m
-        m0, _boundary = _tile(t % n_m, lo, flo, fhi, hi, BLOCK_M, DQ_MODE == 2)
+        m0, _boundary = _tile(t % n_m, lo, flo, fhi, hi, BLOCK_M, DQ_MODE >= 2)
         s = t % STAGES
         ph = (t // STAGES) & 1
         mbarrier.wait(q_empty.index(s), ph ^ 1)
@@ -176,7 +180,7 @@ def _consumer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
     query_layout: gl.constexpr = gl.SliceLayout(0, st_layout)
     dtype: gl.constexpr = q_desc.dtype
 
-    b, hk, n0, n = _program(H, G, BLOCK_N, DQ_MODE == 2)
+    b, hk, n0, n = _program(H, G, BLOCK_N, DQ_MODE >= 2)
     lo, flo, fhi, hi = ranges(RANGES, n, Sq, BLOCK_M, RANGED)
     n_m = (hi - lo) // BLOCK_M
 
@@ -304,7 +308,7 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
     query_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     key_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
 
-    b, hk, n0, n = _program(H, G, BLOCK_N, DQ_MODE == 2)
+    b, hk, n0, n = _program(H, G, BLOCK_N, DQ_MODE >= 2)
     lo, flo, fhi, hi = ranges(RANGES, n, Sq, BLOCK_M, RANGED)
     n_m = (hi - lo) // BLOCK_M
 
@@ -327,7 +331,7 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
     mbarrier.wait(kv_bar, 0)
     for t in range(G * n_m):
         h, boundary, m0, s, ph, q2, do2 = _step(t, n_m, hk, G, lo, flo, fhi, hi, q_smem, do_smem, BLOCK_M, HEAD_DIM,
-                                                STAGES, DQ_MODE == 2)
+                                                STAGES, DQ_MODE >= 2)
         mbarrier.wait(q_ready.index(s), ph)
         s_tok = warpgroup_mma(q2, k2.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         mbarrier.wait(do_ready.index(s), ph)
@@ -412,7 +416,7 @@ def _dq_writer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KD
                DQ_WRITERS: gl.constexpr, W: gl.constexpr):
     """The dQ writer (DQ_MODE > 0), one warp: each step's dQ tile, once the consumers have put it
     in its buffer (``dq_full``), added into the float32 dQ with one bulk TMA reduction; the buffer
-    goes back (``dq_empty``) once the reduction has read it. With DQ_MODE = 2 the additions into
+    goes back (``dq_empty``) once the reduction has read it. With DQ_MODE >= 2 the additions into
     a query tile come from the last key tile down: the writer waits until the counter of (batch,
     query head, query tile) says that the higher key tiles that walk it (``RANK``, or all higher
     ones without ranges) have added theirs, adds, waits until its addition has landed, and counts
@@ -426,17 +430,18 @@ def _dq_writer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KD
     the time at 1.5 steps). With ``DQ_WRITERS`` = 2 (``attention.HOPPER_BWD_DQ_WRITERS``) two
     writers, ``W`` = 0 and 1, take the even and the odd steps, each with its own buffer: two
     additions in flight, into two different query tiles, each still added after the higher key
-    tiles' and counted in once landed, so the sum and its order are the same."""
-    b, hk, n0, n = _program(H, G, BLOCK_N, DQ_MODE == 2)
+    tiles' and counted in once landed, so the sum and its order are the same. With DQ_MODE = 3 the
+    first addition into a query tile (no higher key tile walks it) stores the tile instead."""
+    b, hk, n0, n = _program(H, G, BLOCK_N, DQ_MODE >= 2)
     lo, flo, fhi, hi = ranges(RANGES, n, Sq, BLOCK_M, RANGED)
     n_m = (hi - lo) // BLOCK_M
     n_q = (Sq + BLOCK_M - 1) // BLOCK_M
     for t in range(W, G * n_m, DQ_WRITERS):  # with two writers, buffer t % 2 is this writer's
         h = hk * G + t // n_m
-        m0, _boundary = _tile(t % n_m, lo, flo, fhi, hi, BLOCK_M, DQ_MODE == 2)
+        m0, _boundary = _tile(t % n_m, lo, flo, fhi, hi, BLOCK_M, DQ_MODE >= 2)
         buf = t % 2
         mbarrier.wait(dq_full.index(buf), (t // 2) & 1)
-        if DQ_MODE == 2:
+        if DQ_MODE >= 2:
             sem = SEM + (b * H + h) * n_q + m0 // BLOCK_M
             want = gl.num_programs(0) - 1 - n
             if RANGED:
@@ -444,8 +449,14 @@ def _dq_writer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KD
             seen = load_acquire(sem)
             while seen != want:
                 seen = load_acquire(sem)
-        tma_reduce_add(dq_desc, [b, m0, h, 0], dq_smem.index(buf))
-        if DQ_MODE == 2:
+        if DQ_MODE == 3:
+            if want == 0:  # the first addition into this query tile: a plain store (dQ was not set)
+                tma_store(dq_desc, [b, m0, h, 0], dq_smem.index(buf))
+            else:
+                tma_reduce_add(dq_desc, [b, m0, h, 0], dq_smem.index(buf))
+        else:
+            tma_reduce_add(dq_desc, [b, m0, h, 0], dq_smem.index(buf))
+        if DQ_MODE >= 2:
             bulk_wait()  # the addition has landed in global memory
             fence_gpu()
             gl.atomic_add(sem, 1, sem="release")

@@ -26,7 +26,7 @@ import triton
 from triton.errors import TritonError
 from triton.runtime.errors import OutOfResources
 
-from ._bwd import _attn_bwd, _bwd_delta
+from ._bwd import _attn_bwd, _bwd_delta, _bwd_dq_finish
 from ._common import LOG2E, _ranges_kernel, _row_bounds_kernel
 from ._fwd import _attn_fwd
 from .blocks import tile_lists
@@ -934,12 +934,14 @@ def forward(
 
 
 def _hopper_bwd_launches(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale, dq, dk, dv,
-                         acc_dq, acc_dkdv, ranges_kv, ranges_q, bounds=None):
+                         acc_dq, acc_dkdv, ranges_kv, ranges_q, bounds=None, counters=None, fresh=False):
     """(grid, args, constexprs, warps) of the Hopper dK/dV and dQ kernels for a backward call (the
     dK/dV kernel's alone where it adds dQ itself, HOPPER_BWD_DQ);
     ``ranges_kv`` / ``ranges_q``: the key tiles' query ranges and the query tiles' key ranges
     (_tile_ranges) where the mask has any, else None; ``bounds``: the rows' runs of visible keys
-    (_row_bounds) for the dK/dV program's boundary tiles (FA3's routes only), or None."""
+    (_row_bounds) for the dK/dV program's boundary tiles (FA3's routes only), or None. Ordered
+    dQ additions: ``counters`` (_dq_counters; made here when None) and ``fresh``, whether dQ's
+    contents may be overwritten (the first addition into each query tile is then a store)."""
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     c1, c2 = _dkdv_config(D), HOPPER_BWD_DQ_CONFIGS[D]
@@ -963,7 +965,8 @@ def _hopper_bwd_launches(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale,
                 sem = rank = lse  # never read
                 if mode == 2:
                     n_q = triton.cdiv(Sq, cfg.block_m)
-                    sem = torch.zeros((B * H, n_q), dtype=torch.int32, device=q.device)
+                    sem = _dq_counters(q) if counters is None else counters
+                    assert sem.shape == (B * H, n_q)
                     if rng is not None:
                         n_k = triton.cdiv(Sk, cfg.block_n)
                         rank = _cached((rng,), ("dq_order", n_k, n_q, cfg.block_m),
@@ -974,6 +977,8 @@ def _hopper_bwd_launches(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale,
             args = (*head, bounds if rowb else lse, dk, dv, *tail, dk.stride(0), dk.stride(1), dk.stride(2),
                     dv.stride(0), dv.stride(1), dv.stride(2), H, H // Hkv, Sq, Sk, dq_desc, sem, rank)
             p_layout = _p_layout(cfg.block_m, cfg.block_n, q.dtype) if _smem_p() else None
+            if mode == 2 and fresh:
+                mode = 3  # the ordered additions, the first into each query tile a store
             launches.append(((triton.cdiv(Sk, cfg.block_n), B * Hkv), args,
                              dict(meta, ACCUMULATE=acc_dkdv, SMEM_P=_smem_p(), P_LAYOUT=p_layout, DQ_MODE=mode,
                                   DQ_WRITERS=_dq_writers() if mode else 1, ROWB=rowb),
@@ -984,6 +989,33 @@ def _hopper_bwd_launches(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale,
             launches.append(((triton.cdiv(Sq, cfg.block_m), B * H), args, dict(meta, ACCUMULATE=acc_dq),
                              cfg.num_warps))
     return launches
+
+
+def _dq_counters(q: torch.Tensor) -> torch.Tensor:
+    """The ordered dQ additions' counters, one per (batch, query head, query tile of the dK/dV
+    program's step): how many key tiles have added into the tile so far."""
+    B, Sq, H, D = q.shape
+    return torch.zeros((B * H, triton.cdiv(Sq, _dkdv_config(D).block_m)), dtype=torch.int32, device=q.device)
+
+
+_FINISH_BLOCK_M = 64
+
+
+def _finish_dq(dq_sum: torch.Tensor, dq: torch.Tensor, counters: torch.Tensor, tile: int, accumulate: bool) -> None:
+    """dQ after ordered additions into a dQ that was not zeroed (DQ_MODE = 3): where ``dq_sum`` is
+    ``dq``, the rows of query tiles that no key tile added into (their counter is 0) are zeroed;
+    otherwise ``dq`` gets ``dq_sum`` cast to its dtype (added with ``accumulate``), 0 in those
+    rows (_bwd._bwd_dq_finish)."""
+    B, Sq, H, D = dq.shape
+    grid = (triton.cdiv(Sq, _FINISH_BLOCK_M), B * H)
+    _bwd_dq_finish[grid](
+        dq_sum, dq, counters,
+        dq_sum.stride(0), dq_sum.stride(1), dq_sum.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        H, Sq, counters.shape[1],
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=_FINISH_BLOCK_M, TILE=tile,
+        IN_PLACE=dq_sum is dq, ACCUMULATE=accumulate, num_warps=4,
+    )
 
 
 def _backward_hopper(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale, dq, dk, dv, acc_dq, acc_dkdv,
@@ -1001,19 +1033,26 @@ def _backward_hopper(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale, dq,
         if not fused:
             ranges_q = _tile_ranges(m, causal, Sq, Sk, c2.block_m, c2.block_n, by_keys=False, device=q.device)
     dq_sum = dq
+    ordered = _dq_mode() == 2
+    counters = _dq_counters(q) if fused and ordered else None
+    fresh = False  # dQ's contents may be overwritten: the ordered additions start with a store
     if fused:
         # The reductions add into a float32 dQ that TMA can address: the given one, or a new one
-        # that is added (or copied) into it afterwards.
+        # that is added (or cast) into it afterwards. Ordered, the first addition into each query
+        # tile is a store, so neither needs zeros first: _finish_dq zeros the tiles none walked.
         if dq.dtype == torch.float32 and _tma_addressable(dq):
             if not acc_dq:
-                dq.zero_()
+                fresh = ordered
+                if not ordered:
+                    dq.zero_()
         else:
-            dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+            fresh = ordered
+            dq_sum = (torch.empty if ordered else torch.zeros)(q.shape, dtype=torch.float32, device=q.device)
     bounds = None
     if ranges_kv is not None and _smem_p() and _hopper_bwd_row_bounds(m, causal):
         bounds = _row_bounds(m, causal, Sq, Sk, device=q.device)
     launches = _hopper_bwd_launches(dout, q, k, v, lse, delta, m, causal, scale, dq_sum, dk, dv, acc_dq, acc_dkdv,
-                                    ranges_kv, ranges_q, bounds)
+                                    ranges_kv, ranges_q, bounds, counters, fresh)
     g1, a1, m1, w1 = launches[0]
     _attn_bwd_dkdv_hopper[g1](*a1, **m1, num_warps=w1)
     if after_dkdv is not None:
@@ -1021,6 +1060,8 @@ def _backward_hopper(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale, dq,
     if not fused:
         g2, a2, m2, w2 = launches[1]
         _attn_bwd_dq_hopper[g2](*a2, **m2, num_warps=w2)
+    elif fresh:
+        _finish_dq(dq_sum, dq, counters, _dkdv_config(D).block_m, acc_dq)
     elif dq_sum is not dq:
         if acc_dq:
             dq += dq_sum
