@@ -107,19 +107,21 @@ def compile_variant(D, dtype, *, causal=False, window=None, docs=False, fold=Fal
 
 def compile_backward(D, dtype, *, causal=False, window=None, docs=False, accumulate=False, pos_dtype=torch.int64,
                      smem_p=False, grad_dtype=torch.float32, dq_mode="kernel", row_bounds=False, dq_writers=1,
-                     fresh=False):
+                     fresh=False, dq_swizzle=None):
     """Compile the dK/dV and dQ kernels as backward() would launch them: [(kernel, grid)] x 2 (x 1
     where the dK/dV kernel adds dQ, ``dq_mode`` "atomic" or "ordered"); ``grad_dtype``: dQ, dK and
     dV's dtype (float32, or without ``accumulate`` the inputs' dtype); ``row_bounds``: the dK/dV
     program's boundary tiles masked by each query row's run of visible keys (HOPPER_BWD_ROW_BOUNDS);
     ``dq_writers``: the writer warps adding dQ (HOPPER_BWD_DQ_WRITERS; one here, two by default);
-    ``fresh``: ordered additions into a dQ that was not zeroed, the first into each tile a store."""
+    ``fresh``: ordered additions into a dQ that was not zeroed, the first into each tile a store;
+    ``dq_swizzle``: the dQ tile's swizzle in bytes (HOPPER_BWD_DQ_SWIZZLE; None: the default, 128)."""
     assert grad_dtype == torch.float32 or not accumulate, "accumulation adds into float32 gradients"
     q, k, v, m, masked = _inputs(D, dtype, causal, window, docs, pos_dtype)
     lse = torch.empty(B, H, S, dtype=torch.float32)
     grads = [torch.empty(t.shape, dtype=grad_dtype) for t in (q, k, v)]
-    saved = A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_DQ, A.HOPPER_BWD_DQ_WRITERS
+    saved = A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_DQ, A.HOPPER_BWD_DQ_WRITERS, A.HOPPER_BWD_DQ_SWIZZLE
     A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_DQ, A.HOPPER_BWD_DQ_WRITERS = smem_p, dq_mode, str(dq_writers)
+    A.HOPPER_BWD_DQ_SWIZZLE = dq_swizzle
     try:
         c1, c2 = A._dkdv_config(D), A.HOPPER_BWD_DQ_CONFIGS[D]
         bounds = torch.zeros(1, S, 2, dtype=torch.int32) if row_bounds else None  # values do not matter here
@@ -127,7 +129,7 @@ def compile_backward(D, dtype, *, causal=False, window=None, docs=False, accumul
                                           _ranges(masked, triton.cdiv(S, c1.block_n)),
                                           _ranges(masked, triton.cdiv(S, c2.block_m)), bounds, fresh=fresh)
     finally:
-        A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_DQ, A.HOPPER_BWD_DQ_WRITERS = saved
+        A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_DQ, A.HOPPER_BWD_DQ_WRITERS, A.HOPPER_BWD_DQ_SWIZZLE = saved
     return [_compile(kernel, launch) for kernel, launch in zip((_attn_bwd_dkdv_hopper, _attn_bwd_dq_hopper), launches)]
 
 
@@ -198,6 +200,8 @@ BACKWARD_WRITER_VARIANTS = [
     dict(D=128, dtype=torch.bfloat16, causal=True, dq_mode="ordered", dq_writers=2, fresh=True),
     dict(D=128, dtype=torch.float16, window=(64, 0), docs=True, causal=True, pos_dtype=torch.int32, dq_mode="ordered",
          dq_writers=2, fresh=True),
+    # the dQ tile with a 32-byte swizzle (HOPPER_BWD_DQ_SWIZZLE): 32-byte-wide reduction messages
+    dict(D=128, dtype=torch.bfloat16, causal=True, dq_mode="ordered", dq_writers=2, fresh=True, dq_swizzle=32),
 ]
 BACKWARD_VARIANTS += BACKWARD_WRITER_VARIANTS
 
@@ -306,10 +310,11 @@ def test_backward_compiles_for_sm90(variant, compiled):
     # dQ by bulk reductions; in the fixed order each program waits for its own to land, then counts itself in
     assert dkdv["tma_reduce"] == (dq_mode != "kernel")
     assert dkdv["bulk_complete"] == dkdv["release"] == (dq_mode == "ordered")
-    if dq_mode != "kernel":  # each writer's reduction: 128-byte-wide messages of float32 rows
-        assert dkdv["tma_reduces"] == variant.get("dq_writers", 1) * D * 4 // 128
+    messages = variant.get("dq_writers", 1) * D * 4 // (variant.get("dq_swizzle") or 128)
+    if dq_mode != "kernel":  # each writer's reduction: messages as wide as the swizzle, of float32 rows
+        assert dkdv["tma_reduces"] == messages
     # into a dQ not zeroed first, each writer's first addition into a query tile stores it, in as many messages
-    assert dkdv["tma_stores"] == (variant.get("dq_writers", 1) * D * 4 // 128 if variant.get("fresh") else 0)
+    assert dkdv["tma_stores"] == (messages if variant.get("fresh") else 0)
     configs = A.HOPPER_BWD_DKDV_SMEM_P_CONFIGS if variant.get("smem_p") or dq_mode != "kernel" else A.HOPPER_BWD_DKDV_CONFIGS
     assert dkdv["grid"] == [triton.cdiv(S, configs[D].block_n), B * HKV]
     if dq_mode == "kernel":
@@ -449,6 +454,17 @@ def test_persistent_forward_rule(setting, causal, window, docs, want):
         A.HOPPER_FWD_SPLIT, A.HOPPER_FWD_PINGPONG, A.HOPPER_FWD_PERSISTENT, A._sm_count = saved
     assert constexprs["PERSISTENT"] is want
     assert len(grid) == (1 if want else 2)
+
+
+def test_dq_swizzle_is_checked(monkeypatch):
+    """RINGFLASH_HOPPER_BWD_DQ_SWIZZLE takes a TMA swizzle width (32, 64, 128 bytes) or nothing."""
+    monkeypatch.setattr(A, "HOPPER_BWD_DQ_SWIZZLE", None)
+    assert A._dq_swizzle() is None
+    monkeypatch.setattr(A, "HOPPER_BWD_DQ_SWIZZLE", 32)
+    assert A._dq_swizzle() == 32
+    monkeypatch.setattr(A, "HOPPER_BWD_DQ_SWIZZLE", 48)
+    with pytest.raises(ValueError, match="RINGFLASH_HOPPER_BWD_DQ_SWIZZLE"):
+        A._dq_swizzle()
 
 
 if __name__ == "__main__":
