@@ -107,21 +107,22 @@ def compile_variant(D, dtype, *, causal=False, window=None, docs=False, fold=Fal
 
 def compile_backward(D, dtype, *, causal=False, window=None, docs=False, accumulate=False, pos_dtype=torch.int64,
                      smem_p=False, grad_dtype=torch.float32, dq_mode="kernel", row_bounds=False, dq_writers=1,
-                     fresh=False, dq_swizzle=None):
+                     fresh=False, dq_swizzle=None, stats_smem=False):
     """Compile the dK/dV and dQ kernels as backward() would launch them: [(kernel, grid)] x 2 (x 1
     where the dK/dV kernel adds dQ, ``dq_mode`` "atomic" or "ordered"); ``grad_dtype``: dQ, dK and
     dV's dtype (float32, or without ``accumulate`` the inputs' dtype); ``row_bounds``: the dK/dV
     program's boundary tiles masked by each query row's run of visible keys (HOPPER_BWD_ROW_BOUNDS);
     ``dq_writers``: the writer warps adding dQ (HOPPER_BWD_DQ_WRITERS; one here, two by default);
     ``fresh``: ordered additions into a dQ that was not zeroed, the first into each tile a store;
-    ``dq_swizzle``: the dQ tile's swizzle in bytes (HOPPER_BWD_DQ_SWIZZLE; None: the default, 128)."""
+    ``dq_swizzle``: the dQ tile's swizzle in bytes (HOPPER_BWD_DQ_SWIZZLE; None: the default, 128);
+    ``stats_smem``: LSE and delta rows loaded by the producer (HOPPER_BWD_STATS_SMEM)."""
     assert grad_dtype == torch.float32 or not accumulate, "accumulation adds into float32 gradients"
     q, k, v, m, masked = _inputs(D, dtype, causal, window, docs, pos_dtype)
     lse = torch.empty(B, H, S, dtype=torch.float32)
     grads = [torch.empty(t.shape, dtype=grad_dtype) for t in (q, k, v)]
-    saved = A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_DQ, A.HOPPER_BWD_DQ_WRITERS, A.HOPPER_BWD_DQ_SWIZZLE
+    saved = A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_DQ, A.HOPPER_BWD_DQ_WRITERS, A.HOPPER_BWD_DQ_SWIZZLE, A.HOPPER_BWD_STATS_SMEM
     A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_DQ, A.HOPPER_BWD_DQ_WRITERS = smem_p, dq_mode, str(dq_writers)
-    A.HOPPER_BWD_DQ_SWIZZLE = dq_swizzle
+    A.HOPPER_BWD_DQ_SWIZZLE, A.HOPPER_BWD_STATS_SMEM = dq_swizzle, stats_smem
     try:
         c1, c2 = A._dkdv_config(D), A.HOPPER_BWD_DQ_CONFIGS[D]
         bounds = torch.zeros(1, S, 2, dtype=torch.int32) if row_bounds else None  # values do not matter here
@@ -129,7 +130,8 @@ def compile_backward(D, dtype, *, causal=False, window=None, docs=False, accumul
                                           _ranges(masked, triton.cdiv(S, c1.block_n)),
                                           _ranges(masked, triton.cdiv(S, c2.block_m)), bounds, fresh=fresh)
     finally:
-        A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_DQ, A.HOPPER_BWD_DQ_WRITERS, A.HOPPER_BWD_DQ_SWIZZLE = saved
+        (A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_DQ, A.HOPPER_BWD_DQ_WRITERS, A.HOPPER_BWD_DQ_SWIZZLE,
+         A.HOPPER_BWD_STATS_SMEM) = saved
     return [_compile(kernel, launch) for kernel, launch in zip((_attn_bwd_dkdv_hopper, _attn_bwd_dq_hopper), launches)]
 
 
@@ -202,6 +204,10 @@ BACKWARD_WRITER_VARIANTS = [
          dq_writers=2, fresh=True),
     # the dQ tile with a 32-byte swizzle (HOPPER_BWD_DQ_SWIZZLE): 32-byte-wide reduction messages
     dict(D=128, dtype=torch.bfloat16, causal=True, dq_mode="ordered", dq_writers=2, fresh=True, dq_swizzle=32),
+    # LSE and delta rows loaded by the producer with Q and dO (HOPPER_BWD_STATS_SMEM)
+    dict(D=128, dtype=torch.bfloat16, causal=True, dq_mode="ordered", dq_writers=2, fresh=True, stats_smem=True),
+    dict(D=128, dtype=torch.float16, window=(64, 0), docs=True, causal=True, pos_dtype=torch.int32, dq_mode="ordered",
+         dq_writers=2, stats_smem=True),
 ]
 BACKWARD_VARIANTS += BACKWARD_WRITER_VARIANTS
 
@@ -215,6 +221,7 @@ def _facts(kernel, grid) -> dict:
     return dict(
         wgmma="wgmma.mma_async" in ptx,
         tma=bool(re.search(r"cp\.async\.bulk\.tensor\.4d\.shared::\w+\.global", ptx)),
+        tma_rows=bool(re.search(r"cp\.async\.bulk\.tensor\.3d\.shared::\w+\.global", ptx)),  # LSE/delta rows
         setmaxnreg="setmaxnreg" in ptx,
         overlap="wgmma.wait_group.sync.aligned 1" in ptx,
         store16=bool(re.search(r"st\.global(\.v\d)?\.b16", ptx)),  # results stored as 16-bit values
@@ -315,6 +322,7 @@ def test_backward_compiles_for_sm90(variant, compiled):
         assert dkdv["tma_reduces"] == messages
     # into a dQ not zeroed first, each writer's first addition into a query tile stores it, in as many messages
     assert dkdv["tma_stores"] == (messages if variant.get("fresh") else 0)
+    assert dkdv["tma_rows"] == bool(variant.get("stats_smem"))  # LSE and delta rows by the producer's TMA
     configs = A.HOPPER_BWD_DKDV_SMEM_P_CONFIGS if variant.get("smem_p") or dq_mode != "kernel" else A.HOPPER_BWD_DKDV_CONFIGS
     assert dkdv["grid"] == [triton.cdiv(S, configs[D].block_n), B * HKV]
     if dq_mode == "kernel":
@@ -465,6 +473,22 @@ def test_dq_swizzle_is_checked(monkeypatch):
     monkeypatch.setattr(A, "HOPPER_BWD_DQ_SWIZZLE", 48)
     with pytest.raises(ValueError, match="RINGFLASH_HOPPER_BWD_DQ_SWIZZLE"):
         A._dq_swizzle()
+
+
+def test_stats_smem_choice(monkeypatch):
+    """HOPPER_BWD_STATS_SMEM serves FA3's routes with LSE and delta rows TMA can address: float32,
+    contiguous, a length that is a multiple of 4 (16-byte rows); other calls load them as before."""
+    lse = torch.empty(2, 4, 1024)
+    monkeypatch.setattr(A, "HOPPER_BWD_DQ", "ordered")
+    monkeypatch.setattr(A, "HOPPER_BWD_STATS_SMEM", False)
+    assert not A._stats_smem(lse, lse)
+    monkeypatch.setattr(A, "HOPPER_BWD_STATS_SMEM", True)
+    assert A._stats_smem(lse, lse)
+    odd = torch.empty(2, 4, 1023)
+    assert not A._stats_smem(odd, odd)
+    assert not A._stats_smem(lse, torch.empty(2, 4, 1025)[..., 1:])  # not contiguous
+    monkeypatch.setattr(A, "HOPPER_BWD_DQ", "kernel")  # the transposed routes: not served
+    assert not A._stats_smem(lse, lse)
 
 
 if __name__ == "__main__":

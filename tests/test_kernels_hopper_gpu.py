@@ -508,6 +508,40 @@ def test_dq_not_zeroed_first(case, hopper):
         assert acc[0].abs().max() == 0
 
 
+@pytest.mark.parametrize("case", ["causal_gqa", "odd_length", "documents_window", "accumulate"])
+@pytest.mark.parametrize("setting", [("HOPPER_BWD_DQ_SWIZZLE", 32), ("HOPPER_BWD_STATS_SMEM", True)],
+                         ids=["dq_swizzle_32", "stats_smem"])
+def test_backward_settings_bitwise(setting, case, hopper, monkeypatch):
+    """Settings of the Hopper backward that change where data sits, not what is added in which
+    order: the dQ tile's 32-byte swizzle (HOPPER_BWD_DQ_SWIZZLE) and LSE and delta rows loaded by
+    the producer (HOPPER_BWD_STATS_SMEM; an odd length takes the global loads). The gradients are
+    bitwise those of the default."""
+    S = 2047 if case == "odd_length" else 2048
+    pos = torch.arange(S, device=DEV)
+    kw = dict(causal=True)
+    if case == "documents_window":
+        doc = doc_ids([0, 900, 901, S], pos)
+        kw.update(q_pos=pos, k_pos=pos, window=(256, 0), q_doc=doc, k_doc=doc)
+    q, k, v = make(2, S, S, 8, 2, 128, torch.bfloat16, seed=61)
+    dout = make(2, S, S, 8, 2, 128, torch.bfloat16, seed=62)[0]
+    out, lse = kernels.forward(q, k, v, **kw)
+    delta = kernels.backward_delta(out, dout)
+
+    def run():
+        if case == "accumulate":
+            acc = [torch.ones(t.shape, dtype=torch.float32, device=DEV) for t in (q, k, v)]
+            kernels.backward(dout, q, k, v, lse, delta, dq=acc[0], dk=acc[1], dv=acc[2], **kw)
+            return acc
+        return kernels.backward(dout, q, k, v, lse, delta, grad_dtype=torch.bfloat16, **kw)
+
+    base = run()
+    monkeypatch.setattr(attention, *setting)
+    got = run()
+    assert hopper.count("bwd") == 2
+    assert all(torch.equal(x, y) for x, y in zip(got, base))
+    check(q, k, v, hopper, **kw)  # and against float64, with the setting on
+
+
 def test_default_choice(monkeypatch):
     """Without the fixture's switches: the module's defaults on this GPU. forward() takes the Hopper
     kernel at D = 128 (bf16 and fp16) and the Triton kernel at D = 64 and for float32, and so does

@@ -36,6 +36,10 @@ The producer runs ahead by the number of slots, so the next tile's loads overlap
 
 With ``SMEM_P`` (``attention.HOPPER_BWD_SMEM_P``) the consumers take FA3's routes instead
 (:func:`_consumer_smem_p`): S and dP with the queries as rows, P and dS through shared memory.
+With ``STATS_SMEM`` (``attention.HOPPER_BWD_STATS_SMEM``, off by default) ``LSE`` and ``DELTA`` are
+TMA descriptors of (B, H, S) rows: the producer loads each step's rows with its Q (on ``q_ready``)
+and dO (on ``do_ready``), and the consumers read them from shared memory (:func:`_stage_stats`)
+instead of loading them from global memory after issuing the step's first products.
 
 With ``DQ_MODE`` > 0 (``attention.HOPPER_BWD_DQ``, FA3's routes) the program computes dQ too, and
 no dQ kernel runs: five tile products per step instead of seven in two kernels. The consumers
@@ -122,13 +126,26 @@ def _query_stats(LSE, DELTA, b, h, rows, Sq, stride_lb, stride_lh):
 
 
 @gluon.jit
+def _stage_stats(lse_slot, delta_slot, rows, Sq, BLOCK_M: gl.constexpr, layout: gl.constexpr):
+    """:func:`_query_stats` from a stage's rows in shared memory, where the producer loaded them
+    with the stage's Q and dO (``STATS_SMEM``; TMA reads rows past ``Sq`` as 0)."""
+    row_ok = rows < Sq
+    lse = lse_slot.reshape([BLOCK_M]).load(layout)
+    lse2 = gl.where(row_ok & (lse != float("-inf")), lse * LOG2E, float("inf"))
+    di = gl.where(row_ok, delta_slot.reshape([BLOCK_M]).load(layout), 0.0)
+    return row_ok, lse2, di
+
+
+@gluon.jit
 def _producer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
-              k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+              k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, lse_smem, delta_smem,
+              kv_bar, q_ready, do_ready, q_empty, do_empty,
               sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
               stride_vb, stride_vs, stride_vh, H, G, Sq, Sk,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr, ROWB: gl.constexpr,
               ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr,
+              STATS_SMEM: gl.constexpr,
               dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE: gl.constexpr,
               DQ_WRITERS: gl.constexpr, W: gl.constexpr):
     b, hk, n0, n = _program(H, G, BLOCK_N, DQ_MODE >= 2)
@@ -144,29 +161,41 @@ def _producer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
         s = t % STAGES
         ph = (t // STAGES) & 1
         mbarrier.wait(q_empty.index(s), ph ^ 1)
-        mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
+        if STATS_SMEM:  # the rows' LSE with Q, their delta with dO, on the same barriers
+            mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes + LSE.block_type.nbytes)
+            tma_load(LSE, [b, h, m0], q_ready.index(s), lse_smem.index(s))
+        else:
+            mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
         tma_load(q_desc, [b, m0, h, 0], q_ready.index(s), q_smem.index(s))
         mbarrier.wait(do_empty.index(s), ph ^ 1)
-        mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
+        if STATS_SMEM:
+            mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes + DELTA.block_type.nbytes)
+            tma_load(DELTA, [b, h, m0], do_ready.index(s), delta_smem.index(s))
+        else:
+            mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
         tma_load(do_desc, [b, m0, h, 0], do_ready.index(s), do_smem.index(s))
 
 
 @gluon.jit
 def _consumer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
-              k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+              k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, lse_smem, delta_smem,
+              kv_bar, q_ready, do_ready, q_empty, do_empty,
               sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
               stride_vb, stride_vs, stride_vh, H, G, Sq, Sk,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr, ROWB: gl.constexpr,
               ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr,
+              STATS_SMEM: gl.constexpr,
               dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE: gl.constexpr,
               DQ_WRITERS: gl.constexpr, W: gl.constexpr):
     if SMEM_P:
         _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
-                         k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty,
+                         k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, lse_smem, delta_smem,
+                         kv_bar, q_ready, do_ready, q_empty,
                          do_empty, sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks,
                          stride_kh, stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM,
                          STAGES, CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, q_desc.dtype,
+                         STATS_SMEM,
                          dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE)
         return
     NW: gl.constexpr = CONSUMER_WARPS
@@ -209,7 +238,10 @@ def _consumer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
 
         # While the wgmmas run: this tile's LSE and delta.
         rows = m0 + gl.arange(0, BLOCK_M, layout=query_layout)
-        row_ok, lse2, di = _query_stats(LSE, DELTA, b, h, rows, Sq, stride_lb, stride_lh)
+        if STATS_SMEM:
+            row_ok, lse2, di = _stage_stats(lse_smem.index(s), delta_smem.index(s), rows, Sq, BLOCK_M, query_layout)
+        else:
+            row_ok, lse2, di = _query_stats(LSE, DELTA, b, h, rows, Sq, stride_lb, stride_lh)
 
         st, _k, _q = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, k2, q2))
         pt = gl.exp2(st * qk_scale - lse2[None, :])
@@ -261,12 +293,14 @@ def _store_dkdv(dk, dv, DK, DV, b, hk, n0, Sk, stride_kb, stride_ks, stride_kh, 
 
 @gluon.jit
 def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
-                     k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty,
+                     k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, lse_smem, delta_smem,
+                     kv_bar, q_ready, do_ready, q_empty,
                      do_empty, sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                      stride_vb, stride_vs, stride_vh, H, G, Sq, Sk,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                      CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr, ROWB: gl.constexpr,
                      ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, dtype: gl.constexpr,
+                     STATS_SMEM: gl.constexpr,
                      dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE: gl.constexpr):
     """The consumers with FA3's operand routes (``HOPPER_BWD_SMEM_P``): S = Q K^T and dP = dO V^T
     with the queries as rows, the two warpgroups splitting the keys (warpgroup w computes key
@@ -338,7 +372,10 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
         dp_tok = warpgroup_mma(do2, v2.permute((1, 0)), s_zero, use_acc=False, is_async=True)
 
         rows = m0 + gl.arange(0, BLOCK_M, layout=query_layout)
-        row_ok, lse2, di = _query_stats(LSE, DELTA, b, h, rows, Sq, stride_lb, stride_lh)
+        if STATS_SMEM:
+            row_ok, lse2, di = _stage_stats(lse_smem.index(s), delta_smem.index(s), rows, Sq, BLOCK_M, query_layout)
+        else:
+            row_ok, lse2, di = _query_stats(LSE, DELTA, b, h, rows, Sq, stride_lb, stride_lh)
 
         st, _k, _q = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, k2, q2))
         p = gl.exp2(st * qk_scale - lse2[:, None])
@@ -406,12 +443,14 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
 
 @gluon.jit
 def _dq_writer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
-               k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+               k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, lse_smem, delta_smem,
+               kv_bar, q_ready, do_ready, q_empty, do_empty,
                sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                stride_vb, stride_vs, stride_vh, H, G, Sq, Sk,
                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr, ROWB: gl.constexpr,
                ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr,
+              STATS_SMEM: gl.constexpr,
                dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE: gl.constexpr,
                DQ_WRITERS: gl.constexpr, W: gl.constexpr):
     """The dQ writer (DQ_MODE > 0), one warp: each step's dQ tile, once the consumers have put it
@@ -473,7 +512,8 @@ def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPO
                           STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
                           RANGED: gl.constexpr, ROWB: gl.constexpr, ACCUMULATE: gl.constexpr,
                           PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                          CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr, P_LAYOUT: gl.constexpr,
+                          CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr, STATS_SMEM: gl.constexpr,
+                          P_LAYOUT: gl.constexpr,
                           DQ_MODE: gl.constexpr, DQ_WRITERS: gl.constexpr):
     gl.static_assert(SMEM_P or DQ_MODE == 0, "dQ in the dK/dV program needs FA3's routes (SMEM_P)")
     gl.static_assert(DQ_WRITERS == 1 or (DQ_WRITERS == 2 and DQ_MODE > 0), "one or two dQ writers (DQ_MODE > 0)")
@@ -489,6 +529,12 @@ def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPO
     else:
         p_smem = k_smem  # never read
         ds_smem = k_smem
+    if STATS_SMEM:  # each stage's LSE and delta rows, loaded with its Q and dO (LSE, DELTA: descriptors)
+        lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES] + LSE.block_type.shape, LSE.layout)
+        delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES] + DELTA.block_type.shape, DELTA.layout)
+    else:
+        lse_smem = k_smem  # never read
+        delta_smem = k_smem
     if DQ_MODE > 0:  # two float32 dQ tiles, the sources of the writer's reductions
         dq_smem = gl.allocate_shared_memory(gl.float32, [2] + dq_desc.block_type.shape, dq_desc.layout)
     else:
@@ -509,28 +555,32 @@ def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPO
         gl.warp_specialize(
             [
                 (_consumer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
-                             k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+                             k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, lse_smem, delta_smem,
+                             kv_bar, q_ready, do_ready, q_empty, do_empty,
                              sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                              stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                             CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
+                             CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P, STATS_SMEM,
                              dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE, DQ_WRITERS, 0)),
                 (_producer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
-                             k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+                             k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, lse_smem, delta_smem,
+                             kv_bar, q_ready, do_ready, q_empty, do_empty,
                              sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                              stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                             CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
+                             CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P, STATS_SMEM,
                              dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE, DQ_WRITERS, 0)),
                 (_dq_writer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
-                              k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+                              k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, lse_smem, delta_smem,
+                              kv_bar, q_ready, do_ready, q_empty, do_empty,
                               sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                               stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                              CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
+                              CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P, STATS_SMEM,
                               dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE, DQ_WRITERS, 0)),
                 (_dq_writer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
-                              k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+                              k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, lse_smem, delta_smem,
+                              kv_bar, q_ready, do_ready, q_empty, do_empty,
                               sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                               stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                              CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
+                              CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P, STATS_SMEM,
                               dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE, DQ_WRITERS, 1)),
             ],
             [PRODUCER_WARPS, 1, 1], [PRODUCER_REGS, PRODUCER_REGS, PRODUCER_REGS])
@@ -538,22 +588,25 @@ def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPO
         gl.warp_specialize(
             [
                 (_consumer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
-                             k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+                             k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, lse_smem, delta_smem,
+                             kv_bar, q_ready, do_ready, q_empty, do_empty,
                              sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                              stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                             CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
+                             CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P, STATS_SMEM,
                              dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE, DQ_WRITERS, 0)),
                 (_producer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
-                             k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+                             k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, lse_smem, delta_smem,
+                             kv_bar, q_ready, do_ready, q_empty, do_empty,
                              sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                              stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                             CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
+                             CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P, STATS_SMEM,
                              dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE, DQ_WRITERS, 0)),
                 (_dq_writer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
-                              k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+                              k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, lse_smem, delta_smem,
+                              kv_bar, q_ready, do_ready, q_empty, do_empty,
                               sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                               stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                              CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
+                              CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P, STATS_SMEM,
                               dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE, DQ_WRITERS, 0)),
             ],
             [PRODUCER_WARPS, 1], [PRODUCER_REGS, PRODUCER_REGS])
@@ -561,16 +614,18 @@ def _attn_bwd_dkdv_hopper(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPO
         gl.warp_specialize(
             [
                 (_consumer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
-                             k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+                             k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, lse_smem, delta_smem,
+                             kv_bar, q_ready, do_ready, q_empty, do_empty,
                              sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                              stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                             CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
+                             CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P, STATS_SMEM,
                              dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE, DQ_WRITERS, 0)),
                 (_producer, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
-                             k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, do_ready, q_empty, do_empty,
+                             k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, lse_smem, delta_smem,
+                             kv_bar, q_ready, do_ready, q_empty, do_empty,
                              sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh,
                              stride_vb, stride_vs, stride_vh, H, G, Sq, Sk, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                             CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P,
+                             CAUSAL, WINDOW, DOCS, RANGED, ROWB, ACCUMULATE, CONSUMER_WARPS, SMEM_P, STATS_SMEM,
                              dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE, DQ_WRITERS, 0)),
             ],
             [PRODUCER_WARPS], [PRODUCER_REGS])

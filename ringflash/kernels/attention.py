@@ -716,6 +716,15 @@ def _smem_layout(rows: int, head_dim: int, dtype: torch.dtype, swizzle: int | No
 # the default stays as it was.
 _DQ_SWIZZLE_ENV = os.environ.get("RINGFLASH_HOPPER_BWD_DQ_SWIZZLE")
 HOPPER_BWD_DQ_SWIZZLE: int | None = None if _DQ_SWIZZLE_ENV is None else int(_DQ_SWIZZLE_ENV)
+# HOPPER_BWD_STATS_SMEM: the Hopper dK/dV program's producer loads each step's LSE and delta rows
+# into shared memory with the step's Q and dO (FA3's route), instead of the consumers loading them
+# from global memory after issuing the step's first products. The same ncu profile finds the
+# consumers' most sampled stall on those loads (the multiply of LSE by log2(e), 6.3% of all
+# samples). Needs FA3's routes (HOPPER_BWD_SMEM_P or dQ in the program), and LSE and delta rows
+# TMA can address (a sequence length that is a multiple of 4); other calls load them as before.
+# 1 KB of shared memory at two stages. Compiled for sm_90a on Triton 3.6 and 3.9, not yet run on
+# a GPU: off by default, RINGFLASH_HOPPER_BWD_STATS_SMEM=1 turns it on.
+HOPPER_BWD_STATS_SMEM = os.environ.get("RINGFLASH_HOPPER_BWD_STATS_SMEM", "0") == "1"
 
 
 def _dq_mode() -> int:
@@ -1000,6 +1009,9 @@ def _hopper_bwd_launches(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale,
             else:
                 dq_desc, sem, rank = descs[1], lse, lse  # never read
             rowb = bounds is not None and rng is not None and _smem_p()
+            stats = _stats_smem(lse, delta)
+            if stats:  # the producer loads LSE and delta rows by TMA: their descriptors in place of the pointers
+                head = (*descs, *_stats_descriptors((lse, delta), cfg.block_m), *head[len(descs) + 2:])
             args = (*head, bounds if rowb else lse, dk, dv, *tail, dk.stride(0), dk.stride(1), dk.stride(2),
                     dv.stride(0), dv.stride(1), dv.stride(2), H, H // Hkv, Sq, Sk, dq_desc, sem, rank)
             p_layout = _p_layout(cfg.block_m, cfg.block_n, q.dtype) if _smem_p() else None
@@ -1007,7 +1019,7 @@ def _hopper_bwd_launches(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale,
                 mode = 3  # the ordered additions, the first into each query tile a store
             launches.append(((triton.cdiv(Sk, cfg.block_n), B * Hkv), args,
                              dict(meta, ACCUMULATE=acc_dkdv, SMEM_P=_smem_p(), P_LAYOUT=p_layout, DQ_MODE=mode,
-                                  DQ_WRITERS=_dq_writers() if mode else 1, ROWB=rowb),
+                                  DQ_WRITERS=_dq_writers() if mode else 1, ROWB=rowb, STATS_SMEM=stats),
                              cfg.num_warps))
         else:
             args = (*head, dq, *tail, dq.stride(0), dq.stride(1), dq.stride(2), H, H // Hkv, Sq, Sk,
@@ -1015,6 +1027,25 @@ def _hopper_bwd_launches(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale,
             launches.append(((triton.cdiv(Sq, cfg.block_m), B * H), args, dict(meta, ACCUMULATE=acc_dq),
                              cfg.num_warps))
     return launches
+
+
+def _stats_smem(lse: torch.Tensor, delta: torch.Tensor) -> bool:
+    """Whether the Hopper dK/dV program's producer loads LSE and delta rows (HOPPER_BWD_STATS_SMEM):
+    FA3's routes, and (B, H, S) float32 rows TMA can address (16-byte strides and base)."""
+    if not (HOPPER_BWD_STATS_SMEM and _smem_p()):
+        return False
+    return all(t.dtype == torch.float32 and t.is_contiguous() and t.shape[-1] % 4 == 0 and t.data_ptr() % 16 == 0
+               for t in (lse, delta))
+
+
+def _stats_descriptors(tensors, rows: int):
+    """TMA descriptors of (B, H, S) float32 rows, boxes of ``rows`` rows of one (batch, head),
+    unswizzled (rows past S read as 0)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
+    return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows], layout) for t in tensors]
 
 
 def _dq_counters(q: torch.Tensor) -> torch.Tensor:
