@@ -450,7 +450,7 @@ def _dq_writer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KD
                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, RANGED: gl.constexpr, ROWB: gl.constexpr,
                ACCUMULATE: gl.constexpr, CONSUMER_WARPS: gl.constexpr, SMEM_P: gl.constexpr,
-              STATS_SMEM: gl.constexpr,
+               STATS_SMEM: gl.constexpr,
                dq_desc, dq_smem, dq_full, dq_empty, SEM, RANK, DQ_MODE: gl.constexpr,
                DQ_WRITERS: gl.constexpr, W: gl.constexpr):
     """The dQ writer (DQ_MODE > 0), one warp: each step's dQ tile, once the consumers have put it
