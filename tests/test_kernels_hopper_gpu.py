@@ -473,7 +473,7 @@ def test_dq_not_zeroed_first(case, hopper):
     """Ordered (the default), a new dQ is not zeroed before the backward: the first addition into
     each query tile stores it (DQ_MODE = 3), and the tiles no key tile walks are zeroed after
     (float32) or left out of the cast (bf16). On memory full of NaN, the gradients are bitwise
-    those added into float32 zeros (0 + x = x), the unwalked rows exact zeros."""
+    those added into float32 zeros (0 + x = x), the unwalked rows exact zeros; and against float64."""
     assert attention._dq_mode() == 2
     S = 1500
     kw = dict(causal=True)
@@ -506,6 +506,7 @@ def test_dq_not_zeroed_first(case, hopper):
             assert x.dtype == grad_dtype and torch.equal(x, ref.to(grad_dtype))
     if case == "nothing_visible":
         assert acc[0].abs().max() == 0
+    check(q, k, v, hopper, **kw)  # the default path (a new dQ) against float64
 
 
 @pytest.mark.parametrize("case", ["causal_gqa", "odd_length", "documents_window", "accumulate"])
