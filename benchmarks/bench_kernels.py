@@ -69,9 +69,10 @@ HOPPER_IMPLS = {"ringflash_hopper": (True, 1, False, False, False, "ordered", No
                 "ringflash_hopper_atomic_dq_2w": (True, 2, False, True, False, "atomic", "2"),
                 "ringflash_triton_bwd": (False, 2, False, False, False, "ordered", None)}
 # The defaults with one setting of the Hopper backward that is not adopted yet (NOTES_kernels.md,
-# "What is left"): attention module attribute, value.
-SETTING_IMPLS = {"ringflash_dq_swizzle32": ("HOPPER_BWD_DQ_SWIZZLE", 32),
-                 "ringflash_stats_smem": ("HOPPER_BWD_STATS_SMEM", True)}
+# "What is left"): {attention module attribute: value}.
+SETTING_IMPLS = {"ringflash_dq_swizzle32": {"HOPPER_BWD_DQ_SWIZZLE": 32},
+                 "ringflash_stats_smem": {"HOPPER_BWD_STATS_SMEM": True},
+                 "ringflash_dq_swizzle32_stats_smem": {"HOPPER_BWD_DQ_SWIZZLE": 32, "HOPPER_BWD_STATS_SMEM": True}}
 IMPLS = ("ringflash", "ringflash_default", *HOPPER_IMPLS, *SETTING_IMPLS, "sdpa_flash", "sdpa_cudnn", "flex")
 MODES = ("fwd", "bwd", "fwdbwd")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -143,16 +144,18 @@ def make_fns(impl: str, q, k, v, dout, causal: bool):
     if impl in SETTING_IMPLS:
         from ringflash.kernels import attention
 
-        name, value = SETTING_IMPLS[impl]
+        setting = SETTING_IMPLS[impl]
 
         def with_setting(fn):
             def run():
-                saved = getattr(attention, name)
-                setattr(attention, name, value)
+                saved = {name: getattr(attention, name) for name in setting}
+                for name, value in setting.items():
+                    setattr(attention, name, value)
                 try:
                     return fn()
                 finally:
-                    setattr(attention, name, saved)
+                    for name, value in saved.items():
+                        setattr(attention, name, value)
             return run
 
         return tuple(with_setting(fn) for fn in make_fns("ringflash_default", q, k, v, dout, causal))

@@ -143,6 +143,7 @@ SETTINGS = {
     # settings of the Hopper backward not adopted yet (benchmarks/NOTES_kernels.md, "What is left")
     "ringflash_dq_swizzle32": dict(HOPPER_BWD_DQ_SWIZZLE=32),  # the dQ tile with a 32-byte swizzle
     "ringflash_stats_smem": dict(HOPPER_BWD_STATS_SMEM=True),  # LSE and delta rows loaded by the producer
+    "ringflash_dq_swizzle32_stats_smem": dict(HOPPER_BWD_DQ_SWIZZLE=32, HOPPER_BWD_STATS_SMEM=True),  # both
 }
 
 

@@ -510,8 +510,9 @@ def test_dq_not_zeroed_first(case, hopper):
 
 
 @pytest.mark.parametrize("case", ["causal_gqa", "odd_length", "documents_window", "accumulate"])
-@pytest.mark.parametrize("setting", [("HOPPER_BWD_DQ_SWIZZLE", 32), ("HOPPER_BWD_STATS_SMEM", True)],
-                         ids=["dq_swizzle_32", "stats_smem"])
+@pytest.mark.parametrize("setting", [dict(HOPPER_BWD_DQ_SWIZZLE=32), dict(HOPPER_BWD_STATS_SMEM=True),
+                                     dict(HOPPER_BWD_DQ_SWIZZLE=32, HOPPER_BWD_STATS_SMEM=True)],
+                         ids=["dq_swizzle_32", "stats_smem", "both"])
 def test_backward_settings_bitwise(setting, case, hopper, monkeypatch):
     """Settings of the Hopper backward that change where data sits, not what is added in which
     order: the dQ tile's 32-byte swizzle (HOPPER_BWD_DQ_SWIZZLE) and LSE and delta rows loaded by
@@ -536,7 +537,8 @@ def test_backward_settings_bitwise(setting, case, hopper, monkeypatch):
         return kernels.backward(dout, q, k, v, lse, delta, grad_dtype=torch.bfloat16, **kw)
 
     base = run()
-    monkeypatch.setattr(attention, *setting)
+    for name, value in setting.items():
+        monkeypatch.setattr(attention, name, value)
     got = run()
     assert hopper.count("bwd") == 2
     assert all(torch.equal(x, y) for x, y in zip(got, base))
