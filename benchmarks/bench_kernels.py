@@ -68,11 +68,10 @@ HOPPER_IMPLS = {"ringflash_hopper": (True, 1, False, False, False, "ordered", No
                 "ringflash_hopper_ordered_dq_2w": (True, 2, False, True, False, "ordered", "2"),
                 "ringflash_hopper_atomic_dq_2w": (True, 2, False, True, False, "atomic", "2"),
                 "ringflash_triton_bwd": (False, 2, False, False, False, "ordered", None)}
-# The defaults with one setting of the Hopper backward that is not adopted yet (NOTES_kernels.md,
-# "What is left"): {attention module attribute: value}.
-SETTING_IMPLS = {"ringflash_dq_swizzle32": {"HOPPER_BWD_DQ_SWIZZLE": 32},
-                 "ringflash_stats_smem": {"HOPPER_BWD_STATS_SMEM": True},
-                 "ringflash_dq_swizzle32_stats_smem": {"HOPPER_BWD_DQ_SWIZZLE": 32, "HOPPER_BWD_STATS_SMEM": True}}
+# The defaults with settings of the Hopper backward changed, for A/B runs in one process:
+# {attention module attribute: value}. ringflash_stats_global: LSE and delta loaded by the
+# consumers, as before benchmarks/results/kernels_h100_stats_smem/.
+SETTING_IMPLS = {"ringflash_stats_global": {"HOPPER_BWD_STATS_SMEM": False}}
 IMPLS = ("ringflash", "ringflash_default", *HOPPER_IMPLS, *SETTING_IMPLS, "sdpa_flash", "sdpa_cudnn", "flex")
 MODES = ("fwd", "bwd", "fwdbwd")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

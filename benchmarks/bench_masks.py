@@ -140,10 +140,9 @@ SETTINGS = {
     "ringflash_hopper_ordered_dq": dict(HOPPER_FORWARD=True, HOPPER_FWD_SPLIT=2, HOPPER_BACKWARD=True,
                                         HOPPER_FWD_PERSISTENT=None, HOPPER_BWD_DQ="ordered"),
     "ringflash_one_dq_writer": dict(HOPPER_BWD_DQ_WRITERS="1"),  # the defaults, one dQ writer (two by default)
-    # settings of the Hopper backward not adopted yet (benchmarks/NOTES_kernels.md, "What is left")
-    "ringflash_dq_swizzle32": dict(HOPPER_BWD_DQ_SWIZZLE=32),  # the dQ tile with a 32-byte swizzle
-    "ringflash_stats_smem": dict(HOPPER_BWD_STATS_SMEM=True),  # LSE and delta rows loaded by the producer
-    "ringflash_dq_swizzle32_stats_smem": dict(HOPPER_BWD_DQ_SWIZZLE=32, HOPPER_BWD_STATS_SMEM=True),  # both
+    # the defaults but the Hopper backward's LSE and delta loaded by the consumers (as before
+    # benchmarks/results/kernels_h100_stats_smem/)
+    "ringflash_stats_global": dict(HOPPER_BWD_STATS_SMEM=False),  # LSE and delta rows loaded by the consumers
 }
 
 

@@ -107,22 +107,22 @@ def compile_variant(D, dtype, *, causal=False, window=None, docs=False, fold=Fal
 
 def compile_backward(D, dtype, *, causal=False, window=None, docs=False, accumulate=False, pos_dtype=torch.int64,
                      smem_p=False, grad_dtype=torch.float32, dq_mode="kernel", row_bounds=False, dq_writers=1,
-                     fresh=False, dq_swizzle=None, stats_smem=False):
+                     fresh=False, stats_smem=True):
     """Compile the dK/dV and dQ kernels as backward() would launch them: [(kernel, grid)] x 2 (x 1
     where the dK/dV kernel adds dQ, ``dq_mode`` "atomic" or "ordered"); ``grad_dtype``: dQ, dK and
     dV's dtype (float32, or without ``accumulate`` the inputs' dtype); ``row_bounds``: the dK/dV
     program's boundary tiles masked by each query row's run of visible keys (HOPPER_BWD_ROW_BOUNDS);
     ``dq_writers``: the writer warps adding dQ (HOPPER_BWD_DQ_WRITERS; one here, two by default);
     ``fresh``: ordered additions into a dQ that was not zeroed, the first into each tile a store;
-    ``dq_swizzle``: the dQ tile's swizzle in bytes (HOPPER_BWD_DQ_SWIZZLE; None: the default, 128);
-    ``stats_smem``: LSE and delta rows loaded by the producer (HOPPER_BWD_STATS_SMEM)."""
+    ``stats_smem``: LSE and delta rows loaded by the producer where FA3's routes serve the call
+    (HOPPER_BWD_STATS_SMEM, the default; False: the consumers load them)."""
     assert grad_dtype == torch.float32 or not accumulate, "accumulation adds into float32 gradients"
     q, k, v, m, masked = _inputs(D, dtype, causal, window, docs, pos_dtype)
     lse = torch.empty(B, H, S, dtype=torch.float32)
     grads = [torch.empty(t.shape, dtype=grad_dtype) for t in (q, k, v)]
-    saved = A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_DQ, A.HOPPER_BWD_DQ_WRITERS, A.HOPPER_BWD_DQ_SWIZZLE, A.HOPPER_BWD_STATS_SMEM
+    saved = A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_DQ, A.HOPPER_BWD_DQ_WRITERS, A.HOPPER_BWD_STATS_SMEM
     A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_DQ, A.HOPPER_BWD_DQ_WRITERS = smem_p, dq_mode, str(dq_writers)
-    A.HOPPER_BWD_DQ_SWIZZLE, A.HOPPER_BWD_STATS_SMEM = dq_swizzle, stats_smem
+    A.HOPPER_BWD_STATS_SMEM = stats_smem
     try:
         c1, c2 = A._dkdv_config(D), A.HOPPER_BWD_DQ_CONFIGS[D]
         bounds = torch.zeros(1, S, 2, dtype=torch.int32) if row_bounds else None  # values do not matter here
@@ -130,8 +130,7 @@ def compile_backward(D, dtype, *, causal=False, window=None, docs=False, accumul
                                           _ranges(masked, triton.cdiv(S, c1.block_n)),
                                           _ranges(masked, triton.cdiv(S, c2.block_m)), bounds, fresh=fresh)
     finally:
-        (A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_DQ, A.HOPPER_BWD_DQ_WRITERS, A.HOPPER_BWD_DQ_SWIZZLE,
-         A.HOPPER_BWD_STATS_SMEM) = saved
+        A.HOPPER_BWD_SMEM_P, A.HOPPER_BWD_DQ, A.HOPPER_BWD_DQ_WRITERS, A.HOPPER_BWD_STATS_SMEM = saved
     return [_compile(kernel, launch) for kernel, launch in zip((_attn_bwd_dkdv_hopper, _attn_bwd_dq_hopper), launches)]
 
 
@@ -202,12 +201,11 @@ BACKWARD_WRITER_VARIANTS = [
     dict(D=128, dtype=torch.bfloat16, causal=True, dq_mode="ordered", dq_writers=2, fresh=True),
     dict(D=128, dtype=torch.float16, window=(64, 0), docs=True, causal=True, pos_dtype=torch.int32, dq_mode="ordered",
          dq_writers=2, fresh=True),
-    # the dQ tile with a 32-byte swizzle (HOPPER_BWD_DQ_SWIZZLE): 32-byte-wide reduction messages
-    dict(D=128, dtype=torch.bfloat16, causal=True, dq_mode="ordered", dq_writers=2, fresh=True, dq_swizzle=32),
-    # LSE and delta rows loaded by the producer with Q and dO (HOPPER_BWD_STATS_SMEM)
-    dict(D=128, dtype=torch.bfloat16, causal=True, dq_mode="ordered", dq_writers=2, fresh=True, stats_smem=True),
+    # LSE and delta rows loaded by the consumers (HOPPER_BWD_STATS_SMEM off; what a length that is not
+    # a multiple of 4 takes); the variants above have the producer load them with Q and dO
+    dict(D=128, dtype=torch.bfloat16, causal=True, dq_mode="ordered", dq_writers=2, fresh=True, stats_smem=False),
     dict(D=128, dtype=torch.float16, window=(64, 0), docs=True, causal=True, pos_dtype=torch.int32, dq_mode="ordered",
-         dq_writers=2, stats_smem=True),
+         dq_writers=2, stats_smem=False),
 ]
 BACKWARD_VARIANTS += BACKWARD_WRITER_VARIANTS
 
@@ -317,12 +315,13 @@ def test_backward_compiles_for_sm90(variant, compiled):
     # dQ by bulk reductions; in the fixed order each program waits for its own to land, then counts itself in
     assert dkdv["tma_reduce"] == (dq_mode != "kernel")
     assert dkdv["bulk_complete"] == dkdv["release"] == (dq_mode == "ordered")
-    messages = variant.get("dq_writers", 1) * D * 4 // (variant.get("dq_swizzle") or 128)
-    if dq_mode != "kernel":  # each writer's reduction: messages as wide as the swizzle, of float32 rows
+    messages = variant.get("dq_writers", 1) * D * 4 // 128
+    if dq_mode != "kernel":  # each writer's reduction: 128-byte-wide messages (the swizzle's width) of float32 rows
         assert dkdv["tma_reduces"] == messages
     # into a dQ not zeroed first, each writer's first addition into a query tile stores it, in as many messages
     assert dkdv["tma_stores"] == (messages if variant.get("fresh") else 0)
-    assert dkdv["tma_rows"] == bool(variant.get("stats_smem"))  # LSE and delta rows by the producer's TMA
+    fa3_routes = variant.get("smem_p") or dq_mode != "kernel"
+    assert dkdv["tma_rows"] == (variant.get("stats_smem", True) and fa3_routes)  # LSE and delta rows by TMA
     configs = A.HOPPER_BWD_DKDV_SMEM_P_CONFIGS if variant.get("smem_p") or dq_mode != "kernel" else A.HOPPER_BWD_DKDV_CONFIGS
     assert dkdv["grid"] == [triton.cdiv(S, configs[D].block_n), B * HKV]
     if dq_mode == "kernel":
@@ -464,20 +463,11 @@ def test_persistent_forward_rule(setting, causal, window, docs, want):
     assert len(grid) == (1 if want else 2)
 
 
-def test_dq_swizzle_is_checked(monkeypatch):
-    """RINGFLASH_HOPPER_BWD_DQ_SWIZZLE takes a TMA swizzle width (32, 64, 128 bytes) or nothing."""
-    monkeypatch.setattr(A, "HOPPER_BWD_DQ_SWIZZLE", None)
-    assert A._dq_swizzle() is None
-    monkeypatch.setattr(A, "HOPPER_BWD_DQ_SWIZZLE", 32)
-    assert A._dq_swizzle() == 32
-    monkeypatch.setattr(A, "HOPPER_BWD_DQ_SWIZZLE", 48)
-    with pytest.raises(ValueError, match="RINGFLASH_HOPPER_BWD_DQ_SWIZZLE"):
-        A._dq_swizzle()
-
-
 def test_stats_smem_choice(monkeypatch):
     """HOPPER_BWD_STATS_SMEM serves FA3's routes with LSE and delta rows TMA can address: float32,
     contiguous, a length that is a multiple of 4 (16-byte rows); other calls load them as before."""
+    if "RINGFLASH_HOPPER_BWD_STATS_SMEM" not in os.environ:
+        assert A.HOPPER_BWD_STATS_SMEM  # on by default
     lse = torch.empty(2, 4, 1024)
     monkeypatch.setattr(A, "HOPPER_BWD_DQ", "ordered")
     monkeypatch.setattr(A, "HOPPER_BWD_STATS_SMEM", False)

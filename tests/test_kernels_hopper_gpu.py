@@ -510,14 +510,10 @@ def test_dq_not_zeroed_first(case, hopper):
 
 
 @pytest.mark.parametrize("case", ["causal_gqa", "odd_length", "documents_window", "accumulate"])
-@pytest.mark.parametrize("setting", [dict(HOPPER_BWD_DQ_SWIZZLE=32), dict(HOPPER_BWD_STATS_SMEM=True),
-                                     dict(HOPPER_BWD_DQ_SWIZZLE=32, HOPPER_BWD_STATS_SMEM=True)],
-                         ids=["dq_swizzle_32", "stats_smem", "both"])
-def test_backward_settings_bitwise(setting, case, hopper, monkeypatch):
-    """Settings of the Hopper backward that change where data sits, not what is added in which
-    order: the dQ tile's 32-byte swizzle (HOPPER_BWD_DQ_SWIZZLE) and LSE and delta rows loaded by
-    the producer (HOPPER_BWD_STATS_SMEM; an odd length takes the global loads). The gradients are
-    bitwise those of the default."""
+def test_backward_stats_smem_bitwise(case, hopper, monkeypatch):
+    """LSE and delta rows loaded by the producer with Q and dO (HOPPER_BWD_STATS_SMEM, the default)
+    change where the rows sit, not what is added in which order: the gradients are bitwise those of
+    the consumers' own loads (the setting off), and an odd length takes those loads."""
     S = 2047 if case == "odd_length" else 2048
     pos = torch.arange(S, device=DEV)
     kw = dict(causal=True)
@@ -536,13 +532,15 @@ def test_backward_settings_bitwise(setting, case, hopper, monkeypatch):
             return acc
         return kernels.backward(dout, q, k, v, lse, delta, grad_dtype=torch.bfloat16, **kw)
 
-    base = run()
-    for name, value in setting.items():
-        monkeypatch.setattr(attention, name, value)
+    monkeypatch.setattr(attention, "HOPPER_BWD_STATS_SMEM", True)  # the default, whatever the environment says
+    assert attention._stats_smem(lse, delta) == (case != "odd_length")
     got = run()
+    monkeypatch.setattr(attention, "HOPPER_BWD_STATS_SMEM", False)
+    base = run()
     assert hopper.count("bwd") == 2
     assert all(torch.equal(x, y) for x, y in zip(got, base))
-    check(q, k, v, hopper, **kw)  # and against float64, with the setting on
+    monkeypatch.setattr(attention, "HOPPER_BWD_STATS_SMEM", True)
+    check(q, k, v, hopper, **kw)  # and against float64, with the default
 
 
 def test_default_choice(monkeypatch):

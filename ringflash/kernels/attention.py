@@ -691,40 +691,26 @@ def _tma_ready(t: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _smem_layout(rows: int, head_dim: int, dtype: torch.dtype, swizzle: int | None = None):
+def _smem_layout(rows: int, head_dim: int, dtype: torch.dtype):
     """The shared-memory layout of a [1, rows, 1, head_dim] TMA box (made once per shape: the ring
-    builds descriptors on every step): the default for the shape, or ``swizzle`` bytes wide."""
+    builds descriptors on every step)."""
     from triton.experimental.gluon import language as gl
 
     gdt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[dtype]
-    if swizzle is not None:
-        return gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=gdt.primitive_bitwidth, rank=4)
     return gl.NVMMASharedLayout.get_default_for([1, rows, 1, head_dim], gdt)
 
 
-# The swizzle of the float32 dQ tile that the Hopper backward's writers reduce from shared memory:
-# None, the default for its shape (128 bytes), or 32 / 64 / 128 bytes
-# (RINGFLASH_HOPPER_BWD_DQ_SWIZZLE). The consumers store the tile from the wgmma accumulator layout,
-# 8 bytes a thread for 4 threads of each of 8 rows. With 128-byte rows, rows r and r ^ 1 of a
-# half-warp land on the same banks: an ncu profile of the default backward (H100, 8k causal,
-# benchmarks/results/kernels_h100_dq_store/) counts 4 shared wavefronts for each of these 16 stores
-# where 2 suffice, and they are every excess shared wavefront of the kernel (the P and dS stores
-# are ideal), in a kernel whose busiest unit is L1/shared memory (70%). A 32-byte swizzle puts
-# rows 32 bytes apart, the 4 rows of a half-warp on 4 distinct bank ranges, and sends each
-# reduction out in 16 messages 32 bytes wide instead of 4 of 128. Compiled for sm_90a on Triton
-# 3.6 and 3.9 (ptxas: 28 bytes of spill a consumer thread against 12); not yet run on a GPU, so
-# the default stays as it was.
-_DQ_SWIZZLE_ENV = os.environ.get("RINGFLASH_HOPPER_BWD_DQ_SWIZZLE")
-HOPPER_BWD_DQ_SWIZZLE: int | None = None if _DQ_SWIZZLE_ENV is None else int(_DQ_SWIZZLE_ENV)
 # HOPPER_BWD_STATS_SMEM: the Hopper dK/dV program's producer loads each step's LSE and delta rows
 # into shared memory with the step's Q and dO (FA3's route), instead of the consumers loading them
-# from global memory after issuing the step's first products. The same ncu profile finds the
-# consumers' most sampled stall on those loads (the multiply of LSE by log2(e), 6.3% of all
-# samples). Needs FA3's routes (HOPPER_BWD_SMEM_P or dQ in the program), and LSE and delta rows
-# TMA can address (a sequence length that is a multiple of 4); other calls load them as before.
-# 1 KB of shared memory at two stages. Compiled for sm_90a on Triton 3.6 and 3.9, not yet run on
-# a GPU: off by default, RINGFLASH_HOPPER_BWD_STATS_SMEM=1 turns it on.
-HOPPER_BWD_STATS_SMEM = os.environ.get("RINGFLASH_HOPPER_BWD_STATS_SMEM", "0") == "1"
+# from global memory after issuing the step's first products. An ncu profile of the backward
+# without it (H100, 8k causal, benchmarks/results/kernels_h100_dq_store/) found the consumers'
+# most sampled stall on those loads (the multiply of LSE by log2(e), 6.3% of all samples). With
+# it the dK/dV kernel takes 0.89-0.99x the time (8k and 16k, full and causal; the backward
+# 1.03-1.14x faster, benchmarks/results/kernels_h100_stats_smem/), with the same gradients bit for
+# bit. Needs FA3's routes (HOPPER_BWD_SMEM_P or dQ in the program), and LSE and delta rows TMA can
+# address (a sequence length that is a multiple of 4); other calls load them as before. 1 KB of
+# shared memory at two stages. On by default; RINGFLASH_HOPPER_BWD_STATS_SMEM=0 turns it off.
+HOPPER_BWD_STATS_SMEM = os.environ.get("RINGFLASH_HOPPER_BWD_STATS_SMEM", "1") == "1"
 
 
 def _dq_mode() -> int:
@@ -733,13 +719,6 @@ def _dq_mode() -> int:
     if HOPPER_BWD_DQ not in modes:
         raise ValueError(f"RINGFLASH_HOPPER_BWD_DQ must be one of {sorted(modes)}; got {HOPPER_BWD_DQ!r}")
     return modes[HOPPER_BWD_DQ]
-
-
-def _dq_swizzle() -> int | None:
-    """HOPPER_BWD_DQ_SWIZZLE, checked: None or a TMA swizzle width in bytes."""
-    if HOPPER_BWD_DQ_SWIZZLE not in (None, 32, 64, 128):
-        raise ValueError(f"RINGFLASH_HOPPER_BWD_DQ_SWIZZLE must be 32, 64 or 128; got {HOPPER_BWD_DQ_SWIZZLE!r}")
-    return HOPPER_BWD_DQ_SWIZZLE
 
 
 def _dq_writers() -> int:
@@ -784,10 +763,10 @@ def _descriptors(tensors_rows):
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     descs = []
-    for t, rows, *swizzle in tensors_rows:
+    for t, rows in tensors_rows:
         t = _tma_ready(t)
         block = [1, rows, 1, t.shape[3]]
-        layout = _smem_layout(rows, t.shape[3], t.dtype, *swizzle)
+        layout = _smem_layout(rows, t.shape[3], t.dtype)
         descs.append(TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout))
     return descs
 
@@ -996,7 +975,7 @@ def _hopper_bwd_launches(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale,
         if by_keys:
             mode = _dq_mode()
             if mode:  # dQ added by these programs: its float32 TMA descriptor, the order's counters
-                dq_desc = _descriptors(((dq, cfg.block_m, _dq_swizzle()),))[0]
+                dq_desc = _descriptors(((dq, cfg.block_m),))[0]
                 sem = rank = lse  # never read
                 if mode == 2:
                     n_q = triton.cdiv(Sq, cfg.block_m)
