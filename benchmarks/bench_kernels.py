@@ -77,6 +77,23 @@ MODES = ("fwd", "bwd", "fwdbwd")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+def with_attention_settings(fn, settings: dict):
+    """``fn`` with ``ringflash.kernels.attention``'s module settings ``{name: value}`` in force
+    during each call, restored after it."""
+    from ringflash.kernels import attention
+
+    def run():
+        saved = {name: getattr(attention, name) for name in settings}
+        for name, value in settings.items():
+            setattr(attention, name, value)
+        try:
+            return fn()
+        finally:
+            for name, value in saved.items():
+                setattr(attention, name, value)
+    return run
+
+
 def parse_len(s: str) -> int:
     s = s.lower()
     return int(float(s[:-1]) * 1024) if s.endswith("k") else int(s)
@@ -141,23 +158,8 @@ def make_fns(impl: str, q, k, v, dout, causal: bool):
 
         return tuple(hopper(fn) for fn in make_fns("ringflash_default", q, k, v, dout, causal))
     if impl in SETTING_IMPLS:
-        from ringflash.kernels import attention
-
-        setting = SETTING_IMPLS[impl]
-
-        def with_setting(fn):
-            def run():
-                saved = {name: getattr(attention, name) for name in setting}
-                for name, value in setting.items():
-                    setattr(attention, name, value)
-                try:
-                    return fn()
-                finally:
-                    for name, value in saved.items():
-                        setattr(attention, name, value)
-            return run
-
-        return tuple(with_setting(fn) for fn in make_fns("ringflash_default", q, k, v, dout, causal))
+        return tuple(with_attention_settings(fn, SETTING_IMPLS[impl])
+                     for fn in make_fns("ringflash_default", q, k, v, dout, causal))
     if impl == "ringflash":
         from ringflash.kernels import attention as attn_mod
 

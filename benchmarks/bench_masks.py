@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_kernels import bench, gpu_slug, parse_len  # noqa: E402
+from bench_kernels import bench, gpu_slug, parse_len, with_attention_settings  # noqa: E402
 
 from ringflash import kernels  # noqa: E402
 from ringflash.mask import doc_ids  # noqa: E402
@@ -148,23 +148,8 @@ SETTINGS = {
 
 def with_settings(fns: dict, impl: str) -> dict:
     """``fns`` with the kernels' settings of ``impl`` (SETTINGS) in force during each call."""
-    from ringflash.kernels import attention
-
     settings = SETTINGS.get(impl, SETTINGS["ringflash"])
-
-    def wrap(fn):
-        def run():
-            saved = {n: getattr(attention, n) for n in settings}
-            for n, value in settings.items():
-                setattr(attention, n, value)
-            try:
-                return fn()
-            finally:
-                for n, value in saved.items():
-                    setattr(attention, n, value)
-        return run
-
-    return {mode: wrap(fn) for mode, fn in fns.items()}
+    return {mode: with_attention_settings(fn, settings) for mode, fn in fns.items()}
 
 
 def flex_fns(q, k, v, dout, mask: str, cu, window: int):

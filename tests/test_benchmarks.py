@@ -403,3 +403,24 @@ def test_token_tile_model_covers_every_visible_pair():
     assert c["tiles"] >= int(any_vis.sum()) and c["full_tiles"] <= int(all_vis.sum())
     ck = computed(m, S, H, bm, bn, by_keys=True)
     assert ck["computed"] >= int(any_vis.sum()) * bm * bn and ck["full_tiles"] <= int(all_vis.sum())
+
+
+def test_attention_settings_are_set_during_a_call_and_restored():
+    """bench_kernels.with_attention_settings (the A/B impls of bench_kernels and bench_masks): the
+    kernels' module settings hold during the call and are restored after it, also when it raises."""
+    from bench_kernels import with_attention_settings
+    from ringflash.kernels import attention
+
+    before = attention.HOPPER_BWD_STATS_SMEM
+    seen = []
+    run = with_attention_settings(lambda: seen.append(attention.HOPPER_BWD_STATS_SMEM) or "out",
+                                  {"HOPPER_BWD_STATS_SMEM": not before})
+    assert run() == "out" and seen == [not before]
+    assert attention.HOPPER_BWD_STATS_SMEM == before
+
+    def fails():
+        raise RuntimeError("inside")
+
+    with pytest.raises(RuntimeError, match="inside"):
+        with_attention_settings(fails, {"HOPPER_BWD_STATS_SMEM": not before})()
+    assert attention.HOPPER_BWD_STATS_SMEM == before
