@@ -4,6 +4,7 @@ FlexAttention (``torch.compile``d ``flex_attention``: a causal block mask, none 
     PYTHONPATH=. python benchmarks/bench_kernels.py                      # full grid, bf16, B=1, H=32
     PYTHONPATH=. python benchmarks/bench_kernels.py --seqlens 8k 16k --head-dims 128 --modes fwd bwd
     PYTHONPATH=. python benchmarks/bench_kernels.py --sweep 8k --plot   # tune launch configs first
+    PYTHONPATH=. python benchmarks/bench_kernels.py --prev /tmp/x/ringflash/kernels --impls ringflash_default ringflash_prev
 
 TFLOP/s by the FlashAttention convention: fwd = 4*B*H*S^2*D, halved when causal;
 bwd = 2.5 x fwd; fwdbwd = 3.5 x fwd. Times are medians of ``triton.testing.do_bench`` over
@@ -23,11 +24,17 @@ What is timed:
 Tensors are ``(B, S, H, D)`` for every implementation (SDPA gets transposed views), so all
 read the same memory layout. Results go to ``benchmarks/results/kernels_<gpu>.jsonl`` (one
 JSON object per line) and, with ``--plot``, a PNG next to it.
+
+``--prev DIR``: a copy of another tree's ``ringflash/kernels`` package (``git archive <rev>
+ringflash/kernels | tar -x -C /tmp/x``, then ``--prev /tmp/x/ringflash/kernels``), timed as
+``impl = "ringflash_prev"``, called as ``ringflash_default`` calls this tree's: an A/B of two
+trees' kernels in one process, their rows interleaved.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import os
@@ -72,9 +79,24 @@ HOPPER_IMPLS = {"ringflash_hopper": (True, 1, False, False, False, "ordered", No
 # {attention module attribute: value}. ringflash_stats_global: LSE and delta loaded by the
 # consumers, as before benchmarks/results/kernels_h100_stats_smem/.
 SETTING_IMPLS = {"ringflash_stats_global": {"HOPPER_BWD_STATS_SMEM": False}}
-IMPLS = ("ringflash", "ringflash_default", *HOPPER_IMPLS, *SETTING_IMPLS, "sdpa_flash", "sdpa_cudnn", "flex")
+IMPLS = ("ringflash", "ringflash_default", "ringflash_prev", *HOPPER_IMPLS, *SETTING_IMPLS, "sdpa_flash", "sdpa_cudnn",
+         "flex")
 MODES = ("fwd", "bwd", "fwdbwd")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def load_prev(path: str):
+    """The kernels package at ``path`` (a directory with __init__.py: another tree's
+    ``ringflash/kernels``), under its own name, so that both trees' kernels run in one process."""
+    spec = importlib.util.spec_from_file_location("kernels_prev", os.path.join(path, "__init__.py"),
+                                                  submodule_search_locations=[path])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["kernels_prev"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+PREV = None  # main() sets it from --prev: the kernels package ringflash_prev calls
 
 
 def with_attention_settings(fn, settings: dict):
@@ -174,22 +196,25 @@ def make_fns(impl: str, q, k, v, dout, causal: bool):
             return run
 
         return tuple(triton_only(fn) for fn in make_fns("ringflash_default", q, k, v, dout, causal))
-    if impl == "ringflash_default":
+    if impl in ("ringflash_default", "ringflash_prev"):
         # As flash_attention calls the kernels: O, dQ, dK and dV stored in the inputs' dtype, as
         # SDPA returns them (the ring asks for float32, which it accumulates in).
-        out, lse = kernels.forward(q, k, v, causal=causal, out_dtype=q.dtype)
+        if impl == "ringflash_prev" and PREV is None:
+            raise ValueError("ringflash_prev needs --prev DIR (another tree's ringflash/kernels)")
+        kmod = PREV if impl == "ringflash_prev" else kernels
+        out, lse = kmod.forward(q, k, v, causal=causal, out_dtype=q.dtype)
 
         def fwd():
-            return kernels.forward(q, k, v, causal=causal, out_dtype=q.dtype)
+            return kmod.forward(q, k, v, causal=causal, out_dtype=q.dtype)
 
         def bwd():
-            delta = kernels.backward_delta(out, dout)
-            return kernels.backward(dout, q, k, v, lse, delta, causal=causal, grad_dtype=q.dtype)
+            delta = kmod.backward_delta(out, dout)
+            return kmod.backward(dout, q, k, v, lse, delta, causal=causal, grad_dtype=q.dtype)
 
         def fwdbwd():
-            o, l = kernels.forward(q, k, v, causal=causal, out_dtype=q.dtype)
-            delta = kernels.backward_delta(o, dout)
-            return kernels.backward(dout, q, k, v, l, delta, causal=causal, grad_dtype=q.dtype)
+            o, l = kmod.forward(q, k, v, causal=causal, out_dtype=q.dtype)
+            delta = kmod.backward_delta(o, dout)
+            return kmod.backward(dout, q, k, v, l, delta, causal=causal, grad_dtype=q.dtype)
 
         return fwd, bwd, fwdbwd
 
@@ -403,6 +428,7 @@ def main() -> None:
                    help="key/value heads to run (GQA when fewer than --heads; default: --heads)")
     p.add_argument("--dkdv-programs-per-sm", type=int, default=None,
                    help="set kernels.attention.DKDV_PROGRAMS_PER_SM (0: never split a GQA group over programs)")
+    p.add_argument("--prev", default="", help="another tree's ringflash/kernels directory, timed as ringflash_prev")
     p.add_argument("--sweep", default=None, help="tune launch configs at this length first (e.g. 8k)")
     p.add_argument("--ab-fused", default=None, help="pick fused/two-launch backward at this length first")
     p.add_argument("--out", default=None, help="JSON-lines file (default results/kernels_<gpu>.jsonl)")
@@ -419,9 +445,15 @@ def main() -> None:
         return
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
+    global PREV
+    if args.prev:
+        PREV = load_prev(args.prev)
+    elif args.impls is not None and "ringflash_prev" in args.impls:
+        sys.exit("--impls ringflash_prev needs --prev DIR")
     if args.impls is None:
         hopper = torch.cuda.get_device_capability() == (9, 0)
-        args.impls = [i for i in IMPLS if hopper or i not in (*HOPPER_IMPLS, *SETTING_IMPLS, "ringflash_default")]
+        args.impls = [i for i in IMPLS if (hopper or i not in (*HOPPER_IMPLS, *SETTING_IMPLS, "ringflash_default"))
+                      and (i != "ringflash_prev" or PREV is not None)]
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     t0 = time.time()
     attn = sys.modules[kernels.backward.__module__]

@@ -34,7 +34,6 @@ masks: ``git archive <rev> ringflash/kernels | tar -x -C /tmp/x`` then ``--prev
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
 import json
 import math
@@ -46,7 +45,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_kernels import bench, gpu_slug, parse_len, with_attention_settings  # noqa: E402
+from bench_kernels import bench, gpu_slug, load_prev, parse_len, with_attention_settings  # noqa: E402
 
 from ringflash import kernels  # noqa: E402
 from ringflash.mask import doc_ids  # noqa: E402
@@ -181,16 +180,6 @@ def flex_fns(q, k, v, dout, mask: str, cu, window: int):
         return torch.autograd.grad(o, (qt, kt, vt), dt)
 
     return {"fwd": fwd, "fwdbwd": fwdbwd}
-
-
-def load_prev(path: str):
-    """The kernels package at ``path`` (a directory with __init__.py), under its own name."""
-    spec = importlib.util.spec_from_file_location("kernels_prev", os.path.join(path, "__init__.py"),
-                                                  submodule_search_locations=[path])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["kernels_prev"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def main() -> None:

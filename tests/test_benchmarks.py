@@ -424,3 +424,39 @@ def test_attention_settings_are_set_during_a_call_and_restored():
     with pytest.raises(RuntimeError, match="inside"):
         with_attention_settings(fails, {"HOPPER_BWD_STATS_SMEM": not before})()
     assert attention.HOPPER_BWD_STATS_SMEM == before
+
+
+def test_prev_kernels_timed_beside_this_trees(tmp_path):
+    """bench_kernels --prev: another tree's kernels package loads under its own name, beside this
+    tree's (not the same module objects), and ringflash_prev calls it as ringflash_default calls
+    this tree's; here the copy is this tree's own package, so the results agree exactly."""
+    import shutil
+
+    import torch
+
+    from common import require_interpreter
+
+    require_interpreter()
+    import bench_kernels
+    from ringflash import kernels
+
+    copy = tmp_path / "kernels"
+    shutil.copytree(os.path.dirname(kernels.__file__), copy, ignore=shutil.ignore_patterns("__pycache__"))
+    saved = bench_kernels.PREV
+    try:
+        bench_kernels.PREV = None
+        with pytest.raises(ValueError, match="--prev"):
+            bench_kernels.make_fns("ringflash_prev", *[torch.zeros(1, 16, 2, 16)] * 4, True)
+        bench_kernels.PREV = prev = bench_kernels.load_prev(str(copy))
+        assert prev is not kernels and prev.forward is not kernels.forward
+        assert prev.__file__.startswith(str(copy))
+        torch.manual_seed(0)
+        q, k, v, dout = (torch.randn(1, 48, 2, 16) for _ in range(4))
+        for mine, theirs in zip(bench_kernels.make_fns("ringflash_default", q, k, v, dout, True),
+                                bench_kernels.make_fns("ringflash_prev", q, k, v, dout, True)):
+            a, b = mine(), theirs()
+            a, b = (a,) if torch.is_tensor(a) else a, (b,) if torch.is_tensor(b) else b
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+    finally:
+        bench_kernels.PREV = saved
+        sys.modules.pop("kernels_prev", None)

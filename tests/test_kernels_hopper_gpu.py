@@ -431,6 +431,27 @@ def test_backward_fa3_form(dq_mode, D, case, hopper, monkeypatch):
             assert torch.allclose(x, y + 1, rtol=1e-5 if unordered else 0, atol=1e-4 if unordered else 1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_backward_padded_keys_low_lse(causal, hopper):
+    """Keys past the end of a key tile (1000 keys: the last tile of 128 has 24 rows past Sk) are
+    zero-filled, so they score 0: in rows whose every score is near -20 (LSE about -13) their P
+    would be exp(13), past float16's range, and so would their dS, which the dK/dV program
+    multiplies by the zero rows of K into dQ (inf * 0 = NaN). The default backward (dQ from the
+    dK/dV programs) masks those keys: without a mask (every step of that program) and under
+    causal (through the tile ranges, where that program has no fully visible tile)."""
+    g = torch.Generator(device=DEV).manual_seed(7)
+    B, S, H, Hkv, D = 1, 1000, 4, 2, 128
+    u = torch.randn(D, generator=g, device=DEV)
+    u = u / u.norm()
+    noise = lambda *shape: 0.1 * torch.randn(*shape, generator=g, device=DEV)  # noqa: E731
+    q = (-15 * u + noise(B, S, H, D)).half()
+    k = (15 * u + noise(B, S, Hkv, D)).half()
+    v = torch.randn(B, S, Hkv, D, generator=g, device=DEV).half()
+    _, lse = check(q, k, v, hopper, causal=causal)
+    seen = torch.isfinite(lse)
+    assert lse[seen].max().item() < -5  # the rows this case is about
+
+
 @pytest.mark.parametrize("case", ["causal_gqa", "documents_window", "accumulate"])
 @pytest.mark.parametrize("dq_mode", ["ordered", "atomic"])
 def test_two_dq_writers(dq_mode, case, hopper, monkeypatch):

@@ -312,9 +312,12 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
         issue S = Q K^T, dP = dO V^T
         wait(1): S done; P = exp2(S * scale - LSE2) (0 where masked); P -> p_smem
         issue dV += P^T dO                  (A: p_smem transposed)
-        wait(1): dP done; dS = P * (dP - delta); dS -> ds_smem
+        wait(1): dP done; dS = P * (dP * sm_scale - delta * sm_scale); dS -> ds_smem
         issue dK += dS^T Q                  (A: ds_smem transposed)
         wait(0); release Q and dO
+
+    dS carries the softmax scale (an FFMA where the subtraction was), so that neither the dQ tile
+    of every step nor dK at the end is multiplied by it: 30 instructions a step fewer at D = 128.
 
     With ``DQ_MODE`` > 0 the step ends in FA3's order instead:
 
@@ -357,13 +360,60 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
     # DQ_MODE > 0: dQ_tile = dS K, the warpgroups splitting the head dim
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW // 2, 2],
                                                         instr_shape=[16, HEAD_DIM // 2, 16])
-    if DQ_MODE > 0:
-        if HEAD_DIM == BLOCK_N:  # the same shape and layout as S: one zero tile for both
-            dq_zero = s_zero
-        else:
-            dq_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=dq_layout)
+    dq_zero = s_zero  # (not read with DQ_MODE = 0)
+    if DQ_MODE > 0 and HEAD_DIM != BLOCK_N:  # else the same shape and layout as S: one zero tile for both
+        dq_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=dq_layout)
 
     mbarrier.wait(kv_bar, 0)
+    # Padded keys (rows of K and V past Sk, zero-filled by TMA) score 0, so their P would be
+    # exp2(-LSE2), which overflows float16 (and their dS with it) in rows of low LSE, and dQ = dS K
+    # would then add inf * 0: every walk masks them (MASK 1 through the ranges, 2 at every step).
+    if RANGED:
+        dk, dv = _smem_p_walk(dk, dv, b, hk, n0, G, n_m, lo, flo, fhi, hi, k2, v2, q_smem, do_smem, p_smem,
+                              ds_smem, pt_smem, dst_smem, lse_smem, delta_smem, q_ready, do_ready, q_empty,
+                              do_empty, s_zero, dq_zero, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, BOUNDS, sm_scale,
+                              qk_scale, wl, wr, stride_lb, stride_lh, Sq, Sk, dq_smem, dq_full, dq_empty,
+                              query_layout, key_layout, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                              ROWB, dtype, STATS_SMEM, DQ_MODE, 1)
+    elif n0 + BLOCK_N > Sk:
+        dk, dv = _smem_p_walk(dk, dv, b, hk, n0, G, n_m, lo, flo, fhi, hi, k2, v2, q_smem, do_smem, p_smem,
+                              ds_smem, pt_smem, dst_smem, lse_smem, delta_smem, q_ready, do_ready, q_empty,
+                              do_empty, s_zero, dq_zero, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, BOUNDS, sm_scale,
+                              qk_scale, wl, wr, stride_lb, stride_lh, Sq, Sk, dq_smem, dq_full, dq_empty,
+                              query_layout, key_layout, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                              ROWB, dtype, STATS_SMEM, DQ_MODE, 2)
+    else:
+        dk, dv = _smem_p_walk(dk, dv, b, hk, n0, G, n_m, lo, flo, fhi, hi, k2, v2, q_smem, do_smem, p_smem,
+                              ds_smem, pt_smem, dst_smem, lse_smem, delta_smem, q_ready, do_ready, q_empty,
+                              do_empty, s_zero, dq_zero, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, BOUNDS, sm_scale,
+                              qk_scale, wl, wr, stride_lb, stride_lh, Sq, Sk, dq_smem, dq_full, dq_empty,
+                              query_layout, key_layout, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                              ROWB, dtype, STATS_SMEM, DQ_MODE, 0)
+
+    _store_dkdv(dk, dv, DK, DV, b, hk, n0, Sk, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                stride_vh, BLOCK_N, HEAD_DIM, ACCUMULATE, acc_layout)
+
+
+@gluon.jit
+def _smem_p_walk(dk, dv, b, hk, n0, G, n_m, lo, flo, fhi, hi, k2, v2, q_smem, do_smem, p_smem, ds_smem, pt_smem,
+                 dst_smem, lse_smem, delta_smem, q_ready, do_ready, q_empty, do_empty, s_zero, dq_zero,
+                 LSE, DELTA, QPOS, KPOS, QDOC, KDOC, BOUNDS, sm_scale, qk_scale, wl, wr, stride_lb, stride_lh, Sq, Sk,
+                 dq_smem, dq_full, dq_empty,
+                 query_layout: gl.constexpr, key_layout: gl.constexpr,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                 CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr, ROWB: gl.constexpr,
+                 dtype: gl.constexpr, STATS_SMEM: gl.constexpr, DQ_MODE: gl.constexpr, MASK: gl.constexpr):
+    """The steps of :func:`_consumer_smem_p`'s program, the mask a constexpr so that each compiled
+    walk holds only the masking it uses. ``MASK`` 1: the boundary tiles of the ranges take the rule
+    (every tile of a key tile that runs past ``Sk`` is one, :func:`._common._query_ranges`); 2: no
+    rule, every step zeroes the keys past ``Sk``; 0: nothing is masked.
+
+    A call without ranges has no boundary but the sequence ends, and rows past ``Sq`` need no
+    mask: their LSE of +inf already makes their P 0. With the masking inside the one loop under
+    the runtime flag, ptxas predicated it into every step of such a call (at D = 128 on Triton
+    3.6: 555 instructions a step, 70 of them selects, and 20 bytes of spill; the walk without it
+    has 465, no spill, before the scale moved into dS: benchmarks/results/kernels_cpu_sass_loops/),
+    so those calls take 2 in a program whose keys run past ``Sk`` and 0 in every other."""
     for t in range(G * n_m):
         h, boundary, m0, s, ph, q2, do2 = _step(t, n_m, hk, G, lo, flo, fhi, hi, q_smem, do_smem, BLOCK_M, HEAD_DIM,
                                                 STAGES, DQ_MODE >= 2)
@@ -380,35 +430,39 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
 
         st, _k, _q = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, k2, q2))
         p = gl.exp2(st * qk_scale - lse2[:, None])
-        if boundary and ROWB:
-            # each query row's run of visible keys [first, end) (_row_bounds_kernel; end <= Sk):
-            # two loads a row and two compares an element, no key attribute
+        if MASK == 1:
+            if boundary and ROWB:
+                # each query row's run of visible keys [first, end) (_row_bounds_kernel; end <= Sk):
+                # two loads a row and two compares an element, no key attribute
+                keys = n0 + gl.arange(0, BLOCK_N, layout=key_layout)
+                first = gl.load(BOUNDS + rows * 2, mask=row_ok, other=0)
+                end = gl.load(BOUNDS + rows * 2 + 1, mask=row_ok, other=0)
+                p = gl.where((keys[None, :] >= first[:, None]) & (keys[None, :] < end[:, None]), p, 0.0)
+            elif boundary:  # a boundary tile: the rule, the sequence ends (key attributes loaded here only)
+                keys = n0 + gl.arange(0, BLOCK_N, layout=key_layout)
+                ok = row_ok[:, None] & (keys < Sk)[None, :]
+                qp = rows
+                qd = rows
+                kp = keys
+                kd = keys
+                if CAUSAL or WINDOW > 0:
+                    qp = gl.load(QPOS + rows, mask=row_ok, other=0).to(gl.int32)
+                    kp = gl.load(KPOS + keys, mask=keys < Sk, other=0).to(gl.int32)
+                if DOCS:
+                    qd = gl.load(QDOC + rows, mask=row_ok, other=-2)
+                    kd = gl.load(KDOC + keys, mask=keys < Sk, other=-1)
+                ok = ok & visible(qp[:, None], kp[None, :], qd[:, None], kd[None, :], wl, wr, CAUSAL, WINDOW, DOCS)
+                p = gl.where(ok, p, 0.0)
+        elif MASK == 2:  # no rule: only the keys past the sequence end (rows past it have LSE +inf)
             keys = n0 + gl.arange(0, BLOCK_N, layout=key_layout)
-            first = gl.load(BOUNDS + rows * 2, mask=row_ok, other=0)
-            end = gl.load(BOUNDS + rows * 2 + 1, mask=row_ok, other=0)
-            p = gl.where((keys[None, :] >= first[:, None]) & (keys[None, :] < end[:, None]), p, 0.0)
-        elif boundary:  # a boundary tile: the rule, the sequence ends (key attributes loaded here only)
-            keys = n0 + gl.arange(0, BLOCK_N, layout=key_layout)
-            ok = row_ok[:, None] & (keys < Sk)[None, :]
-            qp = rows
-            qd = rows
-            kp = keys
-            kd = keys
-            if CAUSAL or WINDOW > 0:
-                qp = gl.load(QPOS + rows, mask=row_ok, other=0).to(gl.int32)
-                kp = gl.load(KPOS + keys, mask=keys < Sk, other=0).to(gl.int32)
-            if DOCS:
-                qd = gl.load(QDOC + rows, mask=row_ok, other=-2)
-                kd = gl.load(KDOC + keys, mask=keys < Sk, other=-1)
-            ok = ok & visible(qp[:, None], kp[None, :], qd[:, None], kd[None, :], wl, wr, CAUSAL, WINDOW, DOCS)
-            p = gl.where(ok, p, 0.0)
+            p = gl.where((keys < Sk)[None, :], p, 0.0)
         p_smem.store(p.to(dtype))
         fence_async_shared()
         cta_barrier()
         dv_tok = warpgroup_mma(pt_smem, do2, dv, is_async=True)
 
         dp, _v, _do = warpgroup_mma_wait(num_outstanding=1, deps=(dp_tok, v2, do2))
-        ds = p * (dp - di[:, None])
+        ds = p * (dp * sm_scale - (di * sm_scale)[:, None])
         ds_smem.store(ds.to(dtype))
         fence_async_shared()
         cta_barrier()
@@ -429,7 +483,7 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
             # read it; the writer adds it (_dq_writer), so no wait for the addition lands here.
             buf = t % 2
             mbarrier.wait(dq_empty.index(buf), ((t // 2) & 1) ^ 1)
-            dq_smem.index(buf).reshape([BLOCK_M, HEAD_DIM]).store(dq * sm_scale)
+            dq_smem.index(buf).reshape([BLOCK_M, HEAD_DIM]).store(dq)
             fence_async_shared()  # the generic-proxy writes before the TMA unit reads them
             cta_barrier()  # also: both warpgroups past their dV products, the last readers of dO
             mbarrier.arrive(dq_full.index(buf))
@@ -438,8 +492,7 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
             cta_barrier()  # both warpgroups past their dK products, the last readers of Q
             mbarrier.arrive(q_empty.index(s))
 
-    _store_dkdv(dk * sm_scale, dv, DK, DV, b, hk, n0, Sk, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                stride_vh, BLOCK_N, HEAD_DIM, ACCUMULATE, acc_layout)
+    return dk, dv
 
 
 @gluon.jit

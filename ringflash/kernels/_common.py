@@ -221,6 +221,11 @@ def _query_ranges(
         flo = tl.maximum(flo, tl.where(one_doc, _count_tiles(QDOC, Sq, num_m, d_first, BLOCK_M, False, True), num_m))
         fhi = tl.minimum(fhi, _count_tiles(QDOC, Sq, num_m_even, d_last, BLOCK_M, True, False))
     flo, fhi = _clip_ranges(lo, flo, fhi, hi)
+    # A key tile that runs past Sk has padded keys (zero-filled rows of K and V): none of its query
+    # tiles counts as fully visible, so that every one masks them. Their P would otherwise be
+    # exp2(-LSE2), and where a kernel adds dQ = dS K from these programs (the Hopper backward),
+    # an overflow of it to inf would add inf * 0 into dQ.
+    fhi = tl.where(start_n + BLOCK_N > Sk, flo, fhi)
     return lo * BLOCK_M, flo * BLOCK_M, fhi * BLOCK_M, hi * BLOCK_M
 
 

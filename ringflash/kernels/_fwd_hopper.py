@@ -35,7 +35,8 @@ after issuing S_j and then PV_{j-1} means S_j is done while PV_{j-1} may still r
     S_0 = Q K_0^T; wait; release K_0; P_0 = softmax(S_0)
     for j = 1 .. n-1:
         issue S_j = Q K_j^T               (after k_ready[j])
-        issue O += P_{j-1} V_{j-1}        (after v_ready[j-1]; P from registers)
+        issue O += P_{j-1} V_{j-1}        (after v_ready[j-1]; P from registers, made 16-bit
+                                           just before: it crosses the loop in float32)
         wait(1): S_j done; release K_j; P_j, alpha_j = softmax(S_j)   <- overlaps PV_{j-1}
         wait(0): O done; release V_{j-1}; O *= alpha_j
     O += P_{n-1} V_{n-1}; wait; release V_{n-1}
@@ -230,14 +231,23 @@ def _pass_turn(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
 
 @gluon.jit
 def _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn,
-             p_op, acc, m_i, l_i, s_zero, qp, qd, KPOS, KDOC, Sk, qk_scale, wl, wr,
+             p_prev, acc, m_i, l_i, s_zero, qp, qd, KPOS, KDOC, Sk, qk_scale, wl, wr,
              s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
              BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
              MASKED: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, DOCS: gl.constexpr,
              HEAD_ATTRS: gl.constexpr, PINGPONG: gl.constexpr, WG: gl.constexpr, ROWB: gl.constexpr = False):
     """Tile j >= 1: S_j = Q K_j^T beside O += P_{j-1} V_{j-1}, the softmax of S_j beside the PV.
     ``j0``: the tiles of the program's earlier items (a persistent program), which set the slot
-    and its round."""
+    and its round. ``p_prev``: P_{j-1} in float32, as the softmax left it; returns P_j so.
+
+    P crosses the loop in float32 and becomes the 16-bit operand here, next to the product that
+    reads it. Carried as 16-bit values, P went through the loop's phi as 64 separate halves, and
+    ptxas swapped the two halves of every packed register at the end of each step and back
+    before the wgmma: at D = 128 the loop over fully visible tiles took 515-519 instructions a
+    step, 64 of them PRMT, on Triton 3.6 (526-530 on 3.9), and takes 450-455 (462-466). The
+    float32 carry holds 32 more registers across the loop: on Triton 3.6 nothing spills inside
+    the loops; on 3.9 the loop over boundary tiles with row bounds reloads 27 words a step from
+    local memory instead of its 32 PRMT (benchmarks/results/kernels_cpu_sass_loops/)."""
     s = (j0 + j) % STAGES
     ph = ((j0 + j) // STAGES) & 1
     sp = (j0 + j - 1) % STAGES
@@ -245,6 +255,7 @@ def _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready, k_em
     k2 = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
     v2 = v_smem.index(sp).reshape([BLOCK_N, HEAD_DIM])
 
+    p_op = gl.convert_layout(p_prev.to(v2.dtype), p_layout)
     _my_turn(turn, j, WG, PINGPONG)
     mbarrier.wait(k_ready.index(s), ph)
     s_tok = warpgroup_mma(q2, k2.permute((1, 0)), s_zero, use_acc=False, is_async=True)
@@ -267,8 +278,7 @@ def _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready, k_em
     cta_barrier()
     mbarrier.arrive(v_empty.index(sp))
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-    p_op = gl.convert_layout(p.to(v2.dtype), p_layout)
-    return p_op, acc, m_i, l_i
+    return p, acc, m_i, l_i
 
 
 @gluon.jit
@@ -328,20 +338,19 @@ def _consumer_item(b, h, m0, pid_m, qs, q_phase, j0, QPOS, KPOS, QDOC, KDOC, RAN
         n0 = tile_start(0, lo, flo, fhi, hi, BLOCK_N, True)
         p, m_i, l_i, alpha = _softmax_tile(s_acc, m_i, l_i, qp, qd, n0, KPOS, KDOC, Sk, qk_scale, wl, wr,
                                            s_layout, BLOCK_N, True, CAUSAL, WINDOW, DOCS, HEAD_ATTRS, ROWB)
-        p_op = gl.convert_layout(p.to(k2.dtype), p_layout)
 
         for j in range(1, n_masked):
-            p_op, acc, m_i, l_i = _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready,
-                                           k_empty, v_empty, turn, p_op, acc, m_i, l_i, s_zero, qp, qd,
-                                           KPOS, KDOC, Sk, qk_scale, wl, wr, s_layout, o_layout, p_layout,
-                                           BLOCK_N, HEAD_DIM, STAGES, True, CAUSAL, WINDOW, DOCS, HEAD_ATTRS,
-                                           PINGPONG, WG, ROWB)
+            p, acc, m_i, l_i = _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready,
+                                        k_empty, v_empty, turn, p, acc, m_i, l_i, s_zero, qp, qd,
+                                        KPOS, KDOC, Sk, qk_scale, wl, wr, s_layout, o_layout, p_layout,
+                                        BLOCK_N, HEAD_DIM, STAGES, True, CAUSAL, WINDOW, DOCS, HEAD_ATTRS,
+                                        PINGPONG, WG, ROWB)
         for j in range(gl.maximum(n_masked, 1), n):
-            p_op, acc, m_i, l_i = _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready,
-                                           k_empty, v_empty, turn, p_op, acc, m_i, l_i, s_zero, qp, qd,
-                                           KPOS, KDOC, Sk, qk_scale, wl, wr, s_layout, o_layout, p_layout,
-                                           BLOCK_N, HEAD_DIM, STAGES, False, CAUSAL, WINDOW, DOCS, HEAD_ATTRS,
-                                           PINGPONG, WG, ROWB)
+            p, acc, m_i, l_i = _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready,
+                                        k_empty, v_empty, turn, p, acc, m_i, l_i, s_zero, qp, qd,
+                                        KPOS, KDOC, Sk, qk_scale, wl, wr, s_layout, o_layout, p_layout,
+                                        BLOCK_N, HEAD_DIM, STAGES, False, CAUSAL, WINDOW, DOCS, HEAD_ATTRS,
+                                        PINGPONG, WG, ROWB)
 
         # Every QK^T of this item has retired: the producer may load the next item's Q.
         if PERSISTENT:
@@ -353,6 +362,7 @@ def _consumer_item(b, h, m0, pid_m, qs, q_phase, j0, QPOS, KPOS, QDOC, KDOC, RAN
         v2 = v_smem.index(sl).reshape([BLOCK_N, HEAD_DIM])
         _my_turn(turn, n, WG, PINGPONG)
         mbarrier.wait(v_ready.index(sl), (jl // STAGES) & 1)
+        p_op = gl.convert_layout(p.to(v2.dtype), p_layout)
         o_tok = warpgroup_mma(p_op, v2, acc, is_async=True)
         _pass_turn(turn, WG, PINGPONG)
         acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
