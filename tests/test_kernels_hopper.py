@@ -81,7 +81,7 @@ def _compile(kernel, launch):
     assert sorted(names[len(args):]) == sorted(constexprs), "the launcher's arguments and the kernel's parameters differ"
     signature.update({name: "constexpr" for name in names[len(args):]})
     src = GluonASTSource(kernel, signature, constexprs=constexprs)
-    return triton.compile(src, target=SM90, options=dict(num_warps=num_warps)), grid
+    return triton.compile(src, target=SM90, options=dict(num_warps=num_warps, **A.FP_FUSION)), grid  # as launched
 
 
 def compile_variant(D, dtype, *, causal=False, window=None, docs=False, fold=False, pos_dtype=torch.int64,

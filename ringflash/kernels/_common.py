@@ -25,6 +25,11 @@ LN2 = tl.constexpr(0.6931471805599453)  # ln(2): back to a natural-log LSE at th
 CHUNK = tl.constexpr(512)  # tile-boundary positions read per vector load
 
 
+# Launch option of every kernel here: multiplies and adds fused into FMAs, as the kernels were
+# written, tested and timed with. Triton 3.9 warns that its default (fused) becomes unfused in
+# 3.10; asked for explicitly, the kernels compile the same on either side of that change.
+FP_FUSION = {"enable_fp_fusion": True}
+
 @triton.jit
 def _count_tiles(
     POS,

@@ -27,7 +27,7 @@ from triton.errors import TritonError
 from triton.runtime.errors import OutOfResources
 
 from ._bwd import _attn_bwd, _bwd_delta, _bwd_dq_finish
-from ._common import LOG2E, _ranges_kernel, _row_bounds_kernel
+from ._common import FP_FUSION, LOG2E, _ranges_kernel, _row_bounds_kernel
 from ._fwd import _attn_fwd
 from .blocks import tile_lists
 
@@ -533,7 +533,7 @@ def _make_ranges(m: _MaskArgs, causal, Sq, Sk, block_m, block_n, by_keys, device
     _ranges_kernel[(tiles, B * H)](
         *_attr_args(m, ranges), ranges, Sq, Sk, m.wl, m.wr, *m.strides, H, G,
         BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), WINDOW=m.window, DOCS=m.docs, BY_KEYS=by_keys,
-        num_warps=4,
+        num_warps=4, **FP_FUSION,
     )
     return ranges
 
@@ -551,7 +551,7 @@ def _row_bounds(m: _MaskArgs, causal, Sq, Sk, *, device, heads: tuple = (1, 1, 1
         _row_bounds_kernel[(triton.cdiv(Sq, block), B * H)](
             *_attr_args(m, bounds), bounds, Sq, Sk, max(1, int(Sk).bit_length()), m.wl, m.wr, *m.strides, H, G,
             BLOCK=block, CAUSAL=bool(causal), WINDOW=m.window, DOCS=m.docs, HEAD_ATTRS=bool(m.strides[1]),
-            num_warps=4)
+            num_warps=4, **FP_FUSION)
         return bounds
 
     return _derived(m, ("rows", bool(causal), m.wl, m.wr, m.window, m.docs, Sq, Sk, str(device)), make)
@@ -616,7 +616,7 @@ def _launch(kernel, grid, *args, num_warps: int, num_stages: int, **constexprs) 
     stages = _STAGES_FIT.get(key, num_stages)
     while True:
         try:
-            kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=stages)
+            kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=stages, **FP_FUSION)
         except OutOfResources:
             if stages <= 1:
                 raise
@@ -852,7 +852,7 @@ def _forward_hopper(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold):
         bounds = _row_bounds(m, causal, q.shape[1], k.shape[1], device=q.device,
                              heads=(q.shape[0], q.shape[2], q.shape[2] // k.shape[2]))
     grid, args, constexprs, num_warps = _hopper_launch(q, k, v, m, causal, scale, out, lse, fold, ranges, bounds)
-    _attn_fwd_hopper[grid](*args, **constexprs, num_warps=num_warps)
+    _attn_fwd_hopper[grid](*args, **constexprs, num_warps=num_warps, **FP_FUSION)
     return out, lse
 
 
@@ -1050,7 +1050,7 @@ def _finish_dq(dq_sum: torch.Tensor, dq: torch.Tensor, counters: torch.Tensor, t
         dq.stride(0), dq.stride(1), dq.stride(2),
         H, Sq, counters.shape[1],
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=_FINISH_BLOCK_M, TILE=tile,
-        IN_PLACE=dq_sum is dq, ACCUMULATE=accumulate, num_warps=4,
+        IN_PLACE=dq_sum is dq, ACCUMULATE=accumulate, num_warps=4, **FP_FUSION,
     )
 
 
@@ -1090,12 +1090,12 @@ def _backward_hopper(dout, q, k, v, lse, delta, m: _MaskArgs, causal, scale, dq,
     launches = _hopper_bwd_launches(dout, q, k, v, lse, delta, m, causal, scale, dq_sum, dk, dv, acc_dq, acc_dkdv,
                                     ranges_kv, ranges_q, bounds, counters, fresh)
     g1, a1, m1, w1 = launches[0]
-    _attn_bwd_dkdv_hopper[g1](*a1, **m1, num_warps=w1)
+    _attn_bwd_dkdv_hopper[g1](*a1, **m1, num_warps=w1, **FP_FUSION)
     if after_dkdv is not None:
         after_dkdv()
     if not fused:
         g2, a2, m2, w2 = launches[1]
-        _attn_bwd_dq_hopper[g2](*a2, **m2, num_warps=w2)
+        _attn_bwd_dq_hopper[g2](*a2, **m2, num_warps=w2, **FP_FUSION)
     elif fresh:
         _finish_dq(dq_sum, dq, counters, _dkdv_config(D).block_m, acc_dq)
     elif dq_sum is not dq:
@@ -1125,7 +1125,7 @@ def backward_delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
         dout.stride(0), dout.stride(1), dout.stride(2),
         H, S,
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=_DELTA_BLOCK_M, WIDE=_wide(out, dout),
-        num_warps=4,
+        num_warps=4, **FP_FUSION,
     )
     return delta
 

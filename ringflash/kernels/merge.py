@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _merge_states
+from ._common import FP_FUSION, _merge_states
 
 __all__ = ["merge_", "accumulate_"]
 
@@ -87,7 +87,7 @@ def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_
         block_lse.stride(0), block_lse.stride(1), block_lse.stride(2),
         H, S,
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_S=BLOCK_S,
-        num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS, **FP_FUSION,
     )
 
 
@@ -132,5 +132,5 @@ def accumulate_(dst: torch.Tensor, src: torch.Tensor, *, fresh: bool = False) ->
     _accumulate_kernel[grid](
         dst, src, *dst.stride(), *src.stride(), H, S,
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_S=BLOCK_S, FRESH=fresh,
-        num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS, **FP_FUSION,
     )

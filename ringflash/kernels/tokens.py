@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import FP_FUSION
 from .attention import INTERPRETED
 
 __all__ = ["sort_tokens", "permute_tokens", "MAX_BUCKETS"]
@@ -198,7 +199,7 @@ def sort_tokens(q_buckets: torch.Tensor, k_buckets: torch.Tensor, num_buckets: i
     counts = torch.empty((grid[1], grid[0], nb), dtype=torch.int32, device=dev)
     buckets = (q_buckets, *q_buckets.stride(), k_buckets, *k_buckets.stride())
     _count_kernel[grid](*buckets, counts, B * H, H, Hkv, Sq, Sk, num_buckets,
-                        NB=nb, BLOCK=block, DROP=drop is not None, num_warps=NUM_WARPS)
+                        NB=nb, BLOCK=block, DROP=drop is not None, num_warps=NUM_WARPS, **FP_FUSION)
     q_drop, k_drop = drop if drop is not None else (0, 0)
     chunks_at_once = max(1, 4096 // nb) if not INTERPRETED else 2  # of the counts summed per step
     _place_kernel[grid](
@@ -206,6 +207,7 @@ def sort_tokens(q_buckets: torch.Tensor, k_buckets: torch.Tensor, num_buckets: i
         q_order, q_inv, q_cpos, q_cdoc, k_order, k_inv, k_cpos, k_cdoc,
         counts, B * H, H, Hkv, Sq, Sk, num_buckets, num_docs, q_drop, k_drop,
         NB=nb, BLOCK=block, CB=chunks_at_once, DOCS=docs, DROP=drop is not None, num_warps=NUM_WARPS,
+        **FP_FUSION,
     )
     return q_order, q_inv, q_cpos, q_cdoc, k_order, k_inv, k_cpos, k_cdoc
 
@@ -288,5 +290,6 @@ def permute_tokens(groups, lse: torch.Tensor | None = None):
         *sa, *sb, *(lse.stride() if lse is not None else (0, 0, 0)),
         B * HA, SA, HA, SB, HB, D,
         BLOCK_S=block_s, BLOCK_D=block_d, NA=NA, NB=NB, LSE=lse is not None, num_warps=NUM_WARPS,
+        **FP_FUSION,
     )
     return (*outs, ly) if lse is not None else tuple(outs)
