@@ -3,13 +3,16 @@ the SASS, on the CPU (no GPU: Triton compiles for sm_90a with its own ptxas).
 
     python benchmarks/sass_loops.py [--root TREE] [--out loops.json]
 
-The default forward and backward variants (below) are compiled as the launchers would call them,
-with the compile helpers of ``TREE/tests/test_kernels_hopper.py`` and ``TREE``'s package (default:
-this tree; another tree, e.g. ``git archive <rev> | tar -x -C /tmp/old``, gives the numbers before
-a change), disassembled (``nvdisasm``, shipped with Triton), and for every innermost loop that
-issues a wgmma the table gives its instructions a step, its local loads and stores (spills), its
-byte permutes (PRMT) and its selects (FSEL). Counts, not times: what a step costs on the GPU also
-depends on latencies, the tensor cores and the other warps.
+The default forward and backward variants (below) are compiled as the launchers would call them
+on the benchmarks' shape (B = 1, S = 8k, H = 32, bf16; ``--kv-heads`` for grouped queries), with
+the launch helpers of ``TREE/tests/test_kernels_hopper.py`` and ``TREE``'s package (default: this
+tree; another tree, e.g. ``git archive <rev> | tar -x -C /tmp/old``, gives the numbers before a
+change) and the specialisation Triton's launcher applies (integers equal to 1 become constants;
+integers and addresses divisible by 16 are marked so). Each is disassembled (``nvdisasm``, shipped
+with Triton), and for every innermost loop that issues a wgmma the table gives its instructions a
+step, its local loads and stores (spills), its byte permutes (PRMT) and its selects (FSEL).
+Counts, not times: what a step costs on the GPU also depends on latencies, the tensor cores and
+the other warps.
 """
 
 from __future__ import annotations
@@ -75,6 +78,34 @@ def key_loops(sass: str) -> list:
                  fsel=o.count("FSEL")) for o in ops]
 
 
+def compile_as_launched(kernel, launch):
+    """``kernel`` compiled for sm_90a with the launcher's arguments ``launch`` (grid, args,
+    constexprs, num_warps) specialised as ``kernel[grid](*args, ...)`` would specialise them."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import native_specialize_impl
+
+    grid, args, constexprs, num_warps = launch
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    names = list(kernel.arg_names)
+    signature, attrs, constants = {}, {}, dict(constexprs)
+    for i, (name, arg) in enumerate(zip(names, args)):
+        param = kernel.params[i]
+        kind, attr = native_specialize_impl(backend, arg, False, not param.do_not_specialize,
+                                            not param.do_not_specialize_on_alignment)
+        signature[name] = kind
+        if kind == "constexpr":
+            constants[name] = arg
+        elif isinstance(attr, str):
+            attrs[(i,)] = backend.parse_attr(attr)
+    signature.update({name: "constexpr" for name in names[len(args):]})
+    src = GluonASTSource(kernel, signature, constexprs=constants, attrs=attrs)
+    return triton.compile(src, target=target, options=dict(num_warps=num_warps, enable_fp_fusion=True)), grid
+
+
 def variants(torch):
     """(name, kind, keyword arguments of the compile helper): the defaults of the launchers at
     D = 128 (and the forward at 64), bf16."""
@@ -98,6 +129,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", default=ROOT, help="the tree whose package and compile helpers are used")
     ap.add_argument("--out", default=None, help="JSON file of the rows")
+    ap.add_argument("--seqlen", type=int, default=8192)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     args = ap.parse_args()
     root = os.path.abspath(args.root)
     sys.path[:0] = [root, os.path.join(root, "tests")]
@@ -106,8 +140,11 @@ def main() -> None:
 
     import test_kernels_hopper as helpers
 
+    # the helpers' inputs at the benchmarks' shape, compiled as launched
+    helpers.B, helpers.S, helpers.H, helpers.HKV = 1, args.seqlen, args.heads, args.kv_heads or args.heads
+    helpers._compile = compile_as_launched
     rows = []
-    print(f"Triton {triton.__version__}, tree {root}")
+    print(f"Triton {triton.__version__}, tree {root}, B = 1, S = {helpers.S}, H = {helpers.H}, Hkv = {helpers.HKV}")
     print(f"{'variant':30s} {'loop':>4s} {'instructions':>12s} {'spills':>6s} {'PRMT':>5s} {'FSEL':>5s}")
     for name, kind, kw in variants(torch):
         if kind == "fwd":
@@ -118,7 +155,8 @@ def main() -> None:
         if sass is None:
             sys.exit("no nvdisasm beside Triton's ptxas")
         for i, loop in enumerate(key_loops(sass)):
-            rows.append(dict(variant=name, loop=i, triton=triton.__version__, root=root, **loop))
+            rows.append(dict(variant=name, loop=i, triton=triton.__version__, root=root, S=helpers.S, H=helpers.H,
+                             Hkv=helpers.HKV, **loop))
             print(f"{name:30s} {i:4d} {loop['instructions']:12d} {loop['spills']:6d} {loop['prmt']:5d} "
                   f"{loop['fsel']:5d}", flush=True)
     if args.out:

@@ -787,7 +787,7 @@ def test_launch_drops_stages_that_do_not_fit():
 
     kernel = Kernel(fits=2)
     attn._launch(kernel, (3, 1), "a", num_warps=8, num_stages=4, WINDOW=1, DOCS=True)
-    assert launched == [((3, 1), ("a",), 8, 2, {"WINDOW": 1, "DOCS": True})]
+    assert launched == [((3, 1), ("a",), 8, 2, {"WINDOW": 1, "DOCS": True, **attn.FP_FUSION})]  # fused FMAs asked for
     assert attn._STAGES_FIT[(kernel, 8, 4, (("DOCS", True), ("WINDOW", 1)))] == 2
     kernel.fits = 4  # remembered: the next launch starts at 2 and does not try 4 again
     attn._launch(kernel, (3, 1), "b", num_warps=8, num_stages=4, WINDOW=1, DOCS=True)

@@ -31,8 +31,6 @@ pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
 pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
 
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
-from triton.runtime.jit import mangle_type  # noqa: E402
 
 from ringflash.kernels import attention as A  # noqa: E402
 from ringflash.kernels._bwd_dkdv_hopper import _attn_bwd_dkdv_hopper  # noqa: E402
@@ -40,7 +38,7 @@ from ringflash.kernels._bwd_dq_hopper import _attn_bwd_dq_hopper  # noqa: E402
 from ringflash.kernels._fwd_hopper import _attn_fwd_hopper  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from sass_loops import key_loops, sass_of  # noqa: E402  (the walks over tiles in the SASS)
+from sass_loops import compile_as_launched, key_loops, sass_of  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)
 SMEM_SM90 = 232448  # bytes of shared memory a block may take on H100/H200
@@ -75,13 +73,13 @@ def _ranges(masked, tiles, rows=1):
 
 
 def _compile(kernel, launch):
-    grid, args, constexprs, num_warps = launch
+    """The kernel compiled for sm_90a with the launcher's arguments, specialised as Triton's launcher
+    specialises them (integers equal to 1 become constants; integers and addresses divisible by 16
+    are marked so): benchmarks/sass_loops.compile_as_launched."""
+    _grid, args, constexprs, _warps = launch
     names = list(kernel.arg_names)
-    signature = {name: mangle_type(a) for name, a in zip(names, args)}
     assert sorted(names[len(args):]) == sorted(constexprs), "the launcher's arguments and the kernel's parameters differ"
-    signature.update({name: "constexpr" for name in names[len(args):]})
-    src = GluonASTSource(kernel, signature, constexprs=constexprs)
-    return triton.compile(src, target=SM90, options=dict(num_warps=num_warps, **A.FP_FUSION)), grid  # as launched
+    return compile_as_launched(kernel, launch)
 
 
 def compile_variant(D, dtype, *, causal=False, window=None, docs=False, fold=False, pos_dtype=torch.int64,
@@ -225,7 +223,9 @@ def _facts(kernel, grid) -> dict:
         tma_rows=bool(re.search(r"cp\.async\.bulk\.tensor\.3d\.shared::\w+\.global", ptx)),  # LSE/delta rows
         setmaxnreg="setmaxnreg" in ptx,
         overlap="wgmma.wait_group.sync.aligned 1" in ptx,
-        store16=bool(re.search(r"st\.global(\.v\d)?\.b16", ptx)),  # results stored as 16-bit values
+        # results stored as 16-bit values: no global store of 32-bit pairs or quads (float32 results,
+        # aligned as here, go out as st.global.v2.b32; 16-bit ones as b16 or packed pairs, b32)
+        store16=not re.search(r"st\.global\.v[24]\.[bf]32", ptx),
         tma_reduce="cp.reduce.async.bulk.tensor.4d.global.shared::cta.add" in ptx,
         tma_reduces=len(re.findall(r"cp\.reduce\.async\.bulk\.tensor", ptx)),
         tma_stores=len(re.findall(r"cp\.async\.bulk\.tensor\.4d\.global\.shared::cta", ptx)),

@@ -105,14 +105,17 @@ def _tile(j, lo, flo, fhi, hi, BLOCK_M: gl.constexpr, ASCENDING: gl.constexpr):
 
 
 @gluon.jit
-def _step(t, n_m, hk, G, lo, flo, fhi, hi, q_smem, do_smem, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+def _step(t, j, lo, flo, fhi, hi, q_smem, do_smem, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
           STAGES: gl.constexpr, ASCENDING: gl.constexpr = False):
-    """Step ``t`` of a program: (query head, boundary tile?, first query row, slot, phase, Q, dO)."""
+    """Step ``t`` of a program, the ``j``-th query tile of a query head (the walks loop over the heads
+    of the group and their tiles, rather than divide ``t`` by the tile count: t // n_m and t % n_m
+    took 24 instructions a step, a MUFU among them): (boundary tile?, first query row, slot,
+    phase, Q, dO)."""
     s = t % STAGES
     q2 = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
     do2 = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
-    m0, boundary = _tile(t % n_m, lo, flo, fhi, hi, BLOCK_M, ASCENDING)
-    return hk * G + t // n_m, boundary, m0, s, (t // STAGES) & 1, q2, do2
+    m0, boundary = _tile(j, lo, flo, fhi, hi, BLOCK_M, ASCENDING)
+    return boundary, m0, s, (t // STAGES) & 1, q2, do2
 
 
 @gluon.jit
@@ -229,47 +232,50 @@ def _consumer(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, QPOS, KPOS, QDOC, KDO
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout)
 
     mbarrier.wait(kv_bar, 0)
-    for t in range(G * n_m):
-        h, boundary, m0, s, ph, q2, do2 = _step(t, n_m, hk, G, lo, flo, fhi, hi, q_smem, do_smem, BLOCK_M, HEAD_DIM,
-                                                STAGES)
-        mbarrier.wait(q_ready.index(s), ph)
-        st_tok = warpgroup_mma(k2, q2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-        mbarrier.wait(do_ready.index(s), ph)
-        dpt_tok = warpgroup_mma(v2, do2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+    for g in range(G):  # the query heads of the group, then their query tiles (see _smem_p_walk)
+        h = hk * G + g
+        for j in range(n_m):
+            t = g * n_m + j
+            boundary, m0, s, ph, q2, do2 = _step(t, j, lo, flo, fhi, hi, q_smem, do_smem, BLOCK_M, HEAD_DIM,
+                                                 STAGES)
+            mbarrier.wait(q_ready.index(s), ph)
+            st_tok = warpgroup_mma(k2, q2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+            mbarrier.wait(do_ready.index(s), ph)
+            dpt_tok = warpgroup_mma(v2, do2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
 
-        # While the wgmmas run: this tile's LSE and delta.
-        rows = m0 + gl.arange(0, BLOCK_M, layout=query_layout)
-        if STATS_SMEM:
-            row_ok, lse2, di = _stage_stats(lse_smem.index(s), delta_smem.index(s), rows, Sq, BLOCK_M, query_layout)
-        else:
-            row_ok, lse2, di = _query_stats(LSE, DELTA, b, h, rows, Sq, stride_lb, stride_lh)
+            # While the wgmmas run: this tile's LSE and delta.
+            rows = m0 + gl.arange(0, BLOCK_M, layout=query_layout)
+            if STATS_SMEM:
+                row_ok, lse2, di = _stage_stats(lse_smem.index(s), delta_smem.index(s), rows, Sq, BLOCK_M, query_layout)
+            else:
+                row_ok, lse2, di = _query_stats(LSE, DELTA, b, h, rows, Sq, stride_lb, stride_lh)
 
-        st, _k, _q = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, k2, q2))
-        pt = gl.exp2(st * qk_scale - lse2[None, :])
-        if boundary:  # a boundary tile: the rule, the sequence ends
-            ok = row_ok[None, :] & (keys < Sk)[:, None]
-            qp = rows
-            qd = rows
-            if CAUSAL or WINDOW > 0:
-                qp = gl.load(QPOS + rows, mask=row_ok, other=0).to(gl.int32)
-            if DOCS:
-                qd = gl.load(QDOC + rows, mask=row_ok, other=-2)
-            ok = ok & visible(qp[None, :], kp[:, None], qd[None, :], kd[:, None], wl, wr, CAUSAL, WINDOW, DOCS)
-            pt = gl.where(ok, pt, 0.0)
-        pt_op = gl.convert_layout(pt.to(dtype), op_layout)
-        dv_tok = warpgroup_mma(pt_op, do2, dv, is_async=True)
+            st, _k, _q = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, k2, q2))
+            pt = gl.exp2(st * qk_scale - lse2[None, :])
+            if boundary:  # a boundary tile: the rule, the sequence ends
+                ok = row_ok[None, :] & (keys < Sk)[:, None]
+                qp = rows
+                qd = rows
+                if CAUSAL or WINDOW > 0:
+                    qp = gl.load(QPOS + rows, mask=row_ok, other=0).to(gl.int32)
+                if DOCS:
+                    qd = gl.load(QDOC + rows, mask=row_ok, other=-2)
+                ok = ok & visible(qp[None, :], kp[:, None], qd[None, :], kd[:, None], wl, wr, CAUSAL, WINDOW, DOCS)
+                pt = gl.where(ok, pt, 0.0)
+            pt_op = gl.convert_layout(pt.to(dtype), op_layout)
+            dv_tok = warpgroup_mma(pt_op, do2, dv, is_async=True)
 
-        dpt, _v, _do = warpgroup_mma_wait(num_outstanding=1, deps=(dpt_tok, v2, do2))
-        dst = pt * (dpt - di[None, :])
-        dst_op = gl.convert_layout(dst.to(dtype), op_layout)
-        dk_tok = warpgroup_mma(dst_op, q2, dk, is_async=True)
+            dpt, _v, _do = warpgroup_mma_wait(num_outstanding=1, deps=(dpt_tok, v2, do2))
+            dst = pt * (dpt - di[None, :])
+            dst_op = gl.convert_layout(dst.to(dtype), op_layout)
+            dk_tok = warpgroup_mma(dst_op, q2, dk, is_async=True)
 
-        dv, dk, _pt, _ds, _q2, _do2 = warpgroup_mma_wait(num_outstanding=0,
-                                                         deps=(dv_tok, dk_tok, pt_op, dst_op, q2, do2))
-        # Both warpgroups past their wgmmas on this slot before one thread hands it back.
-        cta_barrier()
-        mbarrier.arrive(q_empty.index(s))
-        mbarrier.arrive(do_empty.index(s))
+            dv, dk, _pt, _ds, _q2, _do2 = warpgroup_mma_wait(num_outstanding=0,
+                                                             deps=(dv_tok, dk_tok, pt_op, dst_op, q2, do2))
+            # Both warpgroups past their wgmmas on this slot before one thread hands it back.
+            cta_barrier()
+            mbarrier.arrive(q_empty.index(s))
+            mbarrier.arrive(do_empty.index(s))
 
     _store_dkdv(dk * sm_scale, dv, DK, DV, b, hk, n0, Sk, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                 stride_vh, BLOCK_N, HEAD_DIM, ACCUMULATE, acc_layout)
@@ -317,7 +323,7 @@ def _consumer_smem_p(LSE, DELTA, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, DK, DV,
         wait(0); release Q and dO
 
     dS carries the softmax scale (an FFMA where the subtraction was), so that neither the dQ tile
-    of every step nor dK at the end is multiplied by it: 30 instructions a step fewer at D = 128.
+    of every step nor dK at the end is multiplied by it (32 multiplies a step fewer at D = 128).
 
     With ``DQ_MODE`` > 0 the step ends in FA3's order instead:
 
@@ -410,87 +416,89 @@ def _smem_p_walk(dk, dv, b, hk, n0, G, n_m, lo, flo, fhi, hi, k2, v2, q_smem, do
 
     A call without ranges has no boundary but the sequence ends, and rows past ``Sq`` need no
     mask: their LSE of +inf already makes their P 0. With the masking inside the one loop under
-    the runtime flag, ptxas predicated it into every step of such a call (at D = 128 on Triton
-    3.6: 555 instructions a step, 70 of them selects, and 20 bytes of spill; the walk without it
-    has 465, no spill, before the scale moved into dS: benchmarks/results/kernels_cpu_sass_loops/),
-    so those calls take 2 in a program whose keys run past ``Sk`` and 0 in every other."""
-    for t in range(G * n_m):
-        h, boundary, m0, s, ph, q2, do2 = _step(t, n_m, hk, G, lo, flo, fhi, hi, q_smem, do_smem, BLOCK_M, HEAD_DIM,
-                                                STAGES, DQ_MODE >= 2)
-        mbarrier.wait(q_ready.index(s), ph)
-        s_tok = warpgroup_mma(q2, k2.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        mbarrier.wait(do_ready.index(s), ph)
-        dp_tok = warpgroup_mma(do2, v2.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    the runtime flag, ptxas predicated it into every step of such a call (38 selects a step at
+    D = 128 on Triton 3.6: benchmarks/results/kernels_cpu_sass_loops/), so those calls take 2 in
+    a program whose keys run past ``Sk`` and 0 in every other."""
+    for g in range(G):  # the query heads of the group (one without GQA: Triton makes G = 1 a constant)
+        h = hk * G + g
+        for j in range(n_m):  # their query tiles
+            t = g * n_m + j
+            boundary, m0, s, ph, q2, do2 = _step(t, j, lo, flo, fhi, hi, q_smem, do_smem, BLOCK_M, HEAD_DIM,
+                                                 STAGES, DQ_MODE >= 2)
+            mbarrier.wait(q_ready.index(s), ph)
+            s_tok = warpgroup_mma(q2, k2.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(do_ready.index(s), ph)
+            dp_tok = warpgroup_mma(do2, v2.permute((1, 0)), s_zero, use_acc=False, is_async=True)
 
-        rows = m0 + gl.arange(0, BLOCK_M, layout=query_layout)
-        if STATS_SMEM:
-            row_ok, lse2, di = _stage_stats(lse_smem.index(s), delta_smem.index(s), rows, Sq, BLOCK_M, query_layout)
-        else:
-            row_ok, lse2, di = _query_stats(LSE, DELTA, b, h, rows, Sq, stride_lb, stride_lh)
+            rows = m0 + gl.arange(0, BLOCK_M, layout=query_layout)
+            if STATS_SMEM:
+                row_ok, lse2, di = _stage_stats(lse_smem.index(s), delta_smem.index(s), rows, Sq, BLOCK_M, query_layout)
+            else:
+                row_ok, lse2, di = _query_stats(LSE, DELTA, b, h, rows, Sq, stride_lb, stride_lh)
 
-        st, _k, _q = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, k2, q2))
-        p = gl.exp2(st * qk_scale - lse2[:, None])
-        if MASK == 1:
-            if boundary and ROWB:
-                # each query row's run of visible keys [first, end) (_row_bounds_kernel; end <= Sk):
-                # two loads a row and two compares an element, no key attribute
+            st, _k, _q = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, k2, q2))
+            p = gl.exp2(st * qk_scale - lse2[:, None])
+            if MASK == 1:
+                if boundary and ROWB:
+                    # each query row's run of visible keys [first, end) (_row_bounds_kernel; end <= Sk):
+                    # two loads a row and two compares an element, no key attribute
+                    keys = n0 + gl.arange(0, BLOCK_N, layout=key_layout)
+                    first = gl.load(BOUNDS + rows * 2, mask=row_ok, other=0)
+                    end = gl.load(BOUNDS + rows * 2 + 1, mask=row_ok, other=0)
+                    p = gl.where((keys[None, :] >= first[:, None]) & (keys[None, :] < end[:, None]), p, 0.0)
+                elif boundary:  # a boundary tile: the rule, the sequence ends (key attributes loaded here only)
+                    keys = n0 + gl.arange(0, BLOCK_N, layout=key_layout)
+                    ok = row_ok[:, None] & (keys < Sk)[None, :]
+                    qp = rows
+                    qd = rows
+                    kp = keys
+                    kd = keys
+                    if CAUSAL or WINDOW > 0:
+                        qp = gl.load(QPOS + rows, mask=row_ok, other=0).to(gl.int32)
+                        kp = gl.load(KPOS + keys, mask=keys < Sk, other=0).to(gl.int32)
+                    if DOCS:
+                        qd = gl.load(QDOC + rows, mask=row_ok, other=-2)
+                        kd = gl.load(KDOC + keys, mask=keys < Sk, other=-1)
+                    ok = ok & visible(qp[:, None], kp[None, :], qd[:, None], kd[None, :], wl, wr, CAUSAL, WINDOW, DOCS)
+                    p = gl.where(ok, p, 0.0)
+            elif MASK == 2:  # no rule: only the keys past the sequence end (rows past it have LSE +inf)
                 keys = n0 + gl.arange(0, BLOCK_N, layout=key_layout)
-                first = gl.load(BOUNDS + rows * 2, mask=row_ok, other=0)
-                end = gl.load(BOUNDS + rows * 2 + 1, mask=row_ok, other=0)
-                p = gl.where((keys[None, :] >= first[:, None]) & (keys[None, :] < end[:, None]), p, 0.0)
-            elif boundary:  # a boundary tile: the rule, the sequence ends (key attributes loaded here only)
-                keys = n0 + gl.arange(0, BLOCK_N, layout=key_layout)
-                ok = row_ok[:, None] & (keys < Sk)[None, :]
-                qp = rows
-                qd = rows
-                kp = keys
-                kd = keys
-                if CAUSAL or WINDOW > 0:
-                    qp = gl.load(QPOS + rows, mask=row_ok, other=0).to(gl.int32)
-                    kp = gl.load(KPOS + keys, mask=keys < Sk, other=0).to(gl.int32)
-                if DOCS:
-                    qd = gl.load(QDOC + rows, mask=row_ok, other=-2)
-                    kd = gl.load(KDOC + keys, mask=keys < Sk, other=-1)
-                ok = ok & visible(qp[:, None], kp[None, :], qd[:, None], kd[None, :], wl, wr, CAUSAL, WINDOW, DOCS)
-                p = gl.where(ok, p, 0.0)
-        elif MASK == 2:  # no rule: only the keys past the sequence end (rows past it have LSE +inf)
-            keys = n0 + gl.arange(0, BLOCK_N, layout=key_layout)
-            p = gl.where((keys < Sk)[None, :], p, 0.0)
-        p_smem.store(p.to(dtype))
-        fence_async_shared()
-        cta_barrier()
-        dv_tok = warpgroup_mma(pt_smem, do2, dv, is_async=True)
-
-        dp, _v, _do = warpgroup_mma_wait(num_outstanding=1, deps=(dp_tok, v2, do2))
-        ds = p * (dp * sm_scale - (di * sm_scale)[:, None])
-        ds_smem.store(ds.to(dtype))
-        fence_async_shared()
-        cta_barrier()
-        if DQ_MODE == 0:
-            dk_tok = warpgroup_mma(dst_smem, q2, dk, is_async=True)
-            dv, dk, _p, _ds, _q2, _do2 = warpgroup_mma_wait(num_outstanding=0,
-                                                            deps=(dv_tok, dk_tok, pt_smem, dst_smem, q2, do2))
+                p = gl.where((keys < Sk)[None, :], p, 0.0)
+            p_smem.store(p.to(dtype))
+            fence_async_shared()
             cta_barrier()
-            mbarrier.arrive(q_empty.index(s))
-            mbarrier.arrive(do_empty.index(s))
-        else:
-            # dQ before dK (FA3's order): the dQ tile goes into shared memory while dK += dS^T Q
-            # runs. Groups retire in order, so wait(1) leaves only the dK product in flight.
-            dq_tok = warpgroup_mma(ds_smem, k2, dq_zero, use_acc=False, is_async=True)
-            dk_tok = warpgroup_mma(dst_smem, q2, dk, is_async=True)
-            dv, dq, _p, _do2, _k2 = warpgroup_mma_wait(num_outstanding=1, deps=(dv_tok, dq_tok, pt_smem, do2, k2))
-            # The dQ tile into its buffer once the writer's reduction from it two steps ago has
-            # read it; the writer adds it (_dq_writer), so no wait for the addition lands here.
-            buf = t % 2
-            mbarrier.wait(dq_empty.index(buf), ((t // 2) & 1) ^ 1)
-            dq_smem.index(buf).reshape([BLOCK_M, HEAD_DIM]).store(dq)
-            fence_async_shared()  # the generic-proxy writes before the TMA unit reads them
-            cta_barrier()  # also: both warpgroups past their dV products, the last readers of dO
-            mbarrier.arrive(dq_full.index(buf))
-            mbarrier.arrive(do_empty.index(s))
-            dk, _ds, _q2 = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, dst_smem, q2))
-            cta_barrier()  # both warpgroups past their dK products, the last readers of Q
-            mbarrier.arrive(q_empty.index(s))
+            dv_tok = warpgroup_mma(pt_smem, do2, dv, is_async=True)
+
+            dp, _v, _do = warpgroup_mma_wait(num_outstanding=1, deps=(dp_tok, v2, do2))
+            ds = p * (dp * sm_scale - (di * sm_scale)[:, None])
+            ds_smem.store(ds.to(dtype))
+            fence_async_shared()
+            cta_barrier()
+            if DQ_MODE == 0:
+                dk_tok = warpgroup_mma(dst_smem, q2, dk, is_async=True)
+                dv, dk, _p, _ds, _q2, _do2 = warpgroup_mma_wait(num_outstanding=0,
+                                                                deps=(dv_tok, dk_tok, pt_smem, dst_smem, q2, do2))
+                cta_barrier()
+                mbarrier.arrive(q_empty.index(s))
+                mbarrier.arrive(do_empty.index(s))
+            else:
+                # dQ before dK (FA3's order): the dQ tile goes into shared memory while dK += dS^T Q
+                # runs. Groups retire in order, so wait(1) leaves only the dK product in flight.
+                dq_tok = warpgroup_mma(ds_smem, k2, dq_zero, use_acc=False, is_async=True)
+                dk_tok = warpgroup_mma(dst_smem, q2, dk, is_async=True)
+                dv, dq, _p, _do2, _k2 = warpgroup_mma_wait(num_outstanding=1, deps=(dv_tok, dq_tok, pt_smem, do2, k2))
+                # The dQ tile into its buffer once the writer's reduction from it two steps ago has
+                # read it; the writer adds it (_dq_writer), so no wait for the addition lands here.
+                buf = t % 2
+                mbarrier.wait(dq_empty.index(buf), ((t // 2) & 1) ^ 1)
+                dq_smem.index(buf).reshape([BLOCK_M, HEAD_DIM]).store(dq)
+                fence_async_shared()  # the generic-proxy writes before the TMA unit reads them
+                cta_barrier()  # also: both warpgroups past their dV products, the last readers of dO
+                mbarrier.arrive(dq_full.index(buf))
+                mbarrier.arrive(do_empty.index(s))
+                dk, _ds, _q2 = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, dst_smem, q2))
+                cta_barrier()  # both warpgroups past their dK products, the last readers of Q
+                mbarrier.arrive(q_empty.index(s))
 
     return dk, dv
 

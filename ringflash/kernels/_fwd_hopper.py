@@ -244,7 +244,7 @@ def _kv_step(j, j0, lo, flo, fhi, hi, q2, k_smem, v_smem, k_ready, v_ready, k_em
     reads it. Carried as 16-bit values, P went through the loop's phi as 64 separate halves, and
     ptxas swapped the two halves of every packed register at the end of each step and back
     before the wgmma: at D = 128 the loop over fully visible tiles took 515-519 instructions a
-    step, 64 of them PRMT, on Triton 3.6 (526-530 on 3.9), and takes 450-455 (462-466). The
+    step, 64 of them PRMT, on Triton 3.6 (526-531 on 3.9), and takes 450-455 (462-467). The
     float32 carry holds 32 more registers across the loop: on Triton 3.6 nothing spills inside
     the loops; on 3.9 the loop over boundary tiles with row bounds reloads 27 words a step from
     local memory instead of its 32 PRMT (benchmarks/results/kernels_cpu_sass_loops/)."""
