@@ -4,7 +4,7 @@ packed documents and a sliding window, next to FlexAttention (``torch.compile``d
 
     PYTHONPATH=. python benchmarks/bench_masks.py                          # S = 32k and 128k
     PYTHONPATH=. python benchmarks/bench_masks.py --seqlens 32k --masks documents --impls ringflash
-    PYTHONPATH=. python benchmarks/bench_masks.py --prev .old/kernels_prev # dense kernels of another tree too
+    PYTHONPATH=. python benchmarks/bench_masks.py --prev /tmp/x/ringflash/kernels  # another tree's kernels too
 
 Masks (all causal; B = 1, H = 32, D = 128, bf16 by default):
 * ``causal``: dense causal attention;
@@ -25,10 +25,11 @@ Triton kernels, never the Hopper ones; the others: Hopper variants). Medians of
 ``triton.testing.do_bench``.
 Each result is one JSON line (``--out``, default ``benchmarks/results/masks_<gpu>/masks.jsonl``: one folder per run) with impl, gpu, S, H, D, mask, mode, ms, tflops_visible.
 
-``--prev DIR``: a copy of another tree's ``ringflash/kernels`` package (e.g. the commit before
-masks: ``git archive <rev> ringflash/kernels | tar -x -C /tmp/x`` then ``--prev
-/tmp/x/ringflash/kernels``); its dense causal and full kernels are timed in the same run, as
-``impl = "ringflash_prev"``, so that a change of the dense kernels' speed shows as a ratio.
+``--prev DIR``: a copy of another tree's ``ringflash/kernels`` package (``git archive <rev>
+ringflash/kernels | tar -x -C /tmp/x`` then ``--prev /tmp/x/ringflash/kernels``), timed in the same
+run on the same masks and on full attention, as ``impl = "ringflash_prev"``, so that a change of
+the kernels' speed shows as a ratio (a tree from before masks times only ``causal`` and ``full``:
+ask for those).
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=4096)
     ap.add_argument("--doc-median", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--prev", default="", help="another tree's ringflash/kernels directory: time its dense kernels too")
+    ap.add_argument("--prev", default="", help="another tree's ringflash/kernels directory: time its kernels too")
     ap.add_argument("--out", default="", help="JSON lines (default: benchmarks/results/masks_<gpu>.jsonl)")
     args = ap.parse_args()
 
@@ -214,8 +215,10 @@ def main() -> None:
         masks = list(dict.fromkeys(["causal", *args.masks]))  # the dense-causal rate first
         impls = sorted(args.impls, key=lambda i: i != "flex")  # Flex first: ringflash rows carry the ratio
         jobs = [(m, impl) for m in masks for impl in impls]
-        if prev is not None:
-            jobs += [(m, "ringflash_prev") for m in ("causal", "full")] + [("full", "ringflash")]
+        if prev is not None:  # the other tree's kernels on the same masks, and both on full attention
+            jobs += [(m, "ringflash_prev") for m in masks] + [("full", "ringflash_prev")]
+            if "full" not in masks:
+                jobs.append(("full", "ringflash"))
         for mask, impl in jobs:
             if impl == "flex":
                 fns = flex_fns(q, k, v, dout, mask, cu, args.window)
@@ -261,7 +264,7 @@ def main() -> None:
         if r["impl"] == "ringflash_prev":
             now = next(x for x in rows if x["impl"] == "ringflash" and x["S"] == r["S"] and x["mask"] == r["mask"]
                        and x["mode"] == r["mode"])
-            print(f"  dense kernels now / before, S={r['S']} {r['mask']} {r['mode']}: {r['ms'] / now['ms']:.3f}x speed")
+            print(f"  kernels now / before, S={r['S']} {r['mask']} {r['mode']}: {r['ms'] / now['ms']:.3f}x speed")
 
 
 if __name__ == "__main__":
