@@ -8,7 +8,10 @@
 # the sparse modes' kernel benchmark (sparse.jsonl) and, with PAPER_DIR=dir holding the paper's
 # hsparse_attn.py and qksparse_attn.py, the comparison with its kernels (sparse_paper.jsonl).
 # PROGRAM_COST=1 adds bench_program_cost.py (program_cost.jsonl): masked calls' per-tile rate and
-# fixed cost, with the persistent Hopper forward when its smoke check passed.
+# fixed cost, with the persistent Hopper forward when its smoke check passed. PREV=dir times another
+# tree's kernels package beside this tree's in both benchmarks (ringflash_prev against
+# ringflash_default; e.g. `git archive <rev> ringflash/kernels | tar -x -C .old`, then
+# PREV=.old/ringflash/kernels: an untracked folder travels with the working tree).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -61,15 +64,18 @@ if [ "${TESTS:-1}" = 1 ]; then
   echo "exit $?" >> "$OUT/tests.log"; tail -15 "$OUT/tests.log"
 fi
 
+PREV_ARGS=""
+PREV_IMPLS=""
+[ -n "${PREV:-}" ] && { PREV_ARGS="--prev $PREV"; PREV_IMPLS="ringflash_default ringflash_prev"; }
 echo "== kernels: $SEQLENS"
 timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_kernels.py --seqlens $SEQLENS --head-dims 128 64 \
-  --impls ringflash $HOPPER_IMPLS sdpa_flash sdpa_cudnn --modes $MODES \
+  --impls $PREV_IMPLS ringflash $HOPPER_IMPLS sdpa_flash sdpa_cudnn --modes $MODES $PREV_ARGS \
   --out "$OUT/kernels.jsonl" > "$OUT/bench_kernels.log" 2>&1
 tail -30 "$OUT/bench_kernels.log"
 
 if [ "${MASKS:-1}" = 1 ]; then
   echo "== masks at 32k: documents and a window, beside FlexAttention"
-  timeout ${MASKS_TIMEOUT:-300} python3 benchmarks/bench_masks.py --seqlens 32k --impls $MASK_IMPLS \
+  timeout ${MASKS_TIMEOUT:-300} python3 benchmarks/bench_masks.py --seqlens 32k --impls $MASK_IMPLS $PREV_ARGS \
     --out "$OUT/masks.jsonl" > "$OUT/bench_masks.log" 2>&1
   tail -20 "$OUT/bench_masks.log"
 fi
