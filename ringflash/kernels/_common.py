@@ -30,6 +30,7 @@ CHUNK = tl.constexpr(512)  # tile-boundary positions read per vector load
 # 3.10; asked for explicitly, the kernels compile the same on either side of that change.
 FP_FUSION = {"enable_fp_fusion": True}
 
+
 @triton.jit
 def _count_tiles(
     POS,
