@@ -190,11 +190,14 @@ def _softmax_tile(s_acc, m_i, l_i, qp, qd, n0, KPOS, KDOC, Sk, qk_scale, wl, wr,
             if DOCS:
                 kd = gl.load(KDOC + cols, mask=inside, other=-1)
             ok = ok & visible(qp[:, None], kp[None, :], qd[:, None], kd[None, :], wl, wr, CAUSAL, WINDOW, DOCS)
-        qk = gl.where(ok, s_acc * qk_scale, float("-inf"))
-        m_new = gl.maximum(m_i, gl.reduce(qk, 1, max_of))
+        # The raw scores masked, and scaled inside the exponent as on unmasked tiles (one FFMA an
+        # element, where scaling first took a multiply and a subtraction; the scale is positive,
+        # so the row maximum is the same).
+        sm = gl.where(ok, s_acc, float("-inf"))
+        m_new = gl.maximum(m_i, gl.reduce(sm, 1, max_of) * qk_scale)
         # A row with nothing visible yet keeps m = -inf: shift it by 0 so exp2 gives 0, not NaN.
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-        p = gl.exp2(qk - m_use[:, None])
+        p = gl.exp2(sm * qk_scale - m_use[:, None])
     else:
         m_new = gl.maximum(m_i, gl.reduce(s_acc, 1, max_of) * qk_scale)
         m_use = m_new
