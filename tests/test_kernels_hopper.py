@@ -3,8 +3,10 @@ in Gluon), compiled for sm_90 on the CPU.
 
 Gluon kernels do not run under Triton's interpreter, so here each variant the launchers can ask
 for (head dims, dtypes, mask classes, the fold, accumulation) is compiled to a cubin with the
-launchers' own arguments, and the PTX must hold FA3's pieces: wgmma, TMA loads, the producer's
-register hand-off (setmaxnreg). Their results are checked on a GPU
+launchers' own arguments, specialised as Triton's launcher specialises them, and the PTX must
+hold FA3's pieces: wgmma, TMA loads, the producer's register hand-off (setmaxnreg). The SASS of
+their walks over tiles (benchmarks/sass_loops.py) is checked too: spills, the forward's byte
+permutes, the backward's mask code where a call has no mask. Their results are checked on a GPU
 (tests/test_kernels_hopper_gpu.py).
 
 The compiles run in a process of their own (this file as a script, which prints what the tests
