@@ -32,7 +32,6 @@ import triton
 pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
 pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
 
-from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from ringflash.kernels import attention as A  # noqa: E402
 from ringflash.kernels._bwd_dkdv_hopper import _attn_bwd_dkdv_hopper  # noqa: E402
@@ -42,7 +41,6 @@ from ringflash.kernels._fwd_hopper import _attn_fwd_hopper  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from sass_loops import compile_as_launched, key_loops, sass_of  # noqa: E402
 
-SM90 = GPUTarget("cuda", 90, 32)
 SMEM_SM90 = 232448  # bytes of shared memory a block may take on H100/H200
 SMS = 4  # the SM count the persistent grids are sized for here (fewer than the items: several each)
 
