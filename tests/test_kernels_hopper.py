@@ -251,11 +251,6 @@ def _spills(kernel) -> list:
             re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report.stdout + report.stderr)]
 
 
-def _sass(kernel) -> str | None:
-    """The kernel's SASS (nvdisasm, shipped with Triton), or None where there is no nvdisasm."""
-    return sass_of(kernel.asm["cubin"])
-
-
 def _report_one(job: tuple) -> dict:
     kind, v = job
     out = {}
@@ -264,14 +259,14 @@ def _report_one(job: tuple) -> dict:
         out["fwd-" + _name(v)] = _facts(kernel, grid)
         if v == FOLD_128 or v.get("row_bounds"):
             out["spills-fwd-" + _name(v)] = _spills(kernel)
-        sass = _sass(kernel)
+        sass = sass_of(kernel.asm["cubin"])  # None without nvdisasm
         out["loops-fwd-" + _name(v)] = None if sass is None else key_loops(sass)
         return out
     for kind, (kernel, grid) in zip(("dkdv", "dq"), compile_backward(**v)):  # no dq where dQ is fused
         out[f"{kind}-" + _name(v)] = _facts(kernel, grid)
         if v.get("window") is None or v.get("row_bounds"):  # what the register tests check
             out[f"spills-{kind}-" + _name(v)] = _spills(kernel)
-        sass = _sass(kernel)
+        sass = sass_of(kernel.asm["cubin"])  # None without nvdisasm
         out[f"loops-{kind}-" + _name(v)] = None if sass is None else key_loops(sass)
     return out
 
