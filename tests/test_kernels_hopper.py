@@ -453,16 +453,16 @@ def test_not_taken_where_it_cannot_run():
 
 
 @pytest.mark.parametrize("env,forward,head_dims,backward,bwd_dims,dq", [
-    ({}, True, (128,), True, (128,), "ordered"),
-    ({"RINGFLASH_HOPPER_FORWARD": "1"}, True, (64, 128), True, (128,), "ordered"),
-    ({"RINGFLASH_HOPPER_FORWARD": "0"}, False, None, True, (128,), "ordered"),
+    ({}, True, (128,), True, (64, 128), "ordered"),
+    ({"RINGFLASH_HOPPER_FORWARD": "1"}, True, (64, 128), True, (64, 128), "ordered"),
+    ({"RINGFLASH_HOPPER_FORWARD": "0"}, False, None, True, (64, 128), "ordered"),
     ({"RINGFLASH_HOPPER_BACKWARD": "1"}, True, (128,), True, (64, 128), "ordered"),
     ({"RINGFLASH_HOPPER_BACKWARD": "0"}, True, (128,), False, None, "ordered"),
-    ({"RINGFLASH_HOPPER_BWD_DQ": "atomic"}, True, (128,), True, (128,), "atomic"),
+    ({"RINGFLASH_HOPPER_BWD_DQ": "atomic"}, True, (128,), True, (64, 128), "atomic"),
 ])
 def test_defaults_and_environment(env, forward, head_dims, backward, bwd_dims, dq):
     """By default an sm_90 GPU gets the Hopper forward (split consumers) and the Hopper backward
-    (dQ added by the dK/dV programs in a fixed order) at D = 128; RINGFLASH_HOPPER_FORWARD /
+    (dQ added by the dK/dV programs in a fixed order) at D = 64 and 128; RINGFLASH_HOPPER_FORWARD /
     _BACKWARD =1 widens each to every head dim it has, =0 turns it off; RINGFLASH_HOPPER_BWD_DQ
     picks where dQ is computed."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RINGFLASH_HOPPER")}

@@ -566,8 +566,8 @@ def test_backward_stats_smem_bitwise(case, hopper, monkeypatch):
 
 def test_default_choice(monkeypatch):
     """Without the fixture's switches: the module's defaults on this GPU. forward() takes the Hopper
-    kernel at D = 128 (bf16 and fp16) and the Triton kernel at D = 64 and for float32, and so does
-    backward()."""
+    kernel at D = 128 (bf16 and fp16) and the Triton kernel at D = 64 and for float32; backward()
+    takes the Hopper kernel at D = 64 and 128 (bf16 and fp16) and the Triton kernel for float32."""
     import importlib
 
     monkeypatch.delenv("RINGFLASH_HOPPER_FORWARD", raising=False)
@@ -581,7 +581,7 @@ def test_default_choice(monkeypatch):
             monkeypatch.setattr(fresh, name, lambda *a, _r=real, _n=name, **kw: (calls.append(_n), _r(*a, **kw))[1])
         both = ["_forward_hopper", "_backward_hopper"]
         for D, dtype, want in ((128, torch.bfloat16, both), (128, torch.float16, both),
-                               (64, torch.bfloat16, []), (128, torch.float32, [])):
+                               (64, torch.bfloat16, ["_backward_hopper"]), (128, torch.float32, [])):
             calls.clear()
             q, k, v = make(1, 700, 700, 4, 2, D, dtype, seed=13)
             out, lse = fresh.forward(q, k, v, causal=True)

@@ -188,17 +188,19 @@ HOPPER_FWD_PERSISTENT = None if _PERSISTENT_ENV is None else _PERSISTENT_ENV == 
 # Whether forward() / backward() take the Hopper kernels where they serve the call
 # (bfloat16/float16, a head dim they have, no block pattern or per-head attributes, an sm_90
 # GPU). Each is on by default at the head dims where it was measured faster than the Triton
-# kernels: D = 128 (forward 1.2x; backward, one kernel adding dQ in a fixed order, HOPPER_BWD_DQ:
-# forward + backward 1.01-1.15x on an H100, benchmarks/results/kernels_h100_hopper_tma_dq/; FA3's
-# order since, 0.99-1.07x that, benchmarks/results/kernels_h100_spt_dq/); at
-# D = 64 neither was. RINGFLASH_HOPPER_FORWARD / RINGFLASH_HOPPER_BACKWARD =1
-# takes the kernel at every head dim it has, =0 never.
+# kernels: the forward at D = 128 (1.2x; at D = 64 it runs at the Triton forward's speed); the
+# backward, one kernel adding dQ in a fixed order (HOPPER_BWD_DQ), at D = 128 (forward + backward
+# 1.01-1.15x on an H100, benchmarks/results/kernels_h100_hopper_tma_dq/; FA3's order since,
+# 0.99-1.07x that, benchmarks/results/kernels_h100_spt_dq/) and at D = 64 (forward + backward
+# 1.00-1.17x dense at 8k-32k, 1.10-1.12x with documents and a window at 16k, on an H100:
+# benchmarks/results/kernels_h100_sass_loops/). RINGFLASH_HOPPER_FORWARD / RINGFLASH_HOPPER_BACKWARD
+# =1 takes the kernel at every head dim it has, =0 never.
 _HOPPER_ENV = os.environ.get("RINGFLASH_HOPPER_FORWARD", "")
 HOPPER_FORWARD = _HOPPER_ENV != "0"
 HOPPER_FWD_HEAD_DIMS: tuple = tuple(HOPPER_FWD_CONFIGS) if _HOPPER_ENV == "1" else (128,)
 _HOPPER_BWD_ENV = os.environ.get("RINGFLASH_HOPPER_BACKWARD", "")
 HOPPER_BACKWARD = _HOPPER_BWD_ENV != "0"
-HOPPER_BWD_HEAD_DIMS: tuple = tuple(HOPPER_FWD_CONFIGS) if _HOPPER_BWD_ENV == "1" else (128,)
+HOPPER_BWD_HEAD_DIMS: tuple = tuple(HOPPER_FWD_CONFIGS) if _HOPPER_BWD_ENV == "1" else (64, 128)
 # Small tiles under the interpreter: tests then cross many tile boundaries on short inputs.
 _INTERPRET_FWD = KernelConfig(32, 16, 1, 1)
 _INTERPRET_DKDV = KernelConfig(16, 32, 1, 1)
