@@ -1,4 +1,5 @@
 """D = 64 backward: the Hopper backward (ordered dQ, two writers) per dK/dV config, the Triton backward, cuDNN."""
+# Run from the repository root: PYTHONPATH=. python3 benchmarks/results/kernels_h100_sass_loops/scripts/d64_bwd.py out.json
 import json, sys, torch, triton, torch.nn.functional as F
 sys.path.insert(0, "benchmarks")
 from bench_kernels import flops, inputs
