@@ -84,25 +84,28 @@ def _compile(kernel, launch):
 
 def compile_variant(D, dtype, *, causal=False, window=None, docs=False, fold=False, pos_dtype=torch.int64,
                     split=1, pingpong=False, persistent=False, out_dtype=torch.float32, head_attrs=False,
-                    row_bounds=False):
-    """Compile the forward kernel as forward() would launch it on these (CPU) inputs; ``out_dtype``:
+                    row_bounds=False, tiles=None):
+    """Compile the forward kernel as forward() would launch it on these (CPU) inputs; ``tiles``: a
+    launch config (block_m, block_n, warps, stages) in place of the table's; ``out_dtype``:
     O's dtype (float32, or the inputs' dtype, which the kernel stores directly); ``head_attrs``:
     per-head positions and documents (the sparse modes); ``row_bounds``: boundary tiles masked by
     each row's run of visible keys (HOPPER_FWD_ROW_BOUNDS)."""
     q, k, v, m, masked = _inputs(D, dtype, causal, window, docs, pos_dtype, head_attrs)
     out = torch.empty(B, S, H, D, dtype=out_dtype)
     lse = torch.empty(B, H, S, dtype=torch.float32)
-    ranges = _ranges(masked, triton.cdiv(S, A.HOPPER_FWD_CONFIGS[D].block_m), B * H if head_attrs else 1)
-    saved = A.HOPPER_FWD_SPLIT, A.HOPPER_FWD_PINGPONG, A.HOPPER_FWD_PERSISTENT, A._sm_count
+    saved = A.HOPPER_FWD_SPLIT, A.HOPPER_FWD_PINGPONG, A.HOPPER_FWD_PERSISTENT, A._sm_count, A.HOPPER_FWD_CONFIGS[D]
     A.HOPPER_FWD_SPLIT, A.HOPPER_FWD_PINGPONG, A.HOPPER_FWD_PERSISTENT = split, pingpong, persistent
     A._sm_count = lambda device: SMS  # a CPU tensor has no SM count
+    if tiles is not None:
+        A.HOPPER_FWD_CONFIGS[D] = A.KernelConfig(*tiles)
+    ranges = _ranges(masked, triton.cdiv(S, A.HOPPER_FWD_CONFIGS[D].block_m), B * H if head_attrs else 1)
     try:
         bounds = None
         if row_bounds and ranges is not None:  # (what _row_bounds makes; its values do not matter here)
             bounds = torch.zeros(B * H if head_attrs else 1, S, 2, dtype=torch.int32)
         launch = A._hopper_launch(q, k, v, m, causal, 0.125, out, lse, fold, ranges, bounds)
     finally:
-        A.HOPPER_FWD_SPLIT, A.HOPPER_FWD_PINGPONG, A.HOPPER_FWD_PERSISTENT, A._sm_count = saved
+        A.HOPPER_FWD_SPLIT, A.HOPPER_FWD_PINGPONG, A.HOPPER_FWD_PERSISTENT, A._sm_count, A.HOPPER_FWD_CONFIGS[D] = saved
     return _compile(_attn_fwd_hopper, launch)
 
 
@@ -154,6 +157,9 @@ VARIANTS = [
     dict(D=128, dtype=torch.bfloat16, causal=True, split=2, head_attrs=True),
     dict(D=64, dtype=torch.bfloat16, causal=True, window=(32, 0), fold=True, split=2, head_attrs=True),
     dict(D=128, dtype=torch.bfloat16, causal=True, split=2, persistent=True, head_attrs=True),
+    # three consumer partitions of 64 rows (a config of 12 consumer warps: 192-row tiles)
+    dict(D=64, dtype=torch.bfloat16, causal=True, split=2, out_dtype=torch.bfloat16, tiles=(192, 64, 12, 3)),
+    dict(D=64, dtype=torch.bfloat16, window=(32, 0), split=2, persistent=True, tiles=(192, 128, 12, 2)),
 ]
 # boundary tiles masked by each row's run of visible keys (HOPPER_FWD_ROW_BOUNDS)
 ROW_BOUND_VARIANTS = [
@@ -295,16 +301,17 @@ def test_compiles_for_sm90(variant, compiled):
     assert facts["wgmma"]
     assert facts["tma"], "no TMA load"
     assert facts["setmaxnreg"], "the producer's registers are not handed to the consumers"
-    assert facts["num_warps"] == A.HOPPER_FWD_CONFIGS[variant["D"]].num_warps + 4  # + the producer's warpgroup
+    block_m, _, warps, _ = variant.get("tiles", A.HOPPER_FWD_CONFIGS[variant["D"]])
+    assert facts["num_warps"] == warps + 4  # + the producer's warpgroup
     if variant.get("split", 1) == 1:
         assert facts["overlap"], "the softmax no longer overlaps the PV wgmma"
     assert facts["shared"] <= SMEM_SM90
     assert facts["store16"] == (variant.get("out_dtype", torch.float32) != torch.float32)
-    items = triton.cdiv(S, 128) * B * H
+    items = triton.cdiv(S, block_m) * B * H
     if variant.get("persistent"):
         assert facts["grid"] == [min(items, SMS)]
     else:
-        assert facts["grid"] == [triton.cdiv(S, 128), B * H]
+        assert facts["grid"] == [triton.cdiv(S, block_m), B * H]
 
 
 @pytest.mark.parametrize("variant", BACKWARD_VARIANTS, ids=_name)
@@ -528,3 +535,12 @@ def test_stats_smem_choice(monkeypatch):
 
 if __name__ == "__main__":
     print(json.dumps(report()))
+
+
+@pytest.mark.parametrize("tiles,split", [((128, 128, 12, 2), 2), ((256, 128, 16, 2), 2), ((192, 64, 12, 3), 1),
+                                         ((64, 128, 4, 2), 2)])
+def test_forward_config_must_suit_the_partitions(tiles, split):
+    """A forward launch config whose rows do not come to 64 a consumer warpgroup, or that has more
+    warpgroups than the consumer partitions serve, is refused with a clear error before any launch."""
+    with pytest.raises(ValueError, match="64 query rows"):
+        compile_variant(64, torch.bfloat16, causal=True, split=split, tiles=tiles)

@@ -325,6 +325,22 @@ def test_forward_variants(D, variant, case, hopper, monkeypatch):
     full, a ring step, windows with documents, and the fold."""
     monkeypatch.setattr(attention, "HOPPER_FWD_SPLIT", variant[0])
     monkeypatch.setattr(attention, "HOPPER_FWD_PINGPONG", variant[1])
+    _forward_cases(D, case, hopper)
+
+
+@pytest.mark.parametrize("case", ["odd_full", "odd_causal", "ring_step", "documents_window_fold"])
+@pytest.mark.parametrize("tiles", [(192, 64, 12, 3), (192, 128, 12, 2)], ids=["192x64", "192x128"])
+@pytest.mark.parametrize("persistent", [False, True], ids=["grid", "persistent"])
+def test_forward_three_warpgroups(tiles, persistent, case, hopper, monkeypatch):
+    """A config of 12 consumer warps at D = 64: three consumer partitions of 64 rows each (192-row
+    query tiles, FA3's shape at D = 64; not the table's default), on every case above, one program
+    per query tile and persistent."""
+    monkeypatch.setitem(attention.HOPPER_FWD_CONFIGS, 64, attention.KernelConfig(*tiles))
+    monkeypatch.setattr(attention, "HOPPER_FWD_PERSISTENT", persistent)
+    _forward_cases(64, case, hopper)
+
+
+def _forward_cases(D, case, hopper):
     if case.startswith("odd"):
         q, k, v = make(2, 1111, 555, 8, 2, D, torch.bfloat16, seed=10)
         check(q, k, v, hopper, causal=case == "odd_causal")

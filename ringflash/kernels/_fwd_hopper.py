@@ -49,6 +49,10 @@ Variants (constexprs, to be measured against each other):
 * ``SPLIT = 2``: a consumer partition per warpgroup (4 warps, 64 rows, its own Q tile of
   ``BLOCK_M / 2`` rows). The empty barriers then count 2 arrives, one per warpgroup, and no
   barrier spans both warpgroups: each releases a slot when its own wgmmas on it have retired.
+  ``SPLIT = 3`` (a launch config of 12 consumer warps, ``BLOCK_M`` = 192): three such partitions,
+  FA3's tile at D = 64, where a step's products are short beside its softmax and a third
+  warpgroup has its softmax to run while the other two's products occupy the tensor cores. The
+  register file then gives each consumer thread about 160 registers instead of 240.
 * ``PINGPONG`` (with ``SPLIT = 2``): FA3's inter-warpgroup ping-pong. The two warpgroups take
   turns issuing their products (S_j and PV_{j-1}, or the peeled S_0, or the last PV): warpgroup w
   waits ``turn[w]`` before issuing and arrives on ``turn[1 - w]`` once all its warps have issued,
@@ -508,7 +512,7 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, BOU
                              RANGED, HEAD_ATTRS, ROWB, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
             ],
             [PRODUCER_WARPS], [PRODUCER_REGS])
-    else:
+    elif SPLIT == 2:
         # One partition per consumer warpgroup: each hands slots back on its own (count-2 empty
         # barriers), so the two need not pass a common barrier every tile and can drift apart,
         # one's softmax beside the other's matrix products.
@@ -534,6 +538,38 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, BOU
                              RANGED, HEAD_ATTRS, ROWB, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
             ],
             [CONSUMER_WARPS // SPLIT, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])
+
+    else:
+        # SPLIT = 3: three consumer warpgroups of 64 rows (D = 64, FA3's 192-row tiles), as above.
+        gl.warp_specialize(
+            [
+                (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, OUT, LSE,
+                             q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
+                             qk_scale, wl, wr, stride_ab, stride_ah, stride_kab, stride_kah,
+                             stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                             H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                             RANGED, HEAD_ATTRS, ROWB, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
+                (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, OUT, LSE,
+                             q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
+                             qk_scale, wl, wr, stride_ab, stride_ah, stride_kab, stride_kah,
+                             stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                             H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                             RANGED, HEAD_ATTRS, ROWB, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 1)),
+                (_consumer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, OUT, LSE,
+                             q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
+                             qk_scale, wl, wr, stride_ab, stride_ah, stride_kab, stride_kah,
+                             stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                             H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                             RANGED, HEAD_ATTRS, ROWB, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 2)),
+                (_producer, (q_desc, k_desc, v_desc, QPOS, KPOS, QDOC, KDOC, RANGES, BOUNDS, OUT, LSE,
+                             q_smem, k_smem, v_smem, q_bars, q_empties, k_ready, v_ready, k_empty, v_empty, turn,
+                             qk_scale, wl, wr, stride_ab, stride_ah, stride_kab, stride_kah,
+                             stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                             H, G, Sq, Sk, N_ITEMS, COUNTER, SWIZZLE, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, DOCS,
+                             RANGED, HEAD_ATTRS, ROWB, FOLD, CONSUMER_WARPS, SPLIT, PINGPONG, PERSISTENT, 0)),
+            ],
+            [CONSUMER_WARPS // SPLIT, CONSUMER_WARPS // SPLIT, PRODUCER_WARPS],
+            [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
     invalidate(q_bars, Q_SLOTS)
     invalidate(q_empties, Q_SLOTS)

@@ -115,8 +115,10 @@ BWD_DQ_CONFIGS: dict = {
 }
 # The Hopper forward (_fwd_hopper.py, Gluon, sm_90 only), by head dim: block_m query rows over
 # two consumer warpgroups (num_warps = 8, plus one producer warp), block_n keys, num_stages
-# K/V slots. Shapes must be powers of two in Gluon, so FA3's 128 x 176 (D = 128) and 192 x 128
-# (D = 64) tiles are out; 3 stages do not fit the shared memory at D = 128.
+# K/V slots. Shapes must be powers of two in Gluon, so FA3's 128 x 176 (D = 128) tile is out; 3
+# stages do not fit the shared memory at D = 128. 12 warps make three consumer partitions of 64
+# rows (FA3's 192 x 128 at D = 64; with 160 registers a thread ptxas spills there, 192 x 64 does not):
+# checked against float64 on an H100, not timed yet (benchmarks/results/kernels_d64_tiles/).
 HOPPER_FWD_CONFIGS: dict = {
     64: KernelConfig(128, 128, 8, 2),
     128: KernelConfig(128, 128, 8, 2),
@@ -165,7 +167,10 @@ HOPPER_BWD_DQ_CONFIGS: dict = {
     128: KernelConfig(128, 64, 8, 2),
 }
 HOPPER_PRODUCER = (1, 24)  # the TMA producer partition: warps, registers per thread
-HOPPER_CONSUMER_REGS = 240  # registers a thread of the second consumer partition gets (HOPPER_FWD_SPLIT = 2)
+# Registers a thread of each consumer partition but the first gets, by the number of consumer
+# partitions (SPLIT; the first gets what is left of the 64K, the producer's warpgroup counted whole):
+# with three, 160 (the first gets 168).
+HOPPER_CONSUMER_REGS = {1: 240, 2: 240, 3: 160}
 # The forward's consumers: 1, one 8-warp partition whose two warpgroups pass a common barrier
 # before each slot is handed back; 2, a partition per warpgroup, each handing slots back itself.
 # On an H100 (S = 8k, H = 32, D = 128, bf16) 2 ran 1.18-1.19x faster than 1
@@ -810,7 +815,12 @@ def _hopper_launch(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold, ranges,
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     cfg = HOPPER_FWD_CONFIGS[D]
-    split = HOPPER_FWD_SPLIT
+    split = 1 if HOPPER_FWD_SPLIT == 1 else cfg.num_warps // 4  # a partition per consumer warpgroup
+    if not ((split == 1 and cfg[:3] == (128, cfg.block_n, 8))
+            or (split in (2, 3) and cfg.num_warps == 4 * split and cfg.block_m == 64 * split)):
+        raise ValueError(f"HOPPER_FWD_CONFIGS[{D}] = {cfg} does not suit HOPPER_FWD_SPLIT = {HOPPER_FWD_SPLIT}: a "
+                         "consumer warpgroup (4 warps) owns 64 query rows; 8 warps in one partition, or 8 or 12 in "
+                         "partitions of one warpgroup")
     pingpong = bool(HOPPER_FWD_PINGPONG) and split == 2
     n_items = triton.cdiv(Sq, cfg.block_m) * B * H
     persistent = bool(m.window and not m.docs) if HOPPER_FWD_PERSISTENT is None else bool(HOPPER_FWD_PERSISTENT)
@@ -835,7 +845,7 @@ def _hopper_launch(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold, ranges,
         CAUSAL=bool(causal), WINDOW=m.window, DOCS=m.docs, RANGED=ranges is not None,
         HEAD_ATTRS=bool(m.strides[1]), ROWB=bounds is not None, FOLD=fold,
         PRODUCER_WARPS=HOPPER_PRODUCER[0], PRODUCER_REGS=HOPPER_PRODUCER[1], CONSUMER_WARPS=cfg.num_warps,
-        CONSUMER_REGS=HOPPER_CONSUMER_REGS, SPLIT=split, PINGPONG=pingpong, PERSISTENT=persistent,
+        CONSUMER_REGS=HOPPER_CONSUMER_REGS[split], SPLIT=split, PINGPONG=pingpong, PERSISTENT=persistent,
     )
     return grid, args, constexprs, cfg.num_warps // split
 
