@@ -816,7 +816,7 @@ def _hopper_launch(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold, ranges,
     Sk, Hkv = k.shape[1], k.shape[2]
     cfg = HOPPER_FWD_CONFIGS[D]
     split = 1 if HOPPER_FWD_SPLIT == 1 else cfg.num_warps // 4  # a partition per consumer warpgroup
-    if not ((split == 1 and cfg[:3] == (128, cfg.block_n, 8))
+    if not ((split == 1 and cfg.num_warps == 8 and cfg.block_m == 128)
             or (split in (2, 3) and cfg.num_warps == 4 * split and cfg.block_m == 64 * split)):
         raise ValueError(f"HOPPER_FWD_CONFIGS[{D}] = {cfg} does not suit HOPPER_FWD_SPLIT = {HOPPER_FWD_SPLIT}: a "
                          "consumer warpgroup (4 warps) owns 64 query rows; 8 warps in one partition, or 8 or 12 in "
