@@ -168,9 +168,9 @@ HOPPER_BWD_DQ_CONFIGS: dict = {
 }
 HOPPER_PRODUCER = (1, 24)  # the TMA producer partition: warps, registers per thread
 # Registers a thread of each consumer partition but the first gets, by the number of consumer
-# partitions (SPLIT; the first gets what is left of the 64K, the producer's warpgroup counted whole):
+# partitions (SPLIT > 1; the first gets what is left of the 64K, the producer's warpgroup counted whole):
 # with three, 160 (the first gets 168).
-HOPPER_CONSUMER_REGS = {1: 240, 2: 240, 3: 160}
+HOPPER_CONSUMER_REGS = {2: 240, 3: 160}
 # The forward's consumers: 1, one 8-warp partition whose two warpgroups pass a common barrier
 # before each slot is handed back; 2, a partition per warpgroup, each handing slots back itself.
 # On an H100 (S = 8k, H = 32, D = 128, bf16) 2 ran 1.18-1.19x faster than 1
@@ -845,7 +845,7 @@ def _hopper_launch(q, k, v, m: _MaskArgs, causal, scale, out, lse, fold, ranges,
         CAUSAL=bool(causal), WINDOW=m.window, DOCS=m.docs, RANGED=ranges is not None,
         HEAD_ATTRS=bool(m.strides[1]), ROWB=bounds is not None, FOLD=fold,
         PRODUCER_WARPS=HOPPER_PRODUCER[0], PRODUCER_REGS=HOPPER_PRODUCER[1], CONSUMER_WARPS=cfg.num_warps,
-        CONSUMER_REGS=HOPPER_CONSUMER_REGS[split], SPLIT=split, PINGPONG=pingpong, PERSISTENT=persistent,
+        CONSUMER_REGS=HOPPER_CONSUMER_REGS.get(split, 0), SPLIT=split, PINGPONG=pingpong, PERSISTENT=persistent,
     )
     return grid, args, constexprs, cfg.num_warps // split
 
